@@ -1,0 +1,3 @@
+from edge_runtime.cli import main
+
+main()

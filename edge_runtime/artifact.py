@@ -1,0 +1,158 @@
+"""The artifact format: file names, manifest schema and integrity checks, defined once.
+
+Export writes exactly what this module describes and the runtime reads nothing it does not describe.
+An artifact is a flat directory: one ONNX graph for the PLE context projection, one per decoder layer
+(so that layer i is handed only its PLE slice, and later its own KV format), one for the final norm and
+LM head; the big tensors in `weights.bin` (ONNX external data, 64 KiB aligned so onnxruntime can map it);
+the PLE table in `ple.bin`; the tokenizer and chat template; and `manifest.json` with a SHA-256 of each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.errors import ArtifactError
+from edge_runtime.model_spec import ModelSpec
+
+FORMAT_NAME = "edge-runtime-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS_FILE = "weights.bin"
+PLE_FILE = "ple.bin"
+PROLOGUE_GRAPH = "prologue.onnx"
+HEAD_GRAPH = "head.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+EXTERNAL_DATA_ALIGNMENT = 65536
+
+WEIGHT_FORMATS = ("fp32",)
+PLE_FORMATS = {"fp32": "float32", "fp16": "float16"}
+KV_FORMATS = ("fp32",)
+
+
+def layer_graph(index: int) -> str:
+    return f"layer_{index:02d}.onnx"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where a raw tensor lives inside an artifact file, for tensors the runtime reads with numpy."""
+
+    file: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "offset": self.offset, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorRef:
+        return cls(data["file"], int(data["offset"]), tuple(data["shape"]), data["dtype"])
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the runtime needs to know about an artifact, as stored in manifest.json."""
+
+    spec: ModelSpec
+    source: dict[str, Any]
+    formats: dict[str, str]
+    graphs: dict[str, Any]
+    tensors: dict[str, TensorRef]
+    ple_store: TensorRef
+    tokenizer: dict[str, str | None]
+    files: dict[str, dict[str, Any]]
+    created_by: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created_by": self.created_by,
+            "model": {"family": "gemma4", "config": self.spec.to_dict(), "source": self.source},
+            "formats": self.formats,
+            "graphs": self.graphs,
+            "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
+            "ple_store": self.ple_store.to_dict(),
+            "tokenizer": self.tokenizer,
+            "files": self.files,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> Manifest:
+        if data.get("format") != FORMAT_NAME:
+            raise ArtifactError(f"{where}: not an edge-runtime manifest (format={data.get('format')!r})")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{where}: format_version {version!r} is not supported by this runtime (reads {FORMAT_VERSION}); "
+                "re-export the checkpoint with this version of edge-runtime"
+            )
+        try:
+            return cls(
+                spec=ModelSpec.from_dict(data["model"]["config"]),
+                source=data["model"].get("source", {}),
+                formats=data["formats"],
+                graphs=data["graphs"],
+                tensors={k: TensorRef.from_dict(v) for k, v in data["tensors"].items()},
+                ple_store=TensorRef.from_dict(data["ple_store"]),
+                tokenizer=data["tokenizer"],
+                files=data["files"],
+                created_by=data.get("created_by", "unknown"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{where}: manifest is missing or has a malformed field ({exc!r}); re-export") from exc
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def read_manifest(artifact: Path) -> Manifest:
+    """Load and validate the manifest; checks that every listed file is present with its recorded size.
+
+    Sizes are checked on every load because it is free and catches truncated copies; SHA-256 is checked
+    by `verify_artifact` since hashing gigabytes on every start would dominate load time on a Pi.
+    """
+    artifact = Path(artifact)
+    path = artifact / MANIFEST
+    if not artifact.is_dir():
+        raise ArtifactError(f"{artifact}: no such artifact directory (create one with `edge-runtime export`)")
+    if not path.is_file():
+        raise ArtifactError(f"{artifact}: no {MANIFEST}; this is not an edge-runtime artifact")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
+    manifest = Manifest.from_dict(data, str(path))
+    for name, entry in manifest.files.items():
+        file = artifact / name
+        if not file.is_file():
+            raise ArtifactError(f"{file}: listed in the manifest but missing; the artifact is incomplete")
+        if file.stat().st_size != entry["size"]:
+            raise ArtifactError(
+                f"{file}: size {file.stat().st_size} differs from the manifest's {entry['size']}; "
+                "the artifact is damaged, re-export or re-copy it"
+            )
+    return manifest
+
+
+def verify_artifact(artifact: Path) -> list[str]:
+    """Return the names of files whose SHA-256 differs from the manifest (empty when intact)."""
+    manifest = read_manifest(artifact)
+    return [name for name, entry in manifest.files.items() if sha256_file(Path(artifact) / name) != entry["sha256"]]

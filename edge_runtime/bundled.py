@@ -1,0 +1,44 @@
+"""The embedded default model: a small trained Gemma-4-architecture checkpoint shipped in the package.
+
+It is shipped as a checkpoint, not an artifact, so that the first run exercises the same export path a
+real model takes; the artifact is written once into the user cache directory, keyed by the checkpoint's
+contents and the artifact format version so that an upgrade re-exports instead of misreading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from edge_runtime.artifact import FORMAT_VERSION, MANIFEST
+
+BUNDLED_CHECKPOINT = Path(__file__).parent / "bundled" / "gemma4-tiny"
+
+
+def cache_dir() -> Path:
+    """$EDGE_RUNTIME_CACHE, else $XDG_CACHE_HOME/edge-runtime, else ~/.cache/edge-runtime."""
+    if env := os.environ.get("EDGE_RUNTIME_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edge-runtime"
+
+
+def _fingerprint(checkpoint: Path) -> str:
+    digest = hashlib.sha256(f"format {FORMAT_VERSION}".encode())
+    for path in sorted(checkpoint.iterdir()):
+        if path.is_file():
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:12]
+
+
+def default_artifact(progress=None) -> Path:
+    """Path of the bundled model's artifact, exporting it on first use."""
+    target = cache_dir() / f"{BUNDLED_CHECKPOINT.name}-{_fingerprint(BUNDLED_CHECKPOINT)}"
+    if not (target / MANIFEST).is_file():
+        from export import export_checkpoint
+
+        kwargs = {"progress": progress} if progress else {}
+        export_checkpoint(BUNDLED_CHECKPOINT, target, force=True, **kwargs)
+    return target

@@ -1,0 +1,142 @@
+"""`edge-runtime`: export, run and inspect models from a terminal (shaped after llama.cpp's tools).
+
+Every user error ends in one line on stderr starting with "error:" and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from edge_runtime.errors import EdgeRuntimeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run Gemma 4 E2B/E4B offline: export a checkpoint, then generate from the artifact.")
+err = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+def _progress_bar():
+    return Progress(TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=err, transient=True)
+
+
+def _with_progress(work, title: str):
+    with _progress_bar() as bar:
+        task = bar.add_task(title, total=None)
+
+        def report(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=stage, completed=done, total=total)
+
+        return work(report)
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + safetensors)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
+    weights: str = typer.Option("fp32", help="Weight format: fp32 (the exact reference format)."),
+    ple: str = typer.Option("fp16", help="PLE store format: fp16 or fp32."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing artifact once the new one is complete."),
+) -> None:
+    """Convert a Gemma 4 checkpoint into an edge-runtime artifact."""
+    try:
+        from export import export_checkpoint
+
+        _with_progress(lambda report: export_checkpoint(checkpoint, output, weights=weights, ple=ple, force=force,
+                                                        progress=report), "export")
+    except EdgeRuntimeError as exc:
+        raise _fail(exc) from None
+    err.print(f"wrote {output}", highlight=False)
+
+
+def _resolve_model(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    from edge_runtime.bundled import default_artifact
+
+    return _with_progress(lambda report: default_artifact(report), "first run: exporting the bundled model")
+
+
+@app.command()
+def run(
+    prompt: str = typer.Argument(..., help="Text to continue."),
+    model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model)."),
+    max_new_tokens: int = typer.Option(128, "-n", "--max-new-tokens", help="Stop after this many tokens."),
+    temperature: float | None = typer.Option(None, "--temperature", help="0 for greedy; default from the model."),
+    top_k: int | None = typer.Option(None, "--top-k"),
+    top_p: float | None = typer.Option(None, "--top-p"),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    threads: int | None = typer.Option(None, "-t", "--threads"),
+    stats: bool = typer.Option(True, "--stats/--no-stats", help="Print token counts and speeds to stderr."),
+) -> None:
+    """Continue PROMPT, streaming the text to stdout."""
+    import edge_runtime
+
+    try:
+        m = edge_runtime.load(_resolve_model(model), threads=threads)
+        for piece in m.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except EdgeRuntimeError as exc:
+        raise _fail(exc) from None
+    sys.stdout.write("\n")
+    if stats:
+        s = m.stats
+        err.print(f"prompt {s.prompt_tokens} tokens, {s.prefill_tokens_per_second:.1f} tok/s | "
+                  f"generated {s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s", highlight=False)
+
+
+@app.command()
+def info(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
+) -> None:
+    """Describe an artifact: model shape, formats and files."""
+    from edge_runtime.artifact import read_manifest
+
+    try:
+        manifest = read_manifest(artifact)
+    except EdgeRuntimeError as exc:
+        raise _fail(exc) from None
+    s = manifest.spec
+    summary = {
+        "artifact": str(artifact),
+        "created_by": manifest.created_by,
+        "source": manifest.source,
+        "formats": manifest.formats,
+        "layers": s.num_hidden_layers,
+        "hidden_size": s.hidden_size,
+        "vocab_size": s.vocab_size,
+        "kv_cache_layers": len(s.cache_layers()),
+        "context_length": s.max_position_embeddings,
+        "bytes": sum(f["size"] for f in manifest.files.values()),
+        "files": {name: f["size"] for name, f in manifest.files.items()},
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    sliding = s.layer_types.count("sliding_attention")
+    typer.echo(f"{artifact}: Gemma 4 ({manifest.source.get('architecture')}), {manifest.created_by}")
+    typer.echo(f"  layers {s.num_hidden_layers} ({sliding} sliding, window {s.sliding_window}; "
+               f"{s.num_hidden_layers - sliding} full), hidden {s.hidden_size}, vocab {s.vocab_size}")
+    typer.echo(f"  KV cache in {len(s.cache_layers())} layers ({s.num_kv_shared_layers} share it), "
+               f"context {s.max_position_embeddings}")
+    typer.echo(f"  formats: weights {manifest.formats['weights']}, PLE {manifest.formats['ple']}, "
+               f"KV {manifest.formats['kv']}")
+    typer.echo(f"  size {summary['bytes'] / 2**20:.1f} MiB in {len(manifest.files)} files "
+               f"(PLE store {manifest.files['ple.bin']['size'] / 2**20:.1f} MiB)")
+
+
+def main() -> None:
+    app()

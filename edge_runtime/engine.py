@@ -1,0 +1,120 @@
+"""One forward step of the decoder: numpy glue around one onnxruntime session per graph.
+
+Per step: the token rows of the main embedding and of the PLE store are read from their memory maps (only
+those rows), the prologue graph computes PLE's context part, then each layer graph runs with its 256-wide
+PLE slice, its rope tables and its (source layer's) cache; the cache is committed once all layers ran.
+When only the next token's logits are wanted, KV-shared layers and the head run on the last position only:
+their keys and values come from earlier layers, so no later position depends on them (20 of E2B's 35
+layers, and the 262144-row head, skip the rest of the prompt).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_runtime.artifact import Manifest
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.kv_cache import KVCache
+from edge_runtime.model_spec import embed_scale
+from edge_runtime.ple_store import PleStore
+from edge_runtime.rope import cos_sin, inverse_frequencies
+
+_thread_pool_size: int | None = None
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
+    """All sessions share one global thread pool: one pool per layer would mean 35+ pools fighting over cores."""
+    global _thread_pool_size
+    if _thread_pool_size is None:
+        ort.set_global_thread_pool_sizes(threads, 1)
+        _thread_pool_size = threads
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+def default_threads() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+class Engine:
+    def __init__(self, artifact: Path, manifest: Manifest, threads: int | None = None) -> None:
+        self.spec = spec = manifest.spec
+        artifact = Path(artifact)
+        options = _session_options(threads or default_threads())
+
+        def session(name: str) -> ort.InferenceSession:
+            return ort.InferenceSession(str(artifact / name), options, providers=["CPUExecutionProvider"])
+
+        self.prologue = session(manifest.graphs["prologue"])
+        self.layers = [session(name) for name in manifest.graphs["layers"]]
+        self.head = session(manifest.graphs["head"])
+        embed = manifest.tensors["embed_tokens"]
+        self.embed = np.memmap(artifact / embed.file, dtype=np.dtype(embed.dtype), mode="r",
+                               offset=embed.offset, shape=embed.shape)
+        self.embed_scale = np.float32(embed_scale(spec.hidden_size))
+        self.ple = PleStore(artifact, manifest.ple_store, spec.num_hidden_layers, spec.hidden_size_per_layer_input,
+                            embed_scale(spec.hidden_size_per_layer_input))
+        self.inv_freq = {
+            t: inverse_frequencies(spec.rope[t], spec.head_dims[spec.layer_types.index(t)])
+            for t in set(spec.layer_types)
+        }
+        self.cache = KVCache(spec)
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def forward(self, token_ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        """Process these tokens after the cached ones; logits [T or 1, vocab] for all or the last position."""
+        spec, cache = self.spec, self.cache
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.size == 0:
+            raise EdgeRuntimeError("no tokens to process")
+        if ids.min() < 0 or ids.max() >= spec.vocab_size:
+            raise EdgeRuntimeError(f"token id {int(ids.max() if ids.max() >= spec.vocab_size else ids.min())} "
+                                   f"is outside the model's vocabulary of {spec.vocab_size}")
+        positions = np.arange(cache.length, cache.length + len(ids), dtype=np.int64)
+        cache.reserve(len(ids))
+
+        hidden = np.ascontiguousarray(self.embed[ids], dtype=np.float32) * self.embed_scale
+        ple_context = self.prologue.run(None, {"inputs_embeds": hidden})[0]
+        ple_rows = self.ple.rows(ids)
+        rope = {t: cos_sin(f, positions) for t, f in self.inv_freq.items()}
+        masks = {t: cache.masks(t, positions) for t in self.inv_freq}
+
+        queries = slice(None)
+        new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for i, layer in enumerate(self.layers):
+            if not all_logits and i == spec.first_shared_layer:
+                queries = slice(-1, None)
+                hidden = hidden[queries]
+            layer_type, source = spec.layer_types[i], spec.kv_sources[i]
+            cos, sin = rope[layer_type]
+            mask_past, mask_new = masks[layer_type]
+            feeds = {
+                "hidden": hidden,
+                "ple_rows": ple_rows[i, queries],
+                "ple_context": ple_context[i, queries],
+                "cos": cos[queries],
+                "sin": sin[queries],
+                "past_key_t": cache.keys[source],
+                "past_value": cache.values[source],
+                "mask_past": mask_past[queries],
+                "mask_new": mask_new[queries],
+            }
+            if spec.is_kv_shared(i):
+                feeds["new_key_t"], feeds["new_value"] = new_kv[source]
+                (hidden,) = layer.run(["hidden_out"], feeds)
+            else:
+                hidden, key_t, value = layer.run(["hidden_out", "present_key_t", "present_value"], feeds)
+                new_kv[i] = (key_t, value)
+        cache.commit(new_kv, positions)
+        if not all_logits:
+            hidden = hidden[-1:]
+        return self.head.run(None, {"hidden": np.ascontiguousarray(hidden)})[0]

@@ -1,0 +1,22 @@
+"""Error types that the CLI turns into one-line messages.
+
+Every failure a user can cause (a bad checkpoint, a damaged artifact, a prompt that does not fit) raises
+an `EdgeRuntimeError` whose message says what was wrong, where, and what to do. Anything else escaping is
+a bug in edge-runtime, and the CLI lets its traceback through so that it gets reported.
+"""
+
+
+class EdgeRuntimeError(Exception):
+    """A problem with the user's input or files, explained in the message."""
+
+
+class UnsupportedConfigError(EdgeRuntimeError):
+    """The checkpoint's config uses a feature this runtime does not implement."""
+
+
+class CheckpointError(EdgeRuntimeError):
+    """The checkpoint directory is missing files or holds tensors that do not match its config."""
+
+
+class ArtifactError(EdgeRuntimeError):
+    """The artifact directory is missing, damaged, or of a format version this runtime cannot read."""

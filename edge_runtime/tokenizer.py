@@ -1,0 +1,51 @@
+"""The artifact's tokenizer (HF `tokenizers`), with BOS handling and streaming-safe detokenization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from edge_runtime.errors import ArtifactError
+
+
+class Tokenizer:
+    def __init__(self, path: Path, bos_token_id: int | None) -> None:
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            raise ArtifactError(f"{path}: cannot load tokenizer ({exc})") from exc
+        self.bos_token_id = bos_token_id
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids with exactly one leading BOS (as Gemma expects), whatever the post-processor does."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+class StreamDecoder:
+    """Turns tokens into text pieces as they arrive without splitting multi-byte characters.
+
+    Byte-level BPE can end a token in the middle of a UTF-8 sequence; decoding the window since the last
+    emitted text and holding back while it ends in U+FFFD keeps every piece valid and the work per token O(1).
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]

@@ -1,0 +1,141 @@
+"""A Hugging Face Gemma 4 checkpoint directory, seen as the text decoder's named tensors.
+
+Both published layouts are accepted (the multimodal wrapper, whose text weights sit under
+`model.language_model.`, and text-only `Gemma4ForCausalLM` under `model.`), single-file or sharded.
+Vision and audio towers are never read: only safetensors headers are parsed until a tensor is asked for.
+`validate()` checks every tensor the decoder needs for presence, shape and dtype before export writes a
+byte, so a bad checkpoint fails in seconds with the tensor's name rather than minutes into an export.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.errors import CheckpointError, UnsupportedConfigError
+from edge_runtime.model_spec import ModelSpec, spec_from_hf_config, text_config_of
+from export.safetensors_reader import DTYPES, SafetensorsFile
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class Checkpoint:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: no such checkpoint directory")
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{config_path}: missing; a Hugging Face checkpoint needs its config.json")
+        try:
+            self.config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
+        text, self.prefix = text_config_of(self.config, str(config_path))
+        if text.get("tie_word_embeddings", self.config.get("tie_word_embeddings", True)) is False:
+            raise UnsupportedConfigError(
+                f"{config_path}: unsupported tie_word_embeddings=False (Gemma 4 ties the LM head to the embedding)"
+            )
+        self.spec: ModelSpec = spec_from_hf_config(self.config, str(config_path))
+        self.architecture = next(a for a in self.config["architectures"] if a.startswith("Gemma4"))
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, str] = {}
+        self._index()
+
+    def _index(self) -> None:
+        index_path = self.path / INDEX_FILE
+        if index_path.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index_path}: malformed shard index ({exc!r})") from exc
+            shards = sorted({f for n, f in weight_map.items() if n.startswith(self.prefix)})
+        elif (self.path / SINGLE_FILE).is_file():
+            weight_map, shards = {}, [SINGLE_FILE]
+        else:
+            raise CheckpointError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}; not a safetensors checkpoint")
+        for shard in shards:
+            if not (self.path / shard).is_file():
+                raise CheckpointError(f"{self.path / shard}: shard listed in {INDEX_FILE} is missing")
+            self._files[shard] = SafetensorsFile(self.path / shard)
+        for shard, file in self._files.items():
+            for name in file.entries:
+                if name.startswith(self.prefix):
+                    self._where[name[len(self.prefix):]] = shard
+        for name, shard in weight_map.items():
+            local = name[len(self.prefix):]
+            if name.startswith(self.prefix) and self._where.get(local) != shard:
+                raise CheckpointError(f"{self.path / shard}: {INDEX_FILE} says it holds {name}, but it does not")
+
+    def expected_tensors(self) -> dict[str, tuple[int, ...]]:
+        """Name (relative to the text model) and shape of every tensor the decoder reads."""
+        s = self.spec
+        h, p, n = s.hidden_size, s.hidden_size_per_layer_input, s.num_hidden_layers
+        shapes: dict[str, tuple[int, ...]] = {
+            "embed_tokens.weight": (s.vocab_size, h),
+            "embed_tokens_per_layer.weight": (s.vocab_size_per_layer_input, n * p),
+            "per_layer_model_projection.weight": (n * p, h),
+            "per_layer_projection_norm.weight": (p,),
+            "norm.weight": (h,),
+        }
+        for i in range(n):
+            hd, mlp, pre = s.head_dims[i], s.mlp_size(i), f"layers.{i}."
+            shapes.update({
+                pre + "layer_scalar": (1,),
+                pre + "self_attn.q_proj.weight": (s.num_attention_heads * hd, h),
+                pre + "self_attn.q_norm.weight": (hd,),
+                pre + "self_attn.o_proj.weight": (h, s.num_attention_heads * hd),
+                pre + "mlp.gate_proj.weight": (mlp, h),
+                pre + "mlp.up_proj.weight": (mlp, h),
+                pre + "mlp.down_proj.weight": (h, mlp),
+                pre + "per_layer_input_gate.weight": (p, h),
+                pre + "per_layer_projection.weight": (h, p),
+            })
+            for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                         "post_feedforward_layernorm", "post_per_layer_input_norm"):
+                shapes[pre + norm + ".weight"] = (h,)
+            if not s.is_kv_shared(i):
+                shapes[pre + "self_attn.k_proj.weight"] = (s.num_key_value_heads * hd, h)
+                shapes[pre + "self_attn.v_proj.weight"] = (s.num_key_value_heads * hd, h)
+                shapes[pre + "self_attn.k_norm.weight"] = (hd,)
+        return shapes
+
+    def validate(self) -> None:
+        for name, shape in self.expected_tensors().items():
+            entry = self._entry(name)
+            if entry.shape != shape:
+                raise CheckpointError(
+                    f"{self._files[self._where[name]].path}: tensor {self.prefix}{name} has shape "
+                    f"{list(entry.shape)}, but config.json implies {list(shape)}"
+                )
+            if entry.dtype not in DTYPES:
+                raise CheckpointError(
+                    f"{self._files[self._where[name]].path}: tensor {self.prefix}{name} has dtype {entry.dtype}; "
+                    f"only {sorted(DTYPES)} are supported"
+                )
+
+    def _entry(self, name: str):
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: tensor {self.prefix}{name} is missing from the checkpoint")
+        return self._files[self._where[name]].entries[self.prefix + name]
+
+    def tensor(self, name: str) -> np.ndarray:
+        self._entry(name)
+        return self._files[self._where[name]].read(self.prefix + name)
+
+    def row_chunks(self, name: str, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+        """float32 row blocks of a large tensor, so a 2.4 B-value table never sits in memory at once."""
+        entry = self._entry(name)
+        rows = entry.shape[0]
+        per_row = max(int(np.prod(entry.shape[1:], dtype=np.int64)) * 4, 1)
+        step = max(1, max_bytes // per_row)
+        file = self._files[self._where[name]]
+        for start in range(0, rows, step):
+            yield file.read(self.prefix + name, slice(start, start + step))
+
+    def dtypes(self) -> list[str]:
+        return sorted({self._entry(n).dtype for n in self.expected_tensors()})

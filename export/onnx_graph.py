@@ -1,0 +1,137 @@
+"""Graph-building helpers shared by every model family: ops, norms, linears and external weights.
+
+Graphs are assembled node by node with `onnx.helper` rather than traced from torch, so export needs no
+torch and each graph contains exactly the ops chosen here. Large weights never enter the protobuf: they are
+appended to the artifact's weights file at 64 KiB-aligned offsets (onnxruntime maps aligned external data
+instead of copying it) and referenced from the graph, so a graph file stays a few kilobytes and export holds
+one tensor in memory at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_runtime.artifact import EXTERNAL_DATA_ALIGNMENT, TensorRef
+
+OPSET = 21
+IR_VERSION = 10
+INLINE_LIMIT = 16 << 10
+_NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+               np.dtype(np.int64): TensorProto.INT64}
+
+
+class WeightsWriter:
+    """Appends tensors to one binary file at aligned offsets and remembers where each one went."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = self.path.open("wb")
+        self._offset = 0
+
+    def __enter__(self) -> WeightsWriter:  # noqa: PYI034 - typing.Self needs Python 3.11
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._file.close()
+
+    def add(self, chunks: Iterable[np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> TensorRef:
+        pad = -self._offset % EXTERNAL_DATA_ALIGNMENT
+        self._file.write(b"\0" * pad)
+        start = self._offset + pad
+        written = 0
+        for chunk in chunks:
+            data = np.ascontiguousarray(chunk, dtype=dtype)
+            self._file.write(data.tobytes())
+            written += data.nbytes
+        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if written != expected:
+            raise ValueError(f"wrote {written} bytes for a tensor of shape {shape}, expected {expected}")
+        self._offset = start + written
+        return TensorRef(self.path.name, start, tuple(shape), np.dtype(dtype).name)
+
+
+class GraphBuilder:
+    """Accumulates one ONNX graph; every helper returns the name of the value it produced."""
+
+    def __init__(self, name: str, weights: WeightsWriter) -> None:
+        self.name = name
+        self.weights = weights
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._count = 0
+
+    def _fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def input(self, name: str, shape: list[int | str], dtype: int = TensorProto.FLOAT) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        return name
+
+    def output(self, value: str, name: str, shape: list[int | str], dtype: int = TensorProto.FLOAT) -> None:
+        self.op("Identity", value, out=name)
+        self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """A float32 initializer: inline when small, otherwise appended to the weights file."""
+        array = np.asarray(array, dtype=np.float32)
+        if array.nbytes <= INLINE_LIMIT:
+            self.initializers.append(numpy_helper.from_array(array, name))
+            return name
+        return self.external(name, self.weights.add([array], array.shape, np.dtype(np.float32)))
+
+    def external(self, name: str, ref: TensorRef) -> str:
+        """Reference a tensor already in the weights file (e.g. the embedding shared with the LM head)."""
+        tensor = TensorProto(name=name, data_type=_NP_TO_ONNX[np.dtype(ref.dtype)], dims=list(ref.shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        size = int(np.prod(ref.shape, dtype=np.int64)) * np.dtype(ref.dtype).itemsize
+        for key, value in (("location", ref.file), ("offset", str(ref.offset)), ("length", str(size))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.initializers.append(tensor)
+        return name
+
+    def const(self, value, dtype=np.float32) -> str:
+        name = self._fresh("const")
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, n_out: int = 1, domain: str = "",
+           **attrs) -> str:
+        outs = [out or self._fresh(op_type.lower())] if n_out == 1 else [self._fresh(op_type.lower())
+                                                                          for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain or None, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def linear(self, x: str, weight: str) -> str:
+        """x @ W.T with W stored [out, in] as in the checkpoint, so no transposed copy is ever made."""
+        return self.op("Gemm", x, weight, transB=1)
+
+    def rms_norm(self, x: str, weight: str | None, eps: float) -> str:
+        """Gemma's RMSNorm: x * (mean(x^2) + eps)^-0.5 * w, with the weight used as is (not 1 + w)."""
+        mean_sq = self.op("ReduceMean", self.op("Mul", x, x), self.const([-1], np.int64), keepdims=1)
+        inv = self.op("Pow", self.op("Add", mean_sq, self.const(eps)), self.const(-0.5))
+        normed = self.op("Mul", x, inv)
+        return normed if weight is None else self.op("Mul", normed, weight)
+
+    def gelu_tanh(self, x: str) -> str:
+        return self.op("Gelu", x, approximate="tanh")
+
+    def reshape(self, x: str, shape: list[int]) -> str:
+        return self.op("Reshape", x, self.const(shape, np.int64))
+
+    def unsqueeze(self, x: str, axis: int) -> str:
+        return self.op("Unsqueeze", x, self.const([axis], np.int64))
+
+    def save(self, path: Path) -> None:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="edge-runtime", ir_version=IR_VERSION)
+        Path(path).write_bytes(model.SerializeToString())

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random Gemma 4 checkpoints (made by tools/make_checkpoint.py), their artifacts,
+and the transformers reference model loaded from the same files independently of our reader."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import make_checkpoint
+
+S, F = "sliding_attention", "full_attention"
+
+# Together these exercise every feature of the E models: KV sharing over both layer types, sliding windows
+# that test sequences exceed 3x, head_dim != global_head_dim, 1 and 2 KV heads, double-wide MLP on and off,
+# proportional partial RoPE, both checkpoint layouts and all three dtypes.
+CONFIGS = {
+    "shared-mqa-wide": dict(
+        layout="multimodal", dtype="bf16", shards=True,
+        text=dict(vocab_size=512, vocab_size_per_layer_input=512, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                  global_head_dim=32, hidden_size_per_layer_input=16, sliding_window=8, num_kv_shared_layers=2,
+                  use_double_wide_mlp=True, layer_types=[S, S, F, S, S, F]),
+    ),
+    "shared-gqa": dict(
+        layout="causal", dtype="f32", shards=False,
+        text=dict(vocab_size=384, vocab_size_per_layer_input=384, hidden_size=96, intermediate_size=160,
+                  num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                  global_head_dim=48, hidden_size_per_layer_input=8, sliding_window=6, num_kv_shared_layers=3,
+                  use_double_wide_mlp=False, layer_types=[S, F, S, S, F, S, F]),
+    ),
+    "unshared-f16": dict(
+        layout="multimodal", dtype="f16", shards=False,
+        text=dict(vocab_size=320, vocab_size_per_layer_input=320, hidden_size=48, intermediate_size=96,
+                  num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                  global_head_dim=16, hidden_size_per_layer_input=12, sliding_window=5, num_kv_shared_layers=0,
+                  use_double_wide_mlp=True, layer_types=[S, S, F, F],
+                  rope_parameters={S: {"rope_type": "default", "rope_theta": 10000.0},
+                                   F: {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                       "rope_theta": 1000000.0}}),
+    ),
+}
+COMMON = dict(rms_norm_eps=1e-6, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+              max_position_embeddings=256, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+
+
+def build_checkpoint(out: Path, name: str) -> Path:
+    c = CONFIGS[name]
+    return make_checkpoint.make_checkpoint(out, {**COMMON, **c["text"]}, layout=c["layout"], dtype=c["dtype"],
+                                           max_shard_bytes=40_000 if c["shards"] else None, seed=7)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: build_checkpoint(root / name, name) for name in CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def artifacts(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    from export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("artifacts")
+    return {name: export_checkpoint(path, root / name, ple="fp16") for name, path in checkpoints.items()}
+
+
+def reference_model(checkpoint: Path):
+    """transformers' Gemma4ForCausalLM, eager float32, with weights read by the `safetensors` library."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    text = config.get("text_config", config)
+    prefix = "model.language_model." if "text_config" in config else "model."
+    text = {k: v for k, v in text.items() if k not in ("architectures", "model_type", "transformers_version")}
+    text_config = Gemma4TextConfig(**text)
+    text_config._attn_implementation = "eager"
+    model = Gemma4ForCausalLM(text_config).eval()
+    state = {}
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        for key, value in load_file(shard).items():
+            if key.startswith(prefix):
+                state["model." + key[len(prefix):]] = value.to(torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
+    model.tie_weights()
+    return model

@@ -1,0 +1,76 @@
+"""The `edge-runtime` command as a user runs it: export, run (streaming), info, and the bundled default."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import edge_runtime
+from edge_runtime.bundled import BUNDLED_CHECKPOINT
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_runtime", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_export_then_run_greedy_matches_sdk(checkpoints, tmp_path):
+    out = tmp_path / "artifact"
+    exported = cli("export", str(checkpoints["shared-mqa-wide"]), "-o", str(out), "--ple", "fp32")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads((out / "manifest.json").read_text())["formats"]["ple"] == "fp32"
+    result = cli("run", "-m", str(out), "the quick brown fox", "-n", "12", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    expected = edge_runtime.load(out).generate("the quick brown fox", max_new_tokens=12, temperature=0)
+    assert result.stdout == expected + "\n"
+    assert "generated" in result.stderr and "tok/s" in result.stderr
+
+
+def test_run_seed_makes_sampling_reproducible(artifacts):
+    args = ("run", "-m", str(artifacts["shared-gqa"]), "hello", "-n", "10", "--seed", "5", "--temperature", "1")
+    assert cli(*args).stdout == cli(*args).stdout
+
+
+def test_info_human_and_json(artifacts):
+    path = artifacts["shared-mqa-wide"]
+    text = cli("info", str(path))
+    assert text.returncode == 0
+    assert "layers 6 (4 sliding, window 8; 2 full)" in text.stdout
+    assert "KV cache in 4 layers (2 share it)" in text.stdout
+    data = json.loads(cli("info", str(path), "--json").stdout)
+    assert data["formats"] == {"weights": "fp32", "ple": "fp16", "kv": "fp32"}
+    assert data["kv_cache_layers"] == 4 and data["bytes"] == sum(data["files"].values())
+
+
+@pytest.mark.parametrize("args,message", [
+    (("info", "/nonexistent/model"), "error: /nonexistent/model: no such artifact directory"),
+    (("run", "-m", "/nonexistent/model", "hi"), "error: /nonexistent/model: no such artifact directory"),
+    (("export", "/nonexistent/ckpt", "-o", "/tmp/never-written"), "error: /nonexistent/ckpt: no such checkpoint"),
+])
+def test_missing_paths_are_one_line_errors(args, message):
+    result = cli(*args)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(message)
+
+
+def test_run_rejects_bad_sampling_value(artifacts):
+    result = cli("run", "-m", str(artifacts["shared-gqa"]), "hi", "--top-p", "1.5")
+    assert result.returncode == 1 and result.stderr.strip() == "error: top_p=1.5: must be in (0, 1]"
+
+
+@pytest.mark.skipif(not (BUNDLED_CHECKPOINT / "config.json").is_file(), reason="bundled model not trained yet")
+def test_bundled_model_is_the_default(tmp_path):
+    """First run exports the bundled checkpoint into the cache; the second reuses it."""
+    env = {"EDGE_RUNTIME_CACHE": str(tmp_path)}
+    first = cli("run", "The list", "-n", "20", "--temperature", "0", env=env)
+    assert first.returncode == 0, first.stderr
+    cached = list(tmp_path.iterdir())
+    assert len(cached) == 1 and (cached[0] / "manifest.json").is_file()
+    second = cli("run", "The list", "-n", "20", "--temperature", "0", env=env)
+    assert second.stdout == first.stdout and len(first.stdout.split()) >= 5
+    assert list(tmp_path.iterdir()) == cached

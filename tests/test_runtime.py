@@ -1,0 +1,116 @@
+"""Runtime behaviour beyond parity: sampling, streaming, per-token PLE reads, cache sizes, input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edge_runtime
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.sampling import Sampler, SamplingParams
+
+PROMPT = "the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def model(artifacts):
+    return edge_runtime.load(artifacts["shared-mqa-wide"])
+
+
+def test_seeded_sampling_is_reproducible(model):
+    a = model.generate(PROMPT, max_new_tokens=20, temperature=1.0, seed=3)
+    b = model.generate(PROMPT, max_new_tokens=20, temperature=1.0, seed=3)
+    others = {model.generate(PROMPT, max_new_tokens=20, temperature=1.0, seed=s) for s in range(4, 8)}
+    assert a == b
+    assert len(others | {a}) > 1
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model):
+    greedy = model.generate(PROMPT, max_new_tokens=15, temperature=0)
+    assert model.generate(PROMPT, max_new_tokens=15, temperature=1.5, top_k=1, seed=0) == greedy
+    assert model.generate(PROMPT, max_new_tokens=15, temperature=1.0, top_k=0, top_p=1e-9, seed=0) == greedy
+
+
+def test_sampler_respects_top_k_and_top_p():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+    top2 = Sampler(SamplingParams(temperature=1.0, top_k=2, top_p=1.0), seed=0)
+    assert {top2(logits) for _ in range(200)} == {0, 1}
+    nucleus = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=0.85), seed=0)
+    assert {nucleus(logits) for _ in range(300)} == {0, 1, 2}
+    counts = np.bincount([Sampler(SamplingParams(1.0, 0, 1.0), seed=s)(logits) for s in range(2000)], minlength=4)
+    np.testing.assert_allclose(counts / 2000, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+
+
+@pytest.mark.parametrize("params,message", [
+    (dict(temperature=-1), "temperature=-1: must be >= 0"),
+    (dict(top_k=-2), "top_k=-2: must be >= 0"),
+    (dict(top_p=0.0), "top_p=0.0: must be in (0, 1]"),
+])
+def test_bad_sampling_parameters(model, params, message):
+    with pytest.raises(EdgeRuntimeError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        model.generate(PROMPT, max_new_tokens=2, **params)
+
+
+def test_stream_pieces_join_to_generate(model):
+    pieces = list(model.stream(PROMPT, max_new_tokens=25, temperature=0))
+    assert "".join(pieces) == model.generate(PROMPT, max_new_tokens=25, temperature=0)
+    greedy = list(model.generate_tokens(model.encode(PROMPT), max_new_tokens=25, temperature=0))
+    assert model.stats.generated_tokens == len(greedy) > 0
+    assert model.stats.prompt_tokens == len(model.encode(PROMPT))
+
+
+def test_encode_adds_one_bos_and_decode_round_trips(model):
+    ids = model.encode(PROMPT)
+    assert ids[0] == 2 and ids.count(2) == 1
+    assert model.decode(ids) == PROMPT
+
+
+def test_ple_rows_are_read_per_processed_token(model, monkeypatch):
+    """The store is asked for exactly the rows of the tokens each step processes, never the table."""
+    seen: list[list[int]] = []
+    original = model.engine.ple.rows
+
+    def spy(ids):
+        seen.append(list(np.asarray(ids)))
+        return original(ids)
+
+    monkeypatch.setattr(model.engine.ple, "rows", spy)
+    prompt = model.encode(PROMPT)
+    tokens = list(model.generate_tokens(prompt, max_new_tokens=6, temperature=0))
+    assert seen[0] == prompt
+    assert seen[1:] == [[t] for t in tokens[:-1]]
+
+
+def test_sliding_layers_keep_only_their_window(model):
+    spec = model.spec
+    ids = np.arange(3, 3 + 5 * spec.sliding_window)
+    model.logits(ids, mode="decode")
+    for layer in spec.cache_layers():
+        slots = model.engine.cache.keys[layer].shape[2]
+        if spec.layer_types[layer] == "sliding_attention":
+            assert slots == spec.sliding_window
+        else:
+            assert slots >= len(ids)
+
+
+def test_prompt_longer_than_context_is_refused(artifacts):
+    small = edge_runtime.load(artifacts["shared-gqa"], context_length=16)
+    with pytest.raises(EdgeRuntimeError, match="the prompt has 20 tokens but the context holds 16"):
+        small.logits(np.arange(3, 23))
+    with pytest.raises(EdgeRuntimeError, match="context_length=9999: must be between 1 and the model's 256"):
+        edge_runtime.load(artifacts["shared-gqa"], context_length=9999)
+
+
+def test_generation_stops_at_context_end(artifacts):
+    """With 12 positions and a 7-token prompt, positions 7..11 are fed back: 6 tokens at most."""
+    prompt = list(range(3, 10))
+    unbounded = list(edge_runtime.load(artifacts["shared-gqa"]).generate_tokens(prompt, 50, temperature=0))
+    small = edge_runtime.load(artifacts["shared-gqa"], context_length=12)
+    assert list(small.generate_tokens(prompt, max_new_tokens=50, temperature=0)) == unbounded[:6]
+
+
+def test_bad_token_ids_and_mode(model):
+    with pytest.raises(EdgeRuntimeError, match="outside the model's vocabulary of 512"):
+        model.logits([2, 600])
+    with pytest.raises(EdgeRuntimeError, match="mode='fast': must be 'prefill' or 'decode'"):
+        model.logits([2, 5], mode="fast")
