@@ -27,7 +27,7 @@ def _fail(exc: Exception) -> typer.Exit:
 
 def _progress_bar():
     return Progress(TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=err, transient=True)
+                    TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
 
 
 def _with_progress(work, title: str):
@@ -45,7 +45,7 @@ def export(
     checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + safetensors)."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
     weights: str = typer.Option("fp32", help="Weight format: fp32 (the exact reference format)."),
-    ple: str = typer.Option("fp16", help="PLE store format: fp16 or fp32."),
+    ple: str = typer.Option("auto", help="PLE store format: auto (the checkpoint's precision), bf16, fp16, fp32."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact once the new one is complete."),
 ) -> None:
     """Convert a Gemma 4 checkpoint into an edge-runtime artifact."""

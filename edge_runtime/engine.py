@@ -32,6 +32,11 @@ def _session_options(threads: int) -> ort.SessionOptions:
     if _thread_pool_size is None:
         ort.set_global_thread_pool_sizes(threads, 1)
         _thread_pool_size = threads
+    elif threads != _thread_pool_size:
+        raise EdgeRuntimeError(
+            f"threads={threads}: this process already runs models on {_thread_pool_size} threads, and onnxruntime's "
+            "shared thread pool cannot be resized; load every model with the same thread count"
+        )
     options = ort.SessionOptions()
     options.use_per_session_threads = False
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -47,7 +52,7 @@ class Engine:
     def __init__(self, artifact: Path, manifest: Manifest, threads: int | None = None) -> None:
         self.spec = spec = manifest.spec
         artifact = Path(artifact)
-        options = _session_options(threads or default_threads())
+        options = _session_options(threads or _thread_pool_size or default_threads())
 
         def session(name: str) -> ort.InferenceSession:
             return ort.InferenceSession(str(artifact / name), options, providers=["CPUExecutionProvider"])
@@ -59,8 +64,8 @@ class Engine:
         self.embed = np.memmap(artifact / embed.file, dtype=np.dtype(embed.dtype), mode="r",
                                offset=embed.offset, shape=embed.shape)
         self.embed_scale = np.float32(embed_scale(spec.hidden_size))
-        self.ple = PleStore(artifact, manifest.ple_store, spec.num_hidden_layers, spec.hidden_size_per_layer_input,
-                            embed_scale(spec.hidden_size_per_layer_input))
+        self.ple = PleStore(artifact, manifest.ple_store, manifest.formats["ple"], spec.num_hidden_layers,
+                            spec.hidden_size_per_layer_input, embed_scale(spec.hidden_size_per_layer_input))
         self.inv_freq = {
             t: inverse_frequencies(spec.rope[t], spec.head_dims[spec.layer_types.index(t)])
             for t in set(spec.layer_types)

@@ -137,5 +137,8 @@ class Checkpoint:
         for start in range(0, rows, step):
             yield file.read(self.prefix + name, slice(start, start + step))
 
+    def dtype_of(self, name: str) -> str:
+        return self._entry(name).dtype
+
     def dtypes(self) -> list[str]:
         return sorted({self._entry(n).dtype for n in self.expected_tensors()})

@@ -35,29 +35,37 @@ from edge_runtime.artifact import (
     layer_graph,
 )
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError
+from edge_runtime.ple_store import decode_rows, encode_rows, storage_dtype
 from export.checkpoint import Checkpoint
 from export.gemma4 import build_head, build_layer, build_prologue
 from export.onnx_graph import WeightsWriter
 
 Progress = Callable[[str, int, int], None]
+LOSSLESS_PLE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
 def _no_progress(stage: str, done: int, total: int) -> None:
     return None
 
 
-def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", ple: str = "fp16",
+def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", ple: str = "auto",
                       force: bool = False, progress: Progress = _no_progress) -> Path:
-    """Export a HF Gemma 4 checkpoint directory to an artifact directory at `out`; returns `out`."""
+    """Export a HF Gemma 4 checkpoint directory to an artifact directory at `out`; returns `out`.
+
+    `ple="auto"` stores the PLE table at the checkpoint's own precision (bf16 -> bf16, f16 -> fp16,
+    f32 -> fp32), so the default artifact is lossless.
+    """
     if weights not in WEIGHT_FORMATS:
         raise EdgeRuntimeError(f"--weights {weights}: not available; choose one of {', '.join(WEIGHT_FORMATS)}")
-    if ple not in PLE_FORMATS:
-        raise EdgeRuntimeError(f"--ple {ple}: not available; choose one of {', '.join(PLE_FORMATS)}")
+    if ple != "auto" and ple not in PLE_FORMATS:
+        raise EdgeRuntimeError(f"--ple {ple}: not available; choose auto or one of {', '.join(PLE_FORMATS)}")
     out = Path(out)
     if out.exists() and not force:
         raise EdgeRuntimeError(f"{out}: already exists; choose another path or pass --force to replace it")
     ckpt = Checkpoint(Path(checkpoint))
     ckpt.validate()
+    if ple == "auto":
+        ple = LOSSLESS_PLE[ckpt.dtype_of("embed_tokens_per_layer.weight")]
     tokenizer_source = ckpt.path / TOKENIZER_FILE
     if not tokenizer_source.is_file():
         raise CheckpointError(f"{tokenizer_source}: missing; the artifact needs the checkpoint's tokenizer")
@@ -102,10 +110,8 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, ple: str, progres
         build_head(spec, ckpt.tensor, embed, writer, tmp)
         progress("head", 2 + n, total)
 
-    ple_dtype = np.dtype(PLE_FORMATS[ple])
     ple_shape = (spec.vocab_size_per_layer_input, n * spec.hidden_size_per_layer_input)
-    with open(tmp / PLE_FILE, "wb") as f:
-        f.writelines(chunk.astype(ple_dtype).tobytes() for chunk in ckpt.row_chunks("embed_tokens_per_layer.weight"))
+    _write_ple_store(ckpt, tmp / PLE_FILE, ple)
     progress("PLE store", 3 + n, total)
 
     tokenizer = _copy_tokenizer(ckpt.path, tmp)
@@ -114,15 +120,28 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, ple: str, progres
 
     return Manifest(
         spec=spec,
-        source={"architecture": ckpt.architecture, "dtypes": ckpt.dtypes(), "path": str(ckpt.path.resolve())},
+        source={"architecture": ckpt.architecture, "dtypes": ckpt.dtypes(), "checkpoint": ckpt.path.name},
         formats={"weights": weights, "ple": ple, "kv": KV_FORMATS[0]},
         graphs={"prologue": PROLOGUE_GRAPH, "layers": [layer_graph(i) for i in range(n)], "head": HEAD_GRAPH},
         tensors={"embed_tokens": embed},
-        ple_store=TensorRef(PLE_FILE, 0, ple_shape, ple_dtype.name),
+        ple_store=TensorRef(PLE_FILE, 0, ple_shape, storage_dtype(ple).name),
         tokenizer=tokenizer,
         files=files,
         created_by=f"edge-runtime {__version__}",
     )
+
+
+def _write_ple_store(ckpt: Checkpoint, path: Path, fmt: str) -> None:
+    """Stream the PLE table into its store in row blocks, refusing values the format cannot hold."""
+    with open(path, "wb") as f:
+        for chunk in ckpt.row_chunks("embed_tokens_per_layer.weight"):
+            stored = encode_rows(chunk, fmt)
+            if not np.isfinite(decode_rows(stored, fmt)).all():
+                raise CheckpointError(
+                    f"{ckpt.path}: embed_tokens_per_layer has values outside the {fmt} range "
+                    f"(largest magnitude {float(np.abs(chunk).max()):.3g}); export with --ple bf16 or fp32"
+                )
+            f.write(memoryview(stored).cast("B"))
 
 
 def _copy_tokenizer(source: Path, tmp: Path) -> dict[str, str | None]:

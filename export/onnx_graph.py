@@ -46,7 +46,7 @@ class WeightsWriter:
         written = 0
         for chunk in chunks:
             data = np.ascontiguousarray(chunk, dtype=dtype)
-            self._file.write(data.tobytes())
+            self._file.write(memoryview(data).cast("B"))
             written += data.nbytes
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if written != expected:

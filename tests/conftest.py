@@ -66,7 +66,7 @@ def artifacts(checkpoints, tmp_path_factory) -> dict[str, Path]:
     from export import export_checkpoint
 
     root = tmp_path_factory.mktemp("artifacts")
-    return {name: export_checkpoint(path, root / name, ple="fp16") for name, path in checkpoints.items()}
+    return {name: export_checkpoint(path, root / name) for name, path in checkpoints.items()}
 
 
 def reference_model(checkpoint: Path):

@@ -9,7 +9,9 @@ import onnx
 import pytest
 
 from edge_runtime.artifact import MANIFEST, read_manifest, sha256_file, verify_artifact
-from edge_runtime.errors import ArtifactError
+from edge_runtime.errors import ArtifactError, CheckpointError
+from edge_runtime.ple_store import decode_rows, storage_dtype
+from export import export_checkpoint
 from export.checkpoint import Checkpoint
 
 
@@ -21,7 +23,7 @@ def test_manifest_lists_every_file_with_its_checksum(artifacts):
     for name, entry in manifest.files.items():
         assert entry["size"] == (path / name).stat().st_size
         assert entry["sha256"] == sha256_file(path / name)
-    assert manifest.formats == {"weights": "fp32", "ple": "fp16", "kv": "fp32"}
+    assert manifest.formats == {"weights": "fp32", "ple": "bf16", "kv": "fp32"}  # auto: the checkpoint's bf16
     assert manifest.tokenizer["chat_template"] == "chat_template.jinja"
     assert manifest.source["architecture"] == "Gemma4ForConditionalGeneration"
     assert verify_artifact(path) == []
@@ -33,7 +35,7 @@ def test_ple_table_lives_only_in_the_store(artifacts, checkpoints):
     manifest = read_manifest(path)
     spec = manifest.spec
     table_values = spec.vocab_size_per_layer_input * spec.num_hidden_layers * spec.hidden_size_per_layer_input
-    assert (path / "ple.bin").stat().st_size == table_values * 2  # fp16, nothing else in the file
+    assert (path / "ple.bin").stat().st_size == table_values * 2  # bf16, nothing else in the file
     for graph in [manifest.graphs["prologue"], *manifest.graphs["layers"], manifest.graphs["head"]]:
         model = onnx.load(path / graph, load_external_data=False)
         for init in model.graph.initializer:
@@ -42,8 +44,45 @@ def test_ple_table_lives_only_in_the_store(artifacts, checkpoints):
             dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
             assert spec.vocab_size_per_layer_input not in dims, f"{graph}: input {value.name} spans the vocabulary"
     expected = Checkpoint(checkpoints[name]).tensor("embed_tokens_per_layer.weight")
-    stored = np.fromfile(path / "ple.bin", dtype=np.float16).reshape(expected.shape)
-    np.testing.assert_array_equal(stored.astype(np.float32), expected)  # bf16 values are exact in fp16
+    stored = np.fromfile(path / "ple.bin", dtype=np.uint16).reshape(expected.shape)
+    np.testing.assert_array_equal(decode_rows(stored, "bf16"), expected)
+
+
+FP16_SUBNORMAL_STEP = 2.0 ** -24
+
+
+@pytest.mark.parametrize("fmt,checkpoint,bound", [
+    ("bf16", "shared-mqa-wide", 0.0),  # auto's choice for a bf16 checkpoint: exact
+    ("fp32", "shared-gqa", 0.0),  # auto's choice for an f32 checkpoint: exact
+    ("fp16", "shared-mqa-wide", FP16_SUBNORMAL_STEP),  # bf16 -> fp16 loses bits only below fp16's normal range
+    ("fp16", "shared-gqa", 1e-3),  # f32 -> fp16 rounds every value (relative to the largest)
+])
+def test_ple_formats(fmt, checkpoint, bound, checkpoints, tmp_path):
+    path = export_checkpoint(checkpoints[checkpoint], tmp_path / "a", ple=fmt)
+    assert read_manifest(path).formats["ple"] == fmt
+    expected = Checkpoint(checkpoints[checkpoint]).tensor("embed_tokens_per_layer.weight")
+    stored = decode_rows(np.fromfile(path / "ple.bin", dtype=storage_dtype(fmt)), fmt).reshape(expected.shape)
+    error = float(np.abs(stored - expected).max())
+    if bound == 1e-3:
+        assert 0 < error <= bound * float(np.abs(expected).max())
+    else:
+        assert error <= bound
+
+
+def test_ple_fp16_overflow_is_refused(checkpoints, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["shared-gqa"], ckpt)
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    start = 8 + header_len + header["model.embed_tokens_per_layer.weight"]["data_offsets"][0]
+    data[start:start + 4] = np.float32(1e6).tobytes()
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="outside the fp16 range .* export with --ple bf16 or fp32"):
+        export_checkpoint(ckpt, tmp_path / "a", ple="fp16")
+    assert list(tmp_path.iterdir()) == [ckpt]
 
 
 def test_big_weights_are_external_and_aligned(artifacts):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, reference_model
 
 import edge_runtime
+from conftest import CONFIGS, reference_model
 
 TOLERANCE = 1e-4
 

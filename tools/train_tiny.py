@@ -1,0 +1,439 @@
+"""Train the small Gemma-4 "E"-architecture model that ships inside edge-runtime.
+
+Why: the runtime needs a real model that is small enough to commit (the default for
+`edge-runtime run "prompt"` without `-m`), and quantization quality needs a model whose
+perplexity means something. A randomly initialised checkpoint exercises the code but its
+perplexity is flat; this script trains one, from text that ships with Python itself, in
+about 20 minutes on two CPU cores, and measures it against n-gram baselines.
+
+The model is a `transformers` `Gemma4ForCausalLM` using every feature of the E2B/E4B text
+decoder: Per-Layer Embeddings, KV sharing across the last layers (one sliding and one full
+producer), double-wide MLPs on the shared layers, sliding and full attention with different
+head dims (proportional RoPE on full layers), one KV head, and final logit soft-capping.
+
+Data (no download; Python 3.11's own files, hashed in the report):
+  * `pydoc_data.topics.topics`: the language-reference topics `help()` shows (~465 KB).
+  * docstrings (module, class, function; >= 80 characters) parsed with `ast` from the
+    standard library's `.py` files, without importing them; test packages and
+    site-packages are excluded (~1.35 MB).
+Split: the held-out set is every 8th pydoc topic in name order starting with the third
+(`HELDOUT_RULE`), ~49 KB. Because topics overlap (e.g. `specialnames` contains
+`sequence-types`), every paragraph of a held-out topic is removed from the training text,
+as is any paragraph repeated within it. The held-out text is never trained on, not even
+by the tokenizer, and is written beside the checkpoint as `heldout.txt`.
+
+Regenerate the bundled model (from the repository root):
+    python tools/train_tiny.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import math
+import sys
+import sysconfig
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from pydoc_data.topics import topics as PYDOC_TOPICS
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+from transformers.utils import logging as hf_logging
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "edge_runtime" / "bundled" / "gemma4-tiny"
+
+# Gemma's special-token ids; the runtime and the chat template rely on exactly these.
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+PAD_ID, EOS_ID, BOS_ID, UNK_ID, START_OF_TURN_ID, END_OF_TURN_ID = range(len(SPECIAL_TOKENS))
+
+HELDOUT_RULE = "pydoc topics whose index in sorted(topics) is 2 mod 8"
+HELDOUT_EVERY, HELDOUT_OFFSET = 8, 2
+MIN_DOCSTRING_CHARS = 80
+EXCLUDED_STDLIB_PARTS = {"site-packages", "dist-packages", "__pycache__"}
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+MODEL_CONFIG = dict(
+    hidden_size=192,
+    intermediate_size=288,  # doubled (576) on the KV-shared layers by use_double_wide_mlp
+    num_hidden_layers=6,
+    layer_types=[SLIDING, SLIDING, SLIDING, FULL, SLIDING, FULL],
+    num_kv_shared_layers=2,  # layers 4 (sliding) and 5 (full) reuse the K/V of layers 2 and 3
+    use_double_wide_mlp=True,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=32,
+    global_head_dim=64,  # full-attention layers; transformers turns it into per_layer_config
+    hidden_size_per_layer_input=32,
+    sliding_window=128,
+    final_logit_softcapping=30.0,
+    hidden_activation="gelu_pytorch_tanh",
+    tie_word_embeddings=True,
+)
+
+CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] | trim + '\\n\\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = '' -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') + message['content'] | trim }}
+    {{- '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\\n' }}
+{%- endif -%}
+"""
+
+
+@dataclass
+class Corpus:
+    train_docs: list[str]
+    heldout_text: str
+    description: dict
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip("\n") for p in text.split("\n\n") if p.strip()]
+
+
+def _stdlib_docstring_docs() -> tuple[list[str], int]:
+    """One document per stdlib module: its long docstrings in source order. Returns (docs, files read)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs, files = [], 0
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if EXCLUDED_STDLIB_PARTS & set(parts) or any(p.startswith(("test", "config-")) for p in parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):  # a few deliberately broken fixtures
+            continue
+        files += 1
+        nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                                              ast.AsyncFunctionDef))]
+        nodes.sort(key=lambda n: getattr(n, "lineno", 0))
+        strings = [d for n in nodes if (d := ast.get_docstring(n)) and len(d) >= MIN_DOCSTRING_CHARS]
+        if strings:
+            docs.append("\n\n".join(strings))
+    return docs, files
+
+
+def build_corpus() -> Corpus:
+    names = sorted(PYDOC_TOPICS)
+    heldout_names = [n for i, n in enumerate(names) if i % HELDOUT_EVERY == HELDOUT_OFFSET]
+    heldout_text = "\n\n".join(PYDOC_TOPICS[n].strip("\n") for n in heldout_names) + "\n"
+
+    seen = set(_paragraphs(heldout_text))
+    dropped = 0
+
+    def dedup(text: str) -> str:
+        nonlocal dropped
+        kept = []
+        for para in _paragraphs(text):
+            if para in seen:
+                dropped += 1
+            else:
+                seen.add(para)
+                kept.append(para)
+        return "\n\n".join(kept)
+
+    topic_docs = [dedup(PYDOC_TOPICS[n]) for n in names if n not in heldout_names]
+    docstring_docs, files = _stdlib_docstring_docs()
+    docstring_docs = [dedup(d) for d in docstring_docs]
+    train_docs = [d for d in topic_docs + docstring_docs if d]
+    train_chars = sum(len(d) for d in train_docs)
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    description = {
+        "python": sys.version.split()[0],
+        "sources": [
+            f"pydoc_data.topics.topics: {len(names)} topics, {sum(map(len, PYDOC_TOPICS.values()))} chars",
+            (f"docstrings (>= {MIN_DOCSTRING_CHARS} chars of modules, classes, functions) parsed with ast from "
+             f"{files} stdlib .py files (excluding test packages and site-packages)"),
+        ],
+        "heldout": {
+            "rule": HELDOUT_RULE,
+            "topics": heldout_names,
+            "chars": len(heldout_text),
+            "sha256": sha(heldout_text),
+            "note": "whole topics joined by blank lines; their paragraphs are removed from the training text",
+        },
+        "train": {
+            "documents": len(train_docs),
+            "pydoc_topic_documents": sum(1 for d in topic_docs if d),
+            "docstring_documents": sum(1 for d in docstring_docs if d),
+            "chars": train_chars,
+            "duplicate_or_heldout_paragraphs_dropped": dropped,
+            "sha256": sha("\x00".join(train_docs)),
+        },
+    }
+    return Corpus(train_docs, heldout_text, description)
+
+
+def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE (lossless round trip) with Gemma's special-token ids and a <bos>-prepending post-processor."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)]
+    )
+    for i, name in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(name) == i, f"{name} got id {tok.token_to_id(name)}, expected {i}"
+    return tok
+
+
+def make_config(vocab_size: int, seq_len: int) -> Gemma4TextConfig:
+    config = Gemma4TextConfig(
+        vocab_size=vocab_size,
+        vocab_size_per_layer_input=vocab_size,
+        max_position_embeddings=seq_len,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=[EOS_ID, END_OF_TURN_ID],
+        **MODEL_CONFIG,
+    )
+    config._attn_implementation = "eager"
+    return config
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to `floor * peak`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(model: Gemma4ForCausalLM, stream: torch.Tensor, args: argparse.Namespace) -> tuple[float, float]:
+    """Train on random windows of `stream`, each preceded by <bos>. Returns (final smoothed loss, seconds)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    span = args.seq_len - 1
+    bos = torch.full((args.batch_size, 1), BOS_ID, dtype=torch.long)
+    warmup = max(1, args.steps // 20)
+    smoothed = float("nan")
+    model.train()
+    start = time.perf_counter()
+    for step in range(args.steps):
+        offsets = torch.randint(0, len(stream) - span, (args.batch_size,), generator=generator)
+        batch = torch.cat([bos, torch.stack([stream[o:o + span] for o in offsets.tolist()])], dim=1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, warmup)
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        smoothed = loss.item() if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * loss.item()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            elapsed = time.perf_counter() - start
+            print(f"step {step:5d}/{args.steps}  loss {loss.item():.3f}  smoothed {smoothed:.3f}  "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e}  {elapsed:6.0f}s", flush=True)
+    model.eval()
+    return smoothed, time.perf_counter() - start
+
+
+@torch.no_grad()
+def heldout_perplexity(model: Gemma4ForCausalLM, ids: list[int], seq_len: int) -> tuple[float, int]:
+    """exp(mean NLL) over every held-out token, in non-overlapping windows of <bos> + (seq_len - 1) tokens."""
+    model.eval()
+    span, total, count = seq_len - 1, 0.0, 0
+    for start in range(0, len(ids), span):
+        window = torch.tensor([[BOS_ID, *ids[start:start + span]]])
+        logits = model(input_ids=window).logits[0, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+        count += window.shape[1] - 1
+    return math.exp(total / count), count
+
+
+def ngram_perplexities(train_ids: list[list[int]], heldout: list[int], vocab_size: int, span: int,
+                       discount: float = 0.75) -> tuple[float, float]:
+    """Unigram (add-one) and interpolated absolute-discounting bigram perplexities on the held-out tokens.
+
+    Both are estimated from the training documents only; the bigram backs off to the add-one unigram, and the
+    held-out tokens are cut into the model's windows of `span` tokens, each scored after <bos> as the model is.
+    """
+    unigram = np.ones(vocab_size)
+    bigrams: Counter[tuple[int, int]] = Counter()
+    for doc in train_ids:
+        unigram += np.bincount(doc, minlength=vocab_size)
+        bigrams.update(zip([BOS_ID, *doc[:-1]], doc))
+    unigram /= unigram.sum()
+    context_count: Counter[int] = Counter()
+    context_types: Counter[int] = Counter()
+    for (a, _), c in bigrams.items():
+        context_count[a] += c
+        context_types[a] += 1
+
+    uni_nll = bi_nll = 0.0
+    previous = BOS_ID
+    for i, token in enumerate(heldout):
+        if i % span == 0:
+            previous = BOS_ID
+        uni_nll -= math.log(unigram[token])
+        n = context_count[previous]
+        if n:
+            backoff = discount * context_types[previous] / n
+            p = max(bigrams[(previous, token)] - discount, 0) / n + backoff * unigram[token]
+        else:
+            p = unigram[token]
+        bi_nll -= math.log(p)
+        previous = token
+    return math.exp(uni_nll / len(heldout)), math.exp(bi_nll / len(heldout))
+
+
+def write_bundle(out: Path, model: Gemma4ForCausalLM, tok: Tokenizer, corpus: Corpus, report: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():
+        if stale.is_file():
+            stale.unlink()
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save(str(out / "tokenizer.json"))
+    files = {
+        "tokenizer_config.json": {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+            "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+            "add_bos_token": True, "add_eos_token": False,
+            "model_max_length": model.config.max_position_embeddings,
+            "padding_side": "left",
+        },
+        "generation_config.json": {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, END_OF_TURN_ID],
+                                   "pad_token_id": PAD_ID},
+        "train_report.json": report,
+    }
+    for name, data in files.items():
+        (out / name).write_text(json.dumps(data, indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (out / "heldout.txt").write_text(corpus.heldout_text)
+
+
+def verify(out: Path, heldout_ids: list[int], seq_len: int, expected_ppl: float, prompt: str) -> dict:
+    """Reload the written checkpoint the way users will and check keys, perplexity and a greedy sample."""
+    model, info = Gemma4ForCausalLM.from_pretrained(out, attn_implementation="eager", output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v}
+    assert not bad, f"reload problems: {bad}"
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    text = (out / "heldout.txt").read_text()
+    assert tok.decode(tok.encode(text, add_special_tokens=False).ids) == text, "tokenizer does not round-trip"
+    assert tok.encode(prompt).ids[0] == BOS_ID, "post-processor does not prepend <bos>"
+    ppl, _ = heldout_perplexity(model, heldout_ids, seq_len)
+    assert abs(ppl - expected_ppl) < 1e-3 * expected_ppl, f"reloaded ppl {ppl} != trained {expected_ppl}"
+    ids = torch.tensor([tok.encode(prompt).ids])
+    generated = model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1]:].tolist()
+    return {"reloaded_heldout_ppl": round(ppl, 3), "prompt": prompt,
+            "greedy_continuation": tok.decode(generated)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory (replaced)")
+    parser.add_argument("--steps", type=int, default=720, help="optimizer steps (~1.5 s each on 2 cores)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512, help="training window; also max_position_embeddings")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine to 10%%)")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--prompt", default="The list", help="prompt of the greedy sample in the report")
+    args = parser.parse_args()
+
+    wall_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    hf_logging.set_verbosity_error()
+
+    corpus = build_corpus()
+    print(json.dumps(corpus.description, indent=2))
+    tok = train_tokenizer(corpus.train_docs, args.vocab_size)
+    train_ids = [e.ids for e in tok.encode_batch(corpus.train_docs, add_special_tokens=False)]
+    heldout_ids = tok.encode(corpus.heldout_text, add_special_tokens=False).ids
+    assert tok.decode(heldout_ids) == corpus.heldout_text, "tokenizer does not round-trip the held-out text"
+    stream = torch.tensor([t for doc in train_ids for t in (*doc, EOS_ID)], dtype=torch.long)
+    print(f"tokens: train {len(stream)}  held-out {len(heldout_ids)}", flush=True)
+
+    model = Gemma4ForCausalLM(make_config(tok.get_vocab_size(), args.seq_len))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {params}", flush=True)
+    train_loss, train_seconds = train(model, stream, args)
+
+    ppl, scored = heldout_perplexity(model, heldout_ids, args.seq_len)
+    unigram_ppl, bigram_ppl = ngram_perplexities(train_ids, heldout_ids, tok.get_vocab_size(), args.seq_len - 1)
+    print(f"held-out perplexity: model {ppl:.2f}  bigram {bigram_ppl:.2f}  unigram {unigram_ppl:.2f}", flush=True)
+
+    config = model.config
+    report = {
+        "model": "Gemma4ForCausalLM (transformers "
+                 f"{__import__('transformers').__version__}, torch {torch.__version__}), float32",
+        "config": {**MODEL_CONFIG, "vocab_size": config.vocab_size,
+                   "vocab_size_per_layer_input": config.vocab_size_per_layer_input,
+                   "max_position_embeddings": config.max_position_embeddings,
+                   "rope_parameters": config.rope_parameters, "kv_sharing_modes": config.kv_sharing_modes},
+        "parameters": params,
+        "training": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                     "tokens_seen": args.steps * args.batch_size * args.seq_len, "epochs": round(
+                         args.steps * args.batch_size * (args.seq_len - 1) / len(stream), 2),
+                     "optimizer": f"AdamW(betas=(0.9, 0.95), weight_decay={args.weight_decay} on matrices)",
+                     "lr": f"peak {args.lr}, linear warm-up {max(1, args.steps // 20)} steps, cosine to 10%",
+                     "grad_clip": 1.0, "seed": args.seed, "threads": args.threads,
+                     "train_seconds": round(train_seconds, 1), "final_train_loss_ema": round(train_loss, 4)},
+        "tokenizer": {"type": "byte-level BPE (tokenizers), trained on the training split only",
+                      "vocab_size": tok.get_vocab_size(),
+                      "special_tokens": {name: i for i, name in enumerate(SPECIAL_TOKENS)}},
+        "data": {**corpus.description, "train_tokens": len(stream), "heldout_tokens": len(heldout_ids)},
+        "heldout_eval": {
+            "method": f"token-level perplexity over all {scored} held-out tokens, non-overlapping windows of "
+                      f"<bos> + {args.seq_len - 1} tokens (heldout.txt encoded without special tokens)",
+            "model_ppl": round(ppl, 3),
+            "unigram_ppl": round(unigram_ppl, 3),
+            "unigram_method": "training-split token frequencies, add-one smoothing",
+            "bigram_ppl": round(bigram_ppl, 3),
+            "bigram_method": "interpolated absolute discounting (d=0.75) over the add-one unigram, training split",
+        },
+    }
+    write_bundle(args.out, model, tok, corpus, report)
+    checks = verify(args.out, heldout_ids, args.seq_len, ppl, args.prompt)
+    report["verification"] = checks
+    report["wall_seconds"] = round(time.perf_counter() - wall_start, 1)
+    (args.out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    size = sum(p.stat().st_size for p in args.out.iterdir())
+    print(f"reloaded: ppl {checks['reloaded_heldout_ppl']}  "
+          f"sample {args.prompt!r} -> {checks['greedy_continuation']!r}")
+    print(f"wrote {args.out} ({size / 1e6:.2f} MB) in {report['wall_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
