@@ -10,7 +10,6 @@ import sys
 import pytest
 
 import edge_runtime
-from edge_runtime.bundled import BUNDLED_CHECKPOINT
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -63,7 +62,6 @@ def test_run_rejects_bad_sampling_value(artifacts):
     assert result.returncode == 1 and result.stderr.strip() == "error: top_p=1.5: must be in (0, 1]"
 
 
-@pytest.mark.skipif(not (BUNDLED_CHECKPOINT / "config.json").is_file(), reason="bundled model not trained yet")
 def test_bundled_model_is_the_default(tmp_path):
     """First run exports the bundled checkpoint into the cache; the second reuses it."""
     env = {"EDGE_RUNTIME_CACHE": str(tmp_path)}

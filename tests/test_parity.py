@@ -53,3 +53,23 @@ def test_greedy_tokens_match_transformers(name, artifacts, references):
     got = list(model.generate_tokens(prompt, max_new_tokens=30, temperature=0))
     assert got == expected
     assert len(got) > 3
+
+
+def test_trained_bundled_model_matches_transformers(tmp_path):
+    """The trained default model on its held-out text (past 2x its 128-token window), both modes."""
+    from export import export_checkpoint
+    from transformers import Gemma4ForCausalLM
+
+    from edge_runtime.bundled import BUNDLED_CHECKPOINT
+
+    artifact = export_checkpoint(BUNDLED_CHECKPOINT, tmp_path / "bundled")
+    model = edge_runtime.load(artifact, prefill_chunk=100)
+    ids = model.encode((BUNDLED_CHECKPOINT / "heldout.txt").read_text()[:4000])[:300]
+    reference = Gemma4ForCausalLM.from_pretrained(BUNDLED_CHECKPOINT, dtype=torch.float32,
+                                                  attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0].numpy()
+    for mode in ("prefill", "decode"):
+        error = float(np.abs(model.logits(ids, mode=mode) - expected).max())
+        print(f"bundled {mode}: max abs error {error:.2e} over {len(ids)} tokens")
+        assert error <= TOLERANCE
