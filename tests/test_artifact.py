@@ -111,3 +111,22 @@ def test_damaged_artifact_is_reported(artifacts, tmp_path):
     (copy / MANIFEST).write_text(json.dumps({"format": "edge-runtime-artifact", "format_version": 99}))
     with pytest.raises(ArtifactError, match="format_version 99 is not supported"):
         read_manifest(copy)
+
+
+def test_export_never_reads_tower_tensors(checkpoints, tmp_path, monkeypatch):
+    """The multimodal checkpoint's vision/audio tensors are skipped: only text-model bytes are read."""
+    from export.safetensors_reader import SafetensorsFile
+
+    read: list[str] = []
+    original = SafetensorsFile.read
+
+    def spy(self, name, rows=None):
+        read.append(name)
+        return original(self, name, rows)
+
+    monkeypatch.setattr(SafetensorsFile, "read", spy)
+    export_checkpoint(checkpoints["shared-mqa-wide"], tmp_path / "a")
+    assert read and all(name.startswith("model.language_model.") for name in read)
+    towers = [n for f in Checkpoint(checkpoints["shared-mqa-wide"])._files.values() for n in f.entries
+              if not n.startswith("model.language_model.")]
+    assert towers, "the test checkpoint should contain tower tensors"

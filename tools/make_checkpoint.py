@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODELS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+MODELS_DIR = Path(__file__).resolve().parent / "configs"  # the published text configs of E2B and E4B
 NAMED_CONFIGS = {"e2b": "gemma-4-e2b.config.json", "e4b": "gemma-4-e4b.config.json"}
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 END_OF_TURN_ID = SPECIAL_TOKENS.index("<end_of_turn>")
