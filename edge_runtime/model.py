@@ -70,8 +70,9 @@ class Model:
             config = json.loads((self.path / name).read_text())
             extra = config.get("eos_token_id")
             eos |= set(extra if isinstance(extra, list) else [] if extra is None else [extra])
+            greedy = config.get("do_sample") is False
             params = SamplingParams(
-                temperature=float(config.get("temperature", params.temperature)),
+                temperature=0.0 if greedy else float(config.get("temperature", params.temperature)),
                 top_k=int(config.get("top_k", params.top_k)),
                 top_p=float(config.get("top_p", params.top_p)),
             )

@@ -1,7 +1,8 @@
 """Next-token choice: greedy, or seeded sampling with temperature, top-k and top-p (nucleus).
 
 The defaults are Gemma's recommended ones (temperature 1.0, top-k 64, top-p 0.95), overridden by the
-checkpoint's generation_config.json when it ships one; temperature 0 means greedy.
+checkpoint's generation_config.json when it ships one (`do_sample: false` there means greedy, as in
+transformers); temperature 0 means greedy.
 """
 
 from __future__ import annotations

@@ -57,10 +57,10 @@ def test_greedy_tokens_match_transformers(name, artifacts, references):
 
 def test_trained_bundled_model_matches_transformers(tmp_path):
     """The trained default model on its held-out text (past 2x its 128-token window), both modes."""
-    from export import export_checkpoint
     from transformers import Gemma4ForCausalLM
 
     from edge_runtime.bundled import BUNDLED_CHECKPOINT
+    from export import export_checkpoint
 
     artifact = export_checkpoint(BUNDLED_CHECKPOINT, tmp_path / "bundled")
     model = edge_runtime.load(artifact, prefill_chunk=100)

@@ -114,3 +114,19 @@ def test_bad_token_ids_and_mode(model):
         model.logits([2, 600])
     with pytest.raises(EdgeRuntimeError, match="mode='fast': must be 'prefill' or 'decode'"):
         model.logits([2, 5], mode="fast")
+
+
+def test_generation_config_sets_defaults(checkpoints, tmp_path):
+    import json
+    import shutil
+
+    from export import export_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["shared-gqa"], ckpt)
+    config = json.loads((ckpt / "generation_config.json").read_text())
+    (ckpt / "generation_config.json").write_text(json.dumps({**config, "do_sample": False, "top_k": 7}))
+    model = edge_runtime.load(export_checkpoint(ckpt, tmp_path / "a"))
+    assert model.default_sampling == SamplingParams(temperature=0.0, top_k=7, top_p=0.95)
+    assert model.eos_token_ids == {1, 5}
+    assert model.generate(PROMPT, max_new_tokens=10) == model.generate(PROMPT, max_new_tokens=10, temperature=0)
