@@ -155,6 +155,8 @@ class Model:
         for token in self.generate_tokens(self.encode(prompt), max_new_tokens, temperature, top_k, top_p, seed):
             if piece := decoder.push(token):
                 yield piece
+        if rest := decoder.flush():
+            yield rest
 
     def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> str:

@@ -49,3 +49,11 @@ class StreamDecoder:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(before):]
+
+    def flush(self) -> str:
+        """What is still held back when generation ends (an unfinished character decodes as U+FFFD), so that
+        the pieces of a stream always join to the decode of all its tokens."""
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):]

@@ -130,3 +130,21 @@ def test_generation_config_sets_defaults(checkpoints, tmp_path):
     assert model.default_sampling == SamplingParams(temperature=0.0, top_k=7, top_p=0.95)
     assert model.eos_token_ids == {1, 5}
     assert model.generate(PROMPT, max_new_tokens=10) == model.generate(PROMPT, max_new_tokens=10, temperature=0)
+
+
+def test_stream_decoder_holds_split_characters_and_flushes_the_rest(model):
+    """A multi-byte character split over tokens is emitted whole; one cut off by the end is still flushed."""
+    from edge_runtime.tokenizer import StreamDecoder
+
+    tok = model.tokenizer
+    text = "naïve café ☕"
+    ids = tok.encode(text, add_bos=False)
+    byte_tokens = [i for i in ids if "\ufffd" in tok.decode([i])]
+    assert byte_tokens, "the test text should contain characters split across byte-level tokens"
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.push(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces) and "".join(pieces) + decoder.flush() == text
+    cut = ids[:-1]  # ends inside the 3-byte "☕"
+    decoder = StreamDecoder(tok)
+    streamed = "".join(decoder.push(i) for i in cut) + decoder.flush()
+    assert streamed == tok.decode(cut) and streamed.endswith("\ufffd")
