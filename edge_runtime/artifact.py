@@ -32,7 +32,6 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 EXTERNAL_DATA_ALIGNMENT = 65536
 
 WEIGHT_FORMATS = ("fp32",)
-PLE_FORMATS = ("fp32", "bf16", "fp16")
 KV_FORMATS = ("fp32",)
 
 

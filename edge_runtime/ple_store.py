@@ -21,6 +21,7 @@ from edge_runtime.artifact import TensorRef
 from edge_runtime.errors import ArtifactError, EdgeRuntimeError
 
 _STORAGE = {"fp32": np.dtype("<f4"), "bf16": np.dtype("<u2"), "fp16": np.dtype("<f2")}
+PLE_FORMATS = tuple(_STORAGE)
 
 
 def storage_dtype(fmt: str) -> np.dtype:
@@ -55,6 +56,9 @@ class PleStore:
             raise ArtifactError(f"{path}: row width {packed} is not {num_layers} layers x {width}")
         if fmt not in _STORAGE:
             raise ArtifactError(f"{path}: PLE format {fmt!r} is not supported by this runtime ({sorted(_STORAGE)})")
+        if ref.dtype != _STORAGE[fmt].name:
+            raise ArtifactError(f"{path}: the manifest stores PLE format {fmt} as {ref.dtype}, not "
+                                f"{_STORAGE[fmt].name}; the manifest is inconsistent, re-export")
         self.format = fmt
         self.table = np.memmap(path, dtype=_STORAGE[fmt], mode="r", offset=ref.offset, shape=(vocab, packed))
         self.num_layers = num_layers

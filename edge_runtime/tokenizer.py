@@ -43,17 +43,21 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
-        if len(text) <= len(before) or text.endswith("\ufffd"):
+        piece = self._pending()
+        if not piece or piece.endswith("\ufffd"):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before):]
+        return piece
 
     def flush(self) -> str:
         """What is still held back when generation ends (an unfinished character decodes as U+FFFD), so that
         the pieces of a stream always join to the decode of all its tokens."""
+        piece = self._pending()
+        self.prefix = self.read = len(self.ids)
+        return piece
+
+    def _pending(self) -> str:
+        """Text the tokens after `read` add to the window that starts at `prefix`."""
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         text = self.tokenizer.decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
         return text[len(before):]

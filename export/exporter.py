@@ -23,7 +23,6 @@ from edge_runtime.artifact import (
     KV_FORMATS,
     MANIFEST,
     PLE_FILE,
-    PLE_FORMATS,
     PROLOGUE_GRAPH,
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
@@ -35,7 +34,7 @@ from edge_runtime.artifact import (
     layer_graph,
 )
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError
-from edge_runtime.ple_store import decode_rows, encode_rows, storage_dtype
+from edge_runtime.ple_store import PLE_FORMATS, decode_rows, encode_rows, storage_dtype
 from export.checkpoint import Checkpoint
 from export.gemma4 import build_head, build_layer, build_prologue
 from export.onnx_graph import WeightsWriter

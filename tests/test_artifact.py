@@ -130,3 +130,17 @@ def test_export_never_reads_tower_tensors(checkpoints, tmp_path, monkeypatch):
     towers = [n for f in Checkpoint(checkpoints["shared-mqa-wide"])._files.values() for n in f.entries
               if not n.startswith("model.language_model.")]
     assert towers, "the test checkpoint should contain tower tensors"
+
+
+def test_ple_format_and_stored_dtype_must_agree(artifacts, tmp_path):
+    import shutil
+
+    import edge_runtime
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifacts["shared-mqa-wide"], copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["formats"]["ple"] = "fp16"  # the store holds bf16 bits (uint16): decoding them as fp16 would be garbage
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="stores PLE format fp16 as uint16, not float16"):
+        edge_runtime.load(copy)
