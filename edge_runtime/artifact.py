@@ -19,7 +19,7 @@ from edge_runtime.errors import ArtifactError
 from edge_runtime.model_spec import ModelSpec
 
 FORMAT_NAME = "edge-runtime-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 PLE_FILE = "ple.bin"
@@ -69,6 +69,16 @@ class Manifest:
     tokenizer: dict[str, str | None]
     files: dict[str, dict[str, Any]]
     created_by: str
+    read_per_token: dict[str, int]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Model bytes one decode step reads: every graph's weights, one embedding row and one PLE row.
+
+        This is what bounds decode speed (tokens/s <= bandwidth / bytes); the KV cache read comes on top
+        and grows with the context.
+        """
+        return sum(self.read_per_token.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +92,7 @@ class Manifest:
             "ple_store": self.ple_store.to_dict(),
             "tokenizer": self.tokenizer,
             "files": self.files,
+            "read_per_token": self.read_per_token,
         }
 
     @classmethod
@@ -105,6 +116,7 @@ class Manifest:
                 tokenizer=data["tokenizer"],
                 files=data["files"],
                 created_by=data.get("created_by", "unknown"),
+                read_per_token={k: int(v) for k, v in data["read_per_token"].items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{where}: manifest is missing or has a malformed field ({exc!r}); re-export") from exc

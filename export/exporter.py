@@ -101,12 +101,12 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, ple: str, progres
         progress("embedding", 0, total)
         embed_shape = (spec.vocab_size, spec.hidden_size)
         embed = writer.add(ckpt.row_chunks("embed_tokens.weight"), embed_shape, np.dtype(np.float32))
-        build_prologue(spec, ckpt.tensor, writer, tmp)
+        graph_bytes = build_prologue(spec, ckpt.tensor, writer, tmp)
         progress("prologue", 1, total)
         for i in range(n):
-            build_layer(spec, i, ckpt.tensor, writer, tmp)
+            graph_bytes += build_layer(spec, i, ckpt.tensor, writer, tmp)
             progress(f"layer {i}", 2 + i, total)
-        build_head(spec, ckpt.tensor, embed, writer, tmp)
+        graph_bytes += build_head(spec, ckpt.tensor, embed, writer, tmp)
         progress("head", 2 + n, total)
 
     ple_shape = (spec.vocab_size_per_layer_input, n * spec.hidden_size_per_layer_input)
@@ -127,6 +127,8 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, ple: str, progres
         tokenizer=tokenizer,
         files=files,
         created_by=f"edge-runtime {__version__}",
+        read_per_token={"weights": graph_bytes, "embedding_row": spec.hidden_size * 4,
+                        "ple_row": ple_shape[1] * storage_dtype(ple).itemsize},
     )
 
 

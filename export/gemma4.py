@@ -23,7 +23,7 @@ from export.onnx_graph import GraphBuilder, WeightsWriter
 Weights = Callable[[str], np.ndarray]
 
 
-def build_prologue(spec: ModelSpec, w: Weights, weights: WeightsWriter, out: Path) -> None:
+def build_prologue(spec: ModelSpec, w: Weights, weights: WeightsWriter, out: Path) -> int:
     """Context part of PLE: RMSNorm(proj(embeds) / sqrt(H)) as [layers, T, width]."""
     g = GraphBuilder("prologue", weights)
     n, p = spec.num_hidden_layers, spec.hidden_size_per_layer_input
@@ -34,10 +34,10 @@ def build_prologue(spec: ModelSpec, w: Weights, weights: WeightsWriter, out: Pat
     proj = g.rms_norm(proj, g.weight("per_layer_projection_norm", w("per_layer_projection_norm.weight")),
                       spec.rms_norm_eps)
     g.output(g.op("Transpose", proj, perm=[1, 0, 2]), "ple_context", [n, "T", p])
-    g.save(out / PROLOGUE_GRAPH)
+    return g.save(out / PROLOGUE_GRAPH)
 
 
-def build_head(spec: ModelSpec, w: Weights, embed: TensorRef, weights: WeightsWriter, out: Path) -> None:
+def build_head(spec: ModelSpec, w: Weights, embed: TensorRef, weights: WeightsWriter, out: Path) -> int:
     """Final norm, tied LM head (the embedding table, read in place) and logit softcapping."""
     g = GraphBuilder("head", weights)
     x = g.input("hidden", ["T", spec.hidden_size])
@@ -47,7 +47,7 @@ def build_head(spec: ModelSpec, w: Weights, embed: TensorRef, weights: WeightsWr
     if cap is not None:
         logits = g.op("Mul", g.op("Tanh", g.op("Mul", logits, g.const(1.0 / cap))), g.const(cap))
     g.output(logits, "logits", ["T", spec.vocab_size])
-    g.save(out / HEAD_GRAPH)
+    return g.save(out / HEAD_GRAPH)
 
 
 def _rope(g: GraphBuilder, x: str, cos: str, sin: str) -> str:
@@ -57,7 +57,7 @@ def _rope(g: GraphBuilder, x: str, cos: str, sin: str) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
 
-def build_layer(spec: ModelSpec, i: int, w: Weights, weights: WeightsWriter, out: Path) -> None:
+def build_layer(spec: ModelSpec, i: int, w: Weights, weights: WeightsWriter, out: Path) -> int:
     g = GraphBuilder(f"layer_{i}", weights)
     h, hd, eps = spec.hidden_size, spec.head_dims[i], spec.rms_norm_eps
     nh, kvh = spec.num_attention_heads, spec.num_key_value_heads
@@ -120,5 +120,5 @@ def build_layer(spec: ModelSpec, i: int, w: Weights, weights: WeightsWriter, out
     hidden = g.op("Add", hidden, g.rms_norm(ple, weight("post_per_layer_input_norm.weight"), eps))
     hidden = g.op("Mul", hidden, weight("layer_scalar"))
     g.output(hidden, "hidden_out", ["T", h])
-    g.save(out / layer_graph(i))
+    return g.save(out / layer_graph(i))
 

@@ -65,6 +65,7 @@ class GraphBuilder:
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
+        self.weight_bytes = 0
         self._count = 0
 
     def _fresh(self, hint: str) -> str:
@@ -84,6 +85,7 @@ class GraphBuilder:
         array = np.asarray(array, dtype=np.float32)
         if array.nbytes <= INLINE_LIMIT:
             self.initializers.append(numpy_helper.from_array(array, name))
+            self.weight_bytes += array.nbytes
             return name
         return self.external(name, self.weights.add([array], array.shape, np.dtype(np.float32)))
 
@@ -92,6 +94,7 @@ class GraphBuilder:
         tensor = TensorProto(name=name, data_type=_NP_TO_ONNX[np.dtype(ref.dtype)], dims=list(ref.shape))
         tensor.data_location = TensorProto.EXTERNAL
         size = int(np.prod(ref.shape, dtype=np.int64)) * np.dtype(ref.dtype).itemsize
+        self.weight_bytes += size
         for key, value in (("location", ref.file), ("offset", str(ref.offset)), ("length", str(size))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
@@ -130,8 +133,10 @@ class GraphBuilder:
     def unsqueeze(self, x: str, axis: int) -> str:
         return self.op("Unsqueeze", x, self.const([axis], np.int64))
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path) -> int:
+        """Write the graph; returns the weight bytes it reads per call (what a decode step streams)."""
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="edge-runtime", ir_version=IR_VERSION)
         Path(path).write_bytes(model.SerializeToString())
+        return self.weight_bytes
