@@ -31,7 +31,8 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 EXTERNAL_DATA_ALIGNMENT = 65536
 
-WEIGHT_FORMATS = ("fp32",)
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+BLOCK_SIZES = (32, 64, 128)
 KV_FORMATS = ("fp32",)
 
 
@@ -105,6 +106,10 @@ class Manifest:
                 f"{where}: format_version {version!r} is not supported by this runtime (reads {FORMAT_VERSION}); "
                 "re-export the checkpoint with this version of edge-runtime"
             )
+        weights = data.get("formats", {}).get("weights")
+        if weights not in WEIGHT_FORMATS:
+            raise ArtifactError(f"{where}: weight format {weights!r} is not supported by this runtime "
+                                f"({', '.join(WEIGHT_FORMATS)}); upgrade edge-runtime or re-export")
         try:
             return cls(
                 spec=ModelSpec.from_dict(data["model"]["config"]),

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_runtime.artifact import Manifest
+from edge_runtime.embedding import EmbeddingTable
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.kv_cache import KVCache
 from edge_runtime.model_spec import embed_scale
@@ -60,10 +61,7 @@ class Engine:
         self.prologue = session(manifest.graphs["prologue"])
         self.layers = [session(name) for name in manifest.graphs["layers"]]
         self.head = session(manifest.graphs["head"])
-        embed = manifest.tensors["embed_tokens"]
-        self.embed = np.memmap(artifact / embed.file, dtype=np.dtype(embed.dtype), mode="r",
-                               offset=embed.offset, shape=embed.shape)
-        self.embed_scale = np.float32(embed_scale(spec.hidden_size))
+        self.embed = EmbeddingTable(artifact, manifest)
         self.ple = PleStore(artifact, manifest.ple_store, manifest.formats["ple"], spec.num_hidden_layers,
                             spec.hidden_size_per_layer_input, embed_scale(spec.hidden_size_per_layer_input))
         self.inv_freq = {
@@ -87,7 +85,7 @@ class Engine:
         positions = np.arange(cache.length, cache.length + len(ids), dtype=np.int64)
         cache.reserve(len(ids))
 
-        hidden = np.ascontiguousarray(self.embed[ids], dtype=np.float32) * self.embed_scale
+        hidden = self.embed.rows(ids)
         ple_context = self.prologue.run(None, {"inputs_embeds": hidden})[0]
         ple_rows = self.ple.rows(ids)
         rope = {t: cos_sin(f, positions) for t, f in self.inv_freq.items()}

@@ -7,8 +7,10 @@ transformers' `Gemma4TextScaledWordEmbedding` applies, and laid out [layers, tok
 i receives a contiguous slice.
 
 Formats: fp32; bf16, stored as the upper 16 bits of fp32 (lossless for bf16 checkpoints, which is how Gemma
-ships, at the size of fp16); fp16 (lossless for bf16 values in its normal range). The encoding lives here,
-next to the decoding, so export and runtime cannot disagree about it.
+ships, at the size of fp16); fp16 (lossless for bf16 values in its normal range); int8 (symmetric, one fp16
+scale per 64 values) and int4 (Q4_0-style, one fp16 scale per 32 values). Integer rows keep their codes
+and scales side by side, so one token is still one contiguous read: [codes | scales] per row.
+The encoding lives here, next to the decoding, so export and runtime cannot disagree about it.
 """
 
 from __future__ import annotations
@@ -19,31 +21,78 @@ import numpy as np
 
 from edge_runtime.artifact import TensorRef
 from edge_runtime.errors import ArtifactError, EdgeRuntimeError
+from edge_runtime.quant.integer import (
+    dequantize_int4_blocks,
+    dequantize_int8_rows,
+    quantize_int4_blocks,
+    quantize_int8_rows,
+)
 
-_STORAGE = {"fp32": np.dtype("<f4"), "bf16": np.dtype("<u2"), "fp16": np.dtype("<f2")}
-PLE_FORMATS = tuple(_STORAGE)
+_FLOAT = {"fp32": np.dtype("<f4"), "bf16": np.dtype("<u2"), "fp16": np.dtype("<f2")}
+_BLOCK = {"int8": 64, "int4": 32}
+PLE_FORMATS = (*_FLOAT, *_BLOCK)
+_SCALE = np.dtype("<f2")
 
 
 def storage_dtype(fmt: str) -> np.dtype:
-    return _STORAGE[fmt]
+    return _FLOAT.get(fmt, np.dtype(np.uint8))
+
+
+def _layout(fmt: str, width: int) -> tuple[int, int]:
+    """(code bytes, scale count) of one row of `width` values in an integer format."""
+    blocks = -(-width // _BLOCK[fmt])
+    return (width if fmt == "int8" else blocks * _BLOCK[fmt] // 2), blocks
+
+
+def stored_width(fmt: str, width: int) -> int:
+    """Elements of storage_dtype(fmt) per row of `width` values."""
+    if fmt in _FLOAT:
+        return width
+    codes, scales = _layout(fmt, width)
+    return codes + scales * _SCALE.itemsize
 
 
 def encode_rows(rows: np.ndarray, fmt: str) -> np.ndarray:
-    """float32 rows -> stored representation; bf16 rounds to nearest even (exact for bf16 inputs).
+    """float32 rows [R, width] -> stored rows [R, stored_width]; bf16 rounds to nearest even.
 
     Values beyond fp16's range become inf here; export checks for that and names the fix.
     """
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
     if fmt == "bf16":
-        bits = np.ascontiguousarray(rows, dtype=np.float32).view(np.uint32)
+        bits = rows.view(np.uint32)
         return ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+    if fmt in _FLOAT:
+        with np.errstate(over="ignore"):
+            return rows.astype(_FLOAT[fmt])
+    r, width = rows.shape
+    block = _BLOCK[fmt]
+    _, blocks = _layout(fmt, width)
     with np.errstate(over="ignore"):
-        return rows.astype(_STORAGE[fmt])
+        if fmt == "int8":
+            padded = np.pad(rows, ((0, 0), (0, blocks * block - width)))
+            codes, scales = quantize_int8_rows(padded.reshape(r * blocks, block), _SCALE)
+            codes = codes.reshape(r, -1)[:, :width].view(np.uint8)
+        else:
+            codes, scales = quantize_int4_blocks(rows, block, _SCALE)
+            codes = codes.reshape(r, -1)
+    return np.concatenate([codes, scales.reshape(r, blocks).view(np.uint8)], axis=1)
 
 
-def decode_rows(raw: np.ndarray, fmt: str) -> np.ndarray:
+def decode_rows(raw: np.ndarray, fmt: str, width: int) -> np.ndarray:
+    """Stored rows -> float32 [R, width]."""
     if fmt == "bf16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32)
+    if fmt in _FLOAT:
+        return raw.astype(np.float32)
+    r = raw.shape[0]
+    block = _BLOCK[fmt]
+    code_bytes, blocks = _layout(fmt, width)
+    scales = np.ascontiguousarray(raw[:, code_bytes:]).view(_SCALE).reshape(r, blocks)
+    if fmt == "int8":
+        codes = np.pad(raw[:, :code_bytes].view(np.int8), ((0, 0), (0, blocks * block - width)))
+        return dequantize_int8_rows(codes.reshape(r, blocks, block), scales).reshape(r, -1)[:, :width]
+    packed = raw[:, :code_bytes].reshape(r, blocks, block // 2)
+    return dequantize_int4_blocks(packed, scales, width)
 
 
 class PleStore:
@@ -51,16 +100,18 @@ class PleStore:
 
     def __init__(self, artifact: Path, ref: TensorRef, fmt: str, num_layers: int, width: int, scale: float) -> None:
         path = Path(artifact) / ref.file
-        vocab, packed = ref.shape
-        if packed != num_layers * width:
-            raise ArtifactError(f"{path}: row width {packed} is not {num_layers} layers x {width}")
-        if fmt not in _STORAGE:
-            raise ArtifactError(f"{path}: PLE format {fmt!r} is not supported by this runtime ({sorted(_STORAGE)})")
-        if ref.dtype != _STORAGE[fmt].name:
+        if fmt not in PLE_FORMATS:
+            raise ArtifactError(f"{path}: PLE format {fmt!r} is not supported by this runtime ({sorted(PLE_FORMATS)})")
+        vocab, stored = ref.shape
+        expected = stored_width(fmt, num_layers * width)
+        if stored != expected:
+            raise ArtifactError(f"{path}: row width {stored} is not {num_layers} layers x {width} values in {fmt} "
+                                f"({expected}); the manifest is inconsistent, re-export")
+        if ref.dtype != storage_dtype(fmt).name:
             raise ArtifactError(f"{path}: the manifest stores PLE format {fmt} as {ref.dtype}, not "
-                                f"{_STORAGE[fmt].name}; the manifest is inconsistent, re-export")
+                                f"{storage_dtype(fmt).name}; the manifest is inconsistent, re-export")
         self.format = fmt
-        self.table = np.memmap(path, dtype=_STORAGE[fmt], mode="r", offset=ref.offset, shape=(vocab, packed))
+        self.table = np.memmap(path, dtype=storage_dtype(fmt), mode="r", offset=ref.offset, shape=(vocab, stored))
         self.num_layers = num_layers
         self.width = width
         self.scale = np.float32(scale)
@@ -69,10 +120,14 @@ class PleStore:
     def vocab_size(self) -> int:
         return self.table.shape[0]
 
+    @property
+    def row_bytes(self) -> int:
+        return self.table.shape[1] * self.table.dtype.itemsize
+
     def rows(self, token_ids: np.ndarray) -> np.ndarray:
         """[layers, tokens, width] float32 for these tokens (fancy indexing reads just their rows)."""
         ids = np.asarray(token_ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise EdgeRuntimeError(f"token id out of range for the PLE table (vocab {self.vocab_size})")
-        raw = decode_rows(self.table[ids], self.format) * self.scale
+        raw = decode_rows(self.table[ids], self.format, self.num_layers * self.width) * self.scale
         return np.ascontiguousarray(raw.reshape(len(ids), self.num_layers, self.width).transpose(1, 0, 2))

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from edge_runtime import __version__
 from edge_runtime.artifact import (
+    BLOCK_SIZES,
     CHAT_TEMPLATE_FILE,
     GENERATION_CONFIG_FILE,
     HEAD_GRAPH,
@@ -34,10 +35,11 @@ from edge_runtime.artifact import (
     layer_graph,
 )
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError
-from edge_runtime.ple_store import PLE_FORMATS, decode_rows, encode_rows, storage_dtype
+from edge_runtime.ple_store import PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
+from edge_runtime.quant.integer import int4_blocks, quantize_int4_blocks, quantize_int8_rows
 from export.checkpoint import Checkpoint
 from export.gemma4 import build_head, build_layer, build_prologue
-from export.onnx_graph import WeightsWriter
+from export.onnx_graph import GraphBuilder, LinearWeight, WeightsWriter
 
 Progress = Callable[[str, int, int], None]
 LOSSLESS_PLE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
@@ -47,15 +49,19 @@ def _no_progress(stage: str, done: int, total: int) -> None:
     return None
 
 
-def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", ple: str = "auto",
-                      force: bool = False, progress: Progress = _no_progress) -> Path:
+def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", block_size: int = 32,
+                      ple: str = "auto", force: bool = False, progress: Progress = _no_progress) -> Path:
     """Export a HF Gemma 4 checkpoint directory to an artifact directory at `out`; returns `out`.
 
     `ple="auto"` stores the PLE table at the checkpoint's own precision (bf16 -> bf16, f16 -> fp16,
-    f32 -> fp32), so the default artifact is lossless.
+    f32 -> fp32), so the default artifact is lossless. `block_size` applies to int4 weights.
+    `progress(stage, done, total)` is called as each stage advances, with the stage's own units.
     """
     if weights not in WEIGHT_FORMATS:
         raise EdgeRuntimeError(f"--weights {weights}: not available; choose one of {', '.join(WEIGHT_FORMATS)}")
+    if block_size not in BLOCK_SIZES:
+        raise EdgeRuntimeError(f"--block-size {block_size}: not available; choose one of "
+                               f"{', '.join(map(str, BLOCK_SIZES))}")
     if ple != "auto" and ple not in PLE_FORMATS:
         raise EdgeRuntimeError(f"--ple {ple}: not available; choose auto or one of {', '.join(PLE_FORMATS)}")
     out = Path(out)
@@ -74,7 +80,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", ple
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        manifest = _write_artifact(ckpt, tmp, weights, ple, progress)
+        manifest = _write_artifact(ckpt, tmp, weights, block_size, ple, progress)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1))
         _replace(tmp, out)
     except BaseException:
@@ -93,51 +99,126 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, ple: str, progress: Progress) -> Manifest:
+def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, block_size: int, ple: str,
+                    progress: Progress) -> Manifest:
     spec = ckpt.spec
     n = spec.num_hidden_layers
-    total = n + 4
     with WeightsWriter(tmp / WEIGHTS_FILE) as writer:
-        progress("embedding", 0, total)
-        embed_shape = (spec.vocab_size, spec.hidden_size)
-        embed = writer.add(ckpt.row_chunks("embed_tokens.weight"), embed_shape, np.dtype(np.float32))
-        graph_bytes = build_prologue(spec, ckpt.tensor, writer, tmp)
-        progress("prologue", 1, total)
+        head_weight, embed_tensors, embed_row = _write_embedding(ckpt, writer, weights, block_size, progress)
+
+        def new_graph(name: str) -> GraphBuilder:
+            return GraphBuilder(name, writer, weights, block_size)
+
+        graph_bytes = build_prologue(spec, ckpt.tensor, new_graph, tmp)
         for i in range(n):
-            graph_bytes += build_layer(spec, i, ckpt.tensor, writer, tmp)
-            progress(f"layer {i}", 2 + i, total)
-        graph_bytes += build_head(spec, ckpt.tensor, embed, writer, tmp)
-        progress("head", 2 + n, total)
+            progress("layers", i, n)
+            graph_bytes += build_layer(spec, i, ckpt.tensor, new_graph, tmp)
+        progress("layers", n, n)
+        graph_bytes += build_head(spec, ckpt.tensor, head_weight, new_graph, tmp)
 
-    ple_shape = (spec.vocab_size_per_layer_input, n * spec.hidden_size_per_layer_input)
-    _write_ple_store(ckpt, tmp / PLE_FILE, ple)
-    progress("PLE store", 3 + n, total)
+    ple_width = stored_width(ple, n * spec.hidden_size_per_layer_input)
+    ple_shape = (spec.vocab_size_per_layer_input, ple_width)
+    _write_ple_store(ckpt, tmp / PLE_FILE, ple, progress)
 
+    progress("checksums", 0, 1)
     tokenizer = _copy_tokenizer(ckpt.path, tmp)
     files = {path.name: file_entry(path) for path in sorted(tmp.iterdir())}
-    progress("checksums", total, total)
+    progress("checksums", 1, 1)
 
     return Manifest(
         spec=spec,
         source={"architecture": ckpt.architecture, "dtypes": ckpt.dtypes(), "checkpoint": ckpt.path.name},
-        formats={"weights": weights, "ple": ple, "kv": KV_FORMATS[0]},
+        formats={"weights": weights, "block_size": block_size, "ple": ple, "kv": KV_FORMATS[0]},
         graphs={"prologue": PROLOGUE_GRAPH, "layers": [layer_graph(i) for i in range(n)], "head": HEAD_GRAPH},
-        tensors={"embed_tokens": embed},
+        tensors=embed_tensors,
         ple_store=TensorRef(PLE_FILE, 0, ple_shape, storage_dtype(ple).name),
         tokenizer=tokenizer,
         files=files,
         created_by=f"edge-runtime {__version__}",
-        read_per_token={"weights": graph_bytes, "embedding_row": spec.hidden_size * 4,
-                        "ple_row": ple_shape[1] * storage_dtype(ple).itemsize},
+        read_per_token={"weights": graph_bytes, "embedding_row": embed_row,
+                        "ple_row": ple_width * storage_dtype(ple).itemsize},
     )
 
 
-def _write_ple_store(ckpt: Checkpoint, path: Path, fmt: str) -> None:
+def _write_embedding(ckpt: Checkpoint, writer: WeightsWriter, fmt: str, block_size: int,
+                     progress: Progress) -> tuple[LinearWeight, dict[str, TensorRef], int]:
+    """Write the tied embedding once per layout its readers need, streaming it in row blocks.
+
+    Returns the LM head's weight, the tensors the runtime gathers token rows from, and the bytes of one row.
+    fp32, fp16 and int4 rows are what the head's kernel reads, so lookup and head share one copy. The int8
+    head kernel wants [in, out], so int8 keeps a row-major copy for lookup next to the transposed head copy
+    (400 MB more on disk for E2B, read one row per token).
+    """
+    name = "embed_tokens.weight"
+    vocab, hidden = ckpt.spec.vocab_size, ckpt.spec.hidden_size
+    done = 0
+
+    def rows() -> Iterator[np.ndarray]:
+        nonlocal done
+        for chunk in ckpt.row_chunks(name):
+            yield chunk
+            done += len(chunk)
+            progress("embedding", done, vocab)
+
+    if fmt in ("fp32", "fp16"):
+        dtype = np.dtype(np.float32 if fmt == "fp32" else np.float16)
+        ref = writer.add((_checked_cast(c, dtype, ckpt.path) for c in rows()), (vocab, hidden), dtype)
+        return LinearWeight(fmt, vocab, hidden, {"weight": ref}), {"embed_tokens": ref}, hidden * dtype.itemsize
+    scales: list[np.ndarray] = []
+    if fmt == "int4":
+        blocks = int4_blocks(hidden, block_size)
+
+        def codes() -> Iterator[np.ndarray]:
+            for chunk in rows():
+                packed, scale = quantize_int4_blocks(chunk, block_size)
+                scales.append(scale)
+                yield packed
+
+        code_ref = writer.add(codes(), (vocab, blocks, block_size // 2), np.dtype(np.uint8))
+        scale = np.concatenate(scales).reshape(-1)
+        scale_ref = writer.add([scale], scale.shape, scale.dtype)
+        head = LinearWeight(fmt, vocab, hidden, {"codes": code_ref, "scale": scale_ref}, block_size)
+        row = blocks * block_size // 2 + blocks * 4
+        return head, {"embed_tokens": code_ref, "embed_scales": scale_ref}, row
+    transposed = np.empty((hidden, vocab), dtype=np.uint8)
+
+    def int8_codes() -> Iterator[np.ndarray]:
+        start = 0
+        for chunk in rows():
+            codes, scale = quantize_int8_rows(chunk)
+            scales.append(scale)
+            transposed[:, start:start + len(chunk)] = (codes.T.astype(np.int16) + 128).astype(np.uint8)
+            start += len(chunk)
+            yield codes
+
+    code_ref = writer.add(int8_codes(), (vocab, hidden), np.dtype(np.int8))
+    scale = np.concatenate(scales)
+    scale_ref = writer.add([scale], scale.shape, scale.dtype)
+    head_ref = writer.add([transposed], transposed.shape, transposed.dtype)
+    del transposed
+    head = LinearWeight(fmt, vocab, hidden, {"weight_t": head_ref, "scale": scale_ref})
+    return head, {"embed_tokens": code_ref, "embed_scales": scale_ref}, hidden + 4
+
+
+def _checked_cast(chunk: np.ndarray, dtype: np.dtype, where: Path) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        cast = chunk.astype(dtype)
+    if not np.isfinite(cast).all():
+        raise CheckpointError(f"{where}: embed_tokens has values outside the {dtype.name} range "
+                              f"(largest magnitude {float(np.abs(chunk).max()):.3g}); export with --weights fp32")
+    return cast
+
+
+def _write_ple_store(ckpt: Checkpoint, path: Path, fmt: str, progress: Progress) -> None:
     """Stream the PLE table into its store in row blocks, refusing values the format cannot hold."""
+    vocab, width = ckpt.spec.vocab_size_per_layer_input, ckpt.spec.num_hidden_layers * ckpt.spec.hidden_size_per_layer_input
+    done = 0
     with open(path, "wb") as f:
         for chunk in ckpt.row_chunks("embed_tokens_per_layer.weight"):
             stored = encode_rows(chunk, fmt)
-            if not np.isfinite(decode_rows(stored, fmt)).all():
+            done += len(chunk)
+            progress("PLE store", done, vocab)
+            if not np.isfinite(decode_rows(stored, fmt, width)).all():
                 raise CheckpointError(
                     f"{ckpt.path}: embed_tokens_per_layer has values outside the {fmt} range "
                     f"(largest magnitude {float(np.abs(chunk).max()):.3g}); export with --ple bf16 or fp32"

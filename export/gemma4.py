@@ -16,19 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.artifact import HEAD_GRAPH, PROLOGUE_GRAPH, TensorRef, layer_graph
+from edge_runtime.artifact import HEAD_GRAPH, PROLOGUE_GRAPH, layer_graph
 from edge_runtime.model_spec import ModelSpec
-from export.onnx_graph import GraphBuilder, WeightsWriter
+from export.onnx_graph import GraphBuilder, LinearWeight
 
 Weights = Callable[[str], np.ndarray]
+NewGraph = Callable[[str], GraphBuilder]
 
 
-def build_prologue(spec: ModelSpec, w: Weights, weights: WeightsWriter, out: Path) -> int:
+def build_prologue(spec: ModelSpec, w: Weights, new_graph: NewGraph, out: Path) -> int:
     """Context part of PLE: RMSNorm(proj(embeds) / sqrt(H)) as [layers, T, width]."""
-    g = GraphBuilder("prologue", weights)
+    g = new_graph("prologue")
     n, p = spec.num_hidden_layers, spec.hidden_size_per_layer_input
     x = g.input("inputs_embeds", ["T", spec.hidden_size])
-    proj = g.linear(x, g.weight("per_layer_model_projection", w("per_layer_model_projection.weight")))
+    proj = g.linear(x, "per_layer_model_projection", w("per_layer_model_projection.weight"))
     proj = g.op("Mul", proj, g.const(spec.hidden_size ** -0.5))
     proj = g.reshape(proj, [0, n, p])
     proj = g.rms_norm(proj, g.weight("per_layer_projection_norm", w("per_layer_projection_norm.weight")),
@@ -37,12 +38,12 @@ def build_prologue(spec: ModelSpec, w: Weights, weights: WeightsWriter, out: Pat
     return g.save(out / PROLOGUE_GRAPH)
 
 
-def build_head(spec: ModelSpec, w: Weights, embed: TensorRef, weights: WeightsWriter, out: Path) -> int:
-    """Final norm, tied LM head (the embedding table, read in place) and logit softcapping."""
-    g = GraphBuilder("head", weights)
+def build_head(spec: ModelSpec, w: Weights, embed: LinearWeight, new_graph: NewGraph, out: Path) -> int:
+    """Final norm, tied LM head (the embedding table as the exporter wrote it) and logit softcapping."""
+    g = new_graph("head")
     x = g.input("hidden", ["T", spec.hidden_size])
     x = g.rms_norm(x, g.weight("norm", w("norm.weight")), spec.rms_norm_eps)
-    logits = g.linear(x, g.external("embed_tokens", embed))
+    logits = g.linear(x, "embed_tokens", embed)
     cap = spec.final_logit_softcapping
     if cap is not None:
         logits = g.op("Mul", g.op("Tanh", g.op("Mul", logits, g.const(1.0 / cap))), g.const(cap))
@@ -57,8 +58,8 @@ def _rope(g: GraphBuilder, x: str, cos: str, sin: str) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
 
-def build_layer(spec: ModelSpec, i: int, w: Weights, weights: WeightsWriter, out: Path) -> int:
-    g = GraphBuilder(f"layer_{i}", weights)
+def build_layer(spec: ModelSpec, i: int, w: Weights, new_graph: NewGraph, out: Path) -> int:
+    g = new_graph(f"layer_{i}")
     h, hd, eps = spec.hidden_size, spec.head_dims[i], spec.rms_norm_eps
     nh, kvh = spec.num_attention_heads, spec.num_key_value_heads
     groups, shared = nh // kvh, spec.is_kv_shared(i)
@@ -66,6 +67,9 @@ def build_layer(spec: ModelSpec, i: int, w: Weights, weights: WeightsWriter, out
 
     def weight(name: str) -> str:
         return g.weight(name, w(pre + name))
+
+    def linear(x: str, name: str) -> str:
+        return g.linear(x, name, w(pre + name + ".weight"))
 
     hidden = g.input("hidden", ["T", h])
     ple_rows = g.input("ple_rows", ["T", spec.hidden_size_per_layer_input])
@@ -78,7 +82,7 @@ def build_layer(spec: ModelSpec, i: int, w: Weights, weights: WeightsWriter, out
     mask_new = g.input("mask_new", ["T", "N"])
 
     x = g.rms_norm(hidden, weight("input_layernorm.weight"), eps)
-    q = g.reshape(g.linear(x, weight("self_attn.q_proj.weight")), [0, nh, hd])
+    q = g.reshape(linear(x, "self_attn.q_proj"), [0, nh, hd])
     q = _rope(g, g.rms_norm(q, weight("self_attn.q_norm.weight"), eps), cos, sin)
     q = g.op("Transpose", g.reshape(q, [0, kvh, groups, hd]), perm=[1, 2, 0, 3])  # [kvh, G, T, hd]
 
@@ -86,9 +90,9 @@ def build_layer(spec: ModelSpec, i: int, w: Weights, weights: WeightsWriter, out
         new_kt = g.input("new_key_t", [kvh, hd, "N"])
         new_v = g.input("new_value", [kvh, "N", hd])
     else:
-        k = g.reshape(g.linear(x, weight("self_attn.k_proj.weight")), [0, kvh, hd])
+        k = g.reshape(linear(x, "self_attn.k_proj"), [0, kvh, hd])
         k = _rope(g, g.rms_norm(k, weight("self_attn.k_norm.weight"), eps), cos, sin)
-        v = g.rms_norm(g.reshape(g.linear(x, weight("self_attn.v_proj.weight")), [0, kvh, hd]), None, eps)
+        v = g.rms_norm(g.reshape(linear(x, "self_attn.v_proj"), [0, kvh, hd]), None, eps)
         new_kt = g.op("Transpose", k, perm=[1, 2, 0])  # [kvh, hd, N]
         new_v = g.op("Transpose", v, perm=[1, 0, 2])  # [kvh, N, hd]
         g.output(new_kt, "present_key_t", [kvh, hd, "T"])
@@ -106,17 +110,17 @@ def build_layer(spec: ModelSpec, i: int, w: Weights, weights: WeightsWriter, out
     attn = g.op("Add", g.op("MatMul", e_past, g.unsqueeze(past_v, 1)), g.op("MatMul", e_new, g.unsqueeze(new_v, 1)))
     attn = g.op("Div", attn, denom)  # [kvh, G, T, hd]
     attn = g.reshape(g.op("Transpose", attn, perm=[2, 0, 1, 3]), [0, nh * hd])
-    attn = g.linear(attn, weight("self_attn.o_proj.weight"))
+    attn = linear(attn, "self_attn.o_proj")
     hidden = g.op("Add", hidden, g.rms_norm(attn, weight("post_attention_layernorm.weight"), eps))
 
     x = g.rms_norm(hidden, weight("pre_feedforward_layernorm.weight"), eps)
-    gate = g.gelu_tanh(g.linear(x, weight("mlp.gate_proj.weight")))
-    mlp = g.linear(g.op("Mul", gate, g.linear(x, weight("mlp.up_proj.weight"))), weight("mlp.down_proj.weight"))
+    gate = g.gelu_tanh(linear(x, "mlp.gate_proj"))
+    mlp = linear(g.op("Mul", gate, linear(x, "mlp.up_proj")), "mlp.down_proj")
     hidden = g.op("Add", hidden, g.rms_norm(mlp, weight("post_feedforward_layernorm.weight"), eps))
 
     per_layer = g.op("Mul", g.op("Add", ple_context, ple_rows), g.const(2.0 ** -0.5))
-    gate = g.gelu_tanh(g.linear(hidden, weight("per_layer_input_gate.weight")))
-    ple = g.linear(g.op("Mul", gate, per_layer), weight("per_layer_projection.weight"))
+    gate = g.gelu_tanh(linear(hidden, "per_layer_input_gate"))
+    ple = linear(g.op("Mul", gate, per_layer), "per_layer_projection")
     hidden = g.op("Add", hidden, g.rms_norm(ple, weight("post_per_layer_input_norm.weight"), eps))
     hidden = g.op("Mul", hidden, weight("layer_scalar"))
     g.output(hidden, "hidden_out", ["T", h])

@@ -10,6 +10,7 @@ one tensor in memory at a time.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,51 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.artifact import EXTERNAL_DATA_ALIGNMENT, TensorRef
+from edge_runtime.quant.integer import quantize_int4_blocks, quantize_int8_rows
 
 OPSET = 21
+MS_DOMAIN = "com.microsoft"
 IR_VERSION = 10
 INLINE_LIMIT = 16 << 10
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-               np.dtype(np.int64): TensorProto.INT64}
+               np.dtype(np.int64): TensorProto.INT64, np.dtype(np.uint8): TensorProto.UINT8,
+               np.dtype(np.int8): TensorProto.INT8}
+# MatMulNBits' accuracy level 4 quantizes activations to int8 per block and runs integer dot products (MLAS and
+# KleidiAI on ARM64); level 0 falls back to a float path 4-100x slower.
+NBITS_ACCURACY_LEVEL = 4
+
+
+@dataclass(frozen=True)
+class LinearWeight:
+    """A [out, in] linear weight already in the weights file, in the layout its kernel reads.
+
+    fp32/fp16: `weight` [N, K] (Gemm with transB). int8: `weight_t` [K, N] uint8 holding code + 128 and `scale`
+    [N] (DynamicQuantizeMatMul; unsigned codes with zero point 128 because the u8 x s8 kernel of x86 without
+    VNNI saturates int16 pairs, see tools/kernel_bench.py). int4: `codes` [N, blocks, block/2] and `scale`
+    [N * blocks] (MatMulNBits).
+    """
+
+    format: str
+    n: int
+    k: int
+    refs: dict[str, TensorRef]
+    block_size: int = 0
+
+
+def write_linear(writer: WeightsWriter, w: np.ndarray, fmt: str, block_size: int) -> LinearWeight:
+    """Quantize one checkpoint weight [out, in] to `fmt` and append it to the weights file."""
+    n, k = w.shape
+    if fmt in ("fp32", "fp16"):
+        array = np.asarray(w, dtype=np.float32 if fmt == "fp32" else np.float16)
+        return LinearWeight(fmt, n, k, {"weight": writer.add([array], array.shape, array.dtype)})
+    if fmt == "int8":
+        codes, scale = quantize_int8_rows(w)
+        unsigned = (codes.T.astype(np.int16) + 128).astype(np.uint8)
+        return LinearWeight(fmt, n, k, {"weight_t": writer.add([unsigned], unsigned.shape, unsigned.dtype),
+                                        "scale": writer.add([scale], scale.shape, scale.dtype)})
+    codes, scale = quantize_int4_blocks(w, block_size)
+    return LinearWeight(fmt, n, k, {"codes": writer.add([codes], codes.shape, codes.dtype),
+                                    "scale": writer.add([scale], (scale.size,), scale.dtype)}, block_size)
 
 
 class WeightsWriter:
@@ -58,9 +98,11 @@ class WeightsWriter:
 class GraphBuilder:
     """Accumulates one ONNX graph; every helper returns the name of the value it produced."""
 
-    def __init__(self, name: str, weights: WeightsWriter) -> None:
+    def __init__(self, name: str, weights: WeightsWriter, weight_format: str = "fp32", block_size: int = 32) -> None:
         self.name = name
         self.weights = weights
+        self.weight_format = weight_format
+        self.block_size = block_size
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -80,14 +122,14 @@ class GraphBuilder:
         self.op("Identity", value, out=name)
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
 
-    def weight(self, name: str, array: np.ndarray) -> str:
-        """A float32 initializer: inline when small, otherwise appended to the weights file."""
-        array = np.asarray(array, dtype=np.float32)
+    def weight(self, name: str, array: np.ndarray, dtype: np.dtype = np.dtype(np.float32)) -> str:
+        """An initializer kept at full precision (norms, scalars): inline when small, else in the weights file."""
+        array = np.asarray(array, dtype=dtype)
         if array.nbytes <= INLINE_LIMIT:
             self.initializers.append(numpy_helper.from_array(array, name))
             self.weight_bytes += array.nbytes
             return name
-        return self.external(name, self.weights.add([array], array.shape, np.dtype(np.float32)))
+        return self.external(name, self.weights.add([array], array.shape, array.dtype))
 
     def external(self, name: str, ref: TensorRef) -> str:
         """Reference a tensor already in the weights file (e.g. the embedding shared with the LM head)."""
@@ -113,9 +155,25 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain or None, **attrs))
         return outs[0] if n_out == 1 else outs
 
-    def linear(self, x: str, weight: str) -> str:
-        """x @ W.T with W stored [out, in] as in the checkpoint, so no transposed copy is ever made."""
-        return self.op("Gemm", x, weight, transB=1)
+    def linear(self, x: str, name: str, w: np.ndarray | LinearWeight) -> str:
+        """x @ W.T for a checkpoint weight W [out, in] (written here in the graph's format) or a written one.
+
+        Each format uses the kernel measured fastest for it at batch 1 (tools/kernel_bench.py); every one is
+        an onnxruntime CPU kernel with ARM64 paths, and none keeps a dequantized copy.
+        """
+        if not isinstance(w, LinearWeight):
+            w = write_linear(self.weights, w, self.weight_format, self.block_size)
+        refs = {key: self.external(f"{name}.{key}", ref) for key, ref in w.refs.items()}
+        if w.format == "fp32":
+            return self.op("Gemm", x, refs["weight"], transB=1)
+        if w.format == "fp16":
+            half = self.op("Cast", x, to=TensorProto.FLOAT16)
+            return self.op("Cast", self.op("Gemm", half, refs["weight"], transB=1), to=TensorProto.FLOAT)
+        if w.format == "int8":
+            zero = self.weight(f"{name}.zero_point", np.full(w.n, 128, np.uint8), np.dtype(np.uint8))
+            return self.op("DynamicQuantizeMatMul", x, refs["weight_t"], refs["scale"], zero, domain=MS_DOMAIN)
+        return self.op("MatMulNBits", x, refs["codes"], refs["scale"], domain=MS_DOMAIN, K=w.k, N=w.n, bits=4, block_size=w.block_size,
+                       accuracy_level=NBITS_ACCURACY_LEVEL)
 
     def rms_norm(self, x: str, weight: str | None, eps: float) -> str:
         """Gemma's RMSNorm: x * (mean(x^2) + eps)^-0.5 * w, with the weight used as is (not 1 + w)."""
@@ -136,7 +194,8 @@ class GraphBuilder:
     def save(self, path: Path) -> int:
         """Write the graph; returns the weight bytes it reads per call (what a decode step streams)."""
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid(MS_DOMAIN, 1)],
                                   producer_name="edge-runtime", ir_version=IR_VERSION)
         Path(path).write_bytes(model.SerializeToString())
         return self.weight_bytes

@@ -1,0 +1,48 @@
+"""Token embedding lookup: the rows of the tied embedding table, read from their memory map and dequantized.
+
+The table is also the LM head's weight; in every format but int8 the rows read here are the very bytes the
+head kernel streams (see export/exporter.py), so the artifact holds one copy. Only the rows of the tokens
+being processed are touched, so lookup adds a few KB of resident memory per token, not the table.
+Rows come back multiplied by sqrt(hidden), as Gemma's scaled word embedding does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.artifact import Manifest
+from edge_runtime.errors import ArtifactError
+from edge_runtime.model_spec import embed_scale
+from edge_runtime.quant.integer import dequantize_int4_blocks, dequantize_int8_rows
+
+
+class EmbeddingTable:
+    def __init__(self, artifact: Path, manifest: Manifest) -> None:
+        self.format = manifest.formats["weights"]
+        self.hidden = manifest.spec.hidden_size
+        self.scale = np.float32(embed_scale(self.hidden))
+        try:
+            self.codes = self._map(artifact, manifest, "embed_tokens")
+            self.row_scales = self._map(artifact, manifest, "embed_scales") if self.format in ("int8", "int4") else None
+        except KeyError as exc:
+            raise ArtifactError(f"{artifact}: the manifest lacks tensor {exc} for {self.format} weights; re-export") from exc
+        if self.row_scales is not None and self.format == "int4":
+            self.row_scales = self.row_scales.reshape(self.codes.shape[0], self.codes.shape[1])
+
+    @staticmethod
+    def _map(artifact: Path, manifest: Manifest, name: str) -> np.memmap:
+        ref = manifest.tensors[name]
+        return np.memmap(Path(artifact) / ref.file, dtype=np.dtype(ref.dtype), mode="r", offset=ref.offset,
+                         shape=ref.shape)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """float32 [T, hidden] scaled embeddings of these (already range-checked) token ids."""
+        if self.format == "int8":
+            values = dequantize_int8_rows(self.codes[ids], self.row_scales[ids])
+        elif self.format == "int4":
+            values = dequantize_int4_blocks(self.codes[ids], self.row_scales[ids], self.hidden)
+        else:
+            values = self.codes[ids].astype(np.float32)
+        return np.ascontiguousarray(values, dtype=np.float32) * self.scale

@@ -1,0 +1,63 @@
+"""Integer weight codes: int8 per output channel and int4 in blocks, in the layouts onnxruntime's kernels read.
+
+int8 is symmetric per row (output channel): code = round(w / s), s = max|w| / 127, codes in [-127, 127].
+int4 follows llama.cpp's Q4_0: per block of `block` values along a row, the value of largest magnitude m
+gets code 0 and s = m / -8, so the 16 levels reach both ends; codes are stored offset by 8 (0..15), two per
+byte, the even element in the low nibble. That is com.microsoft MatMulNBits' layout ([N, blocks, block/2]
+with its default zero point 8), so the LM head's weight and the embedding rows read for lookup are the same
+bytes. Rows whose length is not a multiple of the block are zero-padded, as MatMulNBits expects.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+INT4_ZERO = 8
+
+
+def quantize_int8_rows(w: np.ndarray,
+                       scale_dtype: np.dtype = np.dtype(np.float32)) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float -> (int8 codes [N, K], scales [N] of `scale_dtype`), codes chosen on the stored scale."""
+    w = np.asarray(w, dtype=np.float32)
+    scale = np.abs(w).max(axis=1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(scale_dtype)
+    codes = np.clip(np.rint(w / scale.astype(np.float32)[:, None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def dequantize_int8_rows(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return codes.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
+
+
+def int4_blocks(k: int, block: int) -> int:
+    return -(-k // block)
+
+
+def quantize_int4_blocks(w: np.ndarray, block: int,
+                         scale_dtype: np.dtype = np.dtype(np.float32)) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float -> (uint8 packed codes [N, blocks, block/2], scales [N, blocks] of `scale_dtype`).
+
+    Codes are computed against the scale as stored (e.g. after rounding to fp16), so decoding sees exactly
+    the grid the codes were chosen on.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    nb = int4_blocks(k, block)
+    if nb * block != k:
+        w = np.pad(w, ((0, 0), (0, nb * block - k)))
+    blocks = w.reshape(n, nb, block)
+    idx = np.abs(blocks).argmax(axis=2)[..., None]
+    extreme = np.take_along_axis(blocks, idx, axis=2)[..., 0]
+    scale = (extreme / -8.0).astype(scale_dtype)
+    safe = np.where(scale != 0, scale.astype(np.float32), 1.0)
+    q = np.clip(np.rint(blocks / safe[..., None]) + INT4_ZERO, 0, 15).astype(np.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4), scale
+
+
+def dequantize_int4_blocks(packed: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of quantize_int4_blocks for any leading shape: [..., blocks, block/2] -> [..., k] float32."""
+    low = (packed & 0x0F).astype(np.int8) - INT4_ZERO
+    high = (packed >> 4).astype(np.int8) - INT4_ZERO
+    q = np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    values = q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
+    return values.reshape(*packed.shape[:-2], -1)[..., :k]
