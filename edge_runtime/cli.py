@@ -44,16 +44,19 @@ def _with_progress(work, title: str):
 def export(
     checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + safetensors)."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
-    weights: str = typer.Option("fp32", help="Weight format: fp32 (the exact reference format)."),
-    ple: str = typer.Option("auto", help="PLE store format: auto (the checkpoint's precision), bf16, fp16, fp32."),
+    weights: str = typer.Option("fp32", help="Weight format: fp32 (exact reference), fp16, int8 (per output "
+                                "channel) or int4 (blocks of --block-size)."),
+    block_size: int = typer.Option(32, "--block-size", help="int4 block size: 32, 64 or 128."),
+    ple: str = typer.Option("auto", help="PLE store format: auto (the checkpoint's precision), bf16, fp16, fp32, "
+                            "int8 or int4."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact once the new one is complete."),
 ) -> None:
     """Convert a Gemma 4 checkpoint into an edge-runtime artifact."""
     try:
         from export import export_checkpoint
 
-        _with_progress(lambda report: export_checkpoint(checkpoint, output, weights=weights, ple=ple, force=force,
-                                                        progress=report), "export")
+        _with_progress(lambda report: export_checkpoint(checkpoint, output, weights=weights, block_size=block_size,
+                                                        ple=ple, force=force, progress=report), "export")
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     err.print(f"wrote {output}", highlight=False)
@@ -136,6 +139,59 @@ def info(
                f"KV {manifest.formats['kv']}")
     typer.echo(f"  size {summary['bytes'] / 2**20:.1f} MiB in {len(manifest.files)} files "
                f"(PLE store {manifest.files['ple.bin']['size'] / 2**20:.1f} MiB)")
+
+
+@app.command()
+def bench(
+    model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model)."),
+    n_prompt: str = typer.Option("128,512", "-p", "--n-prompt", help="Prompt sizes to prefill, comma-separated."),
+    n_gen: str = typer.Option("64,128", "-n", "--n-gen", help="Token counts to generate, comma-separated."),
+    repetitions: int = typer.Option(3, "-r", "--repetitions", help="Runs of each test (median ± stdev)."),
+    depth: int = typer.Option(0, "-d", "--depth", help="Tokens already in the context before each test."),
+    threads: int | None = typer.Option(None, "-t", "--threads"),
+    context: int | None = typer.Option(None, "--context", help="Context length to load (default: what tests need)."),
+    probe_mb: int = typer.Option(1024, "--probe-mb", help="Size of the memory-bandwidth probe in MiB."),
+    as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object."),
+) -> None:
+    """Measure prefill and decode speed, memory, and decode against the bandwidth ceiling (like llama-bench)."""
+    from edge_runtime.bench import BenchConfig, format_report, parse_counts, run_bench
+
+    try:
+        config = BenchConfig(parse_counts(n_prompt, "-p/--n-prompt"), parse_counts(n_gen, "-n/--n-gen"),
+                             repetitions, depth, threads, context, probe_mb)
+        path = _resolve_model(model)
+        result = _with_progress(lambda report: run_bench(path, config, report), "bench")
+    except EdgeRuntimeError as exc:
+        raise _fail(exc) from None
+    typer.echo(json.dumps(result, indent=1) if as_json else format_report(result))
+
+
+@app.command()
+def perplexity(
+    model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model)."),
+    text_file: Path = typer.Option(..., "--text-file", help="UTF-8 text to score."),
+    context: int | None = typer.Option(None, "--context", help="Window length in tokens (default: min(512, model's))."),
+    threads: int | None = typer.Option(None, "-t", "--threads"),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+) -> None:
+    """Perplexity of a text, in BOS-started windows through the chunked KV-cache path."""
+    import edge_runtime
+    from edge_runtime.perplexity import evaluate, read_text
+
+    try:
+        text = read_text(text_file)
+        m = edge_runtime.load(_resolve_model(model), threads=threads)
+        result = _with_progress(lambda report: evaluate(m, text, context, progress=report), "perplexity")
+    except EdgeRuntimeError as exc:
+        raise _fail(exc) from None
+    figures = {"model": str(m.path), "text_file": str(text_file), "perplexity": result.perplexity,
+               "nll": result.nll, "tokens": result.tokens, "windows": result.windows, "context": result.context,
+               "seconds": result.seconds, "tokens_per_second": result.tokens_per_second}
+    if as_json:
+        typer.echo(json.dumps(figures, indent=1))
+        return
+    typer.echo(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f} nats) over {result.tokens} tokens "
+               f"in {result.windows} windows of up to {result.context}; {result.tokens_per_second:.1f} tokens/s")
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from edge_runtime.artifact import MANIFEST, read_manifest, sha256_file, verify_artifact
 from edge_runtime.errors import ArtifactError, CheckpointError
-from edge_runtime.ple_store import decode_rows, storage_dtype
+from edge_runtime.ple_store import decode_rows, storage_dtype, stored_width
 from export import export_checkpoint
 from export.checkpoint import Checkpoint
 
@@ -23,7 +23,7 @@ def test_manifest_lists_every_file_with_its_checksum(artifacts):
     for name, entry in manifest.files.items():
         assert entry["size"] == (path / name).stat().st_size
         assert entry["sha256"] == sha256_file(path / name)
-    assert manifest.formats == {"weights": "fp32", "ple": "bf16", "kv": "fp32"}  # auto: the checkpoint's bf16
+    assert manifest.formats == {"weights": "fp32", "block_size": 32, "ple": "bf16", "kv": "fp32"}  # auto: the checkpoint's bf16
     assert manifest.tokenizer["chat_template"] == "chat_template.jinja"
     assert manifest.source["architecture"] == "Gemma4ForConditionalGeneration"
     assert verify_artifact(path) == []
@@ -45,7 +45,7 @@ def test_ple_table_lives_only_in_the_store(artifacts, checkpoints):
             assert spec.vocab_size_per_layer_input not in dims, f"{graph}: input {value.name} spans the vocabulary"
     expected = Checkpoint(checkpoints[name]).tensor("embed_tokens_per_layer.weight")
     stored = np.fromfile(path / "ple.bin", dtype=np.uint16).reshape(expected.shape)
-    np.testing.assert_array_equal(decode_rows(stored, "bf16"), expected)
+    np.testing.assert_array_equal(decode_rows(stored, "bf16", expected.shape[1]), expected)
 
 
 FP16_SUBNORMAL_STEP = 2.0 ** -24
@@ -56,17 +56,24 @@ FP16_SUBNORMAL_STEP = 2.0 ** -24
     ("fp32", "shared-gqa", 0.0),  # auto's choice for an f32 checkpoint: exact
     ("fp16", "shared-mqa-wide", FP16_SUBNORMAL_STEP),  # bf16 -> fp16 loses bits only below fp16's normal range
     ("fp16", "shared-gqa", 1e-3),  # f32 -> fp16 rounds every value (relative to the largest)
+    ("int8", "shared-gqa", 1 / 254),  # half a step of 127 levels, relative to the largest value
+    ("int4", "shared-mqa-wide", 1 / 8),  # Q4_0's grid ends one step short on the side opposite the extreme
 ])
 def test_ple_formats(fmt, checkpoint, bound, checkpoints, tmp_path):
     path = export_checkpoint(checkpoints[checkpoint], tmp_path / "a", ple=fmt)
-    assert read_manifest(path).formats["ple"] == fmt
+    manifest = read_manifest(path)
+    assert manifest.formats["ple"] == fmt
     expected = Checkpoint(checkpoints[checkpoint]).tensor("embed_tokens_per_layer.weight")
-    stored = decode_rows(np.fromfile(path / "ple.bin", dtype=storage_dtype(fmt)), fmt).reshape(expected.shape)
-    error = float(np.abs(stored - expected).max())
-    if bound == 1e-3:
-        assert 0 < error <= bound * float(np.abs(expected).max())
-    else:
+    vocab, width = expected.shape
+    row = stored_width(fmt, width)
+    assert (path / "ple.bin").stat().st_size == vocab * row * storage_dtype(fmt).itemsize
+    assert manifest.read_per_token["ple_row"] == row * storage_dtype(fmt).itemsize
+    raw = np.fromfile(path / "ple.bin", dtype=storage_dtype(fmt)).reshape(vocab, row)
+    error = float(np.abs(decode_rows(raw, fmt, width) - expected).max())
+    if bound < FP16_SUBNORMAL_STEP * 2:
         assert error <= bound
+    else:
+        assert 0 < error <= bound * float(np.abs(expected).max())
 
 
 def test_ple_fp16_overflow_is_refused(checkpoints, tmp_path):
