@@ -14,6 +14,7 @@ import numpy as np
 
 from edge_runtime.artifact import Manifest
 from edge_runtime.errors import ArtifactError
+from edge_runtime.mapping import map_rows
 from edge_runtime.model_spec import embed_scale
 from edge_runtime.quant.integer import dequantize_int4_blocks, dequantize_int8_rows
 
@@ -32,10 +33,9 @@ class EmbeddingTable:
             self.row_scales = self.row_scales.reshape(self.codes.shape[0], self.codes.shape[1])
 
     @staticmethod
-    def _map(artifact: Path, manifest: Manifest, name: str) -> np.memmap:
+    def _map(artifact: Path, manifest: Manifest, name: str) -> np.ndarray:
         ref = manifest.tensors[name]
-        return np.memmap(Path(artifact) / ref.file, dtype=np.dtype(ref.dtype), mode="r", offset=ref.offset,
-                         shape=ref.shape)
+        return map_rows(Path(artifact) / ref.file, np.dtype(ref.dtype), ref.offset, ref.shape)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """float32 [T, hidden] scaled embeddings of these (already range-checked) token ids."""

@@ -21,6 +21,7 @@ import numpy as np
 
 from edge_runtime.artifact import TensorRef
 from edge_runtime.errors import ArtifactError, EdgeRuntimeError
+from edge_runtime.mapping import map_rows
 from edge_runtime.quant.integer import (
     dequantize_int4_blocks,
     dequantize_int8_rows,
@@ -111,7 +112,7 @@ class PleStore:
             raise ArtifactError(f"{path}: the manifest stores PLE format {fmt} as {ref.dtype}, not "
                                 f"{storage_dtype(fmt).name}; the manifest is inconsistent, re-export")
         self.format = fmt
-        self.table = np.memmap(path, dtype=storage_dtype(fmt), mode="r", offset=ref.offset, shape=(vocab, stored))
+        self.table = map_rows(path, storage_dtype(fmt), ref.offset, (vocab, stored))
         self.num_layers = num_layers
         self.width = width
         self.scale = np.float32(scale)

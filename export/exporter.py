@@ -195,7 +195,6 @@ def _write_embedding(ckpt: Checkpoint, writer: WeightsWriter, fmt: str, block_si
     scale = np.concatenate(scales)
     scale_ref = writer.add([scale], scale.shape, scale.dtype)
     head_ref = writer.add([transposed], transposed.shape, transposed.dtype)
-    del transposed
     head = LinearWeight(fmt, vocab, hidden, {"weight_t": head_ref, "scale": scale_ref})
     return head, {"embed_tokens": code_ref, "embed_scales": scale_ref}, hidden + 4
 

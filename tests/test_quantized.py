@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -15,6 +14,7 @@ import edge_runtime
 from conftest import reference_model
 from edge_runtime.artifact import read_manifest
 from edge_runtime.bundled import BUNDLED_CHECKPOINT
+from edge_runtime.engine import open_session
 from edge_runtime.errors import ArtifactError, EdgeRuntimeError
 from edge_runtime.quant.integer import (
     dequantize_int4_blocks,
@@ -68,8 +68,7 @@ def test_kernels_read_the_layout_export_writes(fmt, block, tmp_path):
         g = GraphBuilder("one", writer, fmt, block)
         g.output(g.linear(g.input("x", ["T", k]), "w", w), "y", ["T", n])
         g.save(tmp_path / "one.onnx")
-    session = ort.InferenceSession(str(tmp_path / "one.onnx"), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"x": x})[0]
+    got = open_session(tmp_path / "one.onnx").run(None, {"x": x})[0]
     if fmt == "fp16":
         expected = x.astype(np.float16).astype(np.float64) @ w.astype(np.float16).astype(np.float64).T
         np.testing.assert_allclose(got, expected, rtol=2e-3, atol=0.5)

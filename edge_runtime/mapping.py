@@ -1,0 +1,27 @@
+"""Read-only memory maps of artifact tables that are read a few rows at a time (PLE store, embedding rows).
+
+Token rows are scattered across the file, so the kernel's readahead, which assumes sequential reads, would
+page in far more than is read: measured on E2B's int8 PLE store, 1,300 random tokens left 1.9 GiB of the
+2.4 GiB file resident. MADV_RANDOM turns readahead off for these mappings, so resident memory follows the
+rows actually used.
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+
+
+def map_rows(path: Path, dtype: np.dtype, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only array over `shape` elements of `dtype` at byte `offset` of `path`, advised for random reads."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), offset - start + count * dtype.itemsize, access=mmap.ACCESS_READ,
+                           offset=start)
+    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset - start).reshape(shape)

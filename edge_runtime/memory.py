@@ -1,0 +1,66 @@
+"""Memory readings of this process, from /proc and `resource`, without psutil.
+
+A model here is mostly memory-mapped files (weights.bin, ple.bin), so "how much RAM does it use" has three
+answers: the peak and current resident set of the whole process, and the resident pages of one mapped file.
+The last one is what tells whether the PLE store stays on flash (only the rows of tokens seen are resident)
+and how much of weights.bin onnxruntime actually keeps mapped. Every function returns None where the
+platform does not expose the figure (e.g. /proc on macOS), so callers can report "n/a" instead of failing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+_SMAPS = Path("/proc/self/smaps")
+_STATM = Path("/proc/self/statm")
+
+
+def peak_rss_bytes() -> int | None:
+    """Highest resident set size of this process so far (ru_maxrss: KiB on Linux/Android, bytes on macOS).
+
+    Never below `current_rss_bytes()`: Linux computes the high-water mark from approximate per-CPU counters
+    while /proc/self/statm sums them exactly, so the mark can trail the current figure by a few hundred KiB.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows has no `resource`
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = int(peak) if sys.platform == "darwin" else int(peak) * 1024
+    return max(peak, current_rss_bytes() or 0)
+
+
+def current_rss_bytes() -> int | None:
+    """Resident set size now: the second field of /proc/self/statm, in pages."""
+    try:
+        resident_pages = int(_STATM.read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def mapped_resident_bytes(path: str | Path) -> int | None:
+    """Resident bytes of every mapping of the file `path` in this process (0 when it is not mapped).
+
+    Sums the `Rss:` lines of /proc/self/smaps under each mapping whose path is the file's resolved path.
+    Mappings are matched by path rather than by device and inode because on overlay file systems (containers)
+    smaps shows the underlying device, not the one `os.stat` reports.
+    """
+    target = os.path.realpath(path)
+    try:
+        text = _SMAPS.read_text()
+    except OSError:
+        return None
+    total = 0
+    matching = False
+    for line in text.splitlines():
+        fields = line.split(maxsplit=5)
+        if not fields:
+            continue
+        if not fields[0].endswith(":"):  # a mapping header: range perms offset dev inode [path]
+            matching = len(fields) == 6 and fields[5] == target
+        elif matching and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024  # smaps reports kB
+    return total

@@ -1,0 +1,139 @@
+"""`edge-runtime bench` on the bundled model, and the memory readings it reports."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge_runtime import memory
+from edge_runtime.artifact import read_manifest
+
+TINY = ("-p", "8", "-n", "4", "-r", "2", "--probe-mb", "64")
+KEYS = {"model", "model_bytes", "formats", "threads", "context", "depth", "repetitions", "load_seconds", "ttft_test",
+        "ttft_ms", "tests", "peak_rss_bytes", "current_rss_bytes", "ple_resident_bytes", "weights_resident_bytes",
+        "bandwidth_gb_s", "probe_bytes", "bytes_per_token", "read_per_token"}
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_runtime", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    """The bundled model exported into a fresh cache directory, which `bench` without -m must find."""
+    from edge_runtime.bundled import default_artifact
+
+    env = {"EDGE_RUNTIME_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGE_RUNTIME_CACHE", env["EDGE_RUNTIME_CACHE"])
+        return default_artifact(), env
+
+
+@pytest.fixture(scope="module")
+def bench_json(bundled):
+    path, env = bundled
+    result = cli("bench", *TINY, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return path, json.loads(result.stdout)
+
+
+def test_bench_json_has_every_figure_for_the_default_model(bench_json):
+    path, data = bench_json
+    assert set(data) == KEYS
+    assert data["model"] == str(path)
+    for key in KEYS - {"model", "formats", "tests", "ttft_test", "depth", "read_per_token"}:
+        assert data[key] > 0, key
+    manifest = read_manifest(path)
+    assert data["bytes_per_token"] == manifest.bytes_per_token and data["read_per_token"] == manifest.read_per_token
+    assert data["model_bytes"] == sum(f["size"] for f in manifest.files.values())
+    assert data["probe_bytes"] == 64 << 20 and data["context"] == 8 and data["ttft_test"] == "pp8"
+    assert data["peak_rss_bytes"] >= data["current_rss_bytes"]
+    assert 0 < data["ple_resident_bytes"] <= (path / "ple.bin").stat().st_size
+    assert 0 < data["weights_resident_bytes"] <= (path / "weights.bin").stat().st_size
+    pp, tg = data["tests"]
+    assert (pp["test"], pp["n_prompt"], pp["n_gen"]) == ("pp8", 8, 0)
+    assert (tg["test"], tg["n_prompt"], tg["n_gen"]) == ("tg4", 0, 4)
+    for test in (pp, tg):
+        assert len(test["samples"]) == 2 and min(test["samples"]) > 0
+        assert test["tokens_per_second"] == pytest.approx(statistics.median(test["samples"]))
+        assert test["stdev"] == pytest.approx(statistics.stdev(test["samples"]))
+    assert "ceiling_tokens_per_second" not in pp
+    assert tg["kv_bytes_per_token"] > 0
+    ceiling = data["bandwidth_gb_s"] * 1e9 / data["bytes_per_token"]
+    assert tg["ceiling_tokens_per_second"] == pytest.approx(ceiling)
+    assert tg["fraction_of_ceiling"] == pytest.approx(tg["tokens_per_second"] / ceiling)
+
+
+def test_bench_table_names_the_tests_and_the_ceiling(bundled):
+    path, _ = bundled
+    result = cli("bench", "-m", str(path), "-p", "8", "-n", "4", "-r", "1", "-d", "3", "--probe-mb", "16")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # progress goes to stderr only when it is a terminal
+    lines = result.stdout.splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == ["model", "size", "weights", "ple", "threads",
+                                                                    "test", "t/s"]
+    assert any("| pp8 @ d3 " in line and " fp32 " in line for line in lines)
+    assert any("| tg4 @ d3 " in line for line in lines)
+    assert any(line.startswith("tg4 @ d3: ") and "of the ceiling" in line for line in lines)
+    assert any(line.startswith("read bandwidth ") and "GB/s" in line for line in lines)
+
+
+@pytest.mark.parametrize("args,message", [
+    (("-p", "abc"), "error: -p/--n-prompt 'abc': expected a comma-separated list of positive token counts"),
+    (("-p", "0"), "error: -p/--n-prompt '0': expected a comma-separated list of positive token counts"),
+    (("-n", "4,-1"), "error: -n/--n-gen '4,-1': expected a comma-separated list of positive token counts"),
+    (("-r", "0"), "error: repetitions=0: must be at least 1"),
+])
+def test_bad_options_fail_before_the_model_is_opened(args, message):
+    result = cli("bench", "-m", "/nonexistent/model", *args)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(message)
+
+
+@pytest.mark.parametrize("args,message", [
+    (("-p", "600"), "error: the tests need 600 tokens of context (depth 0 + the longest test) but the model holds 512"),
+    (("-p", "8", "-n", "4", "--context", "6"), "error: context=6: must be between the 8 tokens the tests need and"),
+])
+def test_tests_that_do_not_fit_the_context_are_refused(bundled, args, message):
+    result = cli("bench", "-m", str(bundled[0]), *args)
+    assert result.returncode == 1 and result.stderr.startswith(message)
+
+
+def test_mapped_resident_bytes_counts_only_touched_pages_of_that_file(tmp_path):
+    # The page cache may hold a freshly written file in large folios (up to 2 MiB) that a fault maps whole,
+    # so one touched byte stands for at most a folio: the file is made much larger than that.
+    size = 32 << 20
+    mapped, other = tmp_path / "mapped.bin", tmp_path / "other.bin"
+    mapped.write_bytes(b"\1" * size)
+    other.write_bytes(b"\1" * size)
+    with open(mapped, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        assert view[0] == 1
+        touched_one = memory.mapped_resident_bytes(mapped)
+        assert 0 < touched_one <= 2 << 20
+        assert sum(view[i] for i in range(0, size, mmap.PAGESIZE)) == size // mmap.PAGESIZE
+        assert memory.mapped_resident_bytes(mapped) == size
+        assert memory.mapped_resident_bytes(other) == 0
+
+
+def test_rss_readings_follow_an_allocation():
+    before = memory.current_rss_bytes()
+    block = np.ones(64 << 20, dtype=np.uint8)
+    assert memory.current_rss_bytes() - before >= 60 << 20
+    current = memory.current_rss_bytes()
+    assert memory.peak_rss_bytes() >= current >= block.nbytes
+
+
+def test_readings_are_none_without_proc(monkeypatch, tmp_path):
+    monkeypatch.setattr(memory, "_SMAPS", tmp_path / "missing")
+    monkeypatch.setattr(memory, "_STATM", tmp_path / "missing")
+    assert memory.mapped_resident_bytes(tmp_path) is None
+    assert memory.current_rss_bytes() is None
