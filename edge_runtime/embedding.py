@@ -1,4 +1,4 @@
-"""Token embedding lookup: the rows of the tied embedding table, read from their memory map and dequantized.
+"""Token embedding lookup: the rows of the tied embedding table, read from the artifact and dequantized.
 
 The table is also the LM head's weight; in every format but int8 the rows read here are the very bytes the
 head kernel streams (see export/exporter.py), so the artifact holds one copy. Only the rows of the tokens
@@ -14,9 +14,9 @@ import numpy as np
 
 from edge_runtime.artifact import Manifest
 from edge_runtime.errors import ArtifactError
-from edge_runtime.mapping import map_rows
 from edge_runtime.model_spec import embed_scale
 from edge_runtime.quant.integer import dequantize_int4_blocks, dequantize_int8_rows
+from edge_runtime.row_reader import RowReader
 
 
 class EmbeddingTable:
@@ -25,17 +25,16 @@ class EmbeddingTable:
         self.hidden = manifest.spec.hidden_size
         self.scale = np.float32(embed_scale(self.hidden))
         try:
-            self.codes = self._map(artifact, manifest, "embed_tokens")
-            self.row_scales = self._map(artifact, manifest, "embed_scales") if self.format in ("int8", "int4") else None
-        except KeyError as exc:
-            raise ArtifactError(f"{artifact}: the manifest lacks tensor {exc} for {self.format} weights; re-export") from exc
-        if self.row_scales is not None and self.format == "int4":
-            self.row_scales = self.row_scales.reshape(self.codes.shape[0], self.codes.shape[1])
-
-    @staticmethod
-    def _map(artifact: Path, manifest: Manifest, name: str) -> np.ndarray:
-        ref = manifest.tensors[name]
-        return map_rows(Path(artifact) / ref.file, np.dtype(ref.dtype), ref.offset, ref.shape)
+            codes, scales = manifest.tensors["embed_tokens"], manifest.tensors.get("embed_scales")
+            self.codes = RowReader(Path(artifact) / codes.file, np.dtype(codes.dtype), codes.offset, codes.shape)
+            self.row_scales = None
+            if self.format in ("int8", "int4"):
+                # int8: one scale per row; int4: one per block, stored flat as MatMulNBits reads them
+                shape = (codes.shape[0], *codes.shape[1:2]) if self.format == "int4" else (codes.shape[0],)
+                self.row_scales = RowReader(Path(artifact) / scales.file, np.dtype(scales.dtype), scales.offset, shape)
+        except (KeyError, AttributeError) as exc:
+            raise ArtifactError(f"{artifact}: the manifest lacks the embedding tensors for {self.format} weights "
+                                f"({exc}); re-export") from None
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """float32 [T, hidden] scaled embeddings of these (already range-checked) token ids."""

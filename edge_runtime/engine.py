@@ -114,15 +114,16 @@ class Engine:
                 "hidden": hidden,
                 "ple_rows": ple_rows[i, queries],
                 "ple_context": ple_context[i, queries],
-                "cos": cos[queries],
-                "sin": sin[queries],
-                "past_key_t": cache.keys[source],
-                "past_value": cache.values[source],
+                "cos": cos[queries, None],
+                "sin": sin[queries, None],
+                "past_key_t": cache.keys[source][:, None],
+                "past_value": cache.values[source][:, None],
                 "mask_past": mask_past[queries],
                 "mask_new": mask_new[queries],
             }
             if spec.is_kv_shared(i):
-                feeds["new_key_t"], feeds["new_value"] = new_kv[source]
+                key_t, value = new_kv[source]
+                feeds["new_key_t"], feeds["new_value"] = key_t[:, None], value[:, None]
                 (hidden,) = layer.run(["hidden_out"], feeds)
             else:
                 hidden, key_t, value = layer.run(["hidden_out", "present_key_t", "present_value"], feeds)

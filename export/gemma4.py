@@ -74,10 +74,11 @@ def build_layer(spec: ModelSpec, i: int, w: Weights, new_graph: NewGraph, out: P
     hidden = g.input("hidden", ["T", h])
     ple_rows = g.input("ple_rows", ["T", spec.hidden_size_per_layer_input])
     ple_context = g.input("ple_context", ["T", spec.hidden_size_per_layer_input])
-    cos = g.unsqueeze(g.input("cos", ["T", hd]), 1)
-    sin = g.unsqueeze(g.input("sin", ["T", hd]), 1)
-    past_kt = g.input("past_key_t", [kvh, hd, "S"])
-    past_v = g.input("past_value", [kvh, "S", hd])
+    # Inputs come with the singleton axes attention broadcasts over (numpy views, free), sparing a node each.
+    cos = g.input("cos", ["T", 1, hd])
+    sin = g.input("sin", ["T", 1, hd])
+    past_kt = g.input("past_key_t", [kvh, 1, hd, "S"])
+    past_v = g.input("past_value", [kvh, 1, "S", hd])
     mask_past = g.input("mask_past", ["T", "S"])
     mask_new = g.input("mask_new", ["T", "N"])
 
@@ -87,27 +88,28 @@ def build_layer(spec: ModelSpec, i: int, w: Weights, new_graph: NewGraph, out: P
     q = g.op("Transpose", g.reshape(q, [0, kvh, groups, hd]), perm=[1, 2, 0, 3])  # [kvh, G, T, hd]
 
     if shared:
-        new_kt = g.input("new_key_t", [kvh, hd, "N"])
-        new_v = g.input("new_value", [kvh, "N", hd])
+        new_kt = g.input("new_key_t", [kvh, 1, hd, "N"])
+        new_v = g.input("new_value", [kvh, 1, "N", hd])
     else:
         k = g.reshape(linear(x, "self_attn.k_proj"), [0, kvh, hd])
         k = _rope(g, g.rms_norm(k, weight("self_attn.k_norm.weight"), eps), cos, sin)
-        v = g.rms_norm(g.reshape(linear(x, "self_attn.v_proj"), [0, kvh, hd]), None, eps)
-        new_kt = g.op("Transpose", k, perm=[1, 2, 0])  # [kvh, hd, N]
-        new_v = g.op("Transpose", v, perm=[1, 0, 2])  # [kvh, N, hd]
-        g.output(new_kt, "present_key_t", [kvh, hd, "T"])
-        g.output(new_v, "present_value", [kvh, "T", hd])
+        v = g.rms_norm(g.reshape(linear(x, "self_attn.v_proj"), [0, kvh, hd]), None, eps, hd)
+        key_t = g.op("Transpose", k, perm=[1, 2, 0])  # [kvh, hd, N]
+        value = g.op("Transpose", v, perm=[1, 0, 2])  # [kvh, N, hd]
+        g.output(key_t, "present_key_t", [kvh, hd, "T"])
+        g.output(value, "present_value", [kvh, "T", hd])
+        new_kt, new_v = g.unsqueeze(key_t, 1), g.unsqueeze(value, 1)
 
     # Gemma 4 attention has scaling 1.0: q and k are RMS-normalised instead.
-    s_past = g.op("Add", g.op("MatMul", q, g.unsqueeze(past_kt, 1)), mask_past)  # [kvh, G, T, S]
-    s_new = g.op("Add", g.op("MatMul", q, g.unsqueeze(new_kt, 1)), mask_new)  # [kvh, G, T, N]
+    s_past = g.op("Add", g.op("MatMul", q, past_kt), mask_past)  # [kvh, G, T, S]
+    s_new = g.op("Add", g.op("MatMul", q, new_kt), mask_new)  # [kvh, G, T, N]
     top = g.op("Max", g.op("ReduceMax", s_past, g.const([-1], np.int64), keepdims=1),
                g.op("ReduceMax", s_new, g.const([-1], np.int64), keepdims=1))
     e_past = g.op("Exp", g.op("Sub", s_past, top))
     e_new = g.op("Exp", g.op("Sub", s_new, top))
     denom = g.op("Add", g.op("ReduceSum", e_past, g.const([-1], np.int64), keepdims=1),
                  g.op("ReduceSum", e_new, g.const([-1], np.int64), keepdims=1))
-    attn = g.op("Add", g.op("MatMul", e_past, g.unsqueeze(past_v, 1)), g.op("MatMul", e_new, g.unsqueeze(new_v, 1)))
+    attn = g.op("Add", g.op("MatMul", e_past, past_v), g.op("MatMul", e_new, new_v))
     attn = g.op("Div", attn, denom)  # [kvh, G, T, hd]
     attn = g.reshape(g.op("Transpose", attn, perm=[2, 0, 1, 3]), [0, nh * hd])
     attn = linear(attn, "self_attn.o_proj")

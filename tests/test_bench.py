@@ -49,7 +49,8 @@ def test_bench_json_has_every_figure_for_the_default_model(bench_json):
     path, data = bench_json
     assert set(data) == KEYS
     assert data["model"] == str(path)
-    for key in KEYS - {"model", "formats", "tests", "ttft_test", "depth", "read_per_token"}:
+    # weights.bin may have no mapped pages left: onnxruntime repacks and unmaps its weights, embedding rows are pread
+    for key in KEYS - {"model", "formats", "tests", "ttft_test", "depth", "read_per_token", "weights_resident_bytes"}:
         assert data[key] > 0, key
     manifest = read_manifest(path)
     assert data["bytes_per_token"] == manifest.bytes_per_token and data["read_per_token"] == manifest.read_per_token
@@ -57,7 +58,7 @@ def test_bench_json_has_every_figure_for_the_default_model(bench_json):
     assert data["probe_bytes"] == 64 << 20 and data["context"] == 8 and data["ttft_test"] == "pp8"
     assert data["peak_rss_bytes"] >= data["current_rss_bytes"]
     assert 0 < data["ple_resident_bytes"] <= (path / "ple.bin").stat().st_size
-    assert 0 < data["weights_resident_bytes"] <= (path / "weights.bin").stat().st_size
+    assert 0 <= data["weights_resident_bytes"] <= (path / "weights.bin").stat().st_size
     pp, tg = data["tests"]
     assert (pp["test"], pp["n_prompt"], pp["n_gen"]) == ("pp8", 8, 0)
     assert (tg["test"], tg["n_prompt"], tg["n_gen"]) == ("tg4", 0, 4)

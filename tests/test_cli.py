@@ -29,6 +29,19 @@ def test_export_then_run_greedy_matches_sdk(checkpoints, tmp_path):
     assert "generated" in result.stderr and "tok/s" in result.stderr
 
 
+def test_export_int4_from_the_command_line(checkpoints, tmp_path):
+    out = tmp_path / "q4"
+    exported = cli("export", str(checkpoints["shared-gqa"]), "-o", str(out), "--weights", "int4", "--block-size",
+                   "64", "--ple", "int8")
+    assert exported.returncode == 0, exported.stderr
+    formats = json.loads((out / "manifest.json").read_text())["formats"]
+    assert (formats["weights"], formats["block_size"], formats["ple"]) == ("int4", 64, "int8")
+    refused = cli("export", str(checkpoints["shared-gqa"]), "-o", str(tmp_path / "bad"), "--block-size", "48")
+    assert refused.returncode == 1
+    assert refused.stderr == "error: --block-size 48: not available; choose one of 32, 64, 128\n"
+    assert not (tmp_path / "bad").exists()
+
+
 def test_run_seed_makes_sampling_reproducible(artifacts):
     args = ("run", "-m", str(artifacts["shared-gqa"]), "hello", "-n", "10", "--seed", "5", "--temperature", "1")
     assert cli(*args).stdout == cli(*args).stdout
