@@ -1,4 +1,4 @@
-"""Read-only memory maps of artifact tables that are read a few rows at a time (PLE store, embedding rows).
+"""Read-only memory maps of artifact tables read a few rows at a time (the PLE store).
 
 Token rows are scattered across the file, so the kernel's readahead, which assumes sequential reads, would
 page in far more than is read: measured on E2B's int8 PLE store, 1,300 random tokens left 1.9 GiB of the

@@ -36,7 +36,7 @@ from edge_runtime.artifact import (
 )
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError
 from edge_runtime.ple_store import PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
-from edge_runtime.quant.integer import int4_blocks, quantize_int4_blocks, quantize_int8_rows
+from edge_runtime.quant.integer import int4_blocks, offset_binary, quantize_int4_blocks, quantize_int8_rows
 from export.checkpoint import Checkpoint
 from export.gemma4 import build_head, build_layer, build_prologue
 from export.onnx_graph import GraphBuilder, LinearWeight, WeightsWriter
@@ -187,7 +187,7 @@ def _write_embedding(ckpt: Checkpoint, writer: WeightsWriter, fmt: str, block_si
         for chunk in rows():
             codes, scale = quantize_int8_rows(chunk)
             scales.append(scale)
-            transposed[:, start:start + len(chunk)] = (codes.T.astype(np.int16) + 128).astype(np.uint8)
+            transposed[:, start:start + len(chunk)] = offset_binary(codes).T
             start += len(chunk)
             yield codes
 

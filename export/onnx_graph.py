@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.artifact import EXTERNAL_DATA_ALIGNMENT, TensorRef
-from edge_runtime.quant.integer import quantize_int4_blocks, quantize_int8_rows
+from edge_runtime.quant.integer import offset_binary, quantize_int4_blocks, quantize_int8_rows
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -57,7 +57,7 @@ def write_linear(writer: WeightsWriter, w: np.ndarray, fmt: str, block_size: int
         return LinearWeight(fmt, n, k, {"weight": writer.add([array], array.shape, array.dtype)})
     if fmt == "int8":
         codes, scale = quantize_int8_rows(w)
-        unsigned = (codes.T.astype(np.int16) + 128).astype(np.uint8)
+        unsigned = offset_binary(codes.T)
         return LinearWeight(fmt, n, k, {"weight_t": writer.add([unsigned], unsigned.shape, unsigned.dtype),
                                         "scale": writer.add([scale], scale.shape, scale.dtype)})
     codes, scale = quantize_int4_blocks(w, block_size)

@@ -25,6 +25,11 @@ def quantize_int8_rows(w: np.ndarray,
     return codes, scale
 
 
+def offset_binary(codes: np.ndarray) -> np.ndarray:
+    """int8 codes as uint8 code + 128, for kernels that take unsigned codes with zero point 128."""
+    return np.ascontiguousarray(codes, dtype=np.int8).view(np.uint8) ^ np.uint8(0x80)
+
+
 def dequantize_int8_rows(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return codes.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
 
