@@ -17,6 +17,7 @@ platform does not expose a figure):
     context            context length the model was loaded with
     depth              tokens in the context before each test
     repetitions        runs of each test
+    low_memory         whether the model was loaded with low_memory=True (see edge_runtime.load)
     load_seconds       edge_runtime.load()
     ttft_test          the test whose runs time the first token (the first ppN)
     ttft_ms            median of: prefill of that prompt + sampling the first token
@@ -89,6 +90,7 @@ class BenchConfig:
     threads: int | None = None
     context: int | None = None
     probe_mb: int = 1024
+    low_memory: bool = False
 
     def __post_init__(self) -> None:
         for option, counts in (("n_prompt", self.n_prompt), ("n_gen", self.n_gen)):
@@ -208,7 +210,7 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
 
     report("load", 0, 1)
     start = time.perf_counter()
-    model = load(artifact, threads=threads, context_length=config.context or needed)
+    model = load(artifact, threads=threads, context_length=config.context or needed, low_memory=config.low_memory)
     load_seconds = time.perf_counter() - start
 
     rng = np.random.default_rng(SEED)
@@ -248,6 +250,7 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
         "context": model.context_length,
         "depth": config.depth,
         "repetitions": config.repetitions,
+        "low_memory": config.low_memory,
         "load_seconds": load_seconds,
         "ttft_test": tests[0]["test"],
         "ttft_ms": statistics.median(ttft) * 1e3,

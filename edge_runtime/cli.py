@@ -81,12 +81,14 @@ def run(
     seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     threads: int | None = typer.Option(None, "-t", "--threads"),
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print token counts and speeds to stderr."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="64-token prefill chunks and freed scratch "
+                                    "returned to the OS: less resident memory, slower prefill."),
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
     import edge_runtime
 
     try:
-        m = edge_runtime.load(_resolve_model(model), threads=threads)
+        m = edge_runtime.load(_resolve_model(model), threads=threads, low_memory=low_memory)
         for piece in m.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                               top_p=top_p, seed=seed):
             sys.stdout.write(piece)
@@ -151,6 +153,8 @@ def bench(
     threads: int | None = typer.Option(None, "-t", "--threads"),
     context: int | None = typer.Option(None, "--context", help="Context length to load (default: what tests need)."),
     probe_mb: int = typer.Option(1024, "--probe-mb", help="Size of the memory-bandwidth probe in MiB."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="64-token prefill chunks and freed scratch "
+                                    "returned to the OS: less resident memory, slower prefill."),
     as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object."),
 ) -> None:
     """Measure prefill and decode speed, memory, and decode against the bandwidth ceiling (like llama-bench)."""
@@ -158,7 +162,7 @@ def bench(
 
     try:
         config = BenchConfig(parse_counts(n_prompt, "-p/--n-prompt"), parse_counts(n_gen, "-n/--n-gen"),
-                             repetitions, depth, threads, context, probe_mb)
+                             repetitions, depth, threads, context, probe_mb, low_memory)
         path = _resolve_model(model)
         result = _with_progress(lambda report: run_bench(path, config, report), "bench")
     except EdgeRuntimeError as exc:

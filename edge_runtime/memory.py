@@ -64,3 +64,25 @@ def mapped_resident_bytes(path: str | Path) -> int | None:
         elif matching and fields[0] == "Rss:":
             total += int(fields[1]) * 1024  # smaps reports kB
     return total
+
+
+_M_MMAP_THRESHOLD = -3
+_LOW_MEMORY_MMAP_THRESHOLD = 64 << 10
+
+
+def return_freed_memory_to_os() -> bool:
+    """Make glibc serve allocations over 64 KiB with their own mappings, so freeing them returns the memory.
+
+    Without it, glibc keeps freed prefill scratch (attention scores, MLP activations) in its heap, and raises
+    its mmap threshold to the largest block freed, so later scratch stays there too: measured on E2B int4 after
+    a 512-token prefill, 1.60 GB resident instead of 1.47 GB, and 1.65 GB peak instead of 1.53 GB. The price
+    is a fresh mapping, page-faulted in, for every large buffer: prefill about 15% slower, decode unchanged.
+    Process-wide and glibc only; returns whether it took effect.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _LOW_MEMORY_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False

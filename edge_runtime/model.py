@@ -18,10 +18,12 @@ import numpy as np
 from edge_runtime.artifact import read_manifest
 from edge_runtime.engine import Engine
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.memory import return_freed_memory_to_os
 from edge_runtime.sampling import Sampler, SamplingParams
 from edge_runtime.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256
+LOW_MEMORY_PREFILL_CHUNK = 64
 
 
 @dataclass
@@ -46,7 +48,7 @@ class GenerationStats:
 
 class Model:
     def __init__(self, path: Path, threads: int | None = None, context_length: int | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+                 prefill_chunk: int | None = None, low_memory: bool = False) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.spec = self.manifest.spec
@@ -56,6 +58,10 @@ class Model:
         if context_length is not None and not 0 < context_length <= limit:
             raise EdgeRuntimeError(f"context_length={context_length}: must be between 1 and the model's {limit}")
         self.context_length = context_length or limit
+        if low_memory:
+            return_freed_memory_to_os()
+        if prefill_chunk is None:
+            prefill_chunk = LOW_MEMORY_PREFILL_CHUNK if low_memory else DEFAULT_PREFILL_CHUNK
         if prefill_chunk < 1:
             raise EdgeRuntimeError(f"prefill_chunk={prefill_chunk}: must be at least 1")
         self.prefill_chunk = prefill_chunk
@@ -166,6 +172,12 @@ class Model:
 
 
 def load(path: str | Path, *, threads: int | None = None, context_length: int | None = None,
-         prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Model:
-    """Open an exported artifact directory."""
-    return Model(Path(path), threads=threads, context_length=context_length, prefill_chunk=prefill_chunk)
+         prefill_chunk: int | None = None, low_memory: bool = False) -> Model:
+    """Open an exported artifact directory.
+
+    `prefill_chunk` (default 256) bounds the prompt tokens run at once. `low_memory` trades prefill speed for
+    resident memory: 64-token chunks (a quarter of the attention scratch at long contexts) and freed scratch
+    returned to the OS (see `memory.return_freed_memory_to_os`), for devices where the model barely fits.
+    """
+    return Model(Path(path), threads=threads, context_length=context_length, prefill_chunk=prefill_chunk,
+                 low_memory=low_memory)

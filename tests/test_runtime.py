@@ -148,3 +148,12 @@ def test_stream_decoder_holds_split_characters_and_flushes_the_rest(model):
     decoder = StreamDecoder(tok)
     streamed = "".join(decoder.push(i) for i in cut) + decoder.flush()
     assert streamed == tok.decode(cut) and streamed.endswith("\ufffd")
+
+
+def test_low_memory_changes_chunking_not_results(artifacts):
+    default = edge_runtime.load(artifacts["shared-gqa"])
+    low = edge_runtime.load(artifacts["shared-gqa"], low_memory=True)
+    assert (default.prefill_chunk, low.prefill_chunk) == (256, 64)
+    assert edge_runtime.load(artifacts["shared-gqa"], low_memory=True, prefill_chunk=8).prefill_chunk == 8
+    ids = default.encode("a prompt that is long enough to span several of the low-memory prefill chunks " * 2)
+    np.testing.assert_allclose(low.logits(ids), default.logits(ids), atol=1e-4)  # the parity tolerance
