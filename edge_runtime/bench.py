@@ -12,7 +12,7 @@ platform does not expose a figure):
 
     model              artifact directory
     model_bytes        sum of the artifact's file sizes
-    formats            the manifest's formats, e.g. {"weights": "fp32", "ple": "fp32", "kv": "fp32"}
+    formats            the manifest's formats, e.g. {"weights": "int4", "block_size": 32, "ple": "int8", "kv": "fp32"}
     threads            onnxruntime threads, also the bandwidth probe's threads
     context            context length the model was loaded with
     depth              tokens in the context before each test
@@ -137,14 +137,6 @@ def read_bandwidth(probe_bytes: int, threads: int, passes: int = BANDWIDTH_PASSE
     return words.nbytes / statistics.median(times)
 
 
-def _feed(engine: Engine, ids: np.ndarray, chunk: int) -> np.ndarray:
-    """Prefill `ids` after the cached tokens in chunks, as generation does; logits of the last position."""
-    logits = None
-    for s in range(0, len(ids), chunk):
-        logits = engine.forward(ids[s:s + chunk], all_logits=False)
-    return logits
-
-
 def _kv_read_bytes(engine: Engine) -> int:
     """Bytes of cache one step reads now: every layer's graph takes its source layer's whole key/value buffers."""
     cache = engine.cache
@@ -164,9 +156,9 @@ def _prompt_test(model: Model, n: int, config: BenchConfig, rng: np.random.Gener
         report(name, r, config.repetitions)
         ids = rng.integers(0, model.spec.vocab_size, config.depth + n)
         engine.reset()
-        _feed(engine, ids[:config.depth], model.prefill_chunk)
+        model.feed(ids[:config.depth])
         start = time.perf_counter()
-        logits = _feed(engine, ids[config.depth:], model.prefill_chunk)
+        logits = model.feed(ids[config.depth:])
         samples.append(n / (time.perf_counter() - start))
         if sampler is not None:
             sampler(logits[-1])
@@ -182,7 +174,7 @@ def _gen_test(model: Model, n: int, config: BenchConfig, rng: np.random.Generato
         report(name, r, config.repetitions)
         ids = rng.integers(0, model.spec.vocab_size, config.depth + 1 + n)
         engine.reset()
-        _feed(engine, ids[:config.depth + 1], model.prefill_chunk)
+        model.feed(ids[:config.depth + 1])
         steps = [ids[i:i + 1] for i in range(config.depth + 1, len(ids))]
         start = time.perf_counter()
         for step in steps:
@@ -214,9 +206,10 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
     load_seconds = time.perf_counter() - start
 
     rng = np.random.default_rng(SEED)
-    # The first onnxruntime runs allocate their arenas; one untimed prefill and decode step keep that out.
+    # The first onnxruntime runs do one-time set-up (buffers, kernel state); an untimed prefill and decode step
+    # keep that out of the figures.
     model.engine.reset()
-    _feed(model.engine, rng.integers(0, model.spec.vocab_size, min(config.n_prompt)), model.prefill_chunk)
+    model.feed(rng.integers(0, model.spec.vocab_size, min(config.n_prompt)))
     model.engine.forward(rng.integers(0, model.spec.vocab_size, 1), all_logits=False)
 
     ttft: list[float] = []

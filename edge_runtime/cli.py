@@ -20,6 +20,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 err = Console(stderr=True)
 
 
+LOW_MEMORY = typer.Option(False, "--low-memory", help="64-token prefill chunks and freed scratch returned to the "
+                          "OS: less resident memory, slower prefill.")
+
+
 def _fail(exc: Exception) -> typer.Exit:
     err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(1)
@@ -81,8 +85,7 @@ def run(
     seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     threads: int | None = typer.Option(None, "-t", "--threads"),
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print token counts and speeds to stderr."),
-    low_memory: bool = typer.Option(False, "--low-memory", help="64-token prefill chunks and freed scratch "
-                                    "returned to the OS: less resident memory, slower prefill."),
+    low_memory: bool = LOW_MEMORY,
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
     import edge_runtime
@@ -153,8 +156,7 @@ def bench(
     threads: int | None = typer.Option(None, "-t", "--threads"),
     context: int | None = typer.Option(None, "--context", help="Context length to load (default: what tests need)."),
     probe_mb: int = typer.Option(1024, "--probe-mb", help="Size of the memory-bandwidth probe in MiB."),
-    low_memory: bool = typer.Option(False, "--low-memory", help="64-token prefill chunks and freed scratch "
-                                    "returned to the OS: less resident memory, slower prefill."),
+    low_memory: bool = LOW_MEMORY,
     as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object."),
 ) -> None:
     """Measure prefill and decode speed, memory, and decode against the bandwidth ceiling (like llama-bench)."""

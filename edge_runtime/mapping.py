@@ -1,9 +1,10 @@
 """Read-only memory maps of artifact tables read a few rows at a time (the PLE store).
 
 Token rows are scattered across the file, so the kernel's readahead, which assumes sequential reads, would
-page in far more than is read: measured on E2B's int8 PLE store, 1,300 random tokens left 1.9 GiB of the
-2.4 GiB file resident. MADV_RANDOM turns readahead off for these mappings, so resident memory follows the
-rows actually used.
+page in neighbours of every row read; MADV_RANDOM turns it off. Measured on E2B's int8 PLE store with a cold
+page cache: 100 random rows left 1.3 MB of the mapping resident. It cannot help when the file is already
+cached in large folios (right after export): a fault then maps a whole folio, and the same 100 rows left
+178 MB resident; those pages are clean and the kernel reclaims them under pressure.
 """
 
 from __future__ import annotations

@@ -114,12 +114,17 @@ class Model:
                 f"the prompt has {n} tokens but the context holds {self.context_length}; shorten the prompt"
             )
 
-    def _prefill(self, ids: list[int]) -> np.ndarray:
-        self.engine.reset()
+    def feed(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
+        """Run tokens after those already cached, in prefill chunks; logits [1, vocab] of the last position."""
+        ids = np.asarray(token_ids, dtype=np.int64)
         logits = None
         for s in range(0, len(ids), self.prefill_chunk):
-            logits = self.engine.forward(np.asarray(ids[s:s + self.prefill_chunk]), all_logits=False)
-        return logits[-1]
+            logits = self.engine.forward(ids[s:s + self.prefill_chunk], all_logits=False)
+        return logits
+
+    def _prefill(self, ids: list[int]) -> np.ndarray:
+        self.engine.reset()
+        return self.feed(ids)[-1]
 
     def generate_tokens(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float | None = None,
                         top_k: int | None = None, top_p: float | None = None,

@@ -23,6 +23,7 @@ from edge_runtime.artifact import TensorRef
 from edge_runtime.errors import ArtifactError, EdgeRuntimeError
 from edge_runtime.mapping import map_rows
 from edge_runtime.quant.integer import (
+    block_count,
     dequantize_int4_blocks,
     dequantize_int8_rows,
     quantize_int4_blocks,
@@ -41,7 +42,7 @@ def storage_dtype(fmt: str) -> np.dtype:
 
 def _layout(fmt: str, width: int) -> tuple[int, int]:
     """(code bytes, scale count) of one row of `width` values in an integer format."""
-    blocks = -(-width // _BLOCK[fmt])
+    blocks = block_count(width, _BLOCK[fmt])
     return (width if fmt == "int8" else blocks * _BLOCK[fmt] // 2), blocks
 
 
@@ -120,10 +121,6 @@ class PleStore:
     @property
     def vocab_size(self) -> int:
         return self.table.shape[0]
-
-    @property
-    def row_bytes(self) -> int:
-        return self.table.shape[1] * self.table.dtype.itemsize
 
     def rows(self, token_ids: np.ndarray) -> np.ndarray:
         """[layers, tokens, width] float32 for these tokens (fancy indexing reads just their rows)."""

@@ -36,7 +36,7 @@ from edge_runtime.artifact import (
 )
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError
 from edge_runtime.ple_store import PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
-from edge_runtime.quant.integer import int4_blocks, offset_binary, quantize_int4_blocks, quantize_int8_rows
+from edge_runtime.quant.integer import block_count, offset_binary, quantize_int4_blocks, quantize_int8_rows
 from export.checkpoint import Checkpoint
 from export.gemma4 import build_head, build_layer, build_prologue
 from export.onnx_graph import GraphBuilder, LinearWeight, WeightsWriter
@@ -166,7 +166,7 @@ def _write_embedding(ckpt: Checkpoint, writer: WeightsWriter, fmt: str, block_si
         return LinearWeight(fmt, vocab, hidden, {"weight": ref}), {"embed_tokens": ref}, hidden * dtype.itemsize
     scales: list[np.ndarray] = []
     if fmt == "int4":
-        blocks = int4_blocks(hidden, block_size)
+        blocks = block_count(hidden, block_size)
 
         def codes() -> Iterator[np.ndarray]:
             for chunk in rows():

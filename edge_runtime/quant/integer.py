@@ -34,7 +34,8 @@ def dequantize_int8_rows(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return codes.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
 
 
-def int4_blocks(k: int, block: int) -> int:
+def block_count(k: int, block: int) -> int:
+    """Blocks of `block` values covering a row of `k` (the last one zero-padded)."""
     return -(-k // block)
 
 
@@ -47,7 +48,7 @@ def quantize_int4_blocks(w: np.ndarray, block: int,
     """
     w = np.asarray(w, dtype=np.float32)
     n, k = w.shape
-    nb = int4_blocks(k, block)
+    nb = block_count(k, block)
     if nb * block != k:
         w = np.pad(w, ((0, 0), (0, nb * block - k)))
     blocks = w.reshape(n, nb, block)
