@@ -1,9 +1,9 @@
 """The artifact format: file names, manifest schema and integrity checks, defined once.
 
 Export writes exactly what this module describes and the runtime reads nothing it does not describe.
-An artifact is a flat directory: one ONNX graph for the PLE context projection, one per decoder layer
-(so that layer i is handed only its PLE slice, and later its own KV format), one for the final norm and
-LM head; the big tensors in `weights.bin` (ONNX external data, 64 KiB aligned so onnxruntime can map it);
+An artifact is a flat directory: one ONNX graph for the PLE context projection, two per decoder layer
+(cut at attention, which the runtime computes from its KV cache in the format chosen at run time; layer i
+is handed only its PLE slice), one for the final norm and LM head; the big tensors in `weights.bin` (ONNX external data, 64 KiB aligned so onnxruntime can map it);
 the PLE table in `ple.bin`; the tokenizer and chat template; and `manifest.json` with a SHA-256 of each.
 """
 
@@ -19,7 +19,7 @@ from edge_runtime.errors import ArtifactError
 from edge_runtime.model_spec import ModelSpec
 
 FORMAT_NAME = "edge-runtime-artifact"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 PLE_FILE = "ple.bin"
@@ -33,11 +33,11 @@ EXTERNAL_DATA_ALIGNMENT = 65536
 
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
-KV_FORMATS = ("fp32",)
 
 
-def layer_graph(index: int) -> str:
-    return f"layer_{index:02d}.onnx"
+def layer_graphs(index: int) -> tuple[str, str]:
+    """Layer `index`'s graphs: attention inputs (queries, new keys and values), then the rest of the layer."""
+    return f"layer_{index:02d}.attention_inputs.onnx", f"layer_{index:02d}.output.onnx"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ platform does not expose a figure):
 
     model              artifact directory
     model_bytes        sum of the artifact's file sizes
-    formats            the manifest's formats, e.g. {"weights": "int4", "block_size": 32, "ple": "int8", "kv": "fp32"}
+    formats            the manifest's formats and the KV format the model ran with, e.g.
+                       {"weights": "int4", "block_size": 32, "ple": "int8", "kv": "tq3.5", "kv_recent": 0}
+    kv_cache_bytes     bytes the KV cache held allocated after the tests (codes, norms, recent rings)
     threads            onnxruntime threads, also the bandwidth probe's threads
     context            context length the model was loaded with
     depth              tokens in the context before each test
@@ -28,8 +30,8 @@ platform does not expose a figure):
         stdev              standard deviation of tokens_per_second (0 for one repetition)
         samples            tokens_per_second of each repetition
       and for tg tests only:
-        kv_bytes_per_token          KV cache bytes the layer graphs read in the test's last decode step
-                                    (each layer reads its source layer's whole buffers, masked slots too)
+        kv_bytes_per_token          KV cache bytes attention read in the test's last decode step (each
+                                    layer reads its source layer's used slots in the KV format)
         ceiling_tokens_per_second   bandwidth / bytes_per_token (model bytes; the KV read comes on top)
         fraction_of_ceiling         tokens_per_second / ceiling_tokens_per_second
     peak_rss_bytes     high-water resident set of the process, read before the bandwidth probe allocates
@@ -57,6 +59,7 @@ import numpy as np
 from edge_runtime.artifact import WEIGHTS_FILE, read_manifest
 from edge_runtime.engine import Engine, default_threads
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, kv_format
 from edge_runtime.memory import current_rss_bytes, mapped_resident_bytes, peak_rss_bytes
 from edge_runtime.model import Model, load
 from edge_runtime.sampling import Sampler
@@ -91,6 +94,8 @@ class BenchConfig:
     context: int | None = None
     probe_mb: int = 1024
     low_memory: bool = False
+    kv: str = DEFAULT_KV_FORMAT
+    kv_recent: int = 0
 
     def __post_init__(self) -> None:
         for option, counts in (("n_prompt", self.n_prompt), ("n_gen", self.n_gen)):
@@ -98,9 +103,10 @@ class BenchConfig:
                 raise EdgeRuntimeError(f"{option}={list(counts)}: must be one or more positive token counts")
         for option, value, least in (("repetitions", self.repetitions, 1), ("depth", self.depth, 0),
                                      ("threads", self.threads, 1), ("context", self.context, 1),
-                                     ("probe_mb", self.probe_mb, 1)):
+                                     ("probe_mb", self.probe_mb, 1), ("kv_recent", self.kv_recent, 0)):
             if value is not None and value < least:
                 raise EdgeRuntimeError(f"{option}={value}: must be at least {least}")
+        kv_format(self.kv)
 
     @property
     def context_needed(self) -> int:
@@ -138,9 +144,8 @@ def read_bandwidth(probe_bytes: int, threads: int, passes: int = BANDWIDTH_PASSE
 
 
 def _kv_read_bytes(engine: Engine) -> int:
-    """Bytes of cache one step reads now: every layer's graph takes its source layer's whole key/value buffers."""
-    cache = engine.cache
-    return sum(cache.keys[s].nbytes + cache.values[s].nbytes for s in engine.spec.kv_sources)
+    """Bytes of cache one step reads now: every layer's attention reads its source layer's used slots."""
+    return sum(engine.cache.bytes_read(s) for s in engine.spec.kv_sources)
 
 
 def _summary(name: str, n_prompt: int, n_gen: int, samples: list[float]) -> dict[str, Any]:
@@ -202,7 +207,8 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
 
     report("load", 0, 1)
     start = time.perf_counter()
-    model = load(artifact, threads=threads, context_length=config.context or needed, low_memory=config.low_memory)
+    model = load(artifact, threads=threads, context_length=config.context or needed, low_memory=config.low_memory,
+                 kv=config.kv, kv_recent=config.kv_recent)
     load_seconds = time.perf_counter() - start
 
     rng = np.random.default_rng(SEED)
@@ -218,6 +224,7 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
              for i, n in enumerate(config.n_prompt)]
     tests += [_gen_test(model, n, config, rng, report) for n in config.n_gen]
 
+    kv_cache_bytes = model.engine.cache.nbytes()
     current = current_rss_bytes()  # read first, so that the peak read next is never below it
     memory = {
         "peak_rss_bytes": peak_rss_bytes(),
@@ -238,7 +245,8 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
     return {
         "model": str(artifact),
         "model_bytes": sum(entry["size"] for entry in manifest.files.values()),
-        "formats": dict(manifest.formats),
+        "formats": {**manifest.formats, "kv": config.kv, "kv_recent": config.kv_recent},
+        "kv_cache_bytes": kv_cache_bytes,
         "threads": threads,
         "context": model.context_length,
         "depth": config.depth,
@@ -268,12 +276,12 @@ def _size(n: int | None) -> str:
 def format_report(result: dict[str, Any]) -> str:
     """llama-bench's markdown table (t/s as median ± stdev), then load, TTFT, memory and bandwidth lines."""
     formats = result["formats"]
-    header = ["model", "size", "weights", "ple", "threads", "test", "t/s"]
+    header = ["model", "size", "weights", "ple", "kv", "threads", "test", "t/s"]
     rows = [[Path(result["model"]).name, _size(result["model_bytes"]), formats.get("weights", "?"),
-             formats.get("ple", "?"), str(result["threads"]), t["test"],
+             formats.get("ple", "?"), formats.get("kv", "?"), str(result["threads"]), t["test"],
              f"{t['tokens_per_second']:.2f} ± {t['stdev']:.2f}"] for t in result["tests"]]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    right = {1, 4, 6}
+    right = {1, 5, 7}
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
@@ -285,7 +293,8 @@ def format_report(result: dict[str, Any]) -> str:
             f"{result['ttft_ms']:.2f} ms")
     memory = (f"memory: peak RSS {_size(result['peak_rss_bytes'])}, current RSS {_size(result['current_rss_bytes'])}, "
               f"resident PLE store {_size(result['ple_resident_bytes'])}, "
-              f"resident weights.bin {_size(result['weights_resident_bytes'])}")
+              f"resident weights.bin {_size(result['weights_resident_bytes'])}, "
+              f"KV cache {_size(result['kv_cache_bytes'])}")
     bandwidth = (f"read bandwidth {result['bandwidth_gb_s']:.2f} GB/s ({result['threads']} threads, "
                  f"{_size(result['probe_bytes'])} probe)")
     lines = [line(header), rule, *map(line, rows), "", load, memory, bandwidth,

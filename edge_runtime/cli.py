@@ -14,12 +14,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, KV_FORMATS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run Gemma 4 E2B/E4B offline: export a checkpoint, then generate from the artifact.")
 err = Console(stderr=True)
 
 
+KV = typer.Option(DEFAULT_KV_FORMAT, "--kv", help=f"KV cache format: {', '.join(KV_FORMATS)}.")
+KV_RECENT = typer.Option(0, "--kv-recent", help="Keep this many most recent tokens exact besides their KV codes.")
 LOW_MEMORY = typer.Option(False, "--low-memory", help="64-token prefill chunks and freed scratch returned to the "
                           "OS: less resident memory, slower prefill.")
 
@@ -86,12 +89,15 @@ def run(
     threads: int | None = typer.Option(None, "-t", "--threads"),
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print token counts and speeds to stderr."),
     low_memory: bool = LOW_MEMORY,
+    kv: str = KV,
+    kv_recent: int = KV_RECENT,
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
     import edge_runtime
 
     try:
-        m = edge_runtime.load(_resolve_model(model), threads=threads, low_memory=low_memory)
+        m = edge_runtime.load(_resolve_model(model), threads=threads, low_memory=low_memory, kv=kv,
+                              kv_recent=kv_recent)
         for piece in m.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                               top_p=top_p, seed=seed):
             sys.stdout.write(piece)
@@ -140,8 +146,8 @@ def info(
                f"{s.num_hidden_layers - sliding} full), hidden {s.hidden_size}, vocab {s.vocab_size}")
     typer.echo(f"  KV cache in {len(s.cache_layers())} layers ({s.num_kv_shared_layers} share it), "
                f"context {s.max_position_embeddings}")
-    typer.echo(f"  formats: weights {manifest.formats['weights']}, PLE {manifest.formats['ple']}, "
-               f"KV {manifest.formats['kv']}")
+    typer.echo(f"  formats: weights {manifest.formats['weights']}, PLE {manifest.formats['ple']} "
+               "(KV cache format is chosen at run time: --kv)")
     typer.echo(f"  size {summary['bytes'] / 2**20:.1f} MiB in {len(manifest.files)} files "
                f"(PLE store {manifest.files['ple.bin']['size'] / 2**20:.1f} MiB)")
 
@@ -157,6 +163,8 @@ def bench(
     context: int | None = typer.Option(None, "--context", help="Context length to load (default: what tests need)."),
     probe_mb: int = typer.Option(1024, "--probe-mb", help="Size of the memory-bandwidth probe in MiB."),
     low_memory: bool = LOW_MEMORY,
+    kv: str = KV,
+    kv_recent: int = KV_RECENT,
     as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object."),
 ) -> None:
     """Measure prefill and decode speed, memory, and decode against the bandwidth ceiling (like llama-bench)."""
@@ -164,7 +172,7 @@ def bench(
 
     try:
         config = BenchConfig(parse_counts(n_prompt, "-p/--n-prompt"), parse_counts(n_gen, "-n/--n-gen"),
-                             repetitions, depth, threads, context, probe_mb, low_memory)
+                             repetitions, depth, threads, context, probe_mb, low_memory, kv, kv_recent)
         path = _resolve_model(model)
         result = _with_progress(lambda report: run_bench(path, config, report), "bench")
     except EdgeRuntimeError as exc:
@@ -178,6 +186,8 @@ def perplexity(
     text_file: Path = typer.Option(..., "--text-file", help="UTF-8 text to score."),
     context: int | None = typer.Option(None, "--context", help="Window length in tokens (default: min(512, model's))."),
     threads: int | None = typer.Option(None, "-t", "--threads"),
+    kv: str = KV,
+    kv_recent: int = KV_RECENT,
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
 ) -> None:
     """Perplexity of a text, in BOS-started windows through the chunked KV-cache path."""
@@ -186,11 +196,11 @@ def perplexity(
 
     try:
         text = read_text(text_file)
-        m = edge_runtime.load(_resolve_model(model), threads=threads)
+        m = edge_runtime.load(_resolve_model(model), threads=threads, kv=kv, kv_recent=kv_recent)
         result = _with_progress(lambda report: evaluate(m, text, context, progress=report), "perplexity")
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
-    figures = {"model": str(m.path), "text_file": str(text_file), "perplexity": result.perplexity,
+    figures = {"model": str(m.path), "kv": kv, "kv_recent": kv_recent, "text_file": str(text_file), "perplexity": result.perplexity,
                "nll": result.nll, "tokens": result.tokens, "windows": result.windows, "context": result.context,
                "seconds": result.seconds, "tokens_per_second": result.tokens_per_second}
     if as_json:

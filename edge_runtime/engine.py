@@ -1,8 +1,9 @@
 """One forward step of the decoder: numpy glue around one onnxruntime session per graph.
 
 Per step: the token rows of the main embedding and of the PLE store are read from their memory maps (only
-those rows), the prologue graph computes PLE's context part, then each layer graph runs with its 256-wide
-PLE slice, its rope tables and its (source layer's) cache; the cache is committed once all layers ran.
+those rows), the prologue graph computes PLE's context part, then each layer runs as its attention-inputs
+graph, attention over its (source layer's) cache in the cache's own format, and its output graph with its
+256-wide PLE slice; the cache is committed once all layers ran.
 When only the next token's logits are wanted, KV-shared layers and the head run on the last position only:
 their keys and values come from earlier layers, so no later position depends on them (20 of E2B's 35
 layers, and the 262144-row head, skip the rest of the prompt).
@@ -17,11 +18,14 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_runtime.artifact import Manifest
+from edge_runtime.attention import Block, attend
 from edge_runtime.embedding import EmbeddingTable
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.kv_cache import KVCache
+from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, KVFormat, kv_format
 from edge_runtime.model_spec import embed_scale
 from edge_runtime.ple_store import PleStore
+from edge_runtime.quant.float_codecs import Float32Codec
 from edge_runtime.rope import cos_sin, inverse_frequencies
 
 _thread_pool_size: int | None = None
@@ -59,7 +63,8 @@ def default_threads() -> int:
 
 
 class Engine:
-    def __init__(self, artifact: Path, manifest: Manifest, threads: int | None = None) -> None:
+    def __init__(self, artifact: Path, manifest: Manifest, threads: int | None = None,
+                 kv: KVFormat | None = None, kv_recent: int = 0) -> None:
         self.spec = spec = manifest.spec
         artifact = Path(artifact)
 
@@ -71,7 +76,7 @@ class Engine:
         # 1.62 GB with the head last, 1.45 GB with it first).
         self.head = session(manifest.graphs["head"])
         self.prologue = session(manifest.graphs["prologue"])
-        self.layers = [session(name) for name in manifest.graphs["layers"]]
+        self.layers = [(session(inputs), session(output)) for inputs, output in manifest.graphs["layers"]]
         self.embed = EmbeddingTable(artifact, manifest)
         self.ple = PleStore(artifact, manifest.ple_store, manifest.formats["ple"], spec.num_hidden_layers,
                             spec.hidden_size_per_layer_input, embed_scale(spec.hidden_size_per_layer_input))
@@ -79,7 +84,7 @@ class Engine:
             t: inverse_frequencies(spec.rope[t], spec.head_dims[spec.layer_types.index(t)])
             for t in set(spec.layer_types)
         }
-        self.cache = KVCache(spec)
+        self.cache = KVCache(spec, kv or kv_format(DEFAULT_KV_FORMAT), kv_recent)
 
     def reset(self) -> None:
         self.cache.reset()
@@ -104,32 +109,37 @@ class Engine:
 
         queries = slice(None)
         new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for i, layer in enumerate(self.layers):
+        exact: dict[int, list[Block]] = {}
+        for i, (attention_inputs, output) in enumerate(self.layers):
             if not all_logits and i == spec.first_shared_layer:
                 queries = slice(-1, None)
                 hidden = hidden[queries]
             layer_type, source = spec.layer_types[i], spec.kv_sources[i]
             cos, sin = rope[layer_type]
-            mask_past, mask_new = masks[layer_type]
-            feeds = {
+            feeds = {"hidden": hidden, "cos": cos[queries, None], "sin": sin[queries, None]}
+            if spec.is_kv_shared(i):
+                (query,) = attention_inputs.run(["query"], feeds)
+            else:
+                query, keys, values = attention_inputs.run(["query", "key", "value"], feeds)
+                new_kv[i] = (keys, values)
+                exact[i] = self._exact_blocks(keys, values)
+            layer_masks = masks[layer_type].rows(queries)
+            blocks = [cached + [new._replace(mask=layer_masks.new)]
+                      for cached, new in zip(cache.blocks(source, layer_masks), exact[source])]
+            (hidden,) = output.run(["hidden_out"], {
                 "hidden": hidden,
+                "attention": attend(query, blocks),
                 "ple_rows": ple_rows[i, queries],
                 "ple_context": ple_context[i, queries],
-                "cos": cos[queries, None],
-                "sin": sin[queries, None],
-                "past_key_t": cache.keys[source][:, None],
-                "past_value": cache.values[source][:, None],
-                "mask_past": mask_past[queries],
-                "mask_new": mask_new[queries],
-            }
-            if spec.is_kv_shared(i):
-                key_t, value = new_kv[source]
-                feeds["new_key_t"], feeds["new_value"] = key_t[:, None], value[:, None]
-                (hidden,) = layer.run(["hidden_out"], feeds)
-            else:
-                hidden, key_t, value = layer.run(["hidden_out", "present_key_t", "present_value"], feeds)
-                new_kv[i] = (key_t, value)
+            })
         cache.commit(new_kv, positions)
         if not all_logits:
             hidden = hidden[-1:]
         return self.head.run(None, {"hidden": np.ascontiguousarray(hidden)})[0]
+
+    @staticmethod
+    def _exact_blocks(keys: np.ndarray, values: np.ndarray) -> list[Block]:
+        """The step's own keys and values [kv_heads, T, hd] as exact blocks (masks filled in per layer)."""
+        codec = Float32Codec(keys.shape[-1])
+        return [Block(codec, codec.encode(k), codec, codec.encode(v), np.empty((0, 0), np.float32))
+                for k, v in zip(keys, values)]

@@ -1,47 +1,100 @@
-"""The KV cache: numpy buffers the layer graphs read in place, plus the masks that say which slots count.
+"""The KV cache: each cache layer's keys and values in the chosen KV format, plus masks saying which slots count.
 
-Only layers that compute keys and values own a buffer (15 of E2B's 35); KV-shared layers read their
-source's. Sliding layers keep a ring of `window` slots (slot = position % window), full layers a buffer
-that grows in steps (slot = position). Keys are stored transposed, [kv_heads, head_dim, slots], so the
-score MatMul reads them as they are. A step never copies the cache: the graphs read it, the runtime writes
-only the new tokens' slots afterwards. Unused and out-of-window slots are removed by the additive masks.
+Only layers that compute keys and values own a store (15 of E2B's 35); KV-shared layers read their
+source's. Sliding layers keep a ring of `window` slots (slot = position % window), full layers a store
+that grows in steps (slot = position). Each step encodes only the new tokens into their slots; attention
+then reads the stores in place as blocks (edge_runtime.attention), so a decode step writes O(1) bytes.
+
+The `recent` most recent tokens are also kept exactly (float32, a ring of `recent` slots): attention reads
+them from there and reads only older tokens from the codes, which protects the tokens that attention
+weighs most at negligible cost.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from edge_runtime.attention import Block
+from edge_runtime.kv_formats import KVFormat
 from edge_runtime.model_spec import SLIDING, ModelSpec
+from edge_runtime.quant.codec import VectorCodec
+from edge_runtime.quant.float_codecs import Float32Codec
 
 MASKED = np.finfo(np.float32).min
 
 
+class CodeStore:
+    """Vectors in one codec, addressed by slot; storage is the codec's own arrays (leading axis = slot)."""
+
+    def __init__(self, codec: VectorCodec, slots: int) -> None:
+        self.codec = codec
+        self.data = codec.empty(slots)
+
+    def write(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+        for name, codes in self.codec.encode(vectors).items():
+            self.data[name][slots] = codes
+
+    def view(self, slots: int) -> dict[str, np.ndarray]:
+        return {name: array[:slots] for name, array in self.data.items()}
+
+    def grow(self, slots: int) -> None:
+        grown = self.codec.empty(slots)
+        for name, array in self.data.items():
+            grown[name][: len(array)] = array
+        self.data = grown
+
+
+@dataclass
+class LayerStore:
+    """One cache layer: per KV head, its keys and values in the KV format and its exact recent ring."""
+
+    keys: list[CodeStore]
+    values: list[CodeStore]
+    recent_keys: list[CodeStore]
+    recent_values: list[CodeStore]
+
+
+@dataclass(frozen=True)
+class Masks:
+    """Additive masks [T, slots] for the coded slots, the exact recent ring and the step's own tokens."""
+
+    codes: np.ndarray
+    recent: np.ndarray
+    new: np.ndarray
+
+    def rows(self, queries: slice) -> Masks:
+        return Masks(self.codes[queries], self.recent[queries], self.new[queries])
+
+
 class KVCache:
-    def __init__(self, spec: ModelSpec, growth: int = 256) -> None:
+    def __init__(self, spec: ModelSpec, kv_format: KVFormat, recent: int = 0, growth: int = 256) -> None:
+        if recent < 0:
+            raise ValueError(f"recent={recent}: must be 0 or more")
         self.spec = spec
+        self.format = kv_format
+        self.recent = recent
         self.growth = growth
-        self.keys: dict[int, np.ndarray] = {}
-        self.values: dict[int, np.ndarray] = {}
+        self.stores: dict[int, LayerStore] = {}
         self.slot_positions: dict[str, np.ndarray] = {}
+        self.recent_positions = np.full(recent, -1, dtype=np.int64)
         self.length = 0
         self.reset()
 
     def reset(self) -> None:
-        """Forget all tokens; buffers are reallocated at their initial size."""
+        """Forget all tokens; codecs are rebuilt (and outlier channels re-picked) on the next write."""
         self.length = 0
+        self.stores.clear()
+        self.recent_positions[:] = -1
         for layer_type in set(self.spec.layer_types):
             self.slot_positions[layer_type] = np.full(self._initial_slots(layer_type), -1, dtype=np.int64)
-        for i in self.spec.cache_layers():
-            slots = len(self.slot_positions[self.spec.layer_types[i]])
-            kvh, hd = self.spec.num_key_value_heads, self.spec.head_dims[i]
-            self.keys[i] = np.zeros((kvh, hd, slots), dtype=np.float32)
-            self.values[i] = np.zeros((kvh, slots, hd), dtype=np.float32)
 
     def _initial_slots(self, layer_type: str) -> int:
         return self.spec.sliding_window if layer_type == SLIDING else self.growth
 
     def reserve(self, new_tokens: int) -> None:
-        """Make room in full-attention buffers for positions up to length + new_tokens."""
+        """Make room in full-attention stores for positions up to length + new_tokens."""
         needed = self.length + new_tokens
         for layer_type, slots in self.slot_positions.items():
             if layer_type == SLIDING or needed <= len(slots):
@@ -50,36 +103,89 @@ class KVCache:
             grown = np.full(size, -1, dtype=np.int64)
             grown[: len(slots)] = slots
             self.slot_positions[layer_type] = grown
-            for i in self.keys:
+            for i, store in self.stores.items():
                 if self.spec.layer_types[i] == layer_type:
-                    k, v = self.keys[i], self.values[i]
-                    self.keys[i] = np.zeros((*k.shape[:2], size), dtype=np.float32)
-                    self.keys[i][:, :, : k.shape[2]] = k
-                    self.values[i] = np.zeros((v.shape[0], size, v.shape[2]), dtype=np.float32)
-                    self.values[i][:, : v.shape[1]] = v
+                    for code_store in (*store.keys, *store.values):
+                        code_store.grow(size)
 
-    def masks(self, layer_type: str, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Additive masks [T, slots] over the cache and [T, T] over the new tokens (causal, windowed)."""
+    def _used_slots(self, layer_type: str) -> int:
+        """Slots written so far: positions fill slots in order, and a ring's only once it has wrapped."""
+        return min(self.length, len(self.slot_positions[layer_type]))
+
+    def masks(self, layer_type: str, positions: np.ndarray) -> Masks:
+        """Masks for these new positions: causal, windowed on sliding layers, recent tokens read exactly."""
         window = self.spec.window(layer_type)
+
+        def visible(slot_positions: np.ndarray) -> np.ndarray:
+            distance = positions[:, None] - slot_positions[None, :]
+            seen = (slot_positions[None, :] >= 0) & (distance >= 0)
+            return seen & (distance < window) if window is not None else seen
+
         slots = self.slot_positions[layer_type]
-        distance = positions[:, None] - slots[None, :]
-        visible = (slots[None, :] >= 0) & (distance >= 0)
-        new_distance = positions[:, None] - positions[None, :]
-        new_visible = new_distance >= 0
-        if window is not None:
-            visible &= distance < window
-            new_visible &= new_distance < window
-        return (np.where(visible, 0.0, MASKED).astype(np.float32),
-                np.where(new_visible, 0.0, MASKED).astype(np.float32))
+        used = self._used_slots(layer_type)
+        coded = visible(slots[:used]) & (slots[None, :used] < self.length - self.recent)
+        return Masks(*(np.where(v, 0.0, MASKED).astype(np.float32)
+                       for v in (coded, visible(self.recent_positions), visible(positions))))
+
+    def blocks(self, layer: int, masks: Masks) -> list[list[Block]]:
+        """Per KV head, the cached blocks layer `layer`'s store offers attention (none before the first write)."""
+        store = self.stores.get(layer)
+        if store is None:
+            return [[] for _ in range(self.spec.num_key_value_heads)]
+        used = masks.codes.shape[1]
+        return [
+            [Block(k.codec, k.view(used), v.codec, v.view(used), masks.codes),
+             *([Block(rk.codec, rk.data, rv.codec, rv.data, masks.recent)] if self.recent else [])]
+            for k, v, rk, rv in zip(store.keys, store.values, store.recent_keys, store.recent_values)
+        ]
+
+    def bytes_read(self, layer: int) -> int:
+        """Bytes attention reads from layer `layer`'s store in a step now: used slots' codes and the recent ring."""
+        store = self.stores.get(layer)
+        if store is None:
+            return 0
+        used = self._used_slots(self.spec.layer_types[layer])
+        coded = sum(s.codec.bytes_per_vector for s in (*store.keys, *store.values)) * used
+        return coded + sum(s.codec.bytes_per_vector for s in (*store.recent_keys, *store.recent_values)) * self.recent
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds allocated, all layers, codes, norms and recent rings included."""
+        return sum(array.nbytes for store in self.stores.values()
+                   for s in (*store.keys, *store.values, *store.recent_keys, *store.recent_values)
+                   for array in s.data.values())
+
+    def _new_store(self, layer: int, keys: np.ndarray, values: np.ndarray) -> LayerStore:
+        slots = len(self.slot_positions[self.spec.layer_types[layer]])
+        dim = keys.shape[-1]
+        exact = Float32Codec(dim)
+        return LayerStore(
+            keys=[CodeStore(self.format.keys.build(dim, k), slots) for k in keys],
+            values=[CodeStore(self.format.values.build(dim, v), slots) for v in values],
+            recent_keys=[CodeStore(exact, self.recent) for _ in keys],
+            recent_values=[CodeStore(exact, self.recent) for _ in values],
+        )
 
     def commit(self, new_kv: dict[int, tuple[np.ndarray, np.ndarray]], positions: np.ndarray) -> None:
-        """Store the step's new keys/values; a ring keeps only the last `window` of them."""
+        """Store the step's new keys/values [kv_heads, T, head_dim]; a ring keeps only the last `window`."""
         for layer_type, slots in self.slot_positions.items():
             keep = positions[-len(slots):] if layer_type == SLIDING else positions
             index = keep % len(slots) if layer_type == SLIDING else keep
-            for i, (key_t, value) in new_kv.items():
-                if self.spec.layer_types[i] == layer_type:
-                    self.keys[i][:, :, index] = key_t[:, :, -len(keep):]
-                    self.values[i][:, index] = value[:, -len(keep):]
+            for i, (keys, values) in new_kv.items():
+                if self.spec.layer_types[i] != layer_type:
+                    continue
+                if i not in self.stores:
+                    self.stores[i] = self._new_store(i, keys, values)
+                store = self.stores[i]
+                for h in range(len(keys)):
+                    store.keys[h].write(index, keys[h, -len(keep):])
+                    store.values[h].write(index, values[h, -len(keep):])
             slots[index] = keep
+        if self.recent:
+            keep = positions[-self.recent:]
+            index = keep % self.recent
+            for i, (keys, values) in new_kv.items():
+                for h in range(len(keys)):
+                    self.stores[i].recent_keys[h].write(index, keys[h, -len(keep):])
+                    self.stores[i].recent_values[h].write(index, values[h, -len(keep):])
+            self.recent_positions[index] = keep
         self.length = int(positions[-1]) + 1

@@ -18,6 +18,7 @@ import numpy as np
 from edge_runtime.artifact import read_manifest
 from edge_runtime.engine import Engine
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, kv_format
 from edge_runtime.memory import return_freed_memory_to_os
 from edge_runtime.sampling import Sampler, SamplingParams
 from edge_runtime.tokenizer import StreamDecoder, Tokenizer
@@ -48,11 +49,15 @@ class GenerationStats:
 
 class Model:
     def __init__(self, path: Path, threads: int | None = None, context_length: int | None = None,
-                 prefill_chunk: int | None = None, low_memory: bool = False) -> None:
+                 prefill_chunk: int | None = None, low_memory: bool = False, kv: str = DEFAULT_KV_FORMAT,
+                 kv_recent: int = 0) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.spec = self.manifest.spec
-        self.engine = Engine(self.path, self.manifest, threads)
+        if kv_recent < 0:
+            raise EdgeRuntimeError(f"kv_recent={kv_recent}: must be 0 or more")
+        self.kv_format = kv_format(kv)
+        self.engine = Engine(self.path, self.manifest, threads, self.kv_format, kv_recent)
         self.tokenizer = Tokenizer(self.path / self.manifest.tokenizer["tokenizer"], self.spec.bos_token_id)
         limit = self.spec.max_position_embeddings
         if context_length is not None and not 0 < context_length <= limit:
@@ -177,12 +182,15 @@ class Model:
 
 
 def load(path: str | Path, *, threads: int | None = None, context_length: int | None = None,
-         prefill_chunk: int | None = None, low_memory: bool = False) -> Model:
+         prefill_chunk: int | None = None, low_memory: bool = False, kv: str = DEFAULT_KV_FORMAT,
+         kv_recent: int = 0) -> Model:
     """Open an exported artifact directory.
 
-    `prefill_chunk` (default 256) bounds the prompt tokens run at once. `low_memory` trades prefill speed for
-    resident memory: 64-token chunks (a quarter of the attention scratch at long contexts) and freed scratch
-    returned to the OS (see `memory.return_freed_memory_to_os`), for devices where the model barely fits.
+    `kv` is the KV cache format (edge_runtime.kv_formats.KV_FORMATS: fp32, fp16, int8, TurboQuant tq4 to tq2.5,
+    qjl); `kv_recent` keeps that many most recent tokens exactly besides their codes. `prefill_chunk`
+    (default 256) bounds the prompt tokens run at once. `low_memory` trades prefill speed for resident memory:
+    64-token chunks and freed scratch returned to the OS (see `memory.return_freed_memory_to_os`), for
+    devices where the model barely fits.
     """
     return Model(Path(path), threads=threads, context_length=context_length, prefill_chunk=prefill_chunk,
-                 low_memory=low_memory)
+                 low_memory=low_memory, kv=kv, kv_recent=kv_recent)

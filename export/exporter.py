@@ -21,7 +21,6 @@ from edge_runtime.artifact import (
     CHAT_TEMPLATE_FILE,
     GENERATION_CONFIG_FILE,
     HEAD_GRAPH,
-    KV_FORMATS,
     MANIFEST,
     PLE_FILE,
     PROLOGUE_GRAPH,
@@ -32,7 +31,7 @@ from edge_runtime.artifact import (
     Manifest,
     TensorRef,
     file_entry,
-    layer_graph,
+    layer_graphs,
 )
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError
 from edge_runtime.ple_store import PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
@@ -116,7 +115,7 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, block_size: int, 
         progress("layers", n, n)
         graph_bytes += build_head(spec, ckpt.tensor, head_weight, new_graph, tmp)
 
-    ple_width = stored_width(ple, n * spec.hidden_size_per_layer_input)
+    ple_width = stored_width(ple, n * spec.hidden_size_per_layer_input, spec.hidden_size_per_layer_input)
     ple_shape = (spec.vocab_size_per_layer_input, ple_width)
     _write_ple_store(ckpt, tmp / PLE_FILE, ple, progress)
 
@@ -128,8 +127,8 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, block_size: int, 
     return Manifest(
         spec=spec,
         source={"architecture": ckpt.architecture, "dtypes": ckpt.dtypes(), "checkpoint": ckpt.path.name},
-        formats={"weights": weights, "block_size": block_size, "ple": ple, "kv": KV_FORMATS[0]},
-        graphs={"prologue": PROLOGUE_GRAPH, "layers": [layer_graph(i) for i in range(n)], "head": HEAD_GRAPH},
+        formats={"weights": weights, "block_size": block_size, "ple": ple},
+        graphs={"prologue": PROLOGUE_GRAPH, "layers": [list(layer_graphs(i)) for i in range(n)], "head": HEAD_GRAPH},
         tensors=embed_tensors,
         ple_store=TensorRef(PLE_FILE, 0, ple_shape, storage_dtype(ple).name),
         tokenizer=tokenizer,
@@ -210,14 +209,15 @@ def _checked_cast(chunk: np.ndarray, dtype: np.dtype, where: Path) -> np.ndarray
 
 def _write_ple_store(ckpt: Checkpoint, path: Path, fmt: str, progress: Progress) -> None:
     """Stream the PLE table into its store in row blocks, refusing values the format cannot hold."""
-    vocab, width = ckpt.spec.vocab_size_per_layer_input, ckpt.spec.num_hidden_layers * ckpt.spec.hidden_size_per_layer_input
+    vocab, layer_width = ckpt.spec.vocab_size_per_layer_input, ckpt.spec.hidden_size_per_layer_input
+    width = ckpt.spec.num_hidden_layers * layer_width
     done = 0
     with open(path, "wb") as f:
         for chunk in ckpt.row_chunks("embed_tokens_per_layer.weight"):
-            stored = encode_rows(chunk, fmt)
+            stored = encode_rows(chunk, fmt, layer_width)
             done += len(chunk)
             progress("PLE store", done, vocab)
-            if not np.isfinite(decode_rows(stored, fmt, width)).all():
+            if not np.isfinite(decode_rows(stored, fmt, width, layer_width)).all():
                 raise CheckpointError(
                     f"{ckpt.path}: embed_tokens_per_layer has values outside the {fmt} range "
                     f"(largest magnitude {float(np.abs(chunk).max()):.3g}); export with --ple bf16 or fp32"

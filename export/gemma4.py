@@ -1,12 +1,10 @@
-"""Gemma 4 "E" text decoder as ONNX graphs: PLE prologue, one graph per decoder layer, and the LM head.
+"""Gemma 4 "E" text decoder as ONNX graphs: PLE prologue, two graphs per decoder layer, and the LM head.
 
-Layer graphs take their KV cache as read-only inputs ([kv_heads, head_dim, slots] keys, pre-transposed so
-scores are a plain MatMul, and [kv_heads, slots, head_dim] values) plus additive masks, and return the
-new tokens' keys and values for the runtime to place in its cache. Attention is split into a "past" block
-and a "new tokens" block joined by a two-block softmax, so no step ever copies the cache: decode costs
-O(1) cache writes and one read of the cache, whatever the context. KV-shared layers receive their source
-layer's cache and new keys/values, and may be run for fewer query tokens than there are new keys (prefill
-only needs the last position's hidden state past the first shared layer).
+Each layer is cut at attention: the first graph returns rotated queries and the new tokens' keys and
+values, the second takes the attention output through o_proj, the MLP and the layer's PLE slice. Attention
+itself is the runtime's (edge_runtime.attention), because it reads the KV cache in whatever format the user
+picked at run time, including TurboQuant and QJL codes that no ONNX operator understands. The cut costs one
+more onnxruntime call per layer (tens of microseconds against a token's tens of milliseconds).
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.artifact import HEAD_GRAPH, PROLOGUE_GRAPH, layer_graph
+from edge_runtime.artifact import HEAD_GRAPH, PROLOGUE_GRAPH, layer_graphs
 from edge_runtime.model_spec import ModelSpec
 from export.onnx_graph import GraphBuilder, LinearWeight
 
@@ -59,10 +57,48 @@ def _rope(g: GraphBuilder, x: str, cos: str, sin: str) -> str:
 
 
 def build_layer(spec: ModelSpec, i: int, w: Weights, new_graph: NewGraph, out: Path) -> int:
-    g = new_graph(f"layer_{i}")
+    """Layer i as two graphs with attention between them, computed by the runtime from its KV cache."""
+    return _build_attention_inputs(spec, i, w, new_graph, out) + _build_layer_output(spec, i, w, new_graph, out)
+
+
+def _build_attention_inputs(spec: ModelSpec, i: int, w: Weights, new_graph: NewGraph, out: Path) -> int:
+    """Normed, rotated queries [kv_heads, groups, T, hd]; and the new tokens' keys and values [kv_heads, T, hd].
+
+    KV-shared layers only compute queries: their keys and values are their source layer's.
+    """
+    names = layer_graphs(i)
+    g = new_graph(names[0].removesuffix(".onnx"))
     h, hd, eps = spec.hidden_size, spec.head_dims[i], spec.rms_norm_eps
     nh, kvh = spec.num_attention_heads, spec.num_key_value_heads
-    groups, shared = nh // kvh, spec.is_kv_shared(i)
+    pre = f"layers.{i}."
+
+    def weight(name: str) -> str:
+        return g.weight(name, w(pre + name))
+
+    hidden = g.input("hidden", ["T", h])
+    # cos/sin come with the singleton head axis they broadcast over (a numpy view, free), sparing a node each.
+    cos = g.input("cos", ["T", 1, hd])
+    sin = g.input("sin", ["T", 1, hd])
+    x = g.rms_norm(hidden, weight("input_layernorm.weight"), eps)
+    q = g.reshape(g.linear(x, "self_attn.q_proj", w(pre + "self_attn.q_proj.weight")), [0, nh, hd])
+    q = _rope(g, g.rms_norm(q, weight("self_attn.q_norm.weight"), eps), cos, sin)
+    q = g.op("Transpose", g.reshape(q, [0, kvh, nh // kvh, hd]), perm=[1, 2, 0, 3])
+    g.output(q, "query", [kvh, nh // kvh, "T", hd])
+    if not spec.is_kv_shared(i):
+        k = g.reshape(g.linear(x, "self_attn.k_proj", w(pre + "self_attn.k_proj.weight")), [0, kvh, hd])
+        k = _rope(g, g.rms_norm(k, weight("self_attn.k_norm.weight"), eps), cos, sin)
+        v = g.rms_norm(g.reshape(g.linear(x, "self_attn.v_proj", w(pre + "self_attn.v_proj.weight")), [0, kvh, hd]),
+                       None, eps, hd)
+        g.output(g.op("Transpose", k, perm=[1, 0, 2]), "key", [kvh, "T", hd])
+        g.output(g.op("Transpose", v, perm=[1, 0, 2]), "value", [kvh, "T", hd])
+    return g.save(out / names[0])
+
+
+def _build_layer_output(spec: ModelSpec, i: int, w: Weights, new_graph: NewGraph, out: Path) -> int:
+    """Attention output projection, MLP and the layer's PLE contribution, on the residual stream."""
+    names = layer_graphs(i)
+    g = new_graph(names[1].removesuffix(".onnx"))
+    h, eps = spec.hidden_size, spec.rms_norm_eps
     pre = f"layers.{i}."
 
     def weight(name: str) -> str:
@@ -72,46 +108,10 @@ def build_layer(spec: ModelSpec, i: int, w: Weights, new_graph: NewGraph, out: P
         return g.linear(x, name, w(pre + name + ".weight"))
 
     hidden = g.input("hidden", ["T", h])
+    attn = g.input("attention", ["T", spec.num_attention_heads * spec.head_dims[i]])
     ple_rows = g.input("ple_rows", ["T", spec.hidden_size_per_layer_input])
     ple_context = g.input("ple_context", ["T", spec.hidden_size_per_layer_input])
-    # Inputs come with the singleton axes attention broadcasts over (numpy views, free), sparing a node each.
-    cos = g.input("cos", ["T", 1, hd])
-    sin = g.input("sin", ["T", 1, hd])
-    past_kt = g.input("past_key_t", [kvh, 1, hd, "S"])
-    past_v = g.input("past_value", [kvh, 1, "S", hd])
-    mask_past = g.input("mask_past", ["T", "S"])
-    mask_new = g.input("mask_new", ["T", "N"])
 
-    x = g.rms_norm(hidden, weight("input_layernorm.weight"), eps)
-    q = g.reshape(linear(x, "self_attn.q_proj"), [0, nh, hd])
-    q = _rope(g, g.rms_norm(q, weight("self_attn.q_norm.weight"), eps), cos, sin)
-    q = g.op("Transpose", g.reshape(q, [0, kvh, groups, hd]), perm=[1, 2, 0, 3])  # [kvh, G, T, hd]
-
-    if shared:
-        new_kt = g.input("new_key_t", [kvh, 1, hd, "N"])
-        new_v = g.input("new_value", [kvh, 1, "N", hd])
-    else:
-        k = g.reshape(linear(x, "self_attn.k_proj"), [0, kvh, hd])
-        k = _rope(g, g.rms_norm(k, weight("self_attn.k_norm.weight"), eps), cos, sin)
-        v = g.rms_norm(g.reshape(linear(x, "self_attn.v_proj"), [0, kvh, hd]), None, eps, hd)
-        key_t = g.op("Transpose", k, perm=[1, 2, 0])  # [kvh, hd, N]
-        value = g.op("Transpose", v, perm=[1, 0, 2])  # [kvh, N, hd]
-        g.output(key_t, "present_key_t", [kvh, hd, "T"])
-        g.output(value, "present_value", [kvh, "T", hd])
-        new_kt, new_v = g.unsqueeze(key_t, 1), g.unsqueeze(value, 1)
-
-    # Gemma 4 attention has scaling 1.0: q and k are RMS-normalised instead.
-    s_past = g.op("Add", g.op("MatMul", q, past_kt), mask_past)  # [kvh, G, T, S]
-    s_new = g.op("Add", g.op("MatMul", q, new_kt), mask_new)  # [kvh, G, T, N]
-    top = g.op("Max", g.op("ReduceMax", s_past, g.const([-1], np.int64), keepdims=1),
-               g.op("ReduceMax", s_new, g.const([-1], np.int64), keepdims=1))
-    e_past = g.op("Exp", g.op("Sub", s_past, top))
-    e_new = g.op("Exp", g.op("Sub", s_new, top))
-    denom = g.op("Add", g.op("ReduceSum", e_past, g.const([-1], np.int64), keepdims=1),
-                 g.op("ReduceSum", e_new, g.const([-1], np.int64), keepdims=1))
-    attn = g.op("Add", g.op("MatMul", e_past, past_v), g.op("MatMul", e_new, new_v))
-    attn = g.op("Div", attn, denom)  # [kvh, G, T, hd]
-    attn = g.reshape(g.op("Transpose", attn, perm=[2, 0, 1, 3]), [0, nh * hd])
     attn = linear(attn, "self_attn.o_proj")
     hidden = g.op("Add", hidden, g.rms_norm(attn, weight("post_attention_layernorm.weight"), eps))
 
@@ -126,5 +126,4 @@ def build_layer(spec: ModelSpec, i: int, w: Weights, new_graph: NewGraph, out: P
     hidden = g.op("Add", hidden, g.rms_norm(ple, weight("post_per_layer_input_norm.weight"), eps))
     hidden = g.op("Mul", hidden, weight("layer_scalar"))
     g.output(hidden, "hidden_out", ["T", h])
-    return g.save(out / layer_graph(i))
-
+    return g.save(out / names[1])

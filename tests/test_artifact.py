@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edge_runtime.artifact import MANIFEST, read_manifest, sha256_file, verify_artifact
+from edge_runtime.artifact import MANIFEST, layer_graphs, read_manifest, sha256_file, verify_artifact
 from edge_runtime.errors import ArtifactError, CheckpointError
 from edge_runtime.ple_store import decode_rows, storage_dtype, stored_width
 from export import export_checkpoint
@@ -23,7 +23,7 @@ def test_manifest_lists_every_file_with_its_checksum(artifacts):
     for name, entry in manifest.files.items():
         assert entry["size"] == (path / name).stat().st_size
         assert entry["sha256"] == sha256_file(path / name)
-    assert manifest.formats == {"weights": "fp32", "block_size": 32, "ple": "bf16", "kv": "fp32"}  # auto: the checkpoint's bf16
+    assert manifest.formats == {"weights": "fp32", "block_size": 32, "ple": "bf16"}  # auto: the checkpoint's bf16
     assert manifest.tokenizer["chat_template"] == "chat_template.jinja"
     assert manifest.source["architecture"] == "Gemma4ForConditionalGeneration"
     assert verify_artifact(path) == []
@@ -36,7 +36,9 @@ def test_ple_table_lives_only_in_the_store(artifacts, checkpoints):
     spec = manifest.spec
     table_values = spec.vocab_size_per_layer_input * spec.num_hidden_layers * spec.hidden_size_per_layer_input
     assert (path / "ple.bin").stat().st_size == table_values * 2  # bf16, nothing else in the file
-    for graph in [manifest.graphs["prologue"], *manifest.graphs["layers"], manifest.graphs["head"]]:
+    layers = [name for pair in manifest.graphs["layers"] for name in pair]
+    assert len(layers) == 2 * spec.num_hidden_layers
+    for graph in [manifest.graphs["prologue"], *layers, manifest.graphs["head"]]:
         model = onnx.load(path / graph, load_external_data=False)
         for init in model.graph.initializer:
             assert int(np.prod(init.dims)) < table_values, f"{graph}: {init.name} is as big as the PLE table"
@@ -94,13 +96,13 @@ def test_ple_fp16_overflow_is_refused(checkpoints, tmp_path):
 
 def test_big_weights_are_external_and_aligned(artifacts):
     path = artifacts["shared-gqa"]
-    model = onnx.load(path / "layer_00.onnx", load_external_data=False)
+    model = onnx.load(path / layer_graphs(0)[1], load_external_data=False)
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external, "matmul weights should live in weights.bin"
     for tensor in external:
         info = {e.key: e.value for e in tensor.external_data}
         assert info["location"] == "weights.bin" and int(info["offset"]) % 65536 == 0
-    assert (path / "layer_00.onnx").stat().st_size < 64 << 10
+    assert (path / layer_graphs(0)[1]).stat().st_size < 64 << 10
 
 
 def test_damaged_artifact_is_reported(artifacts, tmp_path):
@@ -108,10 +110,10 @@ def test_damaged_artifact_is_reported(artifacts, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(artifacts["shared-gqa"], copy)
-    data = bytearray((copy / "layer_01.onnx").read_bytes())
+    data = bytearray((copy / layer_graphs(1)[0]).read_bytes())
     data[len(data) // 2] ^= 0x01
-    (copy / "layer_01.onnx").write_bytes(bytes(data))
-    assert verify_artifact(copy) == ["layer_01.onnx"]
+    (copy / layer_graphs(1)[0]).write_bytes(bytes(data))
+    assert verify_artifact(copy) == [layer_graphs(1)[0]]
     (copy / "ple.bin").write_bytes(b"short")
     with pytest.raises(ArtifactError, match="ple.bin: size 5 differs from the manifest"):
         read_manifest(copy)

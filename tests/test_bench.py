@@ -18,7 +18,7 @@ from edge_runtime.artifact import read_manifest
 TINY = ("-p", "8", "-n", "4", "-r", "2", "--probe-mb", "64")
 KEYS = {"model", "model_bytes", "formats", "threads", "context", "depth", "repetitions", "low_memory", "load_seconds",
         "ttft_test", "ttft_ms", "tests", "peak_rss_bytes", "current_rss_bytes", "ple_resident_bytes", "weights_resident_bytes",
-        "bandwidth_gb_s", "probe_bytes", "bytes_per_token", "read_per_token"}
+        "bandwidth_gb_s", "probe_bytes", "bytes_per_token", "read_per_token", "kv_cache_bytes"}
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -57,6 +57,7 @@ def test_bench_json_has_every_figure_for_the_default_model(bench_json):
     manifest = read_manifest(path)
     assert data["bytes_per_token"] == manifest.bytes_per_token and data["read_per_token"] == manifest.read_per_token
     assert data["model_bytes"] == sum(f["size"] for f in manifest.files.values())
+    assert data["formats"] == {**manifest.formats, "kv": "fp16", "kv_recent": 0}
     assert data["probe_bytes"] == 64 << 20 and data["context"] == 8 and data["ttft_test"] == "pp8"
     assert data["peak_rss_bytes"] >= data["current_rss_bytes"]
     assert 0 < data["ple_resident_bytes"] <= (path / "ple.bin").stat().st_size
@@ -81,8 +82,8 @@ def test_bench_table_names_the_tests_and_the_ceiling(bundled):
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # progress goes to stderr only when it is a terminal
     lines = result.stdout.splitlines()
-    assert [c.strip() for c in lines[0].strip("|").split("|")] == ["model", "size", "weights", "ple", "threads",
-                                                                    "test", "t/s"]
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == ["model", "size", "weights", "ple", "kv",
+                                                                    "threads", "test", "t/s"]
     assert any("| pp8 @ d3 " in line and " fp32 " in line for line in lines)
     assert any("| tg4 @ d3 " in line for line in lines)
     assert any(line.startswith("tg4 @ d3: ") and "of the ceiling" in line for line in lines)
@@ -94,6 +95,8 @@ def test_bench_table_names_the_tests_and_the_ceiling(bundled):
     (("-p", "0"), "error: -p/--n-prompt '0': expected a comma-separated list of positive token counts"),
     (("-n", "4,-1"), "error: -n/--n-gen '4,-1': expected a comma-separated list of positive token counts"),
     (("-r", "0"), "error: repetitions=0: must be at least 1"),
+    (("--kv", "fp8"), "error: kv='fp8': not a KV cache format; choose one of fp32, fp16, int8, tq4"),
+    (("--kv-recent", "-2"), "error: kv_recent=-2: must be at least 0"),
 ])
 def test_bad_options_fail_before_the_model_is_opened(args, message):
     result = cli("bench", "-m", "/nonexistent/model", *args)
@@ -140,3 +143,17 @@ def test_readings_are_none_without_proc(monkeypatch, tmp_path):
     monkeypatch.setattr(memory, "_STATM", tmp_path / "missing")
     assert memory.mapped_resident_bytes(tmp_path) is None
     assert memory.current_rss_bytes() is None
+
+
+def test_bench_reports_the_kv_format_it_ran(bundled):
+    path, _ = bundled
+    figures = {}
+    for kv in ("fp16", "tq3.5"):
+        result = cli("bench", "-m", str(path), "-p", "8", "-n", "2", "-r", "1", "-d", "40", "--probe-mb", "16",
+                     "--kv", kv, "--json")
+        assert result.returncode == 0, result.stderr
+        figures[kv] = json.loads(result.stdout)
+        assert figures[kv]["formats"]["kv"] == kv
+    fp16, tq = (figures[kv]["tests"][1]["kv_bytes_per_token"] for kv in ("fp16", "tq3.5"))
+    assert 0 < tq < fp16 / 2
+    assert 0 < figures["tq3.5"]["kv_cache_bytes"] < figures["fp16"]["kv_cache_bytes"]

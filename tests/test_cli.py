@@ -54,7 +54,7 @@ def test_info_human_and_json(artifacts):
     assert "layers 6 (4 sliding, window 8; 2 full)" in text.stdout
     assert "KV cache in 4 layers (2 share it)" in text.stdout
     data = json.loads(cli("info", str(path), "--json").stdout)
-    assert data["formats"] == {"weights": "fp32", "block_size": 32, "ple": "bf16", "kv": "fp32"}
+    assert data["formats"] == {"weights": "fp32", "block_size": 32, "ple": "bf16"}
     assert data["kv_cache_layers"] == 4 and data["bytes"] == sum(data["files"].values())
 
 

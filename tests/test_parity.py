@@ -1,5 +1,5 @@
-"""fp32 artifacts against transformers' Gemma4ForCausalLM (eager, float32): logits within 1e-4 max-abs in
-prefill (one chunk and many) and decode modes, and identical greedy tokens."""
+"""fp32 artifacts with an fp32 KV cache against transformers' Gemma4ForCausalLM (eager, float32): logits within
+1e-4 max-abs in prefill (one chunk and many) and decode modes, and identical greedy tokens."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_logits_match_transformers(name, mode, chunk, artifacts, references):
     ids = _tokens(name, 3 * window + 11)
     with torch.no_grad():
         expected = references[name](torch.tensor(ids)[None]).logits[0].numpy()
-    model = edge_runtime.load(artifacts[name], prefill_chunk=chunk)
+    model = edge_runtime.load(artifacts[name], prefill_chunk=chunk, kv="fp32")
     got = model.logits(ids, mode=mode)
     assert got.shape == expected.shape and got.dtype == np.float32
     error = float(np.abs(got - expected).max())
@@ -41,7 +41,7 @@ def test_logits_match_transformers(name, mode, chunk, artifacts, references):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_tokens_match_transformers(name, artifacts, references):
-    model = edge_runtime.load(artifacts[name], prefill_chunk=5)
+    model = edge_runtime.load(artifacts[name], prefill_chunk=5, kv="fp32")
     prompt = _tokens(name, 2 * CONFIGS[name]["text"]["sliding_window"], seed=1).tolist()
     eos = sorted(model.eos_token_ids)
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_trained_bundled_model_matches_transformers(tmp_path):
     from export import export_checkpoint
 
     artifact = export_checkpoint(BUNDLED_CHECKPOINT, tmp_path / "bundled")
-    model = edge_runtime.load(artifact, prefill_chunk=100)
+    model = edge_runtime.load(artifact, prefill_chunk=100, kv="fp32")
     ids = model.encode((BUNDLED_CHECKPOINT / "heldout.txt").read_text()[:4000])[:300]
     reference = Gemma4ForCausalLM.from_pretrained(BUNDLED_CHECKPOINT, dtype=torch.float32,
                                                   attn_implementation="eager").eval()

@@ -108,7 +108,7 @@ def trained_reference(bundled_fp32_artifact):
 def test_quantized_logits_stay_close_to_transformers(fmt, block, trained_reference, tmp_path):
     ids, expected = trained_reference
     model = edge_runtime.load(export_checkpoint(BUNDLED_CHECKPOINT, tmp_path / "a", weights=fmt, block_size=block),
-                              prefill_chunk=64)
+                              prefill_chunk=64, kv="fp32")
     bound, agreement = BOUNDS[fmt, block]
     for mode in ("prefill", "decode"):
         got = model.logits(ids, mode=mode)

@@ -1,0 +1,89 @@
+"""KV cache formats: how keys and values are stored, chosen at load time rather than at export.
+
+Every format is a pair of vector codecs (edge_runtime.quant), one for keys and one for values, built per
+cache layer and KV head. Keys only ever meet queries in inner products, values only in weighted sums, so
+each side may use a different codec; attention reads both straight from their codes.
+
+Non-integer TurboQuant widths follow the paper: the channels are split into an outlier half at the higher
+width and the rest at the lower one (3.5 = 4 + 3 bits, 2.5 = 3 + 2 bits), each half with its own rotation
+and norm. The outlier half is the channels with the largest mean square in the first tokens written to
+that layer and head (the prompt's first prefill chunk): Gemma's q/k norms give keys fixed per-channel
+scales, so the first tokens show them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.quant.codec import VectorCodec
+from edge_runtime.quant.float_codecs import Float16Codec, Float32Codec, Int8Codec
+from edge_runtime.quant.turboquant import ChannelSplit, QJLQuantizer, TurboQuantizer
+
+SEED = 0
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """One side (keys or values) of a KV format."""
+
+    kind: str
+    bits: float = 0.0
+    mode: str = "mse"
+
+    def build(self, dim: int, sample: np.ndarray) -> VectorCodec:
+        """A codec for `dim`-wide vectors; `sample` [n, dim] (the first vectors stored) picks outlier channels."""
+        if self.kind == "fp32":
+            return Float32Codec(dim)
+        if self.kind == "fp16":
+            return Float16Codec(dim)
+        if self.kind == "int8":
+            return Int8Codec(dim)
+        if self.kind == "qjl":
+            return QJLQuantizer(dim, int(self.bits) * dim, SEED)
+        if self.bits == int(self.bits):
+            return TurboQuantizer(dim, int(self.bits), self.mode, SEED)
+        energy = np.square(np.asarray(sample, dtype=np.float32)).mean(axis=0)
+        outliers = np.sort(np.argsort(-energy, kind="stable")[: dim // 2])
+        high, low = int(np.ceil(self.bits)), int(np.floor(self.bits))
+        return ChannelSplit(outliers, TurboQuantizer(dim // 2, high, self.mode, SEED),
+                            TurboQuantizer(dim - dim // 2, low, self.mode, SEED + 1))
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    name: str
+    keys: CodecSpec
+    values: CodecSpec
+    summary: str
+
+    def bytes_per_token(self, dim: int) -> int:
+        """Stored bytes of one token's key and value for one KV head of width `dim`, norms included."""
+        sample = np.ones((1, dim), dtype=np.float32)
+        return self.keys.build(dim, sample).bytes_per_vector + self.values.build(dim, sample).bytes_per_vector
+
+
+def _tq(bits: float, key_mode: str) -> tuple[CodecSpec, CodecSpec]:
+    return CodecSpec("tq", bits, key_mode), CodecSpec("tq", bits, "mse")
+
+
+_FORMATS = [
+    KVFormat("fp32", CodecSpec("fp32"), CodecSpec("fp32"), "exact (reference)"),
+    KVFormat("fp16", CodecSpec("fp16"), CodecSpec("fp16"), "half precision"),
+    KVFormat("int8", CodecSpec("int8"), CodecSpec("int8"), "int8 per vector, float32 scale"),
+    *(KVFormat(f"tq{b:g}", *_tq(b, "mse"), f"TurboQuant {b:g} bits, MSE keys and values") for b in (4, 3.5, 3, 2.5)),
+    *(KVFormat(f"tq{b:g}-prod", *_tq(b, "prod"), f"TurboQuant {b:g} bits, inner-product (MSE + QJL residual) keys")
+      for b in (4, 3.5, 3, 2.5)),
+    KVFormat("qjl", CodecSpec("qjl", 2), CodecSpec("tq", 4), "QJL sign-bit keys (2 x head_dim bits), TurboQuant 4-bit values"),
+]
+KV_FORMATS: dict[str, KVFormat] = {f.name: f for f in _FORMATS}
+DEFAULT_KV_FORMAT = "fp16"
+
+
+def kv_format(name: str) -> KVFormat:
+    try:
+        return KV_FORMATS[name]
+    except KeyError:
+        raise EdgeRuntimeError(f"kv={name!r}: not a KV cache format; choose one of {', '.join(KV_FORMATS)}") from None
