@@ -22,7 +22,8 @@ err = Console(stderr=True)
 
 
 KV = typer.Option(DEFAULT_KV_FORMAT, "--kv", help=f"KV cache format: {', '.join(KV_FORMATS)}.")
-KV_RECENT = typer.Option(0, "--kv-recent", help="Keep this many most recent tokens exact besides their KV codes.")
+KV_RECENT = typer.Option(None, "--kv-recent", help="Keep this many most recent tokens exact besides their KV codes "
+                         "(default: 32 for compressed formats, 0 for fp32/fp16/int8).")
 LOW_MEMORY = typer.Option(False, "--low-memory", help="64-token prefill chunks and freed scratch returned to the "
                           "OS: less resident memory, slower prefill.")
 
@@ -90,7 +91,7 @@ def run(
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print token counts and speeds to stderr."),
     low_memory: bool = LOW_MEMORY,
     kv: str = KV,
-    kv_recent: int = KV_RECENT,
+    kv_recent: int | None = KV_RECENT,
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
     import edge_runtime
@@ -155,8 +156,8 @@ def info(
 @app.command()
 def bench(
     model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model)."),
-    n_prompt: str = typer.Option("128,512", "-p", "--n-prompt", help="Prompt sizes to prefill, comma-separated."),
-    n_gen: str = typer.Option("64,128", "-n", "--n-gen", help="Token counts to generate, comma-separated."),
+    n_prompt: str = typer.Option("128,512", "-p", "--n-prompt", help="Prompt sizes to prefill, comma-separated (0: no prompt test)."),
+    n_gen: str = typer.Option("64,128", "-n", "--n-gen", help="Token counts to generate, comma-separated (0: no generation test)."),
     repetitions: int = typer.Option(3, "-r", "--repetitions", help="Runs of each test (median ± stdev)."),
     depth: int = typer.Option(0, "-d", "--depth", help="Tokens already in the context before each test."),
     threads: int | None = typer.Option(None, "-t", "--threads"),
@@ -164,7 +165,7 @@ def bench(
     probe_mb: int = typer.Option(1024, "--probe-mb", help="Size of the memory-bandwidth probe in MiB."),
     low_memory: bool = LOW_MEMORY,
     kv: str = KV,
-    kv_recent: int = KV_RECENT,
+    kv_recent: int | None = KV_RECENT,
     as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object."),
 ) -> None:
     """Measure prefill and decode speed, memory, and decode against the bandwidth ceiling (like llama-bench)."""
@@ -187,7 +188,7 @@ def perplexity(
     context: int | None = typer.Option(None, "--context", help="Window length in tokens (default: min(512, model's))."),
     threads: int | None = typer.Option(None, "-t", "--threads"),
     kv: str = KV,
-    kv_recent: int = KV_RECENT,
+    kv_recent: int | None = KV_RECENT,
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
 ) -> None:
     """Perplexity of a text, in BOS-started windows through the chunked KV-cache path."""
@@ -200,7 +201,7 @@ def perplexity(
         result = _with_progress(lambda report: evaluate(m, text, context, progress=report), "perplexity")
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
-    figures = {"model": str(m.path), "kv": kv, "kv_recent": kv_recent, "text_file": str(text_file), "perplexity": result.perplexity,
+    figures = {"model": str(m.path), "kv": kv, "kv_recent": m.kv_recent, "text_file": str(text_file), "perplexity": result.perplexity,
                "nll": result.nll, "tokens": result.tokens, "windows": result.windows, "context": result.context,
                "seconds": result.seconds, "tokens_per_second": result.tokens_per_second}
     if as_json:

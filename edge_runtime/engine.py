@@ -64,7 +64,7 @@ def default_threads() -> int:
 
 class Engine:
     def __init__(self, artifact: Path, manifest: Manifest, threads: int | None = None,
-                 kv: KVFormat | None = None, kv_recent: int = 0) -> None:
+                 kv: KVFormat | None = None, kv_recent: int | None = None) -> None:
         self.spec = spec = manifest.spec
         artifact = Path(artifact)
 
@@ -84,7 +84,8 @@ class Engine:
             t: inverse_frequencies(spec.rope[t], spec.head_dims[spec.layer_types.index(t)])
             for t in set(spec.layer_types)
         }
-        self.cache = KVCache(spec, kv or kv_format(DEFAULT_KV_FORMAT), kv_recent)
+        kv = kv or kv_format(DEFAULT_KV_FORMAT)
+        self.cache = KVCache(spec, kv, kv.default_recent if kv_recent is None else kv_recent)
 
     def reset(self) -> None:
         self.cache.reset()

@@ -18,11 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.model_spec import ModelSpec
 from edge_runtime.quant.codec import VectorCodec
 from edge_runtime.quant.float_codecs import Float16Codec, Float32Codec, Int8Codec
 from edge_runtime.quant.turboquant import ChannelSplit, QJLQuantizer, TurboQuantizer
 
 SEED = 0
+# Exact recent tokens kept by compressed formats unless told otherwise: 32 tokens cost E2B 1.2 MB and took the
+# bundled model's tq3.5 perplexity change from +0.60% to (see README) at its 512-token context.
+DEFAULT_RECENT = 32
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class CodecSpec:
     kind: str
     bits: float = 0.0
     mode: str = "mse"
+    unbiased: bool = False
 
     def build(self, dim: int, sample: np.ndarray) -> VectorCodec:
         """A codec for `dim`-wide vectors; `sample` [n, dim] (the first vectors stored) picks outlier channels."""
@@ -44,12 +49,12 @@ class CodecSpec:
         if self.kind == "qjl":
             return QJLQuantizer(dim, int(self.bits) * dim, SEED)
         if self.bits == int(self.bits):
-            return TurboQuantizer(dim, int(self.bits), self.mode, SEED)
+            return TurboQuantizer(dim, int(self.bits), self.mode, SEED, self.unbiased)
         energy = np.square(np.asarray(sample, dtype=np.float32)).mean(axis=0)
         outliers = np.sort(np.argsort(-energy, kind="stable")[: dim // 2])
         high, low = int(np.ceil(self.bits)), int(np.floor(self.bits))
-        return ChannelSplit(outliers, TurboQuantizer(dim // 2, high, self.mode, SEED),
-                            TurboQuantizer(dim - dim // 2, low, self.mode, SEED + 1))
+        return ChannelSplit(outliers, TurboQuantizer(dim // 2, high, self.mode, SEED, self.unbiased),
+                            TurboQuantizer(dim - dim // 2, low, self.mode, SEED + 1, self.unbiased))
 
 
 @dataclass(frozen=True)
@@ -58,25 +63,43 @@ class KVFormat:
     keys: CodecSpec
     values: CodecSpec
     summary: str
+    default_recent: int = DEFAULT_RECENT
 
     def bytes_per_token(self, dim: int) -> int:
         """Stored bytes of one token's key and value for one KV head of width `dim`, norms included."""
         sample = np.ones((1, dim), dtype=np.float32)
         return self.keys.build(dim, sample).bytes_per_vector + self.values.build(dim, sample).bytes_per_vector
 
+    def cache_bytes(self, spec: ModelSpec, context: int, recent: int = 0) -> int:
+        """Bytes a full cache holds at `context` tokens: full layers grow with it, sliding rings stop at their
+        window, each cache layer's exact recent ring adds `recent` float32 tokens."""
+        total = 0
+        for i in spec.cache_layers():
+            window = spec.window(spec.layer_types[i])
+            tokens = context if window is None else min(context, window)
+            dim = spec.head_dims[i]
+            total += spec.num_key_value_heads * (self.bytes_per_token(dim) * tokens + 8 * dim * recent)
+        return total
 
-def _tq(bits: float, key_mode: str) -> tuple[CodecSpec, CodecSpec]:
-    return CodecSpec("tq", bits, key_mode), CodecSpec("tq", bits, "mse")
+
+def _tq(bits: float, keys: str) -> tuple[CodecSpec, CodecSpec]:
+    """TurboQuant keys in `keys` style ("unbiased", "mse" or "prod"); values unbiased, or plain with plain keys."""
+    values = CodecSpec("tq", bits, "mse", keys != "mse")
+    return CodecSpec("tq", bits, "prod" if keys == "prod" else "mse", keys == "unbiased"), values
 
 
+_TQ_BITS = (4, 3.5, 3, 2.5)
 _FORMATS = [
-    KVFormat("fp32", CodecSpec("fp32"), CodecSpec("fp32"), "exact (reference)"),
-    KVFormat("fp16", CodecSpec("fp16"), CodecSpec("fp16"), "half precision"),
-    KVFormat("int8", CodecSpec("int8"), CodecSpec("int8"), "int8 per vector, float32 scale"),
-    *(KVFormat(f"tq{b:g}", *_tq(b, "mse"), f"TurboQuant {b:g} bits, MSE keys and values") for b in (4, 3.5, 3, 2.5)),
-    *(KVFormat(f"tq{b:g}-prod", *_tq(b, "prod"), f"TurboQuant {b:g} bits, inner-product (MSE + QJL residual) keys")
-      for b in (4, 3.5, 3, 2.5)),
-    KVFormat("qjl", CodecSpec("qjl", 2), CodecSpec("tq", 4), "QJL sign-bit keys (2 x head_dim bits), TurboQuant 4-bit values"),
+    KVFormat("fp32", CodecSpec("fp32"), CodecSpec("fp32"), "exact (the parity reference)", 0),
+    KVFormat("fp16", CodecSpec("fp16"), CodecSpec("fp16"), "half precision", 0),
+    KVFormat("int8", CodecSpec("int8"), CodecSpec("int8"), "int8 per vector, float32 scale", 0),
+    *(KVFormat(f"tq{b:g}", *_tq(b, "unbiased"), f"TurboQuant {b:g} bits, norm-corrected (unbiased) keys and values")
+      for b in _TQ_BITS),
+    *(KVFormat(f"tq{b:g}-mse", *_tq(b, "mse"), f"TurboQuant {b:g} bits, the paper's MSE codes") for b in _TQ_BITS),
+    *(KVFormat(f"tq{b:g}-prod", *_tq(b, "prod"), f"TurboQuant {b:g} bits, the paper's inner-product keys (MSE + "
+               "QJL residual)") for b in _TQ_BITS),
+    KVFormat("qjl", CodecSpec("qjl", 2), CodecSpec("tq", 4, "mse", True),
+             "QJL sign-bit keys (2 x head_dim bits), TurboQuant 4-bit values"),
 ]
 KV_FORMATS: dict[str, KVFormat] = {f.name: f for f in _FORMATS}
 DEFAULT_KV_FORMAT = "fp16"

@@ -50,14 +50,15 @@ class GenerationStats:
 class Model:
     def __init__(self, path: Path, threads: int | None = None, context_length: int | None = None,
                  prefill_chunk: int | None = None, low_memory: bool = False, kv: str = DEFAULT_KV_FORMAT,
-                 kv_recent: int = 0) -> None:
+                 kv_recent: int | None = None) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.spec = self.manifest.spec
-        if kv_recent < 0:
-            raise EdgeRuntimeError(f"kv_recent={kv_recent}: must be 0 or more")
         self.kv_format = kv_format(kv)
-        self.engine = Engine(self.path, self.manifest, threads, self.kv_format, kv_recent)
+        self.kv_recent = self.kv_format.default_recent if kv_recent is None else kv_recent
+        if self.kv_recent < 0:
+            raise EdgeRuntimeError(f"kv_recent={kv_recent}: must be 0 or more")
+        self.engine = Engine(self.path, self.manifest, threads, self.kv_format, self.kv_recent)
         self.tokenizer = Tokenizer(self.path / self.manifest.tokenizer["tokenizer"], self.spec.bos_token_id)
         limit = self.spec.max_position_embeddings
         if context_length is not None and not 0 < context_length <= limit:
@@ -183,11 +184,12 @@ class Model:
 
 def load(path: str | Path, *, threads: int | None = None, context_length: int | None = None,
          prefill_chunk: int | None = None, low_memory: bool = False, kv: str = DEFAULT_KV_FORMAT,
-         kv_recent: int = 0) -> Model:
+         kv_recent: int | None = None) -> Model:
     """Open an exported artifact directory.
 
-    `kv` is the KV cache format (edge_runtime.kv_formats.KV_FORMATS: fp32, fp16, int8, TurboQuant tq4 to tq2.5,
-    qjl); `kv_recent` keeps that many most recent tokens exactly besides their codes. `prefill_chunk`
+    `kv` is the KV cache format (edge_runtime.kv_formats.KV_FORMATS: fp32, fp16, int8, TurboQuant tq4 to tq2.5
+    and their -mse/-prod variants, qjl); `kv_recent` keeps that many most recent tokens exactly besides their
+    codes (default: the format's, 32 for compressed formats, 0 for fp32/fp16/int8). `prefill_chunk`
     (default 256) bounds the prompt tokens run at once. `low_memory` trades prefill speed for resident memory:
     64-token chunks and freed scratch returned to the OS (see `memory.return_freed_memory_to_os`), for
     devices where the model barely fits.

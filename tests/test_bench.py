@@ -92,7 +92,8 @@ def test_bench_table_names_the_tests_and_the_ceiling(bundled):
 
 @pytest.mark.parametrize("args,message", [
     (("-p", "abc"), "error: -p/--n-prompt 'abc': expected a comma-separated list of positive token counts"),
-    (("-p", "0"), "error: -p/--n-prompt '0': expected a comma-separated list of positive token counts"),
+    (("-p", "0,8"), "error: -p/--n-prompt '0,8': expected a comma-separated list of positive token counts"),
+    (("-p", "0", "-n", "0"), "error: no tests: give prompt sizes (-p) or generation lengths (-n)"),
     (("-n", "4,-1"), "error: -n/--n-gen '4,-1': expected a comma-separated list of positive token counts"),
     (("-r", "0"), "error: repetitions=0: must be at least 1"),
     (("--kv", "fp8"), "error: kv='fp8': not a KV cache format; choose one of fp32, fp16, int8, tq4"),
@@ -150,10 +151,19 @@ def test_bench_reports_the_kv_format_it_ran(bundled):
     figures = {}
     for kv in ("fp16", "tq3.5"):
         result = cli("bench", "-m", str(path), "-p", "8", "-n", "2", "-r", "1", "-d", "40", "--probe-mb", "16",
-                     "--kv", kv, "--json")
+                     "--kv", kv, "--kv-recent", "0", "--json")
         assert result.returncode == 0, result.stderr
         figures[kv] = json.loads(result.stdout)
         assert figures[kv]["formats"]["kv"] == kv
     fp16, tq = (figures[kv]["tests"][1]["kv_bytes_per_token"] for kv in ("fp16", "tq3.5"))
     assert 0 < tq < fp16 / 2
     assert 0 < figures["tq3.5"]["kv_cache_bytes"] < figures["fp16"]["kv_cache_bytes"]
+
+
+def test_p0_skips_prompt_tests_so_depth_is_prefilled_once(bundled):
+    path, _ = bundled
+    result = cli("bench", "-m", str(path), "-p", "0", "-n", "3", "-r", "1", "-d", "20", "--probe-mb", "16", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [t["test"] for t in data["tests"]] == ["tg3 @ d20"]
+    assert data["ttft_test"] is None and data["ttft_ms"] is None and data["context"] == 24
