@@ -13,7 +13,8 @@ platform does not expose a figure):
     model              artifact directory
     model_bytes        sum of the artifact's file sizes
     formats            the manifest's formats and the KV format the model ran with, e.g.
-                       {"weights": "int4", "block_size": 32, "ple": "int8", "kv": "tq3.5", "kv_recent": 32}
+                       {"weights": "int4", "block_size": 32, "ple": "int8", "kv": "tq3.5", "kv_recent": 32,
+                        "kv_sliding": "fp32"}
     kv_cache_bytes     bytes the KV cache held allocated after the tests (codes, norms, recent rings)
     threads            onnxruntime threads, also the bandwidth probe's threads
     context            context length the model was loaded with
@@ -59,7 +60,7 @@ import numpy as np
 from edge_runtime.artifact import WEIGHTS_FILE, read_manifest
 from edge_runtime.engine import Engine, default_threads
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, kv_format
+from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, kv_format
 from edge_runtime.memory import current_rss_bytes, mapped_resident_bytes, peak_rss_bytes
 from edge_runtime.model import Model, load
 from edge_runtime.sampling import Sampler
@@ -99,6 +100,7 @@ class BenchConfig:
     low_memory: bool = False
     kv: str = DEFAULT_KV_FORMAT
     kv_recent: int | None = None
+    kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT
 
     def __post_init__(self) -> None:
         for option, counts in (("n_prompt", self.n_prompt), ("n_gen", self.n_gen)):
@@ -112,6 +114,7 @@ class BenchConfig:
             if value is not None and value < least:
                 raise EdgeRuntimeError(f"{option}={value}: must be at least {least}")
         kv_format(self.kv)
+        kv_format(self.kv_sliding)
 
     @property
     def context_needed(self) -> int:
@@ -213,7 +216,7 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
     report("load", 0, 1)
     start = time.perf_counter()
     model = load(artifact, threads=threads, context_length=config.context or needed, low_memory=config.low_memory,
-                 kv=config.kv, kv_recent=config.kv_recent)
+                 kv=config.kv, kv_recent=config.kv_recent, kv_sliding=config.kv_sliding)
     load_seconds = time.perf_counter() - start
 
     rng = np.random.default_rng(SEED)
@@ -250,7 +253,8 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
     return {
         "model": str(artifact),
         "model_bytes": sum(entry["size"] for entry in manifest.files.values()),
-        "formats": {**manifest.formats, "kv": config.kv, "kv_recent": model.kv_recent},
+        "formats": {**manifest.formats, "kv": config.kv, "kv_recent": model.kv_recent,
+                    "kv_sliding": config.kv_sliding},
         "kv_cache_bytes": kv_cache_bytes,
         "threads": threads,
         "context": model.context_length,

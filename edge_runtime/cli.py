@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, KV_FORMATS
+from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, KV_FORMATS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run Gemma 4 E2B/E4B offline: export a checkpoint, then generate from the artifact.")
@@ -24,6 +24,8 @@ err = Console(stderr=True)
 KV = typer.Option(DEFAULT_KV_FORMAT, "--kv", help=f"KV cache format: {', '.join(KV_FORMATS)}.")
 KV_RECENT = typer.Option(None, "--kv-recent", help="Keep this many most recent tokens exact besides their KV codes "
                          "(default: 32 for compressed formats, 0 for fp32/fp16/int8).")
+KV_SLIDING = typer.Option(DEFAULT_SLIDING_KV_FORMAT, "--kv-sliding", help="KV format of the sliding-window layers "
+                          "(their rings stop at the window).")
 LOW_MEMORY = typer.Option(False, "--low-memory", help="64-token prefill chunks and freed scratch returned to the "
                           "OS: less resident memory, slower prefill.")
 
@@ -92,13 +94,14 @@ def run(
     low_memory: bool = LOW_MEMORY,
     kv: str = KV,
     kv_recent: int | None = KV_RECENT,
+    kv_sliding: str = KV_SLIDING,
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
     import edge_runtime
 
     try:
         m = edge_runtime.load(_resolve_model(model), threads=threads, low_memory=low_memory, kv=kv,
-                              kv_recent=kv_recent)
+                              kv_recent=kv_recent, kv_sliding=kv_sliding)
         for piece in m.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                               top_p=top_p, seed=seed):
             sys.stdout.write(piece)
@@ -166,6 +169,7 @@ def bench(
     low_memory: bool = LOW_MEMORY,
     kv: str = KV,
     kv_recent: int | None = KV_RECENT,
+    kv_sliding: str = KV_SLIDING,
     as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object."),
 ) -> None:
     """Measure prefill and decode speed, memory, and decode against the bandwidth ceiling (like llama-bench)."""
@@ -173,7 +177,8 @@ def bench(
 
     try:
         config = BenchConfig(parse_counts(n_prompt, "-p/--n-prompt"), parse_counts(n_gen, "-n/--n-gen"),
-                             repetitions, depth, threads, context, probe_mb, low_memory, kv, kv_recent)
+                             repetitions, depth, threads, context, probe_mb, low_memory, kv, kv_recent,
+                             kv_sliding)
         path = _resolve_model(model)
         result = _with_progress(lambda report: run_bench(path, config, report), "bench")
     except EdgeRuntimeError as exc:
@@ -189,6 +194,7 @@ def perplexity(
     threads: int | None = typer.Option(None, "-t", "--threads"),
     kv: str = KV,
     kv_recent: int | None = KV_RECENT,
+    kv_sliding: str = KV_SLIDING,
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
 ) -> None:
     """Perplexity of a text, in BOS-started windows through the chunked KV-cache path."""
@@ -197,11 +203,12 @@ def perplexity(
 
     try:
         text = read_text(text_file)
-        m = edge_runtime.load(_resolve_model(model), threads=threads, kv=kv, kv_recent=kv_recent)
+        m = edge_runtime.load(_resolve_model(model), threads=threads, kv=kv, kv_recent=kv_recent,
+                              kv_sliding=kv_sliding)
         result = _with_progress(lambda report: evaluate(m, text, context, progress=report), "perplexity")
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
-    figures = {"model": str(m.path), "kv": kv, "kv_recent": m.kv_recent, "text_file": str(text_file), "perplexity": result.perplexity,
+    figures = {"model": str(m.path), "kv": kv, "kv_recent": m.kv_recent, "kv_sliding": kv_sliding, "text_file": str(text_file), "perplexity": result.perplexity,
                "nll": result.nll, "tokens": result.tokens, "windows": result.windows, "context": result.context,
                "seconds": result.seconds, "tokens_per_second": result.tokens_per_second}
     if as_json:

@@ -12,6 +12,7 @@ layers, and the 262144-row head, skip the rest of the prompt).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from edge_runtime.attention import Block, attend
 from edge_runtime.embedding import EmbeddingTable
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.kv_cache import KVCache
-from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, KVFormat, kv_format
+from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, KVFormat, kv_format
 from edge_runtime.model_spec import embed_scale
 from edge_runtime.ple_store import PleStore
 from edge_runtime.quant.float_codecs import Float32Codec
@@ -64,7 +65,7 @@ def default_threads() -> int:
 
 class Engine:
     def __init__(self, artifact: Path, manifest: Manifest, threads: int | None = None,
-                 kv: KVFormat | None = None, kv_recent: int | None = None) -> None:
+                 kv: KVFormat | None = None, kv_recent: int | None = None, kv_sliding: KVFormat | None = None) -> None:
         self.spec = spec = manifest.spec
         artifact = Path(artifact)
 
@@ -84,8 +85,11 @@ class Engine:
             t: inverse_frequencies(spec.rope[t], spec.head_dims[spec.layer_types.index(t)])
             for t in set(spec.layer_types)
         }
+        workers = threads or _thread_pool_size or default_threads()
+        self.attention_pool = ThreadPoolExecutor(workers, "attention") if workers > 1 else None
         kv = kv or kv_format(DEFAULT_KV_FORMAT)
-        self.cache = KVCache(spec, kv, kv.default_recent if kv_recent is None else kv_recent)
+        self.cache = KVCache(spec, kv, kv.default_recent if kv_recent is None else kv_recent,
+                             kv_sliding or kv_format(DEFAULT_SLIDING_KV_FORMAT))
 
     def reset(self) -> None:
         self.cache.reset()
@@ -129,7 +133,7 @@ class Engine:
                       for cached, new in zip(cache.blocks(source, layer_masks), exact[source])]
             (hidden,) = output.run(["hidden_out"], {
                 "hidden": hidden,
-                "attention": attend(query, blocks),
+                "attention": attend(query, blocks, self.attention_pool),
                 "ple_rows": ple_rows[i, queries],
                 "ple_context": ple_context[i, queries],
             })

@@ -5,6 +5,9 @@ source's. Sliding layers keep a ring of `window` slots (slot = position % window
 that grows in steps (slot = position). Each step encodes only the new tokens into their slots; attention
 then reads the stores in place as blocks (edge_runtime.attention), so a decode step writes O(1) bytes.
 
+Sliding layers may use their own format (`sliding_format`): their rings stop at the window, so compressing
+them saves little (E2B: 12 rings of 512 tokens, 12 MB in fp32) while costing decode time and accuracy.
+
 The `recent` most recent tokens are also kept exactly (float32, a ring of `recent` slots): attention reads
 them from there and reads only older tokens from the codes, which protects the tokens that attention
 weighs most at negligible cost.
@@ -69,11 +72,13 @@ class Masks:
 
 
 class KVCache:
-    def __init__(self, spec: ModelSpec, kv_format: KVFormat, recent: int = 0, growth: int = 256) -> None:
+    def __init__(self, spec: ModelSpec, kv_format: KVFormat, recent: int = 0, sliding_format: KVFormat | None = None,
+                 growth: int = 256) -> None:
         if recent < 0:
             raise ValueError(f"recent={recent}: must be 0 or more")
         self.spec = spec
         self.format = kv_format
+        self.sliding_format = sliding_format or kv_format
         self.recent = recent
         self.growth = growth
         self.stores: dict[int, LayerStore] = {}
@@ -155,12 +160,14 @@ class KVCache:
                    for array in s.data.values())
 
     def _new_store(self, layer: int, keys: np.ndarray, values: np.ndarray) -> LayerStore:
-        slots = len(self.slot_positions[self.spec.layer_types[layer]])
+        layer_type = self.spec.layer_types[layer]
+        slots = len(self.slot_positions[layer_type])
+        fmt = self.sliding_format if layer_type == SLIDING else self.format
         dim = keys.shape[-1]
         exact = Float32Codec(dim)
         return LayerStore(
-            keys=[CodeStore(self.format.keys.build(dim, k), slots) for k in keys],
-            values=[CodeStore(self.format.values.build(dim, v), slots) for v in values],
+            keys=[CodeStore(fmt.keys.build(dim, k), slots) for k in keys],
+            values=[CodeStore(fmt.values.build(dim, v), slots) for v in values],
             recent_keys=[CodeStore(exact, self.recent) for _ in keys],
             recent_values=[CodeStore(exact, self.recent) for _ in values],
         )

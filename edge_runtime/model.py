@@ -18,7 +18,7 @@ import numpy as np
 from edge_runtime.artifact import read_manifest
 from edge_runtime.engine import Engine
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, kv_format
+from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, kv_format
 from edge_runtime.memory import return_freed_memory_to_os
 from edge_runtime.sampling import Sampler, SamplingParams
 from edge_runtime.tokenizer import StreamDecoder, Tokenizer
@@ -50,7 +50,7 @@ class GenerationStats:
 class Model:
     def __init__(self, path: Path, threads: int | None = None, context_length: int | None = None,
                  prefill_chunk: int | None = None, low_memory: bool = False, kv: str = DEFAULT_KV_FORMAT,
-                 kv_recent: int | None = None) -> None:
+                 kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.spec = self.manifest.spec
@@ -58,7 +58,8 @@ class Model:
         self.kv_recent = self.kv_format.default_recent if kv_recent is None else kv_recent
         if self.kv_recent < 0:
             raise EdgeRuntimeError(f"kv_recent={kv_recent}: must be 0 or more")
-        self.engine = Engine(self.path, self.manifest, threads, self.kv_format, self.kv_recent)
+        self.kv_sliding_format = kv_format(kv_sliding)
+        self.engine = Engine(self.path, self.manifest, threads, self.kv_format, self.kv_recent, self.kv_sliding_format)
         self.tokenizer = Tokenizer(self.path / self.manifest.tokenizer["tokenizer"], self.spec.bos_token_id)
         limit = self.spec.max_position_embeddings
         if context_length is not None and not 0 < context_length <= limit:
@@ -184,15 +185,16 @@ class Model:
 
 def load(path: str | Path, *, threads: int | None = None, context_length: int | None = None,
          prefill_chunk: int | None = None, low_memory: bool = False, kv: str = DEFAULT_KV_FORMAT,
-         kv_recent: int | None = None) -> Model:
+         kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT) -> Model:
     """Open an exported artifact directory.
 
     `kv` is the KV cache format (edge_runtime.kv_formats.KV_FORMATS: fp32, fp16, int8, TurboQuant tq4 to tq2.5
     and their -mse/-prod variants, qjl); `kv_recent` keeps that many most recent tokens exactly besides their
-    codes (default: the format's, 32 for compressed formats, 0 for fp32/fp16/int8). `prefill_chunk`
+    codes (default: the format's, 32 for compressed formats, 0 for fp32/fp16/int8); `kv_sliding` is the format
+    of the sliding layers' rings, which stop at the window (default fp32: exact and fastest). `prefill_chunk`
     (default 256) bounds the prompt tokens run at once. `low_memory` trades prefill speed for resident memory:
     64-token chunks and freed scratch returned to the OS (see `memory.return_freed_memory_to_os`), for
     devices where the model barely fits.
     """
     return Model(Path(path), threads=threads, context_length=context_length, prefill_chunk=prefill_chunk,
-                 low_memory=low_memory, kv=kv, kv_recent=kv_recent)
+                 low_memory=low_memory, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)

@@ -40,7 +40,7 @@ def test_every_format_is_listed_in_the_bounds():
 @pytest.mark.parametrize("name", list(BOUNDS))
 def test_logits_stay_close_to_the_exact_cache(name, bundled):
     artifact, ids, expected = bundled
-    got = edge_runtime.load(artifact, kv=name, kv_recent=0).logits(ids, mode="decode")
+    got = edge_runtime.load(artifact, kv=name, kv_recent=0, kv_sliding=name).logits(ids, mode="decode")
     error = float(np.sqrt(np.mean((got - expected) ** 2) / np.mean(expected ** 2)))
     top1 = float((got.argmax(1) == expected.argmax(1)).mean())
     print(f"kv {name}: relative RMS logit error {error:.4f}, top-1 agreement {top1:.3f}")
@@ -53,7 +53,7 @@ def test_unbiased_keys_beat_the_papers_mse_and_prod_keys(bundled):
     artifact, ids, expected = bundled
 
     def error(name: str) -> float:
-        got = edge_runtime.load(artifact, kv=name, kv_recent=0).logits(ids[:120], mode="decode")
+        got = edge_runtime.load(artifact, kv=name, kv_recent=0, kv_sliding=name).logits(ids[:120], mode="decode")
         return float(np.sqrt(np.mean((got - expected[:120]) ** 2) / np.mean(expected[:120] ** 2)))
 
     for bits in ("4", "3.5", "3", "2.5"):
@@ -70,9 +70,9 @@ def test_recent_window_covering_everything_is_exact(config, artifacts):
     ids = np.arange(3, 3 + 40)
     for mode in ("prefill", "decode"):
         expected = model.logits(ids, mode=mode)
-        recent = edge_runtime.load(artifacts[config], kv="tq2.5", kv_recent=64, prefill_chunk=5)
+        recent = edge_runtime.load(artifacts[config], kv="tq2.5", kv_recent=64, kv_sliding="tq2.5", prefill_chunk=5)
         np.testing.assert_allclose(recent.logits(ids, mode=mode), expected, atol=1e-5)
-        coded = edge_runtime.load(artifacts[config], kv="tq2.5", kv_recent=0, prefill_chunk=5)
+        coded = edge_runtime.load(artifacts[config], kv="tq2.5", kv_recent=0, kv_sliding="tq2.5", prefill_chunk=5)
         assert np.abs(coded.logits(ids, mode=mode) - expected).max() > 1e-3
 
 
@@ -80,8 +80,8 @@ def test_a_small_recent_window_reads_old_tokens_from_codes(artifacts):
     """kv_recent=4 reads only the last 4 tokens exactly: between the coded cache and the all-exact one."""
     ids = np.arange(3, 3 + 40)
     exact = edge_runtime.load(artifacts["shared-gqa"], kv="fp32").logits(ids, mode="decode")
-    errors = [np.abs(edge_runtime.load(artifacts["shared-gqa"], kv="tq2.5", kv_recent=r).logits(ids, mode="decode")
-                     - exact).max() for r in (0, 4, 64)]
+    errors = [np.abs(edge_runtime.load(artifacts["shared-gqa"], kv="tq2.5", kv_recent=r, kv_sliding="tq2.5")
+                     .logits(ids, mode="decode") - exact).max() for r in (0, 4, 64)]
     assert errors[0] > errors[2] and errors[1] > errors[2] and errors[2] < 1e-5
 
 
@@ -95,11 +95,12 @@ def test_attention_never_decodes_the_cache(artifacts, monkeypatch):
         monkeypatch.setattr(codec, "decode", refuse)
     ids = np.arange(3, 3 + 30)
     for name in ("tq3.5", "tq3-prod", "qjl"):
-        assert np.isfinite(edge_runtime.load(artifacts["shared-gqa"], kv=name).logits(ids, mode="decode")).all()
+        model = edge_runtime.load(artifacts["shared-gqa"], kv=name, kv_sliding=name)
+        assert np.isfinite(model.logits(ids, mode="decode")).all()
 
 
 def test_cache_bytes_match_the_format(artifacts):
-    model = edge_runtime.load(artifacts["shared-mqa-wide"], kv="tq3.5", kv_recent=0)
+    model = edge_runtime.load(artifacts["shared-mqa-wide"], kv="tq3.5", kv_recent=0, kv_sliding="tq3.5")
     spec = model.spec
     model.logits(np.arange(3, 3 + 20), mode="decode")
     cache = model.engine.cache
@@ -143,6 +144,22 @@ def test_unknown_format_is_refused(artifacts):
 @pytest.mark.parametrize("name,recent", [("fp16", 0), ("tq3.5", 16), ("qjl", 4)])
 def test_predicted_cache_bytes_equal_what_the_cache_holds(name, recent, artifacts):
     """kv_format(...).cache_bytes (what the planner and tools/kv_sizes.py print) against the allocated arrays."""
-    model = edge_runtime.load(artifacts["shared-gqa"], kv=name, kv_recent=recent)
-    model.feed(np.arange(3, 3 + 256))  # a multiple of the 256-slot growth step: nothing allocated ahead
-    assert model.engine.cache.nbytes() == kv_format(name).cache_bytes(model.spec, 256, recent)
+    for sliding in (name, "fp32"):
+        model = edge_runtime.load(artifacts["shared-gqa"], kv=name, kv_recent=recent, kv_sliding=sliding)
+        model.feed(np.arange(3, 3 + 256))  # a multiple of the 256-slot growth step: nothing allocated ahead
+        expected = kv_format(name).cache_bytes(model.spec, 256, recent, kv_format(sliding))
+        assert model.engine.cache.nbytes() == expected
+
+
+def test_sliding_rings_default_to_exact_and_take_any_format(artifacts):
+    from edge_runtime.quant.float_codecs import Float32Codec
+    from edge_runtime.quant.turboquant import ChannelSplit
+
+    for sliding, codec in (("fp32", Float32Codec), ("tq3.5", ChannelSplit)):
+        model = edge_runtime.load(artifacts["shared-gqa"], kv="tq3.5", **({} if sliding == "fp32" else
+                                                                          {"kv_sliding": sliding}))
+        model.feed(np.arange(3, 3 + 20))
+        spec, stores = model.spec, model.engine.cache.stores
+        for i in spec.cache_layers():
+            expected = codec if spec.layer_types[i] == "sliding_attention" else ChannelSplit
+            assert all(isinstance(s.codec, expected) for s in (*stores[i].keys, *stores[i].values))
