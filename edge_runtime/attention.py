@@ -55,15 +55,16 @@ def _weighted_sum(block: Block, weights: np.ndarray, rows: int) -> np.ndarray:
     return block.value_codec.weighted_sum(weights.reshape(rows, -1), block.value_codes)
 
 
-def attend(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+def attend(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecutor | None = None,
+           workers: int = 1) -> np.ndarray:
     """query [kv_heads, groups, T, head_dim] (Gemma 4: scaling 1.0) over per-head blocks -> [T, heads * head_dim].
 
-    With a `pool`, long blocks are split across its threads: numpy releases the GIL while it widens codes
+    With a `pool` of `workers` threads, long blocks are split across them: numpy releases the GIL while it widens codes
     and multiplies, and one thread alone cannot keep up with the cache's bytes (E2B int4 at 8k context: see
     README).
     """
     kv_heads, groups, tokens, head_dim = query.shape
-    workers = pool._max_workers if pool else 1
+    workers = workers if pool else 1
     out = np.empty((tokens, kv_heads, groups, head_dim), dtype=np.float32)
     for h in range(kv_heads):
         whole = [b for b in blocks[h] if b.mask.shape[1]]

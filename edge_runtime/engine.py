@@ -85,8 +85,8 @@ class Engine:
             t: inverse_frequencies(spec.rope[t], spec.head_dims[spec.layer_types.index(t)])
             for t in set(spec.layer_types)
         }
-        workers = threads or _thread_pool_size or default_threads()
-        self.attention_pool = ThreadPoolExecutor(workers, "attention") if workers > 1 else None
+        self.attention_workers = threads or _thread_pool_size or default_threads()
+        self.attention_pool = ThreadPoolExecutor(self.attention_workers, "attention") if self.attention_workers > 1 else None
         kv = kv or kv_format(DEFAULT_KV_FORMAT)
         self.cache = KVCache(spec, kv, kv.default_recent if kv_recent is None else kv_recent,
                              kv_sliding or kv_format(DEFAULT_SLIDING_KV_FORMAT))
@@ -133,7 +133,7 @@ class Engine:
                       for cached, new in zip(cache.blocks(source, layer_masks), exact[source])]
             (hidden,) = output.run(["hidden_out"], {
                 "hidden": hidden,
-                "attention": attend(query, blocks, self.attention_pool),
+                "attention": attend(query, blocks, self.attention_pool, self.attention_workers),
                 "ple_rows": ple_rows[i, queries],
                 "ple_context": ple_context[i, queries],
             })

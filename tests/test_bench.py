@@ -57,7 +57,7 @@ def test_bench_json_has_every_figure_for_the_default_model(bench_json):
     manifest = read_manifest(path)
     assert data["bytes_per_token"] == manifest.bytes_per_token and data["read_per_token"] == manifest.read_per_token
     assert data["model_bytes"] == sum(f["size"] for f in manifest.files.values())
-    assert data["formats"] == {**manifest.formats, "kv": "fp16", "kv_recent": 0}
+    assert data["formats"] == {**manifest.formats, "kv": "fp16", "kv_recent": 0, "kv_sliding": "fp32"}
     assert data["probe_bytes"] == 64 << 20 and data["context"] == 8 and data["ttft_test"] == "pp8"
     assert data["peak_rss_bytes"] >= data["current_rss_bytes"]
     assert 0 < data["ple_resident_bytes"] <= (path / "ple.bin").stat().st_size
@@ -151,7 +151,7 @@ def test_bench_reports_the_kv_format_it_ran(bundled):
     figures = {}
     for kv in ("fp16", "tq3.5"):
         result = cli("bench", "-m", str(path), "-p", "8", "-n", "2", "-r", "1", "-d", "40", "--probe-mb", "16",
-                     "--kv", kv, "--kv-recent", "0", "--json")
+                     "--kv", kv, "--kv-recent", "0", "--kv-sliding", kv, "--json")
         assert result.returncode == 0, result.stderr
         figures[kv] = json.loads(result.stdout)
         assert figures[kv]["formats"]["kv"] == kv

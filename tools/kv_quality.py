@@ -6,7 +6,7 @@ token is read back from the cache's codes, as in generation (a prefill chunk att
 exactly). Prints a markdown table: perplexity, its change against fp16, top-1 agreement with fp16, and the
 format's stored bytes per token relative to fp16 at the bundled model's head sizes.
 
-    python tools/kv_quality.py [--recent 0 16] [--formats fp16 tq3.5 ...] [--json kv_quality.json]
+    python tools/kv_quality.py [--recent 0 32] [--sliding same|fp32] [--formats fp16 tq3.5 ...] [--json F]
 """
 
 from __future__ import annotations
@@ -27,23 +27,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="+", default=list(KV_FORMATS), choices=list(KV_FORMATS))
     parser.add_argument("--recent", nargs="+", type=int, default=[0], help="kv_recent values to try")
+    parser.add_argument("--sliding", default="same", help="KV format of the sliding layers: same (the format "
+                        "measured, the default) or a format name (the runtime's default is fp32)")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     text = (BUNDLED_CHECKPOINT / "heldout.txt").read_text()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_checkpoint(BUNDLED_CHECKPOINT, Path(tmp) / "fp32", weights="fp32", ple="fp32")
-        base = evaluate(edge_runtime.load(artifact, kv="fp16", prefill_chunk=1), text, with_argmax=True)
+        base = evaluate(edge_runtime.load(artifact, kv="fp16", kv_sliding="fp16", prefill_chunk=1), text,
+                        with_argmax=True)
         spec = edge_runtime.load(artifact).spec
         dims = sorted({spec.head_dims[i] for i in spec.cache_layers()})
         print(f"held-out text: {base.tokens} tokens in windows of {base.context}, fed one token at a time; "
-              f"head sizes {dims}\n\n"
+              f"head sizes {dims}; sliding layers: {args.sliding}\n\n"
               "| KV format | recent | perplexity | vs fp16 | top-1 agreement | bytes vs fp16 |\n"
               "| --------- | -----: | ---------: | ------: | --------------: | ------------: |")
         for name in args.formats:
             for recent in args.recent:
-                result = evaluate(edge_runtime.load(artifact, kv=name, kv_recent=recent, prefill_chunk=1), text,
-                                  with_argmax=True)
+                sliding = name if args.sliding == "same" else args.sliding
+                model = edge_runtime.load(artifact, kv=name, kv_recent=recent, kv_sliding=sliding, prefill_chunk=1)
+                result = evaluate(model, text, with_argmax=True)
                 size = sum(kv_format(name).bytes_per_token(d) for d in dims) / sum(4 * d for d in dims)
                 row = {"kv": name, "recent": recent, "perplexity": result.perplexity,
                        "change": result.perplexity / base.perplexity - 1,
