@@ -23,7 +23,7 @@ from edge_runtime.attention import Block, attend
 from edge_runtime.embedding import EmbeddingTable
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.kv_cache import KVCache
-from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, KVFormat, kv_format
+from edge_runtime.kv_formats import KVFormat
 from edge_runtime.model_spec import embed_scale
 from edge_runtime.ple_store import PleStore
 from edge_runtime.quant.float_codecs import Float32Codec
@@ -64,8 +64,8 @@ def default_threads() -> int:
 
 
 class Engine:
-    def __init__(self, artifact: Path, manifest: Manifest, threads: int | None = None,
-                 kv: KVFormat | None = None, kv_recent: int | None = None, kv_sliding: KVFormat | None = None) -> None:
+    def __init__(self, artifact: Path, manifest: Manifest, threads: int | None, kv: KVFormat, kv_recent: int,
+                 kv_sliding: KVFormat) -> None:
         self.spec = spec = manifest.spec
         artifact = Path(artifact)
 
@@ -87,9 +87,7 @@ class Engine:
         }
         self.attention_workers = threads or _thread_pool_size or default_threads()
         self.attention_pool = ThreadPoolExecutor(self.attention_workers, "attention") if self.attention_workers > 1 else None
-        kv = kv or kv_format(DEFAULT_KV_FORMAT)
-        self.cache = KVCache(spec, kv, kv.default_recent if kv_recent is None else kv_recent,
-                             kv_sliding or kv_format(DEFAULT_SLIDING_KV_FORMAT))
+        self.cache = KVCache(spec, kv, kv_recent, kv_sliding)
 
     def reset(self) -> None:
         self.cache.reset()

@@ -31,11 +31,11 @@ def main() -> None:
     print(f"Gemma 4 {args.model.upper()}: {len(full)} full-attention cache layers grow per token, "
           f"{len(spec.cache_layers()) - len(full)} sliding layers hold {spec.sliding_window} tokens; "
           f"recent ring {args.recent} tokens\n")
-    print("| KV format | bytes/token (full layers) | vs fp16 | " + " | ".join(f"cache @ {c // 1024}k" for c in CONTEXTS)
-          + " |\n|---|---:|---:|" + "---:|" * len(CONTEXTS))
+    print("| KV format | what | bytes/token (full layers) | vs fp16 | "
+          + " | ".join(f"cache @ {c // 1024}k" for c in CONTEXTS) + " |\n|---|---|---:|---:|" + "---:|" * len(CONTEXTS))
     for name, f in KV_FORMATS.items():
         sizes = " | ".join(f"{f.cache_bytes(spec, c, args.recent) / 2**20:.1f} MiB" for c in CONTEXTS)
-        print(f"| {name} | {per_token[name]} | {per_token[name] / per_token['fp16']:.3f} | {sizes} |")
+        print(f"| {name} | {f.summary} | {per_token[name]} | {per_token[name] / per_token['fp16']:.3f} | {sizes} |")
 
 
 if __name__ == "__main__":
