@@ -157,6 +157,28 @@ def info(
 
 
 @app.command()
+def verify(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Check every file's SHA-256 against the manifest (sizes are checked on every load; hashes only here)."""
+    from edge_runtime.artifact import verify_artifact
+    from edge_runtime.errors import ArtifactError
+
+    try:
+        damaged = verify_artifact(artifact)
+    except EdgeRuntimeError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps({"artifact": str(artifact), "damaged": damaged}))
+    elif not damaged:
+        typer.echo(f"{artifact}: every file matches its SHA-256 in the manifest")
+    if damaged:
+        raise _fail(ArtifactError(f"{artifact}: SHA-256 mismatch in {', '.join(damaged)}; the artifact is damaged, "
+                                  "re-export or re-copy it"))
+
+
+@app.command()
 def bench(
     model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model)."),
     n_prompt: str = typer.Option("128,512", "-p", "--n-prompt", help="Prompt sizes to prefill, comma-separated (0: no prompt test)."),

@@ -85,3 +85,26 @@ def test_bundled_model_is_the_default(tmp_path):
     second = cli("run", "The list", "-n", "20", "--temperature", "0", env=env)
     assert second.stdout == first.stdout and len(first.stdout.split()) >= 5
     assert list(tmp_path.iterdir()) == cached
+
+
+def test_verify_names_the_damaged_file(artifacts, tmp_path):
+    import shutil
+
+    from edge_runtime.artifact import layer_graphs
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifacts["shared-gqa"], copy)
+    intact = cli("verify", str(copy))
+    assert intact.returncode == 0, intact.stderr
+    assert "every file matches its SHA-256" in intact.stdout
+    name = layer_graphs(1)[1]
+    data = bytearray((copy / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / name).write_bytes(bytes(data))
+    damaged = cli("verify", str(copy))
+    assert damaged.returncode == 1
+    assert damaged.stderr.strip() == (f"error: {copy}: SHA-256 mismatch in {name}; the artifact is damaged, "
+                                      "re-export or re-copy it")
+    assert json.loads(cli("verify", str(copy), "--json").stdout) == {"artifact": str(copy), "damaged": [name]}
+    missing = cli("verify", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "no such artifact directory" in missing.stderr
