@@ -74,12 +74,12 @@ class Masks:
 class KVCache:
     def __init__(self, spec: ModelSpec, kv_format: KVFormat, recent: int = 0, sliding_format: KVFormat | None = None,
                  growth: int = 256) -> None:
-        if recent < 0:
-            raise ValueError(f"recent={recent}: must be 0 or more")
         self.spec = spec
         self.format = kv_format
         self.sliding_format = sliding_format or kv_format
         self.recent = recent
+        # An exact (fp32) store already holds every token exactly: an exact ring beside it would be read for nothing.
+        self.recent_of = {t: 0 if self._format(t).exact else recent for t in set(spec.layer_types)}
         self.growth = growth
         self.stores: dict[int, LayerStore] = {}
         self.slot_positions: dict[str, np.ndarray] = {}
@@ -113,6 +113,9 @@ class KVCache:
                     for code_store in (*store.keys, *store.values):
                         code_store.grow(size)
 
+    def _format(self, layer_type: str) -> KVFormat:
+        return self.sliding_format if layer_type == SLIDING else self.format
+
     def _used_slots(self, layer_type: str) -> int:
         """Slots written so far: positions fill slots in order, and a ring's only once it has wrapped."""
         return min(self.length, len(self.slot_positions[layer_type]))
@@ -128,9 +131,10 @@ class KVCache:
 
         slots = self.slot_positions[layer_type]
         used = self._used_slots(layer_type)
-        coded = visible(slots[:used]) & (slots[None, :used] < self.length - self.recent)
+        recent = self.recent_of[layer_type]
+        coded = visible(slots[:used]) & (slots[None, :used] < self.length - recent)
         return Masks(*(np.where(v, 0.0, MASKED).astype(np.float32)
-                       for v in (coded, visible(self.recent_positions), visible(positions))))
+                       for v in (coded, visible(self.recent_positions[:recent]), visible(positions))))
 
     def blocks(self, layer: int, masks: Masks) -> list[list[Block]]:
         """Per KV head, the cached blocks layer `layer`'s store offers attention (none before the first write)."""
@@ -140,7 +144,7 @@ class KVCache:
         used = masks.codes.shape[1]
         return [
             [Block(k.codec, k.view(used), v.codec, v.view(used), masks.codes),
-             *([Block(rk.codec, rk.data, rv.codec, rv.data, masks.recent)] if self.recent else [])]
+             *([Block(rk.codec, rk.data, rv.codec, rv.data, masks.recent)] if masks.recent.shape[1] else [])]
             for k, v, rk, rv in zip(store.keys, store.values, store.recent_keys, store.recent_values)
         ]
 
@@ -151,7 +155,8 @@ class KVCache:
             return 0
         used = self._used_slots(self.spec.layer_types[layer])
         coded = sum(s.codec.bytes_per_vector for s in (*store.keys, *store.values)) * used
-        return coded + sum(s.codec.bytes_per_vector for s in (*store.recent_keys, *store.recent_values)) * self.recent
+        recent = self.recent_of[self.spec.layer_types[layer]]
+        return coded + sum(s.codec.bytes_per_vector for s in (*store.recent_keys, *store.recent_values)) * recent
 
     def nbytes(self) -> int:
         """Bytes the cache holds allocated, all layers, codes, norms and recent rings included."""
@@ -162,14 +167,14 @@ class KVCache:
     def _new_store(self, layer: int, keys: np.ndarray, values: np.ndarray) -> LayerStore:
         layer_type = self.spec.layer_types[layer]
         slots = len(self.slot_positions[layer_type])
-        fmt = self.sliding_format if layer_type == SLIDING else self.format
+        fmt = self._format(layer_type)
         dim = keys.shape[-1]
         exact = Float32Codec(dim)
         return LayerStore(
             keys=[CodeStore(fmt.keys.build(dim, k), slots) for k in keys],
             values=[CodeStore(fmt.values.build(dim, v), slots) for v in values],
-            recent_keys=[CodeStore(exact, self.recent) for _ in keys],
-            recent_values=[CodeStore(exact, self.recent) for _ in values],
+            recent_keys=[CodeStore(exact, self.recent_of[layer_type]) for _ in keys],
+            recent_values=[CodeStore(exact, self.recent_of[layer_type]) for _ in values],
         )
 
     def commit(self, new_kv: dict[int, tuple[np.ndarray, np.ndarray]], positions: np.ndarray) -> None:
@@ -191,6 +196,8 @@ class KVCache:
             keep = positions[-self.recent:]
             index = keep % self.recent
             for i, (keys, values) in new_kv.items():
+                if not self.recent_of[self.spec.layer_types[i]]:
+                    continue
                 for h in range(len(keys)):
                     self.stores[i].recent_keys[h].write(index, keys[h, -len(keep):])
                     self.stores[i].recent_values[h].write(index, values[h, -len(keep):])

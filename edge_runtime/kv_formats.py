@@ -65,6 +65,11 @@ class KVFormat:
     summary: str
     default_recent: int = DEFAULT_RECENT
 
+    @property
+    def exact(self) -> bool:
+        """Stores vectors as they are, so recent tokens need no exact copy."""
+        return self.keys.kind == self.values.kind == "fp32"
+
     def bytes_per_token(self, dim: int) -> int:
         """Stored bytes of one token's key and value for one KV head of width `dim`, norms included."""
         sample = np.ones((1, dim), dtype=np.float32)
@@ -73,13 +78,14 @@ class KVFormat:
     def cache_bytes(self, spec: ModelSpec, context: int, recent: int = 0, sliding: KVFormat | None = None) -> int:
         """Bytes a full cache holds at `context` tokens: full layers grow with it, sliding rings (in `sliding`'s
         format, default this one) stop at their window, each cache layer's exact recent ring adds `recent`
-        float32 tokens."""
+        float32 tokens (none where the format is exact already)."""
         total = 0
         for i in spec.cache_layers():
             window = spec.window(spec.layer_types[i])
             tokens, fmt = (context, self) if window is None else (min(context, window), sliding or self)
             dim = spec.head_dims[i]
-            total += spec.num_key_value_heads * (fmt.bytes_per_token(dim) * tokens + 8 * dim * recent)
+            ring = 0 if fmt.exact else recent
+            total += spec.num_key_value_heads * (fmt.bytes_per_token(dim) * tokens + 8 * dim * ring)
         return total
 
 
