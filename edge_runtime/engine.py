@@ -88,9 +88,29 @@ class Engine:
         self.attention_workers = threads or _thread_pool_size or default_threads()
         self.attention_pool = ThreadPoolExecutor(self.attention_workers, "attention") if self.attention_workers > 1 else None
         self.cache = KVCache(spec, kv, kv_recent, kv_sliding)
+        self.tokens: list[int] = []  # the ids whose keys and values the cache holds, in order
 
     def reset(self) -> None:
         self.cache.reset()
+        self.tokens.clear()
+
+    def reuse(self, token_ids: list[int]) -> int:
+        """Keep the longest cached prefix of `token_ids` that leaves at least one token to run; return its length.
+
+        This is what makes a chat turn (or any prompt sharing a start with the last one) process only its new
+        tokens. Where the cache cannot be cut back far enough (KVCache.can_truncate), it starts over.
+        """
+        cached = np.asarray(self.tokens, dtype=np.int64)
+        wanted = np.asarray(token_ids, dtype=np.int64)
+        n = min(len(cached), len(wanted) - 1)
+        differs = np.flatnonzero(cached[:n] != wanted[:n])
+        keep = int(differs[0]) if len(differs) else max(n, 0)
+        if keep < len(cached):
+            if not self.cache.can_truncate(keep):
+                keep = 0
+            self.cache.truncate(keep)
+            del self.tokens[keep:]
+        return keep
 
     def forward(self, token_ids: np.ndarray, all_logits: bool) -> np.ndarray:
         """Process these tokens after the cached ones; logits [T or 1, vocab] for all or the last position."""
@@ -136,6 +156,7 @@ class Engine:
                 "ple_context": ple_context[i, queries],
             })
         cache.commit(new_kv, positions)
+        self.tokens.extend(ids.tolist())
         if not all_logits:
             hidden = hidden[-1:]
         return self.head.run(None, {"hidden": np.ascontiguousarray(hidden)})[0]

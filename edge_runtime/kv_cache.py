@@ -5,12 +5,16 @@ source's. Sliding layers keep a ring of `window` slots (slot = position % window
 that grows in steps (slot = position). Each step encodes only the new tokens into their slots; attention
 then reads the stores in place as blocks (edge_runtime.attention), so a decode step writes O(1) bytes.
 
+Rings (sliding windows and the recent ring) carry ROLLBACK_TOKENS slots beyond what attention reads, so the
+cache can be cut back to an earlier length (`truncate`) by that many tokens without losing a token still in view:
+what lets a chat turn reuse the cache when the re-rendered transcript differs from the generated tokens at the end.
+
 Sliding layers may use their own format (`sliding_format`): their rings stop at the window, so compressing
 them saves little (E2B: 12 rings of 512 tokens, 12 MB in fp32) while costing decode time and accuracy.
 
-The `recent` most recent tokens are also kept exactly (float32, a ring of `recent` slots): attention reads
-them from there and reads only older tokens from the codes, which protects the tokens that attention
-weighs most at negligible cost.
+The `recent` most recent tokens are also kept exactly (float32, a ring of `recent` + ROLLBACK_TOKENS slots):
+attention reads them from there and reads only older tokens from the codes, which protects the tokens that
+attention weighs most at negligible cost.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_runtime.attention import Block
-from edge_runtime.kv_formats import KVFormat
+from edge_runtime.kv_formats import ROLLBACK_TOKENS, KVFormat
 from edge_runtime.model_spec import SLIDING, ModelSpec
 from edge_runtime.quant.codec import VectorCodec
 from edge_runtime.quant.float_codecs import Float32Codec
@@ -83,7 +87,8 @@ class KVCache:
         self.growth = growth
         self.stores: dict[int, LayerStore] = {}
         self.slot_positions: dict[str, np.ndarray] = {}
-        self.recent_positions = np.full(recent, -1, dtype=np.int64)
+        self.recent_slots = recent + ROLLBACK_TOKENS if recent else 0
+        self.recent_positions = np.full(self.recent_slots, -1, dtype=np.int64)
         self.length = 0
         self.reset()
 
@@ -96,7 +101,22 @@ class KVCache:
             self.slot_positions[layer_type] = np.full(self._initial_slots(layer_type), -1, dtype=np.int64)
 
     def _initial_slots(self, layer_type: str) -> int:
-        return self.spec.sliding_window if layer_type == SLIDING else self.growth
+        return self.spec.sliding_window + ROLLBACK_TOKENS if layer_type == SLIDING else self.growth
+
+    def can_truncate(self, length: int) -> bool:
+        """Whether `truncate(length)` keeps every token a later step may attend to (rings hold only so much)."""
+        return 0 <= length <= self.length and (self.length - length <= ROLLBACK_TOKENS or length == 0)
+
+    def truncate(self, length: int) -> None:
+        """Forget the tokens at positions >= length, as if only the first `length` had been processed."""
+        if not self.can_truncate(length):
+            raise ValueError(f"cannot cut the cache from {self.length} back to {length} tokens")
+        if length == 0:
+            self.reset()
+            return
+        for slots in (*self.slot_positions.values(), self.recent_positions):
+            slots[slots >= length] = -1
+        self.length = length
 
     def reserve(self, new_tokens: int) -> None:
         """Make room in full-attention stores for positions up to length + new_tokens."""
@@ -131,10 +151,11 @@ class KVCache:
 
         slots = self.slot_positions[layer_type]
         used = self._used_slots(layer_type)
-        recent = self.recent_of[layer_type]
-        coded = visible(slots[:used]) & (slots[None, :used] < self.length - recent)
-        return Masks(*(np.where(v, 0.0, MASKED).astype(np.float32)
-                       for v in (coded, visible(self.recent_positions[:recent]), visible(positions))))
+        first_recent = self.length - self.recent_of[layer_type]
+        coded = visible(slots[:used]) & (slots[None, :used] < first_recent)
+        ring = self.recent_positions[:self.recent_slots if self.recent_of[layer_type] else 0]
+        in_ring = visible(ring) & (ring[None, :] >= first_recent)
+        return Masks(*(np.where(v, 0.0, MASKED).astype(np.float32) for v in (coded, in_ring, visible(positions))))
 
     def blocks(self, layer: int, masks: Masks) -> list[list[Block]]:
         """Per KV head, the cached blocks layer `layer`'s store offers attention (none before the first write)."""
@@ -155,7 +176,7 @@ class KVCache:
             return 0
         used = self._used_slots(self.spec.layer_types[layer])
         coded = sum(s.codec.bytes_per_vector for s in (*store.keys, *store.values)) * used
-        recent = self.recent_of[self.spec.layer_types[layer]]
+        recent = self.recent_slots if self.recent_of[self.spec.layer_types[layer]] else 0
         return coded + sum(s.codec.bytes_per_vector for s in (*store.recent_keys, *store.recent_values)) * recent
 
     def nbytes(self) -> int:
@@ -170,11 +191,12 @@ class KVCache:
         fmt = self._format(layer_type)
         dim = keys.shape[-1]
         exact = Float32Codec(dim)
+        ring = self.recent_slots if self.recent_of[layer_type] else 0
         return LayerStore(
             keys=[CodeStore(fmt.keys.build(dim, k), slots) for k in keys],
             values=[CodeStore(fmt.values.build(dim, v), slots) for v in values],
-            recent_keys=[CodeStore(exact, self.recent_of[layer_type]) for _ in keys],
-            recent_values=[CodeStore(exact, self.recent_of[layer_type]) for _ in values],
+            recent_keys=[CodeStore(exact, ring) for _ in keys],
+            recent_values=[CodeStore(exact, ring) for _ in values],
         )
 
     def commit(self, new_kv: dict[int, tuple[np.ndarray, np.ndarray]], positions: np.ndarray) -> None:
@@ -193,8 +215,8 @@ class KVCache:
                     store.values[h].write(index, values[h, -len(keep):])
             slots[index] = keep
         if self.recent:
-            keep = positions[-self.recent:]
-            index = keep % self.recent
+            keep = positions[-self.recent_slots:]
+            index = keep % self.recent_slots
             for i, (keys, values) in new_kv.items():
                 if not self.recent_of[self.spec.layer_types[i]]:
                     continue

@@ -27,6 +27,10 @@ SEED = 0
 # Exact recent tokens kept by compressed formats unless told otherwise: 32 tokens cost E2B 1.2 MB; the bundled
 # model's tq3.5 perplexity change (512-token context, token by token) went from +1.32% to +0.01% with them.
 DEFAULT_RECENT = 32
+# Rings (sliding windows, exact recent tokens) hold this many slots beyond what attention reads, so that the cache
+# can be cut back by up to that many tokens (KVCache.truncate): a chat turn re-renders the transcript, and the
+# tokens of the last reply often differ at their end (trimmed whitespace, a stop string, re-tokenization).
+ROLLBACK_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -78,13 +82,13 @@ class KVFormat:
     def cache_bytes(self, spec: ModelSpec, context: int, recent: int = 0, sliding: KVFormat | None = None) -> int:
         """Bytes a full cache holds at `context` tokens: full layers grow with it, sliding rings (in `sliding`'s
         format, default this one) stop at their window, each cache layer's exact recent ring adds `recent`
-        float32 tokens (none where the format is exact already)."""
+        float32 tokens (none where the format is exact already); rings carry ROLLBACK_TOKENS slots more."""
         total = 0
         for i in spec.cache_layers():
             window = spec.window(spec.layer_types[i])
-            tokens, fmt = (context, self) if window is None else (min(context, window), sliding or self)
+            tokens, fmt = (context, self) if window is None else (window + ROLLBACK_TOKENS, sliding or self)
             dim = spec.head_dims[i]
-            ring = 0 if fmt.exact else recent
+            ring = 0 if fmt.exact or not recent else recent + ROLLBACK_TOKENS
             total += spec.num_key_value_heads * (fmt.bytes_per_token(dim) * tokens + 8 * dim * ring)
         return total
 
