@@ -142,8 +142,8 @@ def file_entry(path: Path) -> dict[str, Any]:
 def read_manifest(artifact: Path) -> Manifest:
     """Load and validate the manifest; checks that every listed file is present with its recorded size.
 
-    Sizes are checked on every load because it is free and catches truncated copies; SHA-256 is checked
-    by `verify_artifact` since hashing gigabytes on every start would dominate load time on a Pi.
+    Sizes are checked on every read because it is free and catches truncated copies; SHA-256 is checked by
+    `verify_artifact`, and at load time by `integrity.check_artifact` for files not yet seen intact.
     """
     artifact = Path(artifact)
     path = artifact / MANIFEST

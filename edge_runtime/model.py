@@ -1,26 +1,34 @@
-"""The public SDK: `load(path)` gives a `Model` that generates, streams, scores and tokenizes.
+"""The public SDK: `load(path)` gives a `Model` that generates, streams, chats, scores and tokenizes.
 
 Shaped after onnxruntime-genai and mlx-lm: one object owning the sessions, cache and tokenizer, a prefill
 that processes the prompt in chunks (bounding attention scratch memory at long prompts), and a decode loop
-that feeds one token at a time through the KV cache.
+that feeds one token at a time through the KV cache. Every generation first keeps the longest prefix of its
+prompt that is already cached (as llama.cpp's server does), so a chat turn runs only the tokens added since the
+last reply. One model has one cache: a lock makes threads sharing it take turns, a generation at a time.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edge_runtime import openai_shapes
 from edge_runtime.artifact import read_manifest
+from edge_runtime.chat_template import ChatTemplate
+from edge_runtime.conversation import Conversation
 from edge_runtime.engine import Engine
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.integrity import check_artifact
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, kv_format
 from edge_runtime.memory import return_freed_memory_to_os
 from edge_runtime.sampling import Sampler, SamplingParams
+from edge_runtime.stop_sequences import StopSequences
 from edge_runtime.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256
@@ -29,22 +37,35 @@ LOW_MEMORY_PREFILL_CHUNK = 64
 
 @dataclass
 class GenerationStats:
-    """Timings of the last generate/stream call, as llama.cpp prints them."""
+    """Counts and timings of the last generation, as llama.cpp prints them."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's, found in the cache and not run again
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    finish_reason: str = "stop"  # "stop" (end of turn, EOS, a stop string) or "length" (max tokens, context end)
+
+    @property
+    def processed_tokens(self) -> int:
+        """Prompt tokens that went through the model this time."""
+        return self.prompt_tokens - self.cached_tokens
 
     @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        return self.processed_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
         """Tokens after the first, over the time spent producing them (the first comes from prefill)."""
         steps = self.generated_tokens - 1
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "generated_tokens": self.generated_tokens, "prefill_seconds": self.prefill_seconds,
+                "decode_seconds": self.decode_seconds, "prefill_tokens_per_second": self.prefill_tokens_per_second,
+                "decode_tokens_per_second": self.decode_tokens_per_second, "finish_reason": self.finish_reason}
 
 
 class Model:
@@ -53,27 +74,32 @@ class Model:
                  kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        check_artifact(self.path, self.manifest)
         self.spec = self.manifest.spec
+        self.name = self.path.resolve().name
         self.kv_format = kv_format(kv)
         self.kv_recent = self.kv_format.default_recent if kv_recent is None else kv_recent
         if self.kv_recent < 0:
             raise EdgeRuntimeError(f"kv_recent={kv_recent}: must be 0 or more")
         self.kv_sliding_format = kv_format(kv_sliding)
-        self.engine = Engine(self.path, self.manifest, threads, self.kv_format, self.kv_recent, self.kv_sliding_format)
-        self.tokenizer = Tokenizer(self.path / self.manifest.tokenizer["tokenizer"], self.spec.bos_token_id)
         limit = self.spec.max_position_embeddings
         if context_length is not None and not 0 < context_length <= limit:
             raise EdgeRuntimeError(f"context_length={context_length}: must be between 1 and the model's {limit}")
         self.context_length = context_length or limit
-        if low_memory:
-            return_freed_memory_to_os()
         if prefill_chunk is None:
             prefill_chunk = LOW_MEMORY_PREFILL_CHUNK if low_memory else DEFAULT_PREFILL_CHUNK
         if prefill_chunk < 1:
             raise EdgeRuntimeError(f"prefill_chunk={prefill_chunk}: must be at least 1")
         self.prefill_chunk = prefill_chunk
+        self.engine = Engine(self.path, self.manifest, threads, self.kv_format, self.kv_recent, self.kv_sliding_format)
+        self.tokenizer = Tokenizer(self.path / self.manifest.tokenizer["tokenizer"], self.spec.bos_token_id)
+        self.chat_template = ChatTemplate.for_artifact(self.path, self.manifest)
+        if low_memory:
+            return_freed_memory_to_os()
         self.eos_token_ids, self.default_sampling = self._generation_defaults()
+        self.end_of_turn_ids = self._end_of_turn_ids()
         self.stats = GenerationStats()
+        self.lock = threading.RLock()
 
     def _generation_defaults(self) -> tuple[set[int], SamplingParams]:
         eos = set(self.spec.eos_token_ids)
@@ -88,8 +114,16 @@ class Model:
                 temperature=0.0 if greedy else float(config.get("temperature", params.temperature)),
                 top_k=int(config.get("top_k", params.top_k)),
                 top_p=float(config.get("top_p", params.top_p)),
+                min_p=float(config.get("min_p") or params.min_p),
+                repetition_penalty=float(config.get("repetition_penalty", params.repetition_penalty)),
             )
         return eos, params
+
+    def _end_of_turn_ids(self) -> set[int]:
+        """The template's end-of-turn token, which ends a chat reply even where generation_config omits it."""
+        marker = self.chat_template.end_of_turn()
+        ids = self.tokenizer.encode(marker, add_bos=False) if marker else []
+        return set(ids) if len(ids) == 1 else set()
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, starting with BOS."""
@@ -97,6 +131,11 @@ class Model:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids)
+
+    def reset(self) -> None:
+        """Empty the KV cache (the next prompt is processed in full)."""
+        with self.lock:
+            self.engine.reset()
 
     def logits(self, token_ids: list[int] | np.ndarray, mode: str = "prefill") -> np.ndarray:
         """float32 [T, vocab] logits of every position, from an empty cache.
@@ -107,80 +146,155 @@ class Model:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if mode not in ("prefill", "decode"):
             raise EdgeRuntimeError(f"mode={mode!r}: must be 'prefill' or 'decode'")
-        self._check_fits(len(ids))
-        self.engine.reset()
+        self.check_fits(len(ids))
         step = self.prefill_chunk if mode == "prefill" else 1
-        return np.concatenate([self.engine.forward(ids[s:s + step], all_logits=True)
-                               for s in range(0, len(ids), step)])
+        with self.lock:
+            self.engine.reset()
+            return np.concatenate([self.engine.forward(ids[s:s + step], all_logits=True)
+                                   for s in range(0, len(ids), step)])
 
-    def _check_fits(self, n: int) -> None:
+    def check_fits(self, n: int) -> None:
         if n == 0:
             raise EdgeRuntimeError("no tokens given")
         if n > self.context_length:
             raise EdgeRuntimeError(
                 f"the prompt has {n} tokens but the context holds {self.context_length}; shorten the prompt"
+                " or load with a longer context"
             )
 
     def feed(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
         """Run tokens after those already cached, in prefill chunks; logits [1, vocab] of the last position."""
         ids = np.asarray(token_ids, dtype=np.int64)
         logits = None
-        for s in range(0, len(ids), self.prefill_chunk):
-            logits = self.engine.forward(ids[s:s + self.prefill_chunk], all_logits=False)
+        with self.lock:
+            for s in range(0, len(ids), self.prefill_chunk):
+                logits = self.engine.forward(ids[s:s + self.prefill_chunk], all_logits=False)
         return logits
 
-    def _prefill(self, ids: list[int]) -> np.ndarray:
-        self.engine.reset()
-        return self.feed(ids)[-1]
-
-    def generate_tokens(self, prompt_ids: list[int], max_new_tokens: int = 256, temperature: float | None = None,
-                        top_k: int | None = None, top_p: float | None = None,
-                        seed: int | None = None) -> Iterator[int]:
-        """Token ids after `prompt_ids`, stopping at EOS, `max_new_tokens` or the end of the context."""
-        if max_new_tokens < 0:
-            raise EdgeRuntimeError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+    def sampler(self, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                min_p: float | None = None, repetition_penalty: float | None = None,
+                seed: int | None = None) -> Sampler:
+        """A sampler with the model's defaults (generation_config.json) where an option is None."""
         d = self.default_sampling
-        sampler = Sampler(SamplingParams(
+        return Sampler(SamplingParams(
             temperature=d.temperature if temperature is None else temperature,
             top_k=d.top_k if top_k is None else top_k,
             top_p=d.top_p if top_p is None else top_p,
+            min_p=d.min_p if min_p is None else min_p,
+            repetition_penalty=d.repetition_penalty if repetition_penalty is None else repetition_penalty,
         ), seed)
-        self._check_fits(len(prompt_ids))
-        self.stats = stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        if max_new_tokens == 0:
-            return
-        start = time.perf_counter()
-        logits = self._prefill(prompt_ids)
-        stats.prefill_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        position = len(prompt_ids)
-        while True:
-            token = sampler(logits)
-            if token in self.eos_token_ids:
-                break
-            stats.generated_tokens += 1
-            yield token
-            if stats.generated_tokens >= max_new_tokens or position >= self.context_length:
-                break
-            logits = self.engine.forward(np.asarray([token]), all_logits=False)[-1]
-            position += 1
-            stats.decode_seconds = time.perf_counter() - start
 
-    def stream(self, prompt: str, max_new_tokens: int = 256, temperature: float | None = None,
-               top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+    def generate_tokens(self, prompt_ids: Sequence[int], max_new_tokens: int = 256, temperature: float | None = None,
+                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None, *,
+                        min_p: float | None = None, repetition_penalty: float | None = None,
+                        stop_token_ids: Sequence[int] = ()) -> Iterator[int]:
+        """Token ids after `prompt_ids`, stopping at EOS (or `stop_token_ids`), `max_new_tokens` or the context end.
+
+        Holds the model's lock until the iterator is exhausted or closed: close a stream you abandon.
+        """
+        if max_new_tokens < 0:
+            raise EdgeRuntimeError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+        sampler = self.sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        prompt_ids = list(prompt_ids)
+        self.check_fits(len(prompt_ids))
+        stops = self.eos_token_ids | set(stop_token_ids)
+        with self.lock:
+            self.stats = stats = GenerationStats(prompt_tokens=len(prompt_ids), finish_reason="length")
+            if max_new_tokens == 0:
+                return
+            start = time.perf_counter()
+            stats.cached_tokens = self.engine.reuse(prompt_ids)
+            logits = self.feed(prompt_ids[stats.cached_tokens:])[-1]
+            stats.prefill_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            history = self.engine.tokens
+            while True:
+                token = sampler(logits, history)
+                if token in stops:
+                    stats.finish_reason = "stop"
+                    break
+                stats.generated_tokens += 1
+                yield token
+                if stats.generated_tokens >= max_new_tokens or len(history) >= self.context_length:
+                    break
+                logits = self.engine.forward(np.asarray([token]), all_logits=False)[-1]
+                stats.decode_seconds = time.perf_counter() - start
+
+    def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256, stop: Sequence[str] = (),
+                   stop_token_ids: Sequence[int] = (), **sampling: float | int | None) -> Iterator[str]:
+        """Text pieces of the continuation of `prompt_ids` as they are decoded, ending before any `stop` string.
+
+        `sampling` takes generate_tokens' options (temperature, top_k, top_p, min_p, repetition_penalty, seed).
+        """
+        decoder, stops = StreamDecoder(self.tokenizer), StopSequences(stop)
+        tokens = self.generate_tokens(prompt_ids, max_new_tokens, stop_token_ids=stop_token_ids, **sampling)
+        try:
+            for token in tokens:
+                if piece := stops.push(decoder.push(token)):
+                    yield piece
+                if stops.stopped:
+                    self.stats.finish_reason = "stop"
+                    return
+            rest = stops.push(decoder.flush())
+            if stops.stopped:
+                self.stats.finish_reason = "stop"
+            else:
+                rest += stops.flush()
+            if rest:
+                yield rest
+        finally:
+            tokens.close()
+
+    def stream(self, prompt: str, max_new_tokens: int = 256, stop: Sequence[str] = (),
+               **sampling: float | int | None) -> Iterator[str]:
         """Text pieces of the continuation of `prompt` as they are decoded."""
-        decoder = StreamDecoder(self.tokenizer)
-        for token in self.generate_tokens(self.encode(prompt), max_new_tokens, temperature, top_k, top_p, seed):
-            if piece := decoder.push(token):
-                yield piece
-        if rest := decoder.flush():
-            yield rest
+        return self.stream_ids(self.encode(prompt), max_new_tokens, stop, **sampling)
 
-    def generate(self, prompt: str, max_new_tokens: int = 256, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> str:
+    def generate(self, prompt: str, max_new_tokens: int = 256, stop: Sequence[str] = (),
+                 **sampling: float | int | None) -> str:
         """The continuation of `prompt` (the prompt itself is not repeated)."""
-        ids = list(self.generate_tokens(self.encode(prompt), max_new_tokens, temperature, top_k, top_p, seed))
-        return self.decode(ids)
+        return "".join(self.stream(prompt, max_new_tokens, stop, **sampling))
+
+    def chat_prompt_ids(self, messages: Sequence[Mapping]) -> list[int]:
+        """The token ids of `messages` rendered by the chat template, ready for the model's reply.
+
+        The template writes the BOS token itself, so the text is tokenized without adding another.
+        """
+        ids = self.tokenizer.encode(self.chat_template.render(messages), add_bos=False)
+        if self.spec.bos_token_id is not None and ids[:1] != [self.spec.bos_token_id]:
+            ids.insert(0, self.spec.bos_token_id)
+        return ids
+
+    def chat_stream(self, messages: Sequence[Mapping], max_new_tokens: int = 512, stop: Sequence[str] = (),
+                    **sampling: float | int | None) -> Iterator[str]:
+        """The assistant's reply to `messages` (OpenAI-style role/content dicts), streamed."""
+        return self.stream_ids(self.chat_prompt_ids(messages), max_new_tokens, stop,
+                               stop_token_ids=self.end_of_turn_ids, **sampling)
+
+    def chat(self, messages: Sequence[Mapping], max_new_tokens: int = 512, stop: Sequence[str] = (),
+             **sampling: float | int | None) -> str:
+        """The assistant's reply to `messages`; a conversation's earlier turns are reused from the cache."""
+        return "".join(self.chat_stream(messages, max_new_tokens, stop, **sampling))
+
+    def conversation(self, system: str | None = None) -> Conversation:
+        """A multi-turn chat that keeps its transcript (and, while it is the model's latest user, its KV cache)."""
+        return Conversation(self, system)
+
+    def create_chat_completion(self, messages: Sequence[Mapping], *, max_tokens: int | None = None,
+                               stream: bool = False, stop: str | Sequence[str] | None = None,
+                               **sampling: float | int | None) -> dict | Iterator[dict]:
+        """OpenAI's chat.completion, or with stream=True a generator of chat.completion.chunk dicts.
+
+        `sampling` takes temperature, top_p, top_k, min_p, repetition_penalty, seed; `include_usage=True` adds
+        the usage chunk at the end of a stream (OpenAI's stream_options).
+        """
+        return openai_shapes.chat_completion(self, messages, max_tokens=max_tokens, stream=stream, stop=stop,
+                                             **sampling)
+
+    def create_completion(self, prompt: str, *, max_tokens: int | None = None, stream: bool = False,
+                          stop: str | Sequence[str] | None = None, **sampling: float | int | None) -> dict | Iterator[dict]:
+        """OpenAI's text_completion for a plain prompt (or its stream of chunks)."""
+        return openai_shapes.completion(self, prompt, max_tokens=max_tokens, stream=stream, stop=stop, **sampling)
 
 
 def load(path: str | Path, *, threads: int | None = None, context_length: int | None = None,

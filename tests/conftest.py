@@ -69,6 +69,18 @@ def artifacts(checkpoints, tmp_path_factory) -> dict[str, Path]:
     return {name: export_checkpoint(path, root / name) for name, path in checkpoints.items()}
 
 
+@pytest.fixture(scope="session")
+def bundled(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The bundled (trained) model exported into a fresh cache directory, which commands without -m must find;
+    with the environment that points them there."""
+    from edge_runtime.bundled import default_artifact
+
+    env = {"EDGE_RUNTIME_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGE_RUNTIME_CACHE", env["EDGE_RUNTIME_CACHE"])
+        return default_artifact(), env
+
+
 def reference_model(checkpoint: Path):
     """transformers' Gemma4ForCausalLM, eager float32, with weights read by the `safetensors` library."""
     import torch

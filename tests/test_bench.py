@@ -27,17 +27,6 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def bundled(tmp_path_factory):
-    """The bundled model exported into a fresh cache directory, which `bench` without -m must find."""
-    from edge_runtime.bundled import default_artifact
-
-    env = {"EDGE_RUNTIME_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EDGE_RUNTIME_CACHE", env["EDGE_RUNTIME_CACHE"])
-        return default_artifact(), env
-
-
-@pytest.fixture(scope="module")
 def bench_json(bundled):
     path, env = bundled
     result = cli("bench", *TINY, "--json", env=env)

@@ -1,0 +1,60 @@
+"""SHA-256 checks at load time that do not re-hash gigabytes on every start.
+
+`edge-runtime verify` hashes every file. Loading hashes a file only when it is new to this machine or has
+changed since it was last found intact: the (size, mtime, inode) of each file that matched its manifest hash is
+remembered in the user cache (`verified.json`). So the first load after an export or a copy checks everything
+(one read of the artifact: about a minute for E2B from a Pi's SD card, seconds from NVMe), and a file rewritten
+since (a flipped byte, a half-finished copy) is caught by name. What this cannot see is a change that keeps size
+and mtime, such as bit rot on the medium: `verify` is for that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from edge_runtime.artifact import Manifest, sha256_file
+from edge_runtime.bundled import cache_dir
+from edge_runtime.errors import ArtifactError
+
+STAMPS_FILE = "verified.json"
+
+
+def _read_stamps(path: Path) -> dict[str, list]:
+    try:
+        stamps = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def _write_stamps(path: Path, stamps: dict[str, list]) -> None:
+    """Best effort and atomic: a read-only home directory only means hashing again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(stamps))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def check_artifact(artifact: Path, manifest: Manifest) -> None:
+    """Raise ArtifactError naming the first file whose SHA-256 differs from the manifest."""
+    stamps_path = cache_dir() / STAMPS_FILE
+    stamps = _read_stamps(stamps_path)
+    changed = False
+    for name, entry in manifest.files.items():
+        file = (Path(artifact) / name).resolve()
+        info = file.stat()
+        stamp = [info.st_size, info.st_mtime_ns, info.st_ino, entry["sha256"]]
+        if stamps.get(str(file)) == stamp:
+            continue
+        if sha256_file(file) != entry["sha256"]:
+            raise ArtifactError(f"{Path(artifact) / name}: SHA-256 differs from the manifest; the artifact is damaged, "
+                                "re-export or re-copy it (edge-runtime verify lists every damaged file)")
+        stamps[str(file)] = stamp
+        changed = True
+    if changed:
+        _write_stamps(stamps_path, stamps)
