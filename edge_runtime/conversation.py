@@ -39,7 +39,7 @@ class Conversation:
             self.system = system
 
     def stream(self, text: str, max_new_tokens: int = 512, stop: Sequence[str] = (),
-               **sampling: float | int | None) -> Iterator[str]:
+               **sampling: float | None) -> Iterator[str]:
         """The reply to `text`, streamed; the turn joins the transcript once the reply is complete."""
         messages = [*self.messages, {"role": "user", "content": text}]
         model = self.model
@@ -51,6 +51,6 @@ class Conversation:
         self.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]
 
     def say(self, text: str, max_new_tokens: int = 512, stop: Sequence[str] = (),
-            **sampling: float | int | None) -> str:
+            **sampling: float | None) -> str:
         """The reply to `text`."""
         return "".join(self.stream(text, max_new_tokens, stop, **sampling))

@@ -221,7 +221,7 @@ class Model:
                 stats.decode_seconds = time.perf_counter() - start
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256, stop: Sequence[str] = (),
-                   stop_token_ids: Sequence[int] = (), **sampling: float | int | None) -> Iterator[str]:
+                   stop_token_ids: Sequence[int] = (), **sampling: float | None) -> Iterator[str]:
         """Text pieces of the continuation of `prompt_ids` as they are decoded, ending before any `stop` string.
 
         `sampling` takes generate_tokens' options (temperature, top_k, top_p, min_p, repetition_penalty, seed).
@@ -246,12 +246,12 @@ class Model:
             tokens.close()
 
     def stream(self, prompt: str, max_new_tokens: int = 256, stop: Sequence[str] = (),
-               **sampling: float | int | None) -> Iterator[str]:
+               **sampling: float | None) -> Iterator[str]:
         """Text pieces of the continuation of `prompt` as they are decoded."""
         return self.stream_ids(self.encode(prompt), max_new_tokens, stop, **sampling)
 
     def generate(self, prompt: str, max_new_tokens: int = 256, stop: Sequence[str] = (),
-                 **sampling: float | int | None) -> str:
+                 **sampling: float | None) -> str:
         """The continuation of `prompt` (the prompt itself is not repeated)."""
         return "".join(self.stream(prompt, max_new_tokens, stop, **sampling))
 
@@ -266,13 +266,13 @@ class Model:
         return ids
 
     def chat_stream(self, messages: Sequence[Mapping], max_new_tokens: int = 512, stop: Sequence[str] = (),
-                    **sampling: float | int | None) -> Iterator[str]:
+                    **sampling: float | None) -> Iterator[str]:
         """The assistant's reply to `messages` (OpenAI-style role/content dicts), streamed."""
         return self.stream_ids(self.chat_prompt_ids(messages), max_new_tokens, stop,
                                stop_token_ids=self.end_of_turn_ids, **sampling)
 
     def chat(self, messages: Sequence[Mapping], max_new_tokens: int = 512, stop: Sequence[str] = (),
-             **sampling: float | int | None) -> str:
+             **sampling: float | None) -> str:
         """The assistant's reply to `messages`; a conversation's earlier turns are reused from the cache."""
         return "".join(self.chat_stream(messages, max_new_tokens, stop, **sampling))
 
@@ -282,7 +282,7 @@ class Model:
 
     def create_chat_completion(self, messages: Sequence[Mapping], *, max_tokens: int | None = None,
                                stream: bool = False, stop: str | Sequence[str] | None = None,
-                               **sampling: float | int | None) -> dict | Iterator[dict]:
+                               **sampling: float | None) -> dict | Iterator[dict]:
         """OpenAI's chat.completion, or with stream=True a generator of chat.completion.chunk dicts.
 
         `sampling` takes temperature, top_p, top_k, min_p, repetition_penalty, seed; `include_usage=True` adds
@@ -292,7 +292,7 @@ class Model:
                                              **sampling)
 
     def create_completion(self, prompt: str, *, max_tokens: int | None = None, stream: bool = False,
-                          stop: str | Sequence[str] | None = None, **sampling: float | int | None) -> dict | Iterator[dict]:
+                          stop: str | Sequence[str] | None = None, **sampling: float | None) -> dict | Iterator[dict]:
         """OpenAI's text_completion for a plain prompt (or its stream of chunks)."""
         return openai_shapes.completion(self, prompt, max_tokens=max_tokens, stream=stream, stop=stop, **sampling)
 
