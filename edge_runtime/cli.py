@@ -22,6 +22,14 @@ err = Console(stderr=True)
 
 
 KV = typer.Option(DEFAULT_KV_FORMAT, "--kv", help=f"KV cache format: {', '.join(KV_FORMATS)}.")
+PROFILE_KV = typer.Option(None, "--kv", help=f"KV cache format: {', '.join(KV_FORMATS)} (default: the profile's, "
+                          f"else {DEFAULT_KV_FORMAT}).")
+PROFILE = typer.Option("auto", "--profile", help="Device profile whose threads, KV format and context apply, and "
+                       "whose memory the model must fit (edge-runtime profiles list); auto: detect this device; "
+                       "none: no profile, no memory check.")
+CONTEXT = typer.Option(None, "-c", "--context", help="Context length in tokens (default: the profile's, at most the "
+                       "model's).")
+THREADS = typer.Option(None, "-t", "--threads", help="Threads (default: the profile's, else up to 4).")
 KV_RECENT = typer.Option(None, "--kv-recent", help="Keep this many most recent tokens exact besides their KV codes "
                          "(default: 32 for compressed formats, 0 for fp32/fp16/int8).")
 KV_SLIDING = typer.Option(DEFAULT_SLIDING_KV_FORMAT, "--kv-sliding", help="KV format of the sliding-window layers "
@@ -60,16 +68,50 @@ def export(
     ple: str = typer.Option("auto", help="PLE store format: auto (the checkpoint's precision), bf16, fp16, fp32, "
                             "int8 or int4."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact once the new one is complete."),
+    profile: str | None = typer.Option(None, "--profile", help="Take the weight, block size and PLE formats from "
+                                       "this device profile (explicit options still win)."),
 ) -> None:
     """Convert a Gemma 4 checkpoint into an edge-runtime artifact."""
     try:
         from export import export_checkpoint
+
+        if profile is not None:
+            weights, block_size, ple = _profile_formats(profile, weights, block_size, ple)
 
         _with_progress(lambda report: export_checkpoint(checkpoint, output, weights=weights, block_size=block_size,
                                                         ple=ple, force=force, progress=report), "export")
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     err.print(f"wrote {output}", highlight=False)
+
+
+def _given(value: object, default: object) -> bool:
+    """Whether an option was set on the command line: typer cannot tell, so compare with the declared default."""
+    return value != default
+
+
+def _profile_formats(name: str, weights: str, block_size: int, ple: str) -> tuple[str, int, str]:
+    from edge_runtime.profiles import load_profile
+
+    p = load_profile(name)
+    return (weights if _given(weights, "fp32") else p.weights, block_size if _given(block_size, 32) else p.block_size,
+            ple if _given(ple, "auto") else p.ple)
+
+
+def _load(model: Path | None, profile: str, context: int | None, threads: int | None, kv: str | None,
+          kv_recent: int | None, kv_sliding: str, low_memory: bool):
+    import edge_runtime
+
+    path = _resolve_model(model)
+    return edge_runtime.load(path, profile=None if profile == "none" else profile, context_length=context,
+                             threads=threads, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding, low_memory=low_memory)
+
+
+def _print_stats(m) -> None:
+    s = m.stats
+    err.print(f"prompt {s.prompt_tokens} tokens ({s.cached_tokens} cached), {s.prefill_tokens_per_second:.1f} tok/s | "
+              f"generated {s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s | "
+              f"context {len(m.engine.tokens)}/{m.context_length}", highlight=False)
 
 
 def _resolve_model(model: Path | None) -> Path:
@@ -80,39 +122,135 @@ def _resolve_model(model: Path | None) -> Path:
     return _with_progress(lambda report: default_artifact(report), "first run: exporting the bundled model")
 
 
+SAMPLING_HELP = "Default: the model's generation_config."
+
+
 @app.command()
 def run(
-    prompt: str = typer.Argument(..., help="Text to continue."),
+    prompt: str = typer.Argument(..., help="Text to continue; - reads it from stdin."),
     model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model)."),
     max_new_tokens: int = typer.Option(128, "-n", "--max-new-tokens", help="Stop after this many tokens."),
-    temperature: float | None = typer.Option(None, "--temperature", help="0 for greedy; default from the model."),
-    top_k: int | None = typer.Option(None, "--top-k"),
-    top_p: float | None = typer.Option(None, "--top-p"),
+    temperature: float | None = typer.Option(None, "--temperature", help="0 for greedy. " + SAMPLING_HELP),
+    top_k: int | None = typer.Option(None, "--top-k", help="0 disables it. " + SAMPLING_HELP),
+    top_p: float | None = typer.Option(None, "--top-p", help=SAMPLING_HELP),
+    min_p: float | None = typer.Option(None, "--min-p", help="Drop tokens below min-p x the top probability."),
+    repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", help="Penalize the last 64 tokens (1: off)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
-    threads: int | None = typer.Option(None, "-t", "--threads"),
+    stop: list[str] = typer.Option([], "--stop", help="Stop before this text (repeatable)."),
+    profile: str = PROFILE,
+    context: int | None = CONTEXT,
+    threads: int | None = THREADS,
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print token counts and speeds to stderr."),
+    as_json: bool = typer.Option(False, "--json", help="Print the text and the figures as one JSON object at the end."),
     low_memory: bool = LOW_MEMORY,
-    kv: str = KV,
+    kv: str | None = PROFILE_KV,
     kv_recent: int | None = KV_RECENT,
     kv_sliding: str = KV_SLIDING,
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
-    import edge_runtime
-
+    if prompt == "-":
+        prompt = sys.stdin.read()
     try:
-        m = edge_runtime.load(_resolve_model(model), threads=threads, low_memory=low_memory, kv=kv,
-                              kv_recent=kv_recent, kv_sliding=kv_sliding)
-        for piece in m.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                              top_p=top_p, seed=seed):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        m = _load(model, profile, context, threads, kv, kv_recent, kv_sliding, low_memory)
+        pieces = m.stream(prompt, max_new_tokens=max_new_tokens, stop=stop, temperature=temperature, top_k=top_k,
+                          top_p=top_p, min_p=min_p, repetition_penalty=repeat_penalty, seed=seed)
+        text = []
+        for piece in pieces:
+            text.append(piece)
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps({"model": str(m.path), "text": "".join(text), **m.stats.to_dict()}, indent=1))
+        return
     sys.stdout.write("\n")
     if stats:
-        s = m.stats
-        err.print(f"prompt {s.prompt_tokens} tokens, {s.prefill_tokens_per_second:.1f} tok/s | "
-                  f"generated {s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s", highlight=False)
+        _print_stats(m)
+
+
+CHAT_HELP = """commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset),
+/stats (last turn's counts and speeds), /help, /quit; end a line with \\ to continue it"""
+
+
+def _read_message(interactive: bool) -> str | None:
+    """One user message; lines ending in a backslash continue it. None at end of input."""
+    lines = []
+    while True:
+        try:
+            line = input("> " if interactive and not lines else ". " if interactive else "")
+        except EOFError:
+            return "\n".join(lines) if lines else None
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        lines.append(line)
+        return "\n".join(lines)
+
+
+@app.command()
+def chat(
+    model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model)."),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
+    max_new_tokens: int = typer.Option(512, "-n", "--max-new-tokens", help="Longest reply in tokens."),
+    temperature: float | None = typer.Option(None, "--temperature", help="0 for greedy. " + SAMPLING_HELP),
+    top_k: int | None = typer.Option(None, "--top-k", help="0 disables it. " + SAMPLING_HELP),
+    top_p: float | None = typer.Option(None, "--top-p", help=SAMPLING_HELP),
+    min_p: float | None = typer.Option(None, "--min-p", help="Drop tokens below min-p x the top probability."),
+    repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", help="Penalize the last 64 tokens (1: off)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    profile: str = PROFILE,
+    context: int | None = CONTEXT,
+    threads: int | None = THREADS,
+    low_memory: bool = LOW_MEMORY,
+    kv: str | None = PROFILE_KV,
+    kv_recent: int | None = KV_RECENT,
+    kv_sliding: str = KV_SLIDING,
+) -> None:
+    """Talk with the model: streamed replies, earlier turns kept in the KV cache (/help for commands)."""
+    try:
+        m = _load(model, profile, context, threads, kv, kv_recent, kv_sliding, low_memory)
+        m.sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    except EdgeRuntimeError as exc:
+        raise _fail(exc) from None
+    interactive = sys.stdin.isatty()
+    conversation = m.conversation(system)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repeat_penalty,
+                   seed=seed)
+    if interactive:
+        err.print(f"{m.name}: context {m.context_length}, KV {m.kv_format.name}. {CHAT_HELP}", highlight=False)
+    while (message := _read_message(interactive)) is not None:
+        command, _, argument = message.strip().partition(" ")
+        if command in ("/quit", "/exit"):
+            break
+        if command == "/help":
+            err.print(CHAT_HELP, highlight=False)
+        elif command == "/reset":
+            conversation.reset()
+            err.print("conversation cleared", highlight=False)
+        elif command == "/system":
+            conversation.reset()
+            conversation.system = argument.strip() or None
+            err.print("system prompt set, conversation cleared" if argument.strip() else
+                      "system prompt removed, conversation cleared", highlight=False)
+        elif command == "/stats":
+            _print_stats(m)
+        elif command.startswith("/"):
+            err.print(f"unknown command {command}; {CHAT_HELP}", highlight=False)
+        elif message.strip():
+            try:
+                for piece in conversation.stream(message, max_new_tokens=max_new_tokens, **options):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except EdgeRuntimeError as exc:
+                if not interactive:
+                    raise _fail(exc) from None
+                err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            except KeyboardInterrupt:
+                err.print("\n(reply interrupted; not kept in the conversation)", highlight=False)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
 
 @app.command()
@@ -238,6 +376,75 @@ def perplexity(
         return
     typer.echo(f"perplexity {result.perplexity:.4f} (mean NLL {result.nll:.4f} nats) over {result.tokens} tokens "
                f"in {result.windows} windows of up to {result.context}; {result.tokens_per_second:.1f} tokens/s")
+
+
+profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles: what fits on a Raspberry Pi or a phone.")
+app.add_typer(profiles_app, name="profiles")
+
+
+@profiles_app.command("list")
+def profiles_list(as_json: bool = typer.Option(False, "--json", help="Print every profile as JSON.")) -> None:
+    """Every device profile, one line each."""
+    from edge_runtime.profiles import format_profile_table, list_profiles
+
+    profiles = list_profiles()
+    typer.echo(json.dumps([p.to_dict() for p in profiles], indent=1) if as_json else format_profile_table(profiles))
+
+
+@profiles_app.command("show")
+def profiles_show(
+    name: str = typer.Argument(..., help="Profile name, or a path to a profile TOML file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
+) -> None:
+    """One profile in full: memory, CPU, storage, default formats and context."""
+    from edge_runtime.profiles import format_profile, load_profile
+
+    try:
+        p = load_profile(name)
+    except EdgeRuntimeError as exc:
+        raise _fail(exc) from None
+    typer.echo(json.dumps(p.to_dict(), indent=1) if as_json else format_profile(p))
+
+
+@profiles_app.command("detect")
+def profiles_detect(as_json: bool = typer.Option(False, "--json", help="Print the detection as JSON.")) -> None:
+    """Which profile this device matches, and the facts read to decide (device tree, /proc, Android properties)."""
+    from edge_runtime.profiles import detect_profile, format_profile
+
+    found = detect_profile()
+    if as_json:
+        typer.echo(json.dumps(found.to_dict(), indent=1))
+        return
+    typer.echo(f"{found.profile.name}{'' if found.exact else ' (nearest match)'}")
+    for reason in found.reasons:
+        typer.echo(f"  {reason}")
+    typer.echo(format_profile(found.profile))
+
+
+@app.command()
+def plan(
+    source: Path | None = typer.Argument(None, help="Checkpoint directory (planned in the profile's formats)."),
+    model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory."),
+    profile: str = typer.Option("auto", "--profile", help="Device profile (auto: detect this device)."),
+    context: int | None = CONTEXT,
+    kv: str | None = PROFILE_KV,
+    kv_recent: int | None = KV_RECENT,
+    kv_sliding: str = KV_SLIDING,
+    as_json: bool = typer.Option(False, "--json", help="Print the budget as JSON."),
+) -> None:
+    """Whether a model fits a device: weights, PLE pages, KV cache, activations and overhead against its memory."""
+    from edge_runtime.planner import format_plan, plan_memory
+    from edge_runtime.profiles import resolve_profile
+
+    try:
+        if (source is None) == (model is None):
+            raise EdgeRuntimeError("give either an artifact (-m ARTIFACT) or a checkpoint directory, not both or none")
+        result = plan_memory(model or source, resolve_profile(profile), context, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)
+    except EdgeRuntimeError as exc:
+        raise _fail(exc) from None
+    typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else format_plan(result))
+    if not result.fits:
+        raise typer.Exit(2)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.integrity import check_artifact
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, kv_format
 from edge_runtime.memory import return_freed_memory_to_os
+from edge_runtime.profiles import Profile, resolve_profile
 from edge_runtime.sampling import Sampler, SamplingParams
 from edge_runtime.stop_sequences import StopSequences
 from edge_runtime.tokenizer import StreamDecoder, Tokenizer
@@ -297,18 +298,33 @@ class Model:
         return openai_shapes.completion(self, prompt, max_tokens=max_tokens, stream=stream, stop=stop, **sampling)
 
 
-def load(path: str | Path, *, threads: int | None = None, context_length: int | None = None,
-         prefill_chunk: int | None = None, low_memory: bool = False, kv: str = DEFAULT_KV_FORMAT,
-         kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT) -> Model:
+def load(path: str | Path, *, profile: str | Profile | None = None, threads: int | None = None,
+         context_length: int | None = None, prefill_chunk: int | None = None, low_memory: bool = False,
+         kv: str | None = None, kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT) -> Model:
     """Open an exported artifact directory.
 
-    `kv` is the KV cache format (edge_runtime.kv_formats.KV_FORMATS: fp32, fp16, int8, TurboQuant tq4 to tq2.5
-    and their -mse/-prod variants, qjl); `kv_recent` keeps that many most recent tokens exactly besides their
+    `profile` (a device profile name, "auto" to detect this device, or a Profile) supplies the defaults for
+    `threads`, `kv` and `context_length`, and the memory the model must fit: when the memory planner predicts
+    more than the profile allows, loading is refused with the plan's one-line explanation instead of the
+    process being killed by the OOM killer later.
+    `kv` is the KV cache format (edge_runtime.kv_formats.KV_FORMATS: fp32, fp16 (default), int8, TurboQuant tq4 to
+    tq2.5 and their -mse/-prod variants, qjl); `kv_recent` keeps that many most recent tokens exactly besides their
     codes (default: the format's, 32 for compressed formats, 0 for fp32/fp16/int8); `kv_sliding` is the format
     of the sliding layers' rings, which stop at the window (default fp32: exact and fastest). `prefill_chunk`
     (default 256) bounds the prompt tokens run at once. `low_memory` trades prefill speed for resident memory:
     64-token chunks and freed scratch returned to the OS (see `memory.return_freed_memory_to_os`), for
     devices where the model barely fits.
     """
+    if profile is not None:
+        from edge_runtime.planner import plan_memory
+
+        read_manifest(Path(path))  # a missing or damaged artifact is reported as such, not as a planning problem
+        device = resolve_profile(profile)
+        chunk = prefill_chunk or (LOW_MEMORY_PREFILL_CHUNK if low_memory else DEFAULT_PREFILL_CHUNK)
+        plan = plan_memory(Path(path), device, context_length, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding,
+                           prefill_chunk=chunk)
+        if not plan.fits:
+            raise EdgeRuntimeError(plan.refusal())
+        threads, kv, context_length = threads or device.threads, plan.kv, plan.context
     return Model(Path(path), threads=threads, context_length=context_length, prefill_chunk=prefill_chunk,
-                 low_memory=low_memory, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)
+                 low_memory=low_memory, kv=kv or DEFAULT_KV_FORMAT, kv_recent=kv_recent, kv_sliding=kv_sliding)

@@ -33,6 +33,7 @@ from edge_runtime.artifact import (
     file_entry,
     layer_graphs,
 )
+from edge_runtime.chat_template import ChatTemplate
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError
 from edge_runtime.ple_store import PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
 from edge_runtime.quant.integer import block_count, offset_binary, quantize_int4_blocks, quantize_int8_rows
@@ -73,6 +74,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
     tokenizer_source = ckpt.path / TOKENIZER_FILE
     if not tokenizer_source.is_file():
         raise CheckpointError(f"{tokenizer_source}: missing; the artifact needs the checkpoint's tokenizer")
+    _chat_template(ckpt.path)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -234,15 +236,26 @@ def _copy_tokenizer(source: Path, tmp: Path) -> dict[str, str | None]:
         if (source / name).is_file():
             shutil.copyfile(source / name, tmp / name)
             names[key] = name
-    template = None
-    if (source / CHAT_TEMPLATE_FILE).is_file():
-        template = (source / CHAT_TEMPLATE_FILE).read_text()
-    elif names["tokenizer_config"]:
-        try:
-            template = json.loads((source / TOKENIZER_CONFIG_FILE).read_text()).get("chat_template")
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{source / TOKENIZER_CONFIG_FILE}: not valid JSON ({exc})") from exc
-    if isinstance(template, str):
+    template = _chat_template(source)
+    if template is not None:
         (tmp / CHAT_TEMPLATE_FILE).write_text(template)
         names["chat_template"] = CHAT_TEMPLATE_FILE
     return names
+
+
+def _chat_template(source: Path) -> str | None:
+    """The checkpoint's chat template, from its own file or tokenizer_config.json, compiled so that a broken one
+    stops the export before any work rather than every chat after it."""
+    where, template = source / CHAT_TEMPLATE_FILE, None
+    if where.is_file():
+        template = where.read_text()
+    elif (source / TOKENIZER_CONFIG_FILE).is_file():
+        where = source / TOKENIZER_CONFIG_FILE
+        try:
+            template = json.loads(where.read_text()).get("chat_template")
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{where}: not valid JSON ({exc})") from exc
+    if not isinstance(template, str):
+        return None
+    ChatTemplate(template, origin=str(where))
+    return template

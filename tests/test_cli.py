@@ -12,9 +12,9 @@ import pytest
 import edge_runtime
 
 
-def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edge_runtime", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+                          timeout=300, env={**os.environ, **(env or {})}, input=stdin)
 
 
 def test_export_then_run_greedy_matches_sdk(checkpoints, tmp_path):
@@ -108,3 +108,87 @@ def test_verify_names_the_damaged_file(artifacts, tmp_path):
     assert json.loads(cli("verify", str(copy), "--json").stdout) == {"artifact": str(copy), "damaged": [name]}
     missing = cli("verify", str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "no such artifact directory" in missing.stderr
+
+
+def test_run_reads_the_prompt_from_stdin_and_prints_json(artifacts):
+    args = ("-m", str(artifacts["shared-gqa"]), "-n", "8", "--temperature", "0")
+    given = cli("run", "the quick brown fox", *args)
+    piped = cli("run", "-", *args, stdin="the quick brown fox")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == given.stdout and len(given.stdout.strip()) > 0
+    data = json.loads(cli("run", "the quick brown fox", *args, "--json").stdout)
+    assert data["text"] + "\n" == given.stdout
+    assert data["generated_tokens"] == 8 and data["finish_reason"] == "length" and data["cached_tokens"] == 0
+
+
+def test_chat_session_keeps_turns_in_the_cache(bundled):
+    """A piped session: three turns, /stats after each, /system and /reset; later turns reuse the cache."""
+    path, env = bundled
+    session = ("Tell me about the sea.\n/stats\nAnd the river?\n/stats\n/system Be brief.\nThanks.\n/stats\n"
+               "/nonsense\n/quit\nnever read\n")
+    result = cli("chat", "-n", "12", "--temperature", "0", "--kv", "fp32", stdin=session, env=env)
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout.split("\n")
+    m = edge_runtime.load(path, kv="fp32")
+    first = m.chat([{"role": "user", "content": "Tell me about the sea."}], max_new_tokens=12, temperature=0)
+    assert result.stdout.startswith(first + "\n")
+    stats = [line for line in result.stderr.splitlines() if line.startswith("prompt ")]
+    cached = [int(line.split("(")[1].split()[0]) for line in stats]
+    assert cached[0] == 0 and cached[1] > 0, stats
+    assert "system prompt set, conversation cleared" in result.stderr
+    assert "unknown command /nonsense" in result.stderr
+    after_reset = m.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Thanks."}],
+                         max_new_tokens=12, temperature=0)
+    assert after_reset in replies or after_reset + "\n" in result.stdout
+    assert "never read" not in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (("run", "hi", "--profile", "pi6"), "error: unknown profile 'pi6': choose one of android-12gb"),
+    (("chat", "--profile", "pi6"), "error: unknown profile 'pi6': choose one of android-12gb"),
+    (("run", "hi", "--context", "100000"), "error: context 100000 is larger than the model's 256"),
+    (("run", "hi", "--context", "100000", "--profile", "none"),
+     "error: context_length=100000: must be between 1 and the model's 256"),
+    (("run", "word " * 40, "--context", "16"), "error: the prompt has 41 tokens but the context holds 16"),
+])
+def test_bad_run_and_chat_input_is_one_line(artifacts, args, message):
+    result = cli(*args[:1], "-m", str(artifacts["shared-gqa"]), *args[1:])
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_run_names_a_damaged_file(artifacts, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifacts["shared-gqa"], copy)
+    assert cli("run", "-m", str(copy), "hi", "-n", "2").returncode == 0
+    with open(copy / "ple.bin", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x10]))
+    for command in (("run", "-m", str(copy), "hi"), ("chat", "-m", str(copy))):
+        result = cli(*command, stdin="hi\n")
+        assert result.returncode == 1
+        assert result.stderr.strip() == (f"error: {copy}/ple.bin: SHA-256 differs from the manifest; the artifact is "
+                                         "damaged, re-export or re-copy it (edge-runtime verify lists every damaged "
+                                         "file)")
+
+
+def test_template_errors_are_one_line(checkpoints, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["shared-gqa"], ckpt)
+    (ckpt / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }\n{% endfor %}")
+    result = cli("export", str(ckpt), "-o", str(tmp_path / "out"))
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: chat template {ckpt}/chat_template.jinja, line 1: ")
+    assert not (tmp_path / "out").exists()
+    (ckpt / "chat_template.jinja").write_text("{{ raise_exception('only user turns, please') }}")
+    assert cli("export", str(ckpt), "-o", str(tmp_path / "out")).returncode == 0
+    chat = cli("chat", "-m", str(tmp_path / "out"), stdin="hi\n")
+    assert chat.returncode == 1
+    assert chat.stderr.strip() == f"error: chat template {tmp_path}/out/chat_template.jinja: only user turns, please"
