@@ -240,7 +240,12 @@ def chat(
             err.print(f"unknown command {command}; {CHAT_HELP}", highlight=False)
         elif message.strip():
             try:
+                dropped = conversation.dropped_turns
                 for piece in conversation.stream(message, max_new_tokens=max_new_tokens, **options):
+                    if dropped != conversation.dropped_turns:
+                        err.print(f"(the oldest {conversation.dropped_turns - dropped} turns were dropped to fit the "
+                                  f"context of {m.context_length} tokens)", highlight=False)
+                        dropped = conversation.dropped_turns
                     sys.stdout.write(piece)
                     sys.stdout.flush()
             except EdgeRuntimeError as exc:

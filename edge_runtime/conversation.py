@@ -1,5 +1,8 @@
 """A multi-turn chat over one model: the transcript, rendered by the model's chat template at every turn.
 
+When the transcript and room for a reply (up to a quarter of the context) no longer fit the context, the
+oldest turns are dropped, the system prompt kept, as Ollama does; `dropped_turns` counts them.
+
 The KV cache is not copied or pinned here: each turn's prompt is the whole transcript, and the model keeps
 the longest prefix of it already in its cache (`Engine.reuse`), so a turn runs only the tokens added since the
 last reply. Two conversations taking turns on one model still answer correctly; they just re-run their
@@ -20,6 +23,7 @@ class Conversation:
         self.model = model
         self.system = system
         self.turns: list[dict[str, str]] = []
+        self.dropped_turns = 0
 
     @property
     def messages(self) -> list[dict[str, str]]:
@@ -41,9 +45,14 @@ class Conversation:
     def stream(self, text: str, max_new_tokens: int = 512, stop: Sequence[str] = (),
                **sampling: float | None) -> Iterator[str]:
         """The reply to `text`, streamed; the turn joins the transcript once the reply is complete."""
-        messages = [*self.messages, {"role": "user", "content": text}]
         model = self.model
-        ids = model.chat_prompt_ids(messages)
+        question = {"role": "user", "content": text}
+        ids = model.chat_prompt_ids([*self.messages, question])
+        room = min(max_new_tokens, model.context_length // 4)
+        while len(ids) + room > model.context_length and self.turns:
+            del self.turns[:2]
+            self.dropped_turns += 1
+            ids = model.chat_prompt_ids([*self.messages, question])
         pieces = []
         for piece in model.stream_ids(ids, max_new_tokens, stop, stop_token_ids=model.end_of_turn_ids, **sampling):
             pieces.append(piece)

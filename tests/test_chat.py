@@ -193,3 +193,17 @@ def test_cache_is_cut_back_when_a_prompt_diverges(model):
     assert model.engine.reuse(other) == len(ids) - 3
     got = model.feed(other[len(ids) - 3:])[-1]
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_old_turns_are_dropped_when_the_context_is_full(bundled):
+    small = edge_runtime.load(bundled[0], kv="fp32", context_length=96)
+    conversation = small.conversation(system="Be brief.")
+    for question in QUESTIONS * 2:
+        reply = conversation.say(question, max_new_tokens=12, temperature=0)
+        assert small.stats.prompt_tokens + 12 <= 96 or small.stats.finish_reason == "length"
+        assert conversation.messages[-1] == {"role": "assistant", "content": reply}
+    assert conversation.dropped_turns > 0
+    assert conversation.messages[0] == {"role": "system", "content": "Be brief."}
+    kept = conversation.messages[:-2]
+    fresh = edge_runtime.load(bundled[0], kv="fp32")
+    assert fresh.chat([*kept, conversation.messages[-2]], max_new_tokens=12, temperature=0) == reply
