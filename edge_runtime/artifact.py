@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,10 +129,18 @@ class Manifest:
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    """The file's SHA-256, leaving none of it in the page cache.
+
+    Hashing reads gigabytes in large chunks; left cached, those pages come back as large folios when ple.bin is
+    mapped, so every PLE row touched maps far more than its own pages (measured: 1.6 MB per token instead of
+    21 KiB). They are clean and reclaimable, but they swell RSS and push the rest of the system out of memory.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return digest.hexdigest()
 
 

@@ -30,6 +30,7 @@ from edge_runtime.quant.codec import VectorCodec
 from edge_runtime.quant.float_codecs import Float32Codec
 
 MASKED = np.finfo(np.float32).min
+GROWTH = 256  # full-attention stores grow by this many slots at a time (and the planner counts in these steps)
 
 
 class CodeStore:
@@ -77,7 +78,7 @@ class Masks:
 
 class KVCache:
     def __init__(self, spec: ModelSpec, kv_format: KVFormat, recent: int = 0, sliding_format: KVFormat | None = None,
-                 growth: int = 256) -> None:
+                 growth: int = GROWTH) -> None:
         self.spec = spec
         self.format = kv_format
         self.sliding_format = sliding_format or kv_format

@@ -1,0 +1,323 @@
+"""The memory planner: will this model, in these formats, at this context, fit this device? Answered before loading.
+
+The peak resident set of a run is predicted from shapes alone, item by item, so that an artifact or a checkpoint not
+yet exported can be planned on any machine. What each item costs was measured on the x86_64 development VM
+(onnxruntime 1.32, glibc 2.36, 4 KiB pages); `tools/plan_accuracy.py` checks the sum against `edge-runtime bench`
+(E2B int4 and int8, fp16 and tq3.5 KV: within 3% at 2k and 8k context; 6% over at 32k, where random tokens start
+to repeat and the scratch grows slower than the fit):
+
+- weights resident: onnxruntime maps each graph's weights and repacks them to the heap (engine.py); what stays
+  is per format below. The embedding rows are read with pread, and hold nothing.
+- PLE pages: ple.bin is mapped with MADV_RANDOM, so each distinct token maps the pages its row spans. Random
+  tokens are the worst case (bench): N tokens, N distinct rows, up to the vocabulary. A page cache already holding
+  the file in large folios can map more, clean pages the kernel reclaims under pressure (mapping.py).
+- KV cache: the formats' own `cache_bytes`, full layers grown in steps of KV_GROWTH slots (kv_cache.py).
+- activations: a prefill chunk's scratch (ONNX intermediates, PLE rows, attention scores bounded by
+  attention.SCORE_BYTES, masks over the context) and what glibc keeps of it once freed; the head runs on the last
+  position only. Fitted to prefill traces of E2B (chunks 64-256, contexts 1k-8k, int4 and int8, fp16 and tq3.5:
+  within 30 MiB of each; a 512-token chunk measured 100 MiB above the fit).
+- load transient: loading maps a tensor while repacking it, the head first (engine.py), so the load peak is the
+  resident weights plus the largest tensor; it counts only where it exceeds the run's peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.artifact import MANIFEST, read_manifest
+from edge_runtime.attention import SCORE_BYTES
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.kv_cache import GROWTH as KV_GROWTH
+from edge_runtime.kv_formats import DEFAULT_RECENT, DEFAULT_SLIDING_KV_FORMAT, kv_format
+from edge_runtime.model_spec import ModelSpec, spec_from_hf_config
+from edge_runtime.ple_store import storage_dtype, stored_width
+from edge_runtime.profiles import Profile
+
+MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+PAGE_BYTES = 4096  # Linux on the Pi 4, Android and x86_64; the Pi 5's own kernel uses 16 KiB pages (more per PLE row)
+# Python, numpy, onnxruntime, tokenizers and the CLI imported (62 MiB), onnxruntime's environment, thread pools and
+# E2B's 72 sessions: RSS after loading E2B int4 and int8 (1382 and 2271 MiB) less the predicted weights and tokenizer.
+RUNTIME_BYTES = 89 << 20
+# tokenizers' resident memory per byte of tokenizer.json, measured on synthetic byte-level BPE files (the real Gemma
+# file was not available): it follows the count of vocabulary entries and merges (~390 bytes each) more than the
+# bytes: 12.1-12.3 for 3.7 and 15 MiB files of 65k and 262k tokens with short tokens, 6.8 for 262k longer ones in
+# 30 MiB. The short-token figure is taken, which errs toward refusing.
+TOKENIZER_BYTES_PER_FILE_BYTE = 12.3
+# fp16: onnxruntime's x86 CPU Gemm has no fp16 kernel, so a float32 copy is made and the fp16 tensor kept: 3.0x the
+# file's bytes for a 6144 x 1536 weight. int4: MatMulNBits (accuracy level 4) packs codes, scales and block sums, and
+# the mapped scales stay resident: codes + 3 x scales, within 0.1 MiB for blocks 32, 64 and 128.
+FP16_RESIDENT_FACTOR = 3
+INT4_SCALE_COPIES = 3
+# Prefill scratch (least squares over the E2B traces above; attention's 2 score arrays counted apart):
+# ACTIVATION_COPIES float32 copies of each value a chunk token carries through a layer, PAIR_BYTES per
+# (chunk token, context token) pair (masks, widened keys), SCRATCH_BASE_BYTES whatever the chunk.
+ACTIVATION_COPIES = 4
+PAIR_BYTES = 33
+SCRATCH_BASE_BYTES = 26 << 20
+_CHECKPOINT_PLE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+_COMPACT = dict(weights="int4", block_size=128, ple="int4", kv="tq3.5")  # the smallest formats the profiles use
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """Everything the peak depends on."""
+
+    spec: ModelSpec
+    weights: str
+    block_size: int
+    ple: str
+    kv: str
+    kv_recent: int
+    kv_sliding: str
+    context: int
+    prefill_chunk: int
+    tokenizer_file_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    source: Path
+    profile: Profile
+    context: int
+    weights: str
+    block_size: int | None
+    ple: str
+    kv: str
+    kv_sliding: str
+    kv_recent: int
+    items: list[tuple[str, int]]
+    peak_bytes: int
+    budget_bytes: int
+    max_context: int
+    suggestions: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes
+
+    def refusal(self) -> str:
+        """One line for a run that would be killed for memory: what, by how much, and what would fit instead."""
+        instead = "would fit: " + "; ".join(self.suggestions) if self.suggestions else "nothing smaller fits"
+        return (f"{self.model} at context {self.context} ({_formats(self)}) needs {_size(self.peak_bytes)} but "
+                f"{self.profile.name} allows {_size(self.budget_bytes)} ({_size(self.peak_bytes - self.budget_bytes)} "
+                f"over); {instead}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "source": str(self.source),
+                "profile": self.profile.name, "items": [{"name": n, "bytes": b} for n, b in self.items],
+                "fits": self.fits}
+
+
+def plan_memory(source: Path, profile: Profile, context: int | None = None, *, kv: str | None = None,
+                kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT,
+                prefill_chunk: int = 256) -> Plan:
+    """Predict the peak RSS of running `source` (artifact or HF checkpoint directory) on `profile`'s device.
+
+    An artifact brings its formats; a checkpoint is planned in the profile's, as `export --profile` would write it.
+    `context` defaults to the profile's (at most the model's), `kv` to the profile's KV format.
+    """
+    source = Path(source)
+    if (source / MANIFEST).is_file():
+        manifest = read_manifest(source)
+        spec, formats = manifest.spec, manifest.formats
+        weights, block_size, ple = formats["weights"], int(formats.get("block_size", 0)), formats["ple"]
+        tokenizer = source / manifest.tokenizer["tokenizer"]
+    elif (source / "config.json").is_file():
+        spec = spec_from_hf_config(json.loads((source / "config.json").read_text()), str(source / "config.json"))
+        weights, block_size, ple = profile.weights, profile.block_size, profile.ple
+        ple = _checkpoint_ple(source) if ple == "auto" else ple
+        tokenizer = source / "tokenizer.json"
+    else:
+        raise EdgeRuntimeError(f"{source}: neither an artifact (no {MANIFEST}) nor a Hugging Face checkpoint (no "
+                               "config.json); pass an artifact directory from `edge-runtime export` or a checkpoint")
+    limit = spec.max_position_embeddings
+    context = min(profile.context, limit) if context is None else context
+    if context < 1:
+        raise EdgeRuntimeError(f"context {context} is not a positive number of tokens; pass --context 1 or more")
+    if context > limit:
+        raise EdgeRuntimeError(f"context {context} is larger than the model's {limit}; pass --context {limit} or less")
+    kv = kv or profile.kv
+    recent = kv_format(kv).default_recent if kv_recent is None else kv_recent
+    kv_format(kv_sliding)
+    setup = _Setup(spec, weights, block_size, ple, kv, recent, kv_sliding, context, prefill_chunk,
+                   tokenizer.stat().st_size if tokenizer.is_file() else 0)
+    items = _items(setup)
+    peak, budget = sum(b for _, b in items), profile.budget_bytes
+    return Plan(model=model_name(spec), source=source, profile=profile, context=context, weights=weights,
+                block_size=block_size if weights == "int4" else None, ple=ple, kv=kv, kv_sliding=kv_sliding,
+                kv_recent=recent, items=items, peak_bytes=peak, budget_bytes=budget,
+                max_context=_max_context(setup, budget),
+                suggestions=[] if peak <= budget else _suggestions(setup, budget, source))
+
+
+def model_name(spec: ModelSpec) -> str:
+    """"Gemma 4 E2B (35 layers, hidden 1536)": the packaged config of the same shape names it."""
+    shape = f"{spec.num_hidden_layers} layers, hidden {spec.hidden_size}"
+    for name, known in _known_models().items():
+        if (known.num_hidden_layers, known.hidden_size) == (spec.num_hidden_layers, spec.hidden_size):
+            return f"{name} ({shape})"
+    return f"Gemma 4 ({shape})"
+
+
+def _known_models() -> dict[str, ModelSpec]:
+    """The published E2B/E4B configs packaged with the runtime, by name: what "the smaller model" can be."""
+    return {f"Gemma 4 {path.stem.rsplit('-', 1)[-1].upper()}": spec_from_hf_config(json.loads(path.read_text()), str(path))
+            for path in sorted(MODEL_CONFIGS.glob("*.json"))}
+
+
+def _checkpoint_ple(checkpoint: Path) -> str:
+    """The PLE format export's "auto" picks: the checkpoint's own dtype of embed_tokens_per_layer."""
+    index, name = checkpoint / "model.safetensors.index.json", "embed_tokens_per_layer.weight"
+    shards = json.loads(index.read_text())["weight_map"] if index.is_file() else {name: "model.safetensors"}
+    with open(checkpoint / next(file for key, file in shards.items() if key.endswith(name)), "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return _CHECKPOINT_PLE[next(v["dtype"] for key, v in header.items() if key.endswith(name))]
+
+
+def _graphs(spec: ModelSpec) -> list[tuple[list[tuple[int, int]], int]]:
+    """Each graph's linear weights [out, in] and float32 vector values, in the engine's load order (head first),
+    as export/gemma4.py builds them."""
+    h, p, n = spec.hidden_size, spec.hidden_size_per_layer_input, spec.num_hidden_layers
+    graphs = [([(spec.vocab_size, h)], h), ([(n * p, h)], p)]
+    for i in range(n):
+        hd, m, shared = spec.head_dims[i], spec.mlp_size(i), spec.is_kv_shared(i)
+        q, kv = spec.num_attention_heads * hd, spec.num_key_value_heads * hd
+        graphs.append(([(q, h)] + ([] if shared else [(kv, h), (kv, h)]), h + hd * (1 if shared else 2)))  # + norms
+        graphs.append(([(h, q), (m, h), (m, h), (h, m), (p, h), (h, p)], 4 * h + 1))  # + 4 norms, layer_scalar
+    return graphs
+
+
+def _linear(fmt: str, block: int, n: int, k: int) -> tuple[int, int]:
+    """(bytes in weights.bin, bytes resident once loaded) of an [n, k] weight in `fmt` (export/onnx_graph.py)."""
+    if fmt in ("fp32", "fp16"):
+        stored = n * k * (4 if fmt == "fp32" else 2)
+        return stored, stored * (FP16_RESIDENT_FACTOR if fmt == "fp16" else 1)
+    if fmt == "int8":
+        return n * k + 5 * n, n * k + 5 * n  # codes, then a float32 scale and a uint8 zero point per output
+    blocks = -(-k // block)
+    codes, scales = n * blocks * block // 2, 4 * n * blocks
+    return codes + scales, codes + INT4_SCALE_COPIES * scales
+
+
+def weight_bytes(spec: ModelSpec, weights: str, block_size: int) -> tuple[int, int, int]:
+    """(bytes the graphs read per token, as a manifest's read_per_token["weights"]; bytes resident once loaded;
+    the load peak above the runtime: resident so far plus the tensor being repacked, at its worst)."""
+    stored = resident = load_peak = 0
+    for linears, vector_values in _graphs(spec):
+        sizes = [_linear(weights, block_size, n, k) for n, k in linears]
+        stored += sum(s for s, _ in sizes) + 4 * vector_values
+        resident += sum(r for _, r in sizes) + 4 * vector_values
+        load_peak = max(load_peak, resident + max(s for s, _ in sizes))
+    return stored, resident, load_peak
+
+
+def ple_row_bytes(spec: ModelSpec, ple: str) -> int:
+    width = spec.num_hidden_layers * spec.hidden_size_per_layer_input
+    return stored_width(ple, width, spec.hidden_size_per_layer_input) * storage_dtype(ple).itemsize
+
+
+def ple_page_bytes(spec: ModelSpec, ple: str, context: int) -> int:
+    """Mapped PLE pages after `context` distinct tokens: a row at a random token spans row/page + 1 pages, less
+    the chance it starts on a page boundary (offsets are multiples of gcd(row, page))."""
+    row = ple_row_bytes(spec, ple)
+    pages = row / PAGE_BYTES + 1 - math.gcd(row, PAGE_BYTES) / PAGE_BYTES
+    return round(min(context, spec.vocab_size_per_layer_input) * pages * PAGE_BYTES)
+
+
+def activation_bytes(spec: ModelSpec, chunk: int, context: int) -> int:
+    """Scratch of the last prefill chunk, the one attending over the whole context (see the module docstring)."""
+    chunk = min(chunk, context)
+    cache_layers = spec.cache_layers()
+    width = (spec.hidden_size + 2 * spec.num_hidden_layers * spec.hidden_size_per_layer_input
+             + max(spec.num_attention_heads * spec.head_dims[i] + spec.mlp_size(i) for i in cache_layers))
+    groups = spec.num_attention_heads // spec.num_key_value_heads
+    scores = min(SCORE_BYTES, 4 * groups * chunk * context)  # one KV head's scores at a time (attention.py)
+    return SCRATCH_BASE_BYTES + ACTIVATION_COPIES * 4 * chunk * width + 2 * scores + PAIR_BYTES * chunk * context
+
+
+def _items(s: _Setup) -> list[tuple[str, int]]:
+    _, resident, load_peak = weight_bytes(s.spec, s.weights, s.block_size)
+    slots = -(-s.context // KV_GROWTH) * KV_GROWTH
+    items = [
+        ("weights resident", resident),
+        ("tokenizer", round(TOKENIZER_BYTES_PER_FILE_BYTE * s.tokenizer_file_bytes)),
+        ("runtime overhead", RUNTIME_BYTES),
+        ("PLE pages at context", ple_page_bytes(s.spec, s.ple, s.context)),
+        ("KV cache at context", kv_format(s.kv).cache_bytes(s.spec, slots, s.kv_recent, kv_format(s.kv_sliding))),
+        (f"activations (prefill chunk {min(s.prefill_chunk, s.context)})",
+         activation_bytes(s.spec, s.prefill_chunk, s.context)),
+    ]
+    transient = RUNTIME_BYTES + load_peak - sum(b for _, b in items)
+    return items + [("load transient (beyond the run)", transient)] if transient > 0 else items
+
+
+def _peak(s: _Setup) -> int:
+    return sum(b for _, b in _items(s))
+
+
+def _max_context(s: _Setup, budget: int) -> int:
+    """The largest context (at most the model's) whose peak fits `budget`; 0 if not even one token fits."""
+    low, high = 0, s.spec.max_position_embeddings
+    while low < high:  # the peak never falls as the context grows
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if _peak(replace(s, context=mid)) <= budget else (low, mid - 1)
+    return low
+
+
+def _suggestions(s: _Setup, budget: int, source: Path) -> list[str]:
+    """Changes that would fit, each with its peak: smaller formats, a shorter context, the smaller model."""
+    export = "re-export with " if (source / MANIFEST).is_file() else "export with "
+    changes = [(f"{export}--weights int4 --block-size 128", dict(weights="int4", block_size=128)),
+               (f"{export}--ple int4", dict(ple="int4")), ("--kv tq3.5", dict(kv="tq3.5", kv_recent=DEFAULT_RECENT))]
+    out = []
+    for label, change in changes:
+        alternative = replace(s, **change)
+        if _peak(alternative) < _peak(s) and _peak(alternative) <= budget:
+            out.append(f"{label}: {_size(_peak(alternative))}")
+    compact = replace(s, **_COMPACT, kv_recent=DEFAULT_RECENT)
+    if not out and _peak(compact) <= budget:
+        out.append(f"{export}--weights int4 --block-size 128 --ple int4, and --kv tq3.5: {_size(_peak(compact))}")
+    if 0 < (fitting := _max_context(s, budget)):
+        out.append(f"--context {fitting}: {_size(_peak(replace(s, context=fitting)))}")
+    own = weight_bytes(s.spec, "int4", 128)[1]
+    for name, spec in _known_models().items():
+        if weight_bytes(spec, "int4", 128)[1] >= own:
+            continue
+        small = replace(compact, spec=spec, context=min(s.context, spec.max_position_embeddings))
+        if _peak(small) > budget and (context := _max_context(small, budget)):
+            small = replace(small, context=context)
+        if _peak(small) <= budget:
+            out.append(f"{name} int4 at context {small.context}: {_size(_peak(small))}")
+    return out
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _formats(plan: Plan) -> str:
+    weights = f"int4 b{plan.block_size}" if plan.block_size else plan.weights
+    recent = f", {plan.kv_recent} exact recent" if plan.kv_recent else ""
+    return f"weights {weights}, PLE {plan.ple}, KV {plan.kv} (sliding {plan.kv_sliding}{recent})"
+
+
+def format_plan(plan: Plan) -> str:
+    """The table `edge-runtime plan` prints: each item, the peak against the budget, the verdict and what would fit."""
+    p = plan.profile
+    width = max(len(name) for name, _ in plan.items)
+    lines = [f"{plan.model}, context {plan.context}, on {p.name} ({p.title})", f"  {_formats(plan)}", ""]
+    lines += [f"  {name:<{width}}  {_size(size):>10}" for name, size in plan.items]
+    lines += [f"  {'-' * (width + 12)}", f"  {'peak RSS':<{width}}  {_size(plan.peak_bytes):>10}",
+              f"  {'budget':<{width}}  {_size(plan.budget_bytes):>10}  ({p.app_share:.0%} of {_size(p.memory_bytes)})", ""]
+    spare = plan.budget_bytes - plan.peak_bytes
+    lines.append(f"fits, {_size(spare)} to spare" if plan.fits else f"does not fit: {_size(-spare)} over")
+    lines.append(f"largest context that fits: {plan.max_context}" if plan.max_context
+                 else "no context fits in these formats")
+    lines += [f"  would fit: {s}" for s in plan.suggestions]
+    return "\n".join(lines)
