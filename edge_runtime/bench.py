@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +63,12 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, kv_format
 from edge_runtime.memory import current_rss_bytes, mapped_resident_bytes, peak_rss_bytes
 from edge_runtime.model import Model, load
+from edge_runtime.progress import Progress, no_progress
 from edge_runtime.sampling import Sampler
 
 SEED = 1234
 BANDWIDTH_PASSES = 7
 
-Progress = Callable[[str, int, int], None]
 
 
 def parse_counts(text: str, option: str) -> list[int]:
@@ -201,7 +201,7 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
 
     Memory is read before the probe, whose array would otherwise dominate the peak RSS.
     """
-    report = progress or (lambda stage, done, total: None)
+    report = progress or no_progress
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     limit, needed = manifest.spec.max_position_embeddings, config.context_needed

@@ -103,8 +103,9 @@ def _load(model: Path | None, profile: str, context: int | None, threads: int | 
     import edge_runtime
 
     path = _resolve_model(model)
-    return edge_runtime.load(path, profile=None if profile == "none" else profile, context_length=context,
-                             threads=threads, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding, low_memory=low_memory)
+    return _with_progress(lambda report: edge_runtime.load(
+        path, profile=None if profile == "none" else profile, context_length=context, threads=threads, kv=kv,
+        kv_recent=kv_recent, kv_sliding=kv_sliding, low_memory=low_memory, progress=report), "loading")
 
 
 def _print_stats(m) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from edge_runtime.artifact import Manifest, sha256_file
 from edge_runtime.bundled import cache_dir
 from edge_runtime.errors import ArtifactError
+from edge_runtime.progress import Progress, no_progress
 
 STAMPS_FILE = "verified.json"
 
@@ -40,21 +41,27 @@ def _write_stamps(path: Path, stamps: dict[str, list]) -> None:
         pass
 
 
-def check_artifact(artifact: Path, manifest: Manifest) -> None:
-    """Raise ArtifactError naming the first file whose SHA-256 differs from the manifest."""
+def check_artifact(artifact: Path, manifest: Manifest, progress: Progress = no_progress) -> None:
+    """Raise ArtifactError naming the first file whose SHA-256 differs from the manifest.
+
+    Reports ("checking", MiB hashed, MiB to hash) as it goes: the first check of E2B reads 5 GB.
+    """
     stamps_path = cache_dir() / STAMPS_FILE
     stamps = _read_stamps(stamps_path)
-    changed = False
+    pending = {}
     for name, entry in manifest.files.items():
         file = (Path(artifact) / name).resolve()
         info = file.stat()
         stamp = [info.st_size, info.st_mtime_ns, info.st_ino, entry["sha256"]]
-        if stamps.get(str(file)) == stamp:
-            continue
-        if sha256_file(file) != entry["sha256"]:
+        if stamps.get(str(file)) != stamp:
+            pending[name] = (file, stamp)
+    total, done = sum(stamp[0] for _, stamp in pending.values()) >> 20, 0
+    for name, (file, stamp) in pending.items():
+        progress("checking", done, total)
+        done += stamp[0] >> 20
+        if sha256_file(file) != stamp[3]:
             raise ArtifactError(f"{Path(artifact) / name}: SHA-256 differs from the manifest; the artifact is damaged, "
                                 "re-export or re-copy it (edge-runtime verify lists every damaged file)")
         stamps[str(file)] = stamp
-        changed = True
-    if changed:
+    if pending:
         _write_stamps(stamps_path, stamps)

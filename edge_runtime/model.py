@@ -28,6 +28,7 @@ from edge_runtime.integrity import check_artifact
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, kv_format
 from edge_runtime.memory import return_freed_memory_to_os
 from edge_runtime.profiles import Profile, resolve_profile
+from edge_runtime.progress import Progress, no_progress
 from edge_runtime.sampling import Sampler, SamplingParams
 from edge_runtime.stop_sequences import StopSequences
 from edge_runtime.tokenizer import StreamDecoder, Tokenizer
@@ -72,10 +73,11 @@ class GenerationStats:
 class Model:
     def __init__(self, path: Path, threads: int | None = None, context_length: int | None = None,
                  prefill_chunk: int | None = None, low_memory: bool = False, kv: str = DEFAULT_KV_FORMAT,
-                 kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT) -> None:
+                 kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT,
+                 progress: Progress = no_progress) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        check_artifact(self.path, self.manifest)
+        check_artifact(self.path, self.manifest, progress)
         self.spec = self.manifest.spec
         self.name = self.path.resolve().name
         self.kv_format = kv_format(kv)
@@ -300,7 +302,8 @@ class Model:
 
 def load(path: str | Path, *, profile: str | Profile | None = None, threads: int | None = None,
          context_length: int | None = None, prefill_chunk: int | None = None, low_memory: bool = False,
-         kv: str | None = None, kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT) -> Model:
+         kv: str | None = None, kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT,
+         progress: Progress = no_progress) -> Model:
     """Open an exported artifact directory.
 
     `profile` (a device profile name, "auto" to detect this device, or a Profile) supplies the defaults for
@@ -313,7 +316,8 @@ def load(path: str | Path, *, profile: str | Profile | None = None, threads: int
     of the sliding layers' rings, which stop at the window (default fp32: exact and fastest). `prefill_chunk`
     (default 256) bounds the prompt tokens run at once. `low_memory` trades prefill speed for resident memory:
     64-token chunks and freed scratch returned to the OS (see `memory.return_freed_memory_to_os`), for
-    devices where the model barely fits.
+    devices where the model barely fits. `progress(stage, done, total)` hears how the first-time SHA-256 check
+    of the files goes (edge_runtime.integrity).
     """
     if profile is not None:
         from edge_runtime.planner import plan_memory
@@ -327,4 +331,5 @@ def load(path: str | Path, *, profile: str | Profile | None = None, threads: int
             raise EdgeRuntimeError(plan.refusal())
         threads, kv, context_length = threads or device.threads, plan.kv, plan.context
     return Model(Path(path), threads=threads, context_length=context_length, prefill_chunk=prefill_chunk,
-                 low_memory=low_memory, kv=kv or DEFAULT_KV_FORMAT, kv_recent=kv_recent, kv_sliding=kv_sliding)
+                 low_memory=low_memory, kv=kv or DEFAULT_KV_FORMAT, kv_recent=kv_recent, kv_sliding=kv_sliding,
+                 progress=progress)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,21 +36,17 @@ from edge_runtime.artifact import (
 from edge_runtime.chat_template import ChatTemplate
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError
 from edge_runtime.ple_store import PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
+from edge_runtime.progress import Progress, no_progress
 from edge_runtime.quant.integer import block_count, offset_binary, quantize_int4_blocks, quantize_int8_rows
 from export.checkpoint import Checkpoint
 from export.gemma4 import build_head, build_layer, build_prologue
 from export.onnx_graph import GraphBuilder, LinearWeight, WeightsWriter
 
-Progress = Callable[[str, int, int], None]
 LOSSLESS_PLE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
-def _no_progress(stage: str, done: int, total: int) -> None:
-    return None
-
-
 def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", block_size: int = 32,
-                      ple: str = "auto", force: bool = False, progress: Progress = _no_progress) -> Path:
+                      ple: str = "auto", force: bool = False, progress: Progress = no_progress) -> Path:
     """Export a HF Gemma 4 checkpoint directory to an artifact directory at `out`; returns `out`.
 
     `ple="auto"` stores the PLE table at the checkpoint's own precision (bf16 -> bf16, f16 -> fp16,
