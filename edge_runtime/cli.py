@@ -30,6 +30,14 @@ PROFILE = typer.Option("auto", "--profile", help="Device profile whose threads, 
 CONTEXT = typer.Option(None, "-c", "--context", help="Context length in tokens (default: the profile's, at most the "
                        "model's).")
 THREADS = typer.Option(None, "-t", "--threads", help="Threads (default: the profile's, else up to 4).")
+MODEL = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model).")
+SAMPLING_HELP = "Default: the model's generation_config."
+TEMPERATURE = typer.Option(None, "--temperature", help="0 for greedy. " + SAMPLING_HELP)
+TOP_K = typer.Option(None, "--top-k", help="0 disables it. " + SAMPLING_HELP)
+TOP_P = typer.Option(None, "--top-p", help=SAMPLING_HELP)
+MIN_P = typer.Option(None, "--min-p", help="Drop tokens below min-p x the top probability.")
+REPEAT_PENALTY = typer.Option(None, "--repeat-penalty", help="Penalize the last 64 tokens (1: off).")
+SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
 KV_RECENT = typer.Option(None, "--kv-recent", help="Keep this many most recent tokens exact besides their KV codes "
                          "(default: 32 for compressed formats, 0 for fp32/fp16/int8).")
 KV_SLIDING = typer.Option(DEFAULT_SLIDING_KV_FORMAT, "--kv-sliding", help="KV format of the sliding-window layers "
@@ -123,20 +131,17 @@ def _resolve_model(model: Path | None) -> Path:
     return _with_progress(lambda report: default_artifact(report), "first run: exporting the bundled model")
 
 
-SAMPLING_HELP = "Default: the model's generation_config."
-
-
 @app.command()
 def run(
     prompt: str = typer.Argument(..., help="Text to continue; - reads it from stdin."),
-    model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model)."),
+    model: Path | None = MODEL,
     max_new_tokens: int = typer.Option(128, "-n", "--max-new-tokens", help="Stop after this many tokens."),
-    temperature: float | None = typer.Option(None, "--temperature", help="0 for greedy. " + SAMPLING_HELP),
-    top_k: int | None = typer.Option(None, "--top-k", help="0 disables it. " + SAMPLING_HELP),
-    top_p: float | None = typer.Option(None, "--top-p", help=SAMPLING_HELP),
-    min_p: float | None = typer.Option(None, "--min-p", help="Drop tokens below min-p x the top probability."),
-    repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", help="Penalize the last 64 tokens (1: off)."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    temperature: float | None = TEMPERATURE,
+    top_k: int | None = TOP_K,
+    top_p: float | None = TOP_P,
+    min_p: float | None = MIN_P,
+    repeat_penalty: float | None = REPEAT_PENALTY,
+    seed: int | None = SEED,
     stop: list[str] = typer.Option([], "--stop", help="Stop before this text (repeatable)."),
     profile: str = PROFILE,
     context: int | None = CONTEXT,
@@ -192,15 +197,15 @@ def _read_message(interactive: bool) -> str | None:
 
 @app.command()
 def chat(
-    model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model)."),
+    model: Path | None = MODEL,
     system: str | None = typer.Option(None, "--system", help="System prompt."),
     max_new_tokens: int = typer.Option(512, "-n", "--max-new-tokens", help="Longest reply in tokens."),
-    temperature: float | None = typer.Option(None, "--temperature", help="0 for greedy. " + SAMPLING_HELP),
-    top_k: int | None = typer.Option(None, "--top-k", help="0 disables it. " + SAMPLING_HELP),
-    top_p: float | None = typer.Option(None, "--top-p", help=SAMPLING_HELP),
-    min_p: float | None = typer.Option(None, "--min-p", help="Drop tokens below min-p x the top probability."),
-    repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", help="Penalize the last 64 tokens (1: off)."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    temperature: float | None = TEMPERATURE,
+    top_k: int | None = TOP_K,
+    top_p: float | None = TOP_P,
+    min_p: float | None = MIN_P,
+    repeat_penalty: float | None = REPEAT_PENALTY,
+    seed: int | None = SEED,
     profile: str = PROFILE,
     context: int | None = CONTEXT,
     threads: int | None = THREADS,
@@ -305,7 +310,7 @@ def verify(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Check every file's SHA-256 against the manifest (sizes are checked on every load; hashes only here)."""
+    """Check every file's SHA-256 against the manifest (loading hashes only files new or changed since last seen intact)."""
     from edge_runtime.artifact import verify_artifact
     from edge_runtime.errors import ArtifactError
 
@@ -324,7 +329,7 @@ def verify(
 
 @app.command()
 def bench(
-    model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model)."),
+    model: Path | None = MODEL,
     n_prompt: str = typer.Option("128,512", "-p", "--n-prompt", help="Prompt sizes to prefill, comma-separated (0: no prompt test)."),
     n_gen: str = typer.Option("64,128", "-n", "--n-gen", help="Token counts to generate, comma-separated (0: no generation test)."),
     repetitions: int = typer.Option(3, "-r", "--repetitions", help="Runs of each test (median ± stdev)."),
@@ -354,7 +359,7 @@ def bench(
 
 @app.command()
 def perplexity(
-    model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model)."),
+    model: Path | None = MODEL,
     text_file: Path = typer.Option(..., "--text-file", help="UTF-8 text to score."),
     context: int | None = typer.Option(None, "--context", help="Window length in tokens (default: min(512, model's))."),
     threads: int | None = typer.Option(None, "-t", "--threads"),
