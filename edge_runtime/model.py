@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -96,11 +97,9 @@ class Model:
         self.prefill_chunk = prefill_chunk
         self.engine = Engine(self.path, self.manifest, threads, self.kv_format, self.kv_recent, self.kv_sliding_format)
         self.tokenizer = Tokenizer(self.path / self.manifest.tokenizer["tokenizer"], self.spec.bos_token_id)
-        self.chat_template = ChatTemplate.for_artifact(self.path, self.manifest)
         if low_memory:
             return_freed_memory_to_os()
         self.eos_token_ids, self.default_sampling = self._generation_defaults()
-        self.end_of_turn_ids = self._end_of_turn_ids()
         self.stats = GenerationStats()
         self.lock = threading.RLock()
 
@@ -122,7 +121,13 @@ class Model:
             )
         return eos, params
 
-    def _end_of_turn_ids(self) -> set[int]:
+    @cached_property
+    def chat_template(self) -> ChatTemplate:
+        """The artifact's chat template, compiled on first use: plain generation does not depend on it."""
+        return ChatTemplate.for_artifact(self.path, self.manifest)
+
+    @cached_property
+    def end_of_turn_ids(self) -> set[int]:
         """The template's end-of-turn token, which ends a chat reply even where generation_config omits it."""
         marker = self.chat_template.end_of_turn()
         ids = self.tokenizer.encode(marker, add_bos=False) if marker else []
