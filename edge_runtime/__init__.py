@@ -9,6 +9,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 __version__ = "0.1.0"
 
-from edge_runtime.model import Model, load
+from edge_runtime.conversation import Conversation
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.model import GenerationStats, Model, load
+from edge_runtime.profiles import Profile, detect_profile, load_profile
 
-__all__ = ["Model", "__version__", "load"]
+__all__ = ["Conversation", "EdgeRuntimeError", "GenerationStats", "Model", "Profile", "__version__", "detect_profile",
+           "load", "load_profile"]

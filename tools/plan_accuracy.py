@@ -7,7 +7,7 @@ context the bench reached (depth + 1 + 16). The planned PLE pages and KV cache a
 
 Each run starts from the same page-cache state: the artifact's hashes are checked here first (so the bench's load
 does not read the whole artifact, integrity.py), then ple.bin is dropped from the page cache, as after a reboot.
-A page cache holding ple.bin in large folios (right after export or verify) maps whole folios per row: more
+A page cache holding ple.bin in large folios (right after export or a copy) maps whole folios per row: more
 resident pages, clean ones the kernel reclaims under pressure, which the planner does not count.
 
 With --checkpoint, also plans the checkpoint in the first artifact's formats and checks every item equals the
