@@ -207,3 +207,23 @@ def test_old_turns_are_dropped_when_the_context_is_full(bundled):
     kept = conversation.messages[:-2]
     fresh = edge_runtime.load(bundled[0], kv="fp32")
     assert fresh.chat([*kept, conversation.messages[-2]], max_new_tokens=12, temperature=0) == reply
+
+
+def test_an_interrupted_step_does_not_poison_the_next_prompt(model, monkeypatch):
+    """Ctrl-C can land between the cache commit and the token list update: the cache then holds positions the
+    token list does not; cutting back by position (KVCache.truncate) still leaves exactly the reused prefix."""
+    ids = model.encode("The river runs down to the sea")
+    expected = list(model.generate_tokens(ids, max_new_tokens=6, temperature=0))
+    original = model.engine.cache.commit
+
+    def commit_then_interrupt(new_kv, positions):
+        original(new_kv, positions)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model.engine.cache, "commit", commit_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model.feed(model.encode(" and back again"))
+    monkeypatch.undo()
+    assert model.engine.cache.length > len(model.engine.tokens)
+    assert list(model.generate_tokens(ids, max_new_tokens=6, temperature=0)) == expected
+    assert model.stats.cached_tokens == len(ids) - 1
