@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, KV_FORMATS
@@ -52,7 +52,7 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 def _progress_bar():
-    return Progress(TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    return Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
 
 
@@ -176,8 +176,8 @@ def run(
         _print_stats(m)
 
 
-CHAT_HELP = """commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset),
-/stats (last turn's counts and speeds), /help, /quit; end a line with \\ to continue it"""
+CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /stats "
+             "(last turn's counts and speeds), /help, /quit; end a line with \\ to continue it")
 
 
 def _read_message(interactive: bool) -> str | None:
