@@ -70,40 +70,30 @@ def _with_progress(work, title: str):
 def export(
     checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + safetensors)."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
-    weights: str = typer.Option("fp32", help="Weight format: fp32 (exact reference), fp16, int8 (per output "
-                                "channel) or int4 (blocks of --block-size)."),
-    block_size: int = typer.Option(32, "--block-size", help="int4 block size: 32, 64 or 128."),
-    ple: str = typer.Option("auto", help="PLE store format: auto (the checkpoint's precision), bf16, fp16, fp32, "
-                            "int8 or int4."),
+    weights: str | None = typer.Option(None, help="Weight format: fp32 (exact reference; the default), fp16, int8 "
+                                       "(per output channel) or int4 (blocks of --block-size)."),
+    block_size: int | None = typer.Option(None, "--block-size", help="int4 block size: 32 (default), 64 or 128."),
+    ple: str | None = typer.Option(None, help="PLE store format: auto (the checkpoint's precision; the default), "
+                                   "bf16, fp16, fp32, int8, int4, tq4, tq3 or tq2."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact once the new one is complete."),
     profile: str | None = typer.Option(None, "--profile", help="Take the weight, block size and PLE formats from "
                                        "this device profile (explicit options still win)."),
 ) -> None:
     """Convert a Gemma 4 checkpoint into an edge-runtime artifact."""
     try:
+        from edge_runtime.profiles import load_profile
         from export import export_checkpoint
 
+        formats = {"weights": weights, "block_size": block_size, "ple": ple}
         if profile is not None:
-            weights, block_size, ple = _profile_formats(profile, weights, block_size, ple)
-
-        _with_progress(lambda report: export_checkpoint(checkpoint, output, weights=weights, block_size=block_size,
-                                                        ple=ple, force=force, progress=report), "export")
+            p = load_profile(profile)
+            formats = {name: getattr(p, name) if value is None else value for name, value in formats.items()}
+        given = {name: value for name, value in formats.items() if value is not None}
+        _with_progress(lambda report: export_checkpoint(checkpoint, output, force=force, progress=report, **given),
+                       "export")
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     err.print(f"wrote {output}", highlight=False)
-
-
-def _given(value: object, default: object) -> bool:
-    """Whether an option was set on the command line: typer cannot tell, so compare with the declared default."""
-    return value != default
-
-
-def _profile_formats(name: str, weights: str, block_size: int, ple: str) -> tuple[str, int, str]:
-    from edge_runtime.profiles import load_profile
-
-    p = load_profile(name)
-    return (weights if _given(weights, "fp32") else p.weights, block_size if _given(block_size, 32) else p.block_size,
-            ple if _given(ple, "auto") else p.ple)
 
 
 def _load(model: Path | None, profile: str, context: int | None, threads: int | None, kv: str | None,

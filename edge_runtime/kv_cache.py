@@ -89,6 +89,8 @@ class KVCache:
         self.stores: dict[int, LayerStore] = {}
         self.slot_positions: dict[str, np.ndarray] = {}
         self.recent_slots = recent + ROLLBACK_TOKENS if recent else 0
+        # The recent ring's slots per layer type: none where the format is exact (recent_of is 0 there).
+        self.ring_of = {t: self.recent_slots if r else 0 for t, r in self.recent_of.items()}
         self.recent_positions = np.full(self.recent_slots, -1, dtype=np.int64)
         self.length = 0
         self.reset()
@@ -154,7 +156,7 @@ class KVCache:
         used = self._used_slots(layer_type)
         first_recent = self.length - self.recent_of[layer_type]
         coded = visible(slots[:used]) & (slots[None, :used] < first_recent)
-        ring = self.recent_positions[:self.recent_slots if self.recent_of[layer_type] else 0]
+        ring = self.recent_positions[:self.ring_of[layer_type]]
         in_ring = visible(ring) & (ring[None, :] >= first_recent)
         return Masks(*(np.where(v, 0.0, MASKED).astype(np.float32) for v in (coded, in_ring, visible(positions))))
 
@@ -177,8 +179,8 @@ class KVCache:
             return 0
         used = self._used_slots(self.spec.layer_types[layer])
         coded = sum(s.codec.bytes_per_vector for s in (*store.keys, *store.values)) * used
-        recent = self.recent_slots if self.recent_of[self.spec.layer_types[layer]] else 0
-        return coded + sum(s.codec.bytes_per_vector for s in (*store.recent_keys, *store.recent_values)) * recent
+        ring = self.ring_of[self.spec.layer_types[layer]]
+        return coded + sum(s.codec.bytes_per_vector for s in (*store.recent_keys, *store.recent_values)) * ring
 
     def nbytes(self) -> int:
         """Bytes the cache holds allocated, all layers, codes, norms and recent rings included."""
@@ -192,7 +194,7 @@ class KVCache:
         fmt = self._format(layer_type)
         dim = keys.shape[-1]
         exact = Float32Codec(dim)
-        ring = self.recent_slots if self.recent_of[layer_type] else 0
+        ring = self.ring_of[layer_type]
         return LayerStore(
             keys=[CodeStore(fmt.keys.build(dim, k), slots) for k in keys],
             values=[CodeStore(fmt.values.build(dim, v), slots) for v in values],

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.stop_sequences import StopSequences
 
 if TYPE_CHECKING:
     from edge_runtime.model import Model
@@ -20,15 +21,11 @@ if TYPE_CHECKING:
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
-def stop_list(stop: str | Sequence[str] | None) -> list[str]:
-    """OpenAI's `stop`: null, one string, or a list of strings."""
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if not all(isinstance(s, str) for s in stop):
-        raise EdgeRuntimeError(f"stop={list(stop)!r}: must be a string or a list of strings")
-    return list(stop)
+def _checked_stops(stop: str | Sequence[str] | None) -> str | Sequence[str]:
+    """OpenAI's `stop` (null, one string, or a list), checked now rather than once a stream has begun."""
+    stops = () if stop is None else stop
+    StopSequences(stops)
+    return stops
 
 
 def _usage(model: Model) -> dict[str, int]:
@@ -55,7 +52,7 @@ def chat_completion(model: Model, messages: Sequence[Mapping], *, max_tokens: in
     ids = model.chat_prompt_ids(messages)
     model.check_fits(len(ids))
     limit = _max_tokens(model, ids, max_tokens, None)
-    stops = stop_list(stop)
+    stops = _checked_stops(stop)
     model.sampler(**sampling)  # option errors now, not halfway into a stream
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
 
@@ -95,7 +92,7 @@ def completion(model: Model, prompt: str, *, max_tokens: int | None = None, stre
     ids = model.encode(prompt)
     model.check_fits(len(ids))
     limit = _max_tokens(model, ids, max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
-    stops = stop_list(stop)
+    stops = _checked_stops(stop)
     model.sampler(**sampling)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": model.name}

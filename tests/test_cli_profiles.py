@@ -84,6 +84,11 @@ def test_export_takes_the_profiles_formats(checkpoints, tmp_path):
     explicit = tmp_path / "pi8"
     cli("export", str(checkpoints["shared-gqa"]), "-o", str(explicit), "--profile", "pi4-2gb", "--weights", "int8")
     assert json.loads((explicit / "manifest.json").read_text())["formats"]["weights"] == "int8"
+    default_named = tmp_path / "pi32"
+    cli("export", str(checkpoints["shared-gqa"]), "-o", str(default_named), "--profile", "pi4-2gb", "--weights", "fp32",
+        "--block-size", "32")
+    formats = json.loads((default_named / "manifest.json").read_text())["formats"]
+    assert (formats["weights"], formats["block_size"], formats["ple"]) == ("fp32", 32, "int4")
 
 
 def test_run_and_chat_refuse_what_does_not_fit(artifacts, tmp_path):
