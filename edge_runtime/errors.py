@@ -20,3 +20,7 @@ class CheckpointError(EdgeRuntimeError):
 
 class ArtifactError(EdgeRuntimeError):
     """The artifact directory is missing, damaged, or of a format version this runtime cannot read."""
+
+
+class ContextLengthError(EdgeRuntimeError):
+    """A prompt longer than the context the model was loaded with (OpenAI's context_length_exceeded)."""

@@ -24,7 +24,7 @@ from edge_runtime.artifact import read_manifest
 from edge_runtime.chat_template import ChatTemplate
 from edge_runtime.conversation import Conversation
 from edge_runtime.engine import Engine
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import ContextLengthError, EdgeRuntimeError
 from edge_runtime.integrity import check_artifact
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, kv_format
 from edge_runtime.memory import return_freed_memory_to_os
@@ -165,7 +165,7 @@ class Model:
         if n == 0:
             raise EdgeRuntimeError("no tokens given")
         if n > self.context_length:
-            raise EdgeRuntimeError(
+            raise ContextLengthError(
                 f"the prompt has {n} tokens but the context holds {self.context_length}; shorten the prompt"
                 " or load with a longer context"
             )

@@ -1,14 +1,17 @@
 """Results in the exact shapes of OpenAI's chat.completion and text_completion APIs, plain and streamed.
 
 Apps and the kiosk server speak these shapes already; building them once here keeps the SDK and the server
-identical. A streamed result is a generator of chunk dicts that holds the model's lock until it ends.
+identical. A request is prepared first (`prepare_chat`, `prepare_completion`): every input error (template,
+messages, options, a prompt that does not fit) raises then, before anything is generated, so a server can
+answer 400 instead of breaking off a stream. Generating holds the model's lock until the result is complete.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime.errors import EdgeRuntimeError
@@ -28,12 +31,6 @@ def _checked_stops(stop: str | Sequence[str] | None) -> str | Sequence[str]:
     return stops
 
 
-def _usage(model: Model) -> dict[str, int]:
-    s = model.stats
-    return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens,
-            "total_tokens": s.prompt_tokens + s.generated_tokens}
-
-
 def _max_tokens(model: Model, prompt_ids: list[int], max_tokens: int | None, default: int | None) -> int:
     if max_tokens is None:
         return default if default is not None else max(model.context_length - len(prompt_ids), 0)
@@ -42,51 +39,84 @@ def _max_tokens(model: Model, prompt_ids: list[int], max_tokens: int | None, def
     return max_tokens
 
 
-def chat_completion(model: Model, messages: Sequence[Mapping], *, max_tokens: int | None = None, stream: bool = False,
-                    stop: str | Sequence[str] | None = None, include_usage: bool = False,
-                    **sampling: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
-    """A chat.completion dict, or (stream=True) a generator of chat.completion.chunk dicts.
+@dataclass
+class PreparedRequest:
+    """A checked request, ready to generate as one result or as a stream of chunks."""
 
-    Input errors (template, messages, options, a prompt that does not fit) raise before anything is generated.
-    """
+    model: Model
+    chat: bool
+    ids: list[int]
+    max_tokens: int
+    stop: str | Sequence[str]
+    sampling: dict[str, Any]
+    head: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        prefix, kind = ("chatcmpl", "chat.completion") if self.chat else ("cmpl", "text_completion")
+        self.head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+                     "model": self.model.name}
+
+    def _pieces(self) -> Iterator[str]:
+        stop_ids = self.model.end_of_turn_ids if self.chat else ()
+        return self.model.stream_ids(self.ids, self.max_tokens, self.stop, stop_token_ids=stop_ids, **self.sampling)
+
+    def _usage(self) -> dict[str, int]:
+        s = self.model.stats
+        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens,
+                "total_tokens": s.prompt_tokens + s.generated_tokens}
+
+    def _choice(self, text: str, finish_reason: str | None, *, delta: dict[str, str] | None = None) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        content = {"delta": delta} if delta is not None else {"message": {"role": "assistant", "content": text}}
+        return {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
+
+    def result(self, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """The whole result; `should_stop` is asked between tokens, so a server can drop a departed client's work."""
+        with self.model.lock:
+            pieces, text = self._pieces(), []
+            try:
+                for piece in pieces:
+                    text.append(piece)
+                    if should_stop is not None and should_stop():
+                        break
+            finally:
+                pieces.close()
+            return {**self.head, "choices": [self._choice("".join(text), self.model.stats.finish_reason)],
+                    "usage": self._usage()}
+
+    def chunks(self, include_usage: bool = False) -> Iterator[dict[str, Any]]:
+        """The result as OpenAI's stream chunks; closing the generator stops the generation."""
+        head = {**self.head, "object": "chat.completion.chunk"} if self.chat else self.head
+
+        def chunk(text: str, finish_reason: str | None, delta: dict[str, str] | None = None) -> dict[str, Any]:
+            body = {**head, "choices": [self._choice(text, finish_reason, delta=delta)]}
+            return {**body, "usage": None} if include_usage and self.chat else body
+
+        with self.model.lock:
+            if self.chat:
+                yield chunk("", None, {"role": "assistant", "content": ""})
+            for piece in self._pieces():
+                yield chunk(piece, None, {"content": piece} if self.chat else None)
+            yield chunk("", self.model.stats.finish_reason, {} if self.chat else None)
+            if include_usage:
+                yield {**head, "choices": [], "usage": self._usage()}
+
+
+def prepare_chat(model: Model, messages: Sequence[Mapping], *, max_tokens: int | None = None,
+                 stop: str | Sequence[str] | None = None, **sampling: Any) -> PreparedRequest:
+    """A chat request checked against the model: the reply defaults to the rest of the context."""
     ids = model.chat_prompt_ids(messages)
     model.check_fits(len(ids))
     limit = _max_tokens(model, ids, max_tokens, None)
     stops = _checked_stops(stop)
-    model.sampler(**sampling)  # option errors now, not halfway into a stream
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
-
-    def pieces() -> Iterator[str]:
-        return model.stream_ids(ids, limit, stops, stop_token_ids=model.end_of_turn_ids, **sampling)
-
-    if not stream:
-        with model.lock:
-            text = "".join(pieces())
-            return {**head, "object": "chat.completion", "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": model.stats.finish_reason}], "usage": _usage(model)}
-
-    def chunk(delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
-        body = {**head, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-        return {**body, "usage": None} if include_usage else body
-
-    def chunks() -> Iterator[dict[str, Any]]:
-        with model.lock:
-            yield chunk({"role": "assistant", "content": ""}, None)
-            for piece in pieces():
-                yield chunk({"content": piece}, None)
-            yield chunk({}, model.stats.finish_reason)
-            if include_usage:
-                yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(model)}
-
-    return chunks()
+    model.sampler(**sampling)
+    return PreparedRequest(model, True, ids, limit, stops, sampling)
 
 
-def completion(model: Model, prompt: str, *, max_tokens: int | None = None, stream: bool = False,
-               stop: str | Sequence[str] | None = None, include_usage: bool = False,
-               **sampling: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
-    """A text_completion dict continuing `prompt` (BOS added), or (stream=True) a generator of its chunks."""
+def prepare_completion(model: Model, prompt: str, *, max_tokens: int | None = None,
+                       stop: str | Sequence[str] | None = None, **sampling: Any) -> PreparedRequest:
+    """A plain completion request continuing `prompt` (BOS added), checked against the model."""
     if not isinstance(prompt, str):
         raise EdgeRuntimeError(f"prompt must be a string, not {type(prompt).__name__}")
     ids = model.encode(prompt)
@@ -94,23 +124,20 @@ def completion(model: Model, prompt: str, *, max_tokens: int | None = None, stre
     limit = _max_tokens(model, ids, max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
     stops = _checked_stops(stop)
     model.sampler(**sampling)
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": model.name}
+    return PreparedRequest(model, False, ids, limit, stops, sampling)
 
-    def choice(text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
-    if not stream:
-        with model.lock:
-            text = "".join(model.stream_ids(ids, limit, stops, **sampling))
-            return {**head, "choices": [choice(text, model.stats.finish_reason)], "usage": _usage(model)}
+def chat_completion(model: Model, messages: Sequence[Mapping], *, max_tokens: int | None = None, stream: bool = False,
+                    stop: str | Sequence[str] | None = None, include_usage: bool = False,
+                    **sampling: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    """A chat.completion dict, or (stream=True) a generator of chat.completion.chunk dicts."""
+    request = prepare_chat(model, messages, max_tokens=max_tokens, stop=stop, **sampling)
+    return request.chunks(include_usage) if stream else request.result()
 
-    def chunks() -> Iterator[dict[str, Any]]:
-        with model.lock:
-            for piece in model.stream_ids(ids, limit, stops, **sampling):
-                yield {**head, "choices": [choice(piece, None)]}
-            yield {**head, "choices": [choice("", model.stats.finish_reason)]}
-            if include_usage:
-                yield {**head, "choices": [], "usage": _usage(model)}
 
-    return chunks()
+def completion(model: Model, prompt: str, *, max_tokens: int | None = None, stream: bool = False,
+               stop: str | Sequence[str] | None = None, include_usage: bool = False,
+               **sampling: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    """A text_completion dict continuing `prompt` (BOS added), or (stream=True) a generator of its chunks."""
+    request = prepare_completion(model, prompt, max_tokens=max_tokens, stop=stop, **sampling)
+    return request.chunks(include_usage) if stream else request.result()
