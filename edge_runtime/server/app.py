@@ -179,7 +179,7 @@ class _Api:
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
-    async def model(self, request: Request) -> Response:
+    async def one_model(self, request: Request) -> Response:
         if request.path_params["name"] != self.model.name:
             return error_response(404, f"model {request.path_params['name']!r} is not served here; "
                                        f"this server serves {self.model.name!r}", code="model_not_found")
@@ -276,7 +276,7 @@ def create_app(model: Model, settings: ServerSettings | None = None) -> Starlett
         Route("/health", api.health),
         Route("/metrics", api.metrics_text),
         Route("/v1/models", api.models),
-        Route("/v1/models/{name:path}", api.model),
+        Route("/v1/models/{name:path}", api.one_model),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),

@@ -1,0 +1,297 @@
+"""The kiosk server over real sockets: the openai client against it, faults, the queue, and load.
+
+The server runs in this process (uvicorn on a thread) around the bundled trained model, so that tests can
+slow the model down to hold a generation open while they fill the queue or walk away mid-stream.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import edge_runtime
+from edge_runtime.server.app import ServerSettings, create_app
+from edge_runtime.server.request_schema import Limits
+
+QUESTION = [{"role": "user", "content": "Tell me about the sea"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """An app on a real port, with its handlers' state (queue, metrics) at hand."""
+
+    def __init__(self, model, settings: ServerSettings):
+        self.app = create_app(model, settings)
+        self.api = self.app.state.api
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
+                             **kwargs)
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", timeout=60, **kwargs)
+
+    def healthy(self) -> bool:
+        health = httpx.get(f"{self.url}/health", timeout=10)
+        return health.status_code == 200 and health.json()["status"] == "ok"
+
+    def wait(self, condition, what: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.01)
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"{name} is not in /metrics")
+
+
+@pytest.fixture(scope="module")
+def model(bundled):
+    return edge_runtime.load(bundled[0], kv="fp32")
+
+
+@pytest.fixture(scope="module")
+def server(model) -> Iterator[LiveServer]:
+    with LiveServer(model, ServerSettings(queue_depth=16, limits=Limits(max_body_bytes=4096, max_messages=8))) as s:
+        yield s
+
+
+@contextmanager
+def slowed(model, seconds: float = 0.01):
+    """Every forward pass takes at least `seconds` longer, so a generation stays open long enough to watch."""
+    forward = model.engine.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    model.engine.forward = slow
+    try:
+        yield
+    finally:
+        model.engine.forward = forward
+
+
+def test_openai_client_chat_plain_and_streamed(server, model):
+    client = server.client()
+    expected = model.create_chat_completion(QUESTION, max_tokens=12, temperature=0)
+    reply = client.chat.completions.create(model=model.name, messages=QUESTION, max_tokens=12, temperature=0)
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert reply.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 12 and reply.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
+
+    stream = client.chat.completions.create(model=model.name, messages=QUESTION, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply.choices[0].message.content
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # streamed piece by piece
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == reply.usage.total_tokens
+
+
+def test_openai_client_completions_plain_and_streamed(server, model):
+    client = server.client()
+    expected = model.create_completion("The sea", max_tokens=10, temperature=0)["choices"][0]["text"]
+    reply = client.completions.create(model=model.name, prompt="The sea", max_tokens=10, temperature=0)
+    assert reply.object == "text_completion" and reply.choices[0].text == expected
+    assert reply.usage.completion_tokens == 10
+    stream = client.completions.create(model=model.name, prompt="The sea", max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == expected
+
+
+def test_openai_client_lists_the_model(server, model):
+    client = server.client()
+    assert [m.id for m in client.models.list()] == [model.name]
+    assert client.models.retrieve(model.name).id == model.name
+    with pytest.raises(openai.NotFoundError, match="is not served here"):
+        client.models.retrieve("gpt-4")
+
+
+def test_stop_strings_and_sampling_options_reach_the_model(server, model):
+    full = server.client().chat.completions.create(model="any", messages=QUESTION, max_tokens=20, temperature=0)
+    text = full.choices[0].message.content
+    stop = text.strip().split()[1]
+    stopped = server.client().chat.completions.create(model="any", messages=QUESTION, max_tokens=20, temperature=0,
+                                                      stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].message.content
+    seeded = [server.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 8, "temperature": 1.0,
+                                                         "seed": 5, "top_k": 40, "min_p": 0.05}).json()
+              for _ in range(2)]
+    assert seeded[0]["choices"] == seeded[1]["choices"]
+
+
+BAD_BODIES = [
+    (b'{"messages": [', 400, None, "the request body is not valid JSON"),
+    (b"\xff\xfe", 400, None, "the request body is not valid JSON"),
+    (b"[1, 2]", 400, None, "the request body must be a JSON object, got list"),
+    (json.dumps({"messages": "hi"}), 400, None, "messages must be a list"),
+    (json.dumps({"messages": [{"role": "user"}]}), 400, None, "messages[0]: has no 'content'"),
+    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), 400, None, "role 'robot' is not supported"),
+    (json.dumps({}), 400, "messages", "messages is required"),
+    (json.dumps({"messages": QUESTION * 9}), 400, "messages", "9 messages is more than this server allows (8)"),
+    (json.dumps({"messages": QUESTION, "temperature": "hot"}), 400, "temperature", "temperature must be a number"),
+    (json.dumps({"messages": QUESTION, "max_tokens": True}), 400, "max_tokens", "max_tokens must be an integer"),
+    (json.dumps({"messages": QUESTION, "max_tokens": 0}), 400, "max_tokens", "max_tokens must be at least 1"),
+    (json.dumps({"messages": QUESTION, "stream": "yes"}), 400, "stream", "stream must be true or false"),
+    (json.dumps({"messages": QUESTION, "stop": [1]}), 400, "stop", "stop must be a string or a list of strings"),
+    (json.dumps({"messages": QUESTION, "n": 2}), 400, "n", "n must be 1"),
+    (json.dumps({"messages": QUESTION, "tools": [{"type": "function"}]}), 400, "tools", "tools is not supported"),
+    (json.dumps({"messages": QUESTION, "presence_penalty": 1}), 400, "presence_penalty", "use repetition_penalty"),
+    (json.dumps({"messages": QUESTION, "stream_options": {"include_usage": True}}), 400, "stream_options",
+     "only allowed when stream is true"),
+    (json.dumps({"messages": QUESTION, "top_p": 7}), 400, None, "top_p"),
+    (json.dumps({"messages": QUESTION * 8, "x": "a" * 4000}), 413, None, "the request body is 4"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param", "message"), BAD_BODIES)
+def test_bad_requests_get_openai_errors_and_the_server_stays_healthy(server, body, status, param, message):
+    response = server.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert message in error["message"] and error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert server.healthy()
+
+
+def test_a_body_sent_without_length_is_cut_off_at_the_limit(server):
+    def chunks():
+        yield b'{"messages": ['
+        for _ in range(100):
+            yield b'{"role": "user", "content": "' + b"a" * 100 + b'"},'
+        yield b"]}"
+
+    response = server.post("/v1/chat/completions", content=chunks())
+    assert response.status_code == 413
+    assert "over 4096 bytes" in response.json()["error"]["message"]
+    assert server.healthy()
+
+
+def test_a_prompt_over_the_context_is_refused_with_its_length(server, model):
+    words = " ".join(["sea"] * 600)
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.client().completions.create(model="any", prompt=words, max_tokens=4)
+    error = caught.value.body
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    assert f"but the context holds {model.context_length}" in error["message"]
+    assert server.healthy()
+
+
+def test_unknown_paths_and_methods_get_json_errors(server):
+    assert httpx.get(f"{server.url}/v1/embeddings").json()["error"]["code"] == "not_found"
+    response = httpx.get(f"{server.url}/v1/chat/completions")
+    assert response.status_code == 405 and "GET is not allowed" in response.json()["error"]["message"]
+
+
+def test_the_api_key_guards_the_api_but_not_the_page_or_health(model):
+    with LiveServer(model, ServerSettings(api_key="s3cret")) as s:
+        with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
+            s.client(api_key="wrong").models.list()
+        assert httpx.get(f"{s.url}/metrics").status_code == 401
+        assert httpx.post(f"{s.url}/v1/completions", json={"prompt": "x"}).status_code == 401
+        assert [m.id for m in s.client(api_key="s3cret").models.list()] == [model.name]
+        assert httpx.get(f"{s.url}/").status_code == 200 and httpx.get(f"{s.url}/static/kiosk.js").status_code == 200
+        assert s.healthy()
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation(server, model):
+    cancelled = server.metric("edge_runtime_cancelled_generations_total")
+    with slowed(model), httpx.Client(timeout=30) as http:
+        body = {"messages": QUESTION, "max_tokens": 400, "temperature": 0, "stream": True}
+        with http.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
+            events = 0
+            for line in response.iter_lines():
+                events += line.startswith("data:")
+                if events == 3:
+                    break
+        left = time.monotonic()
+        server.wait(lambda: not server.api.queue.busy, "the generation to stop", timeout=5)
+    assert time.monotonic() - left < 2  # 400 slowed tokens would take over 4 s
+    assert model.stats.generated_tokens < 100
+    assert server.metric("edge_runtime_cancelled_generations_total") == cancelled + 1
+    assert server.healthy()
+
+
+def test_a_full_queue_answers_429_and_a_client_leaving_the_queue_gives_up_its_place(model):
+    with LiveServer(model, ServerSettings(queue_depth=1)) as s, slowed(model), httpx.Client(timeout=30) as http:
+        body = {"messages": QUESTION, "max_tokens": 300, "temperature": 0, "stream": True}
+        with http.stream("POST", f"{s.url}/v1/chat/completions", json=body) as first:
+            lines = first.iter_lines()  # kept: a dropped line iterator closes the connection
+            next(lines)
+            s.wait(lambda: s.api.queue.busy, "the first generation")
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(s.post, "/v1/completions", json={"prompt": "The sea", "max_tokens": 2})
+                s.wait(lambda: s.api.queue.waiting == 1, "the second request to queue")
+                full = s.post("/v1/completions", json={"prompt": "The sea", "max_tokens": 2})
+                assert full.status_code == 429
+                assert int(full.headers["Retry-After"]) >= 1
+                assert full.json()["error"]["code"] == "queue_full"
+                assert s.healthy() and s.metric("edge_runtime_queue_depth") == 1
+        assert waiting.result().status_code == 200  # the first stream was closed: its turn passed on
+        assert waiting.result().json()["usage"]["completion_tokens"] == 2
+
+        with http.stream("POST", f"{s.url}/v1/chat/completions", json=body) as holder:
+            lines = holder.iter_lines()
+            next(lines)
+            leaver = socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1])))
+            request = json.dumps({"prompt": "The sea", "max_tokens": 2}).encode()
+            leaver.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(request), request))
+            s.wait(lambda: s.api.queue.waiting == 1, "the leaver to queue")
+            leaver.close()
+            s.wait(lambda: s.api.queue.waiting == 0, "the leaver's place to be freed")
+        assert s.healthy()
+
+
+def test_ten_clients_times_five_requests_equal_sequential_greedy_answers(server):
+    prompts = [f"Question {c}.{r}: what is the sea like in the {word}?"
+               for c in range(10) for r, word in enumerate(("north", "south", "east", "west", "morning"))]
+
+    def ask(prompt: str) -> str:
+        reply = server.client().chat.completions.create(
+            model="any", messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0)
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(10) as pool:
+        concurrent = list(pool.map(ask, prompts))
+    sequential = [ask(p) for p in prompts]
+    assert concurrent == sequential
+    assert len(set(sequential)) > 1
+    assert server.healthy()
