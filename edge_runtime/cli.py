@@ -448,5 +448,86 @@ def plan(
         raise typer.Exit(2)
 
 
+SERVER_EXTRA = "the server needs the `server` extra: pip install 'edge-runtime[server]'"
+
+
+def _server_modules():
+    try:
+        from edge_runtime.server import runner
+        from edge_runtime.server.app import ServerSettings
+        from edge_runtime.server.request_schema import Limits
+    except ImportError as exc:
+        raise _fail(EdgeRuntimeError(f"{SERVER_EXTRA} ({exc})")) from None
+    return runner, ServerSettings, Limits
+
+
+@app.command()
+def serve(
+    model: Path | None = MODEL,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this device only)."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="EDGE_RUNTIME_API_KEY",
+                                       help="Require 'Authorization: Bearer KEY' on /v1 and /metrics."),
+    queue: int = typer.Option(8, "--queue", min=0, help="Requests that may wait while one generates; more get 429."),
+    max_body: int = typer.Option(1 << 20, "--max-body", min=1, help="Largest request body in bytes."),
+    max_messages: int = typer.Option(256, "--max-messages", min=1, help="Most messages in one chat request."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1,
+                                          help="Most tokens one request may ask for (default: the context)."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: warning hides the access log."),
+    profile: str = PROFILE,
+    context: int | None = CONTEXT,
+    threads: int | None = THREADS,
+    low_memory: bool = LOW_MEMORY,
+    kv: str | None = PROFILE_KV,
+    kv_recent: int | None = KV_RECENT,
+    kv_sliding: str = KV_SLIDING,
+) -> None:
+    """Serve OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /, offline."""
+    runner, ServerSettings, Limits = _server_modules()
+    try:
+        runner.check_port(host, port)
+        m = _load(model, profile, context, threads, kv, kv_recent, kv_sliding, low_memory)
+    except (EdgeRuntimeError, OSError) as exc:
+        raise _fail(exc) from None
+    if api_key is None and not runner.is_loopback(host):
+        err.print(f"warning: listening on {host} without --api-key: anyone on the network can use the model",
+                  highlight=False)
+    settings = ServerSettings(api_key=api_key, queue_depth=queue,
+                              limits=Limits(max_body_bytes=max_body, max_messages=max_messages, max_tokens=max_tokens))
+    err.print(f"{m.name}: context {m.context_length}, KV {m.kv_format.name}; serving http://{host}:{port}/",
+              highlight=False)
+    runner.serve(m, settings, host, port, log_level)
+
+
+@app.command()
+def service(
+    model: Path = typer.Option(..., "-m", "--model", help="Artifact directory the service serves."),
+    profile: str = typer.Option(..., "--profile", help="Device profile: its memory share becomes MemoryMax."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the service listens on."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    user: str | None = typer.Option(None, "--user", help="Run as this user (default: a transient DynamicUser)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Write the unit here (default: print it)."),
+) -> None:
+    """A systemd unit for a kiosk: restart on failure, the profile's memory limit, no internet access."""
+    from edge_runtime.profiles import resolve_profile
+    from edge_runtime.server.systemd_unit import render_unit
+
+    try:
+        text = render_unit(model, resolve_profile(profile), host=host, port=port, user=user)
+    except EdgeRuntimeError as exc:
+        raise _fail(exc) from None
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    partial = output.with_name(output.name + ".partial")
+    try:
+        partial.write_text(text)
+        partial.replace(output)
+    except OSError as exc:
+        raise _fail(EdgeRuntimeError(f"cannot write {output}: {exc.strerror}")) from None
+    err.print(f"wrote {output}; then: systemctl daemon-reload && systemctl enable --now {output.stem}",
+              highlight=False)
+
+
 def main() -> None:
     app()
