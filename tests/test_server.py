@@ -250,6 +250,22 @@ def test_a_client_leaving_mid_stream_stops_its_generation(server, model):
     assert server.healthy()
 
 
+def test_a_client_leaving_before_a_plain_answer_stops_its_generation(server, model):
+    cancelled = server.metric("edge_runtime_cancelled_generations_total")
+    with slowed(model):
+        leaver = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+        request = json.dumps({"prompt": "The sea", "max_tokens": 400, "temperature": 0}).encode()
+        leaver.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(request), request))
+        server.wait(lambda: server.api.queue.busy, "the generation to start")
+        leaver.close()
+        left = time.monotonic()
+        server.wait(lambda: not server.api.queue.busy, "the generation to stop", timeout=5)
+    assert time.monotonic() - left < 2 and model.stats.generated_tokens < 100
+    assert server.metric("edge_runtime_cancelled_generations_total") == cancelled + 1
+    assert server.healthy()
+
+
 def test_a_full_queue_answers_429_and_a_client_leaving_the_queue_gives_up_its_place(model):
     with LiveServer(model, ServerSettings(queue_depth=1)) as s, slowed(model), httpx.Client(timeout=30) as http:
         body = {"messages": QUESTION, "max_tokens": 300, "temperature": 0, "stream": True}
