@@ -451,16 +451,6 @@ def plan(
 SERVER_EXTRA = "the server needs the `server` extra: pip install 'edge-runtime[server]'"
 
 
-def _server_modules():
-    try:
-        from edge_runtime.server import runner
-        from edge_runtime.server.app import ServerSettings
-        from edge_runtime.server.request_schema import Limits
-    except ImportError as exc:
-        raise _fail(EdgeRuntimeError(f"{SERVER_EXTRA} ({exc})")) from None
-    return runner, ServerSettings, Limits
-
-
 @app.command()
 def serve(
     model: Path | None = MODEL,
@@ -483,13 +473,20 @@ def serve(
     kv_sliding: str = KV_SLIDING,
 ) -> None:
     """Serve OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /, offline."""
-    runner, ServerSettings, Limits = _server_modules()
     try:
-        runner.check_port(host, port)
+        from edge_runtime.server import runner
+    except ImportError as exc:
+        raise _fail(EdgeRuntimeError(f"{SERVER_EXTRA} ({exc})")) from None
+    from edge_runtime.server.app import ServerSettings
+    from edge_runtime.server.listen_address import check_port, is_loopback
+    from edge_runtime.server.request_schema import Limits
+
+    try:
+        check_port(host, port)
         m = _load(model, profile, context, threads, kv, kv_recent, kv_sliding, low_memory)
     except (EdgeRuntimeError, OSError) as exc:
         raise _fail(exc) from None
-    if api_key is None and not runner.is_loopback(host):
+    if api_key is None and not is_loopback(host):
         err.print(f"warning: listening on {host} without --api-key: anyone on the network can use the model",
                   highlight=False)
     settings = ServerSettings(api_key=api_key, queue_depth=queue,
@@ -513,6 +510,9 @@ def service(
     from edge_runtime.server.systemd_unit import render_unit
 
     try:
+        if profile == "none":
+            raise EdgeRuntimeError("service needs a device profile: its memory share becomes the unit's MemoryMax; "
+                                   "pass --profile NAME (see `edge-runtime profiles list`) or auto")
         text = render_unit(model, resolve_profile(profile), host=host, port=port, user=user)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
@@ -524,9 +524,10 @@ def service(
         partial.write_text(text)
         partial.replace(output)
     except OSError as exc:
+        partial.unlink(missing_ok=True)
         raise _fail(EdgeRuntimeError(f"cannot write {output}: {exc.strerror}")) from None
     err.print(f"wrote {output}; then: systemctl daemon-reload && systemctl enable --now {output.stem}",
-              highlight=False)
+              highlight=False, soft_wrap=True)
 
 
 def main() -> None:

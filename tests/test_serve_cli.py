@@ -98,3 +98,30 @@ def test_serve_names_a_port_in_use_before_loading(bundled, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == (f"error: cannot listen on 127.0.0.1:{port}: Address already in use; pick "
                                      "another --port or stop the program using it")
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_runtime", *args], env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_service_writes_a_unit_with_the_profiles_memory_limit(artifacts, tmp_path):
+    from edge_runtime.profiles import load_profile
+
+    unit = tmp_path / "kiosk.service"
+    result = _cli("service", "-m", str(artifacts["shared-gqa"]), "--profile", "pi4-4gb", "--user", "kiosk", "-o",
+                  str(unit))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == f"wrote {unit}; then: systemctl daemon-reload && systemctl enable --now kiosk"
+    lines = unit.read_text().splitlines()
+    assert f"MemoryMax={load_profile('pi4-4gb').budget_bytes}" in lines and "Restart=on-failure" in lines
+    assert "User=kiosk" in lines
+    assert [p.name for p in tmp_path.iterdir()] == ["kiosk.service"]
+    printed = _cli("service", "-m", str(artifacts["shared-gqa"]), "--profile", "pi4-4gb", "--user", "kiosk")
+    assert printed.stdout == unit.read_text()
+
+
+def test_service_needs_a_profile(artifacts):
+    result = _cli("service", "-m", str(artifacts["shared-gqa"]), "--profile", "none")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: service needs a device profile: its memory share becomes the unit's")

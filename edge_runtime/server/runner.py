@@ -7,9 +7,6 @@ next token instead of waiting for a long reply to finish.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-
 import uvicorn
 
 from edge_runtime.model import Model
@@ -18,28 +15,6 @@ from edge_runtime.server.app import ServerSettings, create_app
 # Connections at once: the queue's waiting places, the one generating, and room for /health, /metrics and
 # the page's static files.
 SPARE_CONNECTIONS = 32
-
-
-def is_loopback(host: str) -> bool:
-    """True when `host` only accepts connections from this device."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_port(host: str, port: int) -> None:
-    """Fail before loading anything slow when the address is taken, with the address in the message."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port or stop the "
-                          "program using it") from None
 
 
 def serve(model: Model, settings: ServerSettings, host: str, port: int, log_level: str = "info") -> None:
