@@ -463,6 +463,9 @@ def serve(
     max_messages: int = typer.Option(256, "--max-messages", min=1, help="Most messages in one chat request."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1,
                                           help="Most tokens one request may ask for (default: the context)."),
+    prompt_cache: bool = typer.Option(True, "--prompt-cache/--no-prompt-cache",
+                                      help="Reuse the cached prefix of each prompt (off: every answer is the same "
+                                           "whatever ran before, at the cost of running whole prompts)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: warning hides the access log."),
     profile: str = PROFILE,
     context: int | None = CONTEXT,
@@ -490,7 +493,8 @@ def serve(
         err.print(f"warning: listening on {host} without --api-key: anyone on the network can use the model",
                   highlight=False)
     settings = ServerSettings(api_key=api_key, queue_depth=queue,
-                              limits=Limits(max_body_bytes=max_body, max_messages=max_messages, max_tokens=max_tokens))
+                              limits=Limits(max_body_bytes=max_body, max_messages=max_messages, max_tokens=max_tokens,
+                                            cache_prompt=prompt_cache))
     err.print(f"{m.name}: context {m.context_length}, KV {m.kv_format.name}; serving http://{host}:{port}/",
               highlight=False)
     runner.serve(m, settings, host, port, log_level)

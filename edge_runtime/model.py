@@ -195,10 +195,13 @@ class Model:
     def generate_tokens(self, prompt_ids: Sequence[int], max_new_tokens: int = 256, temperature: float | None = None,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None, *,
                         min_p: float | None = None, repetition_penalty: float | None = None,
-                        stop_token_ids: Sequence[int] = ()) -> Iterator[int]:
+                        stop_token_ids: Sequence[int] = (), cache_prompt: bool = True) -> Iterator[int]:
         """Token ids after `prompt_ids`, stopping at EOS (or `stop_token_ids`), `max_new_tokens` or the context end.
 
         Holds the model's lock until the iterator is exhausted or closed: close a stream you abandon.
+        `cache_prompt=False` runs the whole prompt even where the cache holds it (llama.cpp's cache_prompt):
+        quantized kernels round differently with the batch split, so only then is a greedy answer independent
+        of what the model ran before.
         """
         if max_new_tokens < 0:
             raise EdgeRuntimeError(f"max_new_tokens={max_new_tokens}: must be >= 0")
@@ -211,6 +214,8 @@ class Model:
             if max_new_tokens == 0:
                 return
             start = time.perf_counter()
+            if not cache_prompt:
+                self.engine.reset()
             stats.cached_tokens = self.engine.reuse(prompt_ids)
             logits = self.feed(prompt_ids[stats.cached_tokens:])[-1]
             stats.prefill_seconds = time.perf_counter() - start

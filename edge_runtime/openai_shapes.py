@@ -49,6 +49,7 @@ class PreparedRequest:
     max_tokens: int
     stop: str | Sequence[str]
     sampling: dict[str, Any]
+    cache_prompt: bool = True
     head: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -58,7 +59,8 @@ class PreparedRequest:
 
     def _pieces(self) -> Iterator[str]:
         stop_ids = self.model.end_of_turn_ids if self.chat else ()
-        return self.model.stream_ids(self.ids, self.max_tokens, self.stop, stop_token_ids=stop_ids, **self.sampling)
+        return self.model.stream_ids(self.ids, self.max_tokens, self.stop, stop_token_ids=stop_ids,
+                                     cache_prompt=self.cache_prompt, **self.sampling)
 
     def _usage(self) -> dict[str, int]:
         s = self.model.stats
@@ -104,18 +106,20 @@ class PreparedRequest:
 
 
 def prepare_chat(model: Model, messages: Sequence[Mapping], *, max_tokens: int | None = None,
-                 stop: str | Sequence[str] | None = None, **sampling: Any) -> PreparedRequest:
+                 stop: str | Sequence[str] | None = None, cache_prompt: bool = True,
+                 **sampling: Any) -> PreparedRequest:
     """A chat request checked against the model: the reply defaults to the rest of the context."""
     ids = model.chat_prompt_ids(messages)
     model.check_fits(len(ids))
     limit = _max_tokens(model, ids, max_tokens, None)
     stops = _checked_stops(stop)
     model.sampler(**sampling)
-    return PreparedRequest(model, True, ids, limit, stops, sampling)
+    return PreparedRequest(model, True, ids, limit, stops, sampling, cache_prompt)
 
 
 def prepare_completion(model: Model, prompt: str, *, max_tokens: int | None = None,
-                       stop: str | Sequence[str] | None = None, **sampling: Any) -> PreparedRequest:
+                       stop: str | Sequence[str] | None = None, cache_prompt: bool = True,
+                       **sampling: Any) -> PreparedRequest:
     """A plain completion request continuing `prompt` (BOS added), checked against the model."""
     if not isinstance(prompt, str):
         raise EdgeRuntimeError(f"prompt must be a string, not {type(prompt).__name__}")
@@ -124,7 +128,7 @@ def prepare_completion(model: Model, prompt: str, *, max_tokens: int | None = No
     limit = _max_tokens(model, ids, max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
     stops = _checked_stops(stop)
     model.sampler(**sampling)
-    return PreparedRequest(model, False, ids, limit, stops, sampling)
+    return PreparedRequest(model, False, ids, limit, stops, sampling, cache_prompt)
 
 
 def chat_completion(model: Model, messages: Sequence[Mapping], *, max_tokens: int | None = None, stream: bool = False,

@@ -29,7 +29,8 @@ def test_round_trip_error_is_the_lloyd_max_distortion(fmt):
     err = ((back - x) ** 2).reshape(rows, layers, width).sum(2) / (x**2).reshape(rows, layers, width).sum(2)
     expected = lloyd_max_distortion(width, TURBO[fmt])
     np.testing.assert_allclose(err.mean(axis=0), expected, rtol=0.05)  # per layer: 400 vectors, ~1% error bars
-    np.testing.assert_array_equal(decode_rows(stored[7:9], fmt, layers * width, width), back[7:9])  # rows alone
+    alone = decode_rows(stored[7:9], fmt, layers * width, width)  # rows alone: BLAS rounding may vary with the count
+    np.testing.assert_allclose(alone, back[7:9], rtol=1e-5, atol=1e-6 * np.abs(back[7:9]).max())
 
 
 def test_stored_sizes():

@@ -181,3 +181,27 @@ def test_runtime_refuses_unknown_weight_format(artifacts, tmp_path):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="weight format 'int2' is not supported by this runtime"):
         edge_runtime.load(path)
+
+
+
+def test_an_uncached_prompt_answers_as_a_fresh_model_does_despite_batch_dependent_kernels(tmp_path, monkeypatch):
+    """int8's DynamicQuantizeMatMul scales activations per batch, so a prompt run after a cached prefix gets
+    other logits than run whole; cache_prompt=False must give the fresh model's bits exactly."""
+    path = export_checkpoint(BUNDLED_CHECKPOINT, tmp_path / "int8", weights="int8")
+    fresh, used = (edge_runtime.load(path, profile=None, kv="fp32") for _ in range(2))
+    prompt = fresh.encode("The sea is wide and the light of the lighthouse turns all night")
+    expected = fresh.feed(prompt)[-1]  # the path a generation takes: later layers run the last position only
+    seen, sampler = [], used.sampler
+
+    def recording(*args, **kwargs):
+        sample = sampler(*args, **kwargs)
+        return lambda logits, history: seen.append(logits.copy()) or sample(logits, history)
+
+    monkeypatch.setattr(used, "sampler", recording)
+    for cache_prompt, cached in ((True, 5), (False, 0)):
+        used.logits(prompt[:5])  # leaves a 5-token prefix in the cache
+        list(used.generate_tokens(prompt, max_new_tokens=1, temperature=0, cache_prompt=cache_prompt))
+        assert used.stats.cached_tokens == cached
+    reused, whole = seen
+    assert not np.array_equal(reused, expected) and np.abs(reused - expected).max() < 0.5
+    assert np.array_equal(whole, expected)

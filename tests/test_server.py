@@ -158,6 +158,18 @@ def test_stop_strings_and_sampling_options_reach_the_model(server, model):
     assert seeded[0]["choices"] == seeded[1]["choices"]
 
 
+def test_cache_prompt_false_runs_the_whole_prompt(server):
+    body = {"prompt": "The sea is wide and deep", "max_tokens": 2, "temperature": 0}
+    cached = "edge_runtime_cached_prompt_tokens_total"
+    server.post("/v1/completions", json=body)
+    before = server.metric(cached)
+    prompt_tokens = server.post("/v1/completions", json=body).json()["usage"]["prompt_tokens"]
+    reused = server.metric(cached) - before
+    assert reused == prompt_tokens - 1  # all but the last prompt token, which runs again for its logits
+    server.post("/v1/completions", json={**body, "cache_prompt": False})
+    assert server.metric(cached) - before == reused
+
+
 BAD_BODIES = [
     (b'{"messages": [', 400, None, "the request body is not valid JSON"),
     (b"\xff\xfe", 400, None, "the request body is not valid JSON"),
@@ -178,6 +190,7 @@ BAD_BODIES = [
     (json.dumps({"messages": QUESTION, "stream_options": {"include_usage": True}}), 400, "stream_options",
      "only allowed when stream is true"),
     (json.dumps({"messages": QUESTION, "top_p": 7}), 400, None, "top_p"),
+    (json.dumps({"messages": QUESTION, "cache_prompt": "no"}), 400, "cache_prompt", "cache_prompt must be true or"),
     (json.dumps({"messages": QUESTION * 8, "x": "a" * 4000}), 413, None, "the request body is 4"),
 ]
 

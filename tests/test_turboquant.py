@@ -277,7 +277,8 @@ def test_codec_protocol(name):
     view = {k: a[np.sort(slots)] for k, a in storage.items()}
     decoded = codec.decode(encoded)
     assert decoded.dtype == np.float32 and decoded.shape == (n, dim)
-    np.testing.assert_array_equal(codec.decode(view), decoded[order])
+    # The rotation back is a matmul whose rounding BLAS may vary with the row count: equal to float32 precision.
+    np.testing.assert_allclose(codec.decode(view), decoded[order], rtol=1e-5, atol=1e-6 * np.abs(decoded).max())
     assert np.all(decoded[5] == 0)
     live = {k: a[: n // 2] for k, a in encoded.items()}  # a prefix slice, as attention reads a growing store
     q = rng.standard_normal((3, dim)).astype(np.float32)

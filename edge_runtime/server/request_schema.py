@@ -28,6 +28,7 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_messages: int = 256
     max_tokens: int | None = None
+    cache_prompt: bool = True  # the default of llama.cpp's `cache_prompt` field, which a request may override
 
 
 @dataclass
@@ -134,7 +135,9 @@ def parse(body: Any, *, chat: bool, limits: Limits) -> GenerationRequest:
         if not isinstance(prompt, str):
             raise BadRequest("prompt must be a string (or a list holding one string)", "prompt")
     stream = _typed(body, "stream", bool) or False
-    options: dict[str, Any] = {"max_tokens": _max_tokens(body, limits), "stop": _stop(body)}
+    cache_prompt = _typed(body, "cache_prompt", bool)
+    options: dict[str, Any] = {"max_tokens": _max_tokens(body, limits), "stop": _stop(body),
+                               "cache_prompt": limits.cache_prompt if cache_prompt is None else cache_prompt}
     for name, kind in _SAMPLING.items():
         if (value := _typed(body, name, kind)) is not None:
             options[name] = value
