@@ -492,9 +492,8 @@ def serve(
     if api_key is None and not is_loopback(host):
         err.print(f"warning: listening on {host} without --api-key: anyone on the network can use the model",
                   highlight=False)
-    settings = ServerSettings(api_key=api_key, queue_depth=queue,
-                              limits=Limits(max_body_bytes=max_body, max_messages=max_messages, max_tokens=max_tokens,
-                                            cache_prompt=prompt_cache))
+    settings = ServerSettings(api_key=api_key, queue_depth=queue, cache_prompt=prompt_cache,
+                              limits=Limits(max_body_bytes=max_body, max_messages=max_messages, max_tokens=max_tokens))
     err.print(f"{m.name}: context {m.context_length}, KV {m.kv_format.name}; serving http://{host}:{port}/",
               highlight=False)
     runner.serve(m, settings, host, port, log_level)

@@ -105,16 +105,21 @@ class PreparedRequest:
                 yield {**head, "choices": [], "usage": self._usage()}
 
 
+def _prepared(model: Model, chat: bool, ids: list[int], max_tokens: int | None, default_max_tokens: int | None,
+              stop: str | Sequence[str] | None, cache_prompt: bool, sampling: dict[str, Any]) -> PreparedRequest:
+    """Every option checked against the model now, so that nothing fails once generation (or a stream) began."""
+    model.check_fits(len(ids))
+    limit = _max_tokens(model, ids, max_tokens, default_max_tokens)
+    stops = _checked_stops(stop)
+    model.sampler(**sampling)
+    return PreparedRequest(model, chat, ids, limit, stops, sampling, cache_prompt)
+
+
 def prepare_chat(model: Model, messages: Sequence[Mapping], *, max_tokens: int | None = None,
                  stop: str | Sequence[str] | None = None, cache_prompt: bool = True,
                  **sampling: Any) -> PreparedRequest:
     """A chat request checked against the model: the reply defaults to the rest of the context."""
-    ids = model.chat_prompt_ids(messages)
-    model.check_fits(len(ids))
-    limit = _max_tokens(model, ids, max_tokens, None)
-    stops = _checked_stops(stop)
-    model.sampler(**sampling)
-    return PreparedRequest(model, True, ids, limit, stops, sampling, cache_prompt)
+    return _prepared(model, True, model.chat_prompt_ids(messages), max_tokens, None, stop, cache_prompt, sampling)
 
 
 def prepare_completion(model: Model, prompt: str, *, max_tokens: int | None = None,
@@ -123,12 +128,8 @@ def prepare_completion(model: Model, prompt: str, *, max_tokens: int | None = No
     """A plain completion request continuing `prompt` (BOS added), checked against the model."""
     if not isinstance(prompt, str):
         raise EdgeRuntimeError(f"prompt must be a string, not {type(prompt).__name__}")
-    ids = model.encode(prompt)
-    model.check_fits(len(ids))
-    limit = _max_tokens(model, ids, max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
-    stops = _checked_stops(stop)
-    model.sampler(**sampling)
-    return PreparedRequest(model, False, ids, limit, stops, sampling, cache_prompt)
+    return _prepared(model, False, model.encode(prompt), max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, stop,
+                     cache_prompt, sampling)
 
 
 def chat_completion(model: Model, messages: Sequence[Mapping], *, max_tokens: int | None = None, stream: bool = False,

@@ -39,16 +39,17 @@ from edge_runtime.server.request_schema import BadRequest, GenerationRequest, Li
 
 log = logging.getLogger("edge_runtime.server")
 STATIC = files("edge_runtime.server") / "static"
-_OPEN_PATHS = ("/", "/health", "/favicon.ico")
+_OPEN_PATHS = ("/", "/health")
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """What the operator chose: the key (None: no key), the waiting line, and per-request limits."""
+    """What the operator chose: the key (None: no key), the waiting line, per-request limits, prompt caching."""
 
     api_key: str | None = None
     queue_depth: int = 8
     limits: Limits = field(default_factory=Limits)
+    cache_prompt: bool = True  # a request's own `cache_prompt` overrides it
 
 
 def error_response(status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
@@ -238,7 +239,7 @@ class _Api:
 
     def _prepare(self, params: GenerationRequest) -> PreparedRequest:
         prepare = prepare_chat if params.chat else prepare_completion
-        return prepare(self.model, params.prompt, **params.options)
+        return prepare(self.model, params.prompt, **{"cache_prompt": self.settings.cache_prompt, **params.options})
 
     def _finished(self, cancel: threading.Event) -> None:
         self.metrics.observe_generation(self.model.stats, cancel.is_set())

@@ -28,7 +28,6 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_messages: int = 256
     max_tokens: int | None = None
-    cache_prompt: bool = True  # the default of llama.cpp's `cache_prompt` field, which a request may override
 
 
 @dataclass
@@ -42,8 +41,9 @@ class GenerationRequest:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-_SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float,
-             "seed": int}
+# Passed to the model as given; cache_prompt is llama.cpp's field for reusing the cached prefix.
+_OPTIONS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float,
+            "seed": int, "cache_prompt": bool}
 _UNSUPPORTED_IF_SET = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "suffix")
 
 
@@ -135,10 +135,8 @@ def parse(body: Any, *, chat: bool, limits: Limits) -> GenerationRequest:
         if not isinstance(prompt, str):
             raise BadRequest("prompt must be a string (or a list holding one string)", "prompt")
     stream = _typed(body, "stream", bool) or False
-    cache_prompt = _typed(body, "cache_prompt", bool)
-    options: dict[str, Any] = {"max_tokens": _max_tokens(body, limits), "stop": _stop(body),
-                               "cache_prompt": limits.cache_prompt if cache_prompt is None else cache_prompt}
-    for name, kind in _SAMPLING.items():
+    options: dict[str, Any] = {"max_tokens": _max_tokens(body, limits), "stop": _stop(body)}
+    for name, kind in _OPTIONS.items():
         if (value := _typed(body, name, kind)) is not None:
             options[name] = value
     return GenerationRequest(chat, prompt, stream, _stream_options(body, stream), options)
