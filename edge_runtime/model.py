@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -170,12 +170,19 @@ class Model:
                 " or load with a longer context"
             )
 
-    def feed(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
-        """Run tokens after those already cached, in prefill chunks; logits [1, vocab] of the last position."""
+    def feed(self, token_ids: list[int] | np.ndarray,
+             should_stop: Callable[[], bool] | None = None) -> np.ndarray | None:
+        """Run tokens after those already cached, in prefill chunks; logits [1, vocab] of the last position.
+
+        `should_stop` is asked before each chunk: a long prompt whose reader has left stops within a chunk,
+        the chunks already run staying cached (None is returned then).
+        """
         ids = np.asarray(token_ids, dtype=np.int64)
         logits = None
         with self.lock:
             for s in range(0, len(ids), self.prefill_chunk):
+                if should_stop is not None and should_stop():
+                    return None
                 logits = self.engine.forward(ids[s:s + self.prefill_chunk], all_logits=False)
         return logits
 
@@ -195,13 +202,15 @@ class Model:
     def generate_tokens(self, prompt_ids: Sequence[int], max_new_tokens: int = 256, temperature: float | None = None,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None, *,
                         min_p: float | None = None, repetition_penalty: float | None = None,
-                        stop_token_ids: Sequence[int] = (), cache_prompt: bool = True) -> Iterator[int]:
+                        stop_token_ids: Sequence[int] = (), cache_prompt: bool = True,
+                        should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
         """Token ids after `prompt_ids`, stopping at EOS (or `stop_token_ids`), `max_new_tokens` or the context end.
 
         Holds the model's lock until the iterator is exhausted or closed: close a stream you abandon.
         `cache_prompt=False` runs the whole prompt even where the cache holds it (llama.cpp's cache_prompt):
         quantized kernels round differently with the batch split, so only then is a greedy answer independent
-        of what the model ran before.
+        of what the model ran before. `should_stop` is asked between prefill chunks and between tokens, so that
+        a server can drop the work of a client that left.
         """
         if max_new_tokens < 0:
             raise EdgeRuntimeError(f"max_new_tokens={max_new_tokens}: must be >= 0")
@@ -217,8 +226,11 @@ class Model:
             if not cache_prompt:
                 self.engine.reset()
             stats.cached_tokens = self.engine.reuse(prompt_ids)
-            logits = self.feed(prompt_ids[stats.cached_tokens:])[-1]
+            logits = self.feed(prompt_ids[stats.cached_tokens:], should_stop)
             stats.prefill_seconds = time.perf_counter() - start
+            if logits is None:
+                return
+            logits = logits[-1]
             start = time.perf_counter()
             history = self.engine.tokens
             while True:
@@ -229,6 +241,8 @@ class Model:
                 stats.generated_tokens += 1
                 yield token
                 if stats.generated_tokens >= max_new_tokens or len(history) >= self.context_length:
+                    break
+                if should_stop is not None and should_stop():
                     break
                 logits = self.engine.forward(np.asarray([token]), all_logits=False)[-1]
                 stats.decode_seconds = time.perf_counter() - start

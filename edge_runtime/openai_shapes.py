@@ -57,10 +57,10 @@ class PreparedRequest:
         self.head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
                      "model": self.model.name}
 
-    def _pieces(self) -> Iterator[str]:
+    def _pieces(self, should_stop: Callable[[], bool] | None) -> Iterator[str]:
         stop_ids = self.model.end_of_turn_ids if self.chat else ()
         return self.model.stream_ids(self.ids, self.max_tokens, self.stop, stop_token_ids=stop_ids,
-                                     cache_prompt=self.cache_prompt, **self.sampling)
+                                     cache_prompt=self.cache_prompt, should_stop=should_stop, **self.sampling)
 
     def _usage(self) -> dict[str, int]:
         s = self.model.stats
@@ -74,21 +74,16 @@ class PreparedRequest:
         return {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
 
     def result(self, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-        """The whole result; `should_stop` is asked between tokens, so a server can drop a departed client's work."""
+        """The whole result. `should_stop` is asked between prefill chunks and tokens, so that a server can drop
+        the work of a client that left."""
         with self.model.lock:
-            pieces, text = self._pieces(), []
-            try:
-                for piece in pieces:
-                    text.append(piece)
-                    if should_stop is not None and should_stop():
-                        break
-            finally:
-                pieces.close()
-            return {**self.head, "choices": [self._choice("".join(text), self.model.stats.finish_reason)],
+            text = "".join(self._pieces(should_stop))
+            return {**self.head, "choices": [self._choice(text, self.model.stats.finish_reason)],
                     "usage": self._usage()}
 
-    def chunks(self, include_usage: bool = False) -> Iterator[dict[str, Any]]:
-        """The result as OpenAI's stream chunks; closing the generator stops the generation."""
+    def chunks(self, include_usage: bool = False,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[dict[str, Any]]:
+        """The result as OpenAI's stream chunks; closing the generator, or `should_stop`, stops the generation."""
         head = {**self.head, "object": "chat.completion.chunk"} if self.chat else self.head
 
         def chunk(text: str, finish_reason: str | None, delta: dict[str, str] | None = None) -> dict[str, Any]:
@@ -98,7 +93,7 @@ class PreparedRequest:
         with self.model.lock:
             if self.chat:
                 yield chunk("", None, {"role": "assistant", "content": ""})
-            for piece in self._pieces():
+            for piece in self._pieces(should_stop):
                 yield chunk(piece, None, {"content": piece} if self.chat else None)
             yield chunk("", self.model.stats.finish_reason, {} if self.chat else None)
             if include_usage:

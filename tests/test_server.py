@@ -279,6 +279,26 @@ def test_a_client_leaving_before_a_plain_answer_stops_its_generation(server, mod
     assert server.healthy()
 
 
+def test_a_client_leaving_during_a_long_prompt_stops_it_between_prefill_chunks(bundled):
+    model = edge_runtime.load(bundled[0], kv="fp32", prefill_chunk=16)
+    prompt = " ".join(["the sea and the light"] * 60)
+    n = len(model.encode(prompt))
+    assert 300 < n < model.context_length
+    with LiveServer(model, ServerSettings()) as s, slowed(model, 0.05):
+        leaver = socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1])))
+        request = json.dumps({"prompt": prompt, "max_tokens": 1}).encode()
+        leaver.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(request), request))
+        s.wait(lambda: len(model.engine.tokens) >= 32, "two prefill chunks")
+        leaver.close()
+        left = time.monotonic()
+        s.wait(lambda: not s.api.queue.busy, "the prefill to stop", timeout=5)
+        assert time.monotonic() - left < 0.5  # the whole prompt would take over 1 s more
+        assert len(model.engine.tokens) < n - 16 and model.stats.generated_tokens == 0
+        assert s.metric("edge_runtime_cancelled_generations_total") == 1
+        assert s.healthy()
+
+
 def test_a_full_queue_answers_429_and_a_client_leaving_the_queue_gives_up_its_place(model):
     with LiveServer(model, ServerSettings(queue_depth=1)) as s, slowed(model), httpx.Client(timeout=30) as http:
         body = {"messages": QUESTION, "max_tokens": 300, "temperature": 0, "stream": True}

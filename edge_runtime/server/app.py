@@ -140,11 +140,9 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.chunks.put_nowait, item)
 
     def work(self) -> None:
-        chunks = self.prepared.chunks(self.include_usage)
+        chunks = self.prepared.chunks(self.include_usage, should_stop=self.cancel.is_set)
         try:
             for chunk in chunks:
-                if self.cancel.is_set():
-                    break
                 self._post(chunk)
         except Exception as exc:  # reported to the client as an error event, and logged
             log.exception("generation failed")
