@@ -40,11 +40,15 @@ class GenerationQueue:
     def __init__(self, depth: int):
         self.depth = depth
         self.waiting = 0
-        self.busy = False
         self._turn = asyncio.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="generation")
         self._durations: deque[float] = deque(maxlen=16)
-        self._cancels: set[threading.Event] = set()
+        self._running: threading.Event | None = None  # the cancel event of the generation that holds the turn
+
+    @property
+    def busy(self) -> bool:
+        """A generation holds the turn (it is taken only to start one, and passed on when that returns)."""
+        return self._turn.locked()
 
     def retry_after(self) -> int:
         """Seconds until a place is likely free: the recent mean generation time for each request ahead."""
@@ -74,14 +78,12 @@ class GenerationQueue:
             acquire.cancel()
             raise ClientGone
         loop = asyncio.get_running_loop()
-        self.busy = True
-        self._cancels.add(cancel)
+        self._running = cancel
         started = time.perf_counter()
 
         def done() -> None:
             self._durations.append(time.perf_counter() - started)
-            self._cancels.discard(cancel)
-            self.busy = False
+            self._running = None
             self._turn.release()
 
         try:
@@ -94,7 +96,7 @@ class GenerationQueue:
 
     def shutdown(self) -> None:
         """Stop the running generation at its next token and wait for the thread to finish."""
-        for cancel in list(self._cancels):
-            cancel.set()
+        if self._running is not None:
+            self._running.set()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
