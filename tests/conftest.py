@@ -4,9 +4,16 @@ and the transformers reference model loaded from the same files independently of
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,3 +110,46 @@ def reference_model(checkpoint: Path):
     assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
     model.tie_weights()
     return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@contextmanager
+def serving(bundled: tuple[Path, dict[str, str]], log: Path, *options: str,
+            launcher: Sequence[str] = ("-m", "edge_runtime")) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`edge-runtime serve` on the bundled model as a process of its own, as a kiosk runs it, its stderr in `log`.
+
+    Yields the process and its base URL once /health answers; on leaving, stops it as systemd does (SIGTERM).
+    """
+    artifact, env = bundled
+    port = free_port()
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, *launcher, "serve", "-m", str(artifact), "--port", str(port),
+                                    *options], env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=stderr)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _healthy(url):
+            if process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not answer /health within 60 s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield process, url
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -5,19 +5,15 @@ public kiosk meets (markup typed in, an overlong chat, idle visitors, an API key
 from __future__ import annotations
 
 import json
-import os
-import socket
 import struct
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Request, sync_playwright
+
+from conftest import serving
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -28,49 +24,9 @@ LAST_REPLY = ".msg.assistant:last-of-type"
 IDLE = "document.body.dataset.state === 'idle'"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-@contextmanager
-def _serving(bundled: tuple[Path, dict[str, str]], log: Path, *options: str) -> Iterator[str]:
-    """`edge-runtime serve` on the bundled model, as a kiosk runs it; yields its base URL."""
-    artifact, env = bundled
-    port = _free_port()
-    with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "edge_runtime", "serve", "-m", str(artifact), "--port",
-                                    str(port), *options], env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                                   stderr=stderr)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while not _healthy(url):
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer /health within 60 s:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
 @pytest.fixture(scope="module")
 def server(bundled, tmp_path_factory) -> Iterator[str]:
-    with _serving(bundled, tmp_path_factory.mktemp("kiosk-server") / "stderr.txt") as url:
+    with serving(bundled, tmp_path_factory.mktemp("kiosk-server") / "stderr.txt") as (_, url):
         yield url
 
 
@@ -78,7 +34,7 @@ def server(bundled, tmp_path_factory) -> Iterator[str]:
 def locked_server(bundled, tmp_path_factory) -> Iterator[str]:
     """A server that wants an API key and lets no request wait: a second one at once gets 429."""
     log = tmp_path_factory.mktemp("kiosk-locked-server") / "stderr.txt"
-    with _serving(bundled, log, "--api-key", API_KEY, "--queue", "0") as url:
+    with serving(bundled, log, "--api-key", API_KEY, "--queue", "0") as (_, url):
         yield url
 
 

@@ -10,11 +10,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
-import pytest
+
+from conftest import serving
 
 AUDITED = """
 import sys
@@ -32,36 +31,10 @@ main()
 LOOPBACK = ("'127.0.0.1'", "('127.0.0.1',", "'localhost'", "'::1'")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(bundled, log: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    artifact, env = bundled
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-c", AUDITED, str(log), "serve", "-m", str(artifact), "--port",
-                                str(port), "--profile", "none", *args], env={**os.environ, **env},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"serve exited with {process.returncode}: {process.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "serve did not answer /health within 60 s"
-        time.sleep(0.2)
-
-
 def test_serve_answers_and_makes_no_network_access_of_its_own(bundled, tmp_path):
-    log = tmp_path / "audit.log"
-    process, url = _start(bundled, log, "--api-key", "k", "--log-level", "warning")
-    try:
+    log, stderr = tmp_path / "audit.log", tmp_path / "stderr.txt"
+    options = ("--profile", "none", "--api-key", "k", "--log-level", "warning")
+    with serving(bundled, stderr, *options, launcher=("-c", AUDITED, str(log))) as (process, url):
         auth = {"Authorization": "Bearer k"}
         assert "<html" in httpx.get(f"{url}/").text.lower()
         assert httpx.get(f"{url}/static/kiosk.css").status_code == 200
@@ -75,15 +48,12 @@ def test_serve_answers_and_makes_no_network_access_of_its_own(bundled, tmp_path)
         metrics = httpx.get(f"{url}/metrics", headers=auth).text
         assert 'edge_runtime_requests_total{endpoint="/v1/completions",status="401"} 1.0' in metrics
         assert "edge_runtime_peak_resident_memory_bytes" in metrics
-    finally:
-        process.terminate()
-        process.wait(20)
     events = log.read_text().splitlines()
     outbound = [e for e in events if not any(host in e for host in LOOPBACK)]
     assert outbound == [], f"the server reached for the network: {outbound}"
     assert f"socket.bind ('127.0.0.1', {url.rsplit(':', 1)[1]})" in events, f"the hook did not see the bind: {events}"
-    stderr = process.stderr.read()
-    assert process.returncode in (0, -15) and "Traceback" not in stderr, stderr  # uvicorn re-raises SIGTERM
+    output = stderr.read_text()
+    assert process.returncode in (0, -15) and "Traceback" not in output, output  # uvicorn re-raises SIGTERM
 
 
 def test_serve_names_a_port_in_use_before_loading(bundled, tmp_path):

@@ -21,16 +21,11 @@ import pytest
 import uvicorn
 
 import edge_runtime
+from conftest import free_port
 from edge_runtime.server.app import ServerSettings, create_app
 from edge_runtime.server.request_schema import Limits
 
 QUESTION = [{"role": "user", "content": "Tell me about the sea"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:
@@ -39,7 +34,7 @@ class LiveServer:
     def __init__(self, model, settings: ServerSettings):
         self.app = create_app(model, settings)
         self.api = self.app.state.api
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         port = int(self.url.rsplit(":", 1)[1])
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
