@@ -37,7 +37,7 @@ def default_artifact(progress=None) -> Path:
     """Path of the bundled model's artifact, exporting it on first use."""
     target = cache_dir() / f"{BUNDLED_CHECKPOINT.name}-{_fingerprint(BUNDLED_CHECKPOINT)}"
     if not (target / MANIFEST).is_file():
-        from export import export_checkpoint
+        from edge_runtime.export import export_checkpoint
 
         kwargs = {"progress": progress} if progress else {}
         export_checkpoint(BUNDLED_CHECKPOINT, target, force=True, **kwargs)

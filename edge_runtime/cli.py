@@ -81,8 +81,8 @@ def export(
 ) -> None:
     """Convert a Gemma 4 checkpoint into an edge-runtime artifact."""
     try:
+        from edge_runtime.export import export_checkpoint
         from edge_runtime.profiles import load_profile
-        from export import export_checkpoint
 
         formats = {"weights": weights, "block_size": block_size, "ple": ple}
         if profile is not None:

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from device_profiles import PROFILE_DIR
 from edge_runtime.artifact import BLOCK_SIZES, WEIGHT_FORMATS
+from edge_runtime.device_profiles import PROFILE_DIR
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.kv_formats import KV_FORMATS
 from edge_runtime.ple_store import PLE_FORMATS

@@ -7,6 +7,6 @@ try:
 except ModuleNotFoundError as exc:
     raise EdgeRuntimeError("exporting needs the onnx package: pip install 'edge-runtime[export]'") from exc
 
-from export.exporter import export_checkpoint
+from edge_runtime.export.exporter import export_checkpoint
 
 __all__ = ["export_checkpoint"]

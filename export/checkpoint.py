@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.errors import CheckpointError, UnsupportedConfigError
+from edge_runtime.export.safetensors_reader import DTYPES, SafetensorsFile
 from edge_runtime.model_spec import ModelSpec, spec_from_hf_config, text_config_of
-from export.safetensors_reader import DTYPES, SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -35,12 +35,12 @@ from edge_runtime.artifact import (
 )
 from edge_runtime.chat_template import ChatTemplate
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError
+from edge_runtime.export.checkpoint import Checkpoint
+from edge_runtime.export.gemma4 import build_head, build_layer, build_prologue
+from edge_runtime.export.onnx_graph import GraphBuilder, LinearWeight, WeightsWriter
 from edge_runtime.ple_store import PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
 from edge_runtime.progress import Progress, no_progress
 from edge_runtime.quant.integer import block_count, offset_binary, quantize_int4_blocks, quantize_int8_rows
-from export.checkpoint import Checkpoint
-from export.gemma4 import build_head, build_layer, build_prologue
-from export.onnx_graph import GraphBuilder, LinearWeight, WeightsWriter
 
 LOSSLESS_PLE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.artifact import HEAD_GRAPH, PROLOGUE_GRAPH, layer_graphs
+from edge_runtime.export.onnx_graph import GraphBuilder, LinearWeight
 from edge_runtime.model_spec import ModelSpec
-from export.onnx_graph import GraphBuilder, LinearWeight
 
 Weights = Callable[[str], np.ndarray]
 NewGraph = Callable[[str], GraphBuilder]

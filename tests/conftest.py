@@ -70,7 +70,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def artifacts(checkpoints, tmp_path_factory) -> dict[str, Path]:
-    from export import export_checkpoint
+    from edge_runtime.export import export_checkpoint
 
     root = tmp_path_factory.mktemp("artifacts")
     return {name: export_checkpoint(path, root / name) for name, path in checkpoints.items()}

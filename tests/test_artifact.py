@@ -10,9 +10,9 @@ import pytest
 
 from edge_runtime.artifact import MANIFEST, layer_graphs, read_manifest, sha256_file, verify_artifact
 from edge_runtime.errors import ArtifactError, CheckpointError
+from edge_runtime.export import export_checkpoint
+from edge_runtime.export.checkpoint import Checkpoint
 from edge_runtime.ple_store import decode_rows, storage_dtype, stored_width
-from export import export_checkpoint
-from export.checkpoint import Checkpoint
 
 
 def test_manifest_lists_every_file_with_its_checksum(artifacts):
@@ -124,7 +124,7 @@ def test_damaged_artifact_is_reported(artifacts, tmp_path):
 
 def test_export_never_reads_tower_tensors(checkpoints, tmp_path, monkeypatch):
     """The multimodal checkpoint's vision/audio tensors are skipped: only text-model bytes are read."""
-    from export.safetensors_reader import SafetensorsFile
+    from edge_runtime.export.safetensors_reader import SafetensorsFile
 
     read: list[str] = []
     original = SafetensorsFile.read

@@ -122,7 +122,7 @@ def test_existing_output_needs_force(checkpoint, tmp_path, artifacts):
 
 def test_failure_midway_leaves_nothing(checkpoint, tmp_path, monkeypatch):
     """An error after files were written (here: while copying the tokenizer) removes the partial directory."""
-    from export import exporter
+    from edge_runtime.export import exporter
 
     def explode(*args, **kwargs):
         raise OSError("disk full")

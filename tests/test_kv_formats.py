@@ -25,7 +25,7 @@ BOUNDS = {"fp16": 1e-3, "int8": 0.01, "qjl": 0.3,
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
     from edge_runtime.bundled import BUNDLED_CHECKPOINT
-    from export import export_checkpoint
+    from edge_runtime.export import export_checkpoint
 
     artifact = export_checkpoint(BUNDLED_CHECKPOINT, tmp_path_factory.mktemp("kv") / "bundled")
     exact = edge_runtime.load(artifact, kv="fp32")

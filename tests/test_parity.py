@@ -60,7 +60,7 @@ def test_trained_bundled_model_matches_transformers(tmp_path):
     from transformers import Gemma4ForCausalLM
 
     from edge_runtime.bundled import BUNDLED_CHECKPOINT
-    from export import export_checkpoint
+    from edge_runtime.export import export_checkpoint
 
     artifact = export_checkpoint(BUNDLED_CHECKPOINT, tmp_path / "bundled")
     model = edge_runtime.load(artifact, prefill_chunk=100, kv="fp32")

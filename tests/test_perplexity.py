@@ -26,7 +26,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    from export import export_checkpoint
+    from edge_runtime.export import export_checkpoint
 
     return export_checkpoint(BUNDLED_CHECKPOINT, tmp_path_factory.mktemp("artifact") / "bundled")
 

@@ -39,7 +39,7 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory) -> dict[str, Path]:
     """The tiny checkpoint in every weight format."""
-    from export import export_checkpoint
+    from edge_runtime.export import export_checkpoint
 
     root = tmp_path_factory.mktemp("planner-artifacts")
     return {fmt: export_checkpoint(checkpoint, root / fmt, weights=fmt, block_size=32)

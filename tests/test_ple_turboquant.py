@@ -7,10 +7,10 @@ import pytest
 
 import edge_runtime
 from edge_runtime.artifact import read_manifest
+from edge_runtime.export import export_checkpoint
+from edge_runtime.export.checkpoint import Checkpoint
 from edge_runtime.ple_store import PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
 from edge_runtime.quant.turboquant import lloyd_max_distortion
-from export import export_checkpoint
-from export.checkpoint import Checkpoint
 
 TURBO = {"tq4": 4, "tq3": 3, "tq2": 2}
 

@@ -16,14 +16,14 @@ from edge_runtime.artifact import read_manifest
 from edge_runtime.bundled import BUNDLED_CHECKPOINT
 from edge_runtime.engine import open_session
 from edge_runtime.errors import ArtifactError, EdgeRuntimeError
+from edge_runtime.export import export_checkpoint
+from edge_runtime.export.onnx_graph import GraphBuilder, WeightsWriter
 from edge_runtime.quant.integer import (
     dequantize_int4_blocks,
     dequantize_int8_rows,
     quantize_int4_blocks,
     quantize_int8_rows,
 )
-from export import export_checkpoint
-from export.onnx_graph import GraphBuilder, WeightsWriter
 
 
 def test_int8_rows_round_to_the_nearest_step():

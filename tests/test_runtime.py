@@ -123,7 +123,7 @@ def test_generation_config_sets_defaults(checkpoints, tmp_path):
     import json
     import shutil
 
-    from export import export_checkpoint
+    from edge_runtime.export import export_checkpoint
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoints["shared-gqa"], ckpt)

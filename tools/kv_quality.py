@@ -18,9 +18,9 @@ from pathlib import Path
 
 import edge_runtime
 from edge_runtime.bundled import BUNDLED_CHECKPOINT
+from edge_runtime.export import export_checkpoint
 from edge_runtime.kv_formats import KV_FORMATS, kv_format
 from edge_runtime.perplexity import evaluate
-from export import export_checkpoint
 
 
 def main() -> None:

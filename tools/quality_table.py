@@ -17,8 +17,8 @@ from pathlib import Path
 
 import edge_runtime
 from edge_runtime.bundled import BUNDLED_CHECKPOINT
+from edge_runtime.export import export_checkpoint
 from edge_runtime.perplexity import evaluate
-from export import export_checkpoint
 
 WEIGHTS = [("fp32", 32), ("fp16", 32), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)]
 PLE = ["fp32", "fp16", "int8", "int4", "tq4", "tq3", "tq2"]

@@ -26,8 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from device_profiles import PROFILE_DIR
 from edge_runtime.artifact import MANIFEST, read_manifest
+from edge_runtime.device_profiles import PROFILE_DIR
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.profiles import Profile
 from edge_runtime.server.listen_address import is_loopback
