@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,19 @@ WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
 
 
+LAYER_GRAPH = re.compile(r"layer_(\d{2,})\.(attention_inputs|output)\.onnx")
+NAMED_FILES = frozenset({MANIFEST, WEIGHTS_FILE, PLE_FILE, PROLOGUE_GRAPH, HEAD_GRAPH, TOKENIZER_FILE,
+                         TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE})
+
+
 def layer_graphs(index: int) -> tuple[str, str]:
     """Layer `index`'s graphs: attention inputs (queries, new keys and values), then the rest of the layer."""
     return f"layer_{index:02d}.attention_inputs.onnx", f"layer_{index:02d}.output.onnx"
+
+
+def is_artifact_file(name: str) -> bool:
+    """Whether an artifact can hold a file of this name: how export tells its own leftovers from a user's files."""
+    return name in NAMED_FILES or LAYER_GRAPH.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

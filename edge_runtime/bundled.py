@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from edge_runtime.artifact import FORMAT_VERSION, MANIFEST
+from edge_runtime.errors import EdgeRuntimeError, UnwritableError
 
 BUNDLED_CHECKPOINT = Path(__file__).parent / "bundled" / "gemma4-tiny"
 
@@ -40,5 +41,10 @@ def default_artifact(progress=None) -> Path:
         from edge_runtime.export import export_checkpoint
 
         kwargs = {"progress": progress} if progress else {}
-        export_checkpoint(BUNDLED_CHECKPOINT, target, force=True, **kwargs)
+        try:
+            export_checkpoint(BUNDLED_CHECKPOINT, target, force=True, **kwargs)
+        except UnwritableError as exc:
+            raise EdgeRuntimeError(f"cannot write the bundled model's artifact into {target.parent}: {exc.reason} "
+                                   f"({exc.path}); it is exported there on first use, so set EDGE_RUNTIME_CACHE to a "
+                                   "writable directory") from None
     return target

@@ -51,6 +51,10 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _note(message: str) -> None:
+    err.print(f"note: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _progress_bar():
     return Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
@@ -75,7 +79,8 @@ def export(
     block_size: int | None = typer.Option(None, "--block-size", help="int4 block size: 32 (default), 64 or 128."),
     ple: str | None = typer.Option(None, help="PLE store format: auto (the checkpoint's precision; the default), "
                                    "bf16, fp16, fp32, int8, int4, tq4, tq3 or tq2."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing artifact once the new one is complete."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing artifact once the new one is complete "
+                               "(never anything else: not a checkpoint, not a directory with other files)."),
     profile: str | None = typer.Option(None, "--profile", help="Take the weight, block size and PLE formats from "
                                        "this device profile (explicit options still win)."),
 ) -> None:
@@ -89,8 +94,8 @@ def export(
             p = load_profile(profile)
             formats = {name: getattr(p, name) if value is None else value for name, value in formats.items()}
         given = {name: value for name, value in formats.items() if value is not None}
-        _with_progress(lambda report: export_checkpoint(checkpoint, output, force=force, progress=report, **given),
-                       "export")
+        _with_progress(lambda report: export_checkpoint(checkpoint, output, force=force, progress=report,
+                                                        notice=_note, **given), "export")
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     err.print(f"wrote {output}", highlight=False)

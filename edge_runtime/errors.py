@@ -24,3 +24,11 @@ class ArtifactError(EdgeRuntimeError):
 
 class ContextLengthError(EdgeRuntimeError):
     """A prompt longer than the context the model was loaded with (OpenAI's context_length_exceeded)."""
+
+
+class UnwritableError(EdgeRuntimeError):
+    """A file or directory edge-runtime must write could not be written (permissions, read-only, full disk)."""
+
+    def __init__(self, message: str, path: str, reason: str) -> None:
+        super().__init__(message)
+        self.path, self.reason = path, reason

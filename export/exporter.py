@@ -1,14 +1,12 @@
 """Checkpoint -> artifact: validate everything first, write into a temporary sibling, rename when complete.
 
-An interrupted or failed export never leaves a directory at the destination: all files are written to
-`.<name>.partial-<pid>` next to it and only the final rename makes the artifact visible. An existing
-artifact is replaced only with `force=True`, and then only after the new one is complete.
+An interrupted or failed export never leaves a directory at the destination, and never deletes anything it did
+not write: export/destination.py decides where files go and what an existing destination may be.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,24 +32,27 @@ from edge_runtime.artifact import (
     layer_graphs,
 )
 from edge_runtime.chat_template import ChatTemplate
-from edge_runtime.errors import CheckpointError, EdgeRuntimeError
+from edge_runtime.errors import CheckpointError, EdgeRuntimeError, UnwritableError
 from edge_runtime.export.checkpoint import Checkpoint
+from edge_runtime.export.destination import check_destination, partial_path, remove_stale_partials, replace
 from edge_runtime.export.gemma4 import build_head, build_layer, build_prologue
 from edge_runtime.export.onnx_graph import GraphBuilder, LinearWeight, WeightsWriter
 from edge_runtime.ple_store import PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
-from edge_runtime.progress import Progress, no_progress
+from edge_runtime.progress import Notice, Progress, no_notice, no_progress
 from edge_runtime.quant.integer import block_count, offset_binary, quantize_int4_blocks, quantize_int8_rows
 
 LOSSLESS_PLE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", block_size: int = 32,
-                      ple: str = "auto", force: bool = False, progress: Progress = no_progress) -> Path:
+                      ple: str = "auto", force: bool = False, progress: Progress = no_progress,
+                      notice: Notice = no_notice) -> Path:
     """Export a HF Gemma 4 checkpoint directory to an artifact directory at `out`; returns `out`.
 
     `ple="auto"` stores the PLE table at the checkpoint's own precision (bf16 -> bf16, f16 -> fp16,
     f32 -> fp32), so the default artifact is lossless. `block_size` applies to int4 weights.
-    `progress(stage, done, total)` is called as each stage advances, with the stage's own units.
+    `progress(stage, done, total)` is called as each stage advances, with the stage's own units; `notice` hears
+    about leftovers of interrupted exports removed on the way (export/destination.py says what is ever removed).
     """
     if weights not in WEIGHT_FORMATS:
         raise EdgeRuntimeError(f"--weights {weights}: not available; choose one of {', '.join(WEIGHT_FORMATS)}")
@@ -60,10 +61,9 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
                                f"{', '.join(map(str, BLOCK_SIZES))}")
     if ple != "auto" and ple not in PLE_FORMATS:
         raise EdgeRuntimeError(f"--ple {ple}: not available; choose auto or one of {', '.join(PLE_FORMATS)}")
-    out = Path(out)
-    if out.exists() and not force:
-        raise EdgeRuntimeError(f"{out}: already exists; choose another path or pass --force to replace it")
-    ckpt = Checkpoint(Path(checkpoint))
+    out, checkpoint = Path(out), Path(checkpoint)
+    check_destination(out, checkpoint, force)
+    ckpt = Checkpoint(checkpoint)
     ckpt.validate()
     if ple == "auto":
         ple = LOSSLESS_PLE[ckpt.dtype_of("embed_tokens_per_layer.weight")]
@@ -72,28 +72,35 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
         raise CheckpointError(f"{tokenizer_source}: missing; the artifact needs the checkpoint's tokenizer")
     _chat_template(ckpt.path)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = partial_path(out)
+    try:
+        remove_stale_partials(out, notice)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise _os_error(exc, out, checkpoint) from None
     try:
         manifest = _write_artifact(ckpt, tmp, weights, block_size, ple, progress)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1))
-        _replace(tmp, out)
+        replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_error(exc, out, checkpoint) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+def _os_error(exc: OSError, out: Path, checkpoint: Path) -> EdgeRuntimeError:
+    """A failed read or write as one line: which path, what the system said, what to do (nothing is left behind)."""
+    name = Path(exc.filename) if exc.filename else None
+    if name is not None and name.resolve().is_relative_to(checkpoint.resolve()):
+        return EdgeRuntimeError(f"cannot read {name}: {exc.strerror or exc}; check the checkpoint's files")
+    where = f" ({name})" if name is not None and name != out else ""
+    reason = exc.strerror or str(exc)
+    return UnwritableError(f"cannot write the artifact at {out}: {reason}{where}; choose an output path on a "
+                           "writable filesystem with room for it", str(name or out), reason)
 
 
 def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, block_size: int, ple: str,

@@ -122,12 +122,13 @@ def test_existing_output_needs_force(checkpoint, tmp_path, artifacts):
 
 def test_failure_midway_leaves_nothing(checkpoint, tmp_path, monkeypatch):
     """An error after files were written (here: while copying the tokenizer) removes the partial directory."""
+    from edge_runtime.errors import UnwritableError
     from edge_runtime.export import exporter
 
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(exporter, "_copy_tokenizer", explode)
-    with pytest.raises(OSError):
+    with pytest.raises(UnwritableError, match="cannot write the artifact at .*: disk full; choose an output path"):
         exporter.export_checkpoint(checkpoint, tmp_path / "out" / "artifact")
     assert list((tmp_path / "out").iterdir()) == []
