@@ -2,7 +2,7 @@
 
 `edge-runtime verify` hashes every file. Loading hashes a file only when it is new to this machine or has
 changed since it was last found intact: the (size, mtime, inode) of each file that matched its manifest hash is
-remembered in the user cache (`verified.json`). So the first load after an export or a copy checks everything
+remembered in the user cache (`verified.json`; entries of files since deleted are dropped whenever it is written). So the first load after an export or a copy checks everything
 (one read of the artifact: 15 s for E2B int4 on the development VM; at an SD card's 90 MB/s, about a minute),
 and a file rewritten since (a flipped byte, a half-finished copy) is caught by name. What this cannot see is a
 change that keeps size and mtime, such as bit rot on the medium: `verify` is for that.
@@ -64,4 +64,4 @@ def check_artifact(artifact: Path, manifest: Manifest, progress: Progress = no_p
                                 "re-export or re-copy it (edge-runtime verify lists every damaged file)")
         stamps[str(file)] = stamp
     if pending:
-        _write_stamps(stamps_path, stamps)
+        _write_stamps(stamps_path, {path: stamp for path, stamp in stamps.items() if Path(path).exists()})

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import make_checkpoint
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point edge-runtime's user cache (bundled artifact, models, verified.json) at a directory of this session, for
+    the tests and every process they start: the suite never writes into the real ~/.cache."""
+    cache = Path(tempfile.mkdtemp(prefix="edge-runtime-test-cache-"))
+    config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    os.environ["EDGE_RUNTIME_CACHE"] = str(cache)
+
 
 S, F = "sliding_attention", "full_attention"
 
