@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,24 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def _parse_manifest(artifact: Path) -> Manifest:
+    """The manifest of `artifact`, validated, without looking at the files it lists."""
+    path = artifact / MANIFEST
+    if not artifact.is_dir():
+        raise ArtifactError(f"{artifact}: no such artifact directory (create one with `edge-runtime export`)")
+    if not path.is_file():
+        hint = ""
+        if (artifact / "config.json").is_file():
+            command = f"edge-runtime export {shlex.quote(str(artifact))} -o {shlex.quote(artifact.resolve().name + '.art')}"
+            hint = f" but a Hugging Face checkpoint; export it first: {command}"
+        raise ArtifactError(f"{artifact}: no {MANIFEST}; this is not an edge-runtime artifact{hint}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
+    return Manifest.from_dict(data, str(path))
+
+
 def read_manifest(artifact: Path) -> Manifest:
     """Load and validate the manifest; checks that every listed file is present with its recorded size.
 
@@ -166,16 +185,7 @@ def read_manifest(artifact: Path) -> Manifest:
     `verify_artifact`, and at load time by `integrity.check_artifact` for files not yet seen intact.
     """
     artifact = Path(artifact)
-    path = artifact / MANIFEST
-    if not artifact.is_dir():
-        raise ArtifactError(f"{artifact}: no such artifact directory (create one with `edge-runtime export`)")
-    if not path.is_file():
-        raise ArtifactError(f"{artifact}: no {MANIFEST}; this is not an edge-runtime artifact")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
-    manifest = Manifest.from_dict(data, str(path))
+    manifest = _parse_manifest(artifact)
     for name, entry in manifest.files.items():
         file = artifact / name
         if not file.is_file():
@@ -188,7 +198,33 @@ def read_manifest(artifact: Path) -> Manifest:
     return manifest
 
 
-def verify_artifact(artifact: Path) -> list[str]:
-    """Return the names of files whose SHA-256 differs from the manifest (empty when intact)."""
-    manifest = read_manifest(artifact)
-    return [name for name, entry in manifest.files.items() if sha256_file(Path(artifact) / name) != entry["sha256"]]
+MISSING, SIZE_DIFFERS, SHA256_DIFFERS = "missing", "size differs from the manifest", "SHA-256 mismatch"
+_DAMAGE_LINES = {SHA256_DIFFERS: "SHA-256 mismatch in {}", SIZE_DIFFERS: "size differs from the manifest in {}",
+                 MISSING: "missing {}"}
+
+
+def verify_artifact(artifact: Path) -> dict[str, str]:
+    """Every damaged file, by name: MISSING, SIZE_DIFFERS or SHA256_DIFFERS (empty when intact).
+
+    Unlike loading, this goes on past the first damaged file, so that one run says everything to re-copy.
+    """
+    artifact = Path(artifact)
+    damaged = {}
+    for name, entry in _parse_manifest(artifact).files.items():
+        file = artifact / name
+        if not file.is_file():
+            damaged[name] = MISSING
+        elif file.stat().st_size != entry["size"]:
+            damaged[name] = SIZE_DIFFERS
+        elif sha256_file(file) != entry["sha256"]:
+            damaged[name] = SHA256_DIFFERS
+    return damaged
+
+
+def describe_damage(artifact: Path, damaged: dict[str, str]) -> str:
+    """One line for `verify_artifact`'s findings: what is wrong with which files, and what to do."""
+    parts = []
+    for kind, shown in _DAMAGE_LINES.items():
+        if names := [name for name, found in damaged.items() if found == kind]:
+            parts.append(shown.format(", ".join(names)))
+    return f"{artifact}: {'; '.join(parts)}; the artifact is damaged, re-export or re-copy it"

@@ -27,6 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edge_runtime.artifact import Manifest
 from edge_runtime.errors import ArtifactError, EdgeRuntimeError
+from edge_runtime.text_input import check_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -99,7 +100,7 @@ def _text_content(content: Any, where: str) -> str:
     """The message's text: a string as is, OpenAI content parts joined by newlines (as vLLM and llama.cpp's
     server join them for text-only templates)."""
     if isinstance(content, str):
-        return content
+        return check_text(content, f"{where}.content")
     if not isinstance(content, (list, tuple)):
         raise EdgeRuntimeError(f"{where}.content: must be a string or a list of {{'type': 'text', 'text': ...}} "
                                f"parts, got {type(content).__name__}")
@@ -112,7 +113,7 @@ def _text_content(content: Any, where: str) -> str:
                                    "only text parts are (this runtime is text-only)")
         if not isinstance(part.get("text"), str):
             raise EdgeRuntimeError(f"{where}.content[{j}]: a text part needs a string 'text'")
-        texts.append(part["text"])
+        texts.append(check_text(part["text"], f"{where}.content[{j}].text"))
     return "\n".join(texts)
 
 

@@ -1,24 +1,78 @@
-"""`edge-runtime`: export, run and inspect models from a terminal (shaped after llama.cpp's tools).
+"""`edge-runtime`: export, run and inspect models from a terminal (shaped after llama.cpp's tools and Ollama).
 
-Every user error ends in one line on stderr starting with "error:" and a non-zero exit code.
+Every user error ends in one line on stderr starting with "error:" and exit code 1, usage errors (an unknown
+option, a value that does not parse) included: exit code 2 is `plan`'s "does not fit", and llama.cpp's tools and
+Ollama exit 1 on a bad option too. Help is plain text (click's layout): rich's option tables cut long option
+names at 80 columns and, in the typer this was written against, label flags `<bool>`.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime import __version__
+from edge_runtime.errors import ContextLengthError, EdgeRuntimeError, InvalidTextError
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, KV_FORMATS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Run Gemma 4 E2B/E4B offline: export a checkpoint, then generate from the artifact.")
-err = Console(stderr=True)
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=HELP_OPTIONS,
+                  epilog="\b\nExamples:\n  edge-runtime run \"The list\" -n 60\n"
+                         "  edge-runtime export /path/to/gemma-4-E2B-it -o e2b.art\n  edge-runtime chat -m e2b.art")
+# Lines on stderr are never wrapped (a piped stderr is 80 columns to rich) nor read as markup or highlighted.
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+
+_BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0", "y", "n", "t", "f"}
+
+
+class _Command(typer.core.TyperCommand):
+    """A command whose flags refuse a value: `--json true` would otherwise pass `true` on as the next argument
+    (run's prompt, plan's checkpoint) or fail as an "extra argument" that does not say why."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:  # PROMPT, not typer's {prompt}, as click and llama.cpp's tools write arguments
+            if param.param_type_name == "argument" and param.metavar is None:
+                param.metavar = param.name.upper()
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        flags = {name: param for param in self.params if getattr(param, "is_flag", False)
+                 for name in (*param.opts, *param.secondary_opts)}
+        for option, value in pairwise(args):
+            if option == "--":
+                break
+            if option in flags and value.lower() in _BOOLEAN_WORDS:
+                param = flags[option]
+                on = option if option in param.opts else param.opts[-1]
+                off = f" or {param.secondary_opts[-1]}" if param.secondary_opts else ", or leave it out"
+                raise typer.BadParameter(f"a flag takes no value, got {value!r}; write {on} alone{off}", ctx=ctx,
+                                         param=param)
+        return super().parse_args(ctx, args)
+
+
+def _command(group: typer.Typer, *examples: str, name: str | None = None):
+    """Register a command the project's way: flags that refuse a value, and its Examples at the end of --help."""
+    epilog = "\b\nExamples:\n" + "\n".join(f"  {line}" for line in examples)
+    return group.command(name, cls=_Command, epilog=epilog)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"edge-runtime {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    """Run Gemma 4 E2B/E4B offline: export a checkpoint, then generate from the artifact."""
 
 
 KV = typer.Option(DEFAULT_KV_FORMAT, "--kv", help=f"KV cache format: {', '.join(KV_FORMATS)}.")
@@ -29,7 +83,7 @@ PROFILE = typer.Option("auto", "--profile", help="Device profile whose threads, 
                        "none: no profile, no memory check.")
 CONTEXT = typer.Option(None, "-c", "--context", help="Context length in tokens (default: the profile's, at most the "
                        "model's).")
-THREADS = typer.Option(None, "-t", "--threads", help="Threads (default: the profile's, else up to 4).")
+THREADS = typer.Option(None, "-t", "--threads", min=1, help="Threads (default: the profile's, else up to 4).")
 MODEL = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model).")
 SAMPLING_HELP = "Default: the model's generation_config."
 TEMPERATURE = typer.Option(None, "--temperature", help="0 for greedy. " + SAMPLING_HELP)
@@ -47,12 +101,12 @@ LOW_MEMORY = typer.Option(False, "--low-memory", help="64-token prefill chunks a
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+    err.print(f"error: {exc}")
     return typer.Exit(1)
 
 
 def _note(message: str) -> None:
-    err.print(f"note: {message}", markup=False, highlight=False, soft_wrap=True)
+    err.print(f"note: {message}")
 
 
 def _progress_bar():
@@ -60,17 +114,31 @@ def _progress_bar():
                     TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
 
 
-def _with_progress(work, title: str):
-    with _progress_bar() as bar:
-        task = bar.add_task(title, total=None)
+def _with_progress(work, heading: str | None = None):
+    """`work(report)` with a progress bar that appears at the first report, so that work which turns out to have
+    nothing slow to do (a warm cache, files already checked) draws nothing; `heading` is printed above it then."""
+    bar, task = None, None
 
-        def report(stage: str, done: int, total: int) -> None:
-            bar.update(task, description=stage, completed=done, total=total)
+    def report(stage: str, done: int, total: int) -> None:
+        nonlocal bar, task
+        if bar is None:
+            bar = _progress_bar()
+            bar.start()
+            if heading and not bar.disable:
+                bar.console.print(heading)
+            task = bar.add_task(stage, total=None)
+        bar.update(task, description=stage, completed=done, total=total)
 
+    try:
         return work(report)
+    finally:
+        if bar is not None:
+            bar.stop()
 
 
-@app.command()
+@_command(app, "edge-runtime export /path/to/gemma-4-E2B-it -o e2b.art",
+          "edge-runtime export /path/to/gemma-4-E2B-it -o e2b-q4.art --weights int4 --block-size 128 --ple int8",
+          "edge-runtime export /path/to/gemma-4-E2B-it -o e2b.art --profile pi5-8gb")
 def export(
     checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + safetensors)."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
@@ -95,10 +163,10 @@ def export(
             formats = {name: getattr(p, name) if value is None else value for name, value in formats.items()}
         given = {name: value for name, value in formats.items() if value is not None}
         _with_progress(lambda report: export_checkpoint(checkpoint, output, force=force, progress=report,
-                                                        notice=_note, **given), "export")
+                                                        notice=_note, **given))
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
-    err.print(f"wrote {output}", highlight=False)
+    err.print(f"wrote {output}")
 
 
 def _load(model: Path | None, profile: str, context: int | None, threads: int | None, kv: str | None,
@@ -108,14 +176,14 @@ def _load(model: Path | None, profile: str, context: int | None, threads: int | 
     path = _resolve_model(model)
     return _with_progress(lambda report: edge_runtime.load(
         path, profile=None if profile == "none" else profile, context_length=context, threads=threads, kv=kv,
-        kv_recent=kv_recent, kv_sliding=kv_sliding, low_memory=low_memory, progress=report), "loading")
+        kv_recent=kv_recent, kv_sliding=kv_sliding, low_memory=low_memory, progress=report))
 
 
-def _print_stats(m) -> None:
-    s = m.stats
+def _print_stats(s, m) -> None:
+    """llama.cpp's figures for the generation `s` on model `m`, whose KV cache holds what that left."""
     err.print(f"prompt {s.prompt_tokens} tokens ({s.cached_tokens} cached), {s.prefill_tokens_per_second:.1f} tok/s | "
               f"generated {s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s | "
-              f"context {len(m.engine.tokens)}/{m.context_length}", highlight=False)
+              f"context {len(m.engine.tokens)}/{m.context_length}")
 
 
 def _resolve_model(model: Path | None) -> Path:
@@ -126,11 +194,14 @@ def _resolve_model(model: Path | None) -> Path:
     return _with_progress(lambda report: default_artifact(report), "first run: exporting the bundled model")
 
 
-@app.command()
+@_command(app, 'edge-runtime run "The list" -n 60',
+          'edge-runtime run -m e2b.art "Why is the sky blue?" -n 200 --temperature 0',
+          'edge-runtime run -m e2b.art "Once upon" --temperature 0.8 --top-k 40 --seed 1',
+          "edge-runtime run -m e2b.art - --json < prompt.txt")
 def run(
     prompt: str = typer.Argument(..., help="Text to continue; - reads it from stdin."),
     model: Path | None = MODEL,
-    max_new_tokens: int = typer.Option(128, "-n", "--max-new-tokens", help="Stop after this many tokens."),
+    max_new_tokens: int = typer.Option(128, "-n", "--max-new-tokens", min=0, help="Stop after this many tokens."),
     temperature: float | None = TEMPERATURE,
     top_k: int | None = TOP_K,
     top_p: float | None = TOP_P,
@@ -149,9 +220,10 @@ def run(
     kv_sliding: str = KV_SLIDING,
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    from edge_runtime.text_input import decode_os_text, decode_utf8
+
     try:
+        prompt = decode_utf8(sys.stdin.buffer.read(), "stdin") if prompt == "-" else decode_os_text(prompt, "PROMPT")
         m = _load(model, profile, context, threads, kv, kv_recent, kv_sliding, low_memory)
         pieces = m.stream(prompt, max_new_tokens=max_new_tokens, stop=stop, temperature=temperature, top_k=top_k,
                           top_p=top_p, min_p=min_p, repetition_penalty=repeat_penalty, seed=seed)
@@ -168,7 +240,7 @@ def run(
         return
     sys.stdout.write("\n")
     if stats:
-        _print_stats(m)
+        _print_stats(m.stats, m)
 
 
 CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /stats "
@@ -190,11 +262,12 @@ def _read_message(interactive: bool) -> str | None:
         return "\n".join(lines)
 
 
-@app.command()
+@_command(app, "edge-runtime chat", 'edge-runtime chat -m e2b.art --system "Answer briefly." --kv tq3.5',
+          "edge-runtime chat -m e2b.art -n 64 --temperature 0 < questions.txt")
 def chat(
     model: Path | None = MODEL,
     system: str | None = typer.Option(None, "--system", help="System prompt."),
-    max_new_tokens: int = typer.Option(512, "-n", "--max-new-tokens", help="Longest reply in tokens."),
+    max_new_tokens: int = typer.Option(512, "-n", "--max-new-tokens", min=0, help="Longest reply in tokens."),
     temperature: float | None = TEMPERATURE,
     top_k: int | None = TOP_K,
     top_p: float | None = TOP_P,
@@ -209,57 +282,76 @@ def chat(
     kv_recent: int | None = KV_RECENT,
     kv_sliding: str = KV_SLIDING,
 ) -> None:
-    """Talk with the model: streamed replies, earlier turns kept in the KV cache (/help for commands)."""
+    """Talk with the model: streamed replies, earlier turns kept in the KV cache (/help for commands).
+
+    A message that cannot be taken (longer than the context, not UTF-8) is refused with one line and the chat goes
+    on without it; with piped input the exit code is then 1 once the input is done.
+    """
+    from edge_runtime.text_input import decode_os_text
+
     try:
         m = _load(model, profile, context, threads, kv, kv_recent, kv_sliding, low_memory)
         m.sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     interactive = sys.stdin.isatty()
+    sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach decode_os_text, which names them
     conversation = m.conversation(system)
+    refused = False
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repeat_penalty,
                    seed=seed)
     if interactive:
-        err.print(f"{m.name}: context {m.context_length}, KV {m.kv_format.name}. {CHAT_HELP}", highlight=False)
+        err.print(f"{m.name}: context {m.context_length}, KV {m.kv_format.name}. {CHAT_HELP}")
     while (message := _read_message(interactive)) is not None:
         command, _, argument = message.strip().partition(" ")
         if command in ("/quit", "/exit"):
             break
         if command == "/help":
-            err.print(CHAT_HELP, highlight=False)
+            err.print(CHAT_HELP)
         elif command == "/reset":
             conversation.reset()
-            err.print("conversation cleared", highlight=False)
+            err.print("conversation cleared")
         elif command == "/system":
             conversation.reset()
             conversation.system = argument.strip() or None
             err.print("system prompt set, conversation cleared" if argument.strip() else
-                      "system prompt removed, conversation cleared", highlight=False)
+                      "system prompt removed, conversation cleared")
         elif command == "/stats":
-            _print_stats(m)
+            if conversation.turns:
+                _print_stats(conversation.stats, m)
+            else:
+                err.print(f"no turn yet | context 0/{m.context_length}")
         elif command.startswith("/"):
-            err.print(f"unknown command {command}; {CHAT_HELP}", highlight=False)
+            err.print(f"unknown command {command}; {CHAT_HELP}")
         elif message.strip():
             try:
+                pieces = conversation.stream(decode_os_text(message, "the message"), max_new_tokens=max_new_tokens,
+                                             **options)
                 dropped = conversation.dropped_turns
-                for piece in conversation.stream(message, max_new_tokens=max_new_tokens, **options):
+                for piece in pieces:
                     if dropped != conversation.dropped_turns:
                         err.print(f"(the oldest {conversation.dropped_turns - dropped} turns were dropped to fit the "
-                                  f"context of {m.context_length} tokens)", highlight=False)
+                                  f"context of {m.context_length} tokens)")
                         dropped = conversation.dropped_turns
                     sys.stdout.write(piece)
                     sys.stdout.flush()
+            except (ContextLengthError, InvalidTextError) as exc:
+                err.print(f"error: {exc}")
+                refused = True
+                continue
             except EdgeRuntimeError as exc:
                 if not interactive:
                     raise _fail(exc) from None
-                err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+                err.print(f"error: {exc}")
             except KeyboardInterrupt:
-                err.print("\n(reply interrupted; not kept in the conversation)", highlight=False)
+                err.print("\n(reply interrupted; not kept in the conversation)")
             sys.stdout.write("\n")
             sys.stdout.flush()
+    if refused and not interactive:
+        raise typer.Exit(1)
 
 
-@app.command()
+@_command(app, "edge-runtime info e2b.art", "edge-runtime info e2b.art --json")
 def info(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
@@ -300,36 +392,40 @@ def info(
                f"(PLE store {manifest.files['ple.bin']['size'] / 2**20:.1f} MiB)")
 
 
-@app.command()
+@_command(app, "edge-runtime verify e2b.art", "edge-runtime verify /media/usb/e2b.art --json")
 def verify(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object, whatever it is."),
 ) -> None:
-    """Check every file's SHA-256 against the manifest (loading hashes only files new or changed since last seen intact)."""
-    from edge_runtime.artifact import verify_artifact
-    from edge_runtime.errors import ArtifactError
+    """Check every file's SHA-256 against the manifest (loading hashes only files new or changed since last seen intact).
+
+    Exit code 1 unless every file is intact. --json always prints {"artifact", "ok", "damaged": {file: what is
+    wrong}, "error"}, the error being the line stderr gets.
+    """
+    from edge_runtime.artifact import describe_damage, verify_artifact
 
     try:
         damaged = verify_artifact(artifact)
+        error = describe_damage(artifact, damaged) if damaged else None
     except EdgeRuntimeError as exc:
-        raise _fail(exc) from None
+        damaged, error = {}, str(exc)
     if as_json:
-        typer.echo(json.dumps({"artifact": str(artifact), "damaged": damaged}))
-    elif not damaged:
+        typer.echo(json.dumps({"artifact": str(artifact), "ok": error is None, "damaged": damaged, "error": error}))
+    elif error is None:
         typer.echo(f"{artifact}: every file matches its SHA-256 in the manifest")
-    if damaged:
-        raise _fail(ArtifactError(f"{artifact}: SHA-256 mismatch in {', '.join(damaged)}; the artifact is damaged, "
-                                  "re-export or re-copy it"))
+    if error is not None:
+        raise _fail(EdgeRuntimeError(error))
 
 
-@app.command()
+@_command(app, "edge-runtime bench -m e2b-q4.art", "edge-runtime bench -m e2b-q4.art -p 512 -n 64 -d 3584 -r 1",
+          "edge-runtime bench -m e2b-q4.art -p 0 -n 32 -r 1 -d 32736 --kv tq3.5 --json")
 def bench(
     model: Path | None = MODEL,
     n_prompt: str = typer.Option("128,512", "-p", "--n-prompt", help="Prompt sizes to prefill, comma-separated (0: no prompt test)."),
     n_gen: str = typer.Option("64,128", "-n", "--n-gen", help="Token counts to generate, comma-separated (0: no generation test)."),
     repetitions: int = typer.Option(3, "-r", "--repetitions", help="Runs of each test (median ± stdev)."),
     depth: int = typer.Option(0, "-d", "--depth", help="Tokens already in the context before each test."),
-    threads: int | None = typer.Option(None, "-t", "--threads"),
+    threads: int | None = typer.Option(None, "-t", "--threads", min=1, help="Threads (default: up to 4)."),
     context: int | None = typer.Option(None, "--context", help="Context length to load (default: what tests need)."),
     probe_mb: int = typer.Option(1024, "--probe-mb", help="Size of the memory-bandwidth probe in MiB."),
     low_memory: bool = LOW_MEMORY,
@@ -346,18 +442,19 @@ def bench(
                              repetitions, depth, threads, context, probe_mb, low_memory, kv, kv_recent,
                              kv_sliding)
         path = _resolve_model(model)
-        result = _with_progress(lambda report: run_bench(path, config, report), "bench")
+        result = _with_progress(lambda report: run_bench(path, config, report))
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     typer.echo(json.dumps(result, indent=1) if as_json else format_report(result))
 
 
-@app.command()
+@_command(app, "edge-runtime perplexity -m e2b-q4.art --text-file wiki.txt",
+          "edge-runtime perplexity -m e2b-q4.art --text-file wiki.txt --context 1024 --kv tq3.5 --json")
 def perplexity(
     model: Path | None = MODEL,
     text_file: Path = typer.Option(..., "--text-file", help="UTF-8 text to score."),
     context: int | None = typer.Option(None, "--context", help="Window length in tokens (default: min(512, model's))."),
-    threads: int | None = typer.Option(None, "-t", "--threads"),
+    threads: int | None = typer.Option(None, "-t", "--threads", min=1, help="Threads (default: up to 4)."),
     kv: str = KV,
     kv_recent: int | None = KV_RECENT,
     kv_sliding: str = KV_SLIDING,
@@ -371,7 +468,7 @@ def perplexity(
         text = read_text(text_file)
         m = edge_runtime.load(_resolve_model(model), threads=threads, kv=kv, kv_recent=kv_recent,
                               kv_sliding=kv_sliding)
-        result = _with_progress(lambda report: evaluate(m, text, context, progress=report), "perplexity")
+        result = _with_progress(lambda report: evaluate(m, text, context, progress=report))
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     figures = {"model": str(m.path), "kv": kv, "kv_recent": m.kv_recent, "kv_sliding": kv_sliding, "text_file": str(text_file), "perplexity": result.perplexity,
@@ -384,11 +481,14 @@ def perplexity(
                f"in {result.windows} windows of up to {result.context}; {result.tokens_per_second:.1f} tokens/s")
 
 
-profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles: what fits on a Raspberry Pi or a phone.")
+profiles_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=HELP_OPTIONS,
+                           help="Device profiles: what fits on a Raspberry Pi or a phone.",
+                           epilog="\b\nExamples:\n  edge-runtime profiles list\n  edge-runtime profiles show pi5-8gb\n"
+                                  "  edge-runtime profiles detect --json")
 app.add_typer(profiles_app, name="profiles")
 
 
-@profiles_app.command("list")
+@_command(profiles_app, "edge-runtime profiles list", "edge-runtime profiles list --json", name="list")
 def profiles_list(as_json: bool = typer.Option(False, "--json", help="Print every profile as JSON.")) -> None:
     """Every device profile, one line each."""
     from edge_runtime.profiles import format_profile_table, list_profiles
@@ -397,7 +497,8 @@ def profiles_list(as_json: bool = typer.Option(False, "--json", help="Print ever
     typer.echo(json.dumps([p.to_dict() for p in profiles], indent=1) if as_json else format_profile_table(profiles))
 
 
-@profiles_app.command("show")
+@_command(profiles_app, "edge-runtime profiles show pi4-4gb", "edge-runtime profiles show my-board.toml --json",
+          name="show")
 def profiles_show(
     name: str = typer.Argument(..., help="Profile name, or a path to a profile TOML file."),
     as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
@@ -412,7 +513,7 @@ def profiles_show(
     typer.echo(json.dumps(p.to_dict(), indent=1) if as_json else format_profile(p))
 
 
-@profiles_app.command("detect")
+@_command(profiles_app, "edge-runtime profiles detect", "edge-runtime profiles detect --json", name="detect")
 def profiles_detect(as_json: bool = typer.Option(False, "--json", help="Print the detection as JSON.")) -> None:
     """Which profile this device matches, and the facts read to decide (device tree, /proc, Android properties)."""
     from edge_runtime.profiles import detect_profile, format_profile
@@ -427,7 +528,9 @@ def profiles_detect(as_json: bool = typer.Option(False, "--json", help="Print th
     typer.echo(format_profile(found.profile))
 
 
-@app.command()
+@_command(app, "edge-runtime plan /path/to/gemma-4-E2B-it --profile pi5-8gb",
+          "edge-runtime plan -m e2b-q4.art --profile pi4-4gb --context 32768",
+          "edge-runtime plan -m e2b.art --kv tq3.5 --json")
 def plan(
     source: Path | None = typer.Argument(None, help="Checkpoint directory (planned in the profile's formats)."),
     model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory."),
@@ -438,7 +541,10 @@ def plan(
     kv_sliding: str = KV_SLIDING,
     as_json: bool = typer.Option(False, "--json", help="Print the budget as JSON."),
 ) -> None:
-    """Whether a model fits a device: weights, PLE pages, KV cache, activations and overhead against its memory."""
+    """Whether a model fits a device: weights, PLE pages, KV cache, activations and overhead against its memory.
+
+    Exit code 2 when it does not fit (and what would fit is printed).
+    """
     from edge_runtime.planner import format_plan, plan_memory
     from edge_runtime.profiles import resolve_profile
 
@@ -456,7 +562,9 @@ def plan(
 SERVER_EXTRA = "the server needs the `server` extra: pip install 'edge-runtime[server]'"
 
 
-@app.command()
+@_command(app, "edge-runtime serve -m e2b-q4.art --profile pi4-4gb",
+          "EDGE_RUNTIME_API_KEY=KEY edge-runtime serve -m e2b-q4.art --host 0.0.0.0",
+          "edge-runtime serve -m e2b.art --no-prompt-cache --log-level warning")
 def serve(
     model: Path | None = MODEL,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this device only)."),
@@ -495,16 +603,16 @@ def serve(
     except (EdgeRuntimeError, OSError) as exc:
         raise _fail(exc) from None
     if api_key is None and not is_loopback(host):
-        err.print(f"warning: listening on {host} without --api-key: anyone on the network can use the model",
-                  highlight=False)
+        err.print(f"warning: listening on {host} without --api-key: anyone on the network can use the model")
     settings = ServerSettings(api_key=api_key, queue_depth=queue, cache_prompt=prompt_cache,
                               limits=Limits(max_body_bytes=max_body, max_messages=max_messages, max_tokens=max_tokens))
-    err.print(f"{m.name}: context {m.context_length}, KV {m.kv_format.name}; serving http://{host}:{port}/",
-              highlight=False)
+    err.print(f"{m.name}: context {m.context_length}, KV {m.kv_format.name}; serving http://{host}:{port}/")
     runner.serve(m, settings, host, port, log_level)
 
 
-@app.command()
+@_command(app, "edge-runtime service -m /opt/edge-runtime/e2b.art --profile pi4-4gb",
+          "sudo edge-runtime service -m /opt/edge-runtime/e2b.art --profile pi4-4gb "
+          "-o /etc/systemd/system/edge-runtime.service")
 def service(
     model: Path = typer.Option(..., "-m", "--model", help="Artifact directory the service serves."),
     profile: str = typer.Option(..., "--profile", help="Device profile: its memory share becomes MemoryMax."),
@@ -534,9 +642,23 @@ def service(
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise _fail(EdgeRuntimeError(f"cannot write {output}: {exc.strerror}")) from None
-    err.print(f"wrote {output}; then: systemctl daemon-reload && systemctl enable --now {output.stem}",
-              highlight=False, soft_wrap=True)
+    err.print(f"wrote {output}; then: systemctl daemon-reload && systemctl enable --now {output.stem}")
 
 
 def main() -> None:
-    app()
+    """The `edge-runtime` command: click's usage errors become the project's one line on stderr, exit code 1."""
+    try:
+        code = app(prog_name="edge-runtime", standalone_mode=False)  # the same name however it was started
+    except typer.TyperException as exc:
+        context = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help is what was asked for
+            typer.echo(exc.format_message())
+            sys.exit(0)
+        message = exc.format_message().rstrip(".")
+        where = f" (see {context.command_path} --help)" if context is not None else ""
+        err.print(f"error: {message[:1].lower()}{message[1:]}{where}")
+        sys.exit(1)
+    except typer.Abort:
+        err.print("error: aborted")
+        sys.exit(1)
+    sys.exit(code or 0)

@@ -22,6 +22,10 @@ class ArtifactError(EdgeRuntimeError):
     """The artifact directory is missing, damaged, or of a format version this runtime cannot read."""
 
 
+class InvalidTextError(EdgeRuntimeError):
+    """Text that is not Unicode: bytes that are not UTF-8, or a string holding a lone surrogate."""
+
+
 class ContextLengthError(EdgeRuntimeError):
     """A prompt longer than the context the model was loaded with (OpenAI's context_length_exceeded)."""
 

@@ -13,7 +13,6 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from edge_runtime.chat_template import ChatTemplate
 from edge_runtime.conversation import Conversation
 from edge_runtime.engine import Engine
 from edge_runtime.errors import ContextLengthError, EdgeRuntimeError
+from edge_runtime.generation_stats import GenerationStats
 from edge_runtime.integrity import check_artifact
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, kv_format
 from edge_runtime.memory import return_freed_memory_to_os
@@ -38,37 +38,11 @@ DEFAULT_PREFILL_CHUNK = 256
 LOW_MEMORY_PREFILL_CHUNK = 64
 
 
-@dataclass
-class GenerationStats:
-    """Counts and timings of the last generation, as llama.cpp prints them."""
-
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # of the prompt's, found in the cache and not run again
-    generated_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    finish_reason: str = "stop"  # "stop" (end of turn, EOS, a stop string) or "length" (max tokens, context end)
-
-    @property
-    def processed_tokens(self) -> int:
-        """Prompt tokens that went through the model this time."""
-        return self.prompt_tokens - self.cached_tokens
-
-    @property
-    def prefill_tokens_per_second(self) -> float:
-        return self.processed_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """Tokens after the first, over the time spent producing them (the first comes from prefill)."""
-        steps = self.generated_tokens - 1
-        return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
-
-    def to_dict(self) -> dict[str, float | int | str]:
-        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
-                "generated_tokens": self.generated_tokens, "prefill_seconds": self.prefill_seconds,
-                "decode_seconds": self.decode_seconds, "prefill_tokens_per_second": self.prefill_tokens_per_second,
-                "decode_tokens_per_second": self.decode_tokens_per_second, "finish_reason": self.finish_reason}
+def _check_threads(threads: int | None) -> None:
+    """None picks the profile's count, else up to 4; 0 and negatives are refused rather than read as "default"."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise EdgeRuntimeError(f"threads={threads!r}: must be a whole number of at least 1 (or None: the profile's "
+                               "count, else up to 4)")
 
 
 class Model:
@@ -76,6 +50,7 @@ class Model:
                  prefill_chunk: int | None = None, low_memory: bool = False, kv: str = DEFAULT_KV_FORMAT,
                  kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT,
                  progress: Progress = no_progress) -> None:
+        _check_threads(threads)
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         check_artifact(self.path, self.manifest, progress)
@@ -343,6 +318,7 @@ def load(path: str | Path, *, profile: str | Profile | None = None, threads: int
     devices where the model barely fits. `progress(stage, done, total)` hears how the first-time SHA-256 check
     of the files goes (edge_runtime.integrity).
     """
+    _check_threads(threads)
     if profile is not None:
         from edge_runtime.planner import plan_memory
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edge_runtime.errors import UnsupportedConfigError
+from edge_runtime.errors import CheckpointError, UnsupportedConfigError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -139,9 +139,100 @@ def _refuse(where: str, name: str, value: Any, why: str) -> UnsupportedConfigErr
     return UnsupportedConfigError(f"{where}: unsupported {name}={value!r} ({why})")
 
 
+# Keys that set tensor shapes. transformers' Gemma4TextConfig has a default for each, but those are one model
+# size's numbers (30 layers, hidden 2304: neither E2B nor E4B), so a config without one would be exported at a
+# guessed size and fail much later, on a tensor, for a reason no longer visible. Every config transformers
+# saves carries them all; only a hand-edited one lacks any.
+REQUIRED_KEYS = ("vocab_size", "vocab_size_per_layer_input", "hidden_size", "intermediate_size",
+                 "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "hidden_size_per_layer_input")
+_MISSING = object()
+
+
+class _ConfigFields:
+    """Typed reads of the text config's keys; an error names the key as written in the file, the value's type,
+    and what was expected, instead of `int()` quietly accepting "1536" or 1536.7."""
+
+    def __init__(self, text: dict[str, Any], where: str, prefix: str) -> None:
+        self.text, self.where, self.prefix = text, where, prefix
+
+    def error(self, key: str, message: str) -> CheckpointError:
+        return CheckpointError(f"{self.where}: {self.prefix}{key} {message}")
+
+    def _present(self, key: str, default: Any) -> Any:
+        value = self.text.get(key, default)
+        if value is _MISSING:
+            raise self.error(key, "is missing; it sets the model's tensor shapes, so it has no safe default: add it "
+                                  "(the checkpoint's published config.json has it)")
+        return value
+
+    def _wrong(self, key: str, value: Any, expected: str) -> CheckpointError:
+        return self.error(key, f"must be {expected}, got {type(value).__name__} {value!r:.60}")
+
+    def integer(self, key: str, default: Any = _MISSING, least: int = 1) -> int:
+        value = self._present(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._wrong(key, value, "an integer")
+        if value < least:
+            raise self.error(key, f"must be at least {least}, got {value}")
+        return value
+
+    def optional_integer(self, key: str, default: int | None) -> int | None:
+        return None if self.text.get(key, default) is None else self.integer(key, default, least=0)
+
+    def number(self, key: str, default: Any = _MISSING) -> float:
+        value = self._present(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._wrong(key, value, "a number")
+        return float(value)
+
+    def optional_number(self, key: str, default: float | None) -> float | None:
+        return None if self.text.get(key, default) is None else self.number(key, default)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.text.get(key, default)
+        if not isinstance(value, bool):
+            raise self._wrong(key, value, "true or false")
+        return value
+
+    def mapping(self, key: str) -> dict[str, Any] | None:
+        value = self.text.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise self._wrong(key, value, "an object")
+        return value
+
+    def strings(self, key: str) -> list[str] | None:
+        value = self.text.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise self._wrong(key, value, "a list of strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self._wrong(f"{key}[{i}]", item, "a string")
+        return value
+
+    def token_ids(self, key: str, default: Any) -> tuple[int, ...]:
+        value = self.text.get(key, default)
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise self._wrong(key, value, "a token id or a list of token ids")
+        return tuple(items)
+
+
 def spec_from_hf_config(config: dict[str, Any], where: str = "config.json") -> ModelSpec:
-    """Resolve a HF Gemma 4 config the way transformers does, refusing what this runtime cannot run."""
+    """Resolve a HF Gemma 4 config the way transformers does, refusing what this runtime cannot run.
+
+    The keys that set tensor shapes (REQUIRED_KEYS; and global_head_dim or per_layer_config when there are
+    full-attention layers) must be present. The rest keep transformers' defaults, because those are the same
+    for every Gemma 4 model or mean "feature off": sliding_window 512, the RoPE parameters, rms_norm_eps,
+    max_position_embeddings (no tensor depends on it), the token ids, num_kv_shared_layers 0 and
+    use_double_wide_mlp false, and layer_types derived from num_hidden_layers by transformers' own rule.
+    Every value is type-checked, naming the key, what it holds and what was expected.
+    """
     text, _ = text_config_of(config, where)
+    fields = _ConfigFields(text, where, "text_config." if text is not config else "")
     model_type = text.get("model_type", "gemma4_text")
     if model_type != "gemma4_text":
         raise _refuse(where, "text_config.model_type", model_type, "expected gemma4_text")
@@ -158,59 +249,67 @@ def spec_from_hf_config(config: dict[str, Any], where: str = "config.json") -> M
         if value != supported:
             raise _refuse(where, name, value, why)
 
-    num_layers = int(text.get("num_hidden_layers", 30))
-    layer_types = text.get("layer_types") or [
+    if text.get("hidden_size_per_layer_input", _MISSING) in (None, 0):
+        raise _refuse(where, "hidden_size_per_layer_input", text["hidden_size_per_layer_input"],
+                      "Gemma 4 E models need per-layer embeddings")
+    sizes = {key: fields.integer(key) for key in REQUIRED_KEYS}
+    num_layers = sizes["num_hidden_layers"]
+    layer_types = fields.strings("layer_types") or [
         SLIDING if (i + 1) % 6 else FULL for i in range(num_layers)
     ]
     layer_types = list(layer_types)
     if len(layer_types) != num_layers:
-        raise _refuse(where, "layer_types", f"{len(layer_types)} entries", f"num_hidden_layers is {num_layers}")
+        raise fields.error("layer_types", f"has {len(layer_types)} entries but num_hidden_layers is {num_layers}; "
+                                          "give one type per layer")
     for i, lt in enumerate(layer_types):
         if lt not in LAYER_TYPES:
             raise _refuse(where, f"layer_types[{i}]", lt, f"expected one of {LAYER_TYPES}")
     layer_types[-1] = FULL  # transformers forces the last layer to full attention
 
-    ple = int(text.get("hidden_size_per_layer_input") or 0)
-    if ple <= 0:
-        raise _refuse(where, "hidden_size_per_layer_input", ple, "Gemma 4 E models need per-layer embeddings")
-
-    rope_params = text.get("rope_parameters") or _DEFAULT_ROPE
+    rope_params = fields.mapping("rope_parameters") or _DEFAULT_ROPE
     rope: dict[str, RopeSpec] = {}
     for lt in sorted(set(layer_types)):
         params = rope_params.get(lt)
         if params is None:
             raise _refuse(where, "rope_parameters", sorted(rope_params), f"no entry for {lt}")
+        if not isinstance(params, dict):
+            raise fields._wrong(f"rope_parameters.{lt}", params, "an object")
+        entry = _ConfigFields(params, where, f"{fields.prefix}rope_parameters.{lt}.")
         rope_type = params.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise _refuse(where, f"rope_parameters.{lt}.rope_type", rope_type, f"expected one of {ROPE_TYPES}")
-        factor = float(params.get("factor", 1.0))
+        factor = entry.number("factor", 1.0)
         if rope_type == "default" and factor != 1.0:
             raise _refuse(where, f"rope_parameters.{lt}.factor", factor, "default rope has no scaling factor")
         rope[lt] = RopeSpec(
             rope_type=rope_type,
-            theta=float(params.get("rope_theta", 10_000.0)),
-            partial_rotary_factor=float(params.get("partial_rotary_factor", 1.0)),
+            theta=entry.number("rope_theta", 10_000.0),
+            partial_rotary_factor=entry.number("partial_rotary_factor", 1.0),
             factor=factor,
         )
 
-    head_dim = int(text.get("head_dim", 256))
-    global_head_dim = int(text.get("global_head_dim", 512))
-    per_layer = text.get("per_layer_config")
+    head_dim = sizes["head_dim"]
+    per_layer = fields.mapping("per_layer_config")
     if per_layer:
         head_dims = [head_dim] * num_layers
         for key, overrides in per_layer.items():
+            if not isinstance(overrides, dict):
+                raise fields._wrong(f"per_layer_config.{key}", overrides, "an object such as {\"head_dim\": 512}")
             extra = set(overrides) - {"head_dim"}
             if extra:
                 raise _refuse(where, f"per_layer_config.{key}", sorted(extra), "only head_dim overrides are supported")
-            head_dims[int(key)] = int(overrides["head_dim"])
+            if not key.isdigit() or int(key) >= num_layers:
+                raise fields.error(f"per_layer_config.{key}", f"must be keyed by a layer index below {num_layers}")
+            head_dims[int(key)] = _ConfigFields(overrides, where, f"{fields.prefix}per_layer_config.{key}.").integer(
+                "head_dim")
     else:
+        global_head_dim = fields.integer("global_head_dim", _MISSING if FULL in layer_types else head_dim)
         head_dims = [global_head_dim if lt == FULL else head_dim for lt in layer_types]
 
-    num_heads = int(text.get("num_attention_heads", 8))
-    num_kv = int(text.get("num_key_value_heads", 4))
+    num_heads, num_kv = sizes["num_attention_heads"], sizes["num_key_value_heads"]
     if num_heads % num_kv:
         raise _refuse(where, "num_key_value_heads", num_kv, f"must divide num_attention_heads={num_heads}")
-    num_shared = int(text.get("num_kv_shared_layers", 0))
+    num_shared = fields.integer("num_kv_shared_layers", 0, least=0)
     if not 0 <= num_shared < num_layers:
         raise _refuse(where, "num_kv_shared_layers", num_shared, f"must be in [0, {num_layers})")
     for lt, spec in rope.items():
@@ -220,30 +319,28 @@ def spec_from_hf_config(config: dict[str, Any], where: str = "config.json") -> M
                 raise _refuse(where, f"rope_parameters.{lt}.partial_rotary_factor", spec.partial_rotary_factor,
                               f"leaves no rotated pairs at head_dim {d}")
 
-    eos = text.get("eos_token_id", config.get("eos_token_id", 1))
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    softcap = text.get("final_logit_softcapping")
+    eos_ids = fields.token_ids("eos_token_id", config.get("eos_token_id", 1))
     return ModelSpec(
-        vocab_size=int(text.get("vocab_size", 262_144)),
-        vocab_size_per_layer_input=int(text.get("vocab_size_per_layer_input", 262_144)),
-        hidden_size=int(text.get("hidden_size", 2304)),
-        intermediate_size=int(text.get("intermediate_size", 9216)),
+        vocab_size=sizes["vocab_size"],
+        vocab_size_per_layer_input=sizes["vocab_size_per_layer_input"],
+        hidden_size=sizes["hidden_size"],
+        intermediate_size=sizes["intermediate_size"],
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv,
         head_dims=tuple(head_dims),
-        hidden_size_per_layer_input=ple,
-        sliding_window=int(text.get("sliding_window", 512)),
+        hidden_size_per_layer_input=sizes["hidden_size_per_layer_input"],
+        sliding_window=fields.integer("sliding_window", 512),
         layer_types=tuple(layer_types),
         num_kv_shared_layers=num_shared,
-        use_double_wide_mlp=bool(text.get("use_double_wide_mlp", False)),
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-        final_logit_softcapping=None if softcap is None else float(softcap),
+        use_double_wide_mlp=fields.flag("use_double_wide_mlp", False),
+        rms_norm_eps=fields.number("rms_norm_eps", 1e-6),
+        final_logit_softcapping=fields.optional_number("final_logit_softcapping", None),
         rope=rope,
-        max_position_embeddings=int(text.get("max_position_embeddings", 131_072)),
-        bos_token_id=text.get("bos_token_id", 2),
+        max_position_embeddings=fields.integer("max_position_embeddings", 131_072),
+        bos_token_id=fields.optional_integer("bos_token_id", 2),
         eos_token_ids=eos_ids,
-        pad_token_id=text.get("pad_token_id", 0),
+        pad_token_id=fields.optional_integer("pad_token_id", 0),
     )
 
 

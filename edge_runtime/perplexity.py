@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.model import Model
+from edge_runtime.text_input import decode_utf8
 
 DEFAULT_CONTEXT = 512
 _ROWS = 16  # logits rows converted to float64 at a time
@@ -49,11 +50,10 @@ class PerplexityResult:
 def read_text(path: str | Path) -> str:
     """The UTF-8 text of `path`, or an EdgeRuntimeError saying why it cannot be read."""
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise EdgeRuntimeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise EdgeRuntimeError(f"{path}: cannot read the text file ({exc.strerror})") from None
+    return decode_utf8(data, str(path))
 
 
 def _score(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 from edge_runtime.errors import ArtifactError
+from edge_runtime.text_input import check_text
 
 
 class Tokenizer:
@@ -19,7 +20,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids with exactly one leading BOS (as Gemma expects), whatever the post-processor does."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._tok.encode(check_text(text, "the text"), add_special_tokens=False).ids
         if add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids

@@ -26,7 +26,7 @@ def test_manifest_lists_every_file_with_its_checksum(artifacts):
     assert manifest.formats == {"weights": "fp32", "block_size": 32, "ple": "bf16"}  # auto: the checkpoint's bf16
     assert manifest.tokenizer["chat_template"] == "chat_template.jinja"
     assert manifest.source["architecture"] == "Gemma4ForConditionalGeneration"
-    assert verify_artifact(path) == []
+    assert verify_artifact(path) == {}
 
 
 def test_ple_table_lives_only_in_the_store(artifacts, checkpoints):
@@ -113,7 +113,7 @@ def test_damaged_artifact_is_reported(artifacts, tmp_path):
     data = bytearray((copy / layer_graphs(1)[0]).read_bytes())
     data[len(data) // 2] ^= 0x01
     (copy / layer_graphs(1)[0]).write_bytes(bytes(data))
-    assert verify_artifact(copy) == [layer_graphs(1)[0]]
+    assert verify_artifact(copy) == {layer_graphs(1)[0]: "SHA-256 mismatch"}
     (copy / "ple.bin").write_bytes(b"short")
     with pytest.raises(ArtifactError, match="ple.bin: size 5 differs from the manifest"):
         read_manifest(copy)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import edge_runtime
+from edge_runtime import GenerationStats
 from edge_runtime.bundled import BUNDLED_CHECKPOINT
 from edge_runtime.chat_template import ChatTemplate
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import ContextLengthError, EdgeRuntimeError
 
 BUNDLED_TEMPLATE = (BUNDLED_CHECKPOINT / "chat_template.jinja").read_text()
 
@@ -227,3 +228,38 @@ def test_an_interrupted_step_does_not_poison_the_next_prompt(model, monkeypatch)
     assert model.engine.cache.length > len(model.engine.tokens)
     assert list(model.generate_tokens(ids, max_new_tokens=6, temperature=0)) == expected
     assert model.stats.cached_tokens == len(ids) - 1
+
+
+def test_a_message_longer_than_the_context_is_refused_and_the_conversation_kept(bundled):
+    """It used to drop every earlier turn first (to make room), then raise: the conversation was gone."""
+    small = edge_runtime.load(bundled[0], kv="fp32", context_length=128)
+    conversation = small.conversation(system="Be brief.")
+    first = conversation.say(QUESTIONS[0], max_new_tokens=8, temperature=0)
+    second = conversation.say(QUESTIONS[1], max_new_tokens=8, temperature=0)
+    kept, stats = list(conversation.messages), conversation.stats
+    long = "word " * 120
+    alone = len(small.chat_prompt_ids([{"role": "system", "content": "Be brief."}, {"role": "user", "content": long}]))
+    with pytest.raises(ContextLengthError) as refused:
+        conversation.say(long, max_new_tokens=8, temperature=0)
+    assert str(refused.value) == (f"the message takes {alone} tokens (with the system prompt and the chat template's "
+                                  "markers) but the context holds 128; it was not added to the conversation: shorten "
+                                  "it, or load the model with a longer context")
+    assert conversation.messages == kept and conversation.dropped_turns == 0 and conversation.stats is stats
+    assert [m["content"] for m in kept[2::2]] == [first, second]
+    third = conversation.say(QUESTIONS[2], max_new_tokens=8, temperature=0)
+    assert conversation.stats.cached_tokens > 0
+    fresh = edge_runtime.load(bundled[0], kv="fp32", context_length=128)
+    assert fresh.chat([*kept, {"role": "user", "content": QUESTIONS[2]}], max_new_tokens=8, temperature=0) == third
+
+
+def test_conversation_stats_are_its_last_turn_and_cleared_by_reset(model):
+    """They used to be the model's, so after reset (or another conversation's turn) they told of something else."""
+    conversation, other = model.conversation(), model.conversation()
+    assert conversation.stats == GenerationStats()
+    conversation.say(QUESTIONS[0], max_new_tokens=6, temperature=0)
+    turn = conversation.stats
+    assert turn.prompt_tokens == len(model.chat_prompt_ids(conversation.messages[:1])) and turn.generated_tokens > 0
+    other.say(QUESTIONS[1], max_new_tokens=6, temperature=0)
+    assert conversation.stats is turn and model.stats is not turn
+    conversation.reset()
+    assert conversation.stats == GenerationStats()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -105,9 +106,38 @@ def test_verify_names_the_damaged_file(artifacts, tmp_path):
     assert damaged.returncode == 1
     assert damaged.stderr.strip() == (f"error: {copy}: SHA-256 mismatch in {name}; the artifact is damaged, "
                                       "re-export or re-copy it")
-    assert json.loads(cli("verify", str(copy), "--json").stdout) == {"artifact": str(copy), "damaged": [name]}
     missing = cli("verify", str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "no such artifact directory" in missing.stderr
+
+
+def test_verify_json_is_always_one_object_naming_every_damaged_file(artifacts, tmp_path):
+    """--json used to print nothing when a file was missing or of the wrong size (only an error on stderr)."""
+    import shutil
+
+    from edge_runtime.artifact import layer_graphs
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifacts["shared-gqa"], copy)
+    intact = cli("verify", str(copy), "--json")
+    assert intact.returncode == 0 and intact.stderr == ""
+    assert json.loads(intact.stdout) == {"artifact": str(copy), "ok": True, "damaged": {}, "error": None}
+    flipped, truncated, removed = layer_graphs(1)[1], "weights.bin", "ple.bin"
+    data = bytearray((copy / flipped).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / flipped).write_bytes(bytes(data))
+    (copy / truncated).write_bytes((copy / truncated).read_bytes()[:-1])
+    (copy / removed).unlink()
+    damaged = cli("verify", str(copy), "--json")
+    error = (f"{copy}: SHA-256 mismatch in {flipped}; size differs from the manifest in {truncated}; missing {removed}; "
+             "the artifact is damaged, re-export or re-copy it")
+    assert damaged.returncode == 1 and damaged.stderr == f"error: {error}\n"
+    assert json.loads(damaged.stdout) == {"artifact": str(copy), "ok": False, "error": error, "damaged": {
+        flipped: "SHA-256 mismatch", truncated: "size differs from the manifest", removed: "missing"}}
+    nothing = cli("verify", str(tmp_path / "nothing"), "--json")
+    error = f"{tmp_path}/nothing: no such artifact directory (create one with `edge-runtime export`)"
+    assert nothing.returncode == 1 and nothing.stderr == f"error: {error}\n"
+    assert json.loads(nothing.stdout) == {"artifact": str(tmp_path / "nothing"), "ok": False, "damaged": {},
+                                          "error": error}
 
 
 def test_run_reads_the_prompt_from_stdin_and_prints_json(artifacts):
@@ -192,3 +222,119 @@ def test_template_errors_are_one_line(checkpoints, tmp_path):
     chat = cli("chat", "-m", str(tmp_path / "out"), stdin="hi\n")
     assert chat.returncode == 1
     assert chat.stderr.strip() == f"error: chat template {tmp_path}/out/chat_template.jinja: only user turns, please"
+
+
+@pytest.mark.parametrize("args", [("run", "hi", "-t", "0"), ("chat", "-t", "0"), ("run", "hi", "--threads", "-2"),
+                                  ("bench", "-t", "0"), ("perplexity", "--text-file", "x.txt", "-t", "0")])
+def test_threads_below_one_are_refused(artifacts, args):
+    """-t 0 used to be taken as "the default" without a word."""
+    result = cli(*args[:1], "-m", str(artifacts["shared-gqa"]), *args[1:])
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"error: invalid value for '-t' / '--threads': Input should be greater than or equal to "
+                             f"1 (see edge-runtime {args[0]} --help)\n")
+
+
+@pytest.mark.parametrize("command", [("run", "-m", "{}", "hi"), ("chat", "-m", "{}"), ("info", "{}")])
+def test_a_checkpoint_given_as_the_model_says_to_export_it(checkpoints, command):
+    checkpoint = checkpoints["shared-gqa"]
+    result = cli(*(part.format(checkpoint) for part in command), stdin="hi\n")
+    assert result.returncode == 1
+    assert result.stderr == (f"error: {checkpoint}: no manifest.json; this is not an edge-runtime artifact but a "
+                             f"Hugging Face checkpoint; export it first: edge-runtime export {checkpoint} -o "
+                             "shared-gqa.art\n")
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line_naming_the_byte(artifacts):
+    """`printf 'The list \\xff is' | edge-runtime run -` used to end in TypeError: TextInputSequence must be str."""
+    base = [sys.executable, "-m", "edge_runtime", "run", "-m", str(artifacts["shared-gqa"]), "-n", "2"]
+    piped = subprocess.run([*base, "-"], input=b"The list \xff is", capture_output=True, timeout=120)
+    assert piped.returncode == 1 and piped.stdout == b""
+    assert piped.stderr.decode() == ("error: stdin: not UTF-8 text (invalid start byte, byte 0xff at offset 9); "
+                                     "convert it to UTF-8 first, e.g. iconv -f latin1 -t utf-8\n")
+    argument = subprocess.run([*base, b"The list \xe9t\xe9"], capture_output=True, timeout=120)
+    assert argument.returncode == 1
+    assert argument.stderr.decode().startswith("error: PROMPT: not UTF-8 text (invalid continuation byte, byte 0xe9 at "
+                                               "offset 9); ")
+
+
+def test_the_stats_line_is_never_wrapped(artifacts):
+    """rich wrapped it at 80 columns whenever stderr was not a terminal."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    result = subprocess.run([sys.executable, "-m", "edge_runtime", "run", "-m", str(artifacts["shared-gqa"]),
+                             "the quick brown fox", "-n", "12", "--seed", "1"], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert len(line) > 80 and re.fullmatch(r"prompt \d+ tokens \(0 cached\), [\d.]+ tok/s \| generated \d+ tokens, "
+                                           r"[\d.]+ tok/s \| context \d+/256", line), line
+
+
+def test_chat_refuses_a_message_it_cannot_take_and_goes_on(bundled):
+    """A message longer than the context (or not UTF-8) used to end a piped chat with exit 1, losing the rest."""
+    path, env = bundled
+    long = "word " * 200
+    session = f"Tell me about the sea.\n{long}\n".encode() + b"The list \xff is\nAnd the river?\n/stats\n"
+    result = subprocess.run([sys.executable, "-m", "edge_runtime", "chat", "-n", "8", "--temperature", "0", "--kv",
+                             "fp32", "--profile", "none", "-c", "128"], input=session, capture_output=True,
+                            timeout=300, env={**os.environ, **env})
+    m = edge_runtime.load(path, kv="fp32", context_length=128)
+    conversation = m.conversation()
+    replies = [conversation.say(q, max_new_tokens=8, temperature=0) for q in ("Tell me about the sea.", "And the river?")]
+    assert result.returncode == 1
+    assert result.stdout.decode() == "".join(f"{reply}\n" for reply in replies)
+    alone = len(m.chat_prompt_ids([{"role": "user", "content": long}]))
+    stderr = result.stderr.decode().splitlines()
+    assert stderr[:2] == [
+        (f"error: the message takes {alone} tokens (with the system prompt and the chat template's markers) but the "
+         "context holds 128; it was not added to the conversation: shorten it, or load the model with a longer context"),
+        ("error: the message: not UTF-8 text (invalid start byte, byte 0xff at offset 9); convert it to UTF-8 first, "
+         "e.g. iconv -f latin1 -t utf-8")]
+    assert stderr[2].startswith(f"prompt {conversation.stats.prompt_tokens} tokens ({conversation.stats.cached_tokens} "
+                                "cached)") and conversation.stats.cached_tokens > 0
+
+
+def test_chat_stats_after_reset_tell_of_the_cleared_conversation(bundled):
+    """/stats after /reset or /system used to print the previous turn's figures and the engine's old context."""
+    path, env = bundled
+    session = "Tell me about the sea.\n/stats\n/reset\n/stats\nHi.\n/system Be brief.\n/stats\n/nonsense\n"
+    result = cli("chat", "-n", "6", "--temperature", "0", "--profile", "none", stdin=session, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    context = edge_runtime.load(path).context_length
+    assert lines[0].startswith("prompt ") and lines[1] == "conversation cleared"
+    assert lines[2] == f"no turn yet | context 0/{context}"
+    assert lines[3:6] == ["system prompt set, conversation cleared", f"no turn yet | context 0/{context}",
+                          ("unknown command /nonsense; commands: /reset (forget the conversation), /system TEXT (set "
+                           "the system prompt and reset), /stats (last turn's counts and speeds), /help, /quit; end a "
+                           "line with \\ to continue it")]
+
+
+def _stderr_on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run the CLI with stderr on a pseudo-terminal (where rich draws progress bars) and return what it drew."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "edge_runtime", *args], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=secondary, env={**os.environ, "TERM": "xterm", **env})
+    os.close(secondary)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(primary)
+    return process.wait(timeout=300), drawn.decode(errors="replace")
+
+
+def test_the_first_run_notice_shows_only_when_the_bundled_model_is_exported(bundled, tmp_path):
+    """It used to be drawn on every run from a terminal, the cache warm or not."""
+    args = ["run", "The list", "-n", "4", "--temperature", "0"]
+    code, warm = _stderr_on_a_terminal(args, bundled[1])
+    assert code == 0 and "generated 4 tokens" in warm
+    assert "first run" not in warm
+    code, cold = _stderr_on_a_terminal(args, {"EDGE_RUNTIME_CACHE": str(tmp_path)})
+    assert code == 0 and "first run: exporting the bundled model" in cold

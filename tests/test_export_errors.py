@@ -64,6 +64,14 @@ def _config(**changes):
     return damage
 
 
+def _config_without(key):
+    def damage(ckpt: Path) -> None:
+        config = json.loads((ckpt / "config.json").read_text())
+        del config[key]
+        (ckpt / "config.json").write_text(json.dumps(config))
+    return damage
+
+
 CASES = {
     "missing config": (lambda c: (c / "config.json").unlink(), "config.json: missing"),
     "unsupported architecture": (_config(architectures=["LlamaForCausalLM"]),
@@ -82,6 +90,22 @@ CASES = {
     "truncated file": (lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:-1000]),
                        "model.safetensors: truncated"),
     "no tokenizer": (lambda c: (c / "tokenizer.json").unlink(), "tokenizer.json: missing"),
+    # transformers would default these to 30 layers / 2304 wide: a size no E model has, found out much later
+    "missing shape key": (_config_without("num_hidden_layers"),
+                          "config.json: num_hidden_layers is missing; it sets the model's tensor shapes"),
+    "missing head_dim": (_config_without("head_dim"), "config.json: head_dim is missing"),
+    "layer_types a string": (_config(layer_types="oops"),
+                             "config.json: layer_types must be a list of strings, got str 'oops'"),
+    "layer_types with a number": (_config(layer_types=["sliding_attention", "full_attention", 3]),
+                                  "config.json: layer_types[2] must be a string, got int 3"),
+    "size as a string": (_config(hidden_size="96"), "config.json: hidden_size must be an integer, got str '96'"),
+    "fractional size": (_config(intermediate_size=160.5),
+                        "config.json: intermediate_size must be an integer, got float 160.5"),
+    "zero heads": (_config(num_key_value_heads=0), "config.json: num_key_value_heads must be at least 1, got 0"),
+    "rope as a string": (_config(rope_parameters="default"),
+                         "config.json: rope_parameters must be an object, got str 'default'"),
+    "eos as a string": (_config(eos_token_id="</s>"),
+                        "config.json: eos_token_id must be a token id or a list of token ids, got str '</s>'"),
 }
 
 
@@ -132,3 +156,15 @@ def test_failure_midway_leaves_nothing(checkpoint, tmp_path, monkeypatch):
     with pytest.raises(UnwritableError, match="cannot write the artifact at .*: disk full; choose an output path"):
         exporter.export_checkpoint(checkpoint, tmp_path / "out" / "artifact")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_wrapped_config_names_the_key_under_text_config():
+    """In the multimodal layout the text model's keys live under text_config, and the message says so."""
+    from edge_runtime.errors import CheckpointError
+    from edge_runtime.model_spec import spec_from_hf_config
+
+    config = json.loads((Path(__file__).parents[1] / "edge_runtime/model_configs/gemma-4-e2b.json").read_text())
+    assert spec_from_hf_config(config).num_hidden_layers == 35
+    del config["text_config"]["hidden_size"]
+    with pytest.raises(CheckpointError, match=r"^e2b/config.json: text_config.hidden_size is missing; "):
+        spec_from_hf_config(config, "e2b/config.json")

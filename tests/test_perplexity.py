@@ -106,7 +106,7 @@ def test_cli_reports_the_sdk_figures(artifact, tmp_path):
 
 @pytest.mark.parametrize("content,message", [
     (None, "cannot read the text file (No such file or directory)"),
-    (b"ok \xff\xfe", "not UTF-8 text"),
+    (b"ok \xff\xfe", "not UTF-8 text (invalid start byte, byte 0xff at offset 3); convert it to UTF-8 first"),
     (b"", "the text has no token besides BOS"),
 ])
 def test_cli_errors_are_one_line(artifact, tmp_path, content, message):

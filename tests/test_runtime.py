@@ -160,3 +160,32 @@ def test_low_memory_changes_chunking_not_results(artifacts):
     assert edge_runtime.load(artifacts["shared-gqa"], low_memory=True, prefill_chunk=8).prefill_chunk == 8
     ids = default.encode("a prompt that is long enough to span several of the low-memory prefill chunks " * 2)
     np.testing.assert_allclose(low.logits(ids), default.logits(ids), atol=1e-4)  # the parity tolerance
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.5])
+@pytest.mark.parametrize("profile", [None, "pi5-8gb"])
+def test_threads_below_one_are_refused_not_taken_as_the_default(artifacts, threads, profile):
+    with pytest.raises(EdgeRuntimeError, match=rf"^threads={threads}: must be a whole number of at least 1 "):
+        edge_runtime.load(artifacts["shared-gqa"], threads=threads, profile=profile)
+
+
+@pytest.mark.parametrize("call", ["encode", "generate", "stream", "create_completion"])
+def test_a_lone_surrogate_is_refused_with_its_index(model, call):
+    """A str that is not Unicode (JSON's \\ud800, a surrogateescape'd byte) used to reach the tokenizer:
+    TypeError: TextInputSequence must be str."""
+    with pytest.raises(EdgeRuntimeError, match=r"^the text: character 1 is a lone surrogate \(U\+D800\), which is "
+                                               r"not text; pass valid Unicode"):
+        getattr(model, call)("a\ud800b")
+
+
+def test_a_lone_surrogate_in_a_chat_message_names_the_message(bundled):
+    model = edge_runtime.load(bundled[0])
+    messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "What is \udcff?"}]
+    with pytest.raises(EdgeRuntimeError, match=r"^messages\[2\]\.content: character 8 is a lone surrogate "
+                                               r"\(U\+DCFF\)"):
+        model.chat(messages)
+    conversation = model.conversation(system="Be brief.\ud800")
+    with pytest.raises(EdgeRuntimeError, match=r"^messages\[0\]\.content: character 9 is a lone surrogate"):
+        conversation.say("Hi.")
+    assert conversation.turns == []

@@ -187,7 +187,22 @@ BAD_BODIES = [
     (json.dumps({"messages": QUESTION, "top_p": 7}), 400, None, "top_p"),
     (json.dumps({"messages": QUESTION, "cache_prompt": "no"}), 400, "cache_prompt", "cache_prompt must be true or"),
     (json.dumps({"messages": QUESTION * 8, "x": "a" * 4000}), 413, None, "the request body is 4"),
+    # JSON's \ud800 escape decodes to a lone surrogate, which no tokenizer takes
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "messages[0].content",
+     "messages[0].content: character 1 is a lone surrogate (U+D800), which is not text"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}', 400,
+     "messages[0].content[0].text", "messages[0].content[0].text: character 0 is a lone surrogate (U+DFFF)"),
 ]
+
+
+def test_a_lone_surrogate_in_a_completion_prompt_is_a_400_naming_the_field(server):
+    response = server.post("/v1/completions", content=b'{"prompt": "The list \\ud800 is"}',
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "prompt"
+    assert error["message"].startswith("prompt: character 9 is a lone surrogate (U+D800), which is not text; ")
+    assert server.healthy()
 
 
 @pytest.mark.parametrize(("body", "status", "param", "message"), BAD_BODIES)

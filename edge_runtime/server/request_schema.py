@@ -12,6 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_runtime.errors import InvalidTextError
+from edge_runtime.text_input import check_text
+
 
 class BadRequest(Exception):
     """A request the server answers with an OpenAI error object; `param` names the offending field."""
@@ -113,10 +116,27 @@ def _stream_options(body: Mapping[str, Any], stream: bool) -> bool:
     return include
 
 
+def _check_strings(value: Any, path: str) -> None:
+    """Every string in the body must be Unicode: JSON's \\ud800 escapes decode to lone surrogates, which the
+    tokenizer cannot take (edge_runtime.text_input says why they are refused rather than replaced)."""
+    if isinstance(value, str):
+        try:
+            check_text(value, path)
+        except InvalidTextError as exc:
+            raise BadRequest(str(exc), path) from None
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_strings(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_strings(item, f"{path}[{i}]")
+
+
 def parse(body: Any, *, chat: bool, limits: Limits) -> GenerationRequest:
     """Check a decoded JSON body; raise BadRequest naming the first thing that is wrong."""
     if not isinstance(body, Mapping):
         raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    _check_strings(body, "")
     _typed(body, "model", str)
     _refuse_unsupported(body)
     if chat:
