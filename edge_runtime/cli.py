@@ -30,7 +30,8 @@ PROFILE = typer.Option("auto", "--profile", help="Device profile whose threads, 
 CONTEXT = typer.Option(None, "-c", "--context", help="Context length in tokens (default: the profile's, at most the "
                        "model's).")
 THREADS = typer.Option(None, "-t", "--threads", help="Threads (default: the profile's, else up to 4).")
-MODEL = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model).")
+MODEL = typer.Option(None, "-m", "--model", help="Artifact directory, or a model name from `edge-runtime list` "
+                     "(default: the bundled model).")
 SAMPLING_HELP = "Default: the model's generation_config."
 TEMPERATURE = typer.Option(None, "--temperature", help="0 for greedy. " + SAMPLING_HELP)
 TOP_K = typer.Option(None, "--top-k", help="0 disables it. " + SAMPLING_HELP)
@@ -73,7 +74,9 @@ def _with_progress(work, title: str):
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + safetensors)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Artifact directory to create."),
+    name: str | None = typer.Option(None, "--name", help="Create the artifact in the models directory as NAME, "
+                                    "for `-m NAME` (see `edge-runtime list`)."),
     weights: str | None = typer.Option(None, help="Weight format: fp32 (exact reference; the default), fp16, int8 "
                                        "(per output channel) or int4 (blocks of --block-size)."),
     block_size: int | None = typer.Option(None, "--block-size", help="int4 block size: 32 (default), 64 or 128."),
@@ -87,8 +90,13 @@ def export(
     """Convert a Gemma 4 checkpoint into an edge-runtime artifact."""
     try:
         from edge_runtime.export import export_checkpoint
+        from edge_runtime.model_store import named_path
         from edge_runtime.profiles import load_profile
 
+        if (output is None) == (name is None):
+            raise EdgeRuntimeError("give -o OUT (an artifact directory to create) or --name NAME (in the models "
+                                   "directory, for -m NAME), not both or none")
+        output = named_path(name) if name is not None else output
         formats = {"weights": weights, "block_size": block_size, "ple": ple}
         if profile is not None:
             p = load_profile(profile)
@@ -98,10 +106,10 @@ def export(
                                                         notice=_note, **given), "export")
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
-    err.print(f"wrote {output}", highlight=False)
+    err.print(f"wrote {output}" + (f"; use it with -m {name}" if name else ""), highlight=False, soft_wrap=True)
 
 
-def _load(model: Path | None, profile: str, context: int | None, threads: int | None, kv: str | None,
+def _load(model: str | None, profile: str, context: int | None, threads: int | None, kv: str | None,
           kv_recent: int | None, kv_sliding: str, low_memory: bool):
     import edge_runtime
 
@@ -118,18 +126,18 @@ def _print_stats(m) -> None:
               f"context {len(m.engine.tokens)}/{m.context_length}", highlight=False)
 
 
-def _resolve_model(model: Path | None) -> Path:
-    if model is not None:
-        return model
-    from edge_runtime.bundled import default_artifact
+def _resolve_model(model: str | None) -> Path:
+    from edge_runtime.model_store import is_bundled, resolve_model
 
-    return _with_progress(lambda report: default_artifact(report), "first run: exporting the bundled model")
+    if not is_bundled(model):
+        return resolve_model(model)
+    return _with_progress(lambda report: resolve_model(model, report), "first run: exporting the bundled model")
 
 
 @app.command()
 def run(
     prompt: str = typer.Argument(..., help="Text to continue; - reads it from stdin."),
-    model: Path | None = MODEL,
+    model: str | None = MODEL,
     max_new_tokens: int = typer.Option(128, "-n", "--max-new-tokens", help="Stop after this many tokens."),
     temperature: float | None = TEMPERATURE,
     top_k: int | None = TOP_K,
@@ -192,7 +200,7 @@ def _read_message(interactive: bool) -> str | None:
 
 @app.command()
 def chat(
-    model: Path | None = MODEL,
+    model: str | None = MODEL,
     system: str | None = typer.Option(None, "--system", help="System prompt."),
     max_new_tokens: int = typer.Option(512, "-n", "--max-new-tokens", help="Longest reply in tokens."),
     temperature: float | None = TEMPERATURE,
@@ -259,15 +267,33 @@ def chat(
             sys.stdout.flush()
 
 
+@app.command("list")
+def list_command(
+    profile: str = typer.Option("auto", "--profile", help="Device profile the fit is checked on (auto: this device)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every model as JSON."),
+) -> None:
+    """The models you have, for -m NAME: the models directory's and the bundled one, with their fit on this device."""
+    from edge_runtime.model_store import format_model_table, list_models
+    from edge_runtime.profiles import resolve_profile
+
+    try:
+        device = resolve_profile(profile)
+        models = list_models(device)
+    except EdgeRuntimeError as exc:
+        raise _fail(exc) from None
+    typer.echo(json.dumps([m.to_dict() for m in models], indent=1) if as_json else format_model_table(models, device))
+
+
 @app.command()
 def info(
-    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    model: str | None = typer.Argument(None, help="Artifact directory or model name (default: the bundled model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ) -> None:
     """Describe an artifact: model shape, formats and files."""
     from edge_runtime.artifact import read_manifest
 
     try:
+        artifact = _resolve_model(model)
         manifest = read_manifest(artifact)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
@@ -302,7 +328,7 @@ def info(
 
 @app.command()
 def verify(
-    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    model: str | None = typer.Argument(None, help="Artifact directory or model name (default: the bundled model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Check every file's SHA-256 against the manifest (loading hashes only files new or changed since last seen intact)."""
@@ -310,6 +336,7 @@ def verify(
     from edge_runtime.errors import ArtifactError
 
     try:
+        artifact = _resolve_model(model)
         damaged = verify_artifact(artifact)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
@@ -324,7 +351,7 @@ def verify(
 
 @app.command()
 def bench(
-    model: Path | None = MODEL,
+    model: str | None = MODEL,
     n_prompt: str = typer.Option("128,512", "-p", "--n-prompt", help="Prompt sizes to prefill, comma-separated (0: no prompt test)."),
     n_gen: str = typer.Option("64,128", "-n", "--n-gen", help="Token counts to generate, comma-separated (0: no generation test)."),
     repetitions: int = typer.Option(3, "-r", "--repetitions", help="Runs of each test (median ± stdev)."),
@@ -354,7 +381,7 @@ def bench(
 
 @app.command()
 def perplexity(
-    model: Path | None = MODEL,
+    model: str | None = MODEL,
     text_file: Path = typer.Option(..., "--text-file", help="UTF-8 text to score."),
     context: int | None = typer.Option(None, "--context", help="Window length in tokens (default: min(512, model's))."),
     threads: int | None = typer.Option(None, "-t", "--threads"),
@@ -430,7 +457,7 @@ def profiles_detect(as_json: bool = typer.Option(False, "--json", help="Print th
 @app.command()
 def plan(
     source: Path | None = typer.Argument(None, help="Checkpoint directory (planned in the profile's formats)."),
-    model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory."),
+    model: str | None = MODEL,
     profile: str = typer.Option("auto", "--profile", help="Device profile (auto: detect this device)."),
     context: int | None = CONTEXT,
     kv: str | None = PROFILE_KV,
@@ -443,9 +470,9 @@ def plan(
     from edge_runtime.profiles import resolve_profile
 
     try:
-        if (source is None) == (model is None):
-            raise EdgeRuntimeError("give either an artifact (-m ARTIFACT) or a checkpoint directory, not both or none")
-        result = plan_memory(model or source, resolve_profile(profile), context, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)
+        if source is not None and model is not None:
+            raise EdgeRuntimeError("give either an artifact (-m MODEL) or a checkpoint directory, not both")
+        result = plan_memory(source or _resolve_model(model), resolve_profile(profile), context, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else format_plan(result))
@@ -458,7 +485,7 @@ SERVER_EXTRA = "the server needs the `server` extra: pip install 'edge-runtime[s
 
 @app.command()
 def serve(
-    model: Path | None = MODEL,
+    model: str | None = MODEL,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this device only)."),
     port: int = typer.Option(8080, "--port", help="TCP port."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="EDGE_RUNTIME_API_KEY",
@@ -506,7 +533,7 @@ def serve(
 
 @app.command()
 def service(
-    model: Path = typer.Option(..., "-m", "--model", help="Artifact directory the service serves."),
+    model: str = typer.Option(..., "-m", "--model", help="Artifact directory or model name the service serves."),
     profile: str = typer.Option(..., "--profile", help="Device profile: its memory share becomes MemoryMax."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address the service listens on."),
     port: int = typer.Option(8080, "--port", help="TCP port."),
@@ -521,7 +548,7 @@ def service(
         if profile == "none":
             raise EdgeRuntimeError("service needs a device profile: its memory share becomes the unit's MemoryMax; "
                                    "pass --profile NAME (see `edge-runtime profiles list`) or auto")
-        text = render_unit(model, resolve_profile(profile), host=host, port=port, user=user)
+        text = render_unit(_resolve_model(model), resolve_profile(profile), host=host, port=port, user=user)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     if output is None:
