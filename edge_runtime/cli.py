@@ -73,10 +73,13 @@ def _with_progress(work, title: str):
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + safetensors)."),
+    checkpoint: str = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + safetensors), or "
+                                     "a Hugging Face repo id (owner/name) to download it from."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Artifact directory to create."),
     name: str | None = typer.Option(None, "--name", help="Create the artifact in the models directory as NAME, "
                                     "for `-m NAME` (see `edge-runtime list`)."),
+    revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit of the repo id (default: "
+                                        "main)."),
     weights: str | None = typer.Option(None, help="Weight format: fp32 (exact reference; the default), fp16, int8 "
                                        "(per output channel) or int4 (blocks of --block-size)."),
     block_size: int | None = typer.Option(None, "--block-size", help="int4 block size: 32 (default), 64 or 128."),
@@ -87,9 +90,10 @@ def export(
     profile: str | None = typer.Option(None, "--profile", help="Take the weight, block size and PLE formats from "
                                        "this device profile (explicit options still win)."),
 ) -> None:
-    """Convert a Gemma 4 checkpoint into an edge-runtime artifact."""
+    """Convert a Gemma 4 checkpoint (a directory, or a Hugging Face repo id to download) into an edge-runtime artifact."""
     try:
         from edge_runtime.export import export_checkpoint
+        from edge_runtime.export.hub import checkpoint_dir
         from edge_runtime.model_store import named_path
         from edge_runtime.profiles import load_profile
 
@@ -102,7 +106,8 @@ def export(
             p = load_profile(profile)
             formats = {name: getattr(p, name) if value is None else value for name, value in formats.items()}
         given = {name: value for name, value in formats.items() if value is not None}
-        _with_progress(lambda report: export_checkpoint(checkpoint, output, force=force, progress=report,
+        source = checkpoint_dir(checkpoint, revision, progress_bars=err.is_terminal)
+        _with_progress(lambda report: export_checkpoint(source, output, force=force, progress=report,
                                                         notice=_note, **given), "export")
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
