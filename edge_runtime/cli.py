@@ -93,6 +93,7 @@ def export(
     """Convert a Gemma 4 checkpoint (a directory, or a Hugging Face repo id to download) into an edge-runtime artifact."""
     try:
         from edge_runtime.export import export_checkpoint
+        from edge_runtime.export.destination import check_destination
         from edge_runtime.export.hub import checkpoint_dir
         from edge_runtime.model_store import named_path
         from edge_runtime.profiles import load_profile
@@ -106,7 +107,8 @@ def export(
             p = load_profile(profile)
             formats = {name: getattr(p, name) if value is None else value for name, value in formats.items()}
         given = {name: value for name, value in formats.items() if value is not None}
-        source = checkpoint_dir(checkpoint, revision, progress_bars=err.is_terminal)
+        source = checkpoint_dir(checkpoint, revision, progress_bars=err.is_terminal,
+                                before_download=lambda hub_cache: check_destination(output, hub_cache, force))
         _with_progress(lambda report: export_checkpoint(source, output, force=force, progress=report,
                                                         notice=_note, **given), "export")
     except EdgeRuntimeError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from edge_runtime.artifact import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
@@ -28,7 +29,8 @@ def is_repo_id(text: str) -> bool:
     return _REPO_ID.fullmatch(text) is not None
 
 
-def checkpoint_dir(source: str, revision: str | None = None, progress_bars: bool = True) -> Path:
+def checkpoint_dir(source: str, revision: str | None = None, progress_bars: bool = True,
+                   before_download: Callable[[Path], None] | None = None) -> Path:
     """The checkpoint directory `source` names: itself when it is a local directory, else the snapshot of the
     Hugging Face repo of that id (downloaded, or found in the Hugging Face cache; see `download_checkpoint`)."""
     path = Path(source).expanduser()
@@ -41,14 +43,17 @@ def checkpoint_dir(source: str, revision: str | None = None, progress_bars: bool
         raise CheckpointError(f"{source}: no such checkpoint directory, and not a Hugging Face repo id (owner/name); "
                               "pass a local checkpoint directory (config.json + safetensors) or a repo id such as "
                               "google/gemma-4-E2B-it")
-    return download_checkpoint(source, revision, progress_bars)
+    return download_checkpoint(source, revision, progress_bars, before_download)
 
 
-def download_checkpoint(repo_id: str, revision: str | None = None, progress_bars: bool = True) -> Path:
+def download_checkpoint(repo_id: str, revision: str | None = None, progress_bars: bool = True,
+                        before_download: Callable[[Path], None] | None = None) -> Path:
     """The local snapshot of `repo_id` at `revision` (default: main) holding the files export reads.
 
     huggingface_hub draws its own progress bars on stderr, even when stderr is a log file; `progress_bars=False`
     turns them off for the rest of the process (huggingface_hub has no other switch than a global one).
+    `before_download(hub_cache)` runs first, with the directory the snapshot will be in: a check that would fail
+    after the download (an export destination already taken) fails before hours of it instead.
     """
     try:
         from huggingface_hub import constants, snapshot_download
@@ -62,6 +67,8 @@ def download_checkpoint(repo_id: str, revision: str | None = None, progress_bars
     except ImportError:
         raise EdgeRuntimeError(f"downloading {repo_id} needs huggingface_hub: pip install 'edge-runtime[export]', "
                                f"{OR_LOCAL}") from None
+    if before_download is not None:
+        before_download(Path(constants.HF_HUB_CACHE))
     if not progress_bars:
         from huggingface_hub.utils import disable_progress_bars
 

@@ -246,6 +246,14 @@ def test_hub_errors_are_one_line_with_what_to_do(checkpoints, tmp_path):
         assert one_line_error(cli(tmp_path, "export", GATED, "-o", "out", endpoint=hub.hub)) == (
             f"error: {GATED} is gated: accept its terms on https://huggingface.co/{GATED} and log in with "
             "`hf auth login` (or set HF_TOKEN), or pass a local checkpoint directory instead")
+        # A destination export would refuse is refused before the download, not after it.
+        hub.requests.clear()
+        (tmp_path / "taken").mkdir()
+        (tmp_path / "taken" / "notes.txt").write_text("mine")
+        assert one_line_error(cli(tmp_path, "export", REPO, "-o", "taken", endpoint=hub.hub)) == (
+            "error: taken: already exists; choose another path or pass --force to replace it (only an edge-runtime "
+            "artifact is ever replaced)")
+        assert hub.requests == [] and (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     cache = tmp_path / "hf" / "hub"
     # Port 9 (discard) has no listener: what a machine without network sees.
     assert one_line_error(cli(tmp_path, "export", REPO, "-o", "out")) == (
