@@ -172,8 +172,10 @@ def checkpoint_repo(checkpoint: Path) -> Repo:
     return Repo({p.name: p.read_bytes() for p in sorted(checkpoint.iterdir())} | EXTRAS)
 
 
-def cli(tmp_path: Path, *args: str, endpoint: str = "http://127.0.0.1:9", **env: str) -> subprocess.CompletedProcess:
-    """`edge-runtime ARGS` with a Hugging Face home of its own, no token and no proxy, speaking to `endpoint`."""
+def cli(tmp_path: Path, *args: str, endpoint: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    """`edge-runtime ARGS` with a Hugging Face home of its own, no token and no proxy, speaking to `endpoint`
+    (default: a local port nothing listens on, which is what a machine without network sees)."""
+    endpoint = endpoint or f"http://127.0.0.1:{free_port()}"
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("HF_", "HUGGING")) and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
     clean.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"), HF_ENDPOINT=endpoint,
@@ -255,7 +257,7 @@ def test_hub_errors_are_one_line_with_what_to_do(checkpoints, tmp_path):
             "artifact is ever replaced)")
         assert hub.requests == [] and (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     cache = tmp_path / "hf" / "hub"
-    # Port 9 (discard) has no listener: what a machine without network sees.
+    # No Hub listening: what a machine without network sees.
     assert one_line_error(cli(tmp_path, "export", REPO, "-o", "out")) == (
         f"error: {REPO}: cannot reach the Hugging Face Hub (no network?), and it is not complete in the Hugging Face "
         f"cache ({cache}); connect and run this again (files already downloaded are kept), or pass a local "
