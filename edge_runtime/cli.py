@@ -90,7 +90,7 @@ def export(
     profile: str | None = typer.Option(None, "--profile", help="Take the weight, block size and PLE formats from "
                                        "this device profile (explicit options still win)."),
 ) -> None:
-    """Convert a Gemma 4 checkpoint (a directory, or a Hugging Face repo id to download) into an edge-runtime artifact."""
+    """Convert a Gemma 4 checkpoint (a directory, or a Hugging Face repo id to download) into an artifact."""
     try:
         from edge_runtime.export import export_checkpoint
         from edge_runtime.export.destination import check_destination

@@ -82,8 +82,8 @@ def download_checkpoint(repo_id: str, revision: str | None = None, progress_bars
         message = (f"{repo_id} is gated: accept its terms on https://huggingface.co/{repo_id} and log in with "
                    f"`hf auth login` (or set HF_TOKEN), {OR_LOCAL}")
     except RevisionNotFoundError:
-        message = (f"{repo_id} has no revision {revision or 'main'!r} on the Hugging Face Hub; pass an existing branch, tag or "
-                   f"commit with --revision, {OR_LOCAL}")
+        message = (f"{repo_id} has no revision {revision or 'main'!r} on the Hugging Face Hub; pass an existing "
+                   f"branch, tag or commit with --revision, {OR_LOCAL}")
     except RepositoryNotFoundError:
         message = (f"{repo_id}: no such local directory, and no such repo on the Hugging Face Hub (or it is private: "
                    f"log in with `hf auth login` or set HF_TOKEN); check the id, {OR_LOCAL}")
