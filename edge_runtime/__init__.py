@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 from edge_runtime.conversation import Conversation
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.model import GenerationStats, Model, load
+from edge_runtime.model_store import list_models
 from edge_runtime.profiles import Profile, detect_profile, load_profile
 
 __all__ = ["Conversation", "EdgeRuntimeError", "GenerationStats", "Model", "Profile", "__version__", "detect_profile",
-           "load", "load_profile"]
+           "list_models", "load", "load_profile"]

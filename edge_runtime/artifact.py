@@ -111,6 +111,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> Manifest:
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{where}: not an edge-runtime manifest (not a JSON object)")
         if data.get("format") != FORMAT_NAME:
             raise ArtifactError(f"{where}: not an edge-runtime manifest (format={data.get('format')!r})")
         version = data.get("format_version")
@@ -173,7 +175,7 @@ def _parse_manifest(artifact: Path) -> Manifest:
         raise ArtifactError(f"{artifact}: no {MANIFEST}; this is not an edge-runtime artifact{hint}")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
     return Manifest.from_dict(data, str(path))
 

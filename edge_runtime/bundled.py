@@ -15,6 +15,7 @@ from edge_runtime.artifact import FORMAT_VERSION, MANIFEST
 from edge_runtime.errors import EdgeRuntimeError, UnwritableError
 
 BUNDLED_CHECKPOINT = Path(__file__).parent / "bundled" / "gemma4-tiny"
+BUNDLED_NAME = BUNDLED_CHECKPOINT.name
 
 
 def cache_dir() -> Path:
@@ -34,9 +35,14 @@ def _fingerprint(checkpoint: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def bundled_artifact_path() -> Path:
+    """Where the bundled model's artifact is (or will be, once exported) in the cache."""
+    return cache_dir() / f"{BUNDLED_NAME}-{_fingerprint(BUNDLED_CHECKPOINT)}"
+
+
 def default_artifact(progress=None) -> Path:
     """Path of the bundled model's artifact, exporting it on first use."""
-    target = cache_dir() / f"{BUNDLED_CHECKPOINT.name}-{_fingerprint(BUNDLED_CHECKPOINT)}"
+    target = bundled_artifact_path()
     if not (target / MANIFEST).is_file():
         from edge_runtime.export import export_checkpoint
 

@@ -84,7 +84,8 @@ PROFILE = typer.Option("auto", "--profile", help="Device profile whose threads, 
 CONTEXT = typer.Option(None, "-c", "--context", help="Context length in tokens (default: the profile's, at most the "
                        "model's).")
 THREADS = typer.Option(None, "-t", "--threads", min=1, help="Threads (default: the profile's, else up to 4).")
-MODEL = typer.Option(None, "-m", "--model", help="Artifact directory (default: bundled model).")
+MODEL = typer.Option(None, "-m", "--model", help="Artifact directory, or a model name from `edge-runtime list` "
+                     "(default: the bundled model).")
 SAMPLING_HELP = "Default: the model's generation_config."
 TEMPERATURE = typer.Option(None, "--temperature", help="0 for greedy. " + SAMPLING_HELP)
 TOP_K = typer.Option(None, "--top-k", help="0 disables it. " + SAMPLING_HELP)
@@ -140,8 +141,13 @@ def _with_progress(work, heading: str | None = None):
           "edge-runtime export /path/to/gemma-4-E2B-it -o e2b-q4.art --weights int4 --block-size 128 --ple int8",
           "edge-runtime export /path/to/gemma-4-E2B-it -o e2b.art --profile pi5-8gb")
 def export(
-    checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + safetensors)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
+    checkpoint: str = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + safetensors), or "
+                                     "a Hugging Face repo id (owner/name) to download it from."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Artifact directory to create."),
+    name: str | None = typer.Option(None, "--name", help="Create the artifact in the models directory as NAME, "
+                                    "for `-m NAME` (see `edge-runtime list`)."),
+    revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit of the repo id (default: "
+                                        "main)."),
     weights: str | None = typer.Option(None, help="Weight format: fp32 (exact reference; the default), fp16, int8 "
                                        "(per output channel) or int4 (blocks of --block-size)."),
     block_size: int | None = typer.Option(None, "--block-size", help="int4 block size: 32 (default), 64 or 128."),
@@ -152,24 +158,33 @@ def export(
     profile: str | None = typer.Option(None, "--profile", help="Take the weight, block size and PLE formats from "
                                        "this device profile (explicit options still win)."),
 ) -> None:
-    """Convert a Gemma 4 checkpoint into an edge-runtime artifact."""
+    """Convert a Gemma 4 checkpoint (a directory, or a Hugging Face repo id to download) into an artifact."""
     try:
         from edge_runtime.export import export_checkpoint
+        from edge_runtime.export.destination import check_destination
+        from edge_runtime.export.hub import checkpoint_dir
+        from edge_runtime.model_store import named_path
         from edge_runtime.profiles import load_profile
 
+        if (output is None) == (name is None):
+            raise EdgeRuntimeError("give -o OUT (an artifact directory to create) or --name NAME (in the models "
+                                   "directory, for -m NAME), not both or none")
+        output = named_path(name) if name is not None else output
         formats = {"weights": weights, "block_size": block_size, "ple": ple}
         if profile is not None:
             p = load_profile(profile)
             formats = {name: getattr(p, name) if value is None else value for name, value in formats.items()}
         given = {name: value for name, value in formats.items() if value is not None}
-        _with_progress(lambda report: export_checkpoint(checkpoint, output, force=force, progress=report,
+        source = checkpoint_dir(checkpoint, revision, progress_bars=err.is_terminal,
+                                before_download=lambda hub_cache: check_destination(output, hub_cache, force))
+        _with_progress(lambda report: export_checkpoint(source, output, force=force, progress=report,
                                                         notice=_note, **given))
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
-    err.print(f"wrote {output}")
+    err.print(f"wrote {output}" + (f"; use it with -m {name}" if name else ""))
 
 
-def _load(model: Path | None, profile: str, context: int | None, threads: int | None, kv: str | None,
+def _load(model: str | None, profile: str, context: int | None, threads: int | None, kv: str | None,
           kv_recent: int | None, kv_sliding: str, low_memory: bool):
     import edge_runtime
 
@@ -186,12 +201,12 @@ def _print_stats(s, m) -> None:
               f"context {len(m.engine.tokens)}/{m.context_length}")
 
 
-def _resolve_model(model: Path | None) -> Path:
-    if model is not None:
-        return model
-    from edge_runtime.bundled import default_artifact
+def _resolve_model(model: str | None) -> Path:
+    from edge_runtime.model_store import is_bundled, resolve_model
 
-    return _with_progress(lambda report: default_artifact(report), "first run: exporting the bundled model")
+    if not is_bundled(model):
+        return resolve_model(model)
+    return _with_progress(lambda report: resolve_model(model, report), "first run: exporting the bundled model")
 
 
 @_command(app, 'edge-runtime run "The list" -n 60',
@@ -200,7 +215,7 @@ def _resolve_model(model: Path | None) -> Path:
           "edge-runtime run -m e2b.art - --json < prompt.txt")
 def run(
     prompt: str = typer.Argument(..., help="Text to continue; - reads it from stdin."),
-    model: Path | None = MODEL,
+    model: str | None = MODEL,
     max_new_tokens: int = typer.Option(128, "-n", "--max-new-tokens", min=0, help="Stop after this many tokens."),
     temperature: float | None = TEMPERATURE,
     top_k: int | None = TOP_K,
@@ -265,7 +280,7 @@ def _read_message(interactive: bool) -> str | None:
 @_command(app, "edge-runtime chat", 'edge-runtime chat -m e2b.art --system "Answer briefly." --kv tq3.5',
           "edge-runtime chat -m e2b.art -n 64 --temperature 0 < questions.txt")
 def chat(
-    model: Path | None = MODEL,
+    model: str | None = MODEL,
     system: str | None = typer.Option(None, "--system", help="System prompt."),
     max_new_tokens: int = typer.Option(512, "-n", "--max-new-tokens", min=0, help="Longest reply in tokens."),
     temperature: float | None = TEMPERATURE,
@@ -351,15 +366,33 @@ def chat(
         raise typer.Exit(1)
 
 
-@_command(app, "edge-runtime info e2b.art", "edge-runtime info e2b.art --json")
+@_command(app, "edge-runtime list", "edge-runtime list --profile pi4-4gb --json", name="list")
+def list_command(
+    profile: str = typer.Option("auto", "--profile", help="Device profile the fit is checked on (auto: this device)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every model as JSON."),
+) -> None:
+    """The models you have, for -m NAME: the models directory's and the bundled one, with their fit on this device."""
+    from edge_runtime.model_store import format_model_table, list_models
+    from edge_runtime.profiles import resolve_profile
+
+    try:
+        device = resolve_profile(profile)
+        models = list_models(device)
+    except EdgeRuntimeError as exc:
+        raise _fail(exc) from None
+    typer.echo(json.dumps([m.to_dict() for m in models], indent=1) if as_json else format_model_table(models, device))
+
+
+@_command(app, "edge-runtime info", "edge-runtime info e2b.art --json")
 def info(
-    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    model: str | None = typer.Argument(None, help="Artifact directory or model name (default: the bundled model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ) -> None:
     """Describe an artifact: model shape, formats and files."""
     from edge_runtime.artifact import read_manifest
 
     try:
+        artifact = _resolve_model(model)
         manifest = read_manifest(artifact)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
@@ -394,7 +427,7 @@ def info(
 
 @_command(app, "edge-runtime verify e2b.art", "edge-runtime verify /media/usb/e2b.art --json")
 def verify(
-    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    model: str | None = typer.Argument(None, help="Artifact directory or model name (default: the bundled model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object, whatever it is."),
 ) -> None:
     """Check every file's SHA-256 against the manifest (loading hashes only files new or changed since last seen intact).
@@ -404,13 +437,16 @@ def verify(
     """
     from edge_runtime.artifact import describe_damage, verify_artifact
 
+    artifact = model
     try:
+        artifact = _resolve_model(model)
         damaged = verify_artifact(artifact)
         error = describe_damage(artifact, damaged) if damaged else None
     except EdgeRuntimeError as exc:
         damaged, error = {}, str(exc)
     if as_json:
-        typer.echo(json.dumps({"artifact": str(artifact), "ok": error is None, "damaged": damaged, "error": error}))
+        typer.echo(json.dumps({"artifact": None if artifact is None else str(artifact), "ok": error is None,
+                               "damaged": damaged, "error": error}))
     elif error is None:
         typer.echo(f"{artifact}: every file matches its SHA-256 in the manifest")
     if error is not None:
@@ -420,7 +456,7 @@ def verify(
 @_command(app, "edge-runtime bench -m e2b-q4.art", "edge-runtime bench -m e2b-q4.art -p 512 -n 64 -d 3584 -r 1",
           "edge-runtime bench -m e2b-q4.art -p 0 -n 32 -r 1 -d 32736 --kv tq3.5 --json")
 def bench(
-    model: Path | None = MODEL,
+    model: str | None = MODEL,
     n_prompt: str = typer.Option("128,512", "-p", "--n-prompt", help="Prompt sizes to prefill, comma-separated (0: no prompt test)."),
     n_gen: str = typer.Option("64,128", "-n", "--n-gen", help="Token counts to generate, comma-separated (0: no generation test)."),
     repetitions: int = typer.Option(3, "-r", "--repetitions", help="Runs of each test (median ± stdev)."),
@@ -451,7 +487,7 @@ def bench(
 @_command(app, "edge-runtime perplexity -m e2b-q4.art --text-file wiki.txt",
           "edge-runtime perplexity -m e2b-q4.art --text-file wiki.txt --context 1024 --kv tq3.5 --json")
 def perplexity(
-    model: Path | None = MODEL,
+    model: str | None = MODEL,
     text_file: Path = typer.Option(..., "--text-file", help="UTF-8 text to score."),
     context: int | None = typer.Option(None, "--context", help="Window length in tokens (default: min(512, model's))."),
     threads: int | None = typer.Option(None, "-t", "--threads", min=1, help="Threads (default: up to 4)."),
@@ -533,7 +569,7 @@ def profiles_detect(as_json: bool = typer.Option(False, "--json", help="Print th
           "edge-runtime plan -m e2b.art --kv tq3.5 --json")
 def plan(
     source: Path | None = typer.Argument(None, help="Checkpoint directory (planned in the profile's formats)."),
-    model: Path | None = typer.Option(None, "-m", "--model", help="Artifact directory."),
+    model: str | None = MODEL,
     profile: str = typer.Option("auto", "--profile", help="Device profile (auto: detect this device)."),
     context: int | None = CONTEXT,
     kv: str | None = PROFILE_KV,
@@ -549,9 +585,9 @@ def plan(
     from edge_runtime.profiles import resolve_profile
 
     try:
-        if (source is None) == (model is None):
-            raise EdgeRuntimeError("give either an artifact (-m ARTIFACT) or a checkpoint directory, not both or none")
-        result = plan_memory(model or source, resolve_profile(profile), context, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)
+        if source is not None and model is not None:
+            raise EdgeRuntimeError("give either an artifact (-m MODEL) or a checkpoint directory, not both")
+        result = plan_memory(source or _resolve_model(model), resolve_profile(profile), context, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else format_plan(result))
@@ -566,7 +602,7 @@ SERVER_EXTRA = "the server needs the `server` extra: pip install 'edge-runtime[s
           "EDGE_RUNTIME_API_KEY=KEY edge-runtime serve -m e2b-q4.art --host 0.0.0.0",
           "edge-runtime serve -m e2b.art --no-prompt-cache --log-level warning")
 def serve(
-    model: Path | None = MODEL,
+    model: str | None = MODEL,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this device only)."),
     port: int = typer.Option(8080, "--port", help="TCP port."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="EDGE_RUNTIME_API_KEY",
@@ -614,7 +650,7 @@ def serve(
           "sudo edge-runtime service -m /opt/edge-runtime/e2b.art --profile pi4-4gb "
           "-o /etc/systemd/system/edge-runtime.service")
 def service(
-    model: Path = typer.Option(..., "-m", "--model", help="Artifact directory the service serves."),
+    model: str = typer.Option(..., "-m", "--model", help="Artifact directory or model name the service serves."),
     profile: str = typer.Option(..., "--profile", help="Device profile: its memory share becomes MemoryMax."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address the service listens on."),
     port: int = typer.Option(8080, "--port", help="TCP port."),
@@ -629,7 +665,7 @@ def service(
         if profile == "none":
             raise EdgeRuntimeError("service needs a device profile: its memory share becomes the unit's MemoryMax; "
                                    "pass --profile NAME (see `edge-runtime profiles list`) or auto")
-        text = render_unit(model, resolve_profile(profile), host=host, port=port, user=user)
+        text = render_unit(_resolve_model(model), resolve_profile(profile), host=host, port=port, user=user)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     if output is None:

@@ -28,6 +28,7 @@ from edge_runtime.generation_stats import GenerationStats
 from edge_runtime.integrity import check_artifact
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, kv_format
 from edge_runtime.memory import return_freed_memory_to_os
+from edge_runtime.model_store import resolve_model
 from edge_runtime.profiles import Profile, resolve_profile
 from edge_runtime.progress import Progress, no_progress
 from edge_runtime.sampling import Sampler, SamplingParams
@@ -299,12 +300,15 @@ class Model:
         return openai_shapes.completion(self, prompt, max_tokens=max_tokens, stream=stream, stop=stop, **sampling)
 
 
-def load(path: str | Path, *, profile: str | Profile | None = None, threads: int | None = None,
+def load(path: str | Path | None = None, *, profile: str | Profile | None = None, threads: int | None = None,
          context_length: int | None = None, prefill_chunk: int | None = None, low_memory: bool = False,
          kv: str | None = None, kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT,
          progress: Progress = no_progress) -> Model:
-    """Open an exported artifact directory.
+    """Open an exported artifact: a directory, a model name (see `list_models`), or the bundled model when `path`
+    is None (exported into the cache on first use).
 
+    A string is a name when it has no path separator and no such path exists (edge_runtime.model_store); a
+    Path is always a path.
     `profile` (a device profile name, "auto" to detect this device, or a Profile) supplies the defaults for
     `threads`, `kv` and `context_length`, and the memory the model must fit: when the memory planner predicts
     more than the profile allows, loading is refused with the plan's one-line explanation instead of the
@@ -315,10 +319,11 @@ def load(path: str | Path, *, profile: str | Profile | None = None, threads: int
     of the sliding layers' rings, which stop at the window (default fp32: exact and fastest). `prefill_chunk`
     (default 256) bounds the prompt tokens run at once. `low_memory` trades prefill speed for resident memory:
     64-token chunks and freed scratch returned to the OS (see `memory.return_freed_memory_to_os`), for
-    devices where the model barely fits. `progress(stage, done, total)` hears how the first-time SHA-256 check
-    of the files goes (edge_runtime.integrity).
+    devices where the model barely fits. `progress(stage, done, total)` hears how the bundled model's first
+    export and the first-time SHA-256 check of the files go (edge_runtime.integrity).
     """
     _check_threads(threads)
+    path = resolve_model(path, progress)
     if profile is not None:
         from edge_runtime.planner import plan_memory
 

@@ -64,7 +64,7 @@ def test_plan_an_artifact_and_a_checkpoint(artifacts, checkpoints, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (("plan", "-m", "ART", "--profile", "pi6"), "error: unknown profile 'pi6'"),
     (("plan", "-m", "ART", "--context", "999999"), "error: context 999999 is larger than the model's 256"),
-    (("plan",), "error: give either an artifact (-m ARTIFACT) or a checkpoint directory"),
+    (("plan", "CKPT", "-m", "ART"), "error: give either an artifact (-m MODEL) or a checkpoint directory, not both"),
     (("export", "CKPT", "-o", "OUT", "--profile", "pi6"), "error: unknown profile 'pi6'"),
 ])
 def test_bad_plan_and_export_input_is_one_line(artifacts, checkpoints, tmp_path, args, message):
