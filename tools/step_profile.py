@@ -1,0 +1,152 @@
+"""Where one decode step's time goes: onnxruntime's kernels, attention over the KV cache, and Python glue.
+
+    python tools/step_profile.py -m ARTIFACT [--depth 2048] [--kv tq3.5] [--steps 32] [--ops]
+
+The step is timed whole (median of --steps decode steps after the depth is prefilled with random tokens), then
+once more under cProfile, whose tallies split it into: time inside onnxruntime's `run` (the graphs' kernels and
+onnxruntime's own per-call overhead), time inside attention (everything below the attention module's entry
+points, kernels included), and the rest (the engine's numpy and Python between them: embedding and PLE rows,
+masks, cache writes, argument shuffling). cProfile's own cost lands mostly in the glue share, so the shares are
+scaled to the uninstrumented median. --ops adds onnxruntime's profiler: kernel time by operator type, summed over
+the graphs of a step.
+Speed figures depend on the machine: the output names the CPU; compare runs side by side in one sitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import platform
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ATTENTION_MODULES = ("edge_runtime/attention", "edge_runtime/quant/", "edge_runtime/kernels/")
+ORT_RUN = "onnxruntime_pybind11_state.run"  # the binding's InferenceSession.run, as cProfile names it
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def prefill(model, depth: int, seed: int = 0) -> None:
+    """Fill the cache with `depth` random tokens (as `bench -d` does), in prefill chunks."""
+    rng = np.random.default_rng(seed)
+    model.reset()
+    ids = rng.integers(4, model.spec.vocab_size, size=depth)
+    for start in range(0, depth, model.prefill_chunk):
+        model.engine.forward(ids[start:start + model.prefill_chunk], all_logits=False)
+
+
+def decode_steps(model, steps: int) -> list[float]:
+    times = []
+    for token in np.random.default_rng(1).integers(4, model.spec.vocab_size, size=steps):
+        start = time.perf_counter()
+        model.engine.forward(np.asarray([token]), all_logits=False)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def split(stats: pstats.Stats) -> dict[str, float]:
+    """Seconds inside onnxruntime's run, inside attention (cumulative, from its outermost frames), and the rest."""
+    raw = stats.stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    total = sum(tt for _, _, tt, _, _ in raw.values())
+    ort = sum(tt for (file, _, name), (_, _, tt, _, _) in raw.items() if ORT_RUN in name)
+
+    def in_attention(key) -> bool:
+        return any(m in key[0] for m in ATTENTION_MODULES)
+
+    attention = sum(ct for key, (_, _, _, ct, callers) in raw.items()
+                    if in_attention(key) and not any(in_attention(c) for c in callers))
+    return {"onnxruntime": ort, "attention": attention, "glue": total - ort - attention, "total": total}
+
+
+def ort_ops(model, steps: int, out_dir: Path) -> dict[str, float]:
+    """Microseconds per step by operator type, from onnxruntime's profiler on fresh sessions of the same graphs."""
+    import onnxruntime as ort
+
+    from edge_runtime import engine as engine_module
+
+    make_options = engine_module._session_options
+
+    def profiled(threads):
+        options = make_options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(out_dir / "ort")
+        return options
+
+    engine_module._session_options = profiled
+    try:
+        import edge_runtime
+
+        profiled_model = edge_runtime.load(model.path, threads=engine_module._thread_pool_size,
+                                           kv=model.kv_format.name, context_length=model.context_length)
+        prefill(profiled_model, 8)
+        decode_steps(profiled_model, steps)
+        sessions = [s for pair in profiled_model.engine.layers for s in pair]
+        sessions += [profiled_model.engine.head, profiled_model.engine.prologue]
+        files = [Path(s.end_profiling()) for s in sessions]
+    finally:
+        engine_module._session_options = make_options
+    by_op: dict[str, float] = defaultdict(float)
+    for file in files:
+        events = json.loads(file.read_text())
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                by_op[event["args"]["op_name"]] += event["dur"]
+    del ort
+    return {op: us / (steps + 1) for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-m", "--model", type=Path, required=True)
+    parser.add_argument("-d", "--depth", type=int, default=0)
+    parser.add_argument("--kv", default="fp16")
+    parser.add_argument("-t", "--threads", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--ops", action="store_true", help="also time onnxruntime's kernels by operator type")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    import edge_runtime
+
+    model = edge_runtime.load(args.model, threads=args.threads, kv=args.kv,
+                              context_length=args.depth + args.steps + 16)
+    prefill(model, max(args.depth, 1))
+    decode_steps(model, 4)
+    median = statistics.median(decode_steps(model, args.steps))
+    profile = cProfile.Profile()
+    profile.enable()
+    decode_steps(model, args.steps)
+    profile.disable()
+    shares = split(pstats.Stats(profile))
+    scale = median / (shares["total"] / args.steps)
+    result = {"cpu": cpu_name(), "model": str(args.model), "depth": args.depth, "kv": args.kv,
+              "threads": model.engine.attention_workers, "step_ms": median * 1e3,
+              "split_ms": {k: v / args.steps * scale * 1e3 for k, v in shares.items() if k != "total"}}
+    if args.ops:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["ort_op_us"] = ort_ops(model, args.steps, Path(tmp))
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"{result['cpu']}, {result['threads']} threads; {args.model} depth {args.depth}, KV {args.kv}")
+    print(f"decode step {result['step_ms']:.2f} ms (median of {args.steps}); "
+          + ", ".join(f"{k} {v:.2f} ms ({v / result['step_ms']:.0%})" for k, v in result["split_ms"].items()))
+    for op, us in result.get("ort_op_us", {}).items():
+        print(f"  {op:32s} {us / 1e3:8.3f} ms")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
