@@ -1,13 +1,22 @@
 """Attention over blocks of keys and values that stay in their stored format.
 
-A layer's keys and values come in blocks: the cached codes, the exact ring of recent tokens, and the
-step's own new tokens. One softmax spans all blocks: each block's scores come from its key codec's
-`inner_products` (TurboQuant rotates the query once and reads centroids; QJL projects it once and reads
-sign bits), and its share of the output from its value codec's `weighted_sum` (accumulated in the rotated
-domain, rotated back once), so no block is ever decoded to a float copy of the cache.
+A layer's keys and values come in blocks: the cached codes, the exact ring of recent tokens, and the step's own
+new tokens. Each block says which query token sees which of its rows by position: row n (at `positions[n]`,
+-1 for an empty slot) is seen by token t when `lower[t] <= positions[n] <= upper[t]`, which covers causality,
+sliding windows and the split between coded and exact recent tokens alike. One softmax spans all blocks, and no
+block is ever decoded to a float copy of the cache.
 
-Query tokens are processed in groups small enough that one group's scores over the whole context stay
-within `SCORE_BYTES`: a 256-token prefill chunk at 32k context would otherwise hold 256 MB of scores.
+Two paths compute it:
+- the compiled kernel (edge_runtime.attention_kernel), for steps of a few tokens (decode): each block is walked
+  once, its codes widened a row at a time in cache, long blocks split across threads;
+- numpy, for prefill chunks, where a block's scores for hundreds of query rows make a real matrix product: each
+  key codec's `inner_products` (TurboQuant rotates the query once and reads centroids; QJL projects it once and
+  reads sign bits) and each value codec's `weighted_sum` (accumulated in the rotated domain, rotated back once),
+  a tile at a time into BLAS. It is also the reference the kernel is tested against, and the path of any
+  machine without numba.
+
+Query tokens go through numpy in groups small enough that one group's scores over the whole context stay within
+`SCORE_BYTES`: a 256-token prefill chunk at 32k context would otherwise hold 256 MB of scores.
 """
 
 from __future__ import annotations
@@ -20,10 +29,18 @@ import numpy as np
 
 from edge_runtime.quant.codec import VectorCodec
 
+try:
+    from edge_runtime import attention_kernel
+except ImportError:  # no numba wheel for this platform: numpy does it all
+    attention_kernel = None
+
 SCORE_BYTES = 32 << 20
 # Shortest share of a block worth a thread. E2B int4, tq3.5, 2k context, 2 threads: 142 ms a step unsplit,
 # 125 ms with the 2k-token full layers split, 142 again with the 512-slot sliding rings split as well.
 MIN_PART = 768
+# Steps of at most this many tokens go through the compiled kernel; longer ones are matrix products for BLAS.
+KERNEL_TOKENS = 4
+MASKED = np.finfo(np.float32).min
 
 
 class Block(NamedTuple):
@@ -31,55 +48,99 @@ class Block(NamedTuple):
     key_codes: dict[str, np.ndarray]
     value_codec: VectorCodec
     value_codes: dict[str, np.ndarray]
-    mask: np.ndarray  # additive, [T query tokens, n keys]
+    positions: np.ndarray  # [n] int64: the position stored in each row, -1 for none
+    lower: np.ndarray  # [T] int64: the first position query token t sees
+    upper: np.ndarray  # [T] int64: the last position query token t sees
+
+    @property
+    def size(self) -> int:
+        return len(self.positions)
+
+    def rows(self, queries: slice) -> Block:
+        """The block as seen by a subset of the query tokens."""
+        return self._replace(lower=self.lower[queries], upper=self.upper[queries])
+
+    def mask(self) -> np.ndarray:
+        """Additive mask [T, n]: 0 where token t sees row n, the float32 minimum elsewhere."""
+        p = self.positions[None, :]
+        seen = (p >= self.lower[:, None]) & (p <= self.upper[:, None])
+        return np.where(seen, np.float32(0), MASKED).astype(np.float32)
 
 
-def _parts(block: Block, parts: int) -> list[Block]:
+def _slice(block: Block, lo: int, hi: int) -> Block:
+    return block._replace(key_codes={k: a[lo:hi] for k, a in block.key_codes.items()},
+                          value_codes={k: a[lo:hi] for k, a in block.value_codes.items()},
+                          positions=block.positions[lo:hi])
+
+
+def _shares(block: Block, parts: int) -> list[Block]:
     """A long block cut into `parts` contiguous ones, so that worker threads can each read a share of the codes."""
-    n = block.mask.shape[1]
+    n = block.size
     if parts < 2 or n < parts * MIN_PART:
         return [block]
     cuts = [round(n * k / parts) for k in range(parts + 1)]
-    return [Block(block.key_codec, {name: a[lo:hi] for name, a in block.key_codes.items()},
-                  block.value_codec, {name: a[lo:hi] for name, a in block.value_codes.items()}, block.mask[:, lo:hi])
-            for lo, hi in pairwise(cuts)]
+    return [_slice(block, lo, hi) for lo, hi in pairwise(cuts)]
+
+
+def attend(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecutor | None = None,
+           workers: int = 1, kernel: bool | None = None) -> np.ndarray:
+    """query [kv_heads, groups, T, head_dim] (Gemma 4: scaling 1.0) over per-head blocks -> [T, heads * head_dim].
+
+    With a `pool` of `workers` threads, long blocks are split across them: the kernel and numpy both release the
+    GIL, and one thread alone cannot keep up with the cache's bytes. `kernel` forces a path (tests); by default
+    the kernel takes steps of up to KERNEL_TOKENS tokens when numba is there.
+    """
+    if kernel is None:
+        kernel = attention_kernel is not None and query.shape[2] <= KERNEL_TOKENS
+    workers = workers if pool else 1
+    run = _attend_kernel if kernel else _attend_numpy
+    kv_heads, groups, tokens, head_dim = query.shape
+    out = np.empty((tokens, kv_heads, groups, head_dim), dtype=np.float32)
+    for h in range(kv_heads):
+        live = [part for b in blocks[h] if b.size for part in _shares(b, workers)]
+        # Handing short blocks to threads costs more than it saves (E2B int4 at 131 tokens: 124 vs 104 ms a step).
+        mapper = pool.map if pool and len(live) > len([b for b in blocks[h] if b.size]) else map
+        out[:, h] = run(query[h], live, mapper)
+    return out.reshape(tokens, -1)
+
+
+def _attend_kernel(query: np.ndarray, live: list[Block], mapper) -> np.ndarray:
+    """One KV head, compiled: [groups, T, d] -> [T, groups, d]; each block (or share of one) is a partial softmax."""
+    groups, tokens, head_dim = query.shape
+    q = query.reshape(groups * tokens, head_dim)
+    values = [b.value_codec.parts(b.value_codes) for b in live]
+
+    def partial(block: Block, value_parts: list) -> tuple:
+        return attention_kernel.attend_parts(q, block.key_codec.parts(block.key_codes), value_parts,
+                                             block.positions, block.lower, block.upper, tokens)
+
+    merged = attention_kernel.merge(list(mapper(partial, live, values)), values, head_dim)
+    return merged.reshape(groups, tokens, head_dim).transpose(1, 0, 2)
 
 
 def _scores(block: Block, q: np.ndarray, rows: slice, groups: int) -> np.ndarray:
     """[groups, tokens, n] masked scores of a block for query rows q (groups x tokens of them)."""
     scores = block.key_codec.inner_products(q, block.key_codes)
-    return scores.reshape(groups, -1, block.mask.shape[1]) + block.mask[rows]
+    return scores.reshape(groups, -1, block.size) + block.rows(rows).mask()
 
 
 def _weighted_sum(block: Block, weights: np.ndarray, rows: int) -> np.ndarray:
     return block.value_codec.weighted_sum(weights.reshape(rows, -1), block.value_codes)
 
 
-def attend(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecutor | None = None,
-           workers: int = 1) -> np.ndarray:
-    """query [kv_heads, groups, T, head_dim] (Gemma 4: scaling 1.0) over per-head blocks -> [T, heads * head_dim].
-
-    With a `pool` of `workers` threads, long blocks are split across them: numpy releases the GIL while it widens codes
-    and multiplies, and one thread alone cannot keep up with the cache's bytes (E2B int4 at 8k context: see
-    README).
-    """
-    kv_heads, groups, tokens, head_dim = query.shape
-    workers = workers if pool else 1
-    out = np.empty((tokens, kv_heads, groups, head_dim), dtype=np.float32)
-    for h in range(kv_heads):
-        whole = [b for b in blocks[h] if b.mask.shape[1]]
-        live = [part for b in whole for part in _parts(b, workers)]
-        # Handing short blocks to threads costs more than it saves (E2B int4 at 131 tokens: 124 vs 104 ms a step).
-        run = pool.map if pool and len(live) > len(whole) else map
-        keys = sum(b.mask.shape[1] for b in live)
-        step = max(1, SCORE_BYTES // (4 * groups * keys))
-        for t in range(0, tokens, step):
-            rows = slice(t, min(t + step, tokens))
-            q = query[h, :, rows].reshape(-1, head_dim)
-            block_scores = list(run(_scores, live, repeat(q), repeat(rows), repeat(groups)))
-            top = np.max([s.max(axis=-1, keepdims=True) for s in block_scores], axis=0)
-            weights = [np.exp(s - top, out=s) for s in block_scores]
-            denominator = sum(w.sum(axis=-1, keepdims=True) for w in weights)
-            total = sum(run(_weighted_sum, live, weights, repeat(len(q))))
-            out[rows, h] = (total.reshape(groups, -1, head_dim) / denominator).transpose(1, 0, 2)
-    return out.reshape(tokens, -1)
+def _attend_numpy(query: np.ndarray, live: list[Block], mapper) -> np.ndarray:
+    """One KV head through the codecs' tiled products: [groups, T, d] -> [T, groups, d]."""
+    groups, tokens, head_dim = query.shape
+    out = np.empty((tokens, groups, head_dim), dtype=np.float32)
+    keys = sum(b.size for b in live)
+    step = max(1, SCORE_BYTES // (4 * groups * keys))
+    for t in range(0, tokens, step):
+        rows = slice(t, min(t + step, tokens))
+        q = query[:, rows].reshape(-1, head_dim)
+        block_scores = list(mapper(_scores, live, repeat(q), repeat(rows), repeat(groups)))
+        top = np.max([s.max(axis=-1, keepdims=True) for s in block_scores], axis=0)
+        weights = [np.exp(s - top, out=s) for s in block_scores]
+        denominator = sum(w.sum(axis=-1, keepdims=True) for w in weights)
+        total = sum(mapper(_weighted_sum, live, weights, repeat(len(q))))
+        out[rows] = (total.reshape(groups, -1, head_dim) / denominator).transpose(1, 0, 2)
+    return out

@@ -128,7 +128,7 @@ class Engine:
         ple_context = self.prologue.run(None, {"inputs_embeds": hidden})[0]
         ple_rows = self.ple.rows(ids)
         rope = {t: cos_sin(f, positions) for t, f in self.inv_freq.items()}
-        masks = {t: cache.masks(t, positions) for t in self.inv_freq}
+        seen = {t: cache.visibility(t, positions) for t in self.inv_freq}
 
         queries = slice(None)
         new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -145,10 +145,11 @@ class Engine:
             else:
                 query, keys, values = attention_inputs.run(["query", "key", "value"], feeds)
                 new_kv[i] = (keys, values)
-                exact[i] = self._exact_blocks(keys, values)
-            layer_masks = masks[layer_type].rows(queries)
-            blocks = [cached + [new._replace(mask=layer_masks.new)]
-                      for cached, new in zip(cache.blocks(source, layer_masks), exact[source])]
+                exact[i] = self._exact_blocks(keys, values, positions)
+            layer_seen = seen[layer_type]
+            blocks = [[block.rows(queries) for block in (*cached, new._replace(lower=layer_seen.new[0],
+                                                                              upper=layer_seen.new[1]))]
+                      for cached, new in zip(cache.blocks(source, layer_seen), exact[source])]
             (hidden,) = output.run(["hidden_out"], {
                 "hidden": hidden,
                 "attention": attend(query, blocks, self.attention_pool, self.attention_workers),
@@ -162,8 +163,8 @@ class Engine:
         return self.head.run(None, {"hidden": np.ascontiguousarray(hidden)})[0]
 
     @staticmethod
-    def _exact_blocks(keys: np.ndarray, values: np.ndarray) -> list[Block]:
-        """The step's own keys and values [kv_heads, T, hd] as exact blocks (masks filled in per layer)."""
+    def _exact_blocks(keys: np.ndarray, values: np.ndarray, positions: np.ndarray) -> list[Block]:
+        """The step's own keys and values [kv_heads, T, hd] as exact blocks (what each token sees is per layer)."""
         codec = Float32Codec(keys.shape[-1])
-        return [Block(codec, codec.encode(k), codec, codec.encode(v), np.empty((0, 0), np.float32))
+        return [Block(codec, codec.encode(k), codec, codec.encode(v), positions, positions, positions)
                 for k, v in zip(keys, values)]

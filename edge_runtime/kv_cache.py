@@ -1,4 +1,4 @@
-"""The KV cache: each cache layer's keys and values in the chosen KV format, plus masks saying which slots count.
+"""The KV cache: each cache layer's keys and values in the chosen KV format, and the position held in each slot.
 
 Only layers that compute keys and values own a store (15 of E2B's 35); KV-shared layers read their
 source's. Sliding layers keep a ring of `window` slots (slot = position % window), full layers a store
@@ -29,7 +29,6 @@ from edge_runtime.model_spec import SLIDING, ModelSpec
 from edge_runtime.quant.codec import VectorCodec
 from edge_runtime.quant.float_codecs import Float32Codec
 
-MASKED = np.finfo(np.float32).min
 GROWTH = 256  # full-attention stores grow by this many slots at a time (and the planner counts in these steps)
 
 
@@ -65,15 +64,13 @@ class LayerStore:
 
 
 @dataclass(frozen=True)
-class Masks:
-    """Additive masks [T, slots] for the coded slots, the exact recent ring and the step's own tokens."""
+class Visibility:
+    """For the step's query tokens, the positions each sees per kind of block, as (lower, upper) bounds [T]:
+    the coded slots (older than the exact recent ones), the exact recent ring, and the step's own tokens."""
 
-    codes: np.ndarray
-    recent: np.ndarray
-    new: np.ndarray
-
-    def rows(self, queries: slice) -> Masks:
-        return Masks(self.codes[queries], self.recent[queries], self.new[queries])
+    coded: tuple[np.ndarray, np.ndarray]
+    recent: tuple[np.ndarray, np.ndarray]
+    new: tuple[np.ndarray, np.ndarray]
 
 
 class KVCache:
@@ -143,32 +140,26 @@ class KVCache:
         """Slots written so far: positions fill slots in order, and a ring's only once it has wrapped."""
         return min(self.length, len(self.slot_positions[layer_type]))
 
-    def masks(self, layer_type: str, positions: np.ndarray) -> Masks:
-        """Masks for these new positions: causal, windowed on sliding layers, recent tokens read exactly."""
+    def visibility(self, layer_type: str, positions: np.ndarray) -> Visibility:
+        """What these new positions see: causal, windowed on sliding layers, recent tokens read exactly."""
         window = self.spec.window(layer_type)
-
-        def visible(slot_positions: np.ndarray) -> np.ndarray:
-            distance = positions[:, None] - slot_positions[None, :]
-            seen = (slot_positions[None, :] >= 0) & (distance >= 0)
-            return seen & (distance < window) if window is not None else seen
-
-        slots = self.slot_positions[layer_type]
-        used = self._used_slots(layer_type)
+        first = np.maximum(positions - window + 1, 0) if window is not None else np.zeros_like(positions)
         first_recent = self.length - self.recent_of[layer_type]
-        coded = visible(slots[:used]) & (slots[None, :used] < first_recent)
-        ring = self.recent_positions[:self.ring_of[layer_type]]
-        in_ring = visible(ring) & (ring[None, :] >= first_recent)
-        return Masks(*(np.where(v, 0.0, MASKED).astype(np.float32) for v in (coded, in_ring, visible(positions))))
+        return Visibility(coded=(first, np.minimum(positions, first_recent - 1)),
+                          recent=(np.maximum(first, first_recent), positions), new=(first, positions))
 
-    def blocks(self, layer: int, masks: Masks) -> list[list[Block]]:
+    def blocks(self, layer: int, seen: Visibility) -> list[list[Block]]:
         """Per KV head, the cached blocks layer `layer`'s store offers attention (none before the first write)."""
         store = self.stores.get(layer)
         if store is None:
             return [[] for _ in range(self.spec.num_key_value_heads)]
-        used = masks.codes.shape[1]
+        layer_type = self.spec.layer_types[layer]
+        used = self._used_slots(layer_type)
+        coded = self.slot_positions[layer_type][:used]
+        ring = self.recent_positions[:self.ring_of[layer_type]]
         return [
-            [Block(k.codec, k.view(used), v.codec, v.view(used), masks.codes),
-             *([Block(rk.codec, rk.data, rv.codec, rv.data, masks.recent)] if masks.recent.shape[1] else [])]
+            [Block(k.codec, k.view(used), v.codec, v.view(used), coded, *seen.coded),
+             *([Block(rk.codec, rk.data, rv.codec, rv.data, ring, *seen.recent)] if len(ring) else [])]
             for k, v, rk, rv in zip(store.keys, store.values, store.recent_keys, store.recent_values)
         ]
 

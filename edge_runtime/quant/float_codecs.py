@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_runtime.quant.code_parts import F16, F32, I8, CodePart, as_bytes
 from edge_runtime.quant.codec import tiles
 from edge_runtime.quant.integer import quantize_int8_rows
 
@@ -34,6 +35,9 @@ class Float32Codec:
 
     def weighted_sum(self, p: np.ndarray, codes: dict[str, np.ndarray]) -> np.ndarray:
         return np.asarray(p, dtype=np.float32) @ codes["values"]
+
+    def parts(self, codes: dict[str, np.ndarray]) -> list[CodePart]:
+        return [CodePart(F32, self.dim, as_bytes(codes["values"]))]
 
 
 class Float16Codec:
@@ -68,6 +72,9 @@ class Float16Codec:
             out += p[:, t] @ codes["values"][t].astype(np.float32)
         return out
 
+    def parts(self, codes: dict[str, np.ndarray]) -> list[CodePart]:
+        return [CodePart(F16, self.dim, as_bytes(codes["values"]))]
+
 
 class Int8Codec:
     """Symmetric int8 per vector: code = round(x / s), s = max|x| / 127, one float32 scale per vector."""
@@ -101,3 +108,6 @@ class Int8Codec:
         for t in tiles(len(c)):
             out += (p[:, t] * scale[t]) @ c[t].astype(np.float32)
         return out
+
+    def parts(self, codes: dict[str, np.ndarray]) -> list[CodePart]:
+        return [CodePart(I8, self.dim, as_bytes(codes["codes"]), scale=codes["scale"])]

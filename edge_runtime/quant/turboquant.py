@@ -16,10 +16,12 @@ weighted sums accumulate in the rotated domain and rotate back once.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cache, lru_cache
 
 import numpy as np
 
+from edge_runtime.quant.code_parts import CodePart, packed_part
 from edge_runtime.quant.codec import VectorCodec, tiles, vector_count
 from edge_runtime.quant.packing import LookupTable, pack, packed_bytes
 
@@ -229,6 +231,18 @@ class TurboQuantizer:
             out += projected @ self._project.T
         return out
 
+    def parts(self, codes: dict[str, np.ndarray]) -> list[CodePart]:
+        """The mse codes in the rotated domain; for prod also the residual's sign bits in the projected one."""
+        out = []
+        if self.mse_bits:
+            out.append(packed_part(codes["codes"], self.mse_bits, self.codebook, self.dim, codes["norm"],
+                                   transform=self.rotation))
+        if self.mode == "prod":
+            out.append(packed_part(codes["signs"], 1, _SIGNS, self.dim,
+                                   codes["residual"] if self.mse_bits else codes["norm"], self._qjl_scale,
+                                   self._project))
+        return out
+
 
 class QJLQuantizer:
     """QJL keys: sign(S k) packed 8 per byte (least significant bit first) + float32 |k|, S [sketch_dim, dim].
@@ -243,6 +257,7 @@ class QJLQuantizer:
         self.bytes_per_vector = packed_bytes(sketch_dim, 1) + 4
         self._scale = np.float32(np.sqrt(np.pi / 2) / sketch_dim)
         self._signs = LookupTable(_SIGNS, 1, sketch_dim)
+        self._sketch_t = np.ascontiguousarray(self.sketch.T)
 
     def empty(self, n: int) -> dict[str, np.ndarray]:
         return {"signs": np.zeros((n, packed_bytes(self.sketch_dim, 1)), np.uint8), "norm": np.zeros(n, np.float32)}
@@ -270,6 +285,10 @@ class QJLQuantizer:
             projected += (p[:, t] * (self._scale * codes["norm"][t])) @ self._signs(codes["signs"][t])
         return projected @ self.sketch
 
+    def parts(self, codes: dict[str, np.ndarray]) -> list[CodePart]:
+        return [packed_part(codes["signs"], 1, _SIGNS, self.sketch_dim, codes["norm"], self._scale,
+                            self._sketch_t)]
+
 
 class ChannelSplit:
     """Non-integer widths: channels_hi (e.g. outlier channels) coded by `hi`, the rest by `lo`.
@@ -287,6 +306,16 @@ class ChannelSplit:
         self.channels_lo = np.setdiff1d(np.arange(self.dim), self.channels_hi)
         self.hi, self.lo = hi, lo
         self.bytes_per_vector = hi.bytes_per_vector + lo.bytes_per_vector
+        # Each half's part transforms lifted to the whole vector: a selection of the half's channels, then the
+        # half's own transform. They belong to the codec, so they are built once.
+        self._transforms = [self._lift(part.transform, channels)
+                            for half, channels in ((hi, self.channels_hi), (lo, self.channels_lo))
+                            for part in half.parts(half.empty(0))]
+
+    def _lift(self, transform: np.ndarray | None, channels: np.ndarray) -> np.ndarray:
+        select = np.zeros((self.dim, len(channels)), np.float32)
+        select[channels, np.arange(len(channels))] = 1
+        return select if transform is None else select @ transform
 
     @staticmethod
     def _join(hi: dict[str, np.ndarray], lo: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -320,3 +349,7 @@ class ChannelSplit:
     def weighted_sum(self, p: np.ndarray, codes: dict[str, np.ndarray]) -> np.ndarray:
         return self._scatter(self.hi.weighted_sum(p, self._part(codes, "hi.")),
                              self.lo.weighted_sum(p, self._part(codes, "lo.")))
+
+    def parts(self, codes: dict[str, np.ndarray]) -> list[CodePart]:
+        halves = [*self.hi.parts(self._part(codes, "hi.")), *self.lo.parts(self._part(codes, "lo."))]
+        return [replace(part, transform=transform) for part, transform in zip(halves, self._transforms)]

@@ -1,0 +1,53 @@
+"""Every stored vector format as a sum of parts that one compiled kernel can read in place.
+
+A codec's stored vector x is reconstructed as x = sum over parts p of coef_p * scale_p[n] * decode_p(row_n) @ T_p.T:
+- the part's codes are a [n, bytes] uint8 array (a float32 or float16 store is its bytes, seen as uint8);
+- decode_p widens one row: float32 as is, float16 by its bits, int8 as integers, b-bit packed codes through a
+  table of 2**b values (Lloyd-Max centroids, or -1/+1 for sign bits; edge_runtime.quant.packing's layout);
+- scale_p is a per-vector float32 array (a norm, an int8 scale) or None, coef_p a constant;
+- T_p is the part's transform [dim, width] (a rotation, a channel selection times a rotation, a Gaussian
+  projection) or None for the identity.
+So <q, x> = sum_p coef_p scale_p[n] <q @ T_p, decode_p(row_n)>: the query is transformed once per part and each
+row is read once, and a weighted sum over rows accumulates sum_n w_n coef_p scale_p[n] decode_p(row_n) per part
+in the part's own domain, transformed back once at the end. This is the contract between the codecs
+(edge_runtime.quant) and the attention kernel (edge_runtime.attention_kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+F32, F16, I8, PACKED = 0, 1, 2, 3
+NO_TABLE = np.zeros(16, np.float32)
+
+
+@dataclass(frozen=True)
+class CodePart:
+    kind: int
+    width: int  # values per decoded row
+    codes: np.ndarray  # [n, bytes] uint8, rows in slot order
+    bits: int = 0  # PACKED: 1..4
+    table: np.ndarray = field(default_factory=lambda: NO_TABLE)  # PACKED: the 2**bits values, padded to 16
+    scale: np.ndarray | None = None  # [n] float32 per-vector factor
+    coef: float = 1.0
+    transform: np.ndarray | None = None  # [dim, width] float32; None: identity (width == dim)
+
+    def rows(self, start: int, stop: int) -> CodePart:
+        """The same part over rows [start, stop): how a long block is shared between threads."""
+        scale = None if self.scale is None else self.scale[start:stop]
+        return CodePart(self.kind, self.width, self.codes[start:stop], self.bits, self.table, scale, self.coef,
+                        self.transform)
+
+
+def as_bytes(values: np.ndarray) -> np.ndarray:
+    """A [n, dim] float32 / float16 / int8 store as [n, bytes] uint8, without copying."""
+    return values.view(np.uint8).reshape(len(values), -1)
+
+
+def packed_part(codes: np.ndarray, bits: int, values: np.ndarray, width: int, scale: np.ndarray | None,
+                coef: float = 1.0, transform: np.ndarray | None = None) -> CodePart:
+    table = np.zeros(16, np.float32)
+    table[: len(values)] = values
+    return CodePart(PACKED, width, codes, bits, table, scale, float(coef), transform)

@@ -1,0 +1,91 @@
+"""The compiled attention kernel against the numpy path (the reference) for every KV format, alone and in a model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edge_runtime
+from edge_runtime import attention
+from edge_runtime.attention import Block, attend
+from edge_runtime.kv_formats import KV_FORMATS, kv_format
+from edge_runtime.quant.float_codecs import Float32Codec
+
+
+def _blocks(name: str, dim: int, tokens: int, rng: np.random.Generator, stored: int = 700) -> list[Block]:
+    """A coded block (slots in shuffled order, some empty), an exact ring and the step's own tokens, with
+    bounds like a sliding layer's: each token sees the last 500 positions up to itself."""
+    fmt = kv_format(name)
+    keys, values = rng.standard_normal((2, stored, dim)).astype(np.float32)
+    key_codec, value_codec = fmt.keys.build(dim, keys), fmt.values.build(dim, values)
+    positions = rng.permutation(stored).astype(np.int64)
+    positions[rng.choice(stored, 20, replace=False)] = -1
+    now = stored + 40 + np.arange(tokens)
+    first = now - 500
+    exact = Float32Codec(dim)
+    ring_keys, ring_values = rng.standard_normal((2, 40, dim)).astype(np.float32)
+    new_keys, new_values = rng.standard_normal((2, tokens, dim)).astype(np.float32)
+    return [Block(key_codec, key_codec.encode(keys), value_codec, value_codec.encode(values), positions, first,
+                  np.full(tokens, stored - 1)),
+            Block(exact, exact.encode(ring_keys), exact, exact.encode(ring_values), stored + np.arange(40),
+                  np.full(tokens, stored), now),
+            Block(exact, exact.encode(new_keys), exact, exact.encode(new_values), now, first, now)]
+
+
+@pytest.mark.parametrize("name", list(KV_FORMATS))
+@pytest.mark.parametrize("dim,tokens", [(64, 1), (256, 3)])
+def test_the_kernel_equals_numpy_for_every_format(name, dim, tokens):
+    rng = np.random.default_rng(dim + tokens)
+    kv_heads, groups = 2, 4
+    query = (rng.standard_normal((kv_heads, groups, tokens, dim)) / np.sqrt(dim)).astype(np.float32)
+    blocks = [_blocks(name, dim, tokens, rng) for _ in range(kv_heads)]
+    expected = attend(query, blocks, kernel=False)
+    got = attend(query, blocks, kernel=True)
+    assert got.shape == expected.shape == (tokens, kv_heads * groups * dim)
+    assert np.abs(got - expected).max() <= 2e-6 * np.abs(expected).max(), np.abs(got - expected).max()
+
+
+@pytest.mark.parametrize("name", ["fp16", "tq3.5", "qjl"])
+def test_a_block_shared_between_threads_gives_the_same_output(name, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    query = (rng.standard_normal((1, 4, 1, 64)) / 8).astype(np.float32)
+    blocks = [_blocks(name, 64, 1, rng, stored=3000)]
+    whole = attend(query, blocks, kernel=True)
+    monkeypatch.setattr(attention, "MIN_PART", 100)
+    with ThreadPoolExecutor(3) as pool:
+        shared = attend(query, blocks, pool, 3, kernel=True)
+    assert np.abs(shared - whole).max() <= 2e-6 * np.abs(whole).max()
+
+
+def test_decoding_through_the_kernel_gives_numpys_logits(artifacts, monkeypatch):
+    """An exact cache decoded token by token past the sliding window (ring wrap, KV sharing): same logits."""
+    model = edge_runtime.load(artifacts["shared-mqa-wide"], kv="fp32")
+    ids = np.arange(3, 3 + 40)
+    got = model.logits(ids, mode="decode")
+    monkeypatch.setattr(attention, "KERNEL_TOKENS", 0)
+    expected = model.logits(ids, mode="decode")
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "tq3.5", "tq2.5-prod", "qjl"])
+def test_every_attention_of_a_decode_agrees_with_numpy(name, artifacts, monkeypatch):
+    """Lossy caches, as a model fills them: each step's attention both ways on the same blocks. (Whole logits
+    are no test here: a difference in the last float bit can flip a key's rounding to the next fp16 or int8
+    step, which later layers carry on.)"""
+    from edge_runtime import engine
+
+    checked = []
+
+    def both(query, blocks, pool=None, workers=1):
+        expected = attend(query, blocks, kernel=False)
+        got = attend(query, blocks, pool, workers, kernel=True)
+        assert np.abs(got - expected).max() <= 2e-6 * np.abs(expected).max()
+        checked.append(sum(b.size for b in blocks[0]))
+        return expected
+
+    monkeypatch.setattr(engine, "attend", both)
+    model = edge_runtime.load(artifacts["shared-mqa-wide"], kv=name, kv_recent=4, kv_sliding=name)
+    model.logits(np.arange(3, 3 + 40), mode="decode")
+    assert len(checked) == 40 * model.spec.num_hidden_layers and max(checked) > 40
