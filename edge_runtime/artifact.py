@@ -1,10 +1,11 @@
 """The artifact format: file names, manifest schema and integrity checks, defined once.
 
 Export writes exactly what this module describes and the runtime reads nothing it does not describe.
-An artifact is a flat directory: one ONNX graph for the PLE context projection, two per decoder layer
-(cut at attention, which the runtime computes from its KV cache in the format chosen at run time; layer i
-is handed only its PLE slice), one for the final norm and LM head; the big tensors in `weights.bin` (ONNX external data, 64 KiB aligned so onnxruntime can map it);
-the PLE table in `ple.bin`; the tokenizer and chat template; and `manifest.json` with a SHA-256 of each.
+An artifact is a flat directory: the decoder as N + 1 ONNX graphs cut only at attention, which the runtime
+computes from its KV cache in the format chosen at run time (`segment_NN.onnx`: the rest of layer NN-1 and the
+attention inputs of layer NN, with the PLE context projection first and the LM head last); the big tensors in
+`weights.bin` (ONNX external data, 64 KiB aligned so onnxruntime can map it); the PLE table in `ple.bin`; the
+tokenizer and chat template; and `manifest.json` with a SHA-256 of each.
 """
 
 from __future__ import annotations
@@ -22,12 +23,10 @@ from edge_runtime.errors import ArtifactError
 from edge_runtime.model_spec import ModelSpec
 
 FORMAT_NAME = "edge-runtime-artifact"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 PLE_FILE = "ple.bin"
-PROLOGUE_GRAPH = "prologue.onnx"
-HEAD_GRAPH = "head.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -38,19 +37,19 @@ WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
 
 
-LAYER_GRAPH = re.compile(r"layer_(\d{2,})\.(attention_inputs|output)\.onnx")
-NAMED_FILES = frozenset({MANIFEST, WEIGHTS_FILE, PLE_FILE, PROLOGUE_GRAPH, HEAD_GRAPH, TOKENIZER_FILE,
-                         TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE})
+SEGMENT_GRAPH = re.compile(r"segment_(\d{2,})\.onnx")
+NAMED_FILES = frozenset({MANIFEST, WEIGHTS_FILE, PLE_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
+                         GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE})
 
 
-def layer_graphs(index: int) -> tuple[str, str]:
-    """Layer `index`'s graphs: attention inputs (queries, new keys and values), then the rest of the layer."""
-    return f"layer_{index:02d}.attention_inputs.onnx", f"layer_{index:02d}.output.onnx"
+def segment_graph(index: int) -> str:
+    """The graph between attention index-1 and attention index (export/gemma4.py says what each one holds)."""
+    return f"segment_{index:02d}.onnx"
 
 
 def is_artifact_file(name: str) -> bool:
     """Whether an artifact can hold a file of this name: how export tells its own leftovers from a user's files."""
-    return name in NAMED_FILES or LAYER_GRAPH.fullmatch(name) is not None
+    return name in NAMED_FILES or SEGMENT_GRAPH.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

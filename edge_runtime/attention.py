@@ -22,17 +22,14 @@ Query tokens go through numpy in groups small enough that one group's scores ove
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from itertools import pairwise, repeat
 from typing import NamedTuple
 
 import numpy as np
 
 from edge_runtime.quant.codec import VectorCodec
-
-try:
-    from edge_runtime import attention_kernel
-except ImportError:  # no numba wheel for this platform: numpy does it all
-    attention_kernel = None
+from edge_runtime.quant.float_codecs import Float32Codec
 
 SCORE_BYTES = 32 << 20
 # Shortest share of a block worth a thread. E2B int4, tq3.5, 2k context, 2 threads: 142 ms a step unsplit,
@@ -84,38 +81,80 @@ def _shares(block: Block, parts: int) -> list[Block]:
 
 def attend(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecutor | None = None,
            workers: int = 1, kernel: bool | None = None) -> np.ndarray:
-    """query [kv_heads, groups, T, head_dim] (Gemma 4: scaling 1.0) over per-head blocks -> [T, heads * head_dim].
+    """query [T, kv_heads, groups, head_dim] (Gemma 4: scaling 1.0) over per-head blocks -> [T, heads * head_dim].
 
     With a `pool` of `workers` threads, long blocks are split across them: the kernel and numpy both release the
     GIL, and one thread alone cannot keep up with the cache's bytes. `kernel` forces a path (tests); by default
     the kernel takes steps of up to KERNEL_TOKENS tokens when numba is there.
     """
     if kernel is None:
-        kernel = attention_kernel is not None and query.shape[2] <= KERNEL_TOKENS
+        kernel = query.shape[0] <= KERNEL_TOKENS and compiled() is not None
     workers = workers if pool else 1
     run = _attend_kernel if kernel else _attend_numpy
-    kv_heads, groups, tokens, head_dim = query.shape
+    tokens, kv_heads, groups, head_dim = query.shape
     out = np.empty((tokens, kv_heads, groups, head_dim), dtype=np.float32)
     for h in range(kv_heads):
-        live = [part for b in blocks[h] if b.size for part in _shares(b, workers)]
+        shares = [_shares(b, workers) for b in blocks[h] if b.size]
         # Handing short blocks to threads costs more than it saves (E2B int4 at 131 tokens: 124 vs 104 ms a step).
-        mapper = pool.map if pool and len(live) > len([b for b in blocks[h] if b.size]) else map
-        out[:, h] = run(query[h], live, mapper)
+        mapper = pool.map if pool and any(len(s) > 1 for s in shares) else map
+        out[:, h] = run(query[:, h], shares, mapper)
     return out.reshape(tokens, -1)
 
 
-def _attend_kernel(query: np.ndarray, live: list[Block], mapper) -> np.ndarray:
-    """One KV head, compiled: [groups, T, d] -> [T, groups, d]; each block (or share of one) is a partial softmax."""
-    groups, tokens, head_dim = query.shape
-    q = query.reshape(groups * tokens, head_dim)
-    values = [b.value_codec.parts(b.value_codes) for b in live]
+@cache
+def compiled():
+    """The compiled kernel module, imported on first use (numba takes a moment to import), or None where numba
+    has no wheel (the numpy path then does everything)."""
+    try:
+        from edge_runtime import attention_kernel
+    except ImportError:
+        return None
+    return attention_kernel
 
-    def partial(block: Block, value_parts: list) -> tuple:
-        return attention_kernel.attend_parts(q, block.key_codec.parts(block.key_codes), value_parts,
-                                             block.positions, block.lower, block.upper, tokens)
 
-    merged = attention_kernel.merge(list(mapper(partial, live, values)), values, head_dim)
-    return merged.reshape(groups, tokens, head_dim).transpose(1, 0, 2)
+def warm_up() -> None:
+    """Compile the kernel, or load it from the on-disk cache, before the first step needs it: every KV format is
+    the same specialization, so one tiny call does it (seconds the first time on a machine, less later)."""
+    if compiled() is None:
+        return
+    codec = Float32Codec(8)
+    rows = codec.encode(np.ones((2, 8), np.float32))
+    block = Block(codec, rows, codec, rows, np.arange(2), np.zeros(1, np.int64), np.ones(1, np.int64))
+    attend(np.ones((1, 1, 2, 8), np.float32), [[block]], kernel=True)
+
+
+def _attend_kernel(query: np.ndarray, shares: list[list[Block]], mapper) -> np.ndarray:
+    """One KV head, compiled: [T, groups, d] -> [T, groups, d].
+
+    Each call of the kernel takes at most one coded block and any exact float32 ones: share k of every block goes
+    to call k (a second coded block, to a call of its own), threads run the calls at once, and their partial
+    softmaxes are merged.
+    """
+    tokens, groups, head_dim = query.shape
+    q = np.ascontiguousarray(query).reshape(tokens * groups, head_dim)
+    calls: list[tuple[Block | None, list[Block]]] = []
+    for block_shares in shares:
+        for k, block in enumerate(block_shares):
+            exact = isinstance(block.key_codec, Float32Codec) and isinstance(block.value_codec, Float32Codec)
+            if k == len(calls) or not (exact or calls[k][0] is None):
+                k = len(calls)
+                calls.append((None, []))
+            coded, exacts = calls[k]
+            calls[k] = (coded, [*exacts, block]) if exact else (block, exacts)
+
+    def partial(call: tuple[Block | None, list[Block]]):
+        coded, exacts = call
+        exact = [(b.key_codes["values"], b.value_codes["values"], b.positions, b.lower, b.upper) for b in exacts]
+        if coded is None:
+            return compiled().attend_head_parts(q, [], [], _NOTHING_CODED, exact, groups)
+        return compiled().attend_head_parts(
+            q, coded.key_codec.parts(coded.key_codes), coded.value_codec.parts(coded.value_codes),
+            (coded.positions, coded.lower, coded.upper), exact, groups)
+
+    return compiled().merge(list(mapper(partial, calls))).reshape(tokens, groups, head_dim)
+
+
+_NOTHING_CODED = (np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64))
 
 
 def _scores(block: Block, q: np.ndarray, rows: slice, groups: int) -> np.ndarray:
@@ -128,8 +167,10 @@ def _weighted_sum(block: Block, weights: np.ndarray, rows: int) -> np.ndarray:
     return block.value_codec.weighted_sum(weights.reshape(rows, -1), block.value_codes)
 
 
-def _attend_numpy(query: np.ndarray, live: list[Block], mapper) -> np.ndarray:
-    """One KV head through the codecs' tiled products: [groups, T, d] -> [T, groups, d]."""
+def _attend_numpy(query: np.ndarray, shares: list[list[Block]], mapper) -> np.ndarray:
+    """One KV head through the codecs' tiled products: [T, groups, d] -> [T, groups, d]."""
+    live = [share for block_shares in shares for share in block_shares]
+    query = query.transpose(1, 0, 2)
     groups, tokens, head_dim = query.shape
     out = np.empty((tokens, groups, head_dim), dtype=np.float32)
     keys = sum(b.size for b in live)

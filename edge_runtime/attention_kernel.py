@@ -1,45 +1,56 @@
-"""Attention over one block of stored keys and values in compiled code, reading the codes where they lie.
+"""Attention of a few query rows over one KV head's blocks, compiled, reading the stored codes where they lie.
 
-For a few query rows (a decode step: one token times the heads sharing a KV head) the work per stored vector is
-small, and numpy pays a call and a temporary per operation: widening codes a tile at a time ran at 1-2.6 ns a
-value on one core. This kernel walks the block once, key by key: it widens each key's parts (edge_runtime.quant.
-code_parts) into a row of a few hundred floats that stays in L1, scores it against every query row, masks it by
-position, keeps a running softmax (maximum, sum) per row, and adds the key's value, widened the same way, into
-per-part accumulators. Nothing of the size of the context is ever written. It is compiled by numba (LLVM) from
-this one source for x86_64 and aarch64 alike, on first use (cached on disk); `attention.py` keeps the numpy path,
-which is the reference the tests hold this kernel to.
+A decode step's query rows (one token times the heads sharing a KV head) do little work per stored vector, and
+numpy pays a call and a temporary per operation: widening codes a tile at a time ran at 1-2.6 ns a value on one
+core, and at short contexts the calls themselves cost more than the arithmetic. This kernel walks a head's blocks
+once, four keys at a time: it widens their parts (edge_runtime.quant.code_parts) into a small float tile that
+stays in L1, scores it against two query rows at once (4 x 2 independent sums: the FMA units stay busy and the
+16 vector registers of AVX2 suffice; NEON has 32), masks by position, keeps a running softmax per row (maximum
+and sum, rescaling the accumulators when the maximum grows), and adds the values, widened the same way, into
+per-part accumulators. Nothing the size of the context is ever written. Exact float32 blocks (the recent ring,
+the step's own tokens, an fp32 cache) are read as they are, into one accumulator of their own.
 
-Long blocks are cut into ranges that threads run at once (numba releases the GIL): each returns its own (maximum,
-sum, accumulators), and `merge` joins them with the usual log-sum-exp rescaling, as flash-decoding does.
+It is compiled by numba (LLVM) from this one source for x86_64 and aarch64, on first use, and cached on disk
+(NUMBA_CACHE_DIR, by default in edge-runtime's cache). `attention.py` keeps the numpy path, the reference the
+tests hold this kernel to. Long blocks are cut into ranges that threads run at once (numba releases the GIL);
+`merge` joins their partial softmaxes with the usual log-sum-exp rescaling, as flash-decoding does.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+from edge_runtime.user_cache import cache_dir
+
+os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir() / "numba"))
+
 from numba import njit
 
 from edge_runtime.quant.code_parts import F16, F32, I8, CodePart
 
-# Keys scored before their softmax weights are applied to the values: enough to amortize the rescaling of the
-# accumulators when the running maximum grows, few enough that the scores stay in registers and L1.
-CHUNK = 32
-GROUP = 4  # keys widened and scored together (the kernel's register blocking is written for 4)
-_HALF_TO_FLOAT = np.float32(2.0**112)
-# LLVM's fast-math flags that let it vectorize and reassociate sums, without "no infinities / no NaNs": masked
-# scores are -inf, and with those flags comparisons against them are folded away.
-FAST = {"nsz", "arcp", "contract", "reassoc"}  # exponent rebias from binary16 to binary32
+# Calls pad their parts and exact blocks to these counts, so that every KV format is one compiled specialization
+# (numba compiles one per tuple length; each takes seconds, a minute on a Pi 4). tq3.5-prod has the most key parts.
+KEY_PARTS, VALUE_PARTS, EXACT_BLOCKS = 4, 2, 3
+CHUNK = 32  # keys scored before their softmax weights meet the values: amortizes rescaling, stays in L1
+GROUP = 4  # keys widened and scored together (the register blocking below is written for 4)
+_HALF_TO_FLOAT = np.float32(2.0**112)  # exponent rebias from binary16 to binary32
+# LLVM's fast-math flags that let it vectorize and reassociate sums, without "no infinities / no NaNs" (masked
+# scores are -inf, and with those flags comparisons against them are folded away) and without approximate exp.
+FAST = {"nsz", "arcp", "contract", "reassoc"}
 
 
 @njit(nogil=True, fastmath=FAST, cache=True)
 def _widen(row, kind, bits, table, width, out, bits32):
-    """One stored row (uint8 bytes) of a part -> out[:width] float32."""
+    """One stored row (uint8 bytes) of a part -> out[:width] float32 (out is bits32 seen as float32)."""
     if kind == F32:
         values = row.view(np.float32)
         for j in range(width):
             out[j] = values[j]
     elif kind == F16:
-        # binary16 -> binary32 by its bits: magnitude bits shifted into place and rebiased by a multiply (which
-        # also handles subnormals), then the sign; no float16 type needed, and LLVM vectorizes it.
+        # binary16 -> binary32 by its bits: magnitude shifted into place and rebiased by a multiply (which also
+        # handles subnormals), then the sign; numba has no float16, and LLVM vectorizes this.
         halves = row.view(np.uint16)
         for j in range(width):
             bits32[j] = np.uint32(halves[j] & 0x7FFF) << np.uint32(13)
@@ -59,17 +70,11 @@ def _widen(row, kind, bits, table, width, out, bits32):
         if width % 2:
             out[width - 1] = table[row[width // 2] & 15]
     elif bits == 2:
-        for b in range((width + 3) // 4):
-            byte = row[b]
-            for t in range(4):
-                if 4 * b + t < width:
-                    out[4 * b + t] = table[(byte >> (2 * t)) & 3]
+        for j in range(width):
+            out[j] = table[(row[j // 4] >> (2 * (j % 4))) & 3]
     elif bits == 1:
-        for b in range((width + 7) // 8):
-            byte = row[b]
-            for t in range(8):
-                if 8 * b + t < width:
-                    out[8 * b + t] = table[(byte >> t) & 1]
+        for j in range(width):
+            out[j] = table[(row[j // 8] >> (j % 8)) & 1]
     else:  # 3 bits: a 2-bit plane of the low bits, then a 1-bit plane of the high bits (packing.py)
         high = ((width + 7) // 8) * 2
         for j in range(width):
@@ -80,8 +85,7 @@ def _widen(row, kind, bits, table, width, out, bits32):
 
 @njit(nogil=True, fastmath=FAST, cache=True)
 def _widen_group(codes, scales, tables, meta, coefs, part, first, count, tile, factors, bits32):
-    """Keys (or values) first..first+count-1 of one part into tile[:count, :width], their factors into factors;
-    rows of the group beyond `count` are zeros."""
+    """Rows first..first+count-1 of one part into tile[:GROUP, :width] (zeros past count), factors likewise."""
     kind, nbits, width = meta[part, 0], meta[part, 1], meta[part, 2]
     row = bits32.view(np.float32)
     for g in range(GROUP):
@@ -93,6 +97,21 @@ def _widen_group(codes, scales, tables, meta, coefs, part, first, count, tile, f
             if scales[part].shape[0]:
                 factor *= scales[part][first + g]
             factors[g] = factor
+        else:
+            for j in range(width):
+                tile[g, j] = 0.0
+            factors[g] = 0.0
+
+
+@njit(nogil=True, fastmath=FAST, cache=True)
+def _copy_group(values, first, count, tile, factors):
+    """Exact float32 rows first..first+count-1 into tile (zeros past count), factors 1."""
+    width = values.shape[1]
+    for g in range(GROUP):
+        if g < count:
+            for j in range(width):
+                tile[g, j] = values[first + g, j]
+            factors[g] = 1.0
         else:
             for j in range(width):
                 tile[g, j] = 0.0
@@ -149,22 +168,54 @@ def _accumulate_group(acc, tile, width, factors, weights, column):
 
 
 @njit(nogil=True, fastmath=FAST, cache=True)
-def attend_block(queries, key_codes, key_scales, key_tables, key_meta, key_coefs,
-                 value_codes, value_scales, value_tables, value_meta, value_coefs,
-                 positions, lower, upper, tokens, m, s, accs):
-    """Softmax-weighted values of one block for R = groups x tokens query rows (row r is token r % tokens).
+def _softmax_chunk(scores, positions, start, count, lower, upper, groups, m, s, accs, acc_exact):
+    """Mask a chunk's scores by position, fold them into the running softmax, leave their weights in scores."""
+    rows = m.shape[0]
+    for i in range(count):
+        position = positions[start + i]
+        for r in range(rows):
+            t = min(r // groups, lower.shape[0] - 1)  # a padding row (R made even) reads the last token's bounds
+            if position < lower[t] or position > upper[t]:
+                scores[r, i] = -np.inf
+    for r in range(rows):
+        top = m[r]
+        for i in range(count):
+            top = max(top, scores[r, i])
+        if top == -np.inf:
+            for i in range(CHUNK):
+                scores[r, i] = 0.0
+            continue
+        if top > m[r]:
+            rescale = np.exp(m[r] - top)
+            s[r] *= rescale
+            for p in range(len(accs)):
+                accs[p][r, :] *= rescale
+            acc_exact[r, :] *= rescale
+            m[r] = top
+        for i in range(count):
+            weight = np.exp(scores[r, i] - top)
+            scores[r, i] = weight
+            s[r] += weight
+        for i in range(count, CHUNK):
+            scores[r, i] = 0.0
 
-    queries[p] [R, width_p]: the query rows in key part p's domain (R even). *_codes / *_scales: per part, the
-    rows and per-vector factors (length 0: none); *_meta [P, 3]: kind, bits, width; *_coefs [P]. Key n is seen
-    by token t when lower[t] <= positions[n] <= upper[t]. Outputs, overwritten: m [R] (running maximum), s [R]
-    (sum of exp(score - m)), accs[p] [R, width_p] (sum of exp(score - m) * value part p).
 
-    Keys and values go GROUP at a time through a small float tile, against two query rows at once: 4 x 2
-    independent sums keep the FMA units busy and fit the 16 vector registers of AVX2 (NEON has 32).
+@njit(nogil=True, fastmath=FAST, cache=True)
+def attend_head(queries, key_codes, key_scales, key_tables, key_meta, key_coefs,
+                value_codes, value_scales, value_tables, value_meta, value_coefs,
+                coded_positions, coded_lower, coded_upper,
+                query, exact_keys, exact_values, exact_positions, exact_lower, exact_upper,
+                groups, m, s, accs, acc_exact):
+    """Softmax-weighted values of a head's blocks for R = tokens x groups query rows (row r is token r // groups).
+
+    The coded block: queries[p] [R, width_p] are the query rows in key part p's domain; *_codes / *_scales per part
+    are the rows and per-vector factors (length 0: none); *_meta [P, 3] kind, bits, width; *_coefs [P]. The exact
+    blocks (float32): query [R, dim] and per block keys, values [n_b, dim]. Row n of a block is seen by token t
+    when lower[t] <= positions[n] <= upper[t]. R is even. Outputs, overwritten: m [R] (running maximum), s [R]
+    (sum of exp(score - m)), accs[p] [R, width_p] and acc_exact [R, dim] (sums of exp(score - m) * value).
     """
     rows = m.shape[0]
-    n = positions.shape[0]
-    widest = 0
+    widest = acc_exact.shape[1]
     for p in range(len(key_codes)):
         widest = max(widest, key_meta[p, 2])
     for p in range(len(value_codes)):
@@ -173,100 +224,112 @@ def attend_block(queries, key_codes, key_scales, key_tables, key_meta, key_coefs
     tile = np.empty((GROUP, widest), np.float32)
     factors = np.empty(GROUP, np.float32)
     scores = np.empty((rows, CHUNK), np.float32)
-    for r in range(rows):
-        m[r] = -np.inf
-        s[r] = 0.0
+    m[:] = -np.inf
+    s[:] = 0.0
     for p in range(len(value_codes)):
         accs[p][:, :] = 0.0
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
+    acc_exact[:, :] = 0.0
+    for start in range(0, coded_positions.shape[0], CHUNK):
+        count = min(CHUNK, coded_positions.shape[0] - start)
         scores[:, :] = 0.0
-        for first in range(start, stop, GROUP):
-            count = min(GROUP, stop - first)
-            column = first - start
+        for column in range(0, count, GROUP):
             for p in range(len(key_codes)):
-                _widen_group(key_codes, key_scales, key_tables, key_meta, key_coefs, p, first, count, tile,
-                             factors, bits32)
+                if key_meta[p, 2] == 0:
+                    continue
+                _widen_group(key_codes, key_scales, key_tables, key_meta, key_coefs, p, start + column,
+                             min(GROUP, count - column), tile, factors, bits32)
                 _score_group(queries[p], tile, key_meta[p, 2], factors, scores, column)
-        for i in range(stop - start):
-            position = positions[start + i]
-            for r in range(rows):
-                t = r % tokens
-                if position < lower[t] or position > upper[t]:
-                    scores[r, i] = -np.inf
-        for r in range(rows):
-            top = m[r]
-            for i in range(stop - start):
-                top = max(top, scores[r, i])
-            if top == -np.inf:
-                for i in range(CHUNK):
-                    scores[r, i] = 0.0
-                continue
-            if top > m[r]:
-                rescale = np.exp(m[r] - top)
-                s[r] *= rescale
-                for p in range(len(value_codes)):
-                    accs[p][r, :] *= rescale
-                m[r] = top
-            for i in range(stop - start):
-                weight = np.exp(scores[r, i] - top)
-                scores[r, i] = weight
-                s[r] += weight
-            for i in range(stop - start, CHUNK):
-                scores[r, i] = 0.0
-        for first in range(start, stop, GROUP):
-            count = min(GROUP, stop - first)
-            column = first - start
+        _softmax_chunk(scores, coded_positions, start, count, coded_lower, coded_upper, groups, m, s, accs,
+                       acc_exact)
+        for column in range(0, count, GROUP):
             for p in range(len(value_codes)):
-                _widen_group(value_codes, value_scales, value_tables, value_meta, value_coefs, p, first, count,
-                             tile, factors, bits32)
+                if value_meta[p, 2] == 0:
+                    continue
+                _widen_group(value_codes, value_scales, value_tables, value_meta, value_coefs, p, start + column,
+                             min(GROUP, count - column), tile, factors, bits32)
                 _accumulate_group(accs[p], tile, value_meta[p, 2], factors, scores, column)
+    dim = acc_exact.shape[1]
+    for b in range(len(exact_keys)):
+        keys, values, positions = exact_keys[b], exact_values[b], exact_positions[b]
+        for start in range(0, positions.shape[0], CHUNK):
+            count = min(CHUNK, positions.shape[0] - start)
+            scores[:, :] = 0.0
+            for column in range(0, count, GROUP):
+                _copy_group(keys, start + column, min(GROUP, count - column), tile, factors)
+                _score_group(query, tile, dim, factors, scores, column)
+            _softmax_chunk(scores, positions, start, count, exact_lower[b], exact_upper[b], groups, m, s, accs,
+                           acc_exact)
+            for column in range(0, count, GROUP):
+                _copy_group(values, start + column, min(GROUP, count - column), tile, factors)
+                _accumulate_group(acc_exact, tile, dim, factors, scores, column)
 
 
 _NONE = np.zeros(0, np.float32)
+_NO_CODES = np.zeros((0, 1), np.uint8)
 
 
-def _packed(parts: list[CodePart]) -> tuple:
-    """A list of parts as the kernel's arguments: tuples of arrays, one per part, and the small tables."""
-    codes = tuple(np.ascontiguousarray(p.codes) for p in parts)
-    scales = tuple(_NONE if p.scale is None else np.ascontiguousarray(p.scale, dtype=np.float32) for p in parts)
-    tables = np.stack([p.table for p in parts])
-    meta = np.array([[p.kind, p.bits, p.width] for p in parts], np.int64)
-    coefs = np.array([p.coef for p in parts], np.float32)
+def _packed(parts: list[CodePart], count: int) -> tuple:
+    """Parts as the kernel's arguments, padded with empty parts to `count`: tuples of arrays, small tables."""
+    pad = count - len(parts)
+    codes = tuple(p.codes for p in parts) + (_NO_CODES,) * pad
+    scales = tuple(_NONE if p.scale is None else p.scale for p in parts) + (_NONE,) * pad
+    tables = np.zeros((count, 16), np.float32)
+    meta = np.zeros((count, 3), np.int64)
+    coefs = np.zeros(count, np.float32)
+    for i, p in enumerate(parts):
+        tables[i], meta[i], coefs[i] = p.table, (p.kind, p.bits, p.width), p.coef
     return codes, scales, tables, meta, coefs
 
 
-def attend_parts(q: np.ndarray, key_parts: list[CodePart], value_parts: list[CodePart], positions: np.ndarray,
-                 lower: np.ndarray, upper: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """One block's partial softmax for query rows q [R, dim]: (maximum [R], sum [R], accumulators per value part)."""
-    rows = len(q)
+class Partial:
+    """One call's share of a head's softmax: running maximum, sum, and accumulators (per coded part, exact)."""
+
+    def __init__(self, m: np.ndarray, s: np.ndarray, accs: list[np.ndarray], exact: np.ndarray,
+                 parts: list[CodePart]) -> None:
+        self.m, self.s, self.accs, self.exact, self.parts = m, s, accs, exact, parts
+
+    def output(self, factor: np.ndarray) -> np.ndarray:
+        """factor * (sum of the accumulators taken back to the value's domain)."""
+        out = self.exact.copy()
+        for acc, part in zip(self.accs, self.parts):
+            out += acc if part.transform is None else acc @ part.transform.T
+        return out * factor[:, None]
+
+
+def attend_head_parts(q: np.ndarray, key_parts: list[CodePart], value_parts: list[CodePart],
+                      coded: tuple[np.ndarray, np.ndarray, np.ndarray], exact: list[tuple], groups: int) -> Partial:
+    """One head's partial softmax for query rows q [R, dim], row r being token r // groups.
+
+    `coded` is (positions, lower, upper) of the rows the parts hold (none when the parts are empty); `exact` a list
+    of (keys, values, positions, lower, upper) float32 blocks.
+    """
+    rows, dim = q.shape
     even = rows + rows % 2  # the kernel takes query rows two at a time; a padding row's results are dropped
     if even != rows:
-        q = np.concatenate([q, np.zeros((1, q.shape[1]), q.dtype)])
-    queries = tuple(np.ascontiguousarray(q if p.transform is None else q @ p.transform, dtype=np.float32)
-                    for p in key_parts)
+        q = np.concatenate([q, np.zeros((1, dim), q.dtype)])
+    queries = tuple(q if p.transform is None else np.ascontiguousarray(q @ p.transform) for p in key_parts)
+    queries += (q,) * (KEY_PARTS - len(queries))
     m, s = np.empty(even, np.float32), np.empty(even, np.float32)
     accs = tuple(np.empty((even, p.width), np.float32) for p in value_parts)
-    attend_block(queries, *_packed(key_parts), *_packed(value_parts), np.ascontiguousarray(positions, np.int64),
-                 np.ascontiguousarray(lower, np.int64), np.ascontiguousarray(upper, np.int64), tokens, m, s, accs)
-    return m[:rows], s[:rows], [acc[:rows] for acc in accs]
+    accs += (np.empty((even, 0), np.float32),) * (VALUE_PARTS - len(accs))
+    acc_exact = np.empty((even, dim), np.float32)
+    tokens = rows // groups
+    empty = (np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32), np.zeros(0, np.int64),
+             np.zeros(tokens, np.int64), np.zeros(tokens, np.int64))
+    keys, values, positions, lower, upper = zip(*exact, *[empty] * (EXACT_BLOCKS - len(exact)))
+    attend_head(queries, *_packed(key_parts, KEY_PARTS), *_packed(value_parts, VALUE_PARTS), *coded, q, keys, values,
+                positions, lower, upper, groups, m, s, accs, acc_exact)
+    return Partial(m[:rows], s[:rows], [a[:rows] for a in accs[:len(value_parts)]], acc_exact[:rows], value_parts)
 
 
-def merge(partials: list[tuple[np.ndarray, np.ndarray, list]], value_parts: list[list[CodePart]],
-          dim: int) -> np.ndarray:
-    """Join blocks' partial softmaxes into the attention output [R, dim] (log-sum-exp rescaling).
-
-    `value_parts[b]` are block b's value parts: their transforms take each accumulator back to the value's
-    own domain. A row that sees no key at all gets zeros.
-    """
-    top = np.max([m for m, _, _ in partials], axis=0)
+def merge(partials: list[Partial]) -> np.ndarray:
+    """Join partial softmaxes into the attention output [R, dim] (log-sum-exp rescaling)."""
+    if len(partials) == 1:
+        (p,) = partials
+        return p.output(1 / np.where(p.s > 0, p.s, 1))
+    top = np.max([p.m for p in partials], axis=0)
     top = np.where(np.isfinite(top), top, 0.0).astype(np.float32)
-    out = np.zeros((len(top), dim), np.float32)
-    total = np.zeros(len(top), np.float32)
-    for (m, s, accs), parts in zip(partials, value_parts):
-        factor = np.exp(m - top)
-        total += factor * s
-        for acc, part in zip(accs, parts):
-            acc = acc * factor[:, None]
-            out += acc if part.transform is None else acc @ part.transform.T
-    return out / np.where(total > 0, total, 1.0)[:, None]
+    factors = [np.exp(p.m - top) for p in partials]
+    total = sum(f * p.s for f, p in zip(factors, partials))
+    total = np.where(total > 0, total, 1.0)
+    return sum(p.output(f / total) for f, p in zip(factors, partials))

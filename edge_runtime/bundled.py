@@ -8,22 +8,14 @@ contents and the artifact format version so that an upgrade re-exports instead o
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from edge_runtime.artifact import FORMAT_VERSION, MANIFEST
 from edge_runtime.errors import EdgeRuntimeError, UnwritableError
+from edge_runtime.user_cache import cache_dir
 
 BUNDLED_CHECKPOINT = Path(__file__).parent / "bundled" / "gemma4-tiny"
 BUNDLED_NAME = BUNDLED_CHECKPOINT.name
-
-
-def cache_dir() -> Path:
-    """$EDGE_RUNTIME_CACHE, else $XDG_CACHE_HOME/edge-runtime, else ~/.cache/edge-runtime."""
-    if env := os.environ.get("EDGE_RUNTIME_CACHE"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "edge-runtime"
 
 
 def _fingerprint(checkpoint: Path) -> str:

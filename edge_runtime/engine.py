@@ -72,12 +72,13 @@ class Engine:
         def session(name: str) -> ort.InferenceSession:
             return open_session(artifact / name, threads)
 
-        # The head first: loading maps a graph's weights and repacks them before unmapping, so the largest
-        # graph's transient double copy is best paid while nothing else is resident (E2B int4 block 128: load peak
-        # 1.62 GB with the head last, 1.45 GB with it first).
-        self.head = session(manifest.graphs["head"])
-        self.prologue = session(manifest.graphs["prologue"])
-        self.layers = [(session(inputs), session(output)) for inputs, output in manifest.graphs["layers"]]
+        # The head's segment (the last) first: loading maps a graph's weights and repacks them before unmapping, so
+        # the largest graph's transient double copy is best paid while nothing else is resident (E2B int4 block
+        # 128: load peak 1.62 GB with the head last, 1.45 GB with it first).
+        names = manifest.graphs["segments"]
+        last = session(names[-1])
+        self.segments = [*(session(name) for name in names[:-1]), last]
+        self.rows_segment = manifest.graphs["rows_segment"]
         self.embed = EmbeddingTable(artifact, manifest)
         self.ple = PleStore(artifact, manifest.ple_store, manifest.formats["ple"], spec.num_hidden_layers,
                             spec.hidden_size_per_layer_input, embed_scale(spec.hidden_size_per_layer_input))
@@ -125,46 +126,50 @@ class Engine:
         cache.reserve(len(ids))
 
         hidden = self.embed.rows(ids)
-        ple_context = self.prologue.run(None, {"inputs_embeds": hidden})[0]
         ple_rows = self.ple.rows(ids)
         rope = {t: cos_sin(f, positions) for t, f in self.inv_freq.items()}
         seen = {t: cache.visibility(t, positions) for t in self.inv_freq}
-
-        queries = slice(None)
+        rows = np.arange(len(ids)) if all_logits else np.arange(len(ids) - 1, len(ids))
+        queries = slice(None)  # the token rows still carried: all of them until the rows segment
         new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         exact: dict[int, list[Block]] = {}
-        for i, (attention_inputs, output) in enumerate(self.layers):
-            if not all_logits and i == spec.first_shared_layer:
-                queries = slice(-1, None)
-                hidden = hidden[queries]
+        feeds = {"inputs_embeds": hidden}
+        for i, segment in enumerate(self.segments):
+            if i == self.rows_segment:
+                feeds["rows"] = rows
+            if i == spec.num_hidden_layers:
+                return segment.run(["logits"], feeds)[0]
             layer_type, source = spec.layer_types[i], spec.kv_sources[i]
+            if i == self.rows_segment:
+                queries = slice(int(rows[0]), int(rows[-1]) + 1)
             cos, sin = rope[layer_type]
-            feeds = {"hidden": hidden, "cos": cos[queries, None], "sin": sin[queries, None]}
-            if spec.is_kv_shared(i):
-                (query,) = attention_inputs.run(["query"], feeds)
+            feeds["cos"], feeds["sin"] = cos[queries], sin[queries]
+            names = ["query", "ple_context" if i == 0 else "hidden_out"]
+            names += [] if spec.is_kv_shared(i) else ["key", "value"]
+            outputs = dict(zip(names, segment.run(names, feeds)))
+            if i == 0:
+                ple_context = outputs["ple_context"]
             else:
-                query, keys, values = attention_inputs.run(["query", "key", "value"], feeds)
+                hidden = outputs["hidden_out"]
+            if not spec.is_kv_shared(i):
+                keys, values = outputs["key"].transpose(1, 0, 2), outputs["value"].transpose(1, 0, 2)
                 new_kv[i] = (keys, values)
                 exact[i] = self._exact_blocks(keys, values, positions)
             layer_seen = seen[layer_type]
             blocks = [[block.rows(queries) for block in (*cached, new._replace(lower=layer_seen.new[0],
                                                                               upper=layer_seen.new[1]))]
                       for cached, new in zip(cache.blocks(source, layer_seen), exact[source])]
-            (hidden,) = output.run(["hidden_out"], {
-                "hidden": hidden,
-                "attention": attend(query, blocks, self.attention_pool, self.attention_workers),
-                "ple_rows": ple_rows[i, queries],
-                "ple_context": ple_context[i, queries],
-            })
-        cache.commit(new_kv, positions)
-        self.tokens.extend(ids.tolist())
-        if not all_logits:
-            hidden = hidden[-1:]
-        return self.head.run(None, {"hidden": np.ascontiguousarray(hidden)})[0]
+            feeds = {"hidden": hidden,
+                     "attention": attend(outputs["query"], blocks, self.attention_pool, self.attention_workers),
+                     "ple_rows": ple_rows[i, queries], "ple_context": ple_context[i, queries]}
+            if i + 1 == spec.num_hidden_layers:
+                cache.commit(new_kv, positions)
+                self.tokens.extend(ids.tolist())
+        raise AssertionError("the last segment returns the logits")
 
     @staticmethod
     def _exact_blocks(keys: np.ndarray, values: np.ndarray, positions: np.ndarray) -> list[Block]:
         """The step's own keys and values [kv_heads, T, hd] as exact blocks (what each token sees is per layer)."""
         codec = Float32Codec(keys.shape[-1])
-        return [Block(codec, codec.encode(k), codec, codec.encode(v), positions, positions, positions)
-                for k, v in zip(keys, values)]
+        return [Block(codec, codec.encode(np.ascontiguousarray(k)), codec, codec.encode(np.ascontiguousarray(v)),
+                      positions, positions, positions) for k, v in zip(keys, values)]

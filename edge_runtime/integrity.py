@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 
 from edge_runtime.artifact import Manifest, sha256_file
-from edge_runtime.bundled import cache_dir
 from edge_runtime.errors import ArtifactError
 from edge_runtime.progress import Progress, no_progress
+from edge_runtime.user_cache import cache_dir
 
 STAMPS_FILE = "verified.json"
 

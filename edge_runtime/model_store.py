@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.artifact import MANIFEST, Manifest, read_manifest
-from edge_runtime.bundled import BUNDLED_NAME, bundled_artifact_path, cache_dir, default_artifact
+from edge_runtime.bundled import BUNDLED_NAME, bundled_artifact_path, default_artifact
 from edge_runtime.errors import ArtifactError, EdgeRuntimeError
 from edge_runtime.planner import Plan, plan_memory
 from edge_runtime.profiles import Profile, detect_profile
 from edge_runtime.progress import Progress, no_progress
+from edge_runtime.user_cache import cache_dir
 
 MODELS_ENV = "EDGE_RUNTIME_MODELS"
 EXPORT_BY_NAME = "edge-runtime export CHECKPOINT_OR_REPO_ID --name NAME"

@@ -181,16 +181,26 @@ def _checkpoint_ple(checkpoint: Path) -> str:
 
 
 def _graphs(spec: ModelSpec) -> list[tuple[list[tuple[int, int]], int]]:
-    """Each graph's linear weights [out, in] and float32 vector values, in the engine's load order (head first),
-    as export/gemma4.py builds them."""
+    """Each graph's linear weights [out, in] and float32 vector values, in the engine's load order (the head's
+    segment first), as export/gemma4.py builds them: segment i holds the rest of layer i-1 and the attention inputs
+    of layer i (q, k, v as one stacked weight), segment 0 the PLE projection, the last the head."""
     h, p, n = spec.hidden_size, spec.hidden_size_per_layer_input, spec.num_hidden_layers
-    graphs = [([(spec.vocab_size, h)], h), ([(n * p, h)], p)]
-    for i in range(n):
-        hd, m, shared = spec.head_dims[i], spec.mlp_size(i), spec.is_kv_shared(i)
-        q, kv = spec.num_attention_heads * hd, spec.num_key_value_heads * hd
-        graphs.append(([(q, h)] + ([] if shared else [(kv, h), (kv, h)]), h + hd * (1 if shared else 2)))  # + norms
-        graphs.append(([(h, q), (m, h), (m, h), (h, m), (p, h), (h, p)], 4 * h + 1))  # + 4 norms, layer_scalar
-    return graphs
+
+    def rest_of_layer(i: int) -> tuple[list[tuple[int, int]], int]:
+        q, m = spec.num_attention_heads * spec.head_dims[i], spec.mlp_size(i)
+        return [(h, q), (2 * m, h), (h, m), (p, h), (h, p)], 4 * h + 1  # + 4 norms, layer_scalar
+
+    def attention_inputs(i: int) -> tuple[list[tuple[int, int]], int]:
+        hd, shared = spec.head_dims[i], spec.is_kv_shared(i)
+        rows = (spec.num_attention_heads + (0 if shared else 2 * spec.num_key_value_heads)) * hd
+        return [(rows, h)], h + hd * (1 if shared else 2)  # + norms
+
+    def segment(i: int) -> tuple[list[tuple[int, int]], int]:
+        parts = ([rest_of_layer(i - 1)] if i else [([(n * p, h)], p)])
+        parts.append(([(spec.vocab_size, h)], h) if i == n else attention_inputs(i))
+        return [w for linears, _ in parts for w in linears], sum(v for _, v in parts)
+
+    return [segment(n), *(segment(i) for i in range(n))]
 
 
 def _linear(fmt: str, block: int, n: int, k: int) -> tuple[int, int]:

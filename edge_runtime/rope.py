@@ -28,7 +28,7 @@ def inverse_frequencies(rope: RopeSpec, head_dim: int) -> np.ndarray:
 
 
 def cos_sin(inv_freq: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[T, head_dim] cos and sin tables for these positions."""
+    """[T, head_dim / 2] cos and sin tables for these positions: rotate-half RoPE uses each angle for the pair
+    (i, i + head_dim / 2), which is how com.microsoft.RotaryEmbedding takes its cache."""
     freqs = positions.astype(np.float32)[:, None] * inv_freq[None, :]
-    emb = np.concatenate([freqs, freqs], axis=-1)
-    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)

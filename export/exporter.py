@@ -18,10 +18,8 @@ from edge_runtime.artifact import (
     BLOCK_SIZES,
     CHAT_TEMPLATE_FILE,
     GENERATION_CONFIG_FILE,
-    HEAD_GRAPH,
     MANIFEST,
     PLE_FILE,
-    PROLOGUE_GRAPH,
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     WEIGHT_FORMATS,
@@ -29,13 +27,13 @@ from edge_runtime.artifact import (
     Manifest,
     TensorRef,
     file_entry,
-    layer_graphs,
+    segment_graph,
 )
 from edge_runtime.chat_template import ChatTemplate
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError, UnwritableError
 from edge_runtime.export.checkpoint import Checkpoint
 from edge_runtime.export.destination import check_destination, partial_path, remove_stale_partials, replace
-from edge_runtime.export.gemma4 import build_head, build_layer, build_prologue
+from edge_runtime.export.gemma4 import build_segment, rows_segment
 from edge_runtime.export.onnx_graph import GraphBuilder, LinearWeight, WeightsWriter
 from edge_runtime.ple_store import PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
 from edge_runtime.progress import Notice, Progress, no_notice, no_progress
@@ -113,12 +111,11 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, block_size: int, 
         def new_graph(name: str) -> GraphBuilder:
             return GraphBuilder(name, writer, weights, block_size)
 
-        graph_bytes = build_prologue(spec, ckpt.tensor, new_graph, tmp)
-        for i in range(n):
-            progress("layers", i, n)
-            graph_bytes += build_layer(spec, i, ckpt.tensor, new_graph, tmp)
-        progress("layers", n, n)
-        graph_bytes += build_head(spec, ckpt.tensor, head_weight, new_graph, tmp)
+        graph_bytes = 0
+        for i in range(n + 1):
+            progress("layers", i, n + 1)
+            graph_bytes += build_segment(spec, i, ckpt.tensor, head_weight, new_graph, tmp)
+        progress("layers", n + 1, n + 1)
 
     ple_width = stored_width(ple, n * spec.hidden_size_per_layer_input, spec.hidden_size_per_layer_input)
     ple_shape = (spec.vocab_size_per_layer_input, ple_width)
@@ -133,7 +130,7 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, block_size: int, 
         spec=spec,
         source={"architecture": ckpt.architecture, "dtypes": ckpt.dtypes(), "checkpoint": ckpt.path.name},
         formats={"weights": weights, "block_size": block_size, "ple": ple},
-        graphs={"prologue": PROLOGUE_GRAPH, "layers": [list(layer_graphs(i)) for i in range(n)], "head": HEAD_GRAPH},
+        graphs={"segments": [segment_graph(i) for i in range(n + 1)], "rows_segment": rows_segment(spec)},
         tensors=embed_tensors,
         ple_store=TensorRef(PLE_FILE, 0, ple_shape, storage_dtype(ple).name),
         tokenizer=tokenizer,

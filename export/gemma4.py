@@ -1,10 +1,22 @@
-"""Gemma 4 "E" text decoder as ONNX graphs: PLE prologue, two graphs per decoder layer, and the LM head.
+"""Gemma 4 "E" text decoder as ONNX graphs cut only where attention is: one segment per attention.
 
-Each layer is cut at attention: the first graph returns rotated queries and the new tokens' keys and
-values, the second takes the attention output through o_proj, the MLP and the layer's PLE slice. Attention
-itself is the runtime's (edge_runtime.attention), because it reads the KV cache in whatever format the user
-picked at run time, including TurboQuant and QJL codes that no ONNX operator understands. The cut costs one
-more onnxruntime call per layer (tens of microseconds against a token's tens of milliseconds).
+Attention is the runtime's (edge_runtime.attention), because it reads the KV cache in whatever format the user
+picked at run time, including TurboQuant and QJL codes no ONNX operator understands. Everything between two
+attentions is one graph: segment i runs the rest of layer i-1 (o_proj, MLP, PLE) and then layer i's attention
+inputs (norm, q/k/v, their norms and RoPE); segment 0 also projects the PLE context, and the last segment ends
+in the final norm and the LM head. A decode step is thus N + 1 onnxruntime calls (E2B: 36, where cutting each
+layer in two took 72), and every call does as much as it can.
+
+Within a segment the nodes are few and fused where onnxruntime has a kernel for it (a step of E2B runs some
+1,500 nodes, and at batch 1 each costs microseconds whatever its size): q, k and v come from one matrix product
+(their rows concatenated: the same codes and scales, row for row, in every format), gate and up likewise; the
+residual add and the next norm are one SkipSimplifiedLayerNormalization; RoPE is com.microsoft.RotaryEmbedding,
+fed the step's own cos/sin rows.
+
+Tensors that cross segments, in the layouts the runtime uses without copying: query [T, kv_heads, groups, hd],
+key and value [T, kv_heads, hd], attention [T, heads * hd], hidden [T, H], ple_context [layers, T, p]. The
+segment that starts the KV-shared layers (the head's, when none are) takes `rows`, the token rows to carry on
+with: when only the next token's logits are wanted, the shared layers and the head run on the last row alone.
 """
 
 from __future__ import annotations
@@ -13,92 +25,96 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from onnx import TensorProto
 
-from edge_runtime.artifact import HEAD_GRAPH, PROLOGUE_GRAPH, layer_graphs
-from edge_runtime.export.onnx_graph import GraphBuilder, LinearWeight
+from edge_runtime.artifact import segment_graph
+from edge_runtime.export.onnx_graph import MS_DOMAIN, GraphBuilder, LinearWeight
 from edge_runtime.model_spec import ModelSpec
 
 Weights = Callable[[str], np.ndarray]
 NewGraph = Callable[[str], GraphBuilder]
 
 
-def build_prologue(spec: ModelSpec, w: Weights, new_graph: NewGraph, out: Path) -> int:
+def rows_segment(spec: ModelSpec) -> int:
+    """The segment that takes `rows`: where the KV-shared layers start, else the head's."""
+    return spec.first_shared_layer if spec.num_kv_shared_layers else spec.num_hidden_layers
+
+
+def build_segment(spec: ModelSpec, i: int, w: Weights, head: LinearWeight, new_graph: NewGraph, out: Path) -> int:
+    """Write segment i's graph; returns the weight bytes it reads per call."""
+    g = new_graph(segment_graph(i).removesuffix(".onnx"))
+    n, h, eps = spec.num_hidden_layers, spec.hidden_size, spec.rms_norm_eps
+    if i == 0:
+        hidden = g.input("inputs_embeds", ["T", h])
+        g.output(_ple_context(spec, g, w, hidden), "ple_context", [n, "T", spec.hidden_size_per_layer_input])
+    else:
+        hidden = _layer_output(spec, i - 1, g, w)
+    if i == rows_segment(spec):
+        hidden = g.op("Gather", hidden, g.input("rows", ["R"], TensorProto.INT64), axis=0)
+    if i == n:
+        x = g.rms_norm(hidden, g.weight("norm", w("norm.weight")), eps)
+        logits = g.linear(x, "embed_tokens", head)
+        cap = spec.final_logit_softcapping
+        if cap is not None:
+            logits = g.op("Mul", g.op("Tanh", g.op("Mul", logits, g.const(1.0 / cap))), g.const(cap))
+        g.output(logits, "logits", ["T", spec.vocab_size])
+    else:
+        if i > 0:
+            g.output(hidden, "hidden_out", ["T", h])
+        _attention_inputs(spec, i, g, w, hidden)
+    return g.save(out / segment_graph(i))
+
+
+def _ple_context(spec: ModelSpec, g: GraphBuilder, w: Weights, embeds: str) -> str:
     """Context part of PLE: RMSNorm(proj(embeds) / sqrt(H)) as [layers, T, width]."""
-    g = new_graph("prologue")
     n, p = spec.num_hidden_layers, spec.hidden_size_per_layer_input
-    x = g.input("inputs_embeds", ["T", spec.hidden_size])
-    proj = g.linear(x, "per_layer_model_projection", w("per_layer_model_projection.weight"))
+    proj = g.linear(embeds, "per_layer_model_projection", w("per_layer_model_projection.weight"))
     proj = g.op("Mul", proj, g.const(spec.hidden_size ** -0.5))
     proj = g.reshape(proj, [0, n, p])
     proj = g.rms_norm(proj, g.weight("per_layer_projection_norm", w("per_layer_projection_norm.weight")),
                       spec.rms_norm_eps)
-    g.output(g.op("Transpose", proj, perm=[1, 0, 2]), "ple_context", [n, "T", p])
-    return g.save(out / PROLOGUE_GRAPH)
+    return g.op("Transpose", proj, perm=[1, 0, 2])
 
 
-def build_head(spec: ModelSpec, w: Weights, embed: LinearWeight, new_graph: NewGraph, out: Path) -> int:
-    """Final norm, tied LM head (the embedding table as the exporter wrote it) and logit softcapping."""
-    g = new_graph("head")
-    x = g.input("hidden", ["T", spec.hidden_size])
-    x = g.rms_norm(x, g.weight("norm", w("norm.weight")), spec.rms_norm_eps)
-    logits = g.linear(x, "embed_tokens", embed)
-    cap = spec.final_logit_softcapping
-    if cap is not None:
-        logits = g.op("Mul", g.op("Tanh", g.op("Mul", logits, g.const(1.0 / cap))), g.const(cap))
-    g.output(logits, "logits", ["T", spec.vocab_size])
-    return g.save(out / HEAD_GRAPH)
+def _rope(g: GraphBuilder, x: str, heads: int, head_dim: int, cos: str, sin: str) -> str:
+    """Rotate-half RoPE on x [T, heads, head_dim] with the step's cos/sin rows [T, head_dim / 2]."""
+    flat = g.reshape(x, [1, -1, heads * head_dim])
+    rotated = g.op("RotaryEmbedding", flat, g.const([0], np.int64), cos, sin, domain=MS_DOMAIN, interleaved=0,
+                   num_heads=heads, rotary_embedding_dim=head_dim)
+    return g.reshape(rotated, [-1, heads, head_dim])
 
 
-def _rope(g: GraphBuilder, x: str, cos: str, sin: str) -> str:
-    """x * cos + rotate_half(x) * sin on [T, heads, head_dim], cos/sin given as [T, 1, head_dim]."""
-    x1, x2 = g.op("Split", x, axis=-1, num_outputs=2, n_out=2)
-    rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
-
-
-def build_layer(spec: ModelSpec, i: int, w: Weights, new_graph: NewGraph, out: Path) -> int:
-    """Layer i as two graphs with attention between them, computed by the runtime from its KV cache."""
-    return _build_attention_inputs(spec, i, w, new_graph, out) + _build_layer_output(spec, i, w, new_graph, out)
-
-
-def _build_attention_inputs(spec: ModelSpec, i: int, w: Weights, new_graph: NewGraph, out: Path) -> int:
-    """Normed, rotated queries [kv_heads, groups, T, hd]; and the new tokens' keys and values [kv_heads, T, hd].
-
-    KV-shared layers only compute queries: their keys and values are their source layer's.
-    """
-    names = layer_graphs(i)
-    g = new_graph(names[0].removesuffix(".onnx"))
-    h, hd, eps = spec.hidden_size, spec.head_dims[i], spec.rms_norm_eps
+def _attention_inputs(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights, hidden: str) -> None:
+    """Layer i's normed, rotated queries (and, unless it is KV-shared, its new keys and values)."""
+    hd, eps = spec.head_dims[i], spec.rms_norm_eps
     nh, kvh = spec.num_attention_heads, spec.num_key_value_heads
     pre = f"layers.{i}."
+    shared = spec.is_kv_shared(i)
 
     def weight(name: str) -> str:
         return g.weight(name, w(pre + name))
 
-    hidden = g.input("hidden", ["T", h])
-    # cos/sin come with the singleton head axis they broadcast over (a numpy view, free), sparing a node each.
-    cos = g.input("cos", ["T", 1, hd])
-    sin = g.input("sin", ["T", 1, hd])
+    cos = g.input("cos", ["T", hd // 2])
+    sin = g.input("sin", ["T", hd // 2])
     x = g.rms_norm(hidden, weight("input_layernorm.weight"), eps)
-    q = g.reshape(g.linear(x, "self_attn.q_proj", w(pre + "self_attn.q_proj.weight")), [0, nh, hd])
-    q = _rope(g, g.rms_norm(q, weight("self_attn.q_norm.weight"), eps), cos, sin)
-    q = g.op("Transpose", g.reshape(q, [0, kvh, nh // kvh, hd]), perm=[1, 2, 0, 3])
-    g.output(q, "query", [kvh, nh // kvh, "T", hd])
-    if not spec.is_kv_shared(i):
-        k = g.reshape(g.linear(x, "self_attn.k_proj", w(pre + "self_attn.k_proj.weight")), [0, kvh, hd])
-        k = _rope(g, g.rms_norm(k, weight("self_attn.k_norm.weight"), eps), cos, sin)
-        v = g.rms_norm(g.reshape(g.linear(x, "self_attn.v_proj", w(pre + "self_attn.v_proj.weight")), [0, kvh, hd]),
-                       None, eps, hd)
-        g.output(g.op("Transpose", k, perm=[1, 0, 2]), "key", [kvh, "T", hd])
-        g.output(g.op("Transpose", v, perm=[1, 0, 2]), "value", [kvh, "T", hd])
-    return g.save(out / names[0])
+    projections = ["q_proj"] if shared else ["q_proj", "k_proj", "v_proj"]
+    stacked = np.concatenate([w(f"{pre}self_attn.{name}.weight") for name in projections])
+    qkv = g.linear(x, "self_attn.qkv_proj", stacked)
+    widths = [nh * hd] + ([] if shared else [kvh * hd, kvh * hd])
+    parts = g.op("Split", qkv, g.const(widths, np.int64), axis=-1, n_out=len(widths)) if len(widths) > 1 else [qkv]
+    q = g.rms_norm(g.reshape(parts[0], [0, nh, hd]), weight("self_attn.q_norm.weight"), eps)
+    q = _rope(g, q, nh, hd, cos, sin)
+    g.output(g.reshape(q, [0, kvh, nh // kvh, hd]), "query", ["T", kvh, nh // kvh, hd])
+    if not shared:
+        k = g.rms_norm(g.reshape(parts[1], [0, kvh, hd]), weight("self_attn.k_norm.weight"), eps)
+        g.output(_rope(g, k, kvh, hd, cos, sin), "key", ["T", kvh, hd])
+        v = g.rms_norm(g.reshape(parts[2], [0, kvh, hd]), None, eps, hd)
+        g.output(v, "value", ["T", kvh, hd])
 
 
-def _build_layer_output(spec: ModelSpec, i: int, w: Weights, new_graph: NewGraph, out: Path) -> int:
-    """Attention output projection, MLP and the layer's PLE contribution, on the residual stream."""
-    names = layer_graphs(i)
-    g = new_graph(names[1].removesuffix(".onnx"))
-    h, eps = spec.hidden_size, spec.rms_norm_eps
+def _layer_output(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights) -> str:
+    """Layer i after attention: o_proj, MLP and the layer's PLE contribution, on the residual stream."""
+    h, eps, mlp = spec.hidden_size, spec.rms_norm_eps, spec.mlp_size(i)
     pre = f"layers.{i}."
 
     def weight(name: str) -> str:
@@ -112,18 +128,16 @@ def _build_layer_output(spec: ModelSpec, i: int, w: Weights, new_graph: NewGraph
     ple_rows = g.input("ple_rows", ["T", spec.hidden_size_per_layer_input])
     ple_context = g.input("ple_context", ["T", spec.hidden_size_per_layer_input])
 
-    attn = linear(attn, "self_attn.o_proj")
-    hidden = g.op("Add", hidden, g.rms_norm(attn, weight("post_attention_layernorm.weight"), eps))
-
-    x = g.rms_norm(hidden, weight("pre_feedforward_layernorm.weight"), eps)
-    gate = g.gelu_tanh(linear(x, "mlp.gate_proj"))
-    mlp = linear(g.op("Mul", gate, linear(x, "mlp.up_proj")), "mlp.down_proj")
-    hidden = g.op("Add", hidden, g.rms_norm(mlp, weight("post_feedforward_layernorm.weight"), eps))
+    attn = g.rms_norm(linear(attn, "self_attn.o_proj"), weight("post_attention_layernorm.weight"), eps)
+    x, hidden = g.skip_rms_norm(hidden, attn, weight("pre_feedforward_layernorm.weight"), eps)
+    gate_up = g.linear(x, "mlp.gate_up_proj", np.concatenate([w(pre + "mlp.gate_proj.weight"),
+                                                               w(pre + "mlp.up_proj.weight")]))
+    gate, up = g.op("Split", gate_up, g.const([mlp, mlp], np.int64), axis=-1, n_out=2)
+    mlp_out = linear(g.op("Mul", g.gelu_tanh(gate), up), "mlp.down_proj")
+    hidden = g.op("Add", hidden, g.rms_norm(mlp_out, weight("post_feedforward_layernorm.weight"), eps))
 
     per_layer = g.op("Mul", g.op("Add", ple_context, ple_rows), g.const(2.0 ** -0.5))
     gate = g.gelu_tanh(linear(hidden, "per_layer_input_gate"))
     ple = linear(g.op("Mul", gate, per_layer), "per_layer_projection")
     hidden = g.op("Add", hidden, g.rms_norm(ple, weight("post_per_layer_input_norm.weight"), eps))
-    hidden = g.op("Mul", hidden, weight("layer_scalar"))
-    g.output(hidden, "hidden_out", ["T", h])
-    return g.save(out / names[1])
+    return g.op("Mul", hidden, weight("layer_scalar"))

@@ -186,6 +186,13 @@ class GraphBuilder:
             weight = self.const(np.ones(width, dtype=np.float32))
         return self.op("SimplifiedLayerNormalization", x, weight, axis=-1, epsilon=eps)
 
+    def skip_rms_norm(self, x: str, skip: str, weight: str, eps: float) -> tuple[str, str]:
+        """(RMSNorm(x + skip) * weight, x + skip) as one com.microsoft SkipSimplifiedLayerNormalization node: the
+        residual add and the norm after it, which Gemma's layers do twice each."""
+        normed, _, _, total = self.op("SkipSimplifiedLayerNormalization", x, skip, weight, domain=MS_DOMAIN,
+                                      epsilon=eps, n_out=4)
+        return normed, total
+
     def gelu_tanh(self, x: str) -> str:
         return self.op("Gelu", x, approximate="tanh")
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edge_runtime.artifact import MANIFEST, layer_graphs, read_manifest, sha256_file, verify_artifact
+from edge_runtime.artifact import MANIFEST, read_manifest, segment_graph, sha256_file, verify_artifact
 from edge_runtime.errors import ArtifactError, CheckpointError
 from edge_runtime.export import export_checkpoint
 from edge_runtime.export.checkpoint import Checkpoint
@@ -36,9 +36,9 @@ def test_ple_table_lives_only_in_the_store(artifacts, checkpoints):
     spec = manifest.spec
     table_values = spec.vocab_size_per_layer_input * spec.num_hidden_layers * spec.hidden_size_per_layer_input
     assert (path / "ple.bin").stat().st_size == table_values * 2  # bf16, nothing else in the file
-    layers = [name for pair in manifest.graphs["layers"] for name in pair]
-    assert len(layers) == 2 * spec.num_hidden_layers
-    for graph in [manifest.graphs["prologue"], *layers, manifest.graphs["head"]]:
+    segments = manifest.graphs["segments"]
+    assert segments == [segment_graph(i) for i in range(spec.num_hidden_layers + 1)]
+    for graph in segments:
         model = onnx.load(path / graph, load_external_data=False)
         for init in model.graph.initializer:
             assert int(np.prod(init.dims)) < table_values, f"{graph}: {init.name} is as big as the PLE table"
@@ -96,13 +96,13 @@ def test_ple_fp16_overflow_is_refused(checkpoints, tmp_path):
 
 def test_big_weights_are_external_and_aligned(artifacts):
     path = artifacts["shared-gqa"]
-    model = onnx.load(path / layer_graphs(0)[1], load_external_data=False)
+    model = onnx.load(path / segment_graph(1), load_external_data=False)
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external, "matmul weights should live in weights.bin"
     for tensor in external:
         info = {e.key: e.value for e in tensor.external_data}
         assert info["location"] == "weights.bin" and int(info["offset"]) % 65536 == 0
-    assert (path / layer_graphs(0)[1]).stat().st_size < 64 << 10
+    assert (path / segment_graph(1)).stat().st_size < 64 << 10
 
 
 def test_damaged_artifact_is_reported(artifacts, tmp_path):
@@ -110,10 +110,10 @@ def test_damaged_artifact_is_reported(artifacts, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(artifacts["shared-gqa"], copy)
-    data = bytearray((copy / layer_graphs(1)[0]).read_bytes())
+    data = bytearray((copy / segment_graph(2)).read_bytes())
     data[len(data) // 2] ^= 0x01
-    (copy / layer_graphs(1)[0]).write_bytes(bytes(data))
-    assert verify_artifact(copy) == {layer_graphs(1)[0]: "SHA-256 mismatch"}
+    (copy / segment_graph(2)).write_bytes(bytes(data))
+    assert verify_artifact(copy) == {segment_graph(2): "SHA-256 mismatch"}
     (copy / "ple.bin").write_bytes(b"short")
     with pytest.raises(ArtifactError, match="ple.bin: size 5 differs from the manifest"):
         read_manifest(copy)

@@ -37,7 +37,7 @@ def _blocks(name: str, dim: int, tokens: int, rng: np.random.Generator, stored: 
 def test_the_kernel_equals_numpy_for_every_format(name, dim, tokens):
     rng = np.random.default_rng(dim + tokens)
     kv_heads, groups = 2, 4
-    query = (rng.standard_normal((kv_heads, groups, tokens, dim)) / np.sqrt(dim)).astype(np.float32)
+    query = (rng.standard_normal((tokens, kv_heads, groups, dim)) / np.sqrt(dim)).astype(np.float32)
     blocks = [_blocks(name, dim, tokens, rng) for _ in range(kv_heads)]
     expected = attend(query, blocks, kernel=False)
     got = attend(query, blocks, kernel=True)
@@ -50,7 +50,7 @@ def test_a_block_shared_between_threads_gives_the_same_output(name, monkeypatch)
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(3)
-    query = (rng.standard_normal((1, 4, 1, 64)) / 8).astype(np.float32)
+    query = (rng.standard_normal((1, 1, 4, 64)) / 8).astype(np.float32)
     blocks = [_blocks(name, 64, 1, rng, stored=3000)]
     whole = attend(query, blocks, kernel=True)
     monkeypatch.setattr(attention, "MIN_PART", 100)

@@ -91,14 +91,14 @@ def test_bundled_model_is_the_default(tmp_path):
 def test_verify_names_the_damaged_file(artifacts, tmp_path):
     import shutil
 
-    from edge_runtime.artifact import layer_graphs
+    from edge_runtime.artifact import segment_graph
 
     copy = tmp_path / "copy"
     shutil.copytree(artifacts["shared-gqa"], copy)
     intact = cli("verify", str(copy))
     assert intact.returncode == 0, intact.stderr
     assert "every file matches its SHA-256" in intact.stdout
-    name = layer_graphs(1)[1]
+    name = segment_graph(2)
     data = bytearray((copy / name).read_bytes())
     data[len(data) // 2] ^= 0x01
     (copy / name).write_bytes(bytes(data))
@@ -114,14 +114,14 @@ def test_verify_json_is_always_one_object_naming_every_damaged_file(artifacts, t
     """--json used to print nothing when a file was missing or of the wrong size (only an error on stderr)."""
     import shutil
 
-    from edge_runtime.artifact import layer_graphs
+    from edge_runtime.artifact import segment_graph
 
     copy = tmp_path / "copy"
     shutil.copytree(artifacts["shared-gqa"], copy)
     intact = cli("verify", str(copy), "--json")
     assert intact.returncode == 0 and intact.stderr == ""
     assert json.loads(intact.stdout) == {"artifact": str(copy), "ok": True, "damaged": {}, "error": None}
-    flipped, truncated, removed = layer_graphs(1)[1], "weights.bin", "ple.bin"
+    flipped, truncated, removed = segment_graph(2), "weights.bin", "ple.bin"
     data = bytearray((copy / flipped).read_bytes())
     data[len(data) // 2] ^= 0x01
     (copy / flipped).write_bytes(bytes(data))

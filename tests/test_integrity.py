@@ -6,8 +6,8 @@ import json
 import shutil
 
 from edge_runtime.artifact import read_manifest
-from edge_runtime.bundled import cache_dir
 from edge_runtime.integrity import STAMPS_FILE, check_artifact
+from edge_runtime.user_cache import cache_dir
 
 
 def test_stamps_of_deleted_files_are_dropped_when_the_file_is_written(artifacts, tmp_path, monkeypatch):
