@@ -1,0 +1,222 @@
+"""The ARM64 check's verdicts: which x86 result each aarch64 run is held to, how closely, and the table.
+
+Every aarch64 run is compared with an x86 run of the same arithmetic, computed on this host at check time (the x86
+results themselves depend on the host's ISA, so checked-in numbers would go stale with the machine):
+- fp32, fp16 weights, every PLE and KV format: the same float arithmetic everywhere, held to 1e-4 (the parity
+  bound against transformers) and identical greedy tokens.
+- int8 (DynamicQuantizeMatMul): activations quantized per tensor by the same formula on every CPU, then exact
+  integer dot products (u8 x u8 into int32: NEON, sdot/udot or i8mm on ARM, AVX on x86). Only fp32 rounding
+  upstream differs (summation order, ~1e-6 relative), and it can move an activation across a rounding boundary,
+  changing one code by 1: INT8_TOLERANCE bounds what such flips do to the logits; greedy tokens identical.
+- int4 (MatMulNBits, accuracy level 4) has three arithmetics (tools/arm64/probes.py says which ran): int8
+  activations per block (x86, and ARM with dot-product where KleidiAI does not take the node), fp32 activations
+  (ARM without dot-product: the Pi 4), int8 activations per row (KleidiAI on dot-product cores). The first two
+  are computed on x86 too (the second with the same artifact at accuracy level 0) and held to INT4_TOLERANCE
+  with identical greedy tokens; KleidiAI's has no x86 counterpart (see INT4 decision in the README) and is held
+  to the spread of int4's own activation rounding (KLEIDIAI_TOLERANCE) and to its measured quality.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import cases
+from probes import classify, write_probes
+
+__all__ = ["Report", "Row", "fp32_activation_variant", "reference_for", "write_probes"]
+
+EXACT_TOLERANCE = 1e-4
+INT8_TOLERANCE = 1e-3
+INT4_TOLERANCE = 1e-3
+KLEIDIAI_TOLERANCE = 0.5
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The x86 run an aarch64 case is compared with, the largest |dlogit| allowed, and whether greedy tokens must
+    be identical."""
+
+    case: str
+    label: str
+    tolerance: float
+    same_tokens: bool = True
+
+
+def reference_for(case: str, features: dict[str, bool]) -> Reference:
+    """Where the arithmetic choice per CPU is made: see the module docstring."""
+    spec = cases.CASES[case]
+    if spec.weights == "int8":
+        return Reference(case, "x86", INT8_TOLERANCE)
+    if spec.weights != "int4":
+        return Reference(case, "x86", EXACT_TOLERANCE)
+    if not features.get("dotprod"):
+        return Reference(f"{spec.artifact}{cases.FP32_ACTIVATION_SUFFIX}", "x86, fp32 activations", INT4_TOLERANCE)
+    if dict(spec.session_entries).get("mlas.disable_kleidiai") == "1" or not _kleidiai_takes(spec.artifact):
+        return Reference(case, "x86", INT4_TOLERANCE)
+    return Reference(case, "x86 (KleidiAI: per-row activations)", KLEIDIAI_TOLERANCE, same_tokens=False)
+
+
+def _kleidiai_takes(artifact: str) -> bool:
+    """KleidiAI takes a MatMulNBits node when K is a multiple of the block (onnxruntime's UseKleidiAI); in the
+    bundled model (hidden 192, MLP 288) every node of block 32 qualifies, none of block 128 but the 288-wide down
+    projection... which 288 % 128 excludes too: block 128 runs entirely on MLAS."""
+    return cases.ARTIFACTS[artifact].block_size == 32
+
+
+@dataclass
+class Row:
+    cpu: str
+    case: str
+    path: str  # prefill | decode
+    reference: str
+    max_dlogit: float
+    tolerance: float
+    greedy_same: int
+    greedy_required: bool
+    kernels: str = ""
+
+    @property
+    def ok(self) -> bool:
+        same = self.greedy_same == cases.GREEDY_TOKENS or not self.greedy_required
+        return bool(self.max_dlogit <= self.tolerance) and same
+
+
+def compare_case(cpu: str, case: str, result: dict[str, np.ndarray], golden: dict[str, np.ndarray],
+                 reference: Reference, kernels: str = "") -> list[Row]:
+    same = int((result["greedy"] == golden["greedy"]).sum())
+    return [Row(cpu, case, path, reference.label, float(np.abs(result[path] - golden[path]).max()),
+                reference.tolerance, same, reference.same_tokens, kernels) for path in ("prefill", "decode")]
+
+
+def fp32_activation_variant(artifact: Path, out: Path) -> Path:
+    """A copy of an int4 artifact whose MatMulNBits nodes compute in fp32 (accuracy level 0), the manifest's hashes
+    updated: what a CPU without dot-product instructions computes, run on x86 (host side: needs onnx)."""
+    import onnx
+
+    from edge_runtime.artifact import MANIFEST, file_entry
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(artifact, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    for graph in out.glob("*.onnx"):
+        model = onnx.load(str(graph), load_external_data=False)
+        for node in model.graph.node:
+            for attribute in node.attribute:
+                if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                    attribute.i = 0
+        onnx.save(model, str(graph))
+        manifest["files"][graph.name] = file_entry(graph)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    cpus: dict[str, dict] = field(default_factory=dict)
+    notes: list[tuple[str, bool]] = field(default_factory=list)  # (line, ok)
+
+    @classmethod
+    def collect(cls, work: Path, cpus: list[str], names: list[str], results: list[dict]) -> Report:
+        report = cls()
+        host_kernels = _json(work / "x86" / "kernels.json")
+        for cpu, result in zip(cpus, results):
+            features = _json(work / cpu / "logits" / "features.json") or {}
+            kernels = _json(work / cpu / "kernels.json")
+            probes = probe_signatures(work / "probes", kernels) if kernels else {}
+            report.cpus[cpu] = {"qemu": cases.CPUS[cpu][0], "stands_for": cases.CPUS[cpu][1], "features": features,
+                                "probes": probes, "nodes": (kernels or {}).get("nodes", {}),
+                                "quality": _json(work / cpu / "quality.json"), **result}
+            for name in names:
+                reference = reference_for(name, features)
+                golden = _load(work / "x86" / "logits" / f"{reference.case.replace('/', '~')}.npz")
+                got = _load(work / cpu / "logits" / f"{name.replace('/', '~')}.npz")
+                report.rows += compare_case(cpu, name, got, golden, reference,
+                                            kernel_summary(name, features, probes))
+            if "codec_tests" in result:
+                code, line = result["codec_tests"]
+                report.notes.append((f"{cpu}: codec tests (tests/test_turboquant.py, fast subset): {line}", code == 0))
+            if "serve" in result:
+                report.notes.append((f"{cpu}: serve: {result['serve']}", result["serve"].startswith("ok")))
+        if host_kernels:
+            report.cpus["x86"] = {"probes": probe_signatures(work / "probes", host_kernels),
+                                  "nodes": host_kernels["nodes"], "quality": _json(work / "x86" / "quality.json")}
+        return report
+
+    def add_devices(self, detections: list, cli_detect: list[str]) -> None:
+        for device, expected, found, exact in detections:
+            self.notes.append((f"profiles detect, fake {device}: {found}{' (exact)' if exact else ''}",
+                               found == expected and exact))
+        self.notes.append((f"profiles detect in the emulated root itself (no /proc): {' '.join(cli_detect)}", True))
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows) and all(ok for _, ok in self.notes)
+
+    def format(self) -> str:
+        lines = ["| CPU model | case | path | compared with | max abs dlogit | allowed | greedy same /32 | kernels | ok |",
+                 "|---|---|---|---|---:|---:|---:|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r.cpu} | {r.case} | {r.path} | {r.reference} | {r.max_dlogit:.2e} | {r.tolerance:g} | "
+                         f"{r.greedy_same}{'' if r.greedy_required else ' (not required)'} | {r.kernels} | "
+                         f"{'yes' if r.ok else '**NO**'} |")
+        quality = {cpu: info["quality"] for cpu, info in self.cpus.items() if info.get("quality")}
+        if quality:
+            lines += ["", "| CPU model | artifact | perplexity | vs fp32 | top-1 agreement with fp32 |",
+                      "|---|---|---:|---:|---:|"]
+            for cpu, rows in quality.items():
+                base = rows["fp32"]["perplexity"]
+                for name, q in rows.items():
+                    lines.append(f"| {cpu} | {name} | {q['perplexity']:.3f} | {q['perplexity'] / base - 1:+.2%} | "
+                                 f"{q['top1_agreement']:.4f} |")
+        for cpu, info in self.cpus.items():
+            if info.get("probes"):
+                lines.append("")
+                lines.append(f"{cpu}: features {info.get('features')}; MatMulNBits probes: " + "; ".join(
+                    f"{k} -> {v[0]}" for k, v in info["probes"].items()))
+                lines.append(f"{cpu}: onnxruntime nodes per format: " + "; ".join(
+                    f"{k}: {', '.join(sorted(v))}" for k, v in info["nodes"].items()))
+        lines += [""] + [f"{'ok' if ok else 'FAILED'}: {line}" for line, ok in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"rows": [asdict(r) | {"ok": r.ok} for r in self.rows], "cpus": self.cpus,
+                "notes": [{"line": line, "ok": ok} for line, ok in self.notes], "ok": self.ok}
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def probe_signatures(probes: Path, kernels: dict) -> dict[str, tuple[str, dict[str, float]]]:
+    a = np.load(probes / "activations.npy")
+    out = {}
+    for key, output in kernels["probes"].items():
+        weights = _load(probes / f"{key.split('/')[0]}.npz")
+        k = int(key.split("_")[1][1:])
+        out[key] = classify(np.asarray(output, np.float64), weights["codes"], weights["scale"], a[:, :k])
+    return out
+
+
+def kernel_summary(case: str, features: dict[str, bool], probes: dict) -> str:
+    """The kernel a case's matmuls ran on this CPU, from the CPU's features and MLAS's dispatch (platform.cpp)."""
+    weights = cases.CASES[case].weights
+    isa = "i8mm" if features.get("i8mm") else "dotprod" if features.get("dotprod") else "NEON"
+    if weights == "int8":
+        return {"i8mm": "MLAS u8 GEMM, ummla", "dotprod": "MLAS u8 GEMM, udot", "NEON": "MLAS u8 GEMM, NEON"}[isa]
+    if weights == "int4":
+        reference = reference_for(case, features)
+        if not features.get("dotprod"):
+            return "MLAS 4-bit, fp32 activations"
+        return "KleidiAI qai8dxp x qsi4c32p" if not reference.same_tokens else "MLAS 4-bit, int8 per block, sdot"
+    return "MLAS SGEMM (NEON)"
