@@ -20,6 +20,9 @@ CPUS: dict[str, tuple[str, str]] = {
 }
 SMOKE_CPU = "cortex-a76"
 
+# x86 runs per quantized case with its inputs perturbed by one float32 ulp (runner.perturb_inputs): the yardstick
+# for how far two CPUs' rounding may move a format's logits (compare.py).
+NOISE_RUNS = 5
 PROMPT = "The old house stood at the end of the lane, and every evening the"
 GREEDY_TOKENS = 32
 
@@ -46,8 +49,14 @@ class Case:
     session_entries: tuple[tuple[str, str], ...] = ()
 
     @property
+    def rounds_at_run_time(self) -> bool:
+        """Whether this case's kernels round values computed at run time (activations, KV codes), so that a one-ulp
+        difference upstream can move its logits by a rounding step."""
+        return self.weights not in ("fp32", "fp16") or self.kv != "fp32"
+
+    @property
     def weights(self) -> str:
-        return ARTIFACTS[self.artifact].weights
+        return ARTIFACTS[self.artifact.removesuffix(FP32_ACTIVATION_SUFFIX)].weights
 
 
 ARTIFACTS = {a.name: a for a in [

@@ -61,9 +61,9 @@ def ensure_host() -> None:
                 subprocess.run(["apt-get", "update", "-q"], **quiet).returncode
                 or subprocess.run(install, **quiet).returncode):
             raise CannotRun(f"could not install {' '.join(HOST_PACKAGES)} with apt-get")
-    if not (BINFMT / "register").exists():
-        if subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)]).returncode:
-            raise CannotRun(f"cannot mount binfmt_misc on {BINFMT}")
+    mount = ["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)]
+    if not (BINFMT / "register").exists() and subprocess.run(mount).returncode:
+        raise CannotRun(f"cannot mount binfmt_misc on {BINFMT}")
     handler = BINFMT / "qemu-aarch64"
     if not handler.exists() or "enabled" not in handler.read_text():
         subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], capture_output=True)
@@ -73,10 +73,10 @@ def ensure_host() -> None:
         raise CannotRun("the qemu-aarch64 binfmt handler lacks flag F, so it cannot run inside a chroot")
 
 
-def host_mirror() -> str:
+def host_mirror(apt: Path = Path("/etc/apt")) -> str:
     """The Debian mirror of the host's apt sources (deb822 or one-line), the one that serves bookworm."""
     texts = [p.read_text(errors="replace") for p in
-             [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))] if p.is_file()]
+             [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*"))] if p.is_file()]
     for text in texts:
         for stanza in re.split(r"\n\s*\n", text):
             uris = re.search(r"^URIs:\s*(\S+)", stanza, re.MULTILINE)

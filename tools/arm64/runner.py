@@ -1,6 +1,7 @@
 """The side of the ARM64 check that runs the runtime: on the emulated aarch64 root, and on the host for the goldens.
 
     python runner.py logits ARTIFACTS OUT [CASE ...]   # per case: prefill and decode logits, 32 greedy tokens
+    python runner.py goldens ARTIFACTS OUT [CASE ...]  # the same, and runs with inputs perturbed by 1 ulp
     python runner.py quality ARTIFACTS OUT TOKENS      # held-out perplexity and top-1 agreement with fp32
     python runner.py kernels ARTIFACTS PROBES OUT      # CPU features, node types that ran, MatMulNBits signatures
 
@@ -19,12 +20,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cases import CASES, GREEDY_TOKENS, PROMPT, Case, case  # noqa: E402
+from cases import CASES, GREEDY_TOKENS, NOISE_RUNS, PROMPT, Case, case
 
-import edge_runtime  # noqa: E402
-from edge_runtime import engine  # noqa: E402
-from edge_runtime.bundled import BUNDLED_CHECKPOINT  # noqa: E402
-from edge_runtime.perplexity import evaluate  # noqa: E402
+import edge_runtime
+from edge_runtime import engine
+from edge_runtime.bundled import BUNDLED_CHECKPOINT
+from edge_runtime.perplexity import evaluate
 
 _base_options = engine._session_options
 
@@ -65,14 +66,33 @@ def greedy(model: edge_runtime.Model, ids: list[int], n: int) -> list[int]:
     return out
 
 
-def run_logits(artifacts: Path, out: Path, names: list[str]) -> None:
+def perturb_inputs(model: edge_runtime.Model, seed: int) -> None:
+    """Make every embedding row the model reads differ by up to one float32 ulp, with a fixed seed.
+
+    Two CPUs' float arithmetic differs by such roundings (summation order, fused multiply-adds); what that does to
+    a format's logits, measured on x86 alone, is the yardstick for comparing two CPUs (compare.py)."""
+    rows, rng = model.engine.embed.rows, np.random.default_rng(seed)
+
+    def noisy(ids: np.ndarray) -> np.ndarray:
+        x = rows(ids)
+        return (x * (1 + np.float32(2.0 ** -23) * rng.uniform(-1, 1, x.shape).astype(np.float32))).astype(x.dtype)
+
+    model.engine.embed.rows = noisy
+
+
+def run_logits(artifacts: Path, out: Path, names: list[str], noise_runs: int = 0) -> None:
+    """Each case's logits; with `noise_runs`, also that many runs with inputs perturbed by perturb_inputs."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "features.json").write_text(json.dumps(cpu_features()))
     for name in names:
-        model = load(artifacts, case(name))
-        ids = model.encode(PROMPT)
-        np.savez(out / f"{name.replace('/', '~')}.npz", prefill=model.logits(ids, "prefill"),
-                 decode=model.logits(ids, "decode"), greedy=np.asarray(greedy(model, ids, GREEDY_TOKENS)))
+        for run in range(1 + (noise_runs if case(name).rounds_at_run_time else 0)):
+            model = load(artifacts, case(name))
+            if run:
+                perturb_inputs(model, seed=run)
+            ids = model.encode(PROMPT)
+            prefill, decode = model.logits(ids, "prefill"), model.logits(ids, "decode")
+            np.savez(out / f"{name.replace('/', '__')}{f'@noise{run}' if run else ''}.npz", prefill=prefill,
+                     decode=decode, greedy=np.asarray(greedy(model, ids, GREEDY_TOKENS)))
         print(f"logits {name}", flush=True)
 
 
@@ -80,7 +100,7 @@ def run_quality(artifacts: Path, out: Path, tokens: int) -> None:
     """Perplexity of the first `tokens` held-out tokens per artifact, and each one's top-1 agreement with fp32."""
     text = (BUNDLED_CHECKPOINT / "heldout.txt").read_text(encoding="utf-8")
     rows, base = {}, None
-    for name in ("fp32", "int4-b32", "int4-b32/no-kleidiai", "int4-b128", "int4-b128/no-kleidiai"):
+    for name in ("fp32", "fp16", "int4-b32", "int4-b32/no-kleidiai", "int4-b128", "int4-b128/no-kleidiai"):
         model = load(artifacts, CASES[name])
         result = evaluate(model, model.encode(text)[:tokens + 1], with_argmax=True)
         base = base if base is not None else result
@@ -100,7 +120,7 @@ def cpu_features() -> dict[str, bool]:
     getauxval = ctypes.CDLL(None).getauxval
     getauxval.restype = ctypes.c_ulong
     hwcap, hwcap2 = getauxval(16), getauxval(26)  # AT_HWCAP, AT_HWCAP2; bits from linux/arch/arm64 hwcap.h
-    return {"asimd": bool(hwcap >> 1 & 1), "dotprod": bool(hwcap >> 20 & 1), "sve": bool(hwcap >> 22 & 1),
+    return {"asimd": bool(hwcap >> 1 & 1), "fp16": bool(hwcap >> 10 & 1), "dotprod": bool(hwcap >> 20 & 1), "sve": bool(hwcap >> 22 & 1),
             "i8mm": bool(hwcap2 >> 13 & 1), "bf16": bool(hwcap2 >> 14 & 1), "sme": bool(hwcap2 >> 23 & 1)}
 
 
@@ -125,7 +145,7 @@ def run_kernels(artifacts: Path, probes: Path, out: Path) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     result = {"machine": __import__("platform").machine(), "onnxruntime": ort.__version__,
               "features": cpu_features(), "nodes": {}, "probes": {}}
-    for name in ("fp32", "fp16", "int8", "int4-b32", "int4-b32/no-kleidiai"):
+    for name in ("fp32", "fp16", "int4-b32", "int4-b32/no-kleidiai"):
         result["nodes"][name] = node_types(artifacts, CASES[name], tmp)
     a = np.load(probes / "activations.npy")
     for model in sorted(probes.glob("*.onnx")):
@@ -144,8 +164,8 @@ def run_kernels(artifacts: Path, probes: Path, out: Path) -> None:
 
 def main(argv: list[str]) -> None:
     command, artifacts = argv[0], Path(argv[1])
-    if command == "logits":
-        run_logits(artifacts, Path(argv[2]), argv[3:] or list(CASES))
+    if command in ("logits", "goldens"):  # goldens: the x86 side, with NOISE_RUNS perturbed runs per case
+        run_logits(artifacts, Path(argv[2]), argv[3:] or list(CASES), NOISE_RUNS if command == "goldens" else 0)
     elif command == "quality":
         run_quality(artifacts, Path(argv[2]), int(argv[3]))
     elif command == "kernels":
