@@ -19,11 +19,11 @@ import edge_runtime
 ARM64 = Path(__file__).resolve().parents[1] / "tools" / "arm64"
 sys.path.insert(0, str(ARM64))
 
-import cases  # noqa: E402
-import compare  # noqa: E402
-import devices  # noqa: E402
-import guest_root  # noqa: E402
-import probes  # noqa: E402
+import cases
+import compare
+import devices
+import guest_root
+import probes
 
 A72 = {"asimd": True, "fp16": False, "dotprod": False, "i8mm": False}
 A76 = {"asimd": True, "fp16": True, "dotprod": True, "i8mm": False}
@@ -150,8 +150,8 @@ def test_a_machine_that_cannot_run_it_gets_one_line_and_exit_77(monkeypatch, cap
     monkeypatch.setattr(sys, "argv", ["check", "--smoke"])
     assert check.main() == check.CANNOT_RUN == 77
     err = capsys.readouterr().err
-    assert err.splitlines() == ["arm64 check cannot run on this machine: not root: building the aarch64 root "
-                                "(debootstrap, chroot) and binfmt_misc need root"]
+    assert err.splitlines() == [("arm64 check cannot run on this machine: not root: building the aarch64 root "
+                                 "(debootstrap, chroot) and binfmt_misc need root")]
 
 
 def test_every_case_names_an_exported_artifact_and_every_cpu_a_qemu_model() -> None:
