@@ -40,8 +40,10 @@ def test_fake_devices_are_detected_as_their_profiles(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("case", "features", "expected"), [
     ("fp32", A72, ("fp32", "exact")),
-    ("kv-tq3.5", A76, ("kv-tq3.5", "exact")),
-    ("fp16", A72, ("fp16", "exact")),  # no FP16 arithmetic: the fp16 graph is computed in fp32, as on x86
+    ("kv-fp32", A76, ("kv-fp32", "exact")),
+    ("ple-tq2", A72, ("ple-tq2", "exact")),  # PLE codes are decoded, never made, at run time
+    ("kv-tq3.5", A76, ("kv-tq3.5", "noise")),  # KV codes are made at run time: a ulp can flip one
+    ("fp16", A72, ("fp16", "noise")),  # no FP16 arithmetic: fp32 as on x86, but its fp16 KV cache rounds
     ("fp16", A76, ("fp16", "fp16")),
     ("int8", PHONE, ("int8", "noise")),
     ("int4-b32", A72, ("int4-b32+fp32-activations", "noise")),  # no dot product: fp32 activations
@@ -158,3 +160,17 @@ def test_every_case_names_an_exported_artifact_and_every_cpu_a_qemu_model() -> N
     assert all(c.artifact in cases.ARTIFACTS for c in cases.CASES.values())
     assert set(cases.SMOKE_CASES) <= set(cases.CASES) and cases.SMOKE_CPU in cases.CPUS
     assert json.loads(json.dumps(cases.CPUS))  # plain data: the guest imports it before anything else
+
+
+def test_folded_rows_show_the_member_nearest_its_allowance_and_fail_with_any_member() -> None:
+    x86 = {"kv-fp32": _run(1.0, 1.0), "kv-int8": _run(1.0, 1.0), "kv-int8@noise1": _run(1.0, 1.1)}
+    rows = [*compare.compare_case("cortex-a76", "kv-fp32", _run(1.00005, 1.0), compare.reference_for("kv-fp32", A76),
+                                  x86, 192),
+            *compare.compare_case("cortex-a76", "kv-int8", _run(1.0, 1.2), compare.reference_for("kv-int8", A76),
+                                  x86, 192)]
+    grouped = compare.Report(rows=rows).grouped()
+    assert [(r.case, r.path, round(r.max_dlogit, 5), r.ok) for r in grouped] == [
+        ("KV: all 16 formats, no exact tokens", "prefill", 5e-05, True),
+        ("KV: all 16 formats, no exact tokens", "decode", 0.2, True)]
+    rows[0] = compare.Row(**{**compare.asdict(rows[0]), "greedy_same": 31})
+    assert [r.ok for r in compare.Report(rows=rows).grouped()] == [False, True]

@@ -74,9 +74,10 @@ KV_FORMATS = ("fp32", "fp16", "int8", "tq4", "tq3.5", "tq3", "tq2.5", "tq4-mse",
 NO_KLEIDIAI = (("mlas.disable_kleidiai", "1"),)
 
 CASES = {c.name: c for c in [
-    *(Case(name, name) for name in ("fp32", "fp16", "int8", "int4-b32", "int4-b128")),
+    Case("fp32", "fp32", kv="fp32"),  # float32 throughout: the parity bound, 1e-4
+    *(Case(name, name) for name in ("fp16", "int8", "int4-b32", "int4-b128")),
     *(Case(f"int4-b{b}/no-kleidiai", f"int4-b{b}", session_entries=NO_KLEIDIAI) for b in (32, 128)),
-    *(Case(f"ple-{p}", f"ple-{p}") for p in ("int8", "int4", "tq4", "tq3", "tq2")),
+    *(Case(f"ple-{p}", f"ple-{p}", kv="fp32") for p in ("int8", "int4", "tq4", "tq3", "tq2")),
     *(Case(f"kv-{k}", "fp32", kv=k, kv_recent=0, kv_sliding=k) for k in KV_FORMATS),
 ]}
 SMOKE_CASES = ("fp32", "int8", "int4-b32")
