@@ -40,8 +40,11 @@ def log(message: str) -> None:
     print(f"[arm64] {message}", file=sys.stderr, flush=True)
 
 
-def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, check=True, **kwargs)
+def _run(argv: list[str]) -> None:
+    """Run a host command quietly; on failure, raise with the end of what it printed."""
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(argv)} failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-2000:]}")
 
 
 def ensure_host() -> None:
@@ -101,8 +104,8 @@ def ensure_root(cache: Path = ROOT_CACHE) -> Path:
     log(f"building the arm64 {SUITE} root in {root} from {mirror} (debootstrap, once; ~4 min)")
     try:
         _run(["debootstrap", "--arch=arm64", "--variant=minbase", "--include=python3,python3-venv", SUITE,
-              str(partial), mirror], stdout=subprocess.DEVNULL)
-    except subprocess.CalledProcessError:
+              str(partial), mirror])
+    except RuntimeError:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     (partial / ".complete").write_text(f"{SUITE} arm64 from {mirror}\n")
@@ -118,14 +121,14 @@ def gather_wheels(repo: Path, root: Path) -> Path:
     for old in wheels.glob("edge_runtime-*.whl"):
         old.unlink()
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    _run([*pip, "wheel", "--no-deps", str(repo), "-w", str(wheels)], stderr=subprocess.DEVNULL)
+    _run([*pip, "wheel", "--no-deps", str(repo), "-w", str(wheels)])
     (own,) = wheels.glob("edge_runtime-*.whl")
     platforms = [arg for p in PIP_DOWNLOAD_PLATFORMS for arg in ("--platform", p)]
     _run([*pip, "download", f"{own}[server]", "-d", str(wheels), "--only-binary=:all:", "--python-version", "3.11",
-          *platforms], stderr=subprocess.DEVNULL)
+          *platforms])
     tests = root / KIOSK.lstrip("/") / "test-wheels"
     _run([*pip, "download", "pytest", "-d", str(tests), "--only-binary=:all:", "--python-version", "3.11",
-          *platforms], stderr=subprocess.DEVNULL)
+          *platforms])
     return wheels
 
 
