@@ -6,7 +6,8 @@ otherwise, and then the text before it must say so to the reader too:
 - checkpoint-run: needs a Gemma 4 checkpoint, run with the bundled checkpoint in its place;
 - checkpoint, network, kiosk: need a real checkpoint, the network, or the kiosk itself: every `edge-runtime`
   command in them is parsed by the command line (an unknown option or a bad value fails), none is run;
-- server: run against `edge-runtime serve` on the bundled model.
+- server: run against `edge-runtime serve` on the bundled model;
+- emulation: the ARM64 check, which .ci/run runs (as root, for minutes): its commands must name its executable.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ README = ROOT / "README.md"
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<kind>[\w-]+) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```\n", re.DOTALL)
 # What the reader is told before a block that does not run as written, by kind.
 LABELS = {"setup": "Set-up", "checkpoint-run": "needs a Gemma 4 checkpoint", "checkpoint": "needs a Gemma 4 checkpoint",
-          "network": "needs the network", "kiosk": "on the kiosk", "server": "With `edge-runtime serve` running"}
+          "network": "needs the network", "kiosk": "on the kiosk", "server": "With `edge-runtime serve` running",
+          "emulation": "run by `.ci/run`, not by the tests"}
 DOCUMENTS = {"ini", ""}  # a file's contents and the layout listing: text to read, not to run
 GROUP = typer.main.get_command(app)
 
@@ -145,6 +147,14 @@ def test_commands_that_cannot_run_here_parse():
                 command.make_context(words[1], words[2:])  # raises on an unknown option or a bad value
                 checked += 1
     assert checked >= 15
+
+
+def test_the_emulation_commands_name_the_check():
+    ((_, body),) = of_kind("emulation")
+    for line in commands(body):
+        program = ROOT / shlex.split(line, comments=True)[0]
+        assert program.is_file() and os.access(program, os.X_OK), line
+    assert "tools/arm64/check --smoke" in (ROOT / ".ci" / "run").read_text()
 
 
 def test_the_server_blocks_against_a_running_server(bundled, tmp_path):

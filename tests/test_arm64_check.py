@@ -1,0 +1,176 @@
+"""The parts of tools/arm64/check that run on x86: fake device roots, which x86 run each aarch64 case is held to
+and how closely, the MatMulNBits arithmetic probes, the fp32-activation int4 variant, the host checks."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import edge_runtime
+
+ARM64 = Path(__file__).resolve().parents[1] / "tools" / "arm64"
+sys.path.insert(0, str(ARM64))
+
+import cases
+import compare
+import devices
+import guest_root
+import probes
+
+A72 = {"asimd": True, "fp16": False, "dotprod": False, "i8mm": False}
+A76 = {"asimd": True, "fp16": True, "dotprod": True, "i8mm": False}
+PHONE = {"asimd": True, "fp16": True, "dotprod": True, "i8mm": True}
+
+
+def test_fake_devices_are_detected_as_their_profiles(tmp_path: Path) -> None:
+    assert devices.detect_all(tmp_path) == [
+        ("Raspberry Pi 4 Model B 4 GB", "pi4-4gb", "pi4-4gb", True),
+        ("Raspberry Pi 5 8 GB", "pi5-8gb", "pi5-8gb", True),
+        ("Galaxy S23 (Snapdragon 8 Gen 2)", "android-8gb", "android-8gb", True),
+    ]
+
+
+@pytest.mark.parametrize(("case", "features", "expected"), [
+    ("fp32", A72, ("fp32", "exact")),
+    ("kv-fp32", A76, ("kv-fp32", "exact")),
+    ("ple-tq2", A72, ("ple-tq2", "exact")),  # PLE codes are decoded, never made, at run time
+    ("kv-tq3.5", A76, ("kv-tq3.5", "noise")),  # KV codes are made at run time: a ulp can flip one
+    ("fp16", A72, ("fp16", "noise")),  # no FP16 arithmetic: fp32 as on x86, but its fp16 KV cache rounds
+    ("fp16", A76, ("fp16", "fp16")),
+    ("int8", PHONE, ("int8", "noise")),
+    ("int4-b32", A72, ("int4-b32+fp32-activations", "noise")),  # no dot product: fp32 activations
+    ("int4-b32", A76, ("int4-b32", "rounding")),  # KleidiAI
+    ("int4-b32", PHONE, ("int4-b32", "rounding")),
+    ("int4-b32/no-kleidiai", A76, ("int4-b32/no-kleidiai", "noise")),
+    ("int4-b128", A76, ("int4-b128", "noise")),  # K not a multiple of 128: MLAS, as x86
+    ("int4-b128/no-kleidiai", A72, ("int4-b128+fp32-activations", "noise")),
+])
+def test_each_case_is_held_to_the_x86_run_of_its_arithmetic(case: str, features: dict, expected: tuple) -> None:
+    reference = compare.reference_for(case, features)
+    assert (reference.case, reference.kind) == expected
+
+
+def _run(prefill: float, decode: float, greedy: int = 0) -> dict[str, np.ndarray]:
+    tokens = np.arange(cases.GREEDY_TOKENS)
+    tokens[: greedy] += 1
+    return {"prefill": np.full((2, 4), prefill, np.float32), "decode": np.full((2, 4), decode, np.float32),
+            "greedy": tokens}
+
+
+def test_allowed_difference_follows_the_x86_yardsticks() -> None:
+    x86 = {"int8": _run(1.0, 1.0), "int8@noise1": _run(1.0, 1.02), "int8@noise2": _run(1.01, 1.0),
+           "int4-b32": _run(2.0, 2.0), "int4-b32@noise1": _run(2.0, 2.04, greedy=1),
+           "int4-b32+fp32-activations": _run(2.1, 2.0), "fp32": _run(-8.0, 8.0)}
+    assert compare.allowed(compare.reference_for("fp32", A76), "decode", x86, 100) == (1e-4, True)
+    tolerance, same = compare.allowed(compare.reference_for("int8", A76), "prefill", x86, 100)
+    assert (tolerance, same) == (pytest.approx(3 * 0.02), True)  # pooled over both paths
+    tolerance, same = compare.allowed(compare.reference_for("int4-b32", A76), "prefill", x86, 100)
+    assert (tolerance, same) == (pytest.approx(3 * 0.04 + 3 * 0.1), False)
+    x86["int4-b32+fp32-activations@noise1"] = _run(2.1, 2.00001)  # fp32 activations: no code to flip
+    assert compare.allowed(compare.reference_for("int4-b32/no-kleidiai", A72), "decode", x86, 100) == (1e-4, True)
+    x86["fp16"] = _run(-12.0, 3.0)
+    tolerance, same = compare.allowed(compare.reference_for("fp16", A76), "prefill", x86, 576)
+    assert (tolerance, same) == (pytest.approx(2 * 24 * 2**-11 * 12), True)
+
+
+def test_a_row_fails_beyond_its_tolerance_or_on_other_tokens() -> None:
+    x86 = {"int8": _run(1.0, 1.0), "int8@noise1": _run(1.0, 1.01)}
+    reference = compare.reference_for("int8", A72)
+    rows = compare.compare_case("cortex-a72", "int8", _run(1.02, 1.04), reference, x86, 192)
+    assert [(r.path, round(r.max_dlogit, 4), r.ok) for r in rows] == [("prefill", 0.02, True),
+                                                                     ("decode", 0.04, False)]
+    rows = compare.compare_case("cortex-a72", "int8", _run(1.0, 1.0, greedy=3), reference, x86, 192)
+    assert [(r.greedy_same, r.ok) for r in rows] == [(29, False), (29, False)]
+    report = compare.Report(rows=rows)
+    assert not report.ok and "**NO**" in report.format()
+
+
+def test_probes_classify_this_hosts_int4_kernel_as_int8_per_block(tmp_path: Path) -> None:
+    """x86's MLAS quantizes MatMulNBits' activations per block (AVX2, AVX-512 and VNNI alike)."""
+    probes.write_probes(tmp_path)
+    a = np.load(tmp_path / "activations.npy")
+    for model in sorted(tmp_path.glob("*.onnx")):
+        weights = np.load(model.with_suffix(".npz"))
+        k = onnx.load(str(model)).graph.input[0].type.tensor_type.shape.dim[1].dim_value
+        output = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"A": a[:, :k]})[0]
+        best, distances = probes.classify(output, weights["codes"], weights["scale"], a[:, :k])
+        assert best == "int8 per block" and distances[best] < 1e-5 < min(
+            d for name, d in distances.items() if name != best), (model.name, distances)
+        for name, reference in probes.candidates(weights["codes"], weights["scale"], a[:, :k]).items():
+            assert probes.classify(reference, weights["codes"], weights["scale"], a[:, :k])[0] == name
+
+
+def test_fp32_activation_variant_is_a_valid_artifact_at_accuracy_level_0(tmp_path: Path, monkeypatch) -> None:
+    from edge_runtime.bundled import BUNDLED_CHECKPOINT
+    from edge_runtime.export import export_checkpoint
+
+    monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    original = export_checkpoint(BUNDLED_CHECKPOINT, tmp_path / "int4", weights="int4", block_size=32)
+    variant = compare.fp32_activation_variant(original, tmp_path / "variant")
+    levels = {a.i for g in variant.glob("*.onnx") for n in onnx.load(str(g), load_external_data=False).graph.node
+              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {0}
+    ids = edge_runtime.load(original).encode(cases.PROMPT)
+    quantized, fp32_activations = (edge_runtime.load(p).logits(ids) for p in (original, variant))  # SHA-256s hold
+    assert 1e-3 < np.abs(quantized - fp32_activations).max() < 1.0
+
+
+def test_host_mirror_reads_deb822_and_one_line_sources(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    assert guest_root.host_mirror(tmp_path) == guest_root.DEFAULT_MIRROR
+    (tmp_path / "sources.list").write_text("deb http://mirror.example/debian bullseye main\n"
+                                           "deb [arch=amd64] http://one.example/debian bookworm main\n")
+    assert guest_root.host_mirror(tmp_path) == "http://one.example/debian"
+    (tmp_path / "sources.list").unlink()
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://security.example/debian-security\nSuites: bookworm-security\n\n"
+        "Types: deb\nURIs: http://deb822.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n")
+    assert guest_root.host_mirror(tmp_path) == "http://deb822.example/debian"
+
+
+def _check_module():
+    loader = importlib.machinery.SourceFileLoader("arm64_check", str(ARM64 / "check"))
+    spec = importlib.util.spec_from_loader("arm64_check", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_a_machine_that_cannot_run_it_gets_one_line_and_exit_77(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(guest_root.os, "geteuid", lambda: 1000)
+    with pytest.raises(guest_root.CannotRun, match="^not root: "):
+        guest_root.ensure_host()
+    check = _check_module()
+    monkeypatch.setattr(sys, "argv", ["check", "--smoke"])
+    assert check.main() == check.CANNOT_RUN == 77
+    err = capsys.readouterr().err
+    assert err.splitlines() == [("arm64 check cannot run on this machine: not root: building the aarch64 root "
+                                 "(debootstrap, chroot) and binfmt_misc need root")]
+
+
+def test_every_case_names_an_exported_artifact_and_every_cpu_a_qemu_model() -> None:
+    assert all(c.artifact in cases.ARTIFACTS for c in cases.CASES.values())
+    assert set(cases.SMOKE_CASES) <= set(cases.CASES) and cases.SMOKE_CPU in cases.CPUS
+    assert json.loads(json.dumps(cases.CPUS))  # plain data: the guest imports it before anything else
+
+
+def test_folded_rows_show_the_member_nearest_its_allowance_and_fail_with_any_member() -> None:
+    x86 = {"kv-fp32": _run(1.0, 1.0), "kv-int8": _run(1.0, 1.0), "kv-int8@noise1": _run(1.0, 1.1)}
+    rows = [*compare.compare_case("cortex-a76", "kv-fp32", _run(1.00005, 1.0), compare.reference_for("kv-fp32", A76),
+                                  x86, 192),
+            *compare.compare_case("cortex-a76", "kv-int8", _run(1.0, 1.2), compare.reference_for("kv-int8", A76),
+                                  x86, 192)]
+    grouped = compare.Report(rows=rows).grouped()
+    assert [(r.case, r.path, round(r.max_dlogit, 5), r.ok) for r in grouped] == [
+        ("KV: all 16 formats, no exact tokens", "prefill", 5e-05, True),
+        ("KV: all 16 formats, no exact tokens", "decode", 0.2, True)]
+    rows[0] = compare.Row(**{**compare.asdict(rows[0]), "greedy_same": 31})
+    assert [r.ok for r in compare.Report(rows=rows).grouped()] == [False, True]
