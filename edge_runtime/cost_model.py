@@ -132,22 +132,16 @@ def estimate(spec: ModelSpec, profile: Profile, *, weights: str, block_size: int
              prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Estimate:
     """Decode tokens/s at each of `contexts` and the prefill bound for a `prompt_tokens` prompt (module docstring)."""
     missing = [key for key in COST_FACTS if getattr(profile, key) is None]
-    if missing:
-        return Estimate(model=model_name(spec), weights=weights, block_size=block_size if weights == "int4" else None,
-                        ple=ple, kv=kv, kv_sliding=kv_sliding, kv_recent=kv_recent, profile=profile.name,
-                        threads=profile.threads, bandwidth_gb_s=None, bandwidth_basis=None, clock_ghz=None,
-                        int8_macs_per_cycle=None, kernel_path=kernel_path(profile),
-                        bytes_per_token=sum(read_per_token(spec, weights, block_size, ple).values()), decode=(),
-                        prompt_tokens=prompt_tokens, prefill_tokens_per_second=None,
-                        unavailable=f"no estimate: the profile gives no {', '.join(missing)} (device_profiles/README.md)")
-    gb_s, basis = bandwidth(profile)
-    rate = gb_s * 1e9
+    gb_s, basis = bandwidth(profile) if not missing else (None, None)
     model_bytes = sum(read_per_token(spec, weights, block_size, ple).values())
     fmt, sliding = kv_format(kv), kv_format(kv_sliding)
     decode: list[Decode] = []
     prefill = None
     unavailable = None
-    if weights in DECODE_EFFICIENCY:
+    if missing:
+        unavailable = f"no estimate: the profile gives no {', '.join(missing)} (device_profiles/README.md)"
+    elif weights in DECODE_EFFICIENCY:
+        rate = gb_s * 1e9
         attention_rate = profile.threads * profile.clock_ghz * 1e9 * ATTENTION_VALUES_PER_CYCLE
         for context in sorted(set(contexts)):
             kv_bytes, kv_values = fmt.attention_reads(spec, context, kv_recent, sliding)
