@@ -539,14 +539,20 @@ def profiles_show(
     name: str = typer.Argument(..., help="Profile name, or a path to a profile TOML file."),
     as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
 ) -> None:
-    """One profile in full: memory, CPU, storage, default formats and context."""
+    """One profile in full: memory, CPU, storage, default formats and context, and the speed the cost model estimates
+    for E2B and E4B in those formats."""
+    from edge_runtime.cost_model import format_estimates, profile_estimates
     from edge_runtime.profiles import format_profile, load_profile
 
     try:
         p = load_profile(name)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
-    typer.echo(json.dumps(p.to_dict(), indent=1) if as_json else format_profile(p))
+    estimates = profile_estimates(p)
+    if as_json:
+        typer.echo(json.dumps({**p.to_dict(), "estimate": [e.to_dict() for e in estimates]}, indent=1))
+    else:
+        typer.echo(f"{format_profile(p)}\n\n{format_estimates(estimates)}")
 
 
 @_command(profiles_app, "edge-runtime profiles detect", "edge-runtime profiles detect --json", name="detect")
@@ -577,10 +583,12 @@ def plan(
     kv_sliding: str = KV_SLIDING,
     as_json: bool = typer.Option(False, "--json", help="Print the budget as JSON."),
 ) -> None:
-    """Whether a model fits a device: weights, PLE pages, KV cache, activations and overhead against its memory.
+    """Whether a model fits a device: weights, PLE pages, KV cache, activations and overhead against its memory, and
+    the decode and prefill speed the cost model estimates for it there.
 
     Exit code 2 when it does not fit (and what would fit is printed).
     """
+    from edge_runtime.cost_model import format_estimates, plan_estimate
     from edge_runtime.planner import format_plan, plan_memory
     from edge_runtime.profiles import resolve_profile
 
@@ -590,7 +598,11 @@ def plan(
         result = plan_memory(source or _resolve_model(model), resolve_profile(profile), context, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
-    typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else format_plan(result))
+    speed = plan_estimate(result)
+    if as_json:
+        typer.echo(json.dumps({**result.to_dict(), "estimate": speed.to_dict()}, indent=1))
+    else:
+        typer.echo(f"{format_plan(result)}\n\n{format_estimates([speed])}")
     if not result.fits:
         raise typer.Exit(2)
 

@@ -92,6 +92,24 @@ class KVFormat:
             total += spec.num_key_value_heads * (fmt.bytes_per_token(dim) * tokens + 8 * dim * ring)
         return total
 
+    def attention_reads(self, spec: ModelSpec, context: int, recent: int = 0,
+                        sliding: KVFormat | None = None) -> tuple[int, int]:
+        """(bytes, values) one decode step's attention reads with `context` tokens cached, as KVCache.bytes_read
+        counts them: every layer reads its source layer's used slots (a sliding ring at most its window +
+        ROLLBACK_TOKENS) in that layer type's format, plus the exact recent ring where that format is not exact.
+        Values are the keys' and values' elements read, whatever their encoding: attention's arithmetic grows
+        with them, its memory traffic with the bytes."""
+        read = values = 0
+        for source in spec.kv_sources:
+            window = spec.window(spec.layer_types[source])
+            fmt = self if window is None else sliding or self
+            slots = context if window is None else min(context, window + ROLLBACK_TOKENS)
+            ring = recent + ROLLBACK_TOKENS if recent and not fmt.exact else 0
+            dim = spec.head_dims[source]
+            read += spec.num_key_value_heads * (fmt.bytes_per_token(dim) * slots + 8 * dim * ring)
+            values += spec.num_key_value_heads * 2 * dim * (slots + ring)
+        return read, values
+
 
 def _tq(bits: float, keys: str) -> tuple[CodecSpec, CodecSpec]:
     """TurboQuant keys in `keys` style ("unbiased", "mse" or "prod"); values unbiased, or plain with plain keys."""

@@ -82,6 +82,7 @@ class _Setup:
 @dataclass(frozen=True)
 class Plan:
     model: str
+    spec: ModelSpec
     source: Path
     profile: Profile
     context: int
@@ -109,7 +110,7 @@ class Plan:
                 f"over); {instead}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "source": str(self.source),
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "spec"}, "source": str(self.source),
                 "profile": self.profile.name, "items": [{"name": n, "bytes": b} for n, b in self.items],
                 "fits": self.fits}
 
@@ -149,7 +150,7 @@ def plan_memory(source: Path, profile: Profile, context: int | None = None, *, k
                    tokenizer.stat().st_size if tokenizer.is_file() else 0)
     items = _items(setup)
     peak, budget = sum(b for _, b in items), profile.budget_bytes
-    return Plan(model=model_name(spec), source=source, profile=profile, context=context, weights=weights,
+    return Plan(model=model_name(spec), spec=spec, source=source, profile=profile, context=context, weights=weights,
                 block_size=block_size if weights == "int4" else None, ple=ple, kv=kv, kv_sliding=kv_sliding,
                 kv_recent=recent, items=items, peak_bytes=peak, budget_bytes=budget,
                 max_context=_max_context(setup, budget),
@@ -159,13 +160,13 @@ def plan_memory(source: Path, profile: Profile, context: int | None = None, *, k
 def model_name(spec: ModelSpec) -> str:
     """"Gemma 4 E2B (35 layers, hidden 1536)": the packaged config of the same shape names it."""
     shape = f"{spec.num_hidden_layers} layers, hidden {spec.hidden_size}"
-    for name, known in _known_models().items():
+    for name, known in known_models().items():
         if (known.num_hidden_layers, known.hidden_size) == (spec.num_hidden_layers, spec.hidden_size):
             return f"{name} ({shape})"
     return f"Gemma 4 ({shape})"
 
 
-def _known_models() -> dict[str, ModelSpec]:
+def known_models() -> dict[str, ModelSpec]:
     """The published E2B/E4B configs packaged with the runtime, by name: what "the smaller model" can be."""
     return {f"Gemma 4 {path.stem.rsplit('-', 1)[-1].upper()}": spec_from_hf_config(json.loads(path.read_text()), str(path))
             for path in sorted(MODEL_CONFIGS.glob("*.json"))}
@@ -180,27 +181,46 @@ def _checkpoint_ple(checkpoint: Path) -> str:
     return _CHECKPOINT_PLE[next(v["dtype"] for key, v in header.items() if key.endswith(name))]
 
 
-def _graphs(spec: ModelSpec) -> list[tuple[list[tuple[int, int]], int]]:
-    """Each graph's linear weights [out, in] and float32 vector values, in the engine's load order (the head's
-    segment first), as export/gemma4.py builds them: segment i holds the rest of layer i-1 and the attention inputs
-    of layer i (q, k, v as one stacked weight), segment 0 the PLE projection, the last the head."""
+@dataclass(frozen=True)
+class _Graph:
+    """Part of an ONNX graph: its linear weights [out, in], its float32 vector values, and whether a prefill runs it
+    at every position of a chunk or, as the engine does for KV-shared layers and the head, at the chunk's last only."""
+
+    linears: list[tuple[int, int]]
+    vector_values: int
+    every_position: bool
+
+
+def _graphs(spec: ModelSpec) -> list[_Graph]:
+    """The graphs' parts in the engine's load order (the head's segment first), as export/gemma4.py builds them:
+    segment i holds the rest of layer i-1 and the attention inputs of layer i (q, k and v as one stacked weight,
+    gate and up as one), segment 0 the PLE projection, the last segment the head."""
     h, p, n = spec.hidden_size, spec.hidden_size_per_layer_input, spec.num_hidden_layers
 
-    def rest_of_layer(i: int) -> tuple[list[tuple[int, int]], int]:
+    def rest_of_layer(i: int) -> _Graph:
         q, m = spec.num_attention_heads * spec.head_dims[i], spec.mlp_size(i)
-        return [(h, q), (2 * m, h), (h, m), (p, h), (h, p)], 4 * h + 1  # + 4 norms, layer_scalar
+        return _Graph([(h, q), (2 * m, h), (h, m), (p, h), (h, p)], 4 * h + 1, not spec.is_kv_shared(i))
 
-    def attention_inputs(i: int) -> tuple[list[tuple[int, int]], int]:
+    def attention_inputs(i: int) -> _Graph:
         hd, shared = spec.head_dims[i], spec.is_kv_shared(i)
         rows = (spec.num_attention_heads + (0 if shared else 2 * spec.num_key_value_heads)) * hd
-        return [(rows, h)], h + hd * (1 if shared else 2)  # + norms
+        return _Graph([(rows, h)], h + hd * (1 if shared else 2), not shared)  # + norms
 
-    def segment(i: int) -> tuple[list[tuple[int, int]], int]:
-        parts = ([rest_of_layer(i - 1)] if i else [([(n * p, h)], p)])
-        parts.append(([(spec.vocab_size, h)], h) if i == n else attention_inputs(i))
-        return [w for linears, _ in parts for w in linears], sum(v for _, v in parts)
+    def segment(i: int) -> list[_Graph]:
+        first = rest_of_layer(i - 1) if i else _Graph([(n * p, h)], p, True)
+        return [first, _Graph([(spec.vocab_size, h)], h, False) if i == n else attention_inputs(i)]
 
-    return [segment(n), *(segment(i) for i in range(n))]
+    return [part for i in (n, *range(n)) for part in segment(i)]
+
+
+def linear_macs(spec: ModelSpec) -> tuple[int, int]:
+    """(multiply-accumulates of the linear layers run at every prompt position, those run once per prefill chunk at
+    its last position): a decode step runs both; attention's own products are not counted."""
+    every = last = 0
+    for graph in _graphs(spec):
+        macs = sum(n * k for n, k in graph.linears)
+        every, last = (every + macs, last) if graph.every_position else (every, last + macs)
+    return every, last
 
 
 def _linear(fmt: str, block: int, n: int, k: int) -> tuple[int, int]:
@@ -219,12 +239,31 @@ def weight_bytes(spec: ModelSpec, weights: str, block_size: int) -> tuple[int, i
     """(bytes the graphs read per token, as a manifest's read_per_token["weights"]; bytes resident once loaded;
     the load peak above the runtime: resident so far plus the tensor being repacked, at its worst)."""
     stored = resident = load_peak = 0
-    for linears, vector_values in _graphs(spec):
-        sizes = [_linear(weights, block_size, n, k) for n, k in linears]
-        stored += sum(s for s, _ in sizes) + 4 * vector_values
-        resident += sum(r for _, r in sizes) + 4 * vector_values
+    for graph in _graphs(spec):
+        sizes = [_linear(weights, block_size, n, k) for n, k in graph.linears]
+        stored += sum(s for s, _ in sizes) + 4 * graph.vector_values
+        resident += sum(r for _, r in sizes) + 4 * graph.vector_values
         load_peak = max(load_peak, resident + max(s for s, _ in sizes))
     return stored, resident, load_peak
+
+
+def embedding_row_bytes(spec: ModelSpec, weights: str, block_size: int) -> int:
+    """Bytes of the main embedding row a token reads (export/exporter.py: the head's own rows, or int8's lookup copy
+    with its float32 scale)."""
+    h = spec.hidden_size
+    if weights in ("fp32", "fp16"):
+        return h * (4 if weights == "fp32" else 2)
+    if weights == "int8":
+        return h + 4
+    blocks = -(-h // block_size)
+    return blocks * block_size // 2 + 4 * blocks
+
+
+def read_per_token(spec: ModelSpec, weights: str, block_size: int, ple: str) -> dict[str, int]:
+    """The model bytes one decode step reads, by part, as an export in these formats records them in its manifest
+    (`Manifest.read_per_token`): known before exporting, which is what the cost model needs."""
+    return {"weights": weight_bytes(spec, weights, block_size)[0],
+            "embedding_row": embedding_row_bytes(spec, weights, block_size), "ple_row": ple_row_bytes(spec, ple)}
 
 
 def ple_row_bytes(spec: ModelSpec, ple: str) -> int:
@@ -296,7 +335,7 @@ def _suggestions(s: _Setup, budget: int, source: Path) -> list[str]:
     if 0 < (fitting := _max_context(s, budget)):
         out.append(f"--context {fitting}: {_size(_peak(replace(s, context=fitting)))}")
     own = weight_bytes(s.spec, "int4", 128)[1]
-    for name, spec in _known_models().items():
+    for name, spec in known_models().items():
         if weight_bytes(spec, "int4", 128)[1] >= own:
             continue
         small = replace(compact, spec=spec, context=min(s.context, spec.max_position_embeddings))

@@ -37,11 +37,18 @@ _MEM_MATCH = 0.75
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "": {"name": str, "title": str},
-    "memory": {"total_mb": int, "app_share": (int, float)},
-    "cpu": {"arch": str, "cores": int, "threads": int, "features": list},
+    "memory": {"total_mb": int, "app_share": (int, float), "peak_gb_s": (int, float), "sustained_gb_s": (int, float)},
+    "cpu": {"arch": str, "cores": int, "threads": int, "features": list, "clock_ghz": (int, float),
+            "int8_macs_per_cycle": int},
     "storage": {"read_mb_s": (int, float)},
     "defaults": {"weights": str, "block_size": int, "ple": str, "kv": str, "context": int},
 }
+# The cost model's facts are optional, so that a profile written only to plan memory keeps loading: without them
+# `plan` and `profiles show` say there is no estimate. A sustained read bandwidth is a measurement, and not every
+# device has a published one: the cost model then takes a share of the peak (edge_runtime/cost_model.py). The
+# bundled profiles give all but that (tests/test_cost_model.py).
+COST_FACTS = ("peak_gb_s", "clock_ghz", "int8_macs_per_cycle")
+_OPTIONAL = {"sustained_gb_s", *COST_FACTS}
 _TYPE_NAMES = {str: "a string", int: "an integer", (int, float): "a number", list: "a list"}
 
 
@@ -53,10 +60,14 @@ class Profile:
     title: str
     memory_bytes: int
     app_share: float
+    peak_gb_s: float | None
+    sustained_gb_s: float | None
     arch: str
     cores: int
     threads: int
     cpu_features: tuple[str, ...]
+    clock_ghz: float | None
+    int8_macs_per_cycle: int | None
     storage_read_mb_s: float
     weights: str
     block_size: int
@@ -142,25 +153,42 @@ def _parse(path: Path, bundled: bool) -> Profile:
     for table, keys in _SCHEMA.items():
         for key, kind in keys.items():
             if key not in tables.get(table, {}):
+                if key in _OPTIONAL:
+                    v[key] = None
+                    continue
                 raise EdgeRuntimeError(f"{path}: {label[key]} is missing; add it (see device_profiles/README.md)")
             v[key] = tables[table][key]
             check(key, isinstance(v[key], kind) and not isinstance(v[key], bool), f"expected {_TYPE_NAMES[kind]}")
     check("name", not bundled or v["name"] == path.stem, f"must equal the file name {path.stem!r}")
     check("total_mb", v["total_mb"] > 0, "must be positive")
     check("app_share", 0 < v["app_share"] <= 1, "must be a share of memory in (0, 1]")
+    if v["peak_gb_s"] is not None:
+        check("peak_gb_s", v["peak_gb_s"] > 0, "must be positive")
+    if v["sustained_gb_s"] is not None:
+        check("sustained_gb_s", v["peak_gb_s"] is not None and 0 < v["sustained_gb_s"] <= v["peak_gb_s"],
+              f"must be positive and at most peak_gb_s ({v['peak_gb_s']})")
     check("arch", v["arch"] in ARCHES, f"choose one of {', '.join(ARCHES)}")
     check("cores", v["cores"] >= 1, "must be at least 1")
     check("threads", 1 <= v["threads"] <= v["cores"], f"must be between 1 and cores ({v['cores']})")
     unknown = [f for f in v["features"] if f not in CPU_FEATURES]
     check("features", not unknown, f"unknown {unknown}; choose from {', '.join(CPU_FEATURES)}")
+    if v["clock_ghz"] is not None:
+        check("clock_ghz", v["clock_ghz"] > 0, "must be positive")
+    if v["int8_macs_per_cycle"] is not None:
+        check("int8_macs_per_cycle", v["int8_macs_per_cycle"] >= 1, "must be at least 1")
     check("read_mb_s", v["read_mb_s"] > 0, "must be positive")
     check("weights", v["weights"] in WEIGHT_FORMATS, f"choose one of {', '.join(WEIGHT_FORMATS)}")
     check("block_size", v["block_size"] in BLOCK_SIZES, f"choose one of {', '.join(map(str, BLOCK_SIZES))}")
     check("ple", v["ple"] in ("auto", *PLE_FORMATS), f"choose auto or one of {', '.join(PLE_FORMATS)}")
     check("kv", v["kv"] in KV_FORMATS, f"not a KV cache format; choose one of {', '.join(KV_FORMATS)}")
     check("context", v["context"] > 0, "must be a positive number of tokens")
+    def number(key: str) -> float | None:
+        return None if v[key] is None else float(v[key])
+
     return Profile(name=v["name"], title=v["title"], memory_bytes=v["total_mb"] << 20, app_share=float(v["app_share"]),
+                   peak_gb_s=number("peak_gb_s"), sustained_gb_s=number("sustained_gb_s"),
                    arch=v["arch"], cores=v["cores"], threads=v["threads"], cpu_features=tuple(v["features"]),
+                   clock_ghz=number("clock_ghz"), int8_macs_per_cycle=v["int8_macs_per_cycle"],
                    storage_read_mb_s=float(v["read_mb_s"]), weights=v["weights"], block_size=v["block_size"],
                    ple=v["ple"], kv=v["kv"], context=v["context"], path=path)
 
@@ -263,7 +291,11 @@ def format_profile(p: Profile) -> str:
     return "\n".join([
         f"{p.name}: {p.title}",
         f"  memory    {_gib(p.memory_bytes)}, budget {_gib(p.budget_bytes)} ({p.app_share:.0%} for this runtime)",
-        f"  cpu       {p.arch}, {p.cores} cores, {p.threads} threads",
+        "  bandwidth " + ("not given" if p.peak_gb_s is None else f"{p.peak_gb_s:g} GB/s peak, " + (
+            f"{p.sustained_gb_s:g} GB/s sustained read" if p.sustained_gb_s else "no published sustained read figure")),
+        f"  cpu       {p.arch}, {p.cores} cores, {p.threads} threads"
+        + ("" if p.clock_ghz is None else f", {p.clock_ghz:g} GHz")
+        + ("" if p.int8_macs_per_cycle is None else f", {p.int8_macs_per_cycle} int8 MACs/cycle per core"),
         f"  features  {' '.join(p.cpu_features) or 'none'}",
         f"  storage   {p.storage_read_mb_s:g} MB/s read",
         f"  defaults  {_defaults(p)}",

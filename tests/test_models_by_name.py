@@ -23,11 +23,14 @@ title = "A device with 64 MB"
 [memory]
 total_mb = 64
 app_share = 0.5
+peak_gb_s = 3.2
 [cpu]
 arch = "aarch64"
 cores = 1
 threads = 1
 features = ["neon"]
+clock_ghz = 1.0
+int8_macs_per_cycle = 4
 [storage]
 read_mb_s = 10
 [defaults]

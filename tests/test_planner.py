@@ -24,6 +24,7 @@ from edge_runtime.planner import (
     model_name,
     plan_memory,
     ple_page_bytes,
+    read_per_token,
     weight_bytes,
 )
 from edge_runtime.profiles import Profile, load_profile
@@ -60,6 +61,13 @@ def config_only(tmp_path: Path, name: str) -> Path:
 def test_weight_bytes_from_shapes_equal_the_exported_graphs(exported, fmt):
     manifest = read_manifest(exported[fmt])
     assert weight_bytes(manifest.spec, fmt, 32)[0] == manifest.read_per_token["weights"]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "int8", "int4"])
+def test_read_per_token_from_shapes_equals_the_manifests(exported, fmt):
+    """What the cost model reads per token, known before exporting, is what the export records (and bench uses)."""
+    manifest = read_manifest(exported[fmt])
+    assert read_per_token(manifest.spec, fmt, 32, manifest.formats["ple"]) == manifest.read_per_token
 
 
 def test_checkpoint_plans_as_its_export(checkpoint, exported):

@@ -72,6 +72,11 @@ def test_unknown_profile_message() -> None:
     (("threads = 4", "threads = 0"), "[cpu] threads = 0: must be between 1 and cores (4)"),
     (('"neon"', '"neon", "sme"'), "[cpu] features = ['neon', 'sme']: unknown ['sme']"),
     (("[storage]", "storage ="), "not valid TOML: "),
+    (("sustained_gb_s = 4.8", "sustained_gb_s = 20"),
+     "[memory] sustained_gb_s = 20: must be positive and at most peak_gb_s (12.8)"),
+    (("clock_ghz = 1.8", "clock_ghz = 0"), "[cpu] clock_ghz = 0: must be positive"),
+    (("int8_macs_per_cycle = 8", "int8_macs_per_cycle = 8.5"), "[cpu] int8_macs_per_cycle = 8.5: expected an integer"),
+    (("peak_gb_s = 12.8", 'peak_gb_s = "fast"'), "[memory] peak_gb_s = 'fast': expected a number"),
 ])
 def test_broken_custom_profile(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
     text = load_profile("pi4-4gb").path.read_text()
@@ -82,6 +87,15 @@ def test_broken_custom_profile(tmp_path: Path, edit: tuple[str, str], message: s
         load_profile(path)
     assert str(e.value).startswith(f"{path}: {message}")
     assert "\n" not in str(e.value)
+
+
+def test_sustained_bandwidth_is_optional(tmp_path: Path) -> None:
+    text = load_profile("pi4-4gb").path.read_text()
+    path = tmp_path / "no-measurement.toml"
+    path.write_text(text.replace("sustained_gb_s = 4.8\n", ""))
+    profile = load_profile(path)
+    assert (profile.peak_gb_s, profile.sustained_gb_s) == (12.8, None)
+    assert "12.8 GB/s peak, no published sustained read figure" in format_profile(profile)
 
 
 def test_bundled_name_must_match_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,6 +183,7 @@ def test_formatters() -> None:
     assert text.splitlines()[0] == "pi5-8gb: Raspberry Pi 5, 8 GB"
     assert "8.0 GiB, budget 6.0 GiB (75% for this runtime)" in text
     assert "neon dotprod" in text and "context 32768" in text
+    assert "17.07 GB/s peak, 11.6 GB/s sustained read" in text and "2.4 GHz, 32 int8 MACs/cycle per core" in text
     table = format_profile_table(list_profiles()).splitlines()
     assert len(table) == len(NAMES) + 1 and table[0].startswith("name")
     assert any(line.startswith("pi4-2gb") and "int4 b128" in line and "2048" in line for line in table)

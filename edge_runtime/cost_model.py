@@ -1,0 +1,213 @@
+"""The cost model: how fast a Gemma 4 model in given formats should decode and prefill on a profile's device, from
+the device's published facts and the bytes and products a token needs. An estimate, labelled as one wherever it is
+printed (`edge-runtime plan`, `edge-runtime profiles show`); `tools/cost_model_check.py` compares it with
+`edge-runtime bench` on the machine at hand.
+
+Decode reads every weight once per token (DESIGN.md section 3), so a step takes
+
+    model bytes / (DECODE_EFFICIENCY[weights] x bandwidth)     weights, embedding row and PLE row
+  + KV bytes / bandwidth                                     the cache attention reads at the context
+  + KV values / (threads x clock x ATTENTION_VALUES_PER_CYCLE)   attention's arithmetic over it (numpy)
+
+and prefill is bound by int8 arithmetic (both quantized formats compute in int8):
+
+    tokens/s <= threads x int8 MACs per cycle x clock x PREFILL_EFFICIENCY[weights] / linear MACs per token
+
+where the KV-shared layers and the head count once per prefill chunk, since the engine runs them at its last
+position only. Model bytes and MACs come from the shapes (planner.py, the same arithmetic as the exporter's), KV
+bytes and values from the KV format (KVFormat.attention_reads). The bandwidth is the profile's sustained read
+bandwidth where one was measured and published, else SUSTAINED_SHARE of its peak.
+
+The efficiencies are what the kernels achieve of the device's bandwidth or arithmetic peak. They were measured on
+one machine only (CALIBRATED_ON) and are applied to every device: a kernel path that is slower or faster relative
+to its peak there (the A72's int8 without dot-product instructions, KleidiAI's int4 on dotprod cores) makes the
+estimate wrong by that ratio until it is measured on such a device.
+
+KV formats are told apart by their bytes only: an element of TurboQuant codes costs attention about half an fp16
+one's time at 8k here, and each step encodes its keys and values (numpy, ~8 ms a step on E2B), so with tq3.5 the
+estimate is ~25% high at short contexts and ~30% low at 8k on the calibration machine (README, "Speed estimates").
+
+What the model ignores: attention's arithmetic during prefill (small at short prompts, not at long ones); the
+Python and onnxruntime call overhead per step (~72 calls a token, in the efficiencies as measured on a fast core,
+so relatively larger on slow cores); thermal throttling (a Pi 4 without a heatsink drops to 1.5 GHz or lower);
+big.LITTLE scheduling (the profiles' threads and clock are their big or middle cores'); other processes sharing the
+memory bus; caches (an E2B step reads far more than any cache holds, which is why bandwidth rules).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edge_runtime.kv_formats import DEFAULT_SLIDING_KV_FORMAT, kv_format
+from edge_runtime.model import DEFAULT_PREFILL_CHUNK
+from edge_runtime.model_spec import ModelSpec
+from edge_runtime.planner import Plan, known_models, linear_macs, model_name, read_per_token
+from edge_runtime.profiles import COST_FACTS, Profile
+
+# Measured by tools/cost_model_check.py (`edge-runtime bench -p 128 -n 32 -r 3`, and `-p 0 -n 32 -r 1 -d 2048` or
+# `-d 8192`) on random-weight E2B and E4B artifacts, int4 block 128 and int8, PLE int8, fp16 KV with fp32 sliding
+# rings, onnxruntime 1.32, 2 threads, each run started with the 1-minute load average below 1.0, on:
+CALIBRATED_ON = "AMD EPYC (Zen 4) KVM guest, 2 cores at 2.6 GHz, AVX-512 VNNI"
+# Each constant is the mean of what the runs imply (the value that makes a run's estimate exact). Decode at depth
+# 0, as a share of the profile's sustained read bandwidth (x86_64-dev: 35 GB/s), the KV terms subtracted: int4
+# 0.78 (E2B 0.69-0.78 over 3 runs, E4B 0.85-0.88 over 2), int8 0.67 (E2B 0.59-0.71 over 2, E4B 0.70). E2B reaches
+# less than E4B: the ~72 calls a step cost the same for fewer bytes.
+DECODE_EFFICIENCY = {"int8": 0.67, "int4": 0.78}
+# Prefill (pp128), as a share of threads x int8 MACs per cycle x clock: int4 0.45 (E2B 0.40-0.44, E4B 0.49-0.51),
+# int8 0.36 (E2B 0.34-0.35, E4B 0.41).
+PREFILL_EFFICIENCY = {"int8": 0.36, "int4": 0.45}
+# Attention over the cache in numpy, in key and value elements per cycle per thread: 0.07-0.12 over 7 decode runs
+# at depth 2048 and 8192 (E2B at 2048 reads 23 million elements a step, ~2 ns each on the 2 threads); a later run
+# with these constants fixed is in the README.
+ATTENTION_VALUES_PER_CYCLE = 0.095
+# Without a published sustained read bandwidth, this share of the peak: the Raspberry Pi 5's 11.6 GB/s read with 4
+# threads of its 17.07 GB/s (device_profiles/pi5-8gb.toml gives the sources).
+SUSTAINED_SHARE = 0.68
+SHORT_CONTEXT = 128  # decode right after a short prompt
+PROMPT_TOKENS = 128  # the prompt the prefill bound is stated for
+LABEL = "estimate (cost model, not a measurement)"
+
+
+@dataclass(frozen=True)
+class Decode:
+    """The decode estimate at one context: tokens cached, KV bytes read per token, tokens per second."""
+
+    context: int
+    kv_bytes_per_token: int
+    tokens_per_second: float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Expected speed of one model in one set of formats on one profile's device, and what it was computed from.
+    `unavailable` says why a format has no figures (its efficiencies were never measured)."""
+
+    model: str
+    weights: str
+    block_size: int | None
+    ple: str
+    kv: str
+    kv_sliding: str
+    kv_recent: int
+    profile: str
+    threads: int
+    bandwidth_gb_s: float | None  # None, with the next three: the profile lacks the facts (see `unavailable`)
+    bandwidth_basis: str | None
+    clock_ghz: float | None
+    int8_macs_per_cycle: int | None
+    kernel_path: str
+    bytes_per_token: int
+    decode: tuple[Decode, ...]
+    prompt_tokens: int
+    prefill_tokens_per_second: float | None
+    unavailable: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": LABEL, "calibrated_on": CALIBRATED_ON, **vars(self), "decode": [vars(d) for d in self.decode]}
+
+
+def bandwidth(profile: Profile) -> tuple[float, str]:
+    """GB/s the estimate reads at, and where the figure comes from."""
+    if profile.sustained_gb_s is not None:
+        return profile.sustained_gb_s, "the profile's sustained read"
+    return (SUSTAINED_SHARE * profile.peak_gb_s,
+            f"{SUSTAINED_SHARE:g} x the {profile.peak_gb_s:g} GB/s peak: no published sustained read figure")
+
+
+def kernel_path(profile: Profile) -> str:
+    """The int8 instructions onnxruntime's kernels use on this device, as its CPU features say."""
+    f = set(profile.cpu_features)
+    if profile.arch == "aarch64":
+        return "i8mm" if "i8mm" in f else "dotprod (sdot)" if "dotprod" in f else "neon (no dot-product)"
+    if "vnni" in f:
+        return "avx512-vnni" if "avx512" in f else "avx-vnni"
+    return "avx512" if "avx512" in f else "avx2" if "avx2" in f else "sse"
+
+
+def estimate(spec: ModelSpec, profile: Profile, *, weights: str, block_size: int, ple: str, kv: str,
+             kv_recent: int, kv_sliding: str, contexts: Sequence[int], prompt_tokens: int = PROMPT_TOKENS,
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Estimate:
+    """Decode tokens/s at each of `contexts` and the prefill bound for a `prompt_tokens` prompt (module docstring)."""
+    missing = [key for key in COST_FACTS if getattr(profile, key) is None]
+    gb_s, basis = bandwidth(profile) if not missing else (None, None)
+    model_bytes = sum(read_per_token(spec, weights, block_size, ple).values())
+    fmt, sliding = kv_format(kv), kv_format(kv_sliding)
+    decode: list[Decode] = []
+    prefill = None
+    unavailable = None
+    if missing:
+        unavailable = f"no estimate: the profile gives no {', '.join(missing)} (device_profiles/README.md)"
+    elif weights in DECODE_EFFICIENCY:
+        rate = gb_s * 1e9
+        attention_rate = profile.threads * profile.clock_ghz * 1e9 * ATTENTION_VALUES_PER_CYCLE
+        for context in sorted(set(contexts)):
+            kv_bytes, kv_values = fmt.attention_reads(spec, context, kv_recent, sliding)
+            seconds = model_bytes / (DECODE_EFFICIENCY[weights] * rate) + kv_bytes / rate + kv_values / attention_rate
+            decode.append(Decode(context, kv_bytes, 1 / seconds))
+        every, last = linear_macs(spec)
+        macs = prompt_tokens * every + math.ceil(prompt_tokens / prefill_chunk) * last
+        macs_per_second = (profile.threads * profile.int8_macs_per_cycle * profile.clock_ghz * 1e9
+                           * PREFILL_EFFICIENCY[weights])
+        prefill = prompt_tokens * macs_per_second / macs
+    else:
+        unavailable = (f"no estimate for {weights} weights: the cost model's efficiencies are measured for "
+                       f"{' and '.join(DECODE_EFFICIENCY)} only")
+    return Estimate(model=model_name(spec), weights=weights, block_size=block_size if weights == "int4" else None,
+                    ple=ple, kv=kv, kv_sliding=kv_sliding, kv_recent=kv_recent, profile=profile.name,
+                    threads=profile.threads, bandwidth_gb_s=gb_s, bandwidth_basis=basis, clock_ghz=profile.clock_ghz,
+                    int8_macs_per_cycle=profile.int8_macs_per_cycle, kernel_path=kernel_path(profile),
+                    bytes_per_token=model_bytes, decode=tuple(decode), prompt_tokens=prompt_tokens,
+                    prefill_tokens_per_second=prefill, unavailable=unavailable)
+
+
+def plan_estimate(plan: Plan) -> Estimate:
+    """The planned model in the plan's formats, at a short context and the plan's."""
+    return estimate(plan.spec, plan.profile, weights=plan.weights, block_size=plan.block_size or 0, ple=plan.ple,
+                    kv=plan.kv, kv_recent=plan.kv_recent, kv_sliding=plan.kv_sliding,
+                    contexts=(min(SHORT_CONTEXT, plan.context), plan.context))
+
+
+def profile_estimates(profile: Profile) -> list[Estimate]:
+    """E2B and E4B (the packaged configs) in the profile's default formats, at a short context and the profile's (at most the
+    model's). A PLE format of "auto" is taken as bf16, the published checkpoints' own."""
+    ple = "bf16" if profile.ple == "auto" else profile.ple
+    return [estimate(spec, profile, weights=profile.weights, block_size=profile.block_size, ple=ple, kv=profile.kv,
+                     kv_recent=kv_format(profile.kv).default_recent, kv_sliding=DEFAULT_SLIDING_KV_FORMAT,
+                     contexts=(SHORT_CONTEXT, min(profile.context, spec.max_position_embeddings)))
+            for spec in known_models().values()]
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def format_estimates(estimates: Sequence[Estimate]) -> str:
+    """The "estimate" section `plan` and `profiles show` print: one row per model, then what it was computed from."""
+    first = estimates[0]
+    weights = f"int4 b{first.block_size}" if first.block_size else first.weights
+    recent = f", {first.kv_recent} exact recent" if first.kv_recent else ""
+    lines = [f"{LABEL}: weights {weights}, PLE {first.ple}, KV {first.kv} (sliding {first.kv_sliding}{recent})"]
+    contexts = sorted({d.context for e in estimates for d in e.decode})
+    header = ["model", "bytes/token", *(f"decode t/s @ {c}" for c in contexts),
+              f"prefill t/s bound ({first.prompt_tokens}-token prompt)"]
+    rows = []
+    for e in estimates:
+        if e.unavailable:
+            lines.append(f"  {e.model}: {e.unavailable}")
+            continue
+        speed = {d.context: f"{d.tokens_per_second:.1f}" for d in e.decode}
+        rows.append([e.model.split(" (")[0], _gib(e.bytes_per_token), *(speed.get(c, "-") for c in contexts),
+                     f"{e.prefill_tokens_per_second:.0f}"])
+    if rows:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                  for r in [header, *rows]]
+    if first.bandwidth_gb_s is None:
+        return "\n".join(lines)
+    lines.append(f"  from {first.bandwidth_gb_s:.1f} GB/s ({first.bandwidth_basis}) and {first.threads} threads x "
+                 f"{first.int8_macs_per_cycle} int8 MACs/cycle ({first.kernel_path}) x {first.clock_ghz:g} GHz;")
+    lines.append(f"  efficiencies measured on {CALIBRATED_ON} only (README, \"Speed estimates\")")
+    return "\n".join(lines)

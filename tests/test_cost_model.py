@@ -1,0 +1,182 @@
+"""The cost model's arithmetic: its figures follow from the profile's facts and the shapes, the bytes and products it
+counts are the ones the runtime reads and runs, and `plan` / `profiles show` print them labelled as an estimate.
+(No timing here: tools/cost_model_check.py compares the estimate with the bench.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import edge_runtime
+from edge_runtime import cost_model
+from edge_runtime.cost_model import (
+    LABEL,
+    PREFILL_EFFICIENCY,
+    SHORT_CONTEXT,
+    SUSTAINED_SHARE,
+    estimate,
+    format_estimates,
+    profile_estimates,
+)
+from edge_runtime.device_profiles import PROFILE_DIR
+from edge_runtime.kv_formats import kv_format
+from edge_runtime.planner import known_models, linear_macs, read_per_token
+from edge_runtime.profiles import load_profile
+
+E2B, E4B = known_models()["Gemma 4 E2B"], known_models()["Gemma 4 E4B"]
+FORMATS = dict(weights="int4", block_size=128, ple="int4", kv="tq3.5", kv_recent=32, kv_sliding="fp32")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_runtime", *args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ))
+
+
+def speeds(profile, spec=E2B, contexts=(SHORT_CONTEXT, 32768), **changes):
+    e = estimate(spec, profile, contexts=contexts, **{**FORMATS, **changes})
+    return [d.tokens_per_second for d in e.decode], e.prefill_tokens_per_second
+
+
+def test_decode_is_the_sum_of_its_terms():
+    pi5 = load_profile("pi5-8gb")
+    e = estimate(E2B, pi5, contexts=(4096,), **FORMATS)
+    model_bytes = sum(read_per_token(E2B, "int4", 128, "int4").values())
+    kv_bytes, kv_values = kv_format("tq3.5").attention_reads(E2B, 4096, 32, kv_format("fp32"))
+    rate = pi5.sustained_gb_s * 1e9
+    seconds = (model_bytes / (cost_model.DECODE_EFFICIENCY["int4"] * rate) + kv_bytes / rate
+               + kv_values / (pi5.threads * pi5.clock_ghz * 1e9 * cost_model.ATTENTION_VALUES_PER_CYCLE))
+    assert e.decode[0].tokens_per_second == pytest.approx(1 / seconds, rel=1e-12)
+    assert (e.bytes_per_token, e.decode[0].kv_bytes_per_token) == (model_bytes, kv_bytes)
+
+
+def test_bandwidth_and_clock_scale_decode_and_prefill():
+    pi5 = load_profile("pi5-8gb")
+    (short, long), prefill = speeds(pi5)
+    (short2, long2), prefill2 = speeds(dataclasses.replace(pi5, sustained_gb_s=2 * pi5.sustained_gb_s,
+                                                           peak_gb_s=2 * pi5.peak_gb_s, clock_ghz=2 * pi5.clock_ghz))
+    assert (short2, long2, prefill2) == pytest.approx((2 * short, 2 * long, 2 * prefill), rel=1e-12)
+    (short_bw, long_bw), prefill_bw = speeds(dataclasses.replace(pi5, sustained_gb_s=2 * pi5.sustained_gb_s))
+    assert prefill_bw == prefill  # prefill is bound by arithmetic, not bytes
+    assert short < short_bw < 2 * short and long < long_bw < 2 * long  # attention's arithmetic does not scale
+    assert speeds(dataclasses.replace(pi5, int8_macs_per_cycle=64))[1] == pytest.approx(2 * prefill, rel=1e-12)
+    assert speeds(dataclasses.replace(pi5, threads=2))[1] == pytest.approx(prefill / 2, rel=1e-12)
+    assert long < short  # the cache read grows with the context
+
+
+def test_fewer_bytes_decode_faster_and_kv_formats_count():
+    pi5 = load_profile("pi5-8gb")
+    int4 = sum(read_per_token(E2B, "int4", 128, "int4").values())
+    int8 = sum(read_per_token(E2B, "int8", 0, "int8").values())
+    assert int4 < 0.55 * int8
+    assert speeds(pi5)[0][0] > speeds(pi5, weights="int8", ple="int8")[0][0]
+    assert speeds(pi5, spec=E4B)[0][0] < speeds(pi5)[0][0]  # E4B reads twice E2B's bytes
+    tq, fp16 = speeds(pi5, contexts=(32768,))[0][0], speeds(pi5, contexts=(32768,), kv="fp16", kv_recent=0)[0][0]
+    assert tq > fp16  # tq3.5 reads 0.23x fp16's KV bytes
+
+
+def test_linear_macs_are_the_published_parameters_read_per_token():
+    """DESIGN.md's table: E2B reads 2.280 B parameters per token (all but PLE), E4B 4.644 B; every one is a
+    multiply-accumulate of a decode step, bar the norms (and the embedding row, which is looked up)."""
+    for spec, billions in ((E2B, 2.280), (E4B, 4.644)):
+        every, last = linear_macs(spec)
+        assert (every + last) / 1e9 == pytest.approx(billions, rel=0.002)
+        assert last > spec.vocab_size * spec.hidden_size  # the head, and the KV-shared layers
+
+
+def test_prefill_counts_the_last_position_graphs_once_per_chunk():
+    pi5 = load_profile("pi5-8gb")
+    every, last = linear_macs(E2B)
+    rate = pi5.threads * pi5.int8_macs_per_cycle * pi5.clock_ghz * 1e9 * PREFILL_EFFICIENCY["int4"]
+    for prompt, chunks in ((1, 1), (128, 1), (256, 1), (257, 2)):
+        e = estimate(E2B, pi5, contexts=(prompt,), prompt_tokens=prompt, **FORMATS)
+        assert e.prefill_tokens_per_second == pytest.approx(prompt * rate / (prompt * every + chunks * last))
+
+
+def test_without_a_sustained_figure_a_share_of_the_peak():
+    phone = load_profile("android-8gb")
+    assert phone.sustained_gb_s is None
+    e = estimate(E2B, phone, contexts=(SHORT_CONTEXT,), **FORMATS)
+    assert e.bandwidth_gb_s == pytest.approx(SUSTAINED_SHARE * phone.peak_gb_s)
+    assert f"{SUSTAINED_SHARE:g} x the {phone.peak_gb_s:g} GB/s peak" in e.bandwidth_basis
+    assert estimate(E2B, load_profile("pi5-8gb"), contexts=(1,), **FORMATS).bandwidth_basis == "the profile's sustained read"
+
+
+def test_uncalibrated_formats_have_no_figures():
+    e = estimate(E2B, load_profile("pi5-8gb"), contexts=(SHORT_CONTEXT,), **{**FORMATS, "weights": "fp16"})
+    assert (e.decode, e.prefill_tokens_per_second) == ((), None)
+    assert e.unavailable == "no estimate for fp16 weights: the cost model's efficiencies are measured for int8 and int4 only"
+    assert e.unavailable in format_estimates([e])
+
+
+def test_attention_reads_are_what_the_cache_reads(artifacts):
+    """The shapes' count of a step's KV read equals the bench's (every layer's read of its source's store), past the
+    sliding window and its rollback slots, with an exact recent ring and without."""
+    for kv, recent in (("fp16", 0), ("tq3.5", 4), ("int8", 0)):
+        model = edge_runtime.load(artifacts["shared-mqa-wide"], kv=kv, kv_recent=recent, kv_sliding="fp32")
+        spec, cache = model.spec, model.engine.cache
+        for length in (5, 90):
+            model.engine.reset()
+            model.engine.forward(np.arange(3, 3 + length), all_logits=False)
+            read = sum(cache.bytes_read(s) for s in spec.kv_sources)
+            assert kv_format(kv).attention_reads(spec, length, recent, kv_format("fp32"))[0] == read, (kv, length)
+
+
+def test_profile_estimates_cover_both_models_at_short_and_profile_context():
+    pi4 = load_profile("pi4-4gb")
+    estimates = profile_estimates(pi4)
+    assert [e.model.split(" (")[0] for e in estimates] == ["Gemma 4 E2B", "Gemma 4 E4B"]
+    for e in estimates:
+        assert [d.context for d in e.decode] == [SHORT_CONTEXT, pi4.context]
+        assert (e.weights, e.block_size, e.ple, e.kv, e.threads) == ("int4", 128, "int4", "tq3.5", 4)
+        assert e.kernel_path == "neon (no dot-product)"
+    text = format_estimates(estimates)
+    assert text.startswith(f"{LABEL}: weights int4 b128, PLE int4, KV tq3.5")
+    assert f"decode t/s @ {SHORT_CONTEXT}" in text and f"decode t/s @ {pi4.context}" in text
+    assert "4.8 GB/s" in text and "4 threads x 8 int8 MACs/cycle (neon (no dot-product)) x 1.8 GHz" in text
+
+
+def test_profiles_show_prints_the_estimate():
+    text = cli("profiles", "show", "pi5-8gb").stdout
+    assert LABEL in text and "E2B" in text and "E4B" in text and "prefill t/s bound" in text
+    data = json.loads(cli("profiles", "show", "pi5-8gb", "--json").stdout)
+    assert (data["peak_gb_s"], data["sustained_gb_s"], data["clock_ghz"], data["int8_macs_per_cycle"]) == (
+        17.07, 11.6, 2.4, 32)
+    assert [e["label"] for e in data["estimate"]] == [LABEL, LABEL]
+    e2b = data["estimate"][0]
+    assert e2b["weights"] == "int4" and [d["context"] for d in e2b["decode"]] == [SHORT_CONTEXT, 32768]
+    assert e2b["decode"][0]["tokens_per_second"] > e2b["decode"][1]["tokens_per_second"] > 0
+    assert e2b["prefill_tokens_per_second"] > 0 and e2b["calibrated_on"] == cost_model.CALIBRATED_ON
+
+
+def test_plan_prints_the_estimate(artifacts, checkpoints):
+    data = json.loads(cli("plan", str(checkpoints["shared-gqa"]), "--profile", "pi4-2gb", "--context", "200",
+                          "--json").stdout)
+    e = data["estimate"]
+    assert e["label"] == LABEL and e["weights"] == data["weights"] == "int4" and e["kv"] == data["kv"]
+    assert [d["context"] for d in e["decode"]] == [SHORT_CONTEXT, 200] and e["prefill_tokens_per_second"] > 0
+    text = cli("plan", str(checkpoints["shared-gqa"]), "--profile", "pi4-2gb").stdout
+    assert f"{LABEL}: weights int4 b128" in text
+    fp32 = cli("plan", "-m", str(artifacts["shared-gqa"]), "--profile", "pi4-2gb")
+    assert fp32.returncode == 0 and "no estimate for fp32 weights" in fp32.stdout
+
+
+def test_a_profile_without_the_cost_facts_loads_and_says_there_is_no_estimate(tmp_path):
+    """Custom profiles written to plan memory (before the cost model) keep working; the estimate says what is missing."""
+    text = (PROFILE_DIR / "pi4-4gb.toml").read_text()
+    for line in ("peak_gb_s = 12.8\n", "clock_ghz = 1.8\n", "int8_macs_per_cycle = 8\n"):
+        assert line in text
+        text = text.replace(line, "")
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("sustained_gb_s"))
+    (tmp_path / "board.toml").write_text(text.replace('name = "pi4-4gb"', 'name = "board"'))
+    profile = load_profile(tmp_path / "board.toml")
+    assert (profile.peak_gb_s, profile.clock_ghz, profile.int8_macs_per_cycle) == (None, None, None)
+    shown = cli("profiles", "show", str(tmp_path / "board.toml"))
+    assert shown.returncode == 0, shown.stderr
+    assert "no estimate: the profile gives no peak_gb_s, clock_ghz, int8_macs_per_cycle" in shown.stdout
+    assert "  bandwidth not given" in shown.stdout
