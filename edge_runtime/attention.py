@@ -7,13 +7,14 @@ sliding windows and the split between coded and exact recent tokens alike. One s
 block is ever decoded to a float copy of the cache.
 
 Two paths compute it:
-- the compiled kernel (edge_runtime.attention_kernel), for steps of a few tokens (decode): each block is walked
-  once, its codes widened a row at a time in cache, long blocks split across threads;
+- the compiled kernel (edge_runtime/kernels/attention.c, loaded by edge_runtime.attention_kernel), for steps of a
+  few tokens (decode): each block is walked once, its codes widened a few rows at a time in cache, long blocks
+  split across threads;
 - numpy, for prefill chunks, where a block's scores for hundreds of query rows make a real matrix product: each
   key codec's `inner_products` (TurboQuant rotates the query once and reads centroids; QJL projects it once and
   reads sign bits) and each value codec's `weighted_sum` (accumulated in the rotated domain, rotated back once),
   a tile at a time into BLAS. It is also the reference the kernel is tested against, and the path of any
-  machine without numba.
+  machine the kernel is not built for.
 
 Query tokens go through numpy in groups small enough that one group's scores over the whole context stay within
 `SCORE_BYTES`: a 256-token prefill chunk at 32k context would otherwise hold 256 MB of scores.
@@ -22,12 +23,12 @@ Query tokens go through numpy in groups small enough that one group's scores ove
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
 from itertools import pairwise, repeat
 from typing import NamedTuple
 
 import numpy as np
 
+from edge_runtime import attention_kernel
 from edge_runtime.quant.codec import VectorCodec
 from edge_runtime.quant.float_codecs import Float32Codec
 
@@ -85,10 +86,10 @@ def attend(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecuto
 
     With a `pool` of `workers` threads, long blocks are split across them: the kernel and numpy both release the
     GIL, and one thread alone cannot keep up with the cache's bytes. `kernel` forces a path (tests); by default
-    the kernel takes steps of up to KERNEL_TOKENS tokens when numba is there.
+    the kernel takes steps of up to KERNEL_TOKENS tokens where it is built for the machine.
     """
     if kernel is None:
-        kernel = query.shape[0] <= KERNEL_TOKENS and compiled() is not None
+        kernel = query.shape[0] <= KERNEL_TOKENS and attention_kernel.load() is not None
     workers = workers if pool else 1
     run = _attend_kernel if kernel else _attend_numpy
     tokens, kv_heads, groups, head_dim = query.shape
@@ -101,28 +102,6 @@ def attend(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecuto
     return out.reshape(tokens, -1)
 
 
-@cache
-def compiled():
-    """The compiled kernel module, imported on first use (numba takes a moment to import), or None where numba
-    has no wheel (the numpy path then does everything)."""
-    try:
-        from edge_runtime import attention_kernel
-    except ImportError:
-        return None
-    return attention_kernel
-
-
-def warm_up() -> None:
-    """Compile the kernel, or load it from the on-disk cache, before the first step needs it: every KV format is
-    the same specialization, so one tiny call does it (seconds the first time on a machine, less later)."""
-    if compiled() is None:
-        return
-    codec = Float32Codec(8)
-    rows = codec.encode(np.ones((2, 8), np.float32))
-    block = Block(codec, rows, codec, rows, np.arange(2), np.zeros(1, np.int64), np.ones(1, np.int64))
-    attend(np.ones((1, 1, 2, 8), np.float32), [[block]], kernel=True)
-
-
 def _attend_kernel(query: np.ndarray, shares: list[list[Block]], mapper) -> np.ndarray:
     """One KV head, compiled: [T, groups, d] -> [T, groups, d].
 
@@ -130,6 +109,7 @@ def _attend_kernel(query: np.ndarray, shares: list[list[Block]], mapper) -> np.n
     to call k (a second coded block, to a call of its own), threads run the calls at once, and their partial
     softmaxes are merged.
     """
+    kernel = attention_kernel.load()
     tokens, groups, head_dim = query.shape
     q = np.ascontiguousarray(query).reshape(tokens * groups, head_dim)
     calls: list[tuple[Block | None, list[Block]]] = []
@@ -146,15 +126,15 @@ def _attend_kernel(query: np.ndarray, shares: list[list[Block]], mapper) -> np.n
         coded, exacts = call
         exact = [(b.key_codes["values"], b.value_codes["values"], b.positions, b.lower, b.upper) for b in exacts]
         if coded is None:
-            return compiled().attend_head_parts(q, [], [], _NOTHING_CODED, exact, groups)
-        return compiled().attend_head_parts(
-            q, coded.key_codec.parts(coded.key_codes), coded.value_codec.parts(coded.value_codes),
+            return attention_kernel.attend_head_parts(kernel, q, [], [], _NOTHING_CODED, exact, groups)
+        return attention_kernel.attend_head_parts(
+            kernel, q, coded.key_codec.parts(coded.key_codes), coded.value_codec.parts(coded.value_codes),
             (coded.positions, coded.lower, coded.upper), exact, groups)
 
-    return compiled().merge(list(mapper(partial, calls))).reshape(tokens, groups, head_dim)
+    return attention_kernel.merge(list(mapper(partial, calls))).reshape(tokens, groups, head_dim)
 
 
-_NOTHING_CODED = (np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64))
+_NOTHING_CODED = (np.zeros(0, np.int64), None, None)
 
 
 def _scores(block: Block, q: np.ndarray, rows: slice, groups: int) -> np.ndarray:

@@ -1,284 +1,120 @@
-"""Attention of a few query rows over one KV head's blocks, compiled, reading the stored codes where they lie.
+"""The compiled attention kernel (edge_runtime/kernels/attention.c), loaded with ctypes, and the Python half of it.
 
-A decode step's query rows (one token times the heads sharing a KV head) do little work per stored vector, and
-numpy pays a call and a temporary per operation: widening codes a tile at a time ran at 1-2.6 ns a value on one
-core, and at short contexts the calls themselves cost more than the arithmetic. This kernel walks a head's blocks
-once, four keys at a time: it widens their parts (edge_runtime.quant.code_parts) into a small float tile that
-stays in L1, scores it against two query rows at once (4 x 2 independent sums: the FMA units stay busy and the
-16 vector registers of AVX2 suffice; NEON has 32), masks by position, keeps a running softmax per row (maximum
-and sum, rescaling the accumulators when the maximum grows), and adds the values, widened the same way, into
-per-part accumulators. Nothing the size of the context is ever written. Exact float32 blocks (the recent ring,
-the step's own tokens, an fp32 cache) are read as they are, into one accumulator of their own.
+For a decode step's few query rows numpy pays a call and a temporary per operation (widening codes a tile at a
+time ran at 1-2.6 ns a value on one core, and at short contexts the calls cost more than the arithmetic); the
+kernel walks a head's blocks once and reads every format's codes in place (see attention.c). It ships built for
+x86_64 (baseline and x86-64-v3) and aarch64 inside the package (tools/build_kernels.py), links against nothing,
+and is picked by this machine's architecture and CPU features; where none fits (or the file is stale), `load`
+returns None and attention runs in numpy. A numba JIT of the same kernel was tried first: it needed 140 MB of
+resident memory for LLVM (60 MB of it anonymous) and compiled for a minute on a Pi 4's first run.
 
-It is compiled by numba (LLVM) from this one source for x86_64 and aarch64, on first use, and cached on disk
-(NUMBA_CACHE_DIR, by default in edge-runtime's cache). `attention.py` keeps the numpy path, the reference the
-tests hold this kernel to. Long blocks are cut into ranges that threads run at once (numba releases the GIL);
-`merge` joins their partial softmaxes with the usual log-sum-exp rescaling, as flash-decoding does.
+ctypes releases the GIL for the call, so threads run shares of a long block at once; `merge` joins their partial
+softmaxes with the usual log-sum-exp rescaling, as flash-decoding does.
 """
 
 from __future__ import annotations
 
-import os
+import ctypes
+import hashlib
+import platform
+import threading
+from functools import cache
+from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.user_cache import cache_dir
+from edge_runtime.quant.code_parts import CodePart
 
-os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir() / "numba"))
-
-from numba import njit
-
-from edge_runtime.quant.code_parts import F16, F32, I8, CodePart
-
-# Calls pad their parts and exact blocks to these counts, so that every KV format is one compiled specialization
-# (numba compiles one per tuple length; each takes seconds, a minute on a Pi 4). tq3.5-prod has the most key parts.
-KEY_PARTS, VALUE_PARTS, EXACT_BLOCKS = 4, 2, 3
-CHUNK = 32  # keys scored before their softmax weights meet the values: amortizes rescaling, stays in L1
-GROUP = 4  # keys widened and scored together (the register blocking below is written for 4)
-_HALF_TO_FLOAT = np.float32(2.0**112)  # exponent rebias from binary16 to binary32
-# LLVM's fast-math flags that let it vectorize and reassociate sums, without "no infinities / no NaNs" (masked
-# scores are -inf, and with those flags comparisons against them are folded away) and without approximate exp.
-FAST = {"nsz", "arcp", "contract", "reassoc"}
+KERNELS = Path(__file__).parent / "kernels"
+ROW_BLOCK = 8  # query rows the kernel holds in one vector (attention.c)
 
 
-@njit(nogil=True, fastmath=FAST, cache=True)
-def _widen(row, kind, bits, table, width, out, bits32):
-    """One stored row (uint8 bytes) of a part -> out[:width] float32 (out is bits32 seen as float32)."""
-    if kind == F32:
-        values = row.view(np.float32)
-        for j in range(width):
-            out[j] = values[j]
-    elif kind == F16:
-        # binary16 -> binary32 by its bits: magnitude shifted into place and rebiased by a multiply (which also
-        # handles subnormals), then the sign; numba has no float16, and LLVM vectorizes this.
-        halves = row.view(np.uint16)
-        for j in range(width):
-            bits32[j] = np.uint32(halves[j] & 0x7FFF) << np.uint32(13)
-        for j in range(width):
-            out[j] *= _HALF_TO_FLOAT
-        for j in range(width):
-            bits32[j] |= np.uint32(halves[j] & 0x8000) << np.uint32(16)
-    elif kind == I8:
-        codes = row.view(np.int8)
-        for j in range(width):
-            out[j] = np.float32(codes[j])
-    elif bits == 4:
-        for b in range(width // 2):
-            byte = row[b]
-            out[2 * b] = table[byte & 15]
-            out[2 * b + 1] = table[byte >> 4]
-        if width % 2:
-            out[width - 1] = table[row[width // 2] & 15]
-    elif bits == 2:
-        for j in range(width):
-            out[j] = table[(row[j // 4] >> (2 * (j % 4))) & 3]
-    elif bits == 1:
-        for j in range(width):
-            out[j] = table[(row[j // 8] >> (j % 8)) & 1]
-    else:  # 3 bits: a 2-bit plane of the low bits, then a 1-bit plane of the high bits (packing.py)
-        high = ((width + 7) // 8) * 2
-        for j in range(width):
-            low = (row[j // 4] >> (2 * (j % 4))) & 3
-            top = (row[high + j // 8] >> (j % 8)) & 1
-            out[j] = table[low | (top << 2)]
+class _Part(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("stride", ctypes.c_int64), ("scale", ctypes.c_void_p),
+                ("lookup", ctypes.c_void_p), ("coef", ctypes.c_float), ("kind", ctypes.c_int32),
+                ("bits", ctypes.c_int32), ("width", ctypes.c_int32)]
 
 
-@njit(nogil=True, fastmath=FAST, cache=True)
-def _widen_group(codes, scales, tables, meta, coefs, part, first, count, tile, factors, bits32):
-    """Rows first..first+count-1 of one part into tile[:GROUP, :width] (zeros past count), factors likewise."""
-    kind, nbits, width = meta[part, 0], meta[part, 1], meta[part, 2]
-    row = bits32.view(np.float32)
-    for g in range(GROUP):
-        if g < count:
-            _widen(codes[part][first + g], kind, nbits, tables[part], width, row, bits32)
-            for j in range(width):
-                tile[g, j] = row[j]
-            factor = coefs[part]
-            if scales[part].shape[0]:
-                factor *= scales[part][first + g]
-            factors[g] = factor
-        else:
-            for j in range(width):
-                tile[g, j] = 0.0
-            factors[g] = 0.0
+class _Exact(ctypes.Structure):
+    _fields_ = [("keys", ctypes.c_void_p), ("values", ctypes.c_void_p), ("positions", ctypes.c_void_p),
+                ("n", ctypes.c_int64)]
 
 
-@njit(nogil=True, fastmath=FAST, cache=True)
-def _copy_group(values, first, count, tile, factors):
-    """Exact float32 rows first..first+count-1 into tile (zeros past count), factors 1."""
-    width = values.shape[1]
-    for g in range(GROUP):
-        if g < count:
-            for j in range(width):
-                tile[g, j] = values[first + g, j]
-            factors[g] = 1.0
-        else:
-            for j in range(width):
-                tile[g, j] = 0.0
-            factors[g] = 0.0
+class _Call(ctypes.Structure):
+    _fields_ = [("queries", ctypes.POINTER(ctypes.c_void_p)), ("key_parts", ctypes.POINTER(_Part)),
+                ("value_parts", ctypes.POINTER(_Part)), ("n_key_parts", ctypes.c_int32),
+                ("n_value_parts", ctypes.c_int32), ("n_exact", ctypes.c_int32), ("_pad", ctypes.c_int32),
+                ("coded_positions", ctypes.c_void_p), ("coded_n", ctypes.c_int64), ("query", ctypes.c_void_p),
+                ("dim", ctypes.c_int64), ("rows", ctypes.c_int64), ("groups", ctypes.c_int64),
+                ("tokens", ctypes.c_int64), ("exact", ctypes.POINTER(_Exact)), ("bounds", ctypes.c_void_p),
+                ("out", ctypes.c_void_p), ("scratch", ctypes.c_void_p)]
 
 
-@njit(nogil=True, fastmath=FAST, cache=True)
-def _score_group(query, tile, width, factors, scores, column):
-    """scores[r, column + g] += factors[g] * <query[r, :width], tile[g, :width]> for the GROUP keys, all rows."""
-    for r in range(0, query.shape[0], 2):
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        a2 = np.float32(0.0)
-        a3 = np.float32(0.0)
-        b0 = np.float32(0.0)
-        b1 = np.float32(0.0)
-        b2 = np.float32(0.0)
-        b3 = np.float32(0.0)
-        for j in range(width):
-            qa = query[r, j]
-            qb = query[r + 1, j]
-            k0 = tile[0, j]
-            k1 = tile[1, j]
-            k2 = tile[2, j]
-            k3 = tile[3, j]
-            a0 += qa * k0
-            a1 += qa * k1
-            a2 += qa * k2
-            a3 += qa * k3
-            b0 += qb * k0
-            b1 += qb * k1
-            b2 += qb * k2
-            b3 += qb * k3
-        scores[r, column] += factors[0] * a0
-        scores[r, column + 1] += factors[1] * a1
-        scores[r, column + 2] += factors[2] * a2
-        scores[r, column + 3] += factors[3] * a3
-        scores[r + 1, column] += factors[0] * b0
-        scores[r + 1, column + 1] += factors[1] * b1
-        scores[r + 1, column + 2] += factors[2] * b2
-        scores[r + 1, column + 3] += factors[3] * b3
+def _machine() -> list[str]:
+    """The builds this machine can run, best first."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return ["aarch64"]
+    if machine in ("x86_64", "amd64"):
+        try:
+            flags = set(Path("/proc/cpuinfo").read_text().split())
+        except OSError:
+            flags = set()
+        return (["x86_64-v3"] if {"avx2", "fma", "f16c", "bmi2"} <= flags else []) + ["x86_64"]
+    return []
 
 
-@njit(nogil=True, fastmath=FAST, cache=True)
-def _accumulate_group(acc, tile, width, factors, weights, column):
-    """acc[r, :width] += sum over the GROUP values g of weights[r, column + g] * factors[g] * tile[g, :width]."""
-    for r in range(acc.shape[0]):
-        w0 = weights[r, column] * factors[0]
-        w1 = weights[r, column + 1] * factors[1]
-        w2 = weights[r, column + 2] * factors[2]
-        w3 = weights[r, column + 3] * factors[3]
-        for j in range(width):
-            acc[r, j] += w0 * tile[0, j] + w1 * tile[1, j] + w2 * tile[2, j] + w3 * tile[3, j]
+class Kernel:
+    """The loaded library, its limits, and a scratch buffer per thread."""
+
+    def __init__(self, library: ctypes.CDLL, name: str) -> None:
+        self.name = name
+        self._attend = library.edge_runtime_attend_head
+        self._attend.argtypes = [ctypes.POINTER(_Call)]
+        self._attend.restype = ctypes.c_int
+        self.scratch_floats = ctypes.c_int64.in_dll(library, "edge_runtime_attention_scratch_floats").value
+        self.max_width = ctypes.c_int64.in_dll(library, "edge_runtime_attention_max_width").value
+        self.max_rows = ctypes.c_int64.in_dll(library, "edge_runtime_attention_max_rows").value
+        self._local = threading.local()
+
+    def scratch(self) -> np.ndarray:
+        buffer = getattr(self._local, "scratch", None)
+        if buffer is None:
+            buffer = self._local.scratch = np.empty(self.scratch_floats, np.float32)
+        return buffer
+
+    def fits(self, rows: int, widths: list[int]) -> bool:
+        return rows <= self.max_rows and all(w <= self.max_width for w in widths)
+
+    def attend(self, call: _Call) -> None:
+        if self._attend(ctypes.byref(call)) != 0:
+            raise ValueError("attention kernel refused its arguments (a limit the caller should have checked)")
 
 
-@njit(nogil=True, fastmath=FAST, cache=True)
-def _softmax_chunk(scores, positions, start, count, lower, upper, groups, m, s, accs, acc_exact):
-    """Mask a chunk's scores by position, fold them into the running softmax, leave their weights in scores."""
-    rows = m.shape[0]
-    for i in range(count):
-        position = positions[start + i]
-        for r in range(rows):
-            t = min(r // groups, lower.shape[0] - 1)  # a padding row (R made even) reads the last token's bounds
-            if position < lower[t] or position > upper[t]:
-                scores[r, i] = -np.inf
-    for r in range(rows):
-        top = m[r]
-        for i in range(count):
-            top = max(top, scores[r, i])
-        if top == -np.inf:
-            for i in range(CHUNK):
-                scores[r, i] = 0.0
+@cache
+def load() -> Kernel | None:
+    """The kernel built for this machine, or None (numpy runs attention then)."""
+    source = hashlib.sha256((KERNELS / "attention.c").read_bytes()).hexdigest()
+    for name in _machine():
+        path = KERNELS / f"attention-{name}.so"
+        if not path.is_file():
             continue
-        if top > m[r]:
-            rescale = np.exp(m[r] - top)
-            s[r] *= rescale
-            for p in range(len(accs)):
-                accs[p][r, :] *= rescale
-            acc_exact[r, :] *= rescale
-            m[r] = top
-        for i in range(count):
-            weight = np.exp(scores[r, i] - top)
-            scores[r, i] = weight
-            s[r] += weight
-        for i in range(count, CHUNK):
-            scores[r, i] = 0.0
+        library = ctypes.CDLL(str(path))
+        if (ctypes.c_char * 65).in_dll(library, "edge_runtime_attention_source").value.decode() != source:
+            continue  # built from another source than the one beside it: not to be trusted
+        return Kernel(library, name)
+    return None
 
 
-@njit(nogil=True, fastmath=FAST, cache=True)
-def attend_head(queries, key_codes, key_scales, key_tables, key_meta, key_coefs,
-                value_codes, value_scales, value_tables, value_meta, value_coefs,
-                coded_positions, coded_lower, coded_upper,
-                query, exact_keys, exact_values, exact_positions, exact_lower, exact_upper,
-                groups, m, s, accs, acc_exact):
-    """Softmax-weighted values of a head's blocks for R = tokens x groups query rows (row r is token r // groups).
-
-    The coded block: queries[p] [R, width_p] are the query rows in key part p's domain; *_codes / *_scales per part
-    are the rows and per-vector factors (length 0: none); *_meta [P, 3] kind, bits, width; *_coefs [P]. The exact
-    blocks (float32): query [R, dim] and per block keys, values [n_b, dim]. Row n of a block is seen by token t
-    when lower[t] <= positions[n] <= upper[t]. R is even. Outputs, overwritten: m [R] (running maximum), s [R]
-    (sum of exp(score - m)), accs[p] [R, width_p] and acc_exact [R, dim] (sums of exp(score - m) * value).
-    """
-    rows = m.shape[0]
-    widest = acc_exact.shape[1]
-    for p in range(len(key_codes)):
-        widest = max(widest, key_meta[p, 2])
-    for p in range(len(value_codes)):
-        widest = max(widest, value_meta[p, 2])
-    bits32 = np.empty(widest, np.uint32)
-    tile = np.empty((GROUP, widest), np.float32)
-    factors = np.empty(GROUP, np.float32)
-    scores = np.empty((rows, CHUNK), np.float32)
-    m[:] = -np.inf
-    s[:] = 0.0
-    for p in range(len(value_codes)):
-        accs[p][:, :] = 0.0
-    acc_exact[:, :] = 0.0
-    for start in range(0, coded_positions.shape[0], CHUNK):
-        count = min(CHUNK, coded_positions.shape[0] - start)
-        scores[:, :] = 0.0
-        for column in range(0, count, GROUP):
-            for p in range(len(key_codes)):
-                if key_meta[p, 2] == 0:
-                    continue
-                _widen_group(key_codes, key_scales, key_tables, key_meta, key_coefs, p, start + column,
-                             min(GROUP, count - column), tile, factors, bits32)
-                _score_group(queries[p], tile, key_meta[p, 2], factors, scores, column)
-        _softmax_chunk(scores, coded_positions, start, count, coded_lower, coded_upper, groups, m, s, accs,
-                       acc_exact)
-        for column in range(0, count, GROUP):
-            for p in range(len(value_codes)):
-                if value_meta[p, 2] == 0:
-                    continue
-                _widen_group(value_codes, value_scales, value_tables, value_meta, value_coefs, p, start + column,
-                             min(GROUP, count - column), tile, factors, bits32)
-                _accumulate_group(accs[p], tile, value_meta[p, 2], factors, scores, column)
-    dim = acc_exact.shape[1]
-    for b in range(len(exact_keys)):
-        keys, values, positions = exact_keys[b], exact_values[b], exact_positions[b]
-        for start in range(0, positions.shape[0], CHUNK):
-            count = min(CHUNK, positions.shape[0] - start)
-            scores[:, :] = 0.0
-            for column in range(0, count, GROUP):
-                _copy_group(keys, start + column, min(GROUP, count - column), tile, factors)
-                _score_group(query, tile, dim, factors, scores, column)
-            _softmax_chunk(scores, positions, start, count, exact_lower[b], exact_upper[b], groups, m, s, accs,
-                           acc_exact)
-            for column in range(0, count, GROUP):
-                _copy_group(values, start + column, min(GROUP, count - column), tile, factors)
-                _accumulate_group(acc_exact, tile, dim, factors, scores, column)
+def _pointer(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
 
 
-_NONE = np.zeros(0, np.float32)
-_NO_CODES = np.zeros((0, 1), np.uint8)
-
-
-def _packed(parts: list[CodePart], count: int) -> tuple:
-    """Parts as the kernel's arguments, padded with empty parts to `count`: tuples of arrays, small tables."""
-    pad = count - len(parts)
-    codes = tuple(p.codes for p in parts) + (_NO_CODES,) * pad
-    scales = tuple(_NONE if p.scale is None else p.scale for p in parts) + (_NONE,) * pad
-    tables = np.zeros((count, 16), np.float32)
-    meta = np.zeros((count, 3), np.int64)
-    coefs = np.zeros(count, np.float32)
-    for i, p in enumerate(parts):
-        tables[i], meta[i], coefs[i] = p.table, (p.kind, p.bits, p.width), p.coef
-    return codes, scales, tables, meta, coefs
+def _part(part: CodePart) -> _Part:
+    codes = part.codes if part.codes.flags.c_contiguous else np.ascontiguousarray(part.codes)
+    return _Part(_pointer(codes), codes.strides[0] if len(codes) else 0,
+                 None if part.scale is None else _pointer(np.ascontiguousarray(part.scale, np.float32)),
+                 None if part.lookup is None else _pointer(part.lookup), part.coef, part.kind, part.bits, part.width)
 
 
 class Partial:
@@ -289,37 +125,63 @@ class Partial:
         self.m, self.s, self.accs, self.exact, self.parts = m, s, accs, exact, parts
 
     def output(self, factor: np.ndarray) -> np.ndarray:
-        """factor * (sum of the accumulators taken back to the value's domain)."""
+        """factor * (the accumulators taken back to the value's domain, summed)."""
         out = self.exact.copy()
         for acc, part in zip(self.accs, self.parts):
             out += acc if part.transform is None else acc @ part.transform.T
         return out * factor[:, None]
 
 
-def attend_head_parts(q: np.ndarray, key_parts: list[CodePart], value_parts: list[CodePart],
-                      coded: tuple[np.ndarray, np.ndarray, np.ndarray], exact: list[tuple], groups: int) -> Partial:
-    """One head's partial softmax for query rows q [R, dim], row r being token r // groups.
+def _padded(width: int) -> int:
+    return -(-width // 16) * 16
 
-    `coded` is (positions, lower, upper) of the rows the parts hold (none when the parts are empty); `exact` a list
-    of (keys, values, positions, lower, upper) float32 blocks.
+
+def _transposed(q: np.ndarray) -> np.ndarray:
+    """Query rows [R, w] (R a multiple of 8) as the kernel reads them: [R / 8, P(w), 8], zeros past w."""
+    rows, width = q.shape
+    out = np.zeros((rows // ROW_BLOCK, _padded(width), ROW_BLOCK), np.float32)
+    out[:, :width] = q.reshape(rows // ROW_BLOCK, ROW_BLOCK, width).transpose(0, 2, 1)
+    return out
+
+
+def attend_head_parts(kernel: Kernel, q: np.ndarray, key_parts: list[CodePart], value_parts: list[CodePart],
+                      coded: tuple[np.ndarray, np.ndarray, np.ndarray], exact: list[tuple], groups: int) -> Partial:
+    """One head's partial softmax for query rows q [R, dim] (row r is token r // groups).
+
+    `coded` is (positions, lower, upper) of the rows the parts hold (no rows when the parts are empty); `exact` a
+    list of (keys, values, positions, lower, upper) float32 blocks.
     """
     rows, dim = q.shape
-    even = rows + rows % 2  # the kernel takes query rows two at a time; a padding row's results are dropped
-    if even != rows:
-        q = np.concatenate([q, np.zeros((1, dim), q.dtype)])
-    queries = tuple(q if p.transform is None else np.ascontiguousarray(q @ p.transform) for p in key_parts)
-    queries += (q,) * (KEY_PARTS - len(queries))
-    m, s = np.empty(even, np.float32), np.empty(even, np.float32)
-    accs = tuple(np.empty((even, p.width), np.float32) for p in value_parts)
-    accs += (np.empty((even, 0), np.float32),) * (VALUE_PARTS - len(accs))
-    acc_exact = np.empty((even, dim), np.float32)
     tokens = rows // groups
-    empty = (np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32), np.zeros(0, np.int64),
-             np.zeros(tokens, np.int64), np.zeros(tokens, np.int64))
-    keys, values, positions, lower, upper = zip(*exact, *[empty] * (EXACT_BLOCKS - len(exact)))
-    attend_head(queries, *_packed(key_parts, KEY_PARTS), *_packed(value_parts, VALUE_PARTS), *coded, q, keys, values,
-                positions, lower, upper, groups, m, s, accs, acc_exact)
-    return Partial(m[:rows], s[:rows], [a[:rows] for a in accs[:len(value_parts)]], acc_exact[:rows], value_parts)
+    padded_rows = -(-rows // ROW_BLOCK) * ROW_BLOCK  # padding rows' results are dropped
+    q8 = np.zeros((padded_rows, dim), np.float32)
+    q8[:rows] = q
+    queries = [_transposed(q8 if p.transform is None else q8 @ p.transform) for p in key_parts]
+    bounds = np.stack([np.stack(coded[1:]) if key_parts else np.zeros((2, tokens), np.int64),
+                       *(np.stack(block[3:]) for block in exact)]).astype(np.int64)
+    widths = [_padded(p.width) for p in value_parts] + [_padded(dim)]
+    out = np.empty(padded_rows * (2 + sum(widths)), np.float32)
+    keys = [np.ascontiguousarray(block[0], np.float32) for block in exact]
+    values = [np.ascontiguousarray(block[1], np.float32) for block in exact]
+    positions = [np.ascontiguousarray(block[2], np.int64) for block in exact]
+    coded_positions = np.ascontiguousarray(coded[0], np.int64)
+    query = _transposed(q8)
+    call = _Call(
+        queries=(ctypes.c_void_p * max(1, len(queries)))(*(_pointer(x) for x in queries)),
+        key_parts=(_Part * max(1, len(key_parts)))(*(_part(p) for p in key_parts)),
+        value_parts=(_Part * max(1, len(value_parts)))(*(_part(p) for p in value_parts)),
+        n_key_parts=len(key_parts), n_value_parts=len(value_parts), n_exact=len(exact),
+        coded_positions=_pointer(coded_positions), coded_n=len(coded_positions) if key_parts else 0,
+        query=_pointer(query), dim=dim, rows=padded_rows, groups=groups, tokens=tokens,
+        exact=(_Exact * max(1, len(exact)))(*(_Exact(_pointer(k), _pointer(v), _pointer(p), len(p))
+                                               for k, v, p in zip(keys, values, positions))),
+        bounds=_pointer(bounds), out=_pointer(out), scratch=_pointer(kernel.scratch()))
+    kernel.attend(call)
+    accs, start = [], 2 * padded_rows
+    for width, real in zip(widths, [p.width for p in value_parts] + [dim]):
+        accs.append(out[start:start + padded_rows * width].reshape(padded_rows, width)[:rows, :real])
+        start += padded_rows * width
+    return Partial(out[:rows], out[padded_rows:padded_rows + rows], accs[:-1], accs[-1], value_parts)
 
 
 def merge(partials: list[Partial]) -> np.ndarray:

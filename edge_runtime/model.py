@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime import attention, openai_shapes
+from edge_runtime import openai_shapes
 from edge_runtime.artifact import read_manifest
 from edge_runtime.chat_template import ChatTemplate
 from edge_runtime.conversation import Conversation
@@ -72,9 +72,6 @@ class Model:
             raise EdgeRuntimeError(f"prefill_chunk={prefill_chunk}: must be at least 1")
         self.prefill_chunk = prefill_chunk
         self.engine = Engine(self.path, self.manifest, threads, self.kv_format, self.kv_recent, self.kv_sliding_format)
-        progress("attention kernel", 0, 1)  # compiled on a machine's first load (seconds; a minute on a Pi 4)
-        attention.warm_up()
-        progress("attention kernel", 1, 1)
         self.tokenizer = Tokenizer(self.path / self.manifest.tokenizer["tokenizer"], self.spec.bos_token_id)
         if low_memory:
             return_freed_memory_to_os()

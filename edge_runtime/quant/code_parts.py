@@ -2,8 +2,9 @@
 
 A codec's stored vector x is reconstructed as x = sum over parts p of coef_p * scale_p[n] * decode_p(row_n) @ T_p.T:
 - the part's codes are a [n, bytes] uint8 array (a float32 or float16 store is its bytes, seen as uint8);
-- decode_p widens one row: float32 as is, float16 by its bits, int8 as integers, b-bit packed codes through a
-  table of 2**b values (Lloyd-Max centroids, or -1/+1 for sign bits; edge_runtime.quant.packing's layout);
+- decode_p widens one row: float32 as is, float16 by its bits, int8 as integers, b-bit packed codes through their
+  codec's byte table (edge_runtime.quant.packing.LookupTable: a byte, or for 3 bits a low byte and a high nibble,
+  straight to its 8/b values, Lloyd-Max centroids or -1/+1 for sign bits);
 - scale_p is a per-vector float32 array (a norm, an int8 scale) or None, coef_p a constant;
 - T_p is the part's transform [dim, width] (a rotation, a channel selection times a rotation, a Gaussian
   projection) or None for the identity.
@@ -15,12 +16,13 @@ in the part's own domain, transformed back once at the end. This is the contract
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from edge_runtime.quant.packing import LookupTable
+
 F32, F16, I8, PACKED = 0, 1, 2, 3
-NO_TABLE = np.zeros(16, np.float32)
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class CodePart:
     width: int  # values per decoded row
     codes: np.ndarray  # [n, bytes] uint8, rows in slot order
     bits: int = 0  # PACKED: 1..4
-    table: np.ndarray = field(default_factory=lambda: NO_TABLE)  # PACKED: the 2**bits values, padded to 16
+    lookup: np.ndarray | None = None  # PACKED: the codec's LookupTable.table (float32, C order)
     scale: np.ndarray | None = None  # [n] float32 per-vector factor
     coef: float = 1.0
     transform: np.ndarray | None = None  # [dim, width] float32; None: identity (width == dim)
@@ -37,7 +39,7 @@ class CodePart:
     def rows(self, start: int, stop: int) -> CodePart:
         """The same part over rows [start, stop): how a long block is shared between threads."""
         scale = None if self.scale is None else self.scale[start:stop]
-        return CodePart(self.kind, self.width, self.codes[start:stop], self.bits, self.table, scale, self.coef,
+        return CodePart(self.kind, self.width, self.codes[start:stop], self.bits, self.lookup, scale, self.coef,
                         self.transform)
 
 
@@ -46,8 +48,6 @@ def as_bytes(values: np.ndarray) -> np.ndarray:
     return values.view(np.uint8).reshape(len(values), -1)
 
 
-def packed_part(codes: np.ndarray, bits: int, values: np.ndarray, width: int, scale: np.ndarray | None,
-                coef: float = 1.0, transform: np.ndarray | None = None) -> CodePart:
-    table = np.zeros(16, np.float32)
-    table[: len(values)] = values
-    return CodePart(PACKED, width, codes, bits, table, scale, float(coef), transform)
+def packed_part(codes: np.ndarray, lookup: LookupTable, width: int, scale: np.ndarray | None, coef: float = 1.0,
+                transform: np.ndarray | None = None) -> CodePart:
+    return CodePart(PACKED, width, codes, lookup.bits, lookup.table, scale, float(coef), transform)

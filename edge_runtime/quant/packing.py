@@ -72,6 +72,7 @@ class LookupTable:
         else:
             t = np.arange(8 // bits)
             self.table = values[(byte[:, None] >> (bits * t)) & (2**bits - 1)]
+        self.table = np.ascontiguousarray(self.table, np.float32)  # also what the attention kernel reads
 
     def __call__(self, packed: np.ndarray) -> np.ndarray:
         """uint8 [n, packed_bytes] -> float32 [n, dim]."""

@@ -235,10 +235,9 @@ class TurboQuantizer:
         """The mse codes in the rotated domain; for prod also the residual's sign bits in the projected one."""
         out = []
         if self.mse_bits:
-            out.append(packed_part(codes["codes"], self.mse_bits, self.codebook, self.dim, codes["norm"],
-                                   transform=self.rotation))
+            out.append(packed_part(codes["codes"], self._centroids, self.dim, codes["norm"], transform=self.rotation))
         if self.mode == "prod":
-            out.append(packed_part(codes["signs"], 1, _SIGNS, self.dim,
+            out.append(packed_part(codes["signs"], self._signs, self.dim,
                                    codes["residual"] if self.mse_bits else codes["norm"], self._qjl_scale,
                                    self._project))
         return out
@@ -286,8 +285,7 @@ class QJLQuantizer:
         return projected @ self.sketch
 
     def parts(self, codes: dict[str, np.ndarray]) -> list[CodePart]:
-        return [packed_part(codes["signs"], 1, _SIGNS, self.sketch_dim, codes["norm"], self._scale,
-                            self._sketch_t)]
+        return [packed_part(codes["signs"], self._signs, self.sketch_dim, codes["norm"], self._scale, self._sketch_t)]
 
 
 class ChannelSplit:
