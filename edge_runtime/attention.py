@@ -107,11 +107,11 @@ def _attend_kernel(query: np.ndarray, shares: list[list[Block]], mapper) -> np.n
 
     Each call of the kernel takes at most one coded block and any exact float32 ones: share k of every block goes
     to call k (a second coded block, to a call of its own), threads run the calls at once, and their partial
-    softmaxes are merged.
+    softmaxes are merged. A head that is one call is finished in the kernel.
     """
     kernel = attention_kernel.load()
     tokens, groups, head_dim = query.shape
-    q = np.ascontiguousarray(query).reshape(tokens * groups, head_dim)
+    q = query.reshape(tokens * groups, head_dim)
     calls: list[tuple[Block | None, list[Block]]] = []
     for block_shares in shares:
         for k, block in enumerate(block_shares):
@@ -121,17 +121,20 @@ def _attend_kernel(query: np.ndarray, shares: list[list[Block]], mapper) -> np.n
                 calls.append((None, []))
             coded, exacts = calls[k]
             calls[k] = (coded, [*exacts, block]) if exact else (block, exacts)
+    parts = [(c.key_codec.parts(c.key_codes), c.value_codec.parts(c.value_codes)) if c else ([], []) for c, _ in calls]
+    if not kernel.fits(len(q), [head_dim, *(p.width for key, value in parts for p in (*key, *value))]):
+        return _attend_numpy(query, shares, mapper)
+    finish = len(calls) == 1
 
-    def partial(call: tuple[Block | None, list[Block]]):
+    def partial(call: tuple[Block | None, list[Block]], call_parts: tuple[list, list]):
         coded, exacts = call
         exact = [(b.key_codes["values"], b.value_codes["values"], b.positions, b.lower, b.upper) for b in exacts]
-        if coded is None:
-            return attention_kernel.attend_head_parts(kernel, q, [], [], _NOTHING_CODED, exact, groups)
-        return attention_kernel.attend_head_parts(
-            kernel, q, coded.key_codec.parts(coded.key_codes), coded.value_codec.parts(coded.value_codes),
-            (coded.positions, coded.lower, coded.upper), exact, groups)
+        where = _NOTHING_CODED if coded is None else (coded.positions, coded.lower, coded.upper)
+        return attention_kernel.attend_head_parts(kernel, q, *call_parts, where, exact, groups, finish)
 
-    return attention_kernel.merge(list(mapper(partial, calls))).reshape(tokens, groups, head_dim)
+    results = list(mapper(partial, calls, parts))
+    out = results[0] if finish else attention_kernel.merge(results)
+    return out.reshape(tokens, groups, head_dim)
 
 
 _NOTHING_CODED = (np.zeros(0, np.int64), None, None)

@@ -20,33 +20,34 @@ import platform
 import threading
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from edge_runtime.quant.code_parts import CodePart
 
 KERNELS = Path(__file__).parent / "kernels"
-ROW_BLOCK = 8  # query rows the kernel holds in one vector (attention.c)
 
 
 class _Part(ctypes.Structure):
     _fields_ = [("codes", ctypes.c_void_p), ("stride", ctypes.c_int64), ("scale", ctypes.c_void_p),
-                ("lookup", ctypes.c_void_p), ("coef", ctypes.c_float), ("kind", ctypes.c_int32),
+                ("lookup", ctypes.c_void_p), ("transform", ctypes.c_void_p), ("channels", ctypes.c_void_p),
+                ("n_channels", ctypes.c_int64), ("coef", ctypes.c_float), ("kind", ctypes.c_int32),
                 ("bits", ctypes.c_int32), ("width", ctypes.c_int32)]
 
 
 class _Exact(ctypes.Structure):
     _fields_ = [("keys", ctypes.c_void_p), ("values", ctypes.c_void_p), ("positions", ctypes.c_void_p),
-                ("n", ctypes.c_int64)]
+                ("lower", ctypes.c_void_p), ("upper", ctypes.c_void_p), ("n", ctypes.c_int64)]
 
 
 class _Call(ctypes.Structure):
-    _fields_ = [("queries", ctypes.POINTER(ctypes.c_void_p)), ("key_parts", ctypes.POINTER(_Part)),
-                ("value_parts", ctypes.POINTER(_Part)), ("n_key_parts", ctypes.c_int32),
-                ("n_value_parts", ctypes.c_int32), ("n_exact", ctypes.c_int32), ("_pad", ctypes.c_int32),
-                ("coded_positions", ctypes.c_void_p), ("coded_n", ctypes.c_int64), ("query", ctypes.c_void_p),
-                ("dim", ctypes.c_int64), ("rows", ctypes.c_int64), ("groups", ctypes.c_int64),
-                ("tokens", ctypes.c_int64), ("exact", ctypes.POINTER(_Exact)), ("bounds", ctypes.c_void_p),
+    _fields_ = [("key_parts", ctypes.POINTER(_Part)), ("value_parts", ctypes.POINTER(_Part)),
+                ("exact", ctypes.POINTER(_Exact)), ("coded_positions", ctypes.c_void_p),
+                ("coded_lower", ctypes.c_void_p), ("coded_upper", ctypes.c_void_p), ("coded_n", ctypes.c_int64),
+                ("query", ctypes.c_void_p), ("dim", ctypes.c_int64), ("rows", ctypes.c_int64),
+                ("groups", ctypes.c_int64), ("tokens", ctypes.c_int64), ("n_key_parts", ctypes.c_int32),
+                ("n_value_parts", ctypes.c_int32), ("n_exact", ctypes.c_int32), ("finish", ctypes.c_int32),
                 ("out", ctypes.c_void_p), ("scratch", ctypes.c_void_p)]
 
 
@@ -110,88 +111,64 @@ def _pointer(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def _part(part: CodePart) -> _Part:
-    codes = part.codes if part.codes.flags.c_contiguous else np.ascontiguousarray(part.codes)
+def _contiguous(a: np.ndarray, dtype: type) -> np.ndarray:
+    return a if a.dtype == dtype and a.flags.c_contiguous else np.ascontiguousarray(a, dtype)
+
+
+def _part(part: CodePart, dim: int) -> _Part:
+    codes = _contiguous(part.codes, np.uint8)
+    n_channels = dim if part.channels is None else len(part.channels)
     return _Part(_pointer(codes), codes.strides[0] if len(codes) else 0,
-                 None if part.scale is None else _pointer(np.ascontiguousarray(part.scale, np.float32)),
-                 None if part.lookup is None else _pointer(part.lookup), part.coef, part.kind, part.bits, part.width)
+                 None if part.scale is None else _pointer(part.scale),
+                 None if part.lookup is None else _pointer(part.lookup),
+                 None if part.transform is None else _pointer(part.transform),
+                 None if part.channels is None else _pointer(part.channels), n_channels, part.coef, part.kind,
+                 part.bits, part.width)
 
 
-class Partial:
-    """One call's share of a head's softmax: running maximum, sum, and accumulators (per coded part, exact)."""
+class Partial(NamedTuple):
+    """One call's share of a head's softmax: running maximum, sum, and the weighted sum of values."""
 
-    def __init__(self, m: np.ndarray, s: np.ndarray, accs: list[np.ndarray], exact: np.ndarray,
-                 parts: list[CodePart]) -> None:
-        self.m, self.s, self.accs, self.exact, self.parts = m, s, accs, exact, parts
-
-    def output(self, factor: np.ndarray) -> np.ndarray:
-        """factor * (the accumulators taken back to the value's domain, summed)."""
-        out = self.exact.copy()
-        for acc, part in zip(self.accs, self.parts):
-            out += acc if part.transform is None else acc @ part.transform.T
-        return out * factor[:, None]
-
-
-def _padded(width: int) -> int:
-    return -(-width // 16) * 16
-
-
-def _transposed(q: np.ndarray) -> np.ndarray:
-    """Query rows [R, w] (R a multiple of 8) as the kernel reads them: [R / 8, P(w), 8], zeros past w."""
-    rows, width = q.shape
-    out = np.zeros((rows // ROW_BLOCK, _padded(width), ROW_BLOCK), np.float32)
-    out[:, :width] = q.reshape(rows // ROW_BLOCK, ROW_BLOCK, width).transpose(0, 2, 1)
-    return out
+    m: np.ndarray
+    s: np.ndarray
+    acc: np.ndarray
 
 
 def attend_head_parts(kernel: Kernel, q: np.ndarray, key_parts: list[CodePart], value_parts: list[CodePart],
-                      coded: tuple[np.ndarray, np.ndarray, np.ndarray], exact: list[tuple], groups: int) -> Partial:
-    """One head's partial softmax for query rows q [R, dim] (row r is token r // groups).
+                      coded: tuple[np.ndarray, np.ndarray | None, np.ndarray | None], exact: list[tuple],
+                      groups: int, finish: bool) -> Partial | np.ndarray:
+    """One head's attention over these blocks for query rows q [R, dim] (row r is token r // groups).
 
     `coded` is (positions, lower, upper) of the rows the parts hold (no rows when the parts are empty); `exact` a
-    list of (keys, values, positions, lower, upper) float32 blocks.
+    list of (keys, values, positions, lower, upper) float32 blocks. With `finish` (the caller knows no other share
+    of the head is to be merged) the result is the output [R, dim], else the Partial to merge.
     """
     rows, dim = q.shape
-    tokens = rows // groups
-    padded_rows = -(-rows // ROW_BLOCK) * ROW_BLOCK  # padding rows' results are dropped
-    q8 = np.zeros((padded_rows, dim), np.float32)
-    q8[:rows] = q
-    queries = [_transposed(q8 if p.transform is None else q8 @ p.transform) for p in key_parts]
-    bounds = np.stack([np.stack(coded[1:]) if key_parts else np.zeros((2, tokens), np.int64),
-                       *(np.stack(block[3:]) for block in exact)]).astype(np.int64)
-    widths = [_padded(p.width) for p in value_parts] + [_padded(dim)]
-    out = np.empty(padded_rows * (2 + sum(widths)), np.float32)
-    keys = [np.ascontiguousarray(block[0], np.float32) for block in exact]
-    values = [np.ascontiguousarray(block[1], np.float32) for block in exact]
-    positions = [np.ascontiguousarray(block[2], np.int64) for block in exact]
-    coded_positions = np.ascontiguousarray(coded[0], np.int64)
-    query = _transposed(q8)
+    q = _contiguous(q, np.float32)
+    keep = [(_contiguous(k, np.float32), _contiguous(v, np.float32), _contiguous(pos, np.int64),
+             _contiguous(lo, np.int64), _contiguous(hi, np.int64)) for k, v, pos, lo, hi in exact]
+    coded = tuple(None if a is None else _contiguous(a, np.int64) for a in coded)
+    out = np.empty(rows * dim if finish else rows * (2 + dim), np.float32)
+    n_key, n_value, n_exact = len(key_parts), len(value_parts), len(exact)
     call = _Call(
-        queries=(ctypes.c_void_p * max(1, len(queries)))(*(_pointer(x) for x in queries)),
-        key_parts=(_Part * max(1, len(key_parts)))(*(_part(p) for p in key_parts)),
-        value_parts=(_Part * max(1, len(value_parts)))(*(_part(p) for p in value_parts)),
-        n_key_parts=len(key_parts), n_value_parts=len(value_parts), n_exact=len(exact),
-        coded_positions=_pointer(coded_positions), coded_n=len(coded_positions) if key_parts else 0,
-        query=_pointer(query), dim=dim, rows=padded_rows, groups=groups, tokens=tokens,
-        exact=(_Exact * max(1, len(exact)))(*(_Exact(_pointer(k), _pointer(v), _pointer(p), len(p))
-                                               for k, v, p in zip(keys, values, positions))),
-        bounds=_pointer(bounds), out=_pointer(out), scratch=_pointer(kernel.scratch()))
+        key_parts=(_Part * max(1, n_key))(*(_part(p, dim) for p in key_parts)),
+        value_parts=(_Part * max(1, n_value))(*(_part(p, dim) for p in value_parts)),
+        exact=(_Exact * max(1, n_exact))(*(_Exact(*(_pointer(a) for a in block), len(block[2])) for block in keep)),
+        coded_positions=_pointer(coded[0]), coded_lower=None if coded[1] is None else _pointer(coded[1]),
+        coded_upper=None if coded[2] is None else _pointer(coded[2]), coded_n=len(coded[0]) if key_parts else 0,
+        query=_pointer(q), dim=dim, rows=rows, groups=groups, tokens=-(-rows // groups), n_key_parts=n_key,
+        n_value_parts=n_value, n_exact=n_exact, finish=finish, out=_pointer(out), scratch=_pointer(kernel.scratch()))
     kernel.attend(call)
-    accs, start = [], 2 * padded_rows
-    for width, real in zip(widths, [p.width for p in value_parts] + [dim]):
-        accs.append(out[start:start + padded_rows * width].reshape(padded_rows, width)[:rows, :real])
-        start += padded_rows * width
-    return Partial(out[:rows], out[padded_rows:padded_rows + rows], accs[:-1], accs[-1], value_parts)
+    if finish:
+        return out.reshape(rows, dim)
+    return Partial(out[:rows], out[rows:2 * rows], out[2 * rows:].reshape(rows, dim))
 
 
 def merge(partials: list[Partial]) -> np.ndarray:
-    """Join partial softmaxes into the attention output [R, dim] (log-sum-exp rescaling)."""
-    if len(partials) == 1:
-        (p,) = partials
-        return p.output(1 / np.where(p.s > 0, p.s, 1))
+    """Join partial softmaxes into the attention output [R, dim] (log-sum-exp rescaling, as flash-decoding does)."""
     top = np.max([p.m for p in partials], axis=0)
     top = np.where(np.isfinite(top), top, 0.0).astype(np.float32)
     factors = [np.exp(p.m - top) for p in partials]
     total = sum(f * p.s for f, p in zip(factors, partials))
     total = np.where(total > 0, total, 1.0)
-    return sum(p.output(f / total) for f, p in zip(factors, partials))
+    return sum(p.acc * (f / total)[:, None] for f, p in zip(factors, partials))

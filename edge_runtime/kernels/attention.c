@@ -6,8 +6,8 @@
  * edge_runtime/attention_kernel.py loads it with ctypes and lays its arguments out; edge_runtime/attention.py keeps
  * the numpy path that the tests compare it with.
  *
- * Query rows come in blocks of 8, transposed ([width][8]), so that one vector holds a dimension of all 8 rows. A
- * head's blocks are walked once, CHUNK rows at a time:
+ * The query rows are copied into blocks of 8, transposed ([width][8]), so that one vector holds a dimension of all 8
+ * rows. A head's blocks are walked once, CHUNK rows at a time:
  * - keys, 4 rows at a time: each part's rows (edge_runtime/quant/code_parts.py) are widened into a small float
  *   tile, and scored against the query block with 8 independent vector sums (4 keys x 2 dimensions in flight): 4
  *   broadcasts and 2 vector loads feed 8 fused multiply-adds of 8 rows each;
@@ -27,14 +27,28 @@
 #define CHUNK 32      /* rows scored before their weights meet the values: amortizes rescaling */
 #define ROW_BLOCK 8   /* query rows per vector */
 #define MAX_WIDTH 1024
-#define MAX_ROWS 256
+/* Tile rows are a part's padded width plus 16 floats apart: at a power-of-two stride, the same dimension of
+ * every row of a tile maps to the same few L1 sets, and accumulate's column walks would evict each other. */
+#define SKEW 16
+#define MAX_ROWS 64    /* a step of 4 tokens (attention.py's KERNEL_TOKENS) with 16 query heads per KV head */
 #define MAX_PARTS 4
-/* floats of scratch a call needs (the caller's, one buffer per thread): key tile, value tile, scores, weights */
-#define SCRATCH_FLOATS (GROUP * MAX_WIDTH + CHUNK * MAX_WIDTH + 2 * CHUNK * MAX_ROWS)
+/* floats of scratch a call needs (the caller's, one buffer per thread): key tile, value tile, scores, weights,
+ * running maximum and sum, the transposed query of each key part and of the exact blocks, an accumulator for each
+ * value part and the exact blocks */
+#define SCRATCH_FLOATS ((GROUP + CHUNK) * (MAX_WIDTH + SKEW) + 2 * CHUNK * MAX_ROWS + 2 * MAX_ROWS \
+                        + 2 * (MAX_PARTS + 1) * MAX_ROWS * MAX_WIDTH)
 #define EXPORT __attribute__((visibility("default")))
 
 typedef float vf __attribute__((vector_size(32)));
 typedef float vf_unaligned __attribute__((vector_size(32), aligned(4))); /* how vectors are loaded and stored */
+
+/* Half-precision widening is the one thing written with each machine's intrinsics (GCC 12 turns a vector
+ * conversion of _Float16 into one instruction per value); both headers are inline functions only. */
+#if defined(__F16C__)
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 
 /* The compiler may turn copies and clears into these calls even here; the object links against nothing, so it
  * brings its own, hidden (never interposed on the process's). */
@@ -72,32 +86,32 @@ typedef struct {
     int64_t stride;       /* bytes per row */
     const float *scale;   /* [n] per-row factor, or NULL */
     const float *lookup;  /* PACKED: the codec's byte table (packing.py's LookupTable.table) */
+    const float *transform;  /* [n_channels][width] (code_parts.py's T_p), or NULL for the identity */
+    const int64_t *channels; /* [n_channels]: the channels of the vector the part covers, or NULL for all */
+    int64_t n_channels;
     float coef;
     int32_t kind, bits, width;
 } Part;
 
 typedef struct {
-    const float *keys, *values; /* [n, dim] */
-    const int64_t *positions;   /* [n] */
+    const float *keys, *values;               /* [n, dim] */
+    const int64_t *positions, *lower, *upper; /* [n]; [tokens], [tokens] */
     int64_t n;
 } ExactBlock;
 
-/* One call: a head's coded block (its parts; none when the cache is exact) and some float32 blocks. Row i of block
- * b is seen by token t when bounds[b][0][t] <= positions[i] <= bounds[b][1][t], block 0 being the coded one. Query
- * row r belongs to token min(r / groups, tokens - 1); rows is a multiple of 8 (padding rows' results are junk).
- * Widths below are padded to 16 (P(w)). The outputs go to `out`, in this order: m [rows] (running maximum), s [rows]
- * (sum of exp(score - m)), then per value part p [rows][P(width_p)] and for the exact blocks [rows][P(dim)] the sums
- * of exp(score - m) * value, each value part in its own domain. */
+/* One call: a head's coded block (its parts; none when the cache is exact) and some float32 blocks. Row i of a block
+ * is seen by token t when lower[t] <= positions[i] <= upper[t]. Query row r ([rows][dim]) belongs to token
+ * min(r / groups, tokens - 1). With `finish` (no other share of the head to merge), `out` gets the attention output
+ * [rows][dim]. Without, it gets the partial softmax: m [rows] (running maximum), s [rows] (sum of exp(score - m)),
+ * then [rows][dim] the sum of exp(score - m) * value. */
 typedef struct {
-    const float *const *queries; /* per key part: [rows / 8][P(width_p)][8], its domain's query rows, transposed */
     const Part *key_parts, *value_parts;
-    int32_t n_key_parts, n_value_parts, n_exact, _pad;
-    const int64_t *coded_positions;
-    int64_t coded_n;
-    const float *query; /* [rows / 8][P(dim)][8], for the exact blocks */
-    int64_t dim, rows, groups, tokens;
     const ExactBlock *exact;
-    const int64_t *bounds; /* [1 + n_exact][2][tokens] */
+    const int64_t *coded_positions, *coded_lower, *coded_upper;
+    int64_t coded_n;
+    const float *query; /* [rows][dim] */
+    int64_t dim, rows, groups, tokens;
+    int32_t n_key_parts, n_value_parts, n_exact, finish;
     float *out;
     float *scratch; /* SCRATCH_FLOATS of the calling thread's */
 } Call;
@@ -142,9 +156,15 @@ static void widen(const Part *part, int64_t row, float *restrict out) {
         break;
     case F16: {
 #if defined(__F16C__) || defined(__aarch64__)
-        /* the hardware converts: vcvtph2ps (x86-64-v3's F16C), fcvtl (every Armv8-A core) */
+        /* the hardware converts 8 (x86-64-v3's F16C vcvtph2ps) or 4 (every Armv8-A core's fcvtl) at a time */
         const _Float16 *h = (const _Float16 *)bytes;
-        for (int32_t j = 0; j < width; j++) out[j] = (float)h[j];
+        int32_t j = 0;
+#if defined(__F16C__)
+        for (; j + 8 <= width; j += 8) _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
+#else
+        for (; j + 4 <= width; j += 4) vst1q_f32(out + j, vcvt_f32_f16(vld1_f16((const __fp16 *)(h + j))));
+#endif
+        for (; j < width; j++) out[j] = (float)h[j];
 #else
         /* binary16 -> binary32 by its bits: magnitude shifted and rebiased by a multiply (subnormals too), sign */
         const uint16_t *h = (const uint16_t *)bytes;
@@ -301,23 +321,136 @@ static void softmax_chunk(State *st, float *scores, const int64_t *positions, in
     }
 }
 
-/* Runs one call (see Call). Returns 0, or -1 for a part wider than MAX_WIDTH, more than MAX_ROWS rows, rows not a
- * multiple of 8, or more than MAX_PARTS value parts (the caller checks first; this is a guard). */
+static inline int64_t channel(const Part *part, int64_t i) { return part->channels ? part->channels[i] : i; }
+
+/* A key part's query rows, transposed like the query ([rows / 8][P(width)][8]): q[channels] @ transform. Per block
+ * of 8 rows, 8 columns of the transform at a time in 8 vector sums (1 load and 8 broadcasts feed 8 multiply-adds). */
+static void transform_query(const float *qT, int64_t rows, int64_t pdim, const Part *part, float *out) {
+    const int64_t width = part->width, pw = padded(width), n = part->n_channels;
+    const float *t = part->transform;
+    for (int64_t block = 0; block < rows / ROW_BLOCK; block++) {
+        const float *q = qT + block * pdim * ROW_BLOCK;
+        float *o = out + block * pw * ROW_BLOCK;
+        zero_floats(o, pw * ROW_BLOCK);
+        if (t == NULL) { /* a selection of channels */
+            for (int64_t w = 0; w < width; w++) store8(o + w * ROW_BLOCK, load8(q + channel(part, w) * ROW_BLOCK));
+            continue;
+        }
+        int64_t w = 0;
+        for (; w + 8 <= width; w += 8) {
+            vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+            for (int64_t i = 0; i < n; i++) {
+                const vf x = load8(q + channel(part, i) * ROW_BLOCK);
+                const float *c = t + i * width + w;
+                a0 += x * c[0];
+                a1 += x * c[1];
+                a2 += x * c[2];
+                a3 += x * c[3];
+                a4 += x * c[4];
+                a5 += x * c[5];
+                a6 += x * c[6];
+                a7 += x * c[7];
+            }
+            const vf sums[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+            for (int k = 0; k < 8; k++) store8(o + (w + k) * ROW_BLOCK, sums[k]);
+        }
+        for (; w < width; w++) {
+            vf a = {0};
+            for (int64_t i = 0; i < n; i++) a += load8(q + channel(part, i) * ROW_BLOCK) * t[i * width + w];
+            store8(o + w * ROW_BLOCK, a);
+        }
+    }
+}
+
+/* A value part's accumulators ([rows][P(width)], in its domain) taken back and added to the value's: out[r][channels]
+ * += acc[r] @ transform.T. Per block of 8 rows, transposed into `tile` ([P(width)][8]) so that a vector holds the 8
+ * rows: 8 channels at a time in 8 vector sums (1 load and 8 broadcasts feed 8 multiply-adds, no horizontal sums). */
+static void transform_back(const float *acc, int64_t rows, const Part *part, float *out, int64_t pdim, float *tile) {
+    const int64_t width = part->width, pw = padded(width), n = part->n_channels;
+    const float *t = part->transform;
+    for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
+        const float *a = acc + r0 * pw;
+        float *o = out + r0 * pdim;
+        if (t == NULL) {
+            for (int l = 0; l < ROW_BLOCK; l++)
+                for (int64_t w = 0; w < width; w++) o[l * pdim + channel(part, w)] += a[l * pw + w];
+            continue;
+        }
+        for (int l = 0; l < ROW_BLOCK; l++)
+            for (int64_t w = 0; w < width; w++) tile[w * ROW_BLOCK + l] = a[l * pw + w];
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0}, s5 = {0}, s6 = {0}, s7 = {0};
+            const float *c = t + i * width;
+            for (int64_t w = 0; w < width; w++) {
+                const vf x = load8(tile + w * ROW_BLOCK);
+                s0 += x * c[w];
+                s1 += x * c[width + w];
+                s2 += x * c[2 * width + w];
+                s3 += x * c[3 * width + w];
+                s4 += x * c[4 * width + w];
+                s5 += x * c[5 * width + w];
+                s6 += x * c[6 * width + w];
+                s7 += x * c[7 * width + w];
+            }
+            const vf sums[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
+            for (int k = 0; k < 8; k++)
+                for (int l = 0; l < ROW_BLOCK; l++) o[l * pdim + channel(part, i + k)] += sums[k][l];
+        }
+        for (; i < n; i++) {
+            vf sum = {0};
+            for (int64_t w = 0; w < width; w++) sum += load8(tile + w * ROW_BLOCK) * t[i * width + w];
+            for (int l = 0; l < ROW_BLOCK; l++) o[l * pdim + channel(part, i)] += sum[l];
+        }
+    }
+}
+
+/* rows [rows][width] -> [padded rows / 8][P(width)][8], zeros past the rows and the width: the layout score_group
+ * reads. */
+static void transpose_rows(const float *rows_in, int64_t rows, int64_t width, float *out) {
+    const int64_t prows = (rows + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK, pwidth = padded(width);
+    zero_floats(out, prows * pwidth);
+    for (int64_t r = 0; r < rows; r++) {
+        float *block = out + r / ROW_BLOCK * pwidth * ROW_BLOCK + r % ROW_BLOCK;
+        for (int64_t j = 0; j < width; j++) block[j * ROW_BLOCK] = rows_in[r * width + j];
+    }
+}
+
+/* Runs one call (see Call). Returns 0, or -1 for a part wider than MAX_WIDTH, more than MAX_ROWS rows or more than
+ * MAX_PARTS parts (the caller checks first; a guard). */
 EXPORT int edge_runtime_attend_head(const Call *call) {
-    const int64_t rows = call->rows, dim = call->dim, tokens = call->tokens, pdim = padded(dim);
-    float *const ktile = call->scratch, *const vtile = ktile + GROUP * MAX_WIDTH;
-    float *const scores = vtile + CHUNK * MAX_WIDTH, *const weights = scores + CHUNK * MAX_ROWS;
-    float factors[GROUP];
-    if (pdim > MAX_WIDTH || rows > MAX_ROWS || rows % ROW_BLOCK || call->n_value_parts > MAX_PARTS) return -1;
+    const int64_t dim = call->dim, tokens = call->tokens, pdim = padded(dim);
+    const int64_t rows = (call->rows + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK; /* padding rows' results are dropped */
+    if (pdim > MAX_WIDTH || rows > MAX_ROWS || call->n_key_parts > MAX_PARTS || call->n_value_parts > MAX_PARTS)
+        return -1;
     for (int p = 0; p < call->n_key_parts; p++) if (padded(call->key_parts[p].width) > MAX_WIDTH) return -1;
-    State st = {.rows = rows, .groups = call->groups, .tokens = tokens, .m = call->out, .s = call->out + rows};
-    float *next = call->out + 2 * rows;
+    for (int p = 0; p < call->n_value_parts; p++) {
+        const int32_t width = call->value_parts[p].width;
+        if (padded(width) > MAX_WIDTH) return -1;
+    }
+    float *const ktile = call->scratch, *const vtile = ktile + GROUP * (MAX_WIDTH + SKEW);
+    float *const scores = vtile + CHUNK * (MAX_WIDTH + SKEW), *const weights = scores + CHUNK * MAX_ROWS;
+    float *next = weights + CHUNK * MAX_ROWS;
+    State st = {.rows = rows, .groups = call->groups, .tokens = tokens, .m = next, .s = next + rows};
+    next += 2 * rows;
+    const float *queries[MAX_PARTS];
+    float *const query = next;
+    transpose_rows(call->query, call->rows, dim, query);
+    next += rows * pdim;
+    for (int p = 0; p < call->n_key_parts && call->coded_n > 0; p++) {
+        const Part *part = &call->key_parts[p];
+        if (part->transform == NULL && part->channels == NULL) {
+            queries[p] = query;
+            continue;
+        }
+        transform_query(query, rows, pdim, part, next);
+        queries[p] = next;
+        next += rows * padded(part->width);
+    }
     for (int p = 0; p <= call->n_value_parts; p++) {
-        const int64_t width = p < call->n_value_parts ? padded(call->value_parts[p].width) : pdim;
-        if (width > MAX_WIDTH) return -1;
         st.accs[p] = next;
-        st.widths[p] = width;
-        next += rows * width;
+        st.widths[p] = p < call->n_value_parts ? padded(call->value_parts[p].width) : pdim;
+        next += rows * st.widths[p];
     }
     st.n_accs = call->n_value_parts + 1;
     float *const acc_exact = st.accs[call->n_value_parts];
@@ -325,16 +458,18 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
         st.m[r] = -__builtin_inff();
         st.s[r] = 0.0f;
     }
-    zero_floats(call->out + 2 * rows, next - (call->out + 2 * rows));
+    zero_floats(st.accs[0], next - st.accs[0]);
 
+    float factors[GROUP];
     for (int64_t start = 0; start < call->coded_n; start += CHUNK) {
         const int count = (int)(call->coded_n - start < CHUNK ? call->coded_n - start : CHUNK);
         zero_floats(scores, CHUNK * rows);
         for (int column = 0; column < count; column += GROUP) {
             for (int p = 0; p < call->n_key_parts; p++) {
                 const Part *part = &call->key_parts[p];
+                const int64_t tile = padded(part->width) + SKEW;
                 for (int g = 0; g < GROUP; g++) {
-                    float *row = ktile + g * MAX_WIDTH;
+                    float *row = ktile + g * tile;
                     if (column + g < count) {
                         widen(part, start + column + g, row);
                         factors[g] = factor(part, start + column + g);
@@ -343,25 +478,25 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                         factors[g] = 0.0f;
                     }
                 }
-                score_group(call->queries[p], rows, padded(part->width), ktile, ktile + MAX_WIDTH,
-                            ktile + 2 * MAX_WIDTH, ktile + 3 * MAX_WIDTH, factors, scores, column);
+                score_group(queries[p], rows, padded(part->width), ktile, ktile + tile, ktile + 2 * tile,
+                            ktile + 3 * tile, factors, scores, column);
             }
         }
-        softmax_chunk(&st, scores, call->coded_positions, start, count, call->bounds, call->bounds + tokens);
+        softmax_chunk(&st, scores, call->coded_positions, start, count, call->coded_lower, call->coded_upper);
         for (int p = 0; p < call->n_value_parts; p++) {
             const Part *part = &call->value_parts[p];
+            const int64_t tile = padded(part->width) + SKEW;
             for (int k = 0; k < count; k++) {
-                widen(part, start + k, vtile + k * MAX_WIDTH);
+                widen(part, start + k, vtile + k * tile);
                 const float f = factor(part, start + k);
                 for (int64_t r = 0; r < rows; r++) weights[k * rows + r] = scores[k * rows + r] * f;
             }
-            accumulate(st.accs[p], rows, padded(part->width), vtile, MAX_WIDTH, weights, count);
+            accumulate(st.accs[p], rows, padded(part->width), vtile, tile, weights, count);
         }
     }
     static const float ones[GROUP] = {1.0f, 1.0f, 1.0f, 1.0f}, zeros[MAX_WIDTH];
     for (int b = 0; b < call->n_exact; b++) {
         const ExactBlock *block = &call->exact[b];
-        const int64_t *lower = call->bounds + (b + 1) * 2 * tokens, *upper = lower + tokens;
         for (int64_t start = 0; start < block->n; start += CHUNK) {
             const int count = (int)(block->n - start < CHUNK ? block->n - start : CHUNK);
             zero_floats(scores, CHUNK * rows);
@@ -373,27 +508,40 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                     } else if (pdim == dim) {
                         k[g] = block->keys + (start + column + g) * dim;
                     } else {
-                        float *row = ktile + g * MAX_WIDTH;
+                        float *row = ktile + g * (pdim + SKEW);
                         copy_floats(row, block->keys + (start + column + g) * dim, dim);
                         zero_floats(row + dim, pdim - dim);
                         k[g] = row;
                     }
                 }
-                score_group(call->query, rows, pdim, k[0], k[1], k[2], k[3], ones, scores, column);
+                score_group(query, rows, pdim, k[0], k[1], k[2], k[3], ones, scores, column);
             }
-            softmax_chunk(&st, scores, block->positions, start, count, lower, upper);
+            softmax_chunk(&st, scores, block->positions, start, count, block->lower, block->upper);
             const float *values = block->values + start * dim;
             int64_t stride = dim;
             if (pdim != dim) {
                 for (int i = 0; i < count; i++) {
-                    copy_floats(vtile + i * MAX_WIDTH, values + i * dim, dim);
-                    zero_floats(vtile + i * MAX_WIDTH + dim, pdim - dim);
+                    copy_floats(vtile + i * (pdim + SKEW), values + i * dim, dim);
+                    zero_floats(vtile + i * (pdim + SKEW) + dim, pdim - dim);
                 }
                 values = vtile;
-                stride = MAX_WIDTH;
+                stride = pdim + SKEW;
             }
             accumulate(acc_exact, rows, pdim, values, stride, scores, count);
         }
+    }
+
+    for (int p = 0; p < call->n_value_parts && call->coded_n > 0; p++)
+        transform_back(st.accs[p], rows, &call->value_parts[p], acc_exact, pdim, vtile);
+    float *out = call->out;
+    if (!call->finish) {
+        copy_floats(out, st.m, call->rows);
+        copy_floats(out + call->rows, st.s, call->rows);
+        out += 2 * call->rows;
+    }
+    for (int64_t r = 0; r < call->rows; r++) {
+        const float scale = !call->finish ? 1.0f : st.s[r] > 0.0f ? 1.0f / st.s[r] : 0.0f;
+        for (int64_t j = 0; j < dim; j++) out[r * dim + j] = acc_exact[r * pdim + j] * scale;
     }
     return 0;
 }

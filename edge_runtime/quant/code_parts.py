@@ -1,22 +1,23 @@
 """Every stored vector format as a sum of parts that one compiled kernel can read in place.
 
-A codec's stored vector x is reconstructed as x = sum over parts p of coef_p * scale_p[n] * decode_p(row_n) @ T_p.T:
+A codec's stored vector x is reconstructed as x[C_p] += coef_p * scale_p[n] * decode_p(row_n) @ T_p.T, summed over
+parts p:
 - the part's codes are a [n, bytes] uint8 array (a float32 or float16 store is its bytes, seen as uint8);
 - decode_p widens one row: float32 as is, float16 by its bits, int8 as integers, b-bit packed codes through their
   codec's byte table (edge_runtime.quant.packing.LookupTable: a byte, or for 3 bits a low byte and a high nibble,
   straight to its 8/b values, Lloyd-Max centroids or -1/+1 for sign bits);
 - scale_p is a per-vector float32 array (a norm, an int8 scale) or None, coef_p a constant;
-- T_p is the part's transform [dim, width] (a rotation, a channel selection times a rotation, a Gaussian
-  projection) or None for the identity.
-So <q, x> = sum_p coef_p scale_p[n] <q @ T_p, decode_p(row_n)>: the query is transformed once per part and each
-row is read once, and a weighted sum over rows accumulates sum_n w_n coef_p scale_p[n] decode_p(row_n) per part
-in the part's own domain, transformed back once at the end. This is the contract between the codecs
+- C_p are the channels of x the part covers (ChannelSplit's halves), or None for all of them;
+- T_p is the part's transform [len(C_p), width] (a rotation, a Gaussian projection) or None for the identity.
+So <q, x> = sum_p coef_p scale_p[n] <q[C_p] @ T_p, decode_p(row_n)>: the query is transformed once per part and
+each row is read once, and a weighted sum over rows accumulates sum_n w_n coef_p scale_p[n] decode_p(row_n) per
+part in the part's own domain, transformed back once at the end. This is the contract between the codecs
 (edge_runtime.quant) and the attention kernel (edge_runtime.attention_kernel).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -34,13 +35,13 @@ class CodePart:
     lookup: np.ndarray | None = None  # PACKED: the codec's LookupTable.table (float32, C order)
     scale: np.ndarray | None = None  # [n] float32 per-vector factor
     coef: float = 1.0
-    transform: np.ndarray | None = None  # [dim, width] float32; None: identity (width == dim)
+    transform: np.ndarray | None = None  # [len(channels), width] float32 C order; None: identity
+    channels: np.ndarray | None = None  # int64: the vector's channels this part covers; None: all of them
 
     def rows(self, start: int, stop: int) -> CodePart:
         """The same part over rows [start, stop): how a long block is shared between threads."""
         scale = None if self.scale is None else self.scale[start:stop]
-        return CodePart(self.kind, self.width, self.codes[start:stop], self.bits, self.lookup, scale, self.coef,
-                        self.transform)
+        return replace(self, codes=self.codes[start:stop], scale=scale)
 
 
 def as_bytes(values: np.ndarray) -> np.ndarray:

@@ -304,17 +304,6 @@ class ChannelSplit:
         self.channels_lo = np.setdiff1d(np.arange(self.dim), self.channels_hi)
         self.hi, self.lo = hi, lo
         self.bytes_per_vector = hi.bytes_per_vector + lo.bytes_per_vector
-        # Each half's part transforms lifted to the whole vector: a selection of the half's channels, then the
-        # half's own transform. They belong to the codec, so they are built once.
-        self._transforms = [self._lift(part.transform, channels)
-                            for half, channels in ((hi, self.channels_hi), (lo, self.channels_lo))
-                            for part in half.parts(half.empty(0))]
-
-    def _lift(self, transform: np.ndarray | None, channels: np.ndarray) -> np.ndarray:
-        select = np.zeros((self.dim, len(channels)), np.float32)
-        select[channels, np.arange(len(channels))] = 1
-        return select if transform is None else select @ transform
-
     @staticmethod
     def _join(hi: dict[str, np.ndarray], lo: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {**{f"hi.{k}": v for k, v in hi.items()}, **{f"lo.{k}": v for k, v in lo.items()}}
@@ -349,5 +338,6 @@ class ChannelSplit:
                              self.lo.weighted_sum(p, self._part(codes, "lo.")))
 
     def parts(self, codes: dict[str, np.ndarray]) -> list[CodePart]:
-        halves = [*self.hi.parts(self._part(codes, "hi.")), *self.lo.parts(self._part(codes, "lo."))]
-        return [replace(part, transform=transform) for part, transform in zip(halves, self._transforms)]
+        return [replace(part, channels=channels if part.channels is None else channels[part.channels])
+                for half, channels, prefix in ((self.hi, self.channels_hi, "hi."), (self.lo, self.channels_lo, "lo."))
+                for part in half.parts(self._part(codes, prefix))]
