@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -174,3 +175,38 @@ def test_folded_rows_show_the_member_nearest_its_allowance_and_fail_with_any_mem
         ("KV: all 16 formats, no exact tokens", "decode", 0.2, True)]
     rows[0] = compare.Row(**{**compare.asdict(rows[0]), "greedy_same": 31})
     assert [r.ok for r in compare.Report(rows=rows).grouped()] == [False, True]
+
+
+def test_a_cpu_fails_unless_the_aarch64_attention_kernel_ran() -> None:
+    assert compare.attention_kernel_note("cortex-a72", "aarch64") == (
+        "cortex-a72: attention kernel aarch64 loaded (edge_runtime.attention_kernel.load().name)", True)
+    assert compare.attention_kernel_note("cortex-a76", None) == (
+        ("cortex-a76: no attention kernel loaded, numpy ran attention: attention-aarch64.so is missing from the "
+         "installed package or was built from another attention.c (python tools/build_kernels.py --check)"), False)
+    assert compare.attention_kernel_note("cortex-a76", "x86_64") == (
+        "cortex-a76: attention kernel x86_64 loaded, expected aarch64", False)
+    report = compare.Report(notes=[compare.attention_kernel_note("cortex-a76", None)])
+    assert not report.ok and "FAILED: cortex-a76: no attention kernel loaded" in report.format()
+
+
+def test_the_smoke_runs_the_kernel_test_of_every_kv_format_without_model_checkpoints() -> None:
+    """The smoke's -k selection: every KV format at one shape and the threads' partial softmaxes, and none of the
+    tests that need tests/conftest.py's checkpoints (the smoke exports none for the guest)."""
+    import subprocess
+
+    import test_attention_kernel
+
+    from edge_runtime.kv_formats import KV_FORMATS
+
+    check = _check_module()
+    root = ARM64.parents[1]
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                str(root / check.KERNEL_TESTS), "-k", check.KERNEL_SMOKE_SELECTION],
+                               capture_output=True, text=True, cwd=root, timeout=120)
+    ids = [line.split("::")[1] for line in collected.stdout.splitlines() if "::" in line]
+    functions = {i.split("[")[0] for i in ids}
+    assert functions == {"test_the_kernel_equals_numpy_for_every_format",
+                         "test_a_block_shared_between_threads_gives_the_same_output"}, collected.stdout
+    assert {i.removeprefix("test_the_kernel_equals_numpy_for_every_format[64-1-").removesuffix("]")
+            for i in ids if "every_format" in i} == set(KV_FORMATS)
+    assert not any("artifacts" in inspect.signature(getattr(test_attention_kernel, f)).parameters for f in functions)

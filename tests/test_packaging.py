@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import build_kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 INSTALLED_AS = {"edge_runtime": "edge_runtime", "export": "edge_runtime/export",
                 "device_profiles": "edge_runtime/device_profiles"}
@@ -27,3 +29,6 @@ def test_the_wheel_installs_only_the_edge_runtime_namespace(tmp_path):
         assert not missing, f"{folder}: not in the wheel: {sorted(missing)}"
     assert "edge_runtime/device_profiles/pi5-8gb.toml" in names
     assert "edge_runtime/bundled/gemma4-tiny/model.safetensors" in names
+    # the compiled attention kernel, one build per machine, and the source whose SHA-256 the loader checks them by
+    kernels = {f"edge_runtime/kernels/{build_kernels.built(target).name}" for target in build_kernels.TARGETS}
+    assert kernels | {"edge_runtime/kernels/attention.c"} <= names, sorted(kernels - names)

@@ -19,6 +19,9 @@ CPUS: dict[str, tuple[str, str]] = {
     "phone-i8mm": ("max,sve=off,sme=off", "Armv9 phone class: dotprod + i8mm (qemu max, SVE/SME off)"),
 }
 SMOKE_CPU = "cortex-a76"
+# The build of edge_runtime/kernels/attention.c every emulated CPU must load (edge_runtime.attention_kernel.load():
+# one aarch64 build, Armv8-A NEON, for all of them); anything else means numpy ran attention instead.
+ATTENTION_KERNEL = "aarch64"
 
 # x86 runs per quantized case with its inputs perturbed by one float32 ulp (runner.perturb_inputs): the yardstick
 # for how far two CPUs' rounding may move a format's logits (compare.py).

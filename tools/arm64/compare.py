@@ -25,7 +25,7 @@ import cases
 import numpy as np
 from probes import classify, write_probes
 
-__all__ = ["Report", "Row", "fp32_activation_variant", "reference_for", "write_probes"]
+__all__ = ["Report", "Row", "attention_kernel_note", "fp32_activation_variant", "reference_for", "write_probes"]
 
 EXACT_TOLERANCE = 1e-4
 # A CPU's rounding differs from x86's by float32 ulps; a format whose kernels quantize activations can turn such a
@@ -181,11 +181,15 @@ class Report:
                 reference = reference_for(name, features)
                 got = _load(work / cpu / "logits" / f"{name.replace('/', '__')}.npz")
                 report.rows += compare_case(cpu, name, got, reference, x86, k_max, features)
-            if "codec_tests" in result:
-                code, line = result["codec_tests"]
-                report.notes.append((f"{cpu}: codec tests (tests/test_turboquant.py, fast subset): {line}", code == 0))
+            loaded = (_json(work / cpu / "logits" / "runtime.json") or {}).get("attention_kernel")
+            report.cpus[cpu]["attention_kernel"] = loaded
+            report.notes.append(attention_kernel_note(cpu, loaded))
+            for label, code, line in result.get("tests", []):
+                report.notes.append((f"{cpu}: {label}: {line}", code == 0))
             if "serve" in result:
                 report.notes.append((f"{cpu}: serve: {result['serve']}", result["serve"].startswith("ok")))
+        host = (_json(work / "x86" / "logits" / "runtime.json") or {}).get("attention_kernel")
+        report.notes.append((f"x86 goldens (this host): attention kernel {host or 'none (numpy)'}", True))
         if host_kernels:
             report.cpus["x86"] = {"probes": probe_signatures(work / "probes", host_kernels),
                                   "nodes": host_kernels["nodes"], "quality": _json(work / "x86" / "quality.json")}
@@ -254,6 +258,19 @@ class Report:
     def to_dict(self) -> dict:
         return {"rows": [asdict(r) | {"ok": r.ok} for r in self.rows], "cpus": self.cpus,
                 "notes": [{"line": line, "ok": ok} for line, ok in self.notes], "ok": self.ok}
+
+
+def attention_kernel_note(cpu: str, loaded: str | None) -> tuple[str, bool]:
+    """Which attention build ran the guest's decode steps: the aarch64 one, or a failure. numpy's fallback computes
+    the same attention (the kernel tests hold them to 2e-6), so the logits alone would let a build missing from the
+    wheel, or stale, pass unseen."""
+    if loaded == cases.ATTENTION_KERNEL:
+        return f"{cpu}: attention kernel {loaded} loaded (edge_runtime.attention_kernel.load().name)", True
+    if loaded is None:
+        return (f"{cpu}: no attention kernel loaded, numpy ran attention: attention-{cases.ATTENTION_KERNEL}.so is "
+                "missing from the installed package or was built from another attention.c (python "
+                "tools/build_kernels.py --check)"), False
+    return f"{cpu}: attention kernel {loaded} loaded, expected {cases.ATTENTION_KERNEL}", False
 
 
 def _widest_matmul(artifact: Path) -> int:

@@ -1,6 +1,7 @@
 """The side of the ARM64 check that runs the runtime: on the emulated aarch64 root, and on the host for the goldens.
 
-    python runner.py logits ARTIFACTS OUT [CASE ...]   # per case: prefill and decode logits, 32 greedy tokens
+    python runner.py logits ARTIFACTS OUT [CASE ...]   # per case: prefill and decode logits, 32 greedy tokens;
+                                                       # runtime.json: the attention kernel build that ran
     python runner.py goldens ARTIFACTS OUT [CASE ...]  # the same, and runs with inputs perturbed by 1 ulp
     python runner.py quality ARTIFACTS OUT TOKENS      # held-out perplexity and top-1 agreement with fp32
     python runner.py kernels ARTIFACTS PROBES OUT      # CPU features, node types that ran, MatMulNBits signatures
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import CASES, GREEDY_TOKENS, NOISE_RUNS, PROMPT, Case, case
 
 import edge_runtime
-from edge_runtime import engine
+from edge_runtime import attention_kernel, engine
 from edge_runtime.bundled import BUNDLED_CHECKPOINT
 from edge_runtime.perplexity import evaluate
 
@@ -84,6 +85,10 @@ def run_logits(artifacts: Path, out: Path, names: list[str], noise_runs: int = 0
     """Each case's logits; with `noise_runs`, also that many runs with inputs perturbed by perturb_inputs."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "features.json").write_text(json.dumps(cpu_features()))
+    # The attention build these logits' decode steps ran (None: numpy, the fallback when no build fits or the build
+    # is stale), recorded by the process that computed them.
+    kernel = attention_kernel.load()
+    (out / "runtime.json").write_text(json.dumps({"attention_kernel": kernel and kernel.name}))
     for name in names:
         for run in range(1 + (noise_runs if case(name).rounds_at_run_time else 0)):
             model = load(artifacts, case(name))
