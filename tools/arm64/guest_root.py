@@ -171,11 +171,13 @@ def guest_argv(root: Path, qemu_cpu: str, argv: list[str], env: dict[str, str] |
             "chroot", str(root), "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in variables.items()), *argv]
 
 
-def guest(root: Path, qemu_cpu: str, argv: list[str], check: bool = False, **kwargs) -> subprocess.CompletedProcess:
-    """Run `argv` in the root; with check=True a failure raises with the end of its stderr."""
+def guest(root: Path, qemu_cpu: str, argv: list[str], check: bool = False, env: dict[str, str] | None = None,
+          **kwargs) -> subprocess.CompletedProcess:
+    """Run `argv` in the root (with these extra environment variables); with check=True a failure raises with the
+    end of its stderr."""
     if not check:
-        return subprocess.run(guest_argv(root, qemu_cpu, argv), **kwargs)
-    done = subprocess.run(guest_argv(root, qemu_cpu, argv), capture_output=True, text=True, **kwargs)
+        return subprocess.run(guest_argv(root, qemu_cpu, argv, env), **kwargs)
+    done = subprocess.run(guest_argv(root, qemu_cpu, argv, env), capture_output=True, text=True, **kwargs)
     if done.returncode:
         tail = "\n".join(line for line in done.stderr.splitlines() if "cpuinfo" not in line)[-2000:]
         raise RuntimeError(f"{' '.join(argv)} failed on {qemu_cpu} (exit {done.returncode}):\n{tail}")
