@@ -143,8 +143,7 @@ def node_types(artifacts: Path, case: Case, tmp: Path) -> dict[str, int]:
     model = load(artifacts, case, profile_prefix=str(tmp / "profile"))
     model.logits(model.encode(PROMPT)[:3], "decode")
     counts: Counter[str] = Counter()
-    sessions = [model.engine.head, model.engine.prologue, *(s for pair in model.engine.layers for s in pair)]
-    for session in sessions:
+    for session in model.engine.segments:
         for event in json.loads(Path(session.end_profiling()).read_text()):
             if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
                 counts[f"{event['args']['op_name']}@{event['args'].get('provider', '?')}"] += 1
