@@ -36,6 +36,8 @@ SCORE_BYTES = 32 << 20
 # Shortest share of a block worth a thread. E2B int4, tq3.5, 2k context, 2 threads: 142 ms a step unsplit,
 # 125 ms with the 2k-token full layers split, 142 again with the 512-slot sliding rings split as well.
 MIN_PART = 768
+# Shortest share of a block worth a thread for the compiled kernel: TODO measured below.
+KERNEL_MIN_PART = 256
 # Steps of at most this many tokens go through the compiled kernel; longer ones are matrix products for BLAS.
 KERNEL_TOKENS = 4
 MASKED = np.finfo(np.float32).min
@@ -71,10 +73,10 @@ def _slice(block: Block, lo: int, hi: int) -> Block:
                           positions=block.positions[lo:hi])
 
 
-def _shares(block: Block, parts: int) -> list[Block]:
+def _shares(block: Block, parts: int, least: int = MIN_PART) -> list[Block]:
     """A long block cut into `parts` contiguous ones, so that worker threads can each read a share of the codes."""
     n = block.size
-    if parts < 2 or n < parts * MIN_PART:
+    if parts < 2 or n < parts * least:
         return [block]
     cuts = [round(n * k / parts) for k in range(parts + 1)]
     return [_slice(block, lo, hi) for lo, hi in pairwise(cuts)]
@@ -91,50 +93,81 @@ def attend(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecuto
     if kernel is None:
         kernel = query.shape[0] <= KERNEL_TOKENS and attention_kernel.load() is not None
     workers = workers if pool else 1
-    run = _attend_kernel if kernel else _attend_numpy
+    if kernel:
+        return _attend_kernel(query, blocks, pool, workers)
     tokens, kv_heads, groups, head_dim = query.shape
     out = np.empty((tokens, kv_heads, groups, head_dim), dtype=np.float32)
     for h in range(kv_heads):
         shares = [_shares(b, workers) for b in blocks[h] if b.size]
         # Handing short blocks to threads costs more than it saves (E2B int4 at 131 tokens: 124 vs 104 ms a step).
         mapper = pool.map if pool and any(len(s) > 1 for s in shares) else map
-        out[:, h] = run(query[:, h], shares, mapper)
+        out[:, h] = _attend_numpy(query[:, h], shares, mapper)
     return out.reshape(tokens, -1)
 
 
-def _attend_kernel(query: np.ndarray, shares: list[list[Block]], mapper) -> np.ndarray:
-    """One KV head, compiled: [T, groups, d] -> [T, groups, d].
+class _Call(NamedTuple):
+    """One kernel call: a head's coded block (or none) and exact blocks, with the coded block's parts."""
 
-    Each call of the kernel takes at most one coded block and any exact float32 ones: share k of every block goes
-    to call k (a second coded block, to a call of its own), threads run the calls at once, and their partial
-    softmaxes are merged. A head that is one call is finished in the kernel.
-    """
-    kernel = attention_kernel.load()
-    tokens, groups, head_dim = query.shape
-    q = query.reshape(tokens * groups, head_dim)
+    head: int
+    coded: Block | None
+    exact: list[Block]
+    key_parts: list
+    value_parts: list
+
+
+def _kernel_calls(head: int, blocks: list[Block], workers: int) -> list[_Call]:
+    """A head's blocks as kernel calls: each call takes at most one coded block and any exact float32 ones, share k
+    of every block going to call k (a second coded block, to a call of its own)."""
     calls: list[tuple[Block | None, list[Block]]] = []
-    for block_shares in shares:
-        for k, block in enumerate(block_shares):
-            exact = isinstance(block.key_codec, Float32Codec) and isinstance(block.value_codec, Float32Codec)
+    for block in blocks:
+        if not block.size:
+            continue
+        for k, share in enumerate(_shares(block, workers, KERNEL_MIN_PART)):
+            exact = isinstance(share.key_codec, Float32Codec) and isinstance(share.value_codec, Float32Codec)
             if k == len(calls) or not (exact or calls[k][0] is None):
                 k = len(calls)
                 calls.append((None, []))
             coded, exacts = calls[k]
-            calls[k] = (coded, [*exacts, block]) if exact else (block, exacts)
-    parts = [(c.key_codec.parts(c.key_codes), c.value_codec.parts(c.value_codes)) if c else ([], []) for c, _ in calls]
-    if not kernel.fits(len(q), [head_dim, *(p.width for key, value in parts for p in (*key, *value))]):
-        return _attend_numpy(query, shares, mapper)
-    finish = len(calls) == 1
+            calls[k] = (coded, [*exacts, share]) if exact else (share, exacts)
+    return [_Call(head, coded, exacts, *((coded.key_codec.parts(coded.key_codes),
+                                          coded.value_codec.parts(coded.value_codes)) if coded else ([], [])))
+            for coded, exacts in calls]
 
-    def partial(call: tuple[Block | None, list[Block]], call_parts: tuple[list, list]):
-        coded, exacts = call
-        exact = [(b.key_codes["values"], b.value_codes["values"], b.positions, b.lower, b.upper) for b in exacts]
-        where = _NOTHING_CODED if coded is None else (coded.positions, coded.lower, coded.upper)
-        return attention_kernel.attend_head_parts(kernel, q, *call_parts, where, exact, groups, finish)
 
-    results = list(mapper(partial, calls, parts))
-    out = results[0] if finish else attention_kernel.merge(results)
-    return out.reshape(tokens, groups, head_dim)
+def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecutor | None,
+                   workers: int) -> np.ndarray:
+    """Every KV head's calls at once: the pool's threads take all but the first, which this thread runs (a handoff
+    costs tens of microseconds). A head that is one call is finished in the kernel; a head split across calls has
+    its partial softmaxes merged."""
+    kernel = attention_kernel.load()
+    tokens, kv_heads, groups, head_dim = query.shape
+    rows = tokens * groups
+    calls = [call for h in range(kv_heads) for call in _kernel_calls(h, blocks[h], workers)]
+    widths = [head_dim, *(p.width for call in calls for p in (*call.key_parts, *call.value_parts))]
+    if not kernel.fits(rows, widths):
+        return attend(query, blocks, pool, workers, kernel=False)
+    split = {call.head for call in calls} != set(range(kv_heads)) or len(calls) != kv_heads
+    q = np.ascontiguousarray(query.transpose(1, 0, 2, 3)).reshape(kv_heads, rows, head_dim)
+
+    def run(call: _Call):
+        exact = [(b.key_codes["values"], b.value_codes["values"], b.positions, b.lower, b.upper) for b in call.exact]
+        where = _NOTHING_CODED if call.coded is None else (call.coded.positions, call.coded.lower, call.coded.upper)
+        return attention_kernel.attend_head_parts(kernel, q[call.head], call.key_parts, call.value_parts, where,
+                                                  exact, groups, finish=not split)
+
+    pending = [pool.submit(run, call) for call in calls[1:]] if pool else []
+    results = [run(calls[0])] if calls else []
+    results += [f.result() for f in pending] if pool else [run(call) for call in calls[1:]]
+    out = np.zeros((kv_heads, rows, head_dim), np.float32)
+    if not split:
+        for call, result in zip(calls, results):
+            out[call.head] = result
+    else:
+        for h in range(kv_heads):
+            partials = [r for call, r in zip(calls, results) if call.head == h]
+            if partials:
+                out[h] = attention_kernel.merge(partials)
+    return out.reshape(kv_heads, tokens, groups, head_dim).transpose(1, 0, 2, 3).reshape(tokens, -1)
 
 
 _NOTHING_CODED = (np.zeros(0, np.int64), None, None)

@@ -108,6 +108,10 @@ def load() -> Kernel | None:
 
 
 def _pointer(a: np.ndarray) -> int:
+    """The address of a's first byte (a C-contiguous array); ctypes' own route for a writable buffer is 3x faster
+    than numpy's, and a decode step takes ~500 of them."""
+    if a.flags.writeable and a.size:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
     return a.__array_interface__["data"][0]
 
 

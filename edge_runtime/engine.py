@@ -137,6 +137,7 @@ class Engine:
         queries = slice(None)  # the token rows still carried: all of them until the rows segment
         new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         exact: dict[int, list[Block]] = {}
+        offered: dict[int, list[list[Block]]] = {}  # per source layer: the blocks its attention reads, per KV head
         feeds = {"inputs_embeds": hidden}
         for i, segment in enumerate(self.segments):
             if i == self.rows_segment:
@@ -160,9 +161,12 @@ class Engine:
                 new_kv[i] = (keys, values)
                 exact[i] = self._exact_blocks(keys, values, positions)
             layer_seen = seen[layer_type]
-            blocks = [[block.rows(queries) for block in (*cached, new._replace(lower=layer_seen.new[0],
-                                                                              upper=layer_seen.new[1]))]
-                      for cached, new in zip(cache.blocks(source, layer_seen), exact[source])]
+            if source not in offered:  # a KV-shared layer reads its source's blocks again
+                offered[source] = [[*cached, new._replace(lower=layer_seen.new[0], upper=layer_seen.new[1])]
+                                   for cached, new in zip(cache.blocks(source, layer_seen), exact[source])]
+            blocks = offered[source]
+            if queries != slice(None):
+                blocks = [[block.rows(queries) for block in head] for head in blocks]
             feeds = {"hidden": hidden,
                      "attention": attend(outputs["query"], blocks, self.attention_pool, self.attention_workers),
                      "ple_rows": ple_rows[i, queries], "ple_context": ple_context[i, queries]}

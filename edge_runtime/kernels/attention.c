@@ -242,11 +242,12 @@ static void score_group(const float *qT, int64_t rows, int64_t width, const floa
 }
 
 /* acc[r][0:width] += sum over k < count of weights[k][r] * values[k][0:width], every row r: 4 rows x 16 dimensions
- * held in 8 vector sums across the chunk. values rows are `stride` floats apart; width is a multiple of 16. */
+ * held in 8 vector sums across the chunk, the rows innermost so that a strip of 16 dimensions of the chunk's values
+ * is read from L1 by every group of 4 rows. values rows are `stride` floats apart; width is a multiple of 16. */
 static void accumulate(float *acc, int64_t rows, int64_t width, const float *values, int64_t stride,
                        const float *weights, int count) {
-    for (int64_t r = 0; r < rows; r += 4) {
-        for (int64_t j = 0; j < width; j += 16) {
+    for (int64_t j = 0; j < width; j += 16) {
+        for (int64_t r = 0; r < rows; r += 4) {
             float *c = acc + r * width + j;
             vf c00 = load8(c), c01 = load8(c + 8), c10 = load8(c + width), c11 = load8(c + width + 8);
             vf c20 = load8(c + 2 * width), c21 = load8(c + 2 * width + 8);
@@ -517,17 +518,13 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                 score_group(query, rows, pdim, k[0], k[1], k[2], k[3], ones, scores, column);
             }
             softmax_chunk(&st, scores, block->positions, start, count, block->lower, block->upper);
+            /* copied into the tile even when in place would do: its skewed stride keeps a strip of the chunk in L1 */
             const float *values = block->values + start * dim;
-            int64_t stride = dim;
-            if (pdim != dim) {
-                for (int i = 0; i < count; i++) {
-                    copy_floats(vtile + i * (pdim + SKEW), values + i * dim, dim);
-                    zero_floats(vtile + i * (pdim + SKEW) + dim, pdim - dim);
-                }
-                values = vtile;
-                stride = pdim + SKEW;
+            for (int i = 0; i < count; i++) {
+                copy_floats(vtile + i * (pdim + SKEW), values + i * dim, dim);
+                zero_floats(vtile + i * (pdim + SKEW) + dim, pdim - dim);
             }
-            accumulate(acc_exact, rows, pdim, values, stride, scores, count);
+            accumulate(acc_exact, rows, pdim, vtile, pdim + SKEW, scores, count);
         }
     }
 
