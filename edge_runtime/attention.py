@@ -36,8 +36,10 @@ SCORE_BYTES = 32 << 20
 # Shortest share of a block worth a thread. E2B int4, tq3.5, 2k context, 2 threads: 142 ms a step unsplit,
 # 125 ms with the 2k-token full layers split, 142 again with the 512-slot sliding rings split as well.
 MIN_PART = 768
-# Shortest share of a block worth a thread for the compiled kernel: TODO measured below.
-KERNEL_MIN_PART = 256
+# Least K+V values in a share of a block worth a thread for the compiled kernel: handing a call to a pool thread
+# costs ~150-250 us (its wake-up, the GIL for its arguments, the merge). E2B int4, one step at 2k: the 2048-slot
+# fp16 layer took 547 us whole and 535 us in two shares, a 576-slot fp32 ring 119 vs 280 us.
+KERNEL_MIN_SHARE_VALUES = 1 << 21
 # Steps of at most this many tokens go through the compiled kernel; longer ones are matrix products for BLAS.
 KERNEL_TOKENS = 4
 MASKED = np.finfo(np.float32).min
@@ -122,7 +124,8 @@ def _kernel_calls(head: int, blocks: list[Block], workers: int) -> list[_Call]:
     for block in blocks:
         if not block.size:
             continue
-        for k, share in enumerate(_shares(block, workers, KERNEL_MIN_PART)):
+        least = -(-KERNEL_MIN_SHARE_VALUES // (2 * block.key_codec.dim))
+        for k, share in enumerate(_shares(block, workers, least)):
             exact = isinstance(share.key_codec, Float32Codec) and isinstance(share.value_codec, Float32Codec)
             if k == len(calls) or not (exact or calls[k][0] is None):
                 k = len(calls)

@@ -53,7 +53,8 @@ def test_a_block_shared_between_threads_gives_the_same_output(name, monkeypatch)
     query = (rng.standard_normal((1, 1, 4, 64)) / 8).astype(np.float32)
     blocks = [_blocks(name, 64, 1, rng, stored=3000)]
     whole = attend(query, blocks, kernel=True)
-    monkeypatch.setattr(attention, "MIN_PART", 100)
+    monkeypatch.setattr(attention, "KERNEL_MIN_SHARE_VALUES", 100 * 2 * 64)
+    assert len(attention._kernel_calls(0, blocks[0], 3)) == 3  # the coded block in three shares, one per thread
     with ThreadPoolExecutor(3) as pool:
         shared = attend(query, blocks, pool, 3, kernel=True)
     assert np.abs(shared - whole).max() <= 2e-6 * np.abs(whole).max()
