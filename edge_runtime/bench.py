@@ -47,7 +47,6 @@ platform does not expose a figure):
 
 from __future__ import annotations
 
-import mmap
 import statistics
 import time
 from collections.abc import Sequence
@@ -132,13 +131,6 @@ def read_bandwidth(probe_bytes: int, threads: int, passes: int = BANDWIDTH_PASSE
     be read from cache. A reduction reads each byte exactly once and writes nothing, so bytes / time is a
     pure read rate, the quantity decode is bound by.
 
-    The array is ordinary anonymous memory (an mmap, no madvise), paged the way onnxruntime's weight buffers
-    are. numpy asks for transparent huge pages on arrays this large, and whether it got them decided the figure:
-    on the 2-core AMD EPYC VM this was measured on (THP "madvise", 2 threads, 1 GiB) a numpy array read at
-    36.3 GB/s in one process and 61-65 GB/s in another, while the weights, in 4 KiB pages, cannot read faster
-    than the first (E2B int4's MatMulNBits ran at 30.6 GB/s). Nested paging makes TLB misses dear in a VM;
-    on a Pi the two rates are closer.
-
     Measured on the 2-core x86 VM this was written on (1 GiB probe, median of 7 passes, GB/s over three
     rounds while another job ran): xor-reduce uint64 16.3-18.8 with 1 thread, 17.3-19.3 with 2; add-reduce
     int64 15.6-18.7 / 16.4-18.0; add-reduce float64 15.2-17.6 / 16.5-17.8; a memcpy-like np.copyto of the
@@ -147,19 +139,16 @@ def read_bandwidth(probe_bytes: int, threads: int, passes: int = BANDWIDTH_PASSE
     cannot overflow or produce NaNs, and it was the fastest at 2 threads. On a Pi one core cannot saturate
     DRAM, so the thread count matters there.
     """
-    size = max(8, probe_bytes // 8 * 8)
-    with mmap.mmap(-1, size) as memory:
-        words = np.frombuffer(memory, dtype=np.uint64)
-        words.fill(0x0123456789ABCDEF)
-        slices = np.array_split(words, threads)
-        times = []
-        with ThreadPoolExecutor(threads) as pool:
-            for _ in range(passes):
-                start = time.perf_counter()
-                list(pool.map(np.bitwise_xor.reduce, slices))
-                times.append(time.perf_counter() - start)
-        del words, slices  # the mmap cannot close while arrays export its buffer
-    return size / statistics.median(times)
+    words = np.empty(max(1, probe_bytes // 8), dtype=np.uint64)
+    words.fill(0x0123456789ABCDEF)
+    slices = np.array_split(words, threads)
+    times = []
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(passes):
+            start = time.perf_counter()
+            list(pool.map(np.bitwise_xor.reduce, slices))
+            times.append(time.perf_counter() - start)
+    return words.nbytes / statistics.median(times)
 
 
 def _kv_read_bytes(engine: Engine) -> int:
