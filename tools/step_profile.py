@@ -71,10 +71,27 @@ def split(stats: pstats.Stats) -> dict[str, float]:
     return {"onnxruntime": ort, "attention": attention, "glue": total - ort - attention, "total": total}
 
 
-def ort_ops(model, steps: int, out_dir: Path) -> dict[str, float]:
-    """Microseconds per step by operator type, from onnxruntime's profiler on fresh sessions of the same graphs."""
+def _sessions(engine) -> list:
+    """Every onnxruntime session the engine holds, however it arranges them (this tool also profiles older
+    versions of the engine, for before/after comparisons)."""
     import onnxruntime as ort
 
+    found = []
+
+    def collect(value) -> None:
+        if isinstance(value, ort.InferenceSession):
+            found.append(value)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                collect(item)
+
+    for value in vars(engine).values():
+        collect(value)
+    return found
+
+
+def ort_ops(model, steps: int, out_dir: Path) -> dict[str, float]:
+    """Microseconds per step by operator type, from onnxruntime's profiler on fresh sessions of the same graphs."""
     from edge_runtime import engine as engine_module
 
     make_options = engine_module._session_options
@@ -93,9 +110,7 @@ def ort_ops(model, steps: int, out_dir: Path) -> dict[str, float]:
                                            kv=model.kv_format.name, context_length=model.context_length)
         prefill(profiled_model, 8)
         decode_steps(profiled_model, steps)
-        sessions = [s for pair in profiled_model.engine.layers for s in pair]
-        sessions += [profiled_model.engine.head, profiled_model.engine.prologue]
-        files = [Path(s.end_profiling()) for s in sessions]
+        files = [Path(s.end_profiling()) for s in _sessions(profiled_model.engine)]
     finally:
         engine_module._session_options = make_options
     by_op: dict[str, float] = defaultdict(float)
@@ -104,7 +119,6 @@ def ort_ops(model, steps: int, out_dir: Path) -> dict[str, float]:
         for event in events:
             if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
                 by_op[event["args"]["op_name"]] += event["dur"]
-    del ort
     return {op: us / (steps + 1) for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])}
 
 
