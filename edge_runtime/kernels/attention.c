@@ -210,6 +210,16 @@ static void widen(const Part *part, int64_t row, float *restrict out) {
     zero_floats(out + width, padded(width) - width);
 }
 
+/* Asks for the next chunk's codes while this one is computed: from DRAM (contexts past the last-level cache) the
+ * hardware prefetchers alone left one core reading fp16 codes at ~4.5 GB/s. */
+static void prefetch_rows(const Part *parts, int n_parts, int64_t start, int64_t n) {
+    const int64_t stop = start + CHUNK < n ? start + CHUNK : n;
+    for (int p = 0; p < n_parts; p++) {
+        const uint8_t *first = parts[p].codes + start * parts[p].stride, *last = parts[p].codes + stop * parts[p].stride;
+        for (const uint8_t *line = first; line < last; line += 64) __builtin_prefetch(line, 0, 0);
+    }
+}
+
 /* Factor of a part's row: its constant times its per-row scale. */
 static inline float factor(const Part *part, int64_t row) {
     return part->coef * (part->scale ? part->scale[row] : 1.0f);
@@ -464,6 +474,10 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
     float factors[GROUP];
     for (int64_t start = 0; start < call->coded_n; start += CHUNK) {
         const int count = (int)(call->coded_n - start < CHUNK ? call->coded_n - start : CHUNK);
+        if (start + CHUNK < call->coded_n) {
+            prefetch_rows(call->key_parts, call->n_key_parts, start + CHUNK, call->coded_n);
+            prefetch_rows(call->value_parts, call->n_value_parts, start + CHUNK, call->coded_n);
+        }
         zero_floats(scores, CHUNK * rows);
         for (int column = 0; column < count; column += GROUP) {
             for (int p = 0; p < call->n_key_parts; p++) {
