@@ -22,6 +22,7 @@ Query tokens go through numpy in groups small enough that one group's scores ove
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise, repeat
 from typing import NamedTuple
@@ -33,8 +34,8 @@ from edge_runtime.quant.codec import VectorCodec
 from edge_runtime.quant.float_codecs import Float32Codec
 
 SCORE_BYTES = 32 << 20
-# Shortest share of a block worth a thread. E2B int4, tq3.5, 2k context, 2 threads: 142 ms a step unsplit,
-# 125 ms with the 2k-token full layers split, 142 again with the 512-slot sliding rings split as well.
+# Shortest share of a block worth a thread in numpy (prefill). E2B int4, tq3.5, 2k context, 2 threads: 142 ms a
+# step unsplit, 125 ms with the 2k-token full layers split, 142 again with the 512-slot sliding rings split as well.
 MIN_PART = 768
 # Least K+V values in a share of a block worth a thread for the compiled kernel: handing a call to a pool thread
 # costs ~150-250 us (its wake-up, the GIL for its arguments, the merge). E2B int4, one step at 2k: the 2048-slot
@@ -140,8 +141,8 @@ def _kernel_calls(head: int, blocks: list[Block], workers: int) -> list[_Call]:
 def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecutor | None,
                    workers: int) -> np.ndarray:
     """Every KV head's calls at once: the pool's threads take all but the first, which this thread runs (a handoff
-    costs tens of microseconds). A head that is one call is finished in the kernel; a head split across calls has
-    its partial softmaxes merged."""
+    costs 150-250 us, see KERNEL_MIN_SHARE_VALUES). A head that is one call is finished in the kernel; a head split
+    across calls has its partial softmaxes merged."""
     kernel = attention_kernel.load()
     tokens, kv_heads, groups, head_dim = query.shape
     rows = tokens * groups
@@ -149,27 +150,24 @@ def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoo
     widths = [head_dim, *(p.width for call in calls for p in (*call.key_parts, *call.value_parts))]
     if not kernel.fits(rows, widths):
         return attend(query, blocks, pool, workers, kernel=False)
-    split = {call.head for call in calls} != set(range(kv_heads)) or len(calls) != kv_heads
+    calls_of = Counter(call.head for call in calls)
     q = np.ascontiguousarray(query.transpose(1, 0, 2, 3)).reshape(kv_heads, rows, head_dim)
 
     def run(call: _Call):
         exact = [(b.key_codes["values"], b.value_codes["values"], b.positions, b.lower, b.upper) for b in call.exact]
         where = _NOTHING_CODED if call.coded is None else (call.coded.positions, call.coded.lower, call.coded.upper)
         return attention_kernel.attend_head_parts(kernel, q[call.head], call.key_parts, call.value_parts, where,
-                                                  exact, groups, finish=not split)
+                                                  exact, groups, finish=calls_of[call.head] == 1)
 
-    pending = [pool.submit(run, call) for call in calls[1:]] if pool else []
-    results = [run(calls[0])] if calls else []
-    results += [f.result() for f in pending] if pool else [run(call) for call in calls[1:]]
-    out = np.zeros((kv_heads, rows, head_dim), np.float32)
-    if not split:
-        for call, result in zip(calls, results):
-            out[call.head] = result
+    if pool and len(calls) > 1:
+        pending = [pool.submit(run, call) for call in calls[1:]]
+        results = [run(calls[0]), *(f.result() for f in pending)]
     else:
-        for h in range(kv_heads):
-            partials = [r for call, r in zip(calls, results) if call.head == h]
-            if partials:
-                out[h] = attention_kernel.merge(partials)
+        results = [run(call) for call in calls]
+    out = np.zeros((kv_heads, rows, head_dim), np.float32)
+    for h in calls_of:
+        mine = [result for call, result in zip(calls, results) if call.head == h]
+        out[h] = mine[0] if len(mine) == 1 else attention_kernel.merge(mine)
     return out.reshape(kv_heads, tokens, groups, head_dim).transpose(1, 0, 2, 3).reshape(tokens, -1)
 
 
