@@ -15,9 +15,10 @@
  *   accumulators are rescaled when the maximum grows);
  * - values: the chunk's rows are widened into a tile and summed into the accumulators by 4 query rows x 16
  *   dimensions held in registers across the whole chunk (8 vector sums; 2 loads feed 8 multiply-adds).
- * Each value part has its own accumulator, in its own domain (the caller takes it back); exact float32 blocks (the
- * recent ring, the step's own tokens, an fp32 cache) are read in place into one more. Nothing the size of the
- * context is ever written.
+ * Each value part has its own accumulator, in its own domain, taken back to the value's once at the end (its
+ * transform, its channels); exact float32 blocks (the recent ring, the step's own tokens, an fp32 cache) have their
+ * keys read in place and their values copied a chunk at a time into the tile, into one more. Nothing the size of
+ * the context is ever written.
  */
 
 #include <stddef.h>
