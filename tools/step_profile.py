@@ -106,7 +106,7 @@ def ort_ops(model, steps: int, out_dir: Path) -> dict[str, float]:
     try:
         import edge_runtime
 
-        profiled_model = edge_runtime.load(model.path, threads=engine_module._thread_pool_size,
+        profiled_model = edge_runtime.load(model.path, threads=model.engine.attention_workers,
                                            kv=model.kv_format.name, context_length=model.context_length)
         prefill(profiled_model, 8)
         decode_steps(profiled_model, steps)
