@@ -167,9 +167,12 @@ def model_name(spec: ModelSpec) -> str:
 
 
 def known_models() -> dict[str, ModelSpec]:
-    """The published E2B/E4B configs packaged with the runtime, by name: what "the smaller model" can be."""
+    """The published Gemma 4 E2B/E4B configs packaged with the runtime, by name: what "the smaller model" can be.
+
+    model_configs/ also holds Gemma 3n's configs, a family this runtime does not run yet: only gemma-4-* count.
+    """
     return {f"Gemma 4 {path.stem.rsplit('-', 1)[-1].upper()}": spec_from_hf_config(json.loads(path.read_text()), str(path))
-            for path in sorted(MODEL_CONFIGS.glob("*.json"))}
+            for path in sorted(MODEL_CONFIGS.glob("gemma-4-*.json"))}
 
 
 def _checkpoint_ple(checkpoint: Path) -> str:

@@ -1,8 +1,8 @@
 """tools/make_checkpoint.py writes what transformers itself builds and loads: same names, shapes, layout.
 
 The tool derives tensor names and shapes from the config alone; these tests hold that description against
-transformers' own Gemma4 models (built on the meta device, so even the real E2B/E4B shapes cost nothing) and
-load the written files with `from_pretrained`, the path a published checkpoint takes.
+transformers' own Gemma4 and Gemma3n models (built on the meta device, so even the real E2B/E4B shapes cost nothing)
+and load the written files with `from_pretrained`, the path a published checkpoint takes.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
+import gemma3n_checkpoint
 import make_checkpoint
 from make_checkpoint import ConfigError
 
@@ -244,13 +245,13 @@ def test_load_config_accepts_names_wrappers_and_text_configs(tmp_path):
 
 
 def test_bad_configs_are_refused_clearly(tmp_path):
-    with pytest.raises(ConfigError, match="'e3b': no such file .*e2b or e4b"):
+    with pytest.raises(ConfigError, match="'e3b': no such file .*e2b, e4b, gemma-3n-e2b, gemma-3n-e4b"):
         make_checkpoint.load_config("e3b")
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ConfigError, match="not valid JSON"):
         make_checkpoint.load_config(tmp_path / "broken.json")
     (tmp_path / "llama.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
-    with pytest.raises(ConfigError, match="not a Gemma 4 config"):
+    with pytest.raises(ConfigError, match="not a Gemma 4 or Gemma 3n config"):
         make_checkpoint.load_config(tmp_path / "llama.json")
     with pytest.raises(ConfigError, match="num_kv_shared_layers=3"):  # the shared layers' type has no producer
         make_checkpoint.tensor_shapes(dict(CONFIGS["shared-gqa"], layer_types=[S, S, S, S, F, F, F]))
@@ -272,4 +273,211 @@ def test_cli(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
     bad = subprocess.run([*tool, str(tmp_path / "nope"), "--config", "e3b"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("error: config 'e3b'") and bad.stderr.count("\n") == 1
+    assert not (tmp_path / "nope").exists()
+
+
+# ---- Gemma 3n ----------------------------------------------------------------------------------------------------
+
+BASE_3N = dict(BASE, model_type="gemma3n_text", rope_theta=1e6, rope_local_base_freq=1e4)  # the published RoPE keys
+# Between them: KV sharing and none, a per-layer and a scalar MLP size, 4 and 3 AltUp streams, a PLE vocabulary
+# shorter than the vocabulary (ids past it take PLE row 0) and an equal one, GQA and MQA, head_dim != hidden/heads,
+# attention bias, the default 4:1 layer pattern.
+CONFIGS_3N = {
+    "3n-shared": dict(BASE_3N, vocab_size=400, vocab_size_per_layer_input=384, hidden_size=64,
+                      intermediate_size=[128, 96, 128, 96, 128, 96], num_hidden_layers=6, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, hidden_size_per_layer_input=8, laurel_rank=8,
+                      num_kv_shared_layers=2, layer_types=[S, S, F, S, S, F], sliding_window=8,
+                      activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0]),
+    "3n-unshared": dict(BASE_3N, vocab_size=320, vocab_size_per_layer_input=320, hidden_size=96, intermediate_size=160,
+                        num_hidden_layers=5, num_attention_heads=2, num_key_value_heads=1, head_dim=24,
+                        hidden_size_per_layer_input=12, laurel_rank=4, altup_num_inputs=3, num_kv_shared_layers=0,
+                        attention_bias=True, sliding_window=5, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0, 0.0]),
+}
+SHARED_KV_EXTRAS = ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.")
+
+
+def _transformers_3n_shapes(text: dict) -> dict[str, tuple[int, ...]]:
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    with torch.device("meta"):
+        model = Gemma3nForCausalLM(Gemma3nTextConfig(**{k: v for k, v in text.items() if k != "model_type"}))
+    return {k.removeprefix("model."): tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def _shared_layers(text: dict) -> set[int]:
+    from transformers import Gemma3nTextConfig
+
+    config = Gemma3nTextConfig(**{k: v for k, v in text.items() if k != "model_type"})
+    return {i for i, mode in enumerate(config.kv_sharing_modes) if mode == "reuse"}
+
+
+SHAPE_CASES_3N = {
+    **CONFIGS_3N,
+    "gemma-3n-e2b": make_checkpoint.load_config("gemma-3n-e2b"),
+    "gemma-3n-e4b": make_checkpoint.load_config("gemma-3n-e4b"),
+    # transformers' defaults fill what is left out: 4:1 layer pattern, last layer sliding, 4 streams, sharing 2
+    "3n-defaults": dict(model_type="gemma3n_text", vocab_size=300, vocab_size_per_layer_input=256, hidden_size=32,
+                        intermediate_size=64, num_hidden_layers=7, num_attention_heads=2, head_dim=8,
+                        hidden_size_per_layer_input=4, num_kv_shared_layers=2),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPE_CASES_3N))
+def test_gemma3n_tensor_shapes_are_transformers_state_dict_plus_the_published_shared_kv(name):
+    """transformers (5.x) builds no K/V weights for KV-shared layers, but the published files hold them and it drops
+    them on load: the tool writes them, and nothing else beyond transformers' state dict."""
+    text = SHAPE_CASES_3N[name]
+    ours, theirs = make_checkpoint.tensor_shapes(text), _transformers_3n_shapes(text)
+    extras = {k for k in ours if k not in theirs}
+    shared = _shared_layers(text)
+    assert extras == {k for k in ours if any(k.startswith(f"layers.{i}.{t}") for i in shared for t in SHARED_KV_EXTRAS)}
+    assert bool(extras) == bool(shared)
+    assert {k: v for k, v in ours.items() if k not in extras} == theirs
+    for key in extras:  # as shaped on the layers that compute K/V
+        assert ours[key] == ours[key.replace(f"layers.{key.split('.')[1]}.", "layers.0.")]
+
+
+def test_gemma3n_real_configs_match_the_published_checkpoints():
+    """Counts from the published model.safetensors.index.json files: 731 (E2B) and 851 (E4B) language-model tensors,
+    and E2B, E4B and the 4 + 4 embedder tensors (embed_vision, embed_audio) named as published."""
+    e2b, e4b = make_checkpoint.load_config("gemma-3n-e2b"), make_checkpoint.load_config("gemma-3n-e4b")
+    s2, s4 = make_checkpoint.tensor_shapes(e2b), make_checkpoint.tensor_shapes(e4b)
+    assert (len(s2), len(s4)) == (731, 851)
+    assert s2["embed_tokens.weight"] == s4["embed_tokens.weight"] == (262400, 2048)
+    assert (s2["embed_tokens_per_layer.weight"], s4["embed_tokens_per_layer.weight"]) == ((262144, 30 * 256),
+                                                                                        (262144, 35 * 256))
+    assert (s2["layers.0.mlp.gate_proj.weight"], s4["layers.0.mlp.gate_proj.weight"]) == ((8192, 2048), (16384, 2048))
+    assert round(sum(_numel(s) for s in s2.values()) / 1e9, 3) == 4.456
+    assert round(sum(_numel(s) for s in s4.values()) / 1e9, 3) == 6.867
+    towers = make_checkpoint.family_of(e4b).tower_tensors(e4b)
+    assert sorted(k for k in towers if k.startswith("model.embed_")) == sorted(
+        f"model.{e}.{t}.weight" for e in ("embed_vision", "embed_audio")
+        for t in ("embedding", "hard_embedding_norm", "soft_embedding_norm", "embedding_projection"))
+    assert towers["model.embed_vision.embedding_projection.weight"] == (2048, 2048)
+    assert towers["model.embed_audio.embedding_projection.weight"] == (2048, 1536)
+
+
+@pytest.fixture
+def gemma3n_without_towers(monkeypatch):
+    """Gemma3nForConditionalGeneration builds its vision tower through timm, which is not a test dependency, and
+    both towers at the published sizes: build neither. The text model and both embedders are built as published."""
+    import transformers.models.gemma3n.modeling_gemma3n as modeling
+
+    real = modeling.AutoModel
+
+    class TowersLeftOut:
+        @staticmethod
+        def from_config(config, **kwargs):
+            if config.model_type in ("gemma3n_vision", "gemma3n_audio"):
+                return torch.nn.Module()
+            return real.from_config(config, **kwargs)
+
+    monkeypatch.setattr(modeling, "AutoModel", TowersLeftOut)
+
+
+LOAD_CASES_3N = [  # (config, layout, dtype, max_shard_bytes)
+    ("3n-shared", "multimodal", "bf16", 40_000),
+    ("3n-shared", "causal", "f32", None),
+    ("3n-unshared", "causal", "bf16", 60_000),
+    ("3n-unshared", "multimodal", "f32", None),
+    ("3n-shared", "multimodal", "f16", None),
+]
+
+
+@pytest.mark.parametrize(("name", "layout", "dtype", "shard"), LOAD_CASES_3N)
+def test_gemma3n_loads_in_transformers(name, layout, dtype, shard, tmp_path, gemma3n_without_towers):
+    from transformers import Gemma3nForCausalLM, Gemma3nForConditionalGeneration
+
+    text = CONFIGS_3N[name]
+    path = make_checkpoint.make_checkpoint(tmp_path, text, layout=layout, dtype=dtype, max_shard_bytes=shard, seed=5)
+    config = json.loads((path / "config.json").read_text())
+    files = _read_all(path)
+    if shard:
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) >= 2
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in files.values())
+    else:
+        assert [p.name for p in path.glob("*.safetensors")] == ["model.safetensors"]
+    assert {t.dtype for t in files.values()} == {{"bf16": torch.bfloat16, "f16": torch.float16,
+                                                  "f32": torch.float32}[dtype]}
+
+    prefix = PREFIX[layout]
+    shared = {prefix + f"layers.{i}.{t}weight" for i in _shared_layers(text) for t in SHARED_KV_EXTRAS}
+    shared |= {k.replace("weight", "bias") for k in shared if "norm" not in k} if text.get("attention_bias") else set()
+    assert shared <= set(files)
+    if layout == "multimodal":
+        assert config["architectures"] == ["Gemma3nForConditionalGeneration"] and config["model_type"] == "gemma3n"
+        assert config["text_config"]["model_type"] == "gemma3n_text"
+        assert config["vision_config"]["vocab_offset"] == text["vocab_size_per_layer_input"]
+        assert config["audio_config"]["vocab_offset"] == text["vocab_size_per_layer_input"] + 128
+        model_class, stand_ins = Gemma3nForConditionalGeneration, set(gemma3n_checkpoint.TOWER_PLACEHOLDERS)
+        embedders = {n for n in files if n.startswith(("model.embed_vision.", "model.embed_audio."))}
+        assert len(embedders) == 8
+    else:
+        assert config["architectures"] == ["Gemma3nForCausalLM"] and config["model_type"] == "gemma3n_text"
+        model_class, stand_ins, embedders = Gemma3nForCausalLM, set(), set()
+    assert {n for n in files if n.startswith(TOWERS)} == stand_ins | embedders
+
+    model, info = model_class.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+    # The tower stand-ins are the only keys left over; the shared layers' K/V weights are dropped without a word.
+    assert not info["missing_keys"] and not info["mismatched_keys"] and not info["error_msgs"]
+    assert set(info["unexpected_keys"]) == stand_ins
+    state = model.state_dict()
+    assert set(files) - stand_ins - shared == set(state) - {"lm_head.weight"}
+    for key in set(files) - stand_ins - shared:
+        assert torch.equal(state[key], files[key].to(torch.float32)), key
+
+    # 390: past the PLE vocabulary of 3n-shared (PLE row 0) and, in the multimodal model, a vision token
+    ids = [2, 10, 11, 12, 13, 14, 15, 16, 17, 390 if text["vocab_size"] > 390 else 18]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    assert torch.isfinite(logits).all()
+    assert 0.3 < logits.std() < 10
+    assert (logits[1:] - logits[:-1]).abs().amax() > 0.1, "every position must get its own logits"
+
+
+def test_gemma3n_named_configs_and_wrappers(tmp_path):
+    e2b = make_checkpoint.load_config("gemma-3n-e2b")
+    assert (e2b["model_type"], e2b["num_hidden_layers"], e2b["hidden_size"], e2b["num_kv_shared_layers"]) == (
+        "gemma3n_text", 30, 2048, 10)
+    assert make_checkpoint.load_config("GEMMA-3N-E4B")["num_hidden_layers"] == 35
+    text = CONFIGS_3N["3n-unshared"]
+    make_checkpoint.make_checkpoint(tmp_path / "mm", text)
+    make_checkpoint.make_checkpoint(tmp_path / "causal", text, layout="causal")
+    wrapper = make_checkpoint.load_config(tmp_path / "mm" / "config.json")
+    assert wrapper == {k: v for k, v in make_checkpoint.load_config(tmp_path / "causal" / "config.json").items()
+                       if k != "architectures"}
+    assert make_checkpoint.tensor_shapes(wrapper) == make_checkpoint.tensor_shapes(text)
+    # a wrapper whose text_config leaves model_type out takes it from the wrapper's
+    bare = {"model_type": "gemma3n", "text_config": {k: v for k, v in text.items() if k != "model_type"}}
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    assert make_checkpoint.load_config(tmp_path / "bare.json")["model_type"] == "gemma3n_text"
+
+
+def test_gemma3n_bad_configs_are_refused_clearly(tmp_path):
+    text = CONFIGS_3N["3n-shared"]
+    with pytest.raises(ConfigError, match=r"intermediate_size has 5 entries for num_hidden_layers=6; give one per"):
+        make_checkpoint.tensor_shapes(dict(text, intermediate_size=[64] * 5))
+    with pytest.raises(ConfigError, match="num_kv_shared_layers=3"):  # layers 0-2: no full layer to reuse
+        make_checkpoint.tensor_shapes(dict(text, num_kv_shared_layers=3, layer_types=[S, S, S, F, S, F]))
+    with pytest.raises(ConfigError, match="tie_word_embeddings=false: Gemma 3n ties"):
+        make_checkpoint.tensor_shapes(dict(text, tie_word_embeddings=False))
+    with pytest.raises(ConfigError, match="model_type 'gemma3_text': expected one of"):
+        make_checkpoint.make_checkpoint(tmp_path / "g3", dict(text, model_type="gemma3_text"))
+    assert not (tmp_path / "g3").exists(), "a refused config writes nothing"
+
+
+def test_gemma3n_cli(tmp_path):
+    config = tmp_path / "text.json"
+    config.write_text(json.dumps(CONFIGS_3N["3n-unshared"]))
+    tool = [sys.executable, str(ROOT / "tools" / "make_checkpoint.py")]
+    ok = subprocess.run([*tool, str(tmp_path / "out"), "--config", str(config), "--dtype", "f32", "--single-file"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [
+        "Gemma3nForConditionalGeneration"]
+    config.write_text(json.dumps(dict(CONFIGS_3N["3n-unshared"], intermediate_size=[64, 64])))
+    bad = subprocess.run([*tool, str(tmp_path / "nope"), "--config", str(config)], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr == ("error: intermediate_size has 2 entries for num_hidden_layers=5; "
+                                                  "give one per layer or one for all\n")
     assert not (tmp_path / "nope").exists()

@@ -21,6 +21,7 @@ from edge_runtime.planner import (
     KV_GROWTH,
     MODEL_CONFIGS,
     format_plan,
+    known_models,
     model_name,
     plan_memory,
     ple_page_bytes,
@@ -149,6 +150,12 @@ def test_e4b_on_a_2gb_pi_suggests_e2b(tmp_path):
 def test_names(exported, tmp_path):
     assert model_name(read_manifest(exported["fp32"]).spec) == "Gemma 4 (6 layers, hidden 64)"
     assert plan_memory(config_only(tmp_path, "gemma-4-e2b"), profile()).model == "Gemma 4 E2B (35 layers, hidden 1536)"
+
+
+def test_known_models_are_the_gemma4_configs_beside_gemma3n_ones():
+    """model_configs/ also ships Gemma 3n's configs, which the runtime cannot plan: they are not suggestions."""
+    assert {p.name for p in MODEL_CONFIGS.glob("gemma-3n-*.json")} == {"gemma-3n-e2b.json", "gemma-3n-e4b.json"}
+    assert sorted(known_models()) == ["Gemma 4 E2B", "Gemma 4 E4B"]
 
 
 def test_errors(tmp_path, exported):

@@ -1,18 +1,20 @@
-"""Write a random-weight Gemma 4 text checkpoint in Hugging Face's published on-disk layout.
+"""Write a random-weight Gemma 4 or Gemma 3n text checkpoint in Hugging Face's published on-disk layout.
 
 Real Gemma weights cannot be downloaded here, so correctness is proven on tiny random checkpoints against
 transformers, and speed and memory are measured on random checkpoints at the real E2B/E4B shapes (speed
 does not depend on the values). Both need the *published* layout, so that the loading code under test is
 the one a real checkpoint goes through: the multimodal wrapper config with the text weights under
 `model.language_model.` (plus a few vision/audio tensors that a text reader must skip), or text-only
-`Gemma4ForCausalLM`; bf16, f16 or f32; sharded with an index or one file.
+`Gemma4ForCausalLM` / `Gemma3nForCausalLM`; bf16, f16 or f32; sharded with an index or one file. The config's
+model_type picks the family (gemma4_text, gemma3n_text); Gemma 3n's rules live in gemma3n_checkpoint.py.
 
-Tensor names and shapes are derived from the config alone, following transformers' Gemma4 modeling code,
+Tensor names and shapes are derived from the config alone, following transformers' modeling code,
 so that a real-size model never has to be instantiated (E2B is 4.6 B parameters) and so that tests comparing
 this description with transformers check two independent ones. Values are generated in row blocks and
 streamed straight into the safetensors files, so memory stays flat whatever the model size.
 
     python tools/make_checkpoint.py /tmp/ckpt-e2b --config e2b
+    python tools/make_checkpoint.py /tmp/ckpt-3n-e4b --config gemma-3n-e4b
     python tools/make_checkpoint.py /tmp/tiny --config my_config.json --layout causal --dtype f32 --single-file
 """
 
@@ -24,13 +26,20 @@ import hashlib
 import json
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the published E2B/E4B configs, shipped with the tool
-NAMED_CONFIGS = {"e2b": "gemma-4-e2b.config.json", "e4b": "gemma-4-e4b.config.json"}
+import gemma3n_checkpoint
+from config_error import ConfigError
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the published Gemma 4 configs, shipped with the tool
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "edge_runtime" / "model_configs"  # Gemma 3n's, with sources
+NAMED_CONFIGS = {"e2b": CONFIGS_DIR / "gemma-4-e2b.config.json", "e4b": CONFIGS_DIR / "gemma-4-e4b.config.json",
+                 "gemma-3n-e2b": MODEL_CONFIGS / "gemma-3n-e2b.json",
+                 "gemma-3n-e4b": MODEL_CONFIGS / "gemma-3n-e4b.json"}
 
 # Gemma4TextConfig's defaults for every field that decides a tensor's name or shape: a config that leaves one
 # out gets the tensor transformers would build for it.
@@ -82,16 +91,12 @@ CHAT_TEMPLATE = """{{ bos_token }}
 """
 
 
-class ConfigError(ValueError):
-    """A config the tool cannot turn into a checkpoint; the message names the config and the fix."""
-
-
 def load_config(name_or_path: str | Path) -> dict:
     """Accept the names benchmarks use and any config.json a user has, so callers need not unwrap it."""
     name = str(name_or_path)
-    path = CONFIGS_DIR / NAMED_CONFIGS[name.lower()] if name.lower() in NAMED_CONFIGS else Path(name)
+    path = NAMED_CONFIGS.get(name.lower(), Path(name))
     if not path.is_file():
-        raise ConfigError(f"config {name!r}: no such file (use {' or '.join(NAMED_CONFIGS)}, or a path to a "
+        raise ConfigError(f"config {name!r}: no such file (use {', '.join(NAMED_CONFIGS)}, or a path to a "
                           "config.json)")
     try:
         config = json.loads(path.read_text())
@@ -100,10 +105,27 @@ def load_config(name_or_path: str | Path) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"config {str(path)!r}: expected a JSON object")
     text = config.get("text_config", config)
-    if not isinstance(text, dict) or text.get("model_type", "gemma4_text") != "gemma4_text":
-        raise ConfigError(f"config {str(path)!r}: not a Gemma 4 config (expected model_type 'gemma4' with a "
-                          "text_config, or 'gemma4_text')")
+    wrapper_type = config.get("model_type", "gemma4") if text is not config else None
+    if isinstance(text, dict) and wrapper_type in WRAPPER_TYPES:  # a text_config may leave its model_type out
+        text = {"model_type": FAMILIES[WRAPPER_TYPES[wrapper_type]].text_type, **text}
+    if not isinstance(text, dict) or text.get("model_type", "gemma4_text") not in FAMILIES:
+        raise ConfigError(f"config {str(path)!r}: not a Gemma 4 or Gemma 3n config (expected model_type 'gemma4' "
+                          "or 'gemma3n' with a text_config, or 'gemma4_text' or 'gemma3n_text')")
     return dict(text)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the model families the tool writes: names, tensor rules, what the wrapper adds."""
+
+    text_type: str
+    wrapper_type: str
+    causal: str
+    multimodal: str
+    tensor_shapes: Callable[[dict], dict[str, tuple[int, ...]]]
+    tower_tensors: Callable[[dict], dict[str, tuple[int, ...]]]  # full names, multimodal layout only
+    tower_configs: Callable[[dict], dict[str, dict]]  # the wrapper config's keys beside text_config
+    defaults: dict
 
 
 def _layer_types(cfg: dict) -> list[str]:
@@ -135,7 +157,7 @@ def _attention_shapes(cfg: dict, types: list[str]) -> list[tuple[int, int]]:
             for i in range(len(types))]
 
 
-def tensor_shapes(text_config: dict) -> dict[str, tuple[int, ...]]:
+def _gemma4_tensor_shapes(text_config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor transformers' Gemma4 text model holds for this config, named relative to the text model.
 
     Mirrors transformers' modeling code rule by rule instead of instantiating it, so real sizes cost nothing
@@ -202,6 +224,26 @@ def tensor_shapes(text_config: dict) -> dict[str, tuple[int, ...]]:
         for norm in norms:
             shapes[pre + norm + ".weight"] = (h,)
     return shapes
+
+
+FAMILIES = {family.text_type: family for family in (
+    Family("gemma4_text", "gemma4", "Gemma4ForCausalLM", "Gemma4ForConditionalGeneration", _gemma4_tensor_shapes,
+           lambda text: dict(TOWER_PLACEHOLDERS), lambda text: {}, TEXT_DEFAULTS),
+    Family("gemma3n_text", "gemma3n", "Gemma3nForCausalLM", "Gemma3nForConditionalGeneration",
+           gemma3n_checkpoint.tensor_shapes, gemma3n_checkpoint.tower_tensors, gemma3n_checkpoint.tower_configs,
+           gemma3n_checkpoint.TEXT_DEFAULTS),
+)}
+WRAPPER_TYPES = {family.wrapper_type: family.text_type for family in FAMILIES.values()}
+
+
+def family_of(text_config: dict) -> Family:
+    """A text config without model_type is Gemma 4's, as the tool has always taken it."""
+    return FAMILIES[text_config.get("model_type", "gemma4_text")]
+
+
+def tensor_shapes(text_config: dict) -> dict[str, tuple[int, ...]]:
+    """The text model's tensors for this config in the published layout, named relative to the text model."""
+    return family_of(text_config).tensor_shapes(text_config)
 
 
 def _values(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -332,18 +374,22 @@ def make_checkpoint(out_dir: Path | str, text_config: dict, *, layout: str = "mu
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     text = {k: v for k, v in text_config.items() if k not in ("architectures", "transformers_version")}
-    text["model_type"] = "gemma4_text"
-    shapes = tensor_shapes(text)  # refuses a bad config before anything is written
-    vocab_size = text.get("vocab_size", TEXT_DEFAULTS["vocab_size"])
+    text.setdefault("model_type", "gemma4_text")
+    if text["model_type"] not in FAMILIES:
+        raise ConfigError(f"model_type {text['model_type']!r}: expected one of {sorted(FAMILIES)}")
+    family = family_of(text)
+    shapes = family.tensor_shapes(text)  # refuses a bad config before anything is written
+    vocab_size = text.get("vocab_size", family.defaults["vocab_size"])
     tokenizer_json = _tokenizer_json(min(tokenizer_vocab or DEFAULT_TOKENIZER_VOCAB, vocab_size))
 
     if layout == "multimodal":
         tensors = [("model.language_model." + name, shape) for name, shape in shapes.items()]
-        tensors += list(TOWER_PLACEHOLDERS.items())
-        config = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": text}
+        tensors += list(family.tower_tensors(text).items())
+        config = {"architectures": [family.multimodal], "model_type": family.wrapper_type, "text_config": text,
+                  **family.tower_configs(text)}
     else:
         tensors = [("model." + name, shape) for name, shape in shapes.items()]
-        config = {"architectures": ["Gemma4ForCausalLM"], **text}
+        config = {"architectures": [family.causal], **text}
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -362,7 +408,8 @@ def make_checkpoint(out_dir: Path | str, text_config: dict, *, layout: str = "mu
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
-    _write_tokenizer(out, tokenizer_json, text.get("max_position_embeddings", TEXT_DEFAULTS["max_position_embeddings"]))
+    _write_tokenizer(out, tokenizer_json,
+                     text.get("max_position_embeddings", family.defaults["max_position_embeddings"]))
     return out
 
 
@@ -372,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True,
                         help=f"{', '.join(NAMED_CONFIGS)}, or a path to a config.json (wrapper or text-only)")
     parser.add_argument("--layout", choices=["multimodal", "causal"], default="multimodal",
-                        help="multimodal: Gemma4ForConditionalGeneration, as published (default); "
-                             "causal: Gemma4ForCausalLM")
+                        help="multimodal: Gemma4ForConditionalGeneration / Gemma3nForConditionalGeneration, as "
+                             "published (default); causal: Gemma4ForCausalLM / Gemma3nForCausalLM")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="shard size limit in GiB (default 2)")
     parser.add_argument("--single-file", action="store_true", help="write one model.safetensors, no index")
