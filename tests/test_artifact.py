@@ -8,10 +8,11 @@ import numpy as np
 import onnx
 import pytest
 
-from edge_runtime.artifact import MANIFEST, read_manifest, segment_graph, sha256_file, verify_artifact
+from edge_runtime.artifact import MANIFEST, read_manifest, sha256_file, verify_artifact
 from edge_runtime.errors import ArtifactError, CheckpointError
 from edge_runtime.export import export_checkpoint
 from edge_runtime.export.checkpoint import Checkpoint
+from edge_runtime.families.contract import segment_graph
 from edge_runtime.ple_store import decode_rows, storage_dtype, stored_width
 
 
@@ -36,7 +37,7 @@ def test_ple_table_lives_only_in_the_store(artifacts, checkpoints):
     spec = manifest.spec
     table_values = spec.vocab_size_per_layer_input * spec.num_hidden_layers * spec.hidden_size_per_layer_input
     assert (path / "ple.bin").stat().st_size == table_values * 2  # bf16, nothing else in the file
-    segments = manifest.graphs["segments"]
+    segments = [segment.graph for segment in manifest.graphs.segments]
     assert segments == [segment_graph(i) for i in range(spec.num_hidden_layers + 1)]
     for graph in segments:
         model = onnx.load(path / graph, load_external_data=False)

@@ -91,7 +91,7 @@ def test_bundled_model_is_the_default(tmp_path):
 def test_verify_names_the_damaged_file(artifacts, tmp_path):
     import shutil
 
-    from edge_runtime.artifact import segment_graph
+    from edge_runtime.families.contract import segment_graph
 
     copy = tmp_path / "copy"
     shutil.copytree(artifacts["shared-gqa"], copy)
@@ -114,7 +114,7 @@ def test_verify_json_is_always_one_object_naming_every_damaged_file(artifacts, t
     """--json used to print nothing when a file was missing or of the wrong size (only an error on stderr)."""
     import shutil
 
-    from edge_runtime.artifact import segment_graph
+    from edge_runtime.families.contract import segment_graph
 
     copy = tmp_path / "copy"
     shutil.copytree(artifacts["shared-gqa"], copy)
