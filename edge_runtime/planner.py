@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from edge_runtime.kv_formats import DEFAULT_RECENT, DEFAULT_SLIDING_KV_FORMAT, k
 from edge_runtime.model_spec import ModelSpec
 from edge_runtime.ple_store import LOSSLESS_FORMATS, storage_dtype, stored_width
 from edge_runtime.profiles import Profile
+from edge_runtime.safetensors_reader import INDEX_FILE, SINGLE_FILE, SafetensorsFile
 
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 PAGE_BYTES = 4096  # Linux on the Pi 4, Android and x86_64; the Pi 5's own kernel uses 16 KiB pages (more per PLE row)
@@ -181,11 +181,10 @@ def known_models() -> dict[str, ModelSpec]:
 
 def _checkpoint_ple(checkpoint: Path, spec: ModelSpec) -> str:
     """The PLE format export's "auto" picks: the one holding the checkpoint's own dtype of the PLE table."""
-    index, name = checkpoint / "model.safetensors.index.json", family_of(spec).ple_table
-    shards = json.loads(index.read_text())["weight_map"] if index.is_file() else {name: "model.safetensors"}
-    with open(checkpoint / next(file for key, file in shards.items() if key.endswith(name)), "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    return LOSSLESS_FORMATS[next(v["dtype"] for key, v in header.items() if key.endswith(name))]
+    index, name = checkpoint / INDEX_FILE, family_of(spec).ple_table
+    shards = json.loads(index.read_text())["weight_map"] if index.is_file() else {name: SINGLE_FILE}
+    file = SafetensorsFile(checkpoint / next(file for key, file in shards.items() if key.endswith(name)))
+    return LOSSLESS_FORMATS[next(entry.dtype for key, entry in file.entries.items() if key.endswith(name))]
 
 
 def _graphs(spec: ModelSpec) -> list[GraphPart]:

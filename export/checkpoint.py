@@ -16,12 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.errors import CheckpointError
-from edge_runtime.export.safetensors_reader import DTYPES, SafetensorsFile
 from edge_runtime.families import family_of_config
 from edge_runtime.model_spec import ModelSpec
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+from edge_runtime.safetensors_reader import DTYPES, INDEX_FILE, SINGLE_FILE, SafetensorsFile
 
 
 class Checkpoint:

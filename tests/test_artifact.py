@@ -125,7 +125,7 @@ def test_damaged_artifact_is_reported(artifacts, tmp_path):
 
 def test_export_never_reads_tower_tensors(checkpoints, tmp_path, monkeypatch):
     """The multimodal checkpoint's vision/audio tensors are skipped: only text-model bytes are read."""
-    from edge_runtime.export.safetensors_reader import SafetensorsFile
+    from edge_runtime.safetensors_reader import SafetensorsFile
 
     read: list[str] = []
     original = SafetensorsFile.read
