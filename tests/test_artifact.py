@@ -123,6 +123,22 @@ def test_damaged_artifact_is_reported(artifacts, tmp_path):
         read_manifest(copy)
 
 
+def test_an_artifact_from_before_the_graph_contract_asks_for_a_re_export(artifacts, tmp_path):
+    """Version 4 manifests named their graphs and the one taking rows, not how to run them: refused, not guessed."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifacts["shared-gqa"], copy)
+    data = json.loads((copy / MANIFEST).read_text())
+    data.update(format_version=4, graphs={"segments": [s["graph"] for s in data["graphs"]["segments"]],
+                                          "rows_segment": 4})
+    (copy / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError) as info:
+        read_manifest(copy)
+    assert str(info.value) == (f"{copy / MANIFEST}: format_version 4 is not supported by this runtime (reads 5); "
+                               "re-export the checkpoint with this version of edge-runtime")
+
+
 def test_export_never_reads_tower_tensors(checkpoints, tmp_path, monkeypatch):
     """The multimodal checkpoint's vision/audio tensors are skipped: only text-model bytes are read."""
     from edge_runtime.safetensors_reader import SafetensorsFile

@@ -52,6 +52,7 @@ def test_info_human_and_json(artifacts):
     path = artifacts["shared-mqa-wide"]
     text = cli("info", str(path))
     assert text.returncode == 0
+    assert text.stdout.startswith(f"{path}: Gemma 4 (Gemma4ForConditionalGeneration), edge-runtime ")  # the family's
     assert "layers 6 (4 sliding, window 8; 2 full)" in text.stdout
     assert "KV cache in 4 layers (2 share it)" in text.stdout
     data = json.loads(cli("info", str(path), "--json").stdout)
