@@ -112,9 +112,9 @@ def _steps(contract: GraphContract, sessions: list[ort.InferenceSession], artifa
     steps = []
     for k, (segment, session) in enumerate(zip(contract.segments, sessions)):
         attention = segment.attention
-        own = [] if attention is None else [attention.query, *([attention.key, attention.value] if attention.key
-                                                                else [])]
-        fetch = [*segment.outputs, *own]
+        fetch = [*segment.outputs]
+        if attention is not None:
+            fetch += [attention.query, attention.key, attention.value] if attention.key else [attention.query]
         _check_graph(segment, session, fetch, artifact)
         if attention is not None and attention.window != window(attention.layer_type):
             raise ArtifactError(f"{artifact / segment.graph}: the manifest gives layer {attention.layer}'s attention "
@@ -208,7 +208,8 @@ class Engine:
         rows = np.arange(len(ids)) if all_logits else np.arange(len(ids) - 1, len(ids))
         values = {TOKEN_EMBEDDINGS: self.embed.rows(ids), PLE_ROWS: self.ple.rows(ids), ROWS: rows}
         for t, f in self.inv_freq.items():
-            values[self.rope_names[t][0]], values[self.rope_names[t][1]] = cos_sin(f, positions)
+            cos_name, sin_name = self.rope_names[t]
+            values[cos_name], values[sin_name] = cos_sin(f, positions)
         seen = {t: cache.visibility(t, positions) for t in self.inv_freq}
         queries = None  # once rows are taken from fewer tokens than the step's: those rows, as a slice
         new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}

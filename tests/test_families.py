@@ -259,3 +259,16 @@ def test_the_contract_at_the_published_shapes_passes_its_checks(name, rows_at):
     for segment in contract.segments[rows_at:-1]:
         attention = segment.attention
         assert attention.key is None and attention.kv_layer == last_writer[attention.layer_type]
+
+
+def test_running_and_planning_never_import_onnx(artifacts, checkpoints):
+    """A family's graph builders need onnx and are imported by export alone: loading, generating and planning,
+    whatever the family, run on the runtime's dependencies."""
+    script = (f"import sys, edge_runtime; from edge_runtime.planner import plan_memory; "
+              f"from edge_runtime.profiles import load_profile; "
+              f"edge_runtime.load({str(artifacts['shared-gqa'])!r}).generate('a', max_new_tokens=2); "
+              f"plan_memory({str(checkpoints['shared-mqa-wide'])!r}, load_profile('x86_64-dev')); "
+              f"print(sorted(m for m in sys.modules if m.split('.')[0] == 'onnx' or m.endswith('.graphs')))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
