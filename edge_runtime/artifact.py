@@ -1,11 +1,11 @@
 """The artifact format: file names, manifest schema and integrity checks, defined once.
 
 Export writes exactly what this module describes and the runtime reads nothing it does not describe.
-An artifact is a flat directory: the decoder as N + 1 ONNX graphs cut only at attention, which the runtime
-computes from its KV cache in the format chosen at run time (`segment_NN.onnx`: the rest of layer NN-1 and the
-attention inputs of layer NN, with the PLE context projection first and the LM head last); the big tensors in
-`weights.bin` (ONNX external data, 64 KiB aligned so onnxruntime can map it); the PLE table in `ple.bin`; the
-tokenizer and chat template; and `manifest.json` with a SHA-256 of each.
+An artifact is a flat directory: the decoder as ONNX graphs cut only at attention, which the runtime computes from
+its KV cache in the format chosen at run time (`segment_NN.onnx`, run as the manifest's graph contract says:
+families/contract.py); the big tensors in `weights.bin` (ONNX external data, 64 KiB aligned so onnxruntime can map
+it); the PLE table in `ple.bin`; the tokenizer and chat template; and `manifest.json` with a SHA-256 of each. The
+manifest names the model's family (families/), whose spec its `model.config` holds.
 """
 
 from __future__ import annotations
@@ -13,17 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import ArtifactError
+from edge_runtime.families import family_named
+from edge_runtime.families.contract import SEGMENT_GRAPH, GraphContract
 from edge_runtime.model_spec import ModelSpec
 
 FORMAT_NAME = "edge-runtime-artifact"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 PLE_FILE = "ple.bin"
@@ -36,15 +37,8 @@ EXTERNAL_DATA_ALIGNMENT = 65536
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
 
-
-SEGMENT_GRAPH = re.compile(r"segment_(\d{2,})\.onnx")
 NAMED_FILES = frozenset({MANIFEST, WEIGHTS_FILE, PLE_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
                          GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE})
-
-
-def segment_graph(index: int) -> str:
-    """The graph between attention index-1 and attention index (export/gemma4.py says what each one holds)."""
-    return f"segment_{index:02d}.onnx"
 
 
 def is_artifact_file(name: str) -> bool:
@@ -76,7 +70,7 @@ class Manifest:
     spec: ModelSpec
     source: dict[str, Any]
     formats: dict[str, str]
-    graphs: dict[str, Any]
+    graphs: GraphContract
     tensors: dict[str, TensorRef]
     ple_store: TensorRef
     tokenizer: dict[str, str | None]
@@ -98,9 +92,9 @@ class Manifest:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "created_by": self.created_by,
-            "model": {"family": "gemma4", "config": self.spec.to_dict(), "source": self.source},
+            "model": {"family": self.spec.family, "config": self.spec.to_dict(), "source": self.source},
             "formats": self.formats,
-            "graphs": self.graphs,
+            "graphs": self.graphs.to_dict(),
             "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
             "ple_store": self.ple_store.to_dict(),
             "tokenizer": self.tokenizer,
@@ -125,11 +119,12 @@ class Manifest:
             raise ArtifactError(f"{where}: weight format {weights!r} is not supported by this runtime "
                                 f"({', '.join(WEIGHT_FORMATS)}); upgrade edge-runtime or re-export")
         try:
+            family = family_named(data["model"]["family"], where)
             return cls(
-                spec=ModelSpec.from_dict(data["model"]["config"]),
+                spec=family.spec_type.from_dict(data["model"]["config"]),
                 source=data["model"].get("source", {}),
                 formats=data["formats"],
-                graphs=data["graphs"],
+                graphs=GraphContract.from_dict(data["graphs"], where),
                 tensors={k: TensorRef.from_dict(v) for k, v in data["tensors"].items()},
                 ple_store=TensorRef.from_dict(data["ple_store"]),
                 tokenizer=data["tokenizer"],

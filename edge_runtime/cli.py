@@ -390,6 +390,7 @@ def info(
 ) -> None:
     """Describe an artifact: model shape, formats and files."""
     from edge_runtime.artifact import read_manifest
+    from edge_runtime.families import family_of
 
     try:
         artifact = _resolve_model(model)
@@ -414,7 +415,7 @@ def info(
         typer.echo(json.dumps(summary, indent=1))
         return
     sliding = s.layer_types.count("sliding_attention")
-    typer.echo(f"{artifact}: Gemma 4 ({manifest.source.get('architecture')}), {manifest.created_by}")
+    typer.echo(f"{artifact}: {family_of(s).title} ({manifest.source.get('architecture')}), {manifest.created_by}")
     typer.echo(f"  layers {s.num_hidden_layers} ({sliding} sliding, window {s.sliding_window}; "
                f"{s.num_hidden_layers - sliding} full), hidden {s.hidden_size}, vocab {s.vocab_size}")
     typer.echo(f"  KV cache in {len(s.cache_layers())} layers ({s.num_kv_shared_layers} share it), "

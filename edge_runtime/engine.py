@@ -1,19 +1,24 @@
-"""One forward step of the decoder: numpy glue around one onnxruntime session per graph.
+"""One forward step of the decoder: numpy glue around one onnxruntime session per graph, run as the artifact's
+graph contract says (families/contract.py), whatever the model family.
 
-Per step: the token rows of the main embedding and of the PLE store are read from their memory maps (only
-those rows), the prologue graph computes PLE's context part, then each layer runs as its attention-inputs
-graph, attention over its (source layer's) cache in the cache's own format, and its output graph with its
-256-wide PLE slice; the cache is committed once all layers ran.
-When only the next token's logits are wanted, KV-shared layers and the head run on the last position only:
-their keys and values come from earlier layers, so no later position depends on them (20 of E2B's 35
-layers, and the 262144-row head, skip the rest of the prompt).
+Per step: the token rows of the main embedding and of the PLE store are read from their memory maps (only those
+rows) and the RoPE tables computed; then each graph runs on the values its feeds name, its kept outputs become
+values for later graphs, and its query attends over its cache layer's keys and values in the cache's own format
+(with the step's own new ones); the cache is committed once every attention ran, and the last graph returns the
+logits. When only the next token's logits are wanted, the graph that takes `rows` returns the last position alone
+and every value is cut to it: the graphs after it (E2B: the 20 KV-shared layers and the 262144-row head) skip the
+rest of the prompt.
+Everything the loop needs of the contract (feeds, outputs fetched, where each attention's inputs are among them)
+is resolved once at load, so a layer costs the step no more Python than a hand-written loop would.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -21,7 +26,17 @@ import onnxruntime as ort
 from edge_runtime.artifact import Manifest
 from edge_runtime.attention import Block, attend
 from edge_runtime.embedding import EmbeddingTable
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import ArtifactError, EdgeRuntimeError
+from edge_runtime.families.contract import (
+    PLE_ROWS,
+    ROPE_COS,
+    ROPE_SIN,
+    ROWS,
+    TOKEN_EMBEDDINGS,
+    GraphContract,
+    Segment,
+    rope_table,
+)
 from edge_runtime.kv_cache import KVCache
 from edge_runtime.kv_formats import KVFormat
 from edge_runtime.model_spec import embed_scale
@@ -67,6 +82,63 @@ def default_threads() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+class _Attention(NamedTuple):
+    """An attention as the step loop reads it: where its query (and new keys and values) are among the graph's
+    results, the cache layer it writes and the one it reads, and the query's scale (None for 1)."""
+
+    first: int
+    writes: bool
+    layer: int
+    kv_layer: int
+    layer_type: str
+    scaling: np.float32 | None
+    result: str
+    commits: bool  # the last attention: the cache takes the step's keys and values after it
+
+
+class _Step(NamedTuple):
+    session: ort.InferenceSession
+    feeds: tuple[tuple[str, str, int | None], ...]  # (graph input, value, layer slice or None)
+    fetch: list[str]  # graph outputs: the kept ones, then the attention's query, key and value
+    kept: tuple[str, ...]  # the value names of fetch's first outputs
+    takes_rows: bool
+    attention: _Attention | None
+
+
+def _steps(contract: GraphContract, sessions: list[ort.InferenceSession], artifact: Path,
+           window: Callable[[str], int | None]) -> list[_Step]:
+    """The contract resolved for the step loop, checked against the graphs themselves and the KV cache's windows."""
+    last = max(k for k, segment in enumerate(contract.segments) if segment.attention)
+    steps = []
+    for k, (segment, session) in enumerate(zip(contract.segments, sessions)):
+        attention = segment.attention
+        fetch = [*segment.outputs]
+        if attention is not None:
+            fetch += [attention.query, attention.key, attention.value] if attention.key else [attention.query]
+        _check_graph(segment, session, fetch, artifact)
+        if attention is not None and attention.window != window(attention.layer_type):
+            raise ArtifactError(f"{artifact / segment.graph}: the manifest gives layer {attention.layer}'s attention "
+                                f"window {attention.window}, but its {attention.layer_type} layers' is "
+                                f"{window(attention.layer_type)}; the manifest is damaged, re-export")
+        steps.append(_Step(
+            session, tuple((f.input, f.value, f.layer) for f in segment.feeds), fetch,
+            tuple(segment.outputs.values()), segment.takes_rows,
+            None if attention is None else _Attention(
+                len(segment.outputs), attention.key is not None, attention.layer, attention.kv_layer,
+                attention.layer_type, None if attention.scaling == 1.0 else np.float32(attention.scaling),
+                attention.result, k == last)))
+    return steps
+
+
+def _check_graph(segment: Segment, session: ort.InferenceSession, fetch: list[str], artifact: Path) -> None:
+    inputs = sorted(i.name for i in session.get_inputs())
+    outputs = {o.name for o in session.get_outputs()}
+    fed = sorted(f.input for f in segment.feeds)
+    if inputs != fed or not outputs >= set(fetch):
+        raise ArtifactError(f"{artifact / segment.graph}: takes {inputs} and returns {sorted(outputs)}, but the "
+                            f"manifest feeds it {fed} and fetches {fetch}; the artifact is damaged, re-export")
+
+
 class Engine:
     def __init__(self, artifact: Path, manifest: Manifest, threads: int | None, kv: KVFormat, kv_recent: int,
                  kv_sliding: KVFormat) -> None:
@@ -79,10 +151,13 @@ class Engine:
         # The head's segment (the last) first: loading maps a graph's weights and repacks them before unmapping, so
         # the largest graph's transient double copy is best paid while nothing else is resident (E2B int4 block
         # 128: load peak 1.62 GB with the head last, 1.45 GB with it first).
-        names = manifest.graphs["segments"]
+        contract = manifest.graphs
+        names = [segment.graph for segment in contract.segments]
         last = session(names[-1])
         self.segments = [*(session(name) for name in names[:-1]), last]
-        self.rows_segment = manifest.graphs["rows_segment"]
+        self.steps = _steps(contract, self.segments, artifact, spec.window)
+        self.logits = contract.logits
+        self.token_axes = {name: (slice(None),) * axis for name, axis in contract.token_axes().items()}
         self.embed = EmbeddingTable(artifact, manifest)
         self.ple = PleStore(artifact, manifest.ple_store, manifest.formats["ple"], spec.num_hidden_layers,
                             spec.hidden_size_per_layer_input, embed_scale(spec.hidden_size_per_layer_input))
@@ -90,6 +165,7 @@ class Engine:
             t: inverse_frequencies(spec.rope[t], spec.head_dims[spec.layer_types.index(t)])
             for t in set(spec.layer_types)
         }
+        self.rope_names = {t: (rope_table(ROPE_COS, t), rope_table(ROPE_SIN, t)) for t in self.inv_freq}
         self.attention_workers = threads or default_threads()
         self.attention_pool = ThreadPoolExecutor(self.attention_workers, "attention") if self.attention_workers > 1 else None
         self.cache = KVCache(spec, kv, kv_recent, kv_sliding)
@@ -129,51 +205,46 @@ class Engine:
         positions = np.arange(cache.length, cache.length + len(ids), dtype=np.int64)
         cache.reserve(len(ids))
 
-        hidden = self.embed.rows(ids)
-        ple_rows = self.ple.rows(ids)
-        rope = {t: cos_sin(f, positions) for t, f in self.inv_freq.items()}
-        seen = {t: cache.visibility(t, positions) for t in self.inv_freq}
         rows = np.arange(len(ids)) if all_logits else np.arange(len(ids) - 1, len(ids))
-        queries = slice(None)  # the token rows still carried: all of them until the rows segment
+        values = {TOKEN_EMBEDDINGS: self.embed.rows(ids), PLE_ROWS: self.ple.rows(ids), ROWS: rows}
+        for t, f in self.inv_freq.items():
+            cos_name, sin_name = self.rope_names[t]
+            values[cos_name], values[sin_name] = cos_sin(f, positions)
+        seen = {t: cache.visibility(t, positions) for t in self.inv_freq}
+        queries = None  # once rows are taken from fewer tokens than the step's: those rows, as a slice
         new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         exact: dict[int, list[Block]] = {}
-        offered: dict[int, list[list[Block]]] = {}  # per source layer: the blocks its attention reads, per KV head
-        feeds = {"inputs_embeds": hidden}
-        for i, segment in enumerate(self.segments):
-            if i == self.rows_segment:
-                feeds["rows"] = rows
-            if i == spec.num_hidden_layers:
-                return segment.run(["logits"], feeds)[0]
-            layer_type, source = spec.layer_types[i], spec.kv_sources[i]
-            if i == self.rows_segment:
+        offered: dict[int, list[list[Block]]] = {}  # per cache layer: the blocks its readers attend over, per KV head
+        for session, feeds, fetch, kept, takes_rows, attention in self.steps:
+            results = session.run(fetch, {name: values[value] if layer is None else values[value][layer]
+                                          for name, value, layer in feeds})
+            if takes_rows and len(rows) < len(ids):
                 queries = slice(int(rows[0]), int(rows[-1]) + 1)
-            cos, sin = rope[layer_type]
-            feeds["cos"], feeds["sin"] = cos[queries], sin[queries]
-            names = ["query", "ple_context" if i == 0 else "hidden_out"]
-            names += [] if spec.is_kv_shared(i) else ["key", "value"]
-            outputs = dict(zip(names, segment.run(names, feeds)))
-            if i == 0:
-                ple_context = outputs["ple_context"]
-            else:
-                hidden = outputs["hidden_out"]
-            if not spec.is_kv_shared(i):
-                keys, values = outputs["key"].transpose(1, 0, 2), outputs["value"].transpose(1, 0, 2)
-                new_kv[i] = (keys, values)
-                exact[i] = self._exact_blocks(keys, values, positions)
-            layer_seen = seen[layer_type]
-            if source not in offered:  # a KV-shared layer reads its source's blocks again
-                offered[source] = [[*cached, new._replace(lower=layer_seen.new[0], upper=layer_seen.new[1])]
-                                   for cached, new in zip(cache.blocks(source, layer_seen), exact[source])]
-            blocks = offered[source]
-            if queries != slice(None):
+                for name, value in values.items():
+                    if name in self.token_axes:
+                        values[name] = value[(*self.token_axes[name], queries)]
+            for name, value in zip(kept, results):
+                values[name] = value
+            if attention is None:
+                return values[self.logits]
+            first, writes, layer, kv_layer, layer_type, scaling, result, commits = attention
+            if writes:
+                keys, vals = results[first + 1].transpose(1, 0, 2), results[first + 2].transpose(1, 0, 2)
+                new_kv[layer] = (keys, vals)
+                exact[layer] = self._exact_blocks(keys, vals, positions)
+            if kv_layer not in offered:  # a KV-shared layer reads its source's blocks again
+                layer_seen = seen[layer_type]
+                offered[kv_layer] = [[*cached, new._replace(lower=layer_seen.new[0], upper=layer_seen.new[1])]
+                                     for cached, new in zip(cache.blocks(kv_layer, layer_seen), exact[kv_layer])]
+            blocks = offered[kv_layer]
+            if queries is not None:
                 blocks = [[block.rows(queries) for block in head] for head in blocks]
-            feeds = {"hidden": hidden,
-                     "attention": attend(outputs["query"], blocks, self.attention_pool, self.attention_workers),
-                     "ple_rows": ple_rows[i, queries], "ple_context": ple_context[i, queries]}
-            if i + 1 == spec.num_hidden_layers:
+            query = results[first] if scaling is None else results[first] * scaling
+            values[result] = attend(query, blocks, self.attention_pool, self.attention_workers)
+            if commits:
                 cache.commit(new_kv, positions)
                 self.tokens.extend(ids.tolist())
-        raise AssertionError("the last segment returns the logits")
+        raise AssertionError("the last graph returns the logits")
 
     @staticmethod
     def _exact_blocks(keys: np.ndarray, values: np.ndarray, positions: np.ndarray) -> list[Block]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,14 @@ from typing import Any
 from edge_runtime.artifact import MANIFEST, read_manifest
 from edge_runtime.attention import SCORE_BYTES
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.families import family_of, family_of_config, spec_from_hf_config
+from edge_runtime.families.family import GraphPart
 from edge_runtime.kv_cache import GROWTH as KV_GROWTH
 from edge_runtime.kv_formats import DEFAULT_RECENT, DEFAULT_SLIDING_KV_FORMAT, kv_format
-from edge_runtime.model_spec import ModelSpec, spec_from_hf_config
-from edge_runtime.ple_store import storage_dtype, stored_width
+from edge_runtime.model_spec import ModelSpec
+from edge_runtime.ple_store import LOSSLESS_FORMATS, storage_dtype, stored_width
 from edge_runtime.profiles import Profile
+from edge_runtime.safetensors_reader import INDEX_FILE, SINGLE_FILE, SafetensorsFile
 
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 PAGE_BYTES = 4096  # Linux on the Pi 4, Android and x86_64; the Pi 5's own kernel uses 16 KiB pages (more per PLE row)
@@ -59,7 +61,6 @@ INT4_SCALE_COPIES = 3
 ACTIVATION_COPIES = 4
 PAIR_BYTES = 33
 SCRATCH_BASE_BYTES = 26 << 20
-_CHECKPOINT_PLE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 _COMPACT = dict(weights="int4", block_size=128, ple="int4", kv="tq3.5")  # the smallest formats the profiles use
 
 
@@ -132,7 +133,7 @@ def plan_memory(source: Path, profile: Profile, context: int | None = None, *, k
     elif (source / "config.json").is_file():
         spec = spec_from_hf_config(json.loads((source / "config.json").read_text()), str(source / "config.json"))
         weights, block_size, ple = profile.weights, profile.block_size, profile.ple
-        ple = _checkpoint_ple(source) if ple == "auto" else ple
+        ple = _checkpoint_ple(source, spec) if ple == "auto" else ple
         tokenizer = source / "tokenizer.json"
     else:
         raise EdgeRuntimeError(f"{source}: neither an artifact (no {MANIFEST}) nor a Hugging Face checkpoint (no "
@@ -158,62 +159,38 @@ def plan_memory(source: Path, profile: Profile, context: int | None = None, *, k
 
 
 def model_name(spec: ModelSpec) -> str:
-    """"Gemma 4 E2B (35 layers, hidden 1536)": the packaged config of the same shape names it."""
+    """"Gemma 4 E2B (35 layers, hidden 1536)": the packaged config of the same family and shape names it."""
     shape = f"{spec.num_hidden_layers} layers, hidden {spec.hidden_size}"
     for name, known in known_models().items():
-        if (known.num_hidden_layers, known.hidden_size) == (spec.num_hidden_layers, spec.hidden_size):
+        if (known.family, known.num_hidden_layers, known.hidden_size) == (spec.family, spec.num_hidden_layers,
+                                                                          spec.hidden_size):
             return f"{name} ({shape})"
-    return f"Gemma 4 ({shape})"
+    return f"{family_of(spec).title} ({shape})"
 
 
 def known_models() -> dict[str, ModelSpec]:
-    """The published Gemma 4 E2B/E4B configs packaged with the runtime, by name: what "the smaller model" can be.
-
-    model_configs/ also holds Gemma 3n's configs, a family this runtime does not run yet: only gemma-4-* count.
-    """
-    return {f"Gemma 4 {path.stem.rsplit('-', 1)[-1].upper()}": spec_from_hf_config(json.loads(path.read_text()), str(path))
-            for path in sorted(MODEL_CONFIGS.glob("gemma-4-*.json"))}
-
-
-def _checkpoint_ple(checkpoint: Path) -> str:
-    """The PLE format export's "auto" picks: the checkpoint's own dtype of embed_tokens_per_layer."""
-    index, name = checkpoint / "model.safetensors.index.json", "embed_tokens_per_layer.weight"
-    shards = json.loads(index.read_text())["weight_map"] if index.is_file() else {name: "model.safetensors"}
-    with open(checkpoint / next(file for key, file in shards.items() if key.endswith(name)), "rb") as f:
-        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-    return _CHECKPOINT_PLE[next(v["dtype"] for key, v in header.items() if key.endswith(name))]
+    """The published configs packaged with the runtime (model_configs/, named for their model: gemma-4-e2b.json is
+    "Gemma 4 E2B"), by name: what "the smaller model" can be. Gemma 3n's configs wait there for their family."""
+    specs = {}
+    for path in sorted(MODEL_CONFIGS.glob("gemma-4-*.json")):
+        config = json.loads(path.read_text())
+        family = family_of_config(config, str(path))
+        specs[f"{family.title} {path.stem.rsplit('-', 1)[-1].upper()}"] = family.read_config(config, str(path))
+    return specs
 
 
-@dataclass(frozen=True)
-class _Graph:
-    """Part of an ONNX graph: its linear weights [out, in], its float32 vector values, and whether a prefill runs it
-    at every position of a chunk or, as the engine does for KV-shared layers and the head, at the chunk's last only."""
-
-    linears: list[tuple[int, int]]
-    vector_values: int
-    every_position: bool
+def _checkpoint_ple(checkpoint: Path, spec: ModelSpec) -> str:
+    """The PLE format export's "auto" picks: the one holding the checkpoint's own dtype of the PLE table."""
+    index, name = checkpoint / INDEX_FILE, family_of(spec).ple_table
+    shards = json.loads(index.read_text())["weight_map"] if index.is_file() else {name: SINGLE_FILE}
+    file = SafetensorsFile(checkpoint / next(file for key, file in shards.items() if key.endswith(name)))
+    return LOSSLESS_FORMATS[next(entry.dtype for key, entry in file.entries.items() if key.endswith(name))]
 
 
-def _graphs(spec: ModelSpec) -> list[_Graph]:
-    """The graphs' parts in the engine's load order (the head's segment first), as export/gemma4.py builds them:
-    segment i holds the rest of layer i-1 and the attention inputs of layer i (q, k and v as one stacked weight,
-    gate and up as one), segment 0 the PLE projection, the last segment the head."""
-    h, p, n = spec.hidden_size, spec.hidden_size_per_layer_input, spec.num_hidden_layers
-
-    def rest_of_layer(i: int) -> _Graph:
-        q, m = spec.num_attention_heads * spec.head_dims[i], spec.mlp_size(i)
-        return _Graph([(h, q), (2 * m, h), (h, m), (p, h), (h, p)], 4 * h + 1, not spec.is_kv_shared(i))
-
-    def attention_inputs(i: int) -> _Graph:
-        hd, shared = spec.head_dims[i], spec.is_kv_shared(i)
-        rows = (spec.num_attention_heads + (0 if shared else 2 * spec.num_key_value_heads)) * hd
-        return _Graph([(rows, h)], h + hd * (1 if shared else 2), not shared)  # + norms
-
-    def segment(i: int) -> list[_Graph]:
-        first = rest_of_layer(i - 1) if i else _Graph([(n * p, h)], p, True)
-        return [first, _Graph([(spec.vocab_size, h)], h, False) if i == n else attention_inputs(i)]
-
-    return [part for i in (n, *range(n)) for part in segment(i)]
+def _graphs(spec: ModelSpec) -> list[GraphPart]:
+    """The graphs' parts (the family's shapes) in the engine's load order: the head's segment, the last, first."""
+    segments = family_of(spec).graph_parts(spec)
+    return [part for segment in (segments[-1], *segments[:-1]) for part in segment]
 
 
 def linear_macs(spec: ModelSpec) -> tuple[int, int]:
@@ -285,9 +262,7 @@ def ple_page_bytes(spec: ModelSpec, ple: str, context: int) -> int:
 def activation_bytes(spec: ModelSpec, chunk: int, context: int) -> int:
     """Scratch of the last prefill chunk, the one attending over the whole context (see the module docstring)."""
     chunk = min(chunk, context)
-    cache_layers = spec.cache_layers()
-    width = (spec.hidden_size + 2 * spec.num_hidden_layers * spec.hidden_size_per_layer_input
-             + max(spec.num_attention_heads * spec.head_dims[i] + spec.mlp_size(i) for i in cache_layers))
+    width = family_of(spec).activation_width(spec)
     groups = spec.num_attention_heads // spec.num_key_value_heads
     scores = min(SCORE_BYTES, 4 * groups * chunk * context)  # one KV head's scores at a time (attention.py)
     return SCRATCH_BASE_BYTES + ACTIVATION_COPIES * 4 * chunk * width + 2 * scores + PAIR_BYTES * chunk * context

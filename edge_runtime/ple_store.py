@@ -46,6 +46,8 @@ _FLOAT = {"fp32": np.dtype("<f4"), "bf16": np.dtype("<u2"), "fp16": np.dtype("<f
 _BLOCK = {"int8": 64, "int4": 32}
 _TURBO = {"tq4": 4, "tq3": 3, "tq2": 2}
 PLE_FORMATS = (*_FLOAT, *_BLOCK, *_TURBO)
+# The format that holds a checkpoint's table exactly, by its safetensors dtype: what `--ple auto` exports to.
+LOSSLESS_FORMATS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 _SCALE = np.dtype("<f2")
 TURBO_SEED = 0
 

@@ -1,8 +1,8 @@
-"""A Hugging Face Gemma 4 checkpoint directory, seen as the text decoder's named tensors.
+"""A Hugging Face checkpoint directory, seen as the text decoder's named tensors.
 
-Both published layouts are accepted (the multimodal wrapper, whose text weights sit under
-`model.language_model.`, and text-only `Gemma4ForCausalLM` under `model.`), single-file or sharded.
-Vision and audio towers are never read: only safetensors headers are parsed until a tensor is asked for.
+Its family (by the config's model_type) says where the text weights sit (Gemma 4: under `model.language_model.`
+in the multimodal wrapper, under `model.` in text-only `Gemma4ForCausalLM`) and which it needs; single-file or
+sharded. Vision and audio towers are never read: only safetensors headers are parsed until a tensor is asked for.
 `validate()` checks every tensor the decoder needs for presence, shape and dtype before export writes a
 byte, so a bad checkpoint fails in seconds with the tensor's name rather than minutes into an export.
 """
@@ -15,12 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.errors import CheckpointError, UnsupportedConfigError
-from edge_runtime.export.safetensors_reader import DTYPES, SafetensorsFile
-from edge_runtime.model_spec import ModelSpec, spec_from_hf_config, text_config_of
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+from edge_runtime.errors import CheckpointError
+from edge_runtime.families import family_of_config
+from edge_runtime.model_spec import ModelSpec
+from edge_runtime.safetensors_reader import DTYPES, INDEX_FILE, SINGLE_FILE, SafetensorsFile
 
 
 class Checkpoint:
@@ -35,13 +33,11 @@ class Checkpoint:
             self.config = json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
-        text, self.prefix = text_config_of(self.config, str(config_path))
-        if text.get("tie_word_embeddings", self.config.get("tie_word_embeddings", True)) is False:
-            raise UnsupportedConfigError(
-                f"{config_path}: unsupported tie_word_embeddings=False (Gemma 4 ties the LM head to the embedding)"
-            )
-        self.spec: ModelSpec = spec_from_hf_config(self.config, str(config_path))
-        self.architecture = next(a for a in self.config["architectures"] if a.startswith("Gemma4"))
+        self.family = family_of_config(self.config, str(config_path))
+        layout = self.family.checkpoint_layout(self.config, str(config_path))
+        self.prefix, self.architecture = layout.prefix, layout.architecture
+        self.spec: ModelSpec = self.family.read_config(self.config, str(config_path))
+        self.expected = self.family.checkpoint_tensors(self.spec)
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}
         self._index()
@@ -71,41 +67,8 @@ class Checkpoint:
             if name.startswith(self.prefix) and self._where.get(local) != shard:
                 raise CheckpointError(f"{self.path / shard}: {INDEX_FILE} says it holds {name}, but it does not")
 
-    def expected_tensors(self) -> dict[str, tuple[int, ...]]:
-        """Name (relative to the text model) and shape of every tensor the decoder reads."""
-        s = self.spec
-        h, p, n = s.hidden_size, s.hidden_size_per_layer_input, s.num_hidden_layers
-        shapes: dict[str, tuple[int, ...]] = {
-            "embed_tokens.weight": (s.vocab_size, h),
-            "embed_tokens_per_layer.weight": (s.vocab_size_per_layer_input, n * p),
-            "per_layer_model_projection.weight": (n * p, h),
-            "per_layer_projection_norm.weight": (p,),
-            "norm.weight": (h,),
-        }
-        for i in range(n):
-            hd, mlp, pre = s.head_dims[i], s.mlp_size(i), f"layers.{i}."
-            shapes.update({
-                pre + "layer_scalar": (1,),
-                pre + "self_attn.q_proj.weight": (s.num_attention_heads * hd, h),
-                pre + "self_attn.q_norm.weight": (hd,),
-                pre + "self_attn.o_proj.weight": (h, s.num_attention_heads * hd),
-                pre + "mlp.gate_proj.weight": (mlp, h),
-                pre + "mlp.up_proj.weight": (mlp, h),
-                pre + "mlp.down_proj.weight": (h, mlp),
-                pre + "per_layer_input_gate.weight": (p, h),
-                pre + "per_layer_projection.weight": (h, p),
-            })
-            for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                         "post_feedforward_layernorm", "post_per_layer_input_norm"):
-                shapes[pre + norm + ".weight"] = (h,)
-            if not s.is_kv_shared(i):
-                shapes[pre + "self_attn.k_proj.weight"] = (s.num_key_value_heads * hd, h)
-                shapes[pre + "self_attn.v_proj.weight"] = (s.num_key_value_heads * hd, h)
-                shapes[pre + "self_attn.k_norm.weight"] = (hd,)
-        return shapes
-
     def validate(self) -> None:
-        for name, shape in self.expected_tensors().items():
+        for name, shape in self.expected.items():
             entry = self._entry(name)
             if entry.shape != shape:
                 raise CheckpointError(
@@ -141,4 +104,4 @@ class Checkpoint:
         return self._entry(name).dtype
 
     def dtypes(self) -> list[str]:
-        return sorted({self._entry(n).dtype for n in self.expected_tensors()})
+        return sorted({self._entry(n).dtype for n in self.expected})

@@ -27,25 +27,21 @@ from edge_runtime.artifact import (
     Manifest,
     TensorRef,
     file_entry,
-    segment_graph,
 )
 from edge_runtime.chat_template import ChatTemplate
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError, UnwritableError
 from edge_runtime.export.checkpoint import Checkpoint
 from edge_runtime.export.destination import check_destination, partial_path, remove_stale_partials, replace
-from edge_runtime.export.gemma4 import build_segment, rows_segment
 from edge_runtime.export.onnx_graph import GraphBuilder, LinearWeight, WeightsWriter
-from edge_runtime.ple_store import PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
+from edge_runtime.ple_store import LOSSLESS_FORMATS, PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
 from edge_runtime.progress import Notice, Progress, no_notice, no_progress
 from edge_runtime.quant.integer import block_count, offset_binary, quantize_int4_blocks, quantize_int8_rows
-
-LOSSLESS_PLE = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", block_size: int = 32,
                       ple: str = "auto", force: bool = False, progress: Progress = no_progress,
                       notice: Notice = no_notice) -> Path:
-    """Export a HF Gemma 4 checkpoint directory to an artifact directory at `out`; returns `out`.
+    """Export a HF checkpoint directory (of a family edge-runtime knows) to an artifact directory at `out`.
 
     `ple="auto"` stores the PLE table at the checkpoint's own precision (bf16 -> bf16, f16 -> fp16,
     f32 -> fp32), so the default artifact is lossless. `block_size` applies to int4 weights.
@@ -64,7 +60,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
     ckpt = Checkpoint(checkpoint)
     ckpt.validate()
     if ple == "auto":
-        ple = LOSSLESS_PLE[ckpt.dtype_of("embed_tokens_per_layer.weight")]
+        ple = LOSSLESS_FORMATS[ckpt.dtype_of(ckpt.family.ple_table)]
     tokenizer_source = ckpt.path / TOKENIZER_FILE
     if not tokenizer_source.is_file():
         raise CheckpointError(f"{tokenizer_source}: missing; the artifact needs the checkpoint's tokenizer")
@@ -103,8 +99,10 @@ def _os_error(exc: OSError, out: Path, checkpoint: Path) -> EdgeRuntimeError:
 
 def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, block_size: int, ple: str,
                     progress: Progress) -> Manifest:
-    spec = ckpt.spec
+    spec, family = ckpt.spec, ckpt.family
     n = spec.num_hidden_layers
+    contract = family.contract(spec)
+    builders = family.graph_builders()
     with WeightsWriter(tmp / WEIGHTS_FILE) as writer:
         head_weight, embed_tensors, embed_row = _write_embedding(ckpt, writer, weights, block_size, progress)
 
@@ -112,10 +110,10 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, block_size: int, 
             return GraphBuilder(name, writer, weights, block_size)
 
         graph_bytes = 0
-        for i in range(n + 1):
-            progress("layers", i, n + 1)
-            graph_bytes += build_segment(spec, i, ckpt.tensor, head_weight, new_graph, tmp)
-        progress("layers", n + 1, n + 1)
+        for i, segment in enumerate(contract.segments):
+            progress("layers", i, len(contract.segments))
+            graph_bytes += builders.build_segment(spec, i, ckpt.tensor, head_weight, new_graph, tmp / segment.graph)
+        progress("layers", len(contract.segments), len(contract.segments))
 
     ple_width = stored_width(ple, n * spec.hidden_size_per_layer_input, spec.hidden_size_per_layer_input)
     ple_shape = (spec.vocab_size_per_layer_input, ple_width)
@@ -130,7 +128,7 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, block_size: int, 
         spec=spec,
         source={"architecture": ckpt.architecture, "dtypes": ckpt.dtypes(), "checkpoint": ckpt.path.name},
         formats={"weights": weights, "block_size": block_size, "ple": ple},
-        graphs={"segments": [segment_graph(i) for i in range(n + 1)], "rows_segment": rows_segment(spec)},
+        graphs=contract,
         tensors=embed_tensors,
         ple_store=TensorRef(PLE_FILE, 0, ple_shape, storage_dtype(ple).name),
         tokenizer=tokenizer,
@@ -150,7 +148,7 @@ def _write_embedding(ckpt: Checkpoint, writer: WeightsWriter, fmt: str, block_si
     head kernel wants [in, out], so int8 keeps a row-major copy for lookup next to the transposed head copy
     (400 MB more on disk for E2B, read one row per token).
     """
-    name = "embed_tokens.weight"
+    name = ckpt.family.embedding
     vocab, hidden = ckpt.spec.vocab_size, ckpt.spec.hidden_size
     done = 0
 
@@ -215,7 +213,7 @@ def _write_ple_store(ckpt: Checkpoint, path: Path, fmt: str, progress: Progress)
     width = ckpt.spec.num_hidden_layers * layer_width
     done = 0
     with open(path, "wb") as f:
-        for chunk in ckpt.row_chunks("embed_tokens_per_layer.weight"):
+        for chunk in ckpt.row_chunks(ckpt.family.ple_table):
             stored = encode_rows(chunk, fmt, layer_width)
             done += len(chunk)
             progress("PLE store", done, vocab)

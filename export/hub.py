@@ -16,7 +16,7 @@ from pathlib import Path
 
 from edge_runtime.artifact import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError
-from edge_runtime.export.checkpoint import INDEX_FILE
+from edge_runtime.safetensors_reader import INDEX_FILE
 
 # The Hub's rule for model ids, less its length limit and its ban on "--" and "..", which it reports itself.
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -8,10 +8,11 @@ import numpy as np
 import onnx
 import pytest
 
-from edge_runtime.artifact import MANIFEST, read_manifest, segment_graph, sha256_file, verify_artifact
+from edge_runtime.artifact import MANIFEST, read_manifest, sha256_file, verify_artifact
 from edge_runtime.errors import ArtifactError, CheckpointError
 from edge_runtime.export import export_checkpoint
 from edge_runtime.export.checkpoint import Checkpoint
+from edge_runtime.families.contract import segment_graph
 from edge_runtime.ple_store import decode_rows, storage_dtype, stored_width
 
 
@@ -36,7 +37,7 @@ def test_ple_table_lives_only_in_the_store(artifacts, checkpoints):
     spec = manifest.spec
     table_values = spec.vocab_size_per_layer_input * spec.num_hidden_layers * spec.hidden_size_per_layer_input
     assert (path / "ple.bin").stat().st_size == table_values * 2  # bf16, nothing else in the file
-    segments = manifest.graphs["segments"]
+    segments = [segment.graph for segment in manifest.graphs.segments]
     assert segments == [segment_graph(i) for i in range(spec.num_hidden_layers + 1)]
     for graph in segments:
         model = onnx.load(path / graph, load_external_data=False)
@@ -122,9 +123,25 @@ def test_damaged_artifact_is_reported(artifacts, tmp_path):
         read_manifest(copy)
 
 
+def test_an_artifact_from_before_the_graph_contract_asks_for_a_re_export(artifacts, tmp_path):
+    """Version 4 manifests named their graphs and the one taking rows, not how to run them: refused, not guessed."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifacts["shared-gqa"], copy)
+    data = json.loads((copy / MANIFEST).read_text())
+    data.update(format_version=4, graphs={"segments": [s["graph"] for s in data["graphs"]["segments"]],
+                                          "rows_segment": 4})
+    (copy / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(ArtifactError) as info:
+        read_manifest(copy)
+    assert str(info.value) == (f"{copy / MANIFEST}: format_version 4 is not supported by this runtime (reads 5); "
+                               "re-export the checkpoint with this version of edge-runtime")
+
+
 def test_export_never_reads_tower_tensors(checkpoints, tmp_path, monkeypatch):
     """The multimodal checkpoint's vision/audio tensors are skipped: only text-model bytes are read."""
-    from edge_runtime.export.safetensors_reader import SafetensorsFile
+    from edge_runtime.safetensors_reader import SafetensorsFile
 
     read: list[str] = []
     original = SafetensorsFile.read

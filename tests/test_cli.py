@@ -52,6 +52,7 @@ def test_info_human_and_json(artifacts):
     path = artifacts["shared-mqa-wide"]
     text = cli("info", str(path))
     assert text.returncode == 0
+    assert text.stdout.startswith(f"{path}: Gemma 4 (Gemma4ForConditionalGeneration), edge-runtime ")  # the family's
     assert "layers 6 (4 sliding, window 8; 2 full)" in text.stdout
     assert "KV cache in 4 layers (2 share it)" in text.stdout
     data = json.loads(cli("info", str(path), "--json").stdout)
@@ -91,7 +92,7 @@ def test_bundled_model_is_the_default(tmp_path):
 def test_verify_names_the_damaged_file(artifacts, tmp_path):
     import shutil
 
-    from edge_runtime.artifact import segment_graph
+    from edge_runtime.families.contract import segment_graph
 
     copy = tmp_path / "copy"
     shutil.copytree(artifacts["shared-gqa"], copy)
@@ -114,7 +115,7 @@ def test_verify_json_is_always_one_object_naming_every_damaged_file(artifacts, t
     """--json used to print nothing when a file was missing or of the wrong size (only an error on stderr)."""
     import shutil
 
-    from edge_runtime.artifact import segment_graph
+    from edge_runtime.families.contract import segment_graph
 
     copy = tmp_path / "copy"
     shutil.copytree(artifacts["shared-gqa"], copy)

@@ -161,7 +161,7 @@ def test_failure_midway_leaves_nothing(checkpoint, tmp_path, monkeypatch):
 def test_a_wrapped_config_names_the_key_under_text_config():
     """In the multimodal layout the text model's keys live under text_config, and the message says so."""
     from edge_runtime.errors import CheckpointError
-    from edge_runtime.model_spec import spec_from_hf_config
+    from edge_runtime.families import spec_from_hf_config
 
     config = json.loads((Path(__file__).parents[1] / "edge_runtime/model_configs/gemma-4-e2b.json").read_text())
     assert spec_from_hf_config(config).num_hidden_layers == 35

@@ -14,9 +14,9 @@ import pytest
 from conftest import build_checkpoint
 from edge_runtime.artifact import read_manifest
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.families import spec_from_hf_config
 from edge_runtime.kv_cache import KVCache
 from edge_runtime.kv_formats import kv_format
-from edge_runtime.model_spec import spec_from_hf_config
 from edge_runtime.planner import (
     KV_GROWTH,
     MODEL_CONFIGS,

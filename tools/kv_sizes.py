@@ -12,8 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from edge_runtime.families import spec_from_hf_config
 from edge_runtime.kv_formats import KV_FORMATS
-from edge_runtime.model_spec import spec_from_hf_config
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 CONTEXTS = (2048, 8192, 32768, 131072)

@@ -4,6 +4,7 @@ numpy has no bfloat16 and the `safetensors` numpy API refuses it; mmap would mak
 checkpoint count toward the exporter's resident memory. So the header is parsed here and tensors (or row
 ranges of them) are read with plain file reads and widened to float32 one piece at a time. Every offset is
 checked against the file size when the header is read, so a truncated download fails before export starts.
+It needs numpy alone, so the runtime reads checkpoints' headers with it too (the planner: a table's dtype).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 
 from edge_runtime.errors import CheckpointError
 
+INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint's map of tensor -> file
+SINGLE_FILE = "model.safetensors"  # an unsharded checkpoint's one file
 DTYPES = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
 MAX_HEADER_BYTES = 100 << 20
 

@@ -1,4 +1,4 @@
-"""Gemma 4 "E" text decoder as ONNX graphs cut only where attention is: one segment per attention.
+"""Gemma 4 "E" text decoder as ONNX graphs cut only where attention is: one segment per attention (plan.py).
 
 Attention is the runtime's (edge_runtime.attention), because it reads the KV cache in whatever format the user
 picked at run time, including TurboQuant and QJL codes no ONNX operator understands. Everything between two
@@ -13,10 +13,10 @@ Within a segment the nodes are few and fused where onnxruntime has a kernel for 
 residual add and the next norm are one SkipSimplifiedLayerNormalization; RoPE is com.microsoft.RotaryEmbedding,
 fed the step's own cos/sin rows.
 
-Tensors that cross segments, in the layouts the runtime uses without copying: query [T, kv_heads, groups, hd],
-key and value [T, kv_heads, hd], attention [T, heads * hd], hidden [T, H], ple_context [layers, T, p]. The
-segment that starts the KV-shared layers (the head's, when none are) takes `rows`, the token rows to carry on
-with: when only the next token's logits are wanted, the shared layers and the head run on the last row alone.
+Tensors cross segments in the layouts the runtime uses without copying (contract.py; plan.py names them). The
+segment that takes `rows` gathers those token rows of the residual stream and of its RoPE tables: everything after
+runs on them alone.
+Needs onnx: only export imports this module.
 """
 
 from __future__ import annotations
@@ -27,45 +27,56 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto
 
-from edge_runtime.artifact import segment_graph
 from edge_runtime.export.onnx_graph import MS_DOMAIN, GraphBuilder, LinearWeight
-from edge_runtime.model_spec import ModelSpec
+from edge_runtime.families.gemma4.config import Gemma4Spec
+from edge_runtime.families.gemma4.plan import (
+    ATTENTION,
+    COS,
+    HIDDEN,
+    HIDDEN_OUT,
+    INPUTS_EMBEDS,
+    KEY,
+    LOGITS,
+    PLE_CONTEXT,
+    PLE_ROWS_INPUT,
+    QUERY,
+    ROWS_INPUT,
+    SIN,
+    VALUE,
+    rows_segment,
+)
 
 Weights = Callable[[str], np.ndarray]
 NewGraph = Callable[[str], GraphBuilder]
 
 
-def rows_segment(spec: ModelSpec) -> int:
-    """The segment that takes `rows`: where the KV-shared layers start, else the head's."""
-    return spec.first_shared_layer if spec.num_kv_shared_layers else spec.num_hidden_layers
-
-
-def build_segment(spec: ModelSpec, i: int, w: Weights, head: LinearWeight, new_graph: NewGraph, out: Path) -> int:
-    """Write segment i's graph; returns the weight bytes it reads per call."""
-    g = new_graph(segment_graph(i).removesuffix(".onnx"))
+def build_segment(spec: Gemma4Spec, i: int, w: Weights, head: LinearWeight, new_graph: NewGraph, path: Path) -> int:
+    """Write segment i's graph to `path`; returns the weight bytes it reads per call."""
+    g = new_graph(path.stem)
     n, h, eps = spec.num_hidden_layers, spec.hidden_size, spec.rms_norm_eps
     if i == 0:
-        hidden = g.input("inputs_embeds", ["T", h])
-        g.output(_ple_context(spec, g, w, hidden), "ple_context", [n, "T", spec.hidden_size_per_layer_input])
+        hidden = g.input(INPUTS_EMBEDS, ["T", h])
+        g.output(_ple_context(spec, g, w, hidden), PLE_CONTEXT, [n, "T", spec.hidden_size_per_layer_input])
     else:
         hidden = _layer_output(spec, i - 1, g, w)
-    if i == rows_segment(spec):
-        hidden = g.op("Gather", hidden, g.input("rows", ["R"], TensorProto.INT64), axis=0)
+    rows = g.input(ROWS_INPUT, ["R"], TensorProto.INT64) if i == rows_segment(spec) else None
+    if rows is not None:
+        hidden = g.op("Gather", hidden, rows, axis=0)
     if i == n:
         x = g.rms_norm(hidden, g.weight("norm", w("norm.weight")), eps)
         logits = g.linear(x, "embed_tokens", head)
         cap = spec.final_logit_softcapping
         if cap is not None:
             logits = g.op("Mul", g.op("Tanh", g.op("Mul", logits, g.const(1.0 / cap))), g.const(cap))
-        g.output(logits, "logits", ["T", spec.vocab_size])
+        g.output(logits, LOGITS, ["T", spec.vocab_size])
     else:
         if i > 0:
-            g.output(hidden, "hidden_out", ["T", h])
-        _attention_inputs(spec, i, g, w, hidden)
-    return g.save(out / segment_graph(i))
+            g.output(hidden, HIDDEN_OUT, ["T", h])
+        _attention_inputs(spec, i, g, w, hidden, rows)
+    return g.save(path)
 
 
-def _ple_context(spec: ModelSpec, g: GraphBuilder, w: Weights, embeds: str) -> str:
+def _ple_context(spec: Gemma4Spec, g: GraphBuilder, w: Weights, embeds: str) -> str:
     """Context part of PLE: RMSNorm(proj(embeds) / sqrt(H)) as [layers, T, width]."""
     n, p = spec.num_hidden_layers, spec.hidden_size_per_layer_input
     proj = g.linear(embeds, "per_layer_model_projection", w("per_layer_model_projection.weight"))
@@ -84,8 +95,9 @@ def _rope(g: GraphBuilder, x: str, heads: int, head_dim: int, cos: str, sin: str
     return g.reshape(rotated, [-1, heads, head_dim])
 
 
-def _attention_inputs(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights, hidden: str) -> None:
-    """Layer i's normed, rotated queries (and, unless it is KV-shared, its new keys and values)."""
+def _attention_inputs(spec: Gemma4Spec, i: int, g: GraphBuilder, w: Weights, hidden: str, rows: str | None) -> None:
+    """Layer i's normed, rotated queries (and, unless it is KV-shared, its new keys and values); `rows`: the token
+    rows `hidden` was gathered at, which the RoPE tables are gathered at too."""
     hd, eps = spec.head_dims[i], spec.rms_norm_eps
     nh, kvh = spec.num_attention_heads, spec.num_key_value_heads
     pre = f"layers.{i}."
@@ -94,8 +106,10 @@ def _attention_inputs(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights, hidd
     def weight(name: str) -> str:
         return g.weight(name, w(pre + name))
 
-    cos = g.input("cos", ["T", hd // 2])
-    sin = g.input("sin", ["T", hd // 2])
+    cos = g.input(COS, ["T", hd // 2])
+    sin = g.input(SIN, ["T", hd // 2])
+    if rows is not None:
+        cos, sin = g.op("Gather", cos, rows, axis=0), g.op("Gather", sin, rows, axis=0)
     x = g.rms_norm(hidden, weight("input_layernorm.weight"), eps)
     projections = ["q_proj"] if shared else ["q_proj", "k_proj", "v_proj"]
     stacked = np.concatenate([w(f"{pre}self_attn.{name}.weight") for name in projections])
@@ -104,15 +118,15 @@ def _attention_inputs(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights, hidd
     parts = g.op("Split", qkv, g.const(widths, np.int64), axis=-1, n_out=len(widths)) if len(widths) > 1 else [qkv]
     q = g.rms_norm(g.reshape(parts[0], [0, nh, hd]), weight("self_attn.q_norm.weight"), eps)
     q = _rope(g, q, nh, hd, cos, sin)
-    g.output(g.reshape(q, [0, kvh, nh // kvh, hd]), "query", ["T", kvh, nh // kvh, hd])
+    g.output(g.reshape(q, [0, kvh, nh // kvh, hd]), QUERY, ["T", kvh, nh // kvh, hd])
     if not shared:
         k = g.rms_norm(g.reshape(parts[1], [0, kvh, hd]), weight("self_attn.k_norm.weight"), eps)
-        g.output(_rope(g, k, kvh, hd, cos, sin), "key", ["T", kvh, hd])
+        g.output(_rope(g, k, kvh, hd, cos, sin), KEY, ["T", kvh, hd])
         v = g.rms_norm(g.reshape(parts[2], [0, kvh, hd]), None, eps, hd)
-        g.output(v, "value", ["T", kvh, hd])
+        g.output(v, VALUE, ["T", kvh, hd])
 
 
-def _layer_output(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights) -> str:
+def _layer_output(spec: Gemma4Spec, i: int, g: GraphBuilder, w: Weights) -> str:
     """Layer i after attention: o_proj, MLP and the layer's PLE contribution, on the residual stream."""
     h, eps, mlp = spec.hidden_size, spec.rms_norm_eps, spec.mlp_size(i)
     pre = f"layers.{i}."
@@ -123,10 +137,10 @@ def _layer_output(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights) -> str:
     def linear(x: str, name: str) -> str:
         return g.linear(x, name, w(pre + name + ".weight"))
 
-    hidden = g.input("hidden", ["T", h])
-    attn = g.input("attention", ["T", spec.num_attention_heads * spec.head_dims[i]])
-    ple_rows = g.input("ple_rows", ["T", spec.hidden_size_per_layer_input])
-    ple_context = g.input("ple_context", ["T", spec.hidden_size_per_layer_input])
+    hidden = g.input(HIDDEN, ["T", h])
+    attn = g.input(ATTENTION, ["T", spec.num_attention_heads * spec.head_dims[i]])
+    ple_rows = g.input(PLE_ROWS_INPUT, ["T", spec.hidden_size_per_layer_input])
+    ple_context = g.input(PLE_CONTEXT, ["T", spec.hidden_size_per_layer_input])
 
     attn = g.rms_norm(linear(attn, "self_attn.o_proj"), weight("post_attention_layernorm.weight"), eps)
     x, hidden = g.skip_rms_norm(hidden, attn, weight("pre_feedforward_layernorm.weight"), eps)
