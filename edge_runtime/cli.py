@@ -198,7 +198,7 @@ def _print_stats(s, m) -> None:
     """llama.cpp's figures for the generation `s` on model `m`, whose KV cache holds what that left."""
     err.print(f"prompt {s.prompt_tokens} tokens ({s.cached_tokens} cached), {s.prefill_tokens_per_second:.1f} tok/s | "
               f"generated {s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s | "
-              f"context {len(m.engine.tokens)}/{m.context_length}")
+              f"context {m.context_used}/{m.context_length}")
 
 
 def _resolve_model(model: str | None) -> Path:
