@@ -186,10 +186,10 @@ def export(
 
 def _load(model: str | None, profile: str, context: int | None, threads: int | None, kv: str | None,
           kv_recent: int | None, kv_sliding: str, low_memory: bool):
-    import edge_runtime
+    from edge_runtime.model import load
 
     path = _resolve_model(model)
-    return _with_progress(lambda report: edge_runtime.load(
+    return _with_progress(lambda report: load(
         path, profile=None if profile == "none" else profile, context_length=context, threads=threads, kv=kv,
         kv_recent=kv_recent, kv_sliding=kv_sliding, low_memory=low_memory, progress=report))
 
@@ -497,13 +497,12 @@ def perplexity(
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
 ) -> None:
     """Perplexity of a text, in BOS-started windows through the chunked KV-cache path."""
-    import edge_runtime
+    from edge_runtime.model import load
     from edge_runtime.perplexity import evaluate, read_text
 
     try:
         text = read_text(text_file)
-        m = edge_runtime.load(_resolve_model(model), threads=threads, kv=kv, kv_recent=kv_recent,
-                              kv_sliding=kv_sliding)
+        m = load(_resolve_model(model), threads=threads, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)
         result = _with_progress(lambda report: evaluate(m, text, context, progress=report))
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
