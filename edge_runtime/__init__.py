@@ -7,13 +7,12 @@ import os
 # 104 ms without (2 cores). This only takes effect if numpy is not imported yet; set it yourself otherwise.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-__version__ = "0.1.0"
-
 from edge_runtime.conversation import Conversation
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.model import GenerationStats, Model, load
 from edge_runtime.model_store import list_models
 from edge_runtime.profiles import Profile, detect_profile, load_profile
+from edge_runtime.version import __version__
 
 __all__ = ["Conversation", "EdgeRuntimeError", "GenerationStats", "Model", "Profile", "__version__", "detect_profile",
            "list_models", "load", "load_profile"]

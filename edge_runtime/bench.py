@@ -58,7 +58,6 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.artifact import WEIGHTS_FILE, read_manifest
-from edge_runtime.engine import Engine, default_threads
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, kv_format
 from edge_runtime.memory import current_rss_bytes, mapped_resident_bytes, peak_rss_bytes
@@ -151,11 +150,6 @@ def read_bandwidth(probe_bytes: int, threads: int, passes: int = BANDWIDTH_PASSE
     return words.nbytes / statistics.median(times)
 
 
-def _kv_read_bytes(engine: Engine) -> int:
-    """Bytes of cache one step reads now: every layer's attention reads its source layer's used slots."""
-    return sum(engine.cache.bytes_read(s) for s in engine.spec.kv_sources)
-
-
 def _summary(name: str, n_prompt: int, n_gen: int, samples: list[float]) -> dict[str, Any]:
     return {"test": name, "n_prompt": n_prompt, "n_gen": n_gen, "tokens_per_second": statistics.median(samples),
             "stdev": statistics.stdev(samples) if len(samples) > 1 else 0.0, "samples": samples}
@@ -164,11 +158,11 @@ def _summary(name: str, n_prompt: int, n_gen: int, samples: list[float]) -> dict
 def _prompt_test(model: Model, n: int, config: BenchConfig, rng: np.random.Generator, sampler: Sampler | None,
                  ttft: list[float], report: Progress) -> dict[str, Any]:
     name = f"pp{n}" + (f" @ d{config.depth}" if config.depth else "")
-    engine, samples = model.engine, []
+    samples = []
     for r in range(config.repetitions):
         report(name, r, config.repetitions)
         ids = rng.integers(0, model.spec.vocab_size, config.depth + n)
-        engine.reset()
+        model.reset()
         model.feed(ids[:config.depth])
         start = time.perf_counter()
         logits = model.feed(ids[config.depth:])
@@ -182,18 +176,18 @@ def _prompt_test(model: Model, n: int, config: BenchConfig, rng: np.random.Gener
 def _gen_test(model: Model, n: int, config: BenchConfig, rng: np.random.Generator,
               report: Progress) -> dict[str, Any]:
     name = f"tg{n}" + (f" @ d{config.depth}" if config.depth else "")
-    engine, samples = model.engine, []
+    samples = []
     for r in range(config.repetitions):
         report(name, r, config.repetitions)
         ids = rng.integers(0, model.spec.vocab_size, config.depth + 1 + n)
-        engine.reset()
+        model.reset()
         model.feed(ids[:config.depth + 1])
         steps = [ids[i:i + 1] for i in range(config.depth + 1, len(ids))]
         start = time.perf_counter()
         for step in steps:
-            engine.forward(step, all_logits=False)
+            model.feed(step)
         samples.append(n / (time.perf_counter() - start))
-    return {**_summary(name, 0, n, samples), "kv_bytes_per_token": _kv_read_bytes(engine)}
+    return {**_summary(name, 0, n, samples), "kv_bytes_per_token": model.kv_read_bytes}
 
 
 def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -211,20 +205,20 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
     if config.context is not None and not needed <= config.context <= limit:
         raise EdgeRuntimeError(f"context={config.context}: must be between the {needed} tokens the tests need "
                                f"and the model's {limit}")
-    threads = config.threads or default_threads()
 
     report("load", 0, 1)
     start = time.perf_counter()
-    model = load(artifact, threads=threads, context_length=config.context or needed, low_memory=config.low_memory,
-                 kv=config.kv, kv_recent=config.kv_recent, kv_sliding=config.kv_sliding)
+    model = load(artifact, threads=config.threads, context_length=config.context or needed,
+                 low_memory=config.low_memory, kv=config.kv, kv_recent=config.kv_recent, kv_sliding=config.kv_sliding)
     load_seconds = time.perf_counter() - start
+    threads = model.threads
 
     rng = np.random.default_rng(SEED)
     # The first onnxruntime runs do one-time set-up (buffers, kernel state); an untimed prefill and decode step
     # keep that out of the figures.
-    model.engine.reset()
+    model.reset()
     model.feed(rng.integers(0, model.spec.vocab_size, min([*config.n_prompt, 8])))
-    model.engine.forward(rng.integers(0, model.spec.vocab_size, 1), all_logits=False)
+    model.feed(rng.integers(0, model.spec.vocab_size, 1))
 
     ttft: list[float] = []
     sampler = Sampler(model.default_sampling, SEED)
@@ -232,7 +226,7 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
              for i, n in enumerate(config.n_prompt)]
     tests += [_gen_test(model, n, config, rng, report) for n in config.n_gen]
 
-    kv_cache_bytes = model.engine.cache.nbytes()
+    kv_cache_bytes = model.kv_cache_bytes
     current = current_rss_bytes()  # read first, so that the peak read next is never below it
     memory = {
         "peak_rss_bytes": peak_rss_bytes(),

@@ -36,6 +36,8 @@ def default_artifact(progress=None) -> Path:
     """Path of the bundled model's artifact, exporting it on first use."""
     target = bundled_artifact_path()
     if not (target / MANIFEST).is_file():
+        # Imported only when an export is due: the runtime must load without the [export] extra (onnx), and the
+        # exporter is built on runtime modules, so an import at the top would make runtime and exporter one circle.
         from edge_runtime.export import export_checkpoint
 
         kwargs = {"progress": progress} if progress else {}

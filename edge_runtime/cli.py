@@ -18,9 +18,9 @@ import typer.core
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edge_runtime import __version__
 from edge_runtime.errors import ContextLengthError, EdgeRuntimeError, InvalidTextError
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, KV_FORMATS
+from edge_runtime.version import __version__
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=HELP_OPTIONS,
@@ -186,10 +186,10 @@ def export(
 
 def _load(model: str | None, profile: str, context: int | None, threads: int | None, kv: str | None,
           kv_recent: int | None, kv_sliding: str, low_memory: bool):
-    import edge_runtime
+    from edge_runtime.model import load
 
     path = _resolve_model(model)
-    return _with_progress(lambda report: edge_runtime.load(
+    return _with_progress(lambda report: load(
         path, profile=None if profile == "none" else profile, context_length=context, threads=threads, kv=kv,
         kv_recent=kv_recent, kv_sliding=kv_sliding, low_memory=low_memory, progress=report))
 
@@ -198,7 +198,7 @@ def _print_stats(s, m) -> None:
     """llama.cpp's figures for the generation `s` on model `m`, whose KV cache holds what that left."""
     err.print(f"prompt {s.prompt_tokens} tokens ({s.cached_tokens} cached), {s.prefill_tokens_per_second:.1f} tok/s | "
               f"generated {s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s | "
-              f"context {len(m.engine.tokens)}/{m.context_length}")
+              f"context {m.context_used}/{m.context_length}")
 
 
 def _resolve_model(model: str | None) -> Path:
@@ -498,13 +498,12 @@ def perplexity(
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
 ) -> None:
     """Perplexity of a text, in BOS-started windows through the chunked KV-cache path."""
-    import edge_runtime
+    from edge_runtime.model import load
     from edge_runtime.perplexity import evaluate, read_text
 
     try:
         text = read_text(text_file)
-        m = edge_runtime.load(_resolve_model(model), threads=threads, kv=kv, kv_recent=kv_recent,
-                              kv_sliding=kv_sliding)
+        m = load(_resolve_model(model), threads=threads, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)
         result = _with_progress(lambda report: evaluate(m, text, context, progress=report))
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None

@@ -121,21 +121,56 @@ class Model:
         with self.lock:
             self.engine.reset()
 
+    @property
+    def threads(self) -> int:
+        """The threads the model runs on (onnxruntime's shared pool, attention's workers): the count given to
+        `load`, else the profile's, else the pool's of an earlier model in this process, else up to 4."""
+        return self.engine.attention_workers
+
+    @property
+    def context_used(self) -> int:
+        """Tokens the KV cache holds: the last generation's prompt and reply, which the next prompt reuses as far as
+        it starts the same. Read without the lock, so that a server can report it while a generation runs."""
+        return len(self.engine.tokens)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes the KV cache has allocated now (codes, norms, exact recent rings), slots allocated ahead of use
+        included: what the cache costs in memory, where `kv_read_bytes` is what a step reads of it."""
+        return self.engine.cache.nbytes()
+
+    @property
+    def kv_read_bytes(self) -> int:
+        """Bytes of KV cache the next decode step reads: each layer's attention reads the used slots of its source
+        layer's cache, in its format. Decode is bound by memory reads, so this is its cost on top of the weights."""
+        cache = self.engine.cache
+        return sum(cache.bytes_read(source) for source in self.spec.kv_sources)
+
     def logits(self, token_ids: list[int] | np.ndarray, mode: str = "prefill") -> np.ndarray:
         """float32 [T, vocab] logits of every position, from an empty cache.
 
         "prefill" runs the sequence in chunks of `prefill_chunk`; "decode" feeds one token at a time
         through the KV cache, exactly as generation does. Both must agree with the reference model.
         """
+        return np.concatenate(list(self.logits_in_chunks(token_ids, mode)))
+
+    def logits_in_chunks(self, token_ids: list[int] | np.ndarray, mode: str = "prefill") -> Iterator[np.ndarray]:
+        """`logits`, a chunk (or in "decode" mode a token) at a time: scoring a long text this way never holds
+        [T, vocab] at once (a 512-token window of a 262144-token vocabulary is 0.5 GB of float32).
+
+        Bad arguments raise here, not at the first chunk; the lock is held until the iterator ends or is closed.
+        """
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if mode not in ("prefill", "decode"):
             raise EdgeRuntimeError(f"mode={mode!r}: must be 'prefill' or 'decode'")
         self.check_fits(len(ids))
-        step = self.prefill_chunk if mode == "prefill" else 1
+        return self._logits_in_chunks(ids, self.prefill_chunk if mode == "prefill" else 1)
+
+    def _logits_in_chunks(self, ids: np.ndarray, step: int) -> Iterator[np.ndarray]:
         with self.lock:
             self.engine.reset()
-            return np.concatenate([self.engine.forward(ids[s:s + step], all_logits=True)
-                                   for s in range(0, len(ids), step)])
+            for s in range(0, len(ids), step):
+                yield self.engine.forward(ids[s:s + step], all_logits=True)
 
     def check_fits(self, n: int) -> None:
         if n == 0:

@@ -3,7 +3,7 @@
 The text's tokens are cut into windows of `context` tokens, each starting with BOS and evaluated from an
 empty cache, and every next-token prediction inside a window is scored, so each token of the text is
 scored exactly once (the first token of a window is predicted from BOS alone). Windows go through the KV
-cache in prefill chunks of `model.prefill_chunk` (engine.forward with all_logits=True), so the chunked,
+cache in prefill chunks of `model.prefill_chunk` (`Model.logits_in_chunks`), so the chunked,
 cached path generation uses is the one measured. Log-softmax is taken in float64, a few rows at a time so
 that a chunk of E2B's 262144-wide logits is never held in float64 at once.
 """
@@ -85,17 +85,18 @@ def evaluate(model: Model, text_or_ids: str | Sequence[int] | np.ndarray, contex
         raise EdgeRuntimeError("the text has no token besides BOS; perplexity needs at least 2 tokens, "
                                "give a longer text")
 
-    engine, chunk, step = model.engine, model.prefill_chunk, context - 1
+    step = context - 1
     windows = [np.concatenate([[bos], body[s:s + step]]) for s in range(0, len(body), step)]
     nll, argmax = 0.0, []
     start = time.perf_counter()
     for w, window in enumerate(windows):
         if progress:
             progress("perplexity", w, len(windows))
-        engine.reset()
         inputs, targets = window[:-1], window[1:]  # the last token predicts nothing that is scored
-        for s in range(0, len(inputs), chunk):
-            total, top = _score(engine.forward(inputs[s:s + chunk], all_logits=True), targets[s:s + chunk])
+        done = 0
+        for logits in model.logits_in_chunks(inputs):
+            total, top = _score(logits, targets[done:done + len(logits)])
+            done += len(logits)
             nll += total
             argmax.append(top)
     seconds = time.perf_counter() - start

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime import __version__
 from edge_runtime.artifact import (
     BLOCK_SIZES,
     CHAT_TEMPLATE_FILE,
@@ -36,6 +35,7 @@ from edge_runtime.export.onnx_graph import GraphBuilder, LinearWeight, WeightsWr
 from edge_runtime.ple_store import LOSSLESS_FORMATS, PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
 from edge_runtime.progress import Notice, Progress, no_notice, no_progress
 from edge_runtime.quant.integer import block_count, offset_binary, quantize_int4_blocks, quantize_int8_rows
+from edge_runtime.version import __version__
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", block_size: int = 32,

@@ -32,7 +32,7 @@ def test_version_comes_from_one_place():
     assert result.returncode == 0 and result.stdout == f"edge-runtime {edge_runtime.__version__}\n"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "edge_runtime.__version__"}
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "edge_runtime.version.__version__"}
 
 
 @pytest.mark.parametrize("name", ["", "profiles", *COMMANDS])

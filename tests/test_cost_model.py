@@ -119,12 +119,11 @@ def test_attention_reads_are_what_the_cache_reads(artifacts):
     sliding window and its rollback slots, with an exact recent ring and without."""
     for kv, recent in (("fp16", 0), ("tq3.5", 4), ("int8", 0)):
         model = edge_runtime.load(artifacts["shared-mqa-wide"], kv=kv, kv_recent=recent, kv_sliding="fp32")
-        spec, cache = model.spec, model.engine.cache
         for length in (5, 90):
-            model.engine.reset()
-            model.engine.forward(np.arange(3, 3 + length), all_logits=False)
-            read = sum(cache.bytes_read(s) for s in spec.kv_sources)
-            assert kv_format(kv).attention_reads(spec, length, recent, kv_format("fp32"))[0] == read, (kv, length)
+            model.reset()
+            model.feed(np.arange(3, 3 + length))
+            reads = kv_format(kv).attention_reads(model.spec, length, recent, kv_format("fp32"))[0]
+            assert reads == model.kv_read_bytes, (kv, length)
 
 
 def test_profile_estimates_cover_both_models_at_short_and_profile_context():

@@ -148,7 +148,7 @@ def test_predicted_cache_bytes_equal_what_the_cache_holds(name, recent, artifact
         model = edge_runtime.load(artifacts["shared-gqa"], kv=name, kv_recent=recent, kv_sliding=sliding)
         model.feed(np.arange(3, 3 + 256))  # a multiple of the 256-slot growth step: nothing allocated ahead
         expected = kv_format(name).cache_bytes(model.spec, 256, recent, kv_format(sliding))
-        assert model.engine.cache.nbytes() == expected
+        assert model.kv_cache_bytes == expected
 
 
 def test_sliding_rings_default_to_exact_and_take_any_format(artifacts):

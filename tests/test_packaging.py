@@ -10,6 +10,8 @@ from pathlib import Path
 
 import build_kernels
 
+from edge_runtime.version import __version__
+
 ROOT = Path(__file__).resolve().parents[1]
 INSTALLED_AS = {"edge_runtime": "edge_runtime", "export": "edge_runtime/export",
                 "device_profiles": "edge_runtime/device_profiles"}
@@ -18,7 +20,7 @@ INSTALLED_AS = {"edge_runtime": "edge_runtime", "export": "edge_runtime/export",
 def test_the_wheel_installs_only_the_edge_runtime_namespace(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT),
                     "-w", str(tmp_path)], check=True, capture_output=True, timeout=300)
-    (wheel,) = tmp_path.glob("edge_runtime-*.whl")
+    (wheel,) = tmp_path.glob(f"edge_runtime-{__version__}-*.whl")  # the version the build read
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"edge_runtime"}
     for folder, installed in INSTALLED_AS.items():

@@ -119,6 +119,45 @@ def test_bad_token_ids_and_mode(model):
         model.logits([2, 5], mode="fast")
 
 
+def test_logits_in_chunks_are_the_logits_a_chunk_at_a_time(artifacts):
+    model = edge_runtime.load(artifacts["shared-gqa"], kv="fp32", prefill_chunk=8)
+    ids = np.arange(3, 3 + 20)
+    chunks, vocab = list(model.logits_in_chunks(ids)), model.spec.vocab_size
+    assert [c.shape for c in chunks] == [(8, vocab), (8, vocab), (4, vocab)]
+    np.testing.assert_array_equal(np.concatenate(chunks), model.logits(ids))
+    assert [c.shape for c in model.logits_in_chunks(ids[:3], mode="decode")] == [(1, vocab)] * 3
+    with pytest.raises(EdgeRuntimeError, match="^mode='fast': must be 'prefill' or 'decode'$"):
+        model.logits_in_chunks(ids, mode="fast")  # on the call, not at the first chunk
+    with pytest.raises(EdgeRuntimeError, match="^no tokens given$"):
+        model.logits_in_chunks([])
+
+
+def test_the_model_reports_what_its_cache_holds(artifacts):
+    """What bench, chat's /stats and the server read, through Model rather than its engine."""
+    model = edge_runtime.load(artifacts["shared-gqa"], kv="fp16")
+    assert (model.context_used, model.kv_cache_bytes, model.kv_read_bytes) == (0, 0, 0)
+    model.feed(np.arange(3, 3 + 20))
+    assert model.context_used == 20 and model.kv_read_bytes > 0 and model.kv_cache_bytes >= model.kv_read_bytes
+    model.feed([7])
+    assert model.context_used == 21
+    prompt = list(range(3, 10))
+    tokens = list(model.generate_tokens(prompt, max_new_tokens=4, temperature=0,
+                                        stop_token_ids=range(model.spec.vocab_size)))
+    assert (tokens, model.stats.finish_reason, model.context_used) == ([], "stop", len(prompt))
+    model.reset()
+    assert model.context_used == 0 and model.kv_read_bytes == 0
+
+
+def test_threads_are_the_pool_the_model_runs_on(artifacts):
+    """onnxruntime's pool is shared by the process: a model loaded without a count runs on the first model's."""
+    first = edge_runtime.load(artifacts["shared-gqa"])
+    assert first.threads >= 1
+    assert edge_runtime.load(artifacts["shared-gqa"], threads=first.threads).threads == first.threads
+    with pytest.raises(EdgeRuntimeError, match=rf"^threads={first.threads + 1}: this process already runs models on "
+                                               rf"{first.threads} threads"):
+        edge_runtime.load(artifacts["shared-gqa"], threads=first.threads + 1)
+
+
 def test_generation_config_sets_defaults(checkpoints, tmp_path):
     import json
     import shutil

@@ -44,15 +44,14 @@ def prefill(model, depth: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     model.reset()
     ids = rng.integers(4, model.spec.vocab_size, size=depth)
-    for start in range(0, depth, model.prefill_chunk):
-        model.engine.forward(ids[start:start + model.prefill_chunk], all_logits=False)
+    model.feed(ids)
 
 
 def decode_steps(model, steps: int) -> list[float]:
     times = []
     for token in np.random.default_rng(1).integers(4, model.spec.vocab_size, size=steps):
         start = time.perf_counter()
-        model.engine.forward(np.asarray([token]), all_logits=False)
+        model.feed([token])
         times.append(time.perf_counter() - start)
     return times
 
@@ -147,7 +146,7 @@ def main() -> None:
     shares = split(pstats.Stats(profile))
     scale = median / (shares["total"] / args.steps)
     result = {"cpu": cpu_name(), "model": str(args.model), "depth": args.depth, "kv": args.kv,
-              "threads": model.engine.attention_workers, "step_ms": median * 1e3,
+              "threads": model.threads, "step_ms": median * 1e3,
               "split_ms": {k: v / args.steps * scale * 1e3 for k, v in shares.items() if k != "total"}}
     if args.ops:
         with tempfile.TemporaryDirectory() as tmp:

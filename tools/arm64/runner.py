@@ -63,7 +63,7 @@ def greedy(model: edge_runtime.Model, ids: list[int], n: int) -> list[int]:
     logits, out = model.feed(ids)[-1], []
     for _ in range(n):
         out.append(int(np.argmax(logits)))
-        logits = model.engine.forward(np.asarray(out[-1:]), all_logits=False)[-1]
+        logits = model.feed(out[-1:])[-1]
     return out
 
 
