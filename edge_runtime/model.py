@@ -123,8 +123,8 @@ class Model:
 
     @property
     def threads(self) -> int:
-        """The threads the model runs on (onnxruntime's shared pool, attention's workers): the count given to
-        `load`, else the profile's, else the pool's of an earlier model in this process, else up to 4."""
+        """The threads the model runs on (each onnxruntime session's pool, attention's workers): the count given to
+        `load`, else the profile's, else up to 4."""
         return self.engine.attention_workers
 
     @property
