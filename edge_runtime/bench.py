@@ -161,7 +161,7 @@ def _prompt_test(model: Model, n: int, config: BenchConfig, rng: np.random.Gener
     samples = []
     for r in range(config.repetitions):
         report(name, r, config.repetitions)
-        ids = rng.integers(0, model.spec.vocab_size, config.depth + n)
+        ids = rng.integers(0, model.spec.input_vocab_size, config.depth + n)
         model.reset()
         model.feed(ids[:config.depth])
         start = time.perf_counter()
@@ -179,7 +179,7 @@ def _gen_test(model: Model, n: int, config: BenchConfig, rng: np.random.Generato
     samples = []
     for r in range(config.repetitions):
         report(name, r, config.repetitions)
-        ids = rng.integers(0, model.spec.vocab_size, config.depth + 1 + n)
+        ids = rng.integers(0, model.spec.input_vocab_size, config.depth + 1 + n)
         model.reset()
         model.feed(ids[:config.depth + 1])
         steps = [ids[i:i + 1] for i in range(config.depth + 1, len(ids))]
@@ -217,8 +217,8 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
     # The first onnxruntime runs do one-time set-up (buffers, kernel state); an untimed prefill and decode step
     # keep that out of the figures.
     model.reset()
-    model.feed(rng.integers(0, model.spec.vocab_size, min([*config.n_prompt, 8])))
-    model.feed(rng.integers(0, model.spec.vocab_size, 1))
+    model.feed(rng.integers(0, model.spec.input_vocab_size, min([*config.n_prompt, 8])))
+    model.feed(rng.integers(0, model.spec.input_vocab_size, 1))
 
     ttft: list[float] = []
     sampler = Sampler(model.default_sampling, SEED)

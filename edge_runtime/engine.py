@@ -160,7 +160,9 @@ class Engine:
         self.token_axes = {name: (slice(None),) * axis for name, axis in contract.token_axes().items()}
         self.embed = EmbeddingTable(artifact, manifest)
         self.ple = PleStore(artifact, manifest.ple_store, manifest.formats["ple"], spec.num_hidden_layers,
-                            spec.hidden_size_per_layer_input, embed_scale(spec.hidden_size_per_layer_input))
+                            spec.hidden_size_per_layer_input, embed_scale(spec.hidden_size_per_layer_input),
+                            spec.ple_fill_row)
+        self.input_vocab = spec.input_vocab_size
         self.inv_freq = {
             t: inverse_frequencies(spec.rope[t], spec.head_dims[spec.layer_types.index(t)])
             for t in set(spec.layer_types)
@@ -199,9 +201,8 @@ class Engine:
         ids = np.asarray(token_ids, dtype=np.int64)
         if ids.size == 0:
             raise EdgeRuntimeError("no tokens to process")
-        if ids.min() < 0 or ids.max() >= spec.vocab_size:
-            raise EdgeRuntimeError(f"token id {int(ids.max() if ids.max() >= spec.vocab_size else ids.min())} "
-                                   f"is outside the model's vocabulary of {spec.vocab_size}")
+        if ids.min() < 0 or ids.max() >= self.input_vocab:
+            raise EdgeRuntimeError(spec.refuse_token(int(ids.max() if ids.max() >= self.input_vocab else ids.min())))
         positions = np.arange(cache.length, cache.length + len(ids), dtype=np.int64)
         cache.reserve(len(ids))
 

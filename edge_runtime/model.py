@@ -241,7 +241,9 @@ class Model:
             stats.prefill_seconds = time.perf_counter() - start
             if logits is None:
                 return
-            logits = logits[-1]
+            # Only ids the model can take back in are sampled (Gemma 3n's multimodal image and audio ids are not)
+            usable = self.spec.input_vocab_size
+            logits = logits[-1, :usable]
             start = time.perf_counter()
             history = self.engine.tokens
             while True:
@@ -255,7 +257,7 @@ class Model:
                     break
                 if should_stop is not None and should_stop():
                     break
-                logits = self.engine.forward(np.asarray([token]), all_logits=False)[-1]
+                logits = self.engine.forward(np.asarray([token]), all_logits=False)[-1, :usable]
                 stats.decode_seconds = time.perf_counter() - start
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256, stop: Sequence[str] = (),

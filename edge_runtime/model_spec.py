@@ -41,6 +41,9 @@ class ModelSpec:
     `model.family`, the registry's key)."""
 
     family: ClassVar[str]
+    # The PLE row of a token id past the PLE table (vocab_size_per_layer_input): None refuses such ids (the family's
+    # transformers model would fail on them), a row index maps them to that row.
+    ple_fill_row: ClassVar[int | None] = None
     vocab_size: int
     vocab_size_per_layer_input: int
     hidden_size: int
@@ -75,6 +78,16 @@ class ModelSpec:
     def cache_layers(self) -> list[int]:
         """Layers whose keys and values are stored: only these need KV cache memory."""
         return [i for i in range(self.num_hidden_layers) if not self.is_kv_shared(i)]
+
+    @property
+    def input_vocab_size(self) -> int:
+        """Token ids a prompt may hold are [0, input_vocab_size): the vocabulary, unless the family's model embeds
+        some ids with parts this runtime does not export. Generation samples only these."""
+        return self.vocab_size
+
+    def refuse_token(self, token: int) -> str:
+        """Why a token id outside [0, input_vocab_size) cannot be run, in one line."""
+        return f"token id {token} is outside the model's vocabulary of {self.vocab_size}"
 
     def window(self, layer_type: str) -> int | None:
         return self.sliding_window if layer_type == SLIDING else None

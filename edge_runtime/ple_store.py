@@ -146,7 +146,8 @@ def decode_rows(raw: np.ndarray, fmt: str, width: int, layer_width: int | None =
 class PleStore:
     """Read-only view of `ple.bin`; only rows that are asked for are ever read from disk."""
 
-    def __init__(self, artifact: Path, ref: TensorRef, fmt: str, num_layers: int, width: int, scale: float) -> None:
+    def __init__(self, artifact: Path, ref: TensorRef, fmt: str, num_layers: int, width: int, scale: float,
+                 fill_row: int | None = None) -> None:
         path = Path(artifact) / ref.file
         if fmt not in PLE_FORMATS:
             raise ArtifactError(f"{path}: PLE format {fmt!r} is not supported by this runtime ({sorted(PLE_FORMATS)})")
@@ -163,14 +164,20 @@ class PleStore:
         self.num_layers = num_layers
         self.width = width
         self.scale = np.float32(scale)
+        self.fill_row = fill_row
 
     @property
     def vocab_size(self) -> int:
         return self.table.shape[0]
 
     def rows(self, token_ids: np.ndarray) -> np.ndarray:
-        """[layers, tokens, width] float32 for these tokens (fancy indexing reads just their rows)."""
+        """[layers, tokens, width] float32 for these tokens (fancy indexing reads just their rows).
+
+        Ids outside the table read row `fill_row` where the store has one (Gemma 3n's vision and audio ids, past its
+        PLE vocabulary, take row 0 as transformers gives them), and are refused otherwise."""
         ids = np.asarray(token_ids, dtype=np.int64)
+        if self.fill_row is not None:
+            ids = np.where((ids >= 0) & (ids < self.vocab_size), ids, self.fill_row)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise EdgeRuntimeError(f"token id out of range for the PLE table (vocab {self.vocab_size})")
         raw = decode_rows(self.table[ids], self.format, self.num_layers * self.width, self.width) * self.scale

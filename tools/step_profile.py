@@ -43,13 +43,13 @@ def prefill(model, depth: int, seed: int = 0) -> None:
     """Fill the cache with `depth` random tokens (as `bench -d` does), in prefill chunks."""
     rng = np.random.default_rng(seed)
     model.reset()
-    ids = rng.integers(4, model.spec.vocab_size, size=depth)
+    ids = rng.integers(4, model.spec.input_vocab_size, size=depth)
     model.feed(ids)
 
 
 def decode_steps(model, steps: int) -> list[float]:
     times = []
-    for token in np.random.default_rng(1).integers(4, model.spec.vocab_size, size=steps):
+    for token in np.random.default_rng(1).integers(4, model.spec.input_vocab_size, size=steps):
         start = time.perf_counter()
         model.feed([token])
         times.append(time.perf_counter() - start)
