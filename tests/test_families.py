@@ -24,7 +24,7 @@ from edge_runtime.families.contract import TOKENS, GraphContract
 from edge_runtime.families.gemma4 import FAMILY as GEMMA4
 from edge_runtime.planner import MODEL_CONFIGS
 
-KNOWN = "gemma4 (model_type gemma4 or gemma4_text)"
+KNOWN = "gemma4 (model_type gemma4 or gemma4_text), gemma3n (model_type gemma3n or gemma3n_text)"
 
 
 def _edit_manifest(artifact: Path, out: Path, edit) -> Path:
@@ -61,22 +61,22 @@ def test_export_of_an_unknown_model_type_is_one_line(checkpoints, tmp_path):
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(checkpoints["shared-gqa"], checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "gemma3n_text"}))
+    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "gemma3_text"}))
     result = subprocess.run([sys.executable, "-m", "edge_runtime", "export", str(checkpoint), "-o",
                              str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.splitlines() == [(f"error: {checkpoint / 'config.json'}: model_type 'gemma3n_text' is not a "
+    assert result.stderr.splitlines() == [(f"error: {checkpoint / 'config.json'}: model_type 'gemma3_text' is not a "
                                           f"model family edge-runtime knows; it knows {KNOWN}")]
     assert not (tmp_path / "out").exists()
 
 
 def test_a_manifest_of_an_unknown_family_is_one_line(artifacts, tmp_path):
     artifact = _edit_manifest(artifacts["shared-gqa"], tmp_path / "a",
-                              lambda data: data["model"].update(family="gemma3n"))
+                              lambda data: data["model"].update(family="gemma3"))
     result = subprocess.run([sys.executable, "-m", "edge_runtime", "info", str(artifact)], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.splitlines() == [(f"error: {artifact / MANIFEST}: model family 'gemma3n' is not one this "
+    assert result.stderr.splitlines() == [(f"error: {artifact / MANIFEST}: model family 'gemma3' is not one this "
                                           f"runtime knows ({KNOWN}); upgrade edge-runtime, or re-export the "
                                           "checkpoint with this version")]
 

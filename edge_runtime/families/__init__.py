@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from edge_runtime.errors import ArtifactError, CheckpointError, UnsupportedConfigError
-from edge_runtime.families import gemma4
+from edge_runtime.families import gemma3n, gemma4
 from edge_runtime.families.family import Family
 from edge_runtime.model_spec import ModelSpec
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (gemma4.FAMILY,)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (gemma4.FAMILY, gemma3n.FAMILY)}
 
 
 def _known() -> str:

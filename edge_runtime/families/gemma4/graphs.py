@@ -16,6 +16,8 @@ fed the step's own cos/sin rows.
 Tensors cross segments in the layouts the runtime uses without copying (contract.py; plan.py names them). The
 segment that takes `rows` gathers those token rows of the residual stream and of its RoPE tables: everything after
 runs on them alone.
+lm_head, ple_context and attention_inputs are Gemma 3n's too (families/gemma3n/graphs.py): its attention, PLE context
+and head are Gemma 4's.
 Needs onnx: only export imports this module.
 """
 
@@ -45,6 +47,7 @@ from edge_runtime.families.gemma4.plan import (
     VALUE,
     rows_segment,
 )
+from edge_runtime.model_spec import ModelSpec
 
 Weights = Callable[[str], np.ndarray]
 NewGraph = Callable[[str], GraphBuilder]
@@ -53,30 +56,35 @@ NewGraph = Callable[[str], GraphBuilder]
 def build_segment(spec: Gemma4Spec, i: int, w: Weights, head: LinearWeight, new_graph: NewGraph, path: Path) -> int:
     """Write segment i's graph to `path`; returns the weight bytes it reads per call."""
     g = new_graph(path.stem)
-    n, h, eps = spec.num_hidden_layers, spec.hidden_size, spec.rms_norm_eps
+    n, h = spec.num_hidden_layers, spec.hidden_size
     if i == 0:
         hidden = g.input(INPUTS_EMBEDS, ["T", h])
-        g.output(_ple_context(spec, g, w, hidden), PLE_CONTEXT, [n, "T", spec.hidden_size_per_layer_input])
+        g.output(ple_context(spec, g, w, hidden), PLE_CONTEXT, [n, "T", spec.hidden_size_per_layer_input])
     else:
         hidden = _layer_output(spec, i - 1, g, w)
     rows = g.input(ROWS_INPUT, ["R"], TensorProto.INT64) if i == rows_segment(spec) else None
     if rows is not None:
         hidden = g.op("Gather", hidden, rows, axis=0)
     if i == n:
-        x = g.rms_norm(hidden, g.weight("norm", w("norm.weight")), eps)
-        logits = g.linear(x, "embed_tokens", head)
-        cap = spec.final_logit_softcapping
-        if cap is not None:
-            logits = g.op("Mul", g.op("Tanh", g.op("Mul", logits, g.const(1.0 / cap))), g.const(cap))
-        g.output(logits, LOGITS, ["T", spec.vocab_size])
+        lm_head(spec, g, w, hidden, head)
     else:
         if i > 0:
             g.output(hidden, HIDDEN_OUT, ["T", h])
-        _attention_inputs(spec, i, g, w, hidden, rows)
+        attention_inputs(spec, i, g, w, hidden, rows)
     return g.save(path)
 
 
-def _ple_context(spec: Gemma4Spec, g: GraphBuilder, w: Weights, embeds: str) -> str:
+def lm_head(spec: ModelSpec, g: GraphBuilder, w: Weights, hidden: str, head: LinearWeight) -> None:
+    """The final norm, the tied LM head and the logit softcap, returned as the logits."""
+    x = g.rms_norm(hidden, g.weight("norm", w("norm.weight")), spec.rms_norm_eps)
+    logits = g.linear(x, "embed_tokens", head)
+    cap = spec.final_logit_softcapping
+    if cap is not None:
+        logits = g.op("Mul", g.op("Tanh", g.op("Mul", logits, g.const(1.0 / cap))), g.const(cap))
+    g.output(logits, LOGITS, ["T", spec.vocab_size])
+
+
+def ple_context(spec: ModelSpec, g: GraphBuilder, w: Weights, embeds: str) -> str:
     """Context part of PLE: RMSNorm(proj(embeds) / sqrt(H)) as [layers, T, width]."""
     n, p = spec.num_hidden_layers, spec.hidden_size_per_layer_input
     proj = g.linear(embeds, "per_layer_model_projection", w("per_layer_model_projection.weight"))
@@ -95,7 +103,7 @@ def _rope(g: GraphBuilder, x: str, heads: int, head_dim: int, cos: str, sin: str
     return g.reshape(rotated, [-1, heads, head_dim])
 
 
-def _attention_inputs(spec: Gemma4Spec, i: int, g: GraphBuilder, w: Weights, hidden: str, rows: str | None) -> None:
+def attention_inputs(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights, hidden: str, rows: str | None) -> None:
     """Layer i's normed, rotated queries (and, unless it is KV-shared, its new keys and values); `rows`: the token
     rows `hidden` was gathered at, which the RoPE tables are gathered at too."""
     hd, eps = spec.head_dims[i], spec.rms_norm_eps

@@ -25,6 +25,7 @@ from edge_runtime.families.contract import (
     segment_graph,
 )
 from edge_runtime.families.gemma4.config import Gemma4Spec
+from edge_runtime.model_spec import ModelSpec
 
 # Graph input and output names (graphs.py builds the graphs with them)
 INPUTS_EMBEDS, COS, SIN, ROWS_INPUT = "inputs_embeds", "cos", "sin", "rows"
@@ -32,8 +33,8 @@ HIDDEN, ATTENTION, PLE_ROWS_INPUT, PLE_CONTEXT = "hidden", "attention", "ple_row
 HIDDEN_OUT, QUERY, KEY, VALUE, LOGITS = "hidden_out", "query", "key", "value", "logits"
 
 
-def rows_segment(spec: Gemma4Spec) -> int:
-    """The segment that takes `rows`: where the KV-shared layers start, else the head's."""
+def rows_segment(spec: ModelSpec) -> int:
+    """The segment that takes `rows`: where the KV-shared layers start, else the head's (Gemma 3n's plan too)."""
     return spec.first_shared_layer if spec.num_kv_shared_layers else spec.num_hidden_layers
 
 

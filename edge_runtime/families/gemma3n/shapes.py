@@ -1,0 +1,103 @@
+"""Gemma 3n's shapes from the spec alone: the checkpoint's tensors, and the graphs' weights as the planner counts them.
+
+Both follow the same layers; graphs.py builds what graph_parts counts (tests/test_planner.py holds the two to the
+same bytes on every weight format), and the checkpoint's tensors are what transformers' Gemma3nForCausalLM builds
+(tests/test_gemma3n.py), which tools/gemma3n_checkpoint.py derives again, independently, with the KV-shared layers'
+published K/V weights that nothing reads.
+"""
+
+from __future__ import annotations
+
+from edge_runtime.families.family import GraphPart
+from edge_runtime.families.gemma3n.config import Gemma3nSpec
+from edge_runtime.families.gemma3n.plan import rows_segment
+
+EMBEDDING = "embed_tokens.weight"
+PLE_TABLE = "embed_tokens_per_layer.weight"
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+               "post_feedforward_layernorm", "post_per_layer_input_norm")
+
+
+def checkpoint_tensors(spec: Gemma3nSpec) -> dict[str, tuple[int, ...]]:
+    """Name (relative to the text model) and shape of every tensor the decoder reads."""
+    s = spec
+    h, p, n, streams = s.hidden_size, s.hidden_size_per_layer_input, s.num_hidden_layers, s.altup_num_inputs
+    shapes: dict[str, tuple[int, ...]] = {
+        EMBEDDING: (s.vocab_size, h),
+        PLE_TABLE: (s.vocab_size_per_layer_input, n * p),
+        "per_layer_model_projection.weight": (n * p, h),
+        "per_layer_projection_norm.weight": (p,),
+        "norm.weight": (h,),
+    }
+    for k in range(streams - 1):
+        shapes[f"altup_projections.{k}.weight"] = (h, h)
+        shapes[f"altup_unembed_projections.{k}.weight"] = (h, h)
+    for i in range(n):
+        hd, mlp, pre = s.head_dims[i], s.mlp_size(i), f"layers.{i}."
+        shapes.update({
+            pre + "self_attn.q_proj.weight": (s.num_attention_heads * hd, h),
+            pre + "self_attn.q_norm.weight": (hd,),
+            pre + "self_attn.o_proj.weight": (h, s.num_attention_heads * hd),
+            pre + "mlp.gate_proj.weight": (mlp, h),
+            pre + "mlp.up_proj.weight": (mlp, h),
+            pre + "mlp.down_proj.weight": (h, mlp),
+            pre + "altup.correct_output_scale": (h,),
+            pre + "altup.correction_coefs.weight": (streams, streams),
+            pre + "altup.prediction_coefs.weight": (streams * streams, streams),
+            pre + "altup.modality_router.weight": (streams, h),
+            pre + "altup.router_norm.weight": (h,),
+            pre + "laurel.linear_left.weight": (s.laurel_rank, h),
+            pre + "laurel.linear_right.weight": (h, s.laurel_rank),
+            pre + "laurel.post_laurel_norm.weight": (h,),
+            pre + "per_layer_input_gate.weight": (p, h),
+            pre + "per_layer_projection.weight": (h, p),
+        })
+        for norm in LAYER_NORMS:
+            shapes[pre + norm + ".weight"] = (h,)
+        if not s.is_kv_shared(i):
+            shapes[pre + "self_attn.k_proj.weight"] = (s.num_key_value_heads * hd, h)
+            shapes[pre + "self_attn.v_proj.weight"] = (s.num_key_value_heads * hd, h)
+            shapes[pre + "self_attn.k_norm.weight"] = (hd,)
+    return shapes
+
+
+def graph_parts(spec: Gemma3nSpec) -> list[tuple[GraphPart, ...]]:
+    """Per segment, its parts as graphs.py builds them: the rest of layer i-1 (gate and up as one stacked weight;
+    segment 0: the PLE projection and the streams' expansion, one stacked weight), then layer i's AltUp prediction and
+    attention inputs (q, k and v as one; the last segment: the streams' collapse and the head). The router and the
+    AltUp coefficients are float32 matrices, counted with the vectors. Past the segment that takes rows, a prefill
+    runs them at its last position only."""
+    h, p, n, s = spec.hidden_size, spec.hidden_size_per_layer_input, spec.num_hidden_layers, spec.altup_num_inputs
+    cut = rows_segment(spec)
+    router = h + s * h  # router_norm, modality_router
+
+    def rest_of_layer(i: int) -> GraphPart:
+        q, m, r = spec.num_attention_heads * spec.head_dims[i], spec.mlp_size(i), spec.laurel_rank
+        # input_layernorm again, LAuReL's norm and the layer's other four; correction_coefs, correct_output_scale
+        vectors = 6 * h + router + s * s + (h if spec.altup_correct_scale else 0)
+        return GraphPart(((h, q), (r, h), (h, r), (2 * m, h), (h, m), (p, h), (h, p)), vectors, i < cut)
+
+    def attention_inputs(i: int) -> GraphPart:
+        hd, shared = spec.head_dims[i], spec.is_kv_shared(i)
+        rows = (spec.num_attention_heads + (0 if shared else 2 * spec.num_key_value_heads)) * hd
+        vectors = router + s * s * s + h + hd * (1 if shared else 2)  # the prediction; input_layernorm, q/k norms
+        return GraphPart(((rows, h),), vectors, i < cut)
+
+    def segment(i: int) -> tuple[GraphPart, ...]:
+        if i == 0:
+            first: tuple[GraphPart, ...] = (GraphPart(((n * p, h),), p, True), GraphPart((((s - 1) * h, h),), 0, True))
+        else:
+            first = (rest_of_layer(i - 1),)
+        if i == n:
+            return *first, GraphPart(((h, h),) * (s - 1) + ((spec.vocab_size, h),), h, False)
+        return *first, attention_inputs(i)
+
+    return [segment(i) for i in range(n + 1)]
+
+
+def activation_width(spec: Gemma3nSpec) -> int:
+    """Values a prompt token carries through a layer at the widest: the S streams (where Gemma 4 carries one residual
+    stream), its PLE rows and context, and the widest attention output plus MLP of a layer that runs at every
+    position. The planner's scratch fit per value is Gemma 4's (measured on E2B), not measured on Gemma 3n."""
+    return (spec.altup_num_inputs * spec.hidden_size + 2 * spec.num_hidden_layers * spec.hidden_size_per_layer_input
+            + max(spec.num_attention_heads * spec.head_dims[i] + spec.mlp_size(i) for i in spec.cache_layers()))
