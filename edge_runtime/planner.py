@@ -31,7 +31,7 @@ from typing import Any
 from edge_runtime.artifact import MANIFEST, read_manifest
 from edge_runtime.attention import SCORE_BYTES
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.families import family_of, family_of_config, spec_from_hf_config
+from edge_runtime.families import FAMILIES, family_of, family_of_config, spec_from_hf_config
 from edge_runtime.families.family import GraphPart
 from edge_runtime.kv_cache import GROWTH as KV_GROWTH
 from edge_runtime.kv_formats import DEFAULT_RECENT, DEFAULT_SLIDING_KV_FORMAT, kv_format
@@ -170,13 +170,16 @@ def model_name(spec: ModelSpec) -> str:
 
 def known_models() -> dict[str, ModelSpec]:
     """The published configs packaged with the runtime (model_configs/, named for their model: gemma-4-e2b.json is
-    "Gemma 4 E2B"), by name: what "the smaller model" can be. Gemma 3n's configs wait there for their family."""
-    specs = {}
-    for path in sorted(MODEL_CONFIGS.glob("gemma-4-*.json")):
+    "Gemma 4 E2B") of every registered family, by name, family by family in the registry's order: what "the smaller
+    model" of a family can be."""
+    found = []
+    for path in MODEL_CONFIGS.glob("*.json"):
         config = json.loads(path.read_text())
-        family = family_of_config(config, str(path))
-        specs[f"{family.title} {path.stem.rsplit('-', 1)[-1].upper()}"] = family.read_config(config, str(path))
-    return specs
+        if any(config.get("model_type") in family.model_types for family in FAMILIES.values()):
+            family = family_of_config(config, str(path))
+            found.append((list(FAMILIES).index(family.name), path.stem, family, config, path))
+    return {f"{family.title} {stem.rsplit('-', 1)[-1].upper()}": family.read_config(config, str(path))
+            for _, stem, family, config, path in sorted(found, key=lambda entry: entry[:2])}
 
 
 def _checkpoint_ple(checkpoint: Path, spec: ModelSpec) -> str:
@@ -298,7 +301,7 @@ def _max_context(s: _Setup, budget: int) -> int:
 
 
 def _suggestions(s: _Setup, budget: int, source: Path) -> list[str]:
-    """Changes that would fit, each with its peak: smaller formats, a shorter context, the smaller model."""
+    """Changes that would fit, each with its peak: smaller formats, a shorter context, the smaller model of its family."""
     export = "re-export with " if (source / MANIFEST).is_file() else "export with "
     changes = [(f"{export}--weights int4 --block-size 128", dict(weights="int4", block_size=128)),
                (f"{export}--ple int4", dict(ple="int4")), ("--kv tq3.5", dict(kv="tq3.5", kv_recent=DEFAULT_RECENT))]
@@ -314,7 +317,7 @@ def _suggestions(s: _Setup, budget: int, source: Path) -> list[str]:
         out.append(f"--context {fitting}: {_size(_peak(replace(s, context=fitting)))}")
     own = weight_bytes(s.spec, "int4", 128)[1]
     for name, spec in known_models().items():
-        if weight_bytes(spec, "int4", 128)[1] >= own:
+        if spec.family != s.spec.family or weight_bytes(spec, "int4", 128)[1] >= own:
             continue
         small = replace(compact, spec=spec, context=min(s.context, spec.max_position_embeddings))
         if _peak(small) > budget and (context := _max_context(small, budget)):

@@ -126,10 +126,11 @@ def test_attention_reads_are_what_the_cache_reads(artifacts):
             assert reads == model.kv_read_bytes, (kv, length)
 
 
-def test_profile_estimates_cover_both_models_at_short_and_profile_context():
+def test_profile_estimates_cover_every_known_model_at_short_and_profile_context():
     pi4 = load_profile("pi4-4gb")
     estimates = profile_estimates(pi4)
-    assert [e.model.split(" (")[0] for e in estimates] == ["Gemma 4 E2B", "Gemma 4 E4B"]
+    assert [e.model.split(" (")[0] for e in estimates] == ["Gemma 4 E2B", "Gemma 4 E4B", "Gemma 3n E2B",
+                                                           "Gemma 3n E4B"]
     for e in estimates:
         assert [d.context for d in e.decode] == [SHORT_CONTEXT, pi4.context]
         assert (e.weights, e.block_size, e.ple, e.kv, e.threads) == ("int4", 128, "int4", "tq3.5", 4)
@@ -146,7 +147,8 @@ def test_profiles_show_prints_the_estimate():
     data = json.loads(cli("profiles", "show", "pi5-8gb", "--json").stdout)
     assert (data["peak_gb_s"], data["sustained_gb_s"], data["clock_ghz"], data["int8_macs_per_cycle"]) == (
         17.07, 11.6, 2.4, 32)
-    assert [e["label"] for e in data["estimate"]] == [LABEL, LABEL]
+    assert [e["label"] for e in data["estimate"]] == [LABEL] * 4
+    assert [e["model"].split(" (")[0] for e in data["estimate"]] == list(known_models())
     e2b = data["estimate"][0]
     assert e2b["weights"] == "int4" and [d["context"] for d in e2b["decode"]] == [SHORT_CONTEXT, 32768]
     assert e2b["decode"][0]["tokens_per_second"] > e2b["decode"][1]["tokens_per_second"] > 0

@@ -152,10 +152,12 @@ def test_names(exported, tmp_path):
     assert plan_memory(config_only(tmp_path, "gemma-4-e2b"), profile()).model == "Gemma 4 E2B (35 layers, hidden 1536)"
 
 
-def test_known_models_are_the_gemma4_configs_beside_gemma3n_ones():
-    """model_configs/ also ships Gemma 3n's configs, which the runtime cannot plan: they are not suggestions."""
-    assert {p.name for p in MODEL_CONFIGS.glob("gemma-3n-*.json")} == {"gemma-3n-e2b.json", "gemma-3n-e4b.json"}
-    assert sorted(known_models()) == ["Gemma 4 E2B", "Gemma 4 E4B"]
+def test_known_models_are_every_packaged_config_of_a_registered_family():
+    """Family by family in the registry's order; a config of a family the runtime does not know is left out."""
+    assert list(known_models()) == ["Gemma 4 E2B", "Gemma 4 E4B", "Gemma 3n E2B", "Gemma 3n E4B"]
+    assert {name: (spec.family, spec.num_hidden_layers, spec.hidden_size) for name, spec in known_models().items()} == {
+        "Gemma 4 E2B": ("gemma4", 35, 1536), "Gemma 4 E4B": ("gemma4", 42, 2560),
+        "Gemma 3n E2B": ("gemma3n", 30, 2048), "Gemma 3n E4B": ("gemma3n", 35, 2048)}
 
 
 def test_errors(tmp_path, exported):
