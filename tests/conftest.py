@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random Gemma 4 checkpoints (made by tools/make_checkpoint.py), their artifacts,
-and the transformers reference model loaded from the same files independently of our reader."""
+"""Shared fixtures: tiny random Gemma 4 and Gemma 3n checkpoints (made by tools/make_checkpoint.py), their artifacts,
+and the transformers reference model of their family loaded from the same files independently of our reader."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 S, F = "sliding_attention", "full_attention"
 
-# Together these exercise every feature of the E models: KV sharing over both layer types, sliding windows
+# Gemma 4: together these exercise every feature of the E models: KV sharing over both layer types, sliding windows
 # that test sequences exceed 3x, head_dim != global_head_dim, 1 and 2 KV heads, double-wide MLP on and off,
 # proportional partial RoPE, both checkpoint layouts and all three dtypes.
 CONFIGS = {
@@ -61,6 +61,37 @@ CONFIGS = {
                   rope_parameters={S: {"rope_type": "default", "rope_theta": 10000.0},
                                    F: {"rope_type": "proportional", "partial_rotary_factor": 0.5,
                                        "rope_theta": 1000000.0}}),
+    ),
+    # Gemma 3n: AltUp with 4 and 3 streams, LAuReL, sparse MLPs (0.95 and 0.9) and dense ones, per-layer and scalar MLP
+    # sizes, KV sharing over both layer types and none, GQA and MQA, a PLE vocabulary shorter than the vocabulary
+    # (image/audio ids in the multimodal layout; in the causal one, ids embedded by embed_tokens with PLE row 0), the
+    # correct-output scale on and off, the old RoPE keys and rope_parameters, transformers' default layer pattern
+    # (whose last layer stays sliding), both layouts, all three dtypes, shards.
+    "3n-multimodal": dict(
+        layout="multimodal", dtype="bf16", shards=True,
+        text=dict(model_type="gemma3n_text", vocab_size=400, vocab_size_per_layer_input=384, hidden_size=64,
+                  intermediate_size=[128, 96, 128, 96, 128, 96], num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, hidden_size_per_layer_input=8, laurel_rank=8,
+                  num_kv_shared_layers=2, layer_types=[S, S, F, S, S, F], sliding_window=8,
+                  activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0], rope_theta=1e6,
+                  rope_local_base_freq=1e4),
+    ),
+    "3n-causal": dict(
+        layout="causal", dtype="f32", shards=False,
+        text=dict(model_type="gemma3n_text", vocab_size=320, vocab_size_per_layer_input=300, hidden_size=48,
+                  intermediate_size=96, num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=1, head_dim=24,
+                  hidden_size_per_layer_input=12, laurel_rank=4, altup_num_inputs=3, altup_correct_scale=False,
+                  num_kv_shared_layers=3, layer_types=[S, F, S, S, F, S, F], sliding_window=6,
+                  activation_sparsity_pattern=[0.95, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0],
+                  rope_parameters={S: {"rope_type": "default", "rope_theta": 10000.0},
+                                   F: {"rope_type": "default", "rope_theta": 100000.0}}),
+    ),
+    "3n-unshared-f16": dict(
+        layout="multimodal", dtype="f16", shards=False,
+        text=dict(model_type="gemma3n_text", vocab_size=300, vocab_size_per_layer_input=300, hidden_size=32,
+                  intermediate_size=64, num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                  hidden_size_per_layer_input=8, laurel_rank=4, num_kv_shared_layers=0, sliding_window=5,
+                  rope_theta=1e6, rope_local_base_freq=1e4),
     ),
 }
 COMMON = dict(rms_norm_eps=1e-6, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
@@ -99,26 +130,34 @@ def bundled(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         return default_artifact(), env
 
 
+REFERENCE_CLASSES = {"gemma4_text": ("Gemma4ForCausalLM", "Gemma4TextConfig"),
+                     "gemma3n_text": ("Gemma3nForCausalLM", "Gemma3nTextConfig")}
+
+
 def reference_model(checkpoint: Path):
-    """transformers' Gemma4ForCausalLM, eager float32, with weights read by the `safetensors` library."""
+    """transformers' causal LM of the checkpoint's family (Gemma4ForCausalLM, Gemma3nForCausalLM), eager float32,
+    with weights read by the `safetensors` library; only weights transformers itself drops on load (Gemma 3n's
+    KV-shared layers' K/V) are left out."""
     import torch
+    import transformers
     from safetensors.torch import load_file
-    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
     config = json.loads((checkpoint / "config.json").read_text())
     text = config.get("text_config", config)
     prefix = "model.language_model." if "text_config" in config else "model."
+    model_class, config_class = REFERENCE_CLASSES[text.get("model_type", "gemma4_text")]
     text = {k: v for k, v in text.items() if k not in ("architectures", "model_type", "transformers_version")}
-    text_config = Gemma4TextConfig(**text)
+    text_config = getattr(transformers, config_class)(**text)
     text_config._attn_implementation = "eager"
-    model = Gemma4ForCausalLM(text_config).eval()
+    model = getattr(transformers, model_class)(text_config).eval()
     state = {}
     for shard in sorted(checkpoint.glob("*.safetensors")):
         for key, value in load_file(shard).items():
             if key.startswith(prefix):
                 state["model." + key[len(prefix):]] = value.to(torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
+    dropped = tuple(f"model.{k}." for k in getattr(model.model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    assert set(missing) <= {"lm_head.weight"} and all(k.startswith(dropped) for k in unexpected), (missing, unexpected)
     model.tie_weights()
     return model
 
