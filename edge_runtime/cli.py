@@ -72,7 +72,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                           help="Print the version and exit.")) -> None:
-    """Run Gemma 4 E2B/E4B offline: export a checkpoint, then generate from the artifact."""
+    """Run Gemma 4 and Gemma 3n E2B/E4B offline: export a checkpoint, then generate from the artifact."""
 
 
 KV = typer.Option(DEFAULT_KV_FORMAT, "--kv", help=f"KV cache format: {', '.join(KV_FORMATS)}.")
@@ -158,7 +158,7 @@ def export(
     profile: str | None = typer.Option(None, "--profile", help="Take the weight, block size and PLE formats from "
                                        "this device profile (explicit options still win)."),
 ) -> None:
-    """Convert a Gemma 4 checkpoint (a directory, or a Hugging Face repo id to download) into an artifact."""
+    """Convert a Gemma 4 or Gemma 3n checkpoint (a directory, or a Hugging Face repo id to download) into an artifact."""
     try:
         from edge_runtime.export import export_checkpoint
         from edge_runtime.export.destination import check_destination
@@ -540,7 +540,7 @@ def profiles_show(
     as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
 ) -> None:
     """One profile in full: memory, CPU, storage, default formats and context, and the speed the cost model estimates
-    for E2B and E4B in those formats."""
+    for the known models (Gemma 4 and Gemma 3n E2B and E4B) in those formats."""
     from edge_runtime.cost_model import format_estimates, profile_estimates
     from edge_runtime.profiles import format_profile, load_profile
 

@@ -171,8 +171,9 @@ def plan_estimate(plan: Plan) -> Estimate:
 
 
 def profile_estimates(profile: Profile) -> list[Estimate]:
-    """E2B and E4B (the packaged configs) in the profile's default formats, at a short context and the profile's (at most the
-    model's). A PLE format of "auto" is taken as bf16, the published checkpoints' own."""
+    """The known models (the packaged configs: Gemma 4 and Gemma 3n E2B and E4B) in the profile's default formats, at a
+    short context and the profile's (at most the model's). A PLE format of "auto" is taken as bf16, the published
+    checkpoints' own."""
     ple = "bf16" if profile.ple == "auto" else profile.ple
     return [estimate(spec, profile, weights=profile.weights, block_size=profile.block_size, ple=ple, kv=profile.kv,
                      kv_recent=kv_format(profile.kv).default_recent, kv_sliding=DEFAULT_SLIDING_KV_FORMAT,

@@ -68,7 +68,7 @@ CONFIGS = {
     # correct-output scale on and off, the old RoPE keys and rope_parameters, transformers' default layer pattern
     # (whose last layer stays sliding), both layouts, all three dtypes, shards.
     "3n-multimodal": dict(
-        layout="multimodal", dtype="bf16", shards=True,
+        layout="multimodal", dtype="bf16", shards=True, tokenizer_vocab=384,  # text ids below the image/audio ids
         text=dict(model_type="gemma3n_text", vocab_size=400, vocab_size_per_layer_input=384, hidden_size=64,
                   intermediate_size=[128, 96, 128, 96, 128, 96], num_hidden_layers=6, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, hidden_size_per_layer_input=8, laurel_rank=8,
@@ -101,7 +101,8 @@ COMMON = dict(rms_norm_eps=1e-6, final_logit_softcapping=30.0, hidden_activation
 def build_checkpoint(out: Path, name: str) -> Path:
     c = CONFIGS[name]
     return make_checkpoint.make_checkpoint(out, {**COMMON, **c["text"]}, layout=c["layout"], dtype=c["dtype"],
-                                           max_shard_bytes=40_000 if c["shards"] else None, seed=7)
+                                           max_shard_bytes=40_000 if c["shards"] else None, seed=7,
+                                           tokenizer_vocab=c.get("tokenizer_vocab"))
 
 
 @pytest.fixture(scope="session")
@@ -160,6 +161,25 @@ def reference_model(checkpoint: Path):
     assert set(missing) <= {"lm_head.weight"} and all(k.startswith(dropped) for k in unexpected), (missing, unexpected)
     model.tie_weights()
     return model
+
+
+@pytest.fixture
+def gemma3n_without_towers(monkeypatch):
+    """Gemma3nForConditionalGeneration builds its vision tower through timm, which is not a test dependency, and
+    both towers at the published sizes: build neither. The text model and both embedders are built as published."""
+    import torch
+    import transformers.models.gemma3n.modeling_gemma3n as modeling
+
+    real = modeling.AutoModel
+
+    class TowersLeftOut:
+        @staticmethod
+        def from_config(config, **kwargs):
+            if config.model_type in ("gemma3n_vision", "gemma3n_audio"):
+                return torch.nn.Module()
+            return real.from_config(config, **kwargs)
+
+    monkeypatch.setattr(modeling, "AutoModel", TowersLeftOut)
 
 
 def free_port() -> int:

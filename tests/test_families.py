@@ -85,17 +85,22 @@ def _dims(value: onnx.ValueInfoProto) -> list:
     return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
-@pytest.mark.parametrize("name", ["shared-mqa-wide", "unshared-f16"])
-def test_the_manifest_holds_the_familys_contract_and_the_graphs_keep_it(name, artifacts):
+@pytest.mark.parametrize("name,family,carried", [
+    ("shared-mqa-wide", "gemma4", {"hidden": 0, "ple_context": 1}),
+    ("unshared-f16", "gemma4", {"hidden": 0, "ple_context": 1}),
+    ("3n-multimodal", "gemma3n", {"predictions": 0, "ple_context": 1}),
+    ("3n-causal", "gemma3n", {"predictions": 0, "ple_context": 1}),
+])
+def test_the_manifest_holds_the_familys_contract_and_the_graphs_keep_it(name, family, carried, artifacts):
     manifest = read_manifest(artifacts[name])
     spec, contract = manifest.spec, manifest.graphs
-    assert manifest.spec.family == "gemma4"
-    assert contract == GEMMA4.contract(spec)
+    assert manifest.spec.family == family
+    assert contract == FAMILIES[family].contract(spec)
     written = json.loads((artifacts[name] / MANIFEST).read_text())
-    assert written["model"]["family"] == "gemma4" and written["graphs"] == contract.to_dict()
+    assert written["model"]["family"] == family and written["graphs"] == contract.to_dict()
     assert written["graphs"]["attention_tensors"]["query"] == [TOKENS, "kv_heads", "groups", "head_dim"]
     axes = contract.token_axes()
-    assert axes["hidden"] == 0 and axes["ple_context"] == 1 and axes["ple_rows"] == 1
+    assert {name: axes[name] for name in contract.carried} == carried and axes["ple_rows"] == 1
     kvh, groups = spec.num_key_value_heads, spec.num_attention_heads // spec.num_key_value_heads
     for segment in contract.segments:
         graph = onnx.load(artifacts[name] / segment.graph, load_external_data=False).graph

@@ -62,7 +62,7 @@ def test_unbiased_keys_beat_the_papers_mse_and_prod_keys(bundled):
         assert unbiased < mse < prod
 
 
-@pytest.mark.parametrize("config", ["shared-mqa-wide", "shared-gqa"])
+@pytest.mark.parametrize("config", ["shared-mqa-wide", "shared-gqa", "3n-multimodal", "3n-causal"])
 def test_recent_window_covering_everything_is_exact(config, artifacts):
     """With every token in the exact recent ring, no code is read: tq2.5 must equal the fp32 cache, through
     sliding rings (3x their window) and KV sharing, in prefill chunks and in decode."""
