@@ -24,6 +24,13 @@ by the tokenizer, and is written beside the checkpoint as `heldout.txt`.
 
 Regenerate the bundled model (from the repository root; the defaults are what it was trained with):
     python tools/train_tiny.py --out edge_runtime/bundled/gemma4-tiny --steps 720 --seed 0
+
+`--family gemma3n` trains a small `Gemma3nForCausalLM` the same way (same corpus and tokenizer): the test model of
+the Gemma 3n family (tests/data/gemma3n-tiny, not shipped), on which its quantized formats are held to the bundled
+model's bounds, since random weights amplify quantization noise layer after layer and say little. It uses AltUp (4
+streams), LAuReL, sparse MLP activations on the first two layers, PLE, KV sharing over both layer types:
+    python tools/train_tiny.py --family gemma3n --out tests/data/gemma3n-tiny --steps 400 --batch-size 8 \
+        --seq-len 256 --seed 0 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from pydoc_data.topics import topics as PYDOC_TOPICS
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+from transformers import Gemma3nForCausalLM, Gemma3nTextConfig, Gemma4ForCausalLM, Gemma4TextConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,6 +84,27 @@ MODEL_CONFIG = dict(
     hidden_activation="gelu_pytorch_tanh",
     tie_word_embeddings=True,
 )
+
+MODEL_CONFIG_3N = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=6,
+    layer_types=[SLIDING, SLIDING, SLIDING, FULL, SLIDING, FULL],
+    num_kv_shared_layers=2,  # layers 4 (sliding) and 5 (full) reuse the K/V of layers 2 and 3
+    activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0],
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=32,
+    hidden_size_per_layer_input=16,
+    laurel_rank=16,
+    altup_num_inputs=4,
+    sliding_window=64,
+    final_logit_softcapping=30.0,
+    hidden_activation="gelu_pytorch_tanh",
+    tie_word_embeddings=True,
+)
+FAMILIES = {"gemma4": (Gemma4ForCausalLM, Gemma4TextConfig, MODEL_CONFIG),
+            "gemma3n": (Gemma3nForCausalLM, Gemma3nTextConfig, MODEL_CONFIG_3N)}
 
 CHAT_TEMPLATE = """{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
@@ -208,15 +236,16 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def make_config(vocab_size: int, seq_len: int) -> Gemma4TextConfig:
-    config = Gemma4TextConfig(
+def make_config(family: str, vocab_size: int, seq_len: int) -> Gemma4TextConfig | Gemma3nTextConfig:
+    _, config_class, model_config = FAMILIES[family]
+    config = config_class(
         vocab_size=vocab_size,
         vocab_size_per_layer_input=vocab_size,
         max_position_embeddings=seq_len,
         pad_token_id=PAD_ID,
         bos_token_id=BOS_ID,
         eos_token_id=[EOS_ID, END_OF_TURN_ID],
-        **MODEL_CONFIG,
+        **model_config,
     )
     config._attn_implementation = "eager"
     return config
@@ -230,7 +259,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int, floor: float = 0.1) -
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model: Gemma4ForCausalLM, stream: torch.Tensor, args: argparse.Namespace) -> tuple[float, float]:
+def train(model: PreTrainedModel, stream: torch.Tensor, args: argparse.Namespace) -> tuple[float, float]:
     """Train on random windows of `stream`, each preceded by <bos>. Returns (final smoothed loss, seconds)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -265,7 +294,7 @@ def train(model: Gemma4ForCausalLM, stream: torch.Tensor, args: argparse.Namespa
 
 
 @torch.no_grad()
-def heldout_perplexity(model: Gemma4ForCausalLM, ids: list[int], seq_len: int) -> tuple[float, int]:
+def heldout_perplexity(model: PreTrainedModel, ids: list[int], seq_len: int) -> tuple[float, int]:
     """exp(mean NLL) over every held-out token, in non-overlapping windows of <bos> + (seq_len - 1) tokens."""
     model.eval()
     span, total, count = seq_len - 1, 0.0, 0
@@ -313,7 +342,7 @@ def ngram_perplexities(train_ids: list[list[int]], heldout: list[int], vocab_siz
     return math.exp(uni_nll / len(heldout)), math.exp(bi_nll / len(heldout))
 
 
-def write_bundle(out: Path, model: Gemma4ForCausalLM, tok: Tokenizer, corpus: Corpus, report: dict) -> None:
+def write_bundle(out: Path, model: PreTrainedModel, tok: Tokenizer, corpus: Corpus, report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():
         if stale.is_file():
@@ -339,9 +368,11 @@ def write_bundle(out: Path, model: Gemma4ForCausalLM, tok: Tokenizer, corpus: Co
     (out / "heldout.txt").write_text(corpus.heldout_text)
 
 
-def verify(out: Path, heldout_ids: list[int], seq_len: int, expected_ppl: float, prompt: str) -> dict:
+def verify(out: Path, model_class: type[PreTrainedModel], heldout_ids: list[int], seq_len: int, expected_ppl: float,
+           prompt: str) -> dict:
     """Reload the written checkpoint the way users will and check keys, perplexity and a greedy sample."""
-    model, info = Gemma4ForCausalLM.from_pretrained(out, attn_implementation="eager", output_loading_info=True)
+    model, info = model_class.from_pretrained(out, attn_implementation="eager", output_loading_info=True,
+                                              dtype=torch.float32)
     bad = {k: v for k, v in info.items() if v}
     assert not bad, f"reload problems: {bad}"
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
@@ -349,7 +380,7 @@ def verify(out: Path, heldout_ids: list[int], seq_len: int, expected_ppl: float,
     assert tok.decode(tok.encode(text, add_special_tokens=False).ids) == text, "tokenizer does not round-trip"
     assert tok.encode(prompt).ids[0] == BOS_ID, "post-processor does not prepend <bos>"
     ppl, _ = heldout_perplexity(model, heldout_ids, seq_len)
-    assert abs(ppl - expected_ppl) < 1e-3 * expected_ppl, f"reloaded ppl {ppl} != trained {expected_ppl}"
+    assert abs(ppl - expected_ppl) < 1e-3 * expected_ppl, f"reloaded ppl {ppl} != saved {expected_ppl}"
     ids = torch.tensor([tok.encode(prompt).ids])
     generated = model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1]:].tolist()
     return {"reloaded_heldout_ppl": round(ppl, 3), "prompt": prompt,
@@ -358,6 +389,7 @@ def verify(out: Path, heldout_ids: list[int], seq_len: int, expected_ppl: float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="gemma4")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory (replaced)")
     parser.add_argument("--steps", type=int, default=720, help="optimizer steps (~1.6 s each on 2 idle cores)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -369,6 +401,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--prompt", default="The list", help="prompt of the greedy sample in the report")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype the checkpoint is saved in (training is float32; held-out perplexity is measured "
+                             "on the saved weights)")
     args = parser.parse_args()
 
     wall_start = time.perf_counter()
@@ -385,10 +420,13 @@ def main() -> None:
     stream = torch.tensor([t for doc in train_ids for t in (*doc, EOS_ID)], dtype=torch.long)
     print(f"tokens: train {len(stream)}  held-out {len(heldout_ids)}", flush=True)
 
-    model = Gemma4ForCausalLM(make_config(tok.get_vocab_size(), args.seq_len))
+    model_class, _, model_config = FAMILIES[args.family]
+    model = model_class(make_config(args.family, tok.get_vocab_size(), args.seq_len))
     params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {params}", flush=True)
     train_loss, train_seconds = train(model, stream, args)
+    if args.dtype == "bfloat16":  # the saved values, as float32: what the reload and the tests compute with
+        model = model.to(torch.bfloat16).to(torch.float32)
 
     ppl, scored = heldout_perplexity(model, heldout_ids, args.seq_len)
     unigram_ppl, bigram_ppl = ngram_perplexities(train_ids, heldout_ids, tok.get_vocab_size(), args.seq_len - 1)
@@ -396,9 +434,9 @@ def main() -> None:
 
     config = model.config
     report = {
-        "model": "Gemma4ForCausalLM (transformers "
-                 f"{__import__('transformers').__version__}, torch {torch.__version__}), float32",
-        "config": {**MODEL_CONFIG, "vocab_size": config.vocab_size,
+        "model": f"{model_class.__name__} (transformers "
+                 f"{__import__('transformers').__version__}, torch {torch.__version__}), {args.dtype}",
+        "config": {**model_config, "vocab_size": config.vocab_size,
                    "vocab_size_per_layer_input": config.vocab_size_per_layer_input,
                    "max_position_embeddings": config.max_position_embeddings,
                    "rope_parameters": config.rope_parameters, "kv_sharing_modes": config.kv_sharing_modes},
@@ -424,8 +462,8 @@ def main() -> None:
             "bigram_method": "interpolated absolute discounting (d=0.75) over the add-one unigram, training split",
         },
     }
-    write_bundle(args.out, model, tok, corpus, report)
-    checks = verify(args.out, heldout_ids, args.seq_len, ppl, args.prompt)
+    write_bundle(args.out, model.to(getattr(torch, args.dtype)), tok, corpus, report)
+    checks = verify(args.out, model_class, heldout_ids, args.seq_len, ppl, args.prompt)
     report["verification"] = checks
     report["wall_seconds"] = round(time.perf_counter() - wall_start, 1)
     (args.out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
