@@ -4,8 +4,9 @@ Each block is run as written on the bundled model unless a `<!-- readme-test: KI
 otherwise, and then the text before it must say so to the reader too:
 - setup: the two set-up commands (this environment did the installing; .ci/run must be the second verbatim);
 - checkpoint-run: needs a Gemma 4 checkpoint, run with the bundled checkpoint in its place;
-- checkpoint, network, kiosk: need a real checkpoint, the network, or the kiosk itself: every `edge-runtime`
-  command in them is parsed by the command line (an unknown option or a bad value fails), none is run;
+- checkpoint, gemma3n-checkpoint, network, kiosk: need a real (Gemma 4 or Gemma 3n) checkpoint, the network, or the
+  kiosk itself: every `edge-runtime` command in them is parsed by the command line (an unknown option or a bad value
+  fails), none is run;
 - server: run against `edge-runtime serve` on the bundled model;
 - emulation: the ARM64 check, which .ci/run runs (as root, for minutes): its commands must name its executable.
 """
@@ -31,7 +32,7 @@ README = ROOT / "README.md"
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<kind>[\w-]+) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```\n", re.DOTALL)
 # What the reader is told before a block that does not run as written, by kind.
 LABELS = {"setup": "Set-up", "checkpoint-run": "needs a Gemma 4 checkpoint", "checkpoint": "needs a Gemma 4 checkpoint",
-          "network": "needs the network", "kiosk": "on the kiosk", "server": "With `edge-runtime serve` running",
+          "gemma3n-checkpoint": "needs a Gemma 3n checkpoint", "network": "needs the network", "kiosk": "on the kiosk", "server": "With `edge-runtime serve` running",
           "emulation": "run by `.ci/run`, not by the tests"}
 DOCUMENTS = {"ini", ""}  # a file's contents and the layout listing: text to read, not to run
 GROUP = typer.main.get_command(app)
@@ -136,7 +137,7 @@ def test_the_first_session_with_the_bundled_checkpoint_standing_in(tmp_path, she
 def test_commands_that_cannot_run_here_parse():
     """Blocks for a real checkpoint, the network or the kiosk: each edge-runtime command is accepted by the CLI."""
     checked = 0
-    for _, body in of_kind("checkpoint", "network", "kiosk"):
+    for _, body in of_kind("checkpoint", "gemma3n-checkpoint", "network", "kiosk"):
         for line in commands(body):
             for part in re.split(r"&&|\|", line):
                 words = shlex.split(part, comments=True)

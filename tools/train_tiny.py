@@ -29,8 +29,8 @@ Regenerate the bundled model (from the repository root; the defaults are what it
 the Gemma 3n family (tests/data/gemma3n-tiny, not shipped), on which its quantized formats are held to the bundled
 model's bounds, since random weights amplify quantization noise layer after layer and say little. It uses AltUp (4
 streams), LAuReL, sparse MLP activations on the first two layers, PLE, KV sharing over both layer types:
-    python tools/train_tiny.py --family gemma3n --out tests/data/gemma3n-tiny --steps 400 --batch-size 8 \
-        --seq-len 256 --seed 0 --dtype bfloat16
+    python tools/train_tiny.py --family gemma3n --out tests/data/gemma3n-tiny --steps 1000 --batch-size 8 \
+        --seq-len 256 --seed 0 --dtype bfloat16 --threads 1
 """
 
 from __future__ import annotations
