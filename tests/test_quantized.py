@@ -24,6 +24,7 @@ from edge_runtime.quant.integer import (
     quantize_int4_blocks,
     quantize_int8_rows,
 )
+from edge_runtime.weight_formats import weight_format
 
 
 def test_int8_rows_round_to_the_nearest_step():
@@ -65,8 +66,8 @@ def test_kernels_read_the_layout_export_writes(fmt, block, tmp_path):
         x[:, 1] = -127.0  # per-tensor uint8 range [-127, 128]: scale 1, zero point 127
         x[0, 2] = 128.0
     with WeightsWriter(tmp_path / "weights.bin") as writer:
-        g = GraphBuilder("one", writer, fmt, block)
-        g.output(g.linear(g.input("x", ["T", k]), "w", w), "y", ["T", n])
+        g = GraphBuilder("one", writer)
+        g.output(g.linear(g.input("x", ["T", k]), "w", w, weight_format(fmt, block)), "y", ["T", n])
         g.save(tmp_path / "one.onnx")
     got = open_session(tmp_path / "one.onnx").run(None, {"x": x})[0]
     if fmt == "fp16":
