@@ -87,9 +87,10 @@ def test_kernels_read_the_layout_export_writes(fmt, block, tmp_path):
 # Against transformers' fp32 model of the bundled trained checkpoint (realistic activations; random weights
 # amplify quantization noise layer after layer and say little): (relative RMS error of the logits, least
 # top-1 agreement). Measured: fp16 1.3e-4 / 1.0; int8 1.4e-2 prefill, 6e-3 decode / 0.98;
-# int4 4.8e-2 (block 32) to 5.5e-2 (block 128) / 0.91-0.93.
+# int4 4.8e-2 (block 32) to 5.5e-2 (block 128) / 0.91-0.93; the int4-mixed recipe (qkv and the per-layer-input
+# projections in int8) 4.1e-2 (block 32) to 4.8e-2 (block 128) / 0.91-0.95.
 BOUNDS = {("fp16", 32): (5e-4, 1.0), ("int8", 32): (3e-2, 0.95), ("int4", 32): (8e-2, 0.85),
-          ("int4", 128): (8e-2, 0.85)}
+          ("int4", 128): (8e-2, 0.85), ("int4-mixed", 32): (6e-2, 0.88), ("int4-mixed", 128): (6e-2, 0.88)}
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,8 @@ def test_quantized_artifact_sizes(checkpoints, tmp_path):
 
 HELDOUT_TOKENS = 512  # the bundled model's whole context
 # Perplexity budgets of the issue, relative to fp32, on the bundled trained model.
-BUDGETS = [("int8", 32, "fp32", 0.01), ("int4", 32, "fp32", 0.05), ("fp32", 32, "int8", 0.005)]
+BUDGETS = [("int8", 32, "fp32", 0.01), ("int4", 32, "fp32", 0.05), ("int4-mixed", 32, "fp32", 0.05),
+           ("fp32", 32, "int8", 0.005)]
 
 
 def _perplexity(path: Path, text: str) -> tuple[float, np.ndarray]:
