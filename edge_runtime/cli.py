@@ -408,6 +408,7 @@ def info(
         "created_by": manifest.created_by,
         "source": manifest.source,
         "formats": manifest.formats,
+        "weight_formats": manifest.to_dict()["weight_formats"],
         "layers": s.num_hidden_layers,
         "hidden_size": s.hidden_size,
         "vocab_size": s.vocab_size,

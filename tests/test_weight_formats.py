@@ -257,3 +257,17 @@ def test_export_names_the_recipe_error_for_the_sdk_too(checkpoints, tmp_path: Pa
     with pytest.raises(EdgeRuntimeError, match=r"^--weights int4,embed=int5: embed=int5: not available; choose one "
                                                r"of fp32, fp16, int8, int4$"):
         export_checkpoint(checkpoints["shared-gqa"], tmp_path / "a", weights="int4,embed=int5")
+
+
+def test_info_shows_the_recipe_and_each_tensors_format(mixed: Path):
+    def info(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "edge_runtime", "info", str(mixed), *args], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "  formats: weights int4 b64, o_proj int8, per_layer int8, embed int8, PLE fp32 " in info()
+    data = json.loads(info("--json"))
+    assert data["formats"]["weights"] == MIXED
+    assert data["weight_formats"] == json.loads((mixed / MANIFEST).read_text())["weight_formats"]
+    assert data["weight_formats"]["layers.2.mlp.down_proj"] == "int4"
