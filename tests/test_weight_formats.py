@@ -18,6 +18,7 @@ import pytest
 from onnx import numpy_helper
 
 import edge_runtime
+from conftest import overwrite_first_value
 from edge_runtime.artifact import MANIFEST, read_manifest
 from edge_runtime.errors import ArtifactError, CheckpointError, EdgeRuntimeError
 from edge_runtime.export import export_checkpoint
@@ -239,12 +240,7 @@ def test_a_manifest_naming_an_unknown_tensor_format_is_refused(mixed: Path, tmp_
 
 def test_fp16_refuses_a_weight_it_cannot_hold_and_a_recipe_keeps_it(checkpoints, tmp_path: Path):
     ckpt = shutil.copytree(checkpoints["shared-gqa"], tmp_path / "ckpt")
-    data = bytearray((ckpt / "model.safetensors").read_bytes())
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + header_len])
-    start = 8 + header_len + header["model.layers.1.self_attn.o_proj.weight"]["data_offsets"][0]
-    data[start:start + 4] = np.float32(1e6).tobytes()
-    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    overwrite_first_value(ckpt, "model.layers.1.self_attn.o_proj.weight", 1e6)
     with pytest.raises(CheckpointError, match=r"layers\.1\.self_attn\.o_proj has values outside the fp16 range "
                                               r"\(largest magnitude 1e\+06\); export it in another format"):
         export_checkpoint(ckpt, tmp_path / "a", weights="fp16")
