@@ -21,7 +21,10 @@ from typing import Any
 from edge_runtime.errors import ArtifactError
 from edge_runtime.families import family_named
 from edge_runtime.families.contract import SEGMENT_GRAPH, GraphContract
+from edge_runtime.families.family import Family
 from edge_runtime.model_spec import ModelSpec
+from edge_runtime.weight_formats import BLOCK_SIZES, WeightFormat, weight_format
+from edge_runtime.weight_recipe import WeightRecipe, parse_recipe
 
 FORMAT_NAME = "edge-runtime-artifact"
 FORMAT_VERSION = 5
@@ -33,9 +36,7 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 EXTERNAL_DATA_ALIGNMENT = 65536
-
-WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
-BLOCK_SIZES = (32, 64, 128)
+EMBED_SCALES = "embed_scales"  # in `tensors`, the scales of the embedding's lookup rows (formats that have them)
 
 NAMED_FILES = frozenset({MANIFEST, WEIGHTS_FILE, PLE_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
                          GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE})
@@ -65,11 +66,19 @@ class TensorRef:
 
 @dataclass(frozen=True)
 class Manifest:
-    """Everything the runtime needs to know about an artifact, as stored in manifest.json."""
+    """Everything the runtime needs to know about an artifact, as stored in manifest.json.
+
+    `formats["weights"]` is the weight recipe export was given (edge_runtime/weight_recipe.py; a uniform one is the
+    format's name), `formats["block_size"]` the block of its int4 weights; `weight_formats` is what each linear of the
+    graphs was written in, by its name (families/family.Linear: "layers.3.self_attn.o_proj", the head HEAD), stored
+    as format names. Artifacts written before recipes have no `weight_formats`: all their linears are in the one
+    format `formats["weights"]` names, which is how they are read (the format version did not change).
+    """
 
     spec: ModelSpec
     source: dict[str, Any]
-    formats: dict[str, str]
+    formats: dict[str, Any]
+    weight_formats: dict[str, WeightFormat]
     graphs: GraphContract
     tensors: dict[str, TensorRef]
     ple_store: TensorRef
@@ -87,6 +96,10 @@ class Manifest:
         """
         return sum(self.read_per_token.values())
 
+    @property
+    def weight_recipe(self) -> WeightRecipe:
+        return parse_recipe(self.formats["weights"], self.formats["block_size"])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
@@ -94,6 +107,7 @@ class Manifest:
             "created_by": self.created_by,
             "model": {"family": self.spec.family, "config": self.spec.to_dict(), "source": self.source},
             "formats": self.formats,
+            "weight_formats": {name: fmt.name for name, fmt in self.weight_formats.items()},
             "graphs": self.graphs.to_dict(),
             "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
             "ple_store": self.ple_store.to_dict(),
@@ -114,16 +128,21 @@ class Manifest:
                 f"{where}: format_version {version!r} is not supported by this runtime (reads {FORMAT_VERSION}); "
                 "re-export the checkpoint with this version of edge-runtime"
             )
-        weights = data.get("formats", {}).get("weights")
-        if weights not in WEIGHT_FORMATS:
-            raise ArtifactError(f"{where}: weight format {weights!r} is not supported by this runtime "
-                                f"({', '.join(WEIGHT_FORMATS)}); upgrade edge-runtime or re-export")
+        formats = data.get("formats", {})
+        weights, block_size = formats.get("weights"), formats.get("block_size") or BLOCK_SIZES[0]
+        try:
+            recipe = parse_recipe(weights, block_size)
+        except (ValueError, TypeError) as exc:
+            raise ArtifactError(f"{where}: weight format {weights!r} is not supported by this runtime ({exc}); "
+                                "upgrade edge-runtime or re-export") from None
         try:
             family = family_named(data["model"]["family"], where)
+            spec = family.spec_type.from_dict(data["model"]["config"])
             return cls(
-                spec=family.spec_type.from_dict(data["model"]["config"]),
+                spec=spec,
                 source=data["model"].get("source", {}),
-                formats=data["formats"],
+                formats=formats,
+                weight_formats=_weight_formats(data.get("weight_formats"), recipe, family, spec, block_size),
                 graphs=GraphContract.from_dict(data["graphs"], where),
                 tensors={k: TensorRef.from_dict(v) for k, v in data["tensors"].items()},
                 ple_store=TensorRef.from_dict(data["ple_store"]),
@@ -134,6 +153,16 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{where}: manifest is missing or has a malformed field ({exc!r}); re-export") from exc
+
+
+def _weight_formats(recorded: Any, recipe: WeightRecipe, family: Family, spec: ModelSpec,
+                    block_size: int) -> dict[str, WeightFormat]:
+    """Each linear's format as the manifest records it, or, in an artifact written before recipes, as its uniform
+    recipe gives it to every linear the family's graphs hold."""
+    if recorded is None:
+        return {linear.name: recipe.format_for(linear.role)
+                for segment in family.graph_parts(spec) for part in segment for linear in part.linears}
+    return {name: weight_format(value, block_size) for name, value in recorded.items()}
 
 
 def sha256_file(path: Path, chunk: int = 8 << 20) -> str:

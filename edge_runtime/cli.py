@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from edge_runtime.errors import ContextLengthError, EdgeRuntimeError, InvalidTextError
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, KV_FORMATS
 from edge_runtime.version import __version__
+from edge_runtime.weight_recipe import NAMED_RECIPES, ROLES, SYNTAX
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=HELP_OPTIONS,
@@ -139,6 +140,7 @@ def _with_progress(work, heading: str | None = None):
 
 @_command(app, "edge-runtime export /path/to/gemma-4-E2B-it -o e2b.art",
           "edge-runtime export /path/to/gemma-4-E2B-it -o e2b-q4.art --weights int4 --block-size 128 --ple int8",
+          "edge-runtime export /path/to/gemma-4-E2B-it -o e2b-mix.art --weights int4,o_proj=int8,per_layer=int8",
           "edge-runtime export /path/to/gemma-4-E2B-it -o e2b.art --profile pi5-8gb")
 def export(
     checkpoint: str = typer.Argument(..., help="Hugging Face checkpoint directory (config.json + safetensors), or "
@@ -149,7 +151,10 @@ def export(
     revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit of the repo id (default: "
                                         "main)."),
     weights: str | None = typer.Option(None, help="Weight format: fp32 (exact reference; the default), fp16, int8 "
-                                       "(per output channel) or int4 (blocks of --block-size)."),
+                                       "(per output channel) or int4 (blocks of --block-size); or a recipe of formats "
+                                       f"by role, {SYNTAX} (roles: {', '.join(ROLES)}), e.g. "
+                                       "int4,o_proj=int8,per_layer=int8; named recipes: "
+                                       f"{', '.join(f'{k} = {v}' for k, v in NAMED_RECIPES.items())}."),
     block_size: int | None = typer.Option(None, "--block-size", help="int4 block size: 32 (default), 64 or 128."),
     ple: str | None = typer.Option(None, help="PLE store format: auto (the checkpoint's precision; the default), "
                                    "bf16, fp16, fp32, int8, int4, tq4, tq3 or tq2."),
@@ -403,6 +408,7 @@ def info(
         "created_by": manifest.created_by,
         "source": manifest.source,
         "formats": manifest.formats,
+        "weight_formats": manifest.to_dict()["weight_formats"],
         "layers": s.num_hidden_layers,
         "hidden_size": s.hidden_size,
         "vocab_size": s.vocab_size,
@@ -420,7 +426,7 @@ def info(
                f"{s.num_hidden_layers - sliding} full), hidden {s.hidden_size}, vocab {s.vocab_size}")
     typer.echo(f"  KV cache in {len(s.cache_layers())} layers ({s.num_kv_shared_layers} share it), "
                f"context {s.max_position_embeddings}")
-    typer.echo(f"  formats: weights {manifest.formats['weights']}, PLE {manifest.formats['ple']} "
+    typer.echo(f"  formats: weights {manifest.weight_recipe.label}, PLE {manifest.formats['ple']} "
                "(KV cache format is chosen at run time: --kv)")
     typer.echo(f"  size {summary['bytes'] / 2**20:.1f} MiB in {len(manifest.files)} files "
                f"(PLE store {manifest.files['ple.bin']['size'] / 2**20:.1f} MiB)")

@@ -5,16 +5,19 @@ printed (`edge-runtime plan`, `edge-runtime profiles show`); `tools/cost_model_c
 
 Decode reads every weight once per token (DESIGN.md section 3), so a step takes
 
-    model bytes / (DECODE_EFFICIENCY[weights] x bandwidth)     weights, embedding row and PLE row
+    sum over formats f of model bytes in f / (DECODE_EFFICIENCY[f] x bandwidth)   weights, embedding and PLE rows
   + KV bytes / bandwidth                                     the cache attention reads at the context
   + KV values / (threads x clock x ATTENTION_VALUES_PER_CYCLE)   attention's arithmetic over it (numpy)
 
 and prefill is bound by int8 arithmetic (both quantized formats compute in int8):
 
-    tokens/s <= threads x int8 MACs per cycle x clock x PREFILL_EFFICIENCY[weights] / linear MACs per token
+    seconds per token >= sum over f of linear MACs in f / (threads x int8 MACs per cycle x clock x
+                         PREFILL_EFFICIENCY[f])
 
 where the KV-shared layers and the head count once per prefill chunk, since the engine runs them at its last
-position only. Model bytes and MACs come from the shapes (planner.py, the same arithmetic as the exporter's), KV
+position only. A weight recipe that mixes formats (edge_runtime/weight_recipe.py) has each linear's bytes and MACs
+go through its own format's kernel; the per-format efficiencies were measured on uniform artifacts only. Model bytes
+and MACs come from the shapes (planner.py, the same arithmetic as the exporter's), KV
 bytes and values from the KV format (KVFormat.attention_reads). The bandwidth is the profile's sustained read
 bandwidth where one was measured and published, else SUSTAINED_SHARE of its peak.
 
@@ -44,8 +47,9 @@ from typing import Any
 from edge_runtime.kv_formats import DEFAULT_SLIDING_KV_FORMAT, kv_format
 from edge_runtime.model import DEFAULT_PREFILL_CHUNK
 from edge_runtime.model_spec import ModelSpec
-from edge_runtime.planner import Plan, known_models, linear_macs, model_name, read_per_token
+from edge_runtime.planner import Plan, known_models, linear_macs_by_format, model_name, read_per_token_by_format
 from edge_runtime.profiles import COST_FACTS, Profile
+from edge_runtime.weight_recipe import parse_recipe, weights_label
 
 # Measured by tools/cost_model_check.py (`edge-runtime bench -p 128 -n 32 -r 3`, and `-p 0 -n 32 -r 1 -d 2048` or
 # `-d 8192`) on random-weight E2B and E4B artifacts, int4 block 128 and int8, PLE int8, fp16 KV with fp32 sliding
@@ -133,33 +137,35 @@ def estimate(spec: ModelSpec, profile: Profile, *, weights: str, block_size: int
     """Decode tokens/s at each of `contexts` and the prefill bound for a `prompt_tokens` prompt (module docstring)."""
     missing = [key for key in COST_FACTS if getattr(profile, key) is None]
     gb_s, basis = bandwidth(profile) if not missing else (None, None)
-    model_bytes = sum(read_per_token(spec, weights, block_size, ple).values())
+    by_format = read_per_token_by_format(spec, weights, block_size, ple)
+    unmeasured = [name for name in by_format if name not in DECODE_EFFICIENCY]
     fmt, sliding = kv_format(kv), kv_format(kv_sliding)
     decode: list[Decode] = []
     prefill = None
     unavailable = None
     if missing:
         unavailable = f"no estimate: the profile gives no {', '.join(missing)} (device_profiles/README.md)"
-    elif weights in DECODE_EFFICIENCY:
+    elif not unmeasured:
         rate = gb_s * 1e9
         attention_rate = profile.threads * profile.clock_ghz * 1e9 * ATTENTION_VALUES_PER_CYCLE
+        weights_seconds = sum(n / (DECODE_EFFICIENCY[name] * rate) for name, n in by_format.items())
         for context in sorted(set(contexts)):
             kv_bytes, kv_values = fmt.attention_reads(spec, context, kv_recent, sliding)
-            seconds = model_bytes / (DECODE_EFFICIENCY[weights] * rate) + kv_bytes / rate + kv_values / attention_rate
+            seconds = weights_seconds + kv_bytes / rate + kv_values / attention_rate
             decode.append(Decode(context, kv_bytes, 1 / seconds))
-        every, last = linear_macs(spec)
-        macs = prompt_tokens * every + math.ceil(prompt_tokens / prefill_chunk) * last
-        macs_per_second = (profile.threads * profile.int8_macs_per_cycle * profile.clock_ghz * 1e9
-                           * PREFILL_EFFICIENCY[weights])
-        prefill = prompt_tokens * macs_per_second / macs
+        macs_per_second = profile.threads * profile.int8_macs_per_cycle * profile.clock_ghz * 1e9
+        chunks = math.ceil(prompt_tokens / prefill_chunk)
+        prefill_seconds = sum((prompt_tokens * every + chunks * last) / (macs_per_second * PREFILL_EFFICIENCY[name])
+                              for name, (every, last) in linear_macs_by_format(spec, weights, block_size).items())
+        prefill = prompt_tokens / prefill_seconds
     else:
-        unavailable = (f"no estimate for {weights} weights: the cost model's efficiencies are measured for "
-                       f"{' and '.join(DECODE_EFFICIENCY)} only")
-    return Estimate(model=model_name(spec), weights=weights, block_size=block_size if weights == "int4" else None,
+        unavailable = (f"no estimate for {' and '.join(unmeasured)} weights: the cost model's efficiencies are "
+                       f"measured for {' and '.join(DECODE_EFFICIENCY)} only")
+    return Estimate(model=model_name(spec), weights=weights, block_size=parse_recipe(weights, block_size).block_size,
                     ple=ple, kv=kv, kv_sliding=kv_sliding, kv_recent=kv_recent, profile=profile.name,
                     threads=profile.threads, bandwidth_gb_s=gb_s, bandwidth_basis=basis, clock_ghz=profile.clock_ghz,
                     int8_macs_per_cycle=profile.int8_macs_per_cycle, kernel_path=kernel_path(profile),
-                    bytes_per_token=model_bytes, decode=tuple(decode), prompt_tokens=prompt_tokens,
+                    bytes_per_token=sum(by_format.values()), decode=tuple(decode), prompt_tokens=prompt_tokens,
                     prefill_tokens_per_second=prefill, unavailable=unavailable)
 
 
@@ -188,9 +194,8 @@ def _gib(n: int) -> str:
 def format_estimates(estimates: Sequence[Estimate]) -> str:
     """The "estimate" section `plan` and `profiles show` print: one row per model, then what it was computed from."""
     first = estimates[0]
-    weights = f"int4 b{first.block_size}" if first.block_size else first.weights
     recent = f", {first.kv_recent} exact recent" if first.kv_recent else ""
-    lines = [f"{LABEL}: weights {weights}, PLE {first.ple}, KV {first.kv} (sliding {first.kv_sliding}{recent})"]
+    lines = [f"{LABEL}: weights {weights_label(first.weights, first.block_size)}, PLE {first.ple}, KV {first.kv} (sliding {first.kv_sliding}{recent})"]
     contexts = sorted({d.context for e in estimates for d in e.decode})
     header = ["model", "bytes/token", *(f"decode t/s @ {c}" for c in contexts),
               f"prefill t/s bound ({first.prompt_tokens}-token prompt)"]

@@ -96,8 +96,7 @@ class ListedModel:
         if self.damage is not None:
             return {**data, "damaged": self.damage}
         formats, plan = self.manifest.formats, self.plan
-        return {**data, "weights": formats["weights"],
-                "block_size": formats.get("block_size") if formats["weights"] == "int4" else None,
+        return {**data, "weights": formats["weights"], "block_size": self.manifest.weight_recipe.block_size,
                 "ple": formats["ple"], "context_length": self.manifest.spec.max_position_embeddings,
                 "fit": {"profile": plan.profile.name, "context": plan.context, "fits": plan.fits,
                         "peak_bytes": plan.peak_bytes, "budget_bytes": plan.budget_bytes,
@@ -157,6 +156,5 @@ def format_model_table(models: list[ListedModel], profile: Profile) -> str:
 
 def _row(m: ListedModel) -> tuple[str, ...]:
     formats = m.manifest.formats
-    weights = f"int4 b{formats['block_size']}" if formats["weights"] == "int4" else formats["weights"]
-    return (m.name, weights, formats["ple"], str(m.manifest.spec.max_position_embeddings), _size(m.size_bytes),
+    return (m.name, m.manifest.weight_recipe.label, formats["ple"], str(m.manifest.spec.max_position_embeddings), _size(m.size_bytes),
             _fit(m.plan), f"{m.path}{' (bundled)' if m.bundled else ''}")

@@ -7,7 +7,7 @@ yet exported can be planned on any machine. What each item costs was measured on
 to repeat and the scratch grows slower than the fit):
 
 - weights resident: onnxruntime maps each graph's weights and repacks them to the heap (engine.py); what stays
-  is per format below. The embedding rows are read with pread, and hold nothing.
+  is each linear's format's (WeightFormat.linear_bytes). The embedding rows are read with pread, and hold nothing.
 - PLE pages: ple.bin is mapped with MADV_RANDOM, so each distinct token maps the pages its row spans. Random
   tokens are the worst case (bench): N tokens, N distinct rows, up to the vocabulary. A page cache already holding
   the file in large folios can map more, clean pages the kernel reclaims under pressure (mapping.py).
@@ -39,6 +39,8 @@ from edge_runtime.model_spec import ModelSpec
 from edge_runtime.ple_store import LOSSLESS_FORMATS, storage_dtype, stored_width
 from edge_runtime.profiles import Profile
 from edge_runtime.safetensors_reader import INDEX_FILE, SINGLE_FILE, SafetensorsFile
+from edge_runtime.weight_formats import BLOCK_SIZES, WeightFormat
+from edge_runtime.weight_recipe import EMBED, parse_recipe, weights_label
 
 MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 PAGE_BYTES = 4096  # Linux on the Pi 4, Android and x86_64; the Pi 5's own kernel uses 16 KiB pages (more per PLE row)
@@ -50,11 +52,6 @@ RUNTIME_BYTES = 89 << 20
 # bytes: 12.1-12.3 for 3.7 and 15 MiB files of 65k and 262k tokens with short tokens, 6.8 for 262k longer ones in
 # 30 MiB. The short-token figure is taken, which errs toward refusing.
 TOKENIZER_BYTES_PER_FILE_BYTE = 12.3
-# fp16: onnxruntime's x86 CPU Gemm has no fp16 kernel, so a float32 copy is made and the fp16 tensor kept: 3.0x the
-# file's bytes for a 6144 x 1536 weight. int4: MatMulNBits (accuracy level 4) packs codes, scales and block sums, and
-# the mapped scales stay resident: codes + 3 x scales, within 0.1 MiB for blocks 32, 64 and 128.
-FP16_RESIDENT_FACTOR = 3
-INT4_SCALE_COPIES = 3
 # Prefill scratch (least squares over the E2B traces above; attention's 2 score arrays counted apart):
 # ACTIVATION_COPIES float32 copies of each value a chunk token carries through a layer, PAIR_BYTES per
 # (chunk token, context token) pair (masks, widened keys), SCRATCH_BASE_BYTES whatever the chunk.
@@ -152,7 +149,7 @@ def plan_memory(source: Path, profile: Profile, context: int | None = None, *, k
     items = _items(setup)
     peak, budget = sum(b for _, b in items), profile.budget_bytes
     return Plan(model=model_name(spec), spec=spec, source=source, profile=profile, context=context, weights=weights,
-                block_size=block_size if weights == "int4" else None, ple=ple, kv=kv, kv_sliding=kv_sliding,
+                block_size=parse_recipe(weights, block_size).block_size, ple=ple, kv=kv, kv_sliding=kv_sliding,
                 kv_recent=recent, items=items, peak_bytes=peak, budget_bytes=budget,
                 max_context=_max_context(setup, budget),
                 suggestions=[] if peak <= budget else _suggestions(setup, budget, source))
@@ -196,50 +193,63 @@ def _graphs(spec: ModelSpec) -> list[GraphPart]:
     return [part for segment in (segments[-1], *segments[:-1]) for part in segment]
 
 
-def linear_macs(spec: ModelSpec) -> tuple[int, int]:
-    """(multiply-accumulates of the linear layers run at every prompt position, those run once per prefill chunk at
-    its last position): a decode step runs both; attention's own products are not counted."""
-    every = last = 0
+def linear_formats(spec: ModelSpec, weights: str, block_size: int) -> dict[str, WeightFormat]:
+    """The format of every linear the graphs hold, by name, as the weight recipe `weights` gives its role: what an
+    export records in its manifest's weight_formats."""
+    recipe = parse_recipe(weights, block_size)
+    return {linear.name: recipe.format_for(linear.role) for graph in _graphs(spec) for linear in graph.linears}
+
+
+def linear_macs_by_format(spec: ModelSpec, weights: str, block_size: int) -> dict[str, tuple[int, int]]:
+    """Per weight format, (multiply-accumulates of the linear layers run at every prompt position, those run once
+    per prefill chunk at its last position): a decode step runs both; attention's own products are not counted."""
+    formats, out = linear_formats(spec, weights, block_size), {}
     for graph in _graphs(spec):
-        macs = sum(n * k for n, k in graph.linears)
-        every, last = (every + macs, last) if graph.every_position else (every, last + macs)
-    return every, last
+        for linear in graph.linears:
+            every, last = out.get(formats[linear.name].name, (0, 0))
+            macs = linear.n * linear.k
+            out[formats[linear.name].name] = (every + macs, last) if graph.every_position else (every, last + macs)
+    return out
 
 
-def _linear(fmt: str, block: int, n: int, k: int) -> tuple[int, int]:
-    """(bytes in weights.bin, bytes resident once loaded) of an [n, k] weight in `fmt` (export/onnx_graph.py)."""
-    if fmt in ("fp32", "fp16"):
-        stored = n * k * (4 if fmt == "fp32" else 2)
-        return stored, stored * (FP16_RESIDENT_FACTOR if fmt == "fp16" else 1)
-    if fmt == "int8":
-        return n * k + 5 * n, n * k + 5 * n  # codes, then a float32 scale and a uint8 zero point per output
-    blocks = -(-k // block)
-    codes, scales = n * blocks * block // 2, 4 * n * blocks
-    return codes + scales, codes + INT4_SCALE_COPIES * scales
+def linear_macs(spec: ModelSpec) -> tuple[int, int]:
+    """linear_macs_by_format's two counts over every format."""
+    every, last = zip(*linear_macs_by_format(spec, "fp32", BLOCK_SIZES[0]).values(), strict=True)
+    return sum(every), sum(last)
+
+
+def _weights_read(spec: ModelSpec, weights: str, block_size: int) -> tuple[dict[str, int], int, int]:
+    """(bytes the graphs read per token by weight format name, the graphs' vector values counted in the recipe's
+    base; bytes resident once loaded; the load peak above the runtime: resident so far plus the tensor being
+    repacked, at its worst)."""
+    formats, base = linear_formats(spec, weights, block_size), parse_recipe(weights, block_size).base.name
+    stored: dict[str, int] = {}
+    resident = load_peak = 0
+    for graph in _graphs(spec):
+        largest = 0
+        for linear in graph.linears:
+            fmt = formats[linear.name]
+            on_disk, kept = fmt.linear_bytes(linear.n, linear.k)
+            stored[fmt.name] = stored.get(fmt.name, 0) + on_disk
+            resident += kept
+            largest = max(largest, on_disk)
+        stored[base] = stored.get(base, 0) + 4 * graph.vector_values
+        resident += 4 * graph.vector_values
+        load_peak = max(load_peak, resident + largest)
+    return stored, resident, load_peak
 
 
 def weight_bytes(spec: ModelSpec, weights: str, block_size: int) -> tuple[int, int, int]:
     """(bytes the graphs read per token, as a manifest's read_per_token["weights"]; bytes resident once loaded;
     the load peak above the runtime: resident so far plus the tensor being repacked, at its worst)."""
-    stored = resident = load_peak = 0
-    for graph in _graphs(spec):
-        sizes = [_linear(weights, block_size, n, k) for n, k in graph.linears]
-        stored += sum(s for s, _ in sizes) + 4 * graph.vector_values
-        resident += sum(r for _, r in sizes) + 4 * graph.vector_values
-        load_peak = max(load_peak, resident + max(s for s, _ in sizes))
-    return stored, resident, load_peak
+    stored, resident, load_peak = _weights_read(spec, weights, block_size)
+    return sum(stored.values()), resident, load_peak
 
 
 def embedding_row_bytes(spec: ModelSpec, weights: str, block_size: int) -> int:
-    """Bytes of the main embedding row a token reads (export/exporter.py: the head's own rows, or int8's lookup copy
-    with its float32 scale)."""
-    h = spec.hidden_size
-    if weights in ("fp32", "fp16"):
-        return h * (4 if weights == "fp32" else 2)
-    if weights == "int8":
-        return h + 4
-    blocks = -(-h // block_size)
-    return blocks * block_size // 2 + 4 * blocks
+    """Bytes of the main embedding row a token reads, in the format the recipe gives the embedding (the head's own
+    rows, or int8's lookup copy with its float32 scale: WeightFormat.write_embedding)."""
+    return parse_recipe(weights, block_size).format_for(EMBED).row_bytes(spec.hidden_size)
 
 
 def read_per_token(spec: ModelSpec, weights: str, block_size: int, ple: str) -> dict[str, int]:
@@ -247,6 +257,18 @@ def read_per_token(spec: ModelSpec, weights: str, block_size: int, ple: str) -> 
     (`Manifest.read_per_token`): known before exporting, which is what the cost model needs."""
     return {"weights": weight_bytes(spec, weights, block_size)[0],
             "embedding_row": embedding_row_bytes(spec, weights, block_size), "ple_row": ple_row_bytes(spec, ple)}
+
+
+def read_per_token_by_format(spec: ModelSpec, weights: str, block_size: int, ple: str) -> dict[str, int]:
+    """read_per_token's bytes by the weight format's kernel they go through (the cost model's efficiencies): each
+    linear's in its format, the embedding row in the embedding's, the PLE row with the graphs' vector values in the
+    recipe's base format."""
+    recipe = parse_recipe(weights, block_size)
+    by_format = _weights_read(spec, weights, block_size)[0]
+    embed = recipe.format_for(EMBED).name
+    by_format[embed] = by_format.get(embed, 0) + embedding_row_bytes(spec, weights, block_size)
+    by_format[recipe.base.name] += ple_row_bytes(spec, ple)
+    return by_format
 
 
 def ple_row_bytes(spec: ModelSpec, ple: str) -> int:
@@ -332,9 +354,8 @@ def _size(n: int) -> str:
 
 
 def _formats(plan: Plan) -> str:
-    weights = f"int4 b{plan.block_size}" if plan.block_size else plan.weights
     recent = f", {plan.kv_recent} exact recent" if plan.kv_recent else ""
-    return f"weights {weights}, PLE {plan.ple}, KV {plan.kv} (sliding {plan.kv_sliding}{recent})"
+    return f"weights {weights_label(plan.weights, plan.block_size)}, PLE {plan.ple}, KV {plan.kv} (sliding {plan.kv_sliding}{recent})"
 
 
 def format_plan(plan: Plan) -> str:

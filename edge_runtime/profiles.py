@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.artifact import BLOCK_SIZES, WEIGHT_FORMATS
 from edge_runtime.device_profiles import PROFILE_DIR
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.kv_formats import KV_FORMATS
 from edge_runtime.ple_store import PLE_FORMATS
+from edge_runtime.weight_formats import BLOCK_SIZES
+from edge_runtime.weight_recipe import parse_recipe, weights_label
 
 ARCHES = ("aarch64", "x86_64")  # the architectures onnxruntime publishes CPU wheels for
 CPU_FEATURES = ("neon", "dotprod", "i8mm", "sve", "avx2", "avx512", "vnni")
@@ -177,8 +178,11 @@ def _parse(path: Path, bundled: bool) -> Profile:
     if v["int8_macs_per_cycle"] is not None:
         check("int8_macs_per_cycle", v["int8_macs_per_cycle"] >= 1, "must be at least 1")
     check("read_mb_s", v["read_mb_s"] > 0, "must be positive")
-    check("weights", v["weights"] in WEIGHT_FORMATS, f"choose one of {', '.join(WEIGHT_FORMATS)}")
     check("block_size", v["block_size"] in BLOCK_SIZES, f"choose one of {', '.join(map(str, BLOCK_SIZES))}")
+    try:
+        parse_recipe(v["weights"], v["block_size"])
+    except ValueError as exc:
+        check("weights", False, str(exc))
     check("ple", v["ple"] in ("auto", *PLE_FORMATS), f"choose auto or one of {', '.join(PLE_FORMATS)}")
     check("kv", v["kv"] in KV_FORMATS, f"not a KV cache format; choose one of {', '.join(KV_FORMATS)}")
     check("context", v["context"] > 0, "must be a positive number of tokens")
@@ -282,8 +286,7 @@ def _gib(n: int) -> str:
 
 
 def _defaults(p: Profile) -> str:
-    weights = f"{p.weights} b{p.block_size}" if p.weights == "int4" else p.weights
-    return f"weights {weights}, PLE {p.ple}, KV {p.kv}, context {p.context}"
+    return f"weights {weights_label(p.weights, p.block_size)}, PLE {p.ple}, KV {p.kv}, context {p.context}"
 
 
 def format_profile(p: Profile) -> str:

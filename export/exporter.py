@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.artifact import (
-    BLOCK_SIZES,
     CHAT_TEMPLATE_FILE,
+    EMBED_SCALES,
     GENERATION_CONFIG_FILE,
     MANIFEST,
     PLE_FILE,
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
-    WEIGHT_FORMATS,
     WEIGHTS_FILE,
     Manifest,
     TensorRef,
@@ -31,11 +30,13 @@ from edge_runtime.chat_template import ChatTemplate
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError, UnwritableError
 from edge_runtime.export.checkpoint import Checkpoint
 from edge_runtime.export.destination import check_destination, partial_path, remove_stale_partials, replace
-from edge_runtime.export.onnx_graph import GraphBuilder, LinearWeight, WeightsWriter
+from edge_runtime.export.onnx_graph import GraphBuilder, WeightsWriter
+from edge_runtime.families.family import HEAD
 from edge_runtime.ple_store import LOSSLESS_FORMATS, PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
 from edge_runtime.progress import Notice, Progress, no_notice, no_progress
-from edge_runtime.quant.integer import block_count, offset_binary, quantize_int4_blocks, quantize_int8_rows
 from edge_runtime.version import __version__
+from edge_runtime.weight_formats import BLOCK_SIZES, EmbeddingWeights, WeightFormat
+from edge_runtime.weight_recipe import EMBED, WeightRecipe, parse_recipe
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", block_size: int = 32,
@@ -43,16 +44,19 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
                       notice: Notice = no_notice) -> Path:
     """Export a HF checkpoint directory (of a family edge-runtime knows) to an artifact directory at `out`.
 
-    `ple="auto"` stores the PLE table at the checkpoint's own precision (bf16 -> bf16, f16 -> fp16,
-    f32 -> fp32), so the default artifact is lossless. `block_size` applies to int4 weights.
+    `weights` is a weight format or a recipe of formats by role (edge_runtime/weight_recipe.py: "int4",
+    "int4,o_proj=int8"); `block_size` applies to its int4 weights. `ple="auto"` stores the PLE table at the
+    checkpoint's own precision (bf16 -> bf16, f16 -> fp16, f32 -> fp32), so the default artifact is lossless.
     `progress(stage, done, total)` is called as each stage advances, with the stage's own units; `notice` hears
     about leftovers of interrupted exports removed on the way (export/destination.py says what is ever removed).
     """
-    if weights not in WEIGHT_FORMATS:
-        raise EdgeRuntimeError(f"--weights {weights}: not available; choose one of {', '.join(WEIGHT_FORMATS)}")
     if block_size not in BLOCK_SIZES:
         raise EdgeRuntimeError(f"--block-size {block_size}: not available; choose one of "
                                f"{', '.join(map(str, BLOCK_SIZES))}")
+    try:
+        recipe = parse_recipe(weights, block_size)
+    except ValueError as exc:
+        raise EdgeRuntimeError(f"--weights {weights}: {exc}") from None
     if ple != "auto" and ple not in PLE_FORMATS:
         raise EdgeRuntimeError(f"--ple {ple}: not available; choose auto or one of {', '.join(PLE_FORMATS)}")
     out, checkpoint = Path(out), Path(checkpoint)
@@ -74,7 +78,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
     except OSError as exc:
         raise _os_error(exc, out, checkpoint) from None
     try:
-        manifest = _write_artifact(ckpt, tmp, weights, block_size, ple, progress)
+        manifest = _write_artifact(ckpt, tmp, recipe, block_size, ple, progress)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1))
         replace(tmp, out)
     except OSError as exc:
@@ -97,22 +101,28 @@ def _os_error(exc: OSError, out: Path, checkpoint: Path) -> EdgeRuntimeError:
                            "writable filesystem with room for it", str(name or out), reason)
 
 
-def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, block_size: int, ple: str,
+def _write_artifact(ckpt: Checkpoint, tmp: Path, recipe: WeightRecipe, block_size: int, ple: str,
                     progress: Progress) -> Manifest:
     spec, family = ckpt.spec, ckpt.family
     n = spec.num_hidden_layers
     contract = family.contract(spec)
     builders = family.graph_builders()
+    graphs: list[GraphBuilder] = []
     with WeightsWriter(tmp / WEIGHTS_FILE) as writer:
-        head_weight, embed_tensors, embed_row = _write_embedding(ckpt, writer, weights, block_size, progress)
+        embedding = _write_embedding(ckpt, writer, recipe.format_for(EMBED), progress)
 
         def new_graph(name: str) -> GraphBuilder:
-            return GraphBuilder(name, writer, weights, block_size)
+            graphs.append(GraphBuilder(name, writer))
+            return graphs[-1]
 
         graph_bytes = 0
         for i, segment in enumerate(contract.segments):
             progress("layers", i, len(contract.segments))
-            graph_bytes += builders.build_segment(spec, i, ckpt.tensor, head_weight, new_graph, tmp / segment.graph)
+            try:
+                graph_bytes += builders.build_segment(spec, i, ckpt.tensor, embedding.head, recipe, new_graph,
+                                                      tmp / segment.graph)
+            except ValueError as exc:  # a weight the format cannot hold
+                raise CheckpointError(f"{ckpt.path}: {exc}; export it in another format (--weights)") from None
         progress("layers", len(contract.segments), len(contract.segments))
 
     ple_width = stored_width(ple, n * spec.hidden_size_per_layer_input, spec.hidden_size_per_layer_input)
@@ -124,30 +134,27 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, weights: str, block_size: int, 
     files = {path.name: file_entry(path) for path in sorted(tmp.iterdir())}
     progress("checksums", 1, 1)
 
+    lookup = {HEAD: embedding.codes, **({EMBED_SCALES: embedding.scales} if embedding.scales else {})}
     return Manifest(
         spec=spec,
         source={"architecture": ckpt.architecture, "dtypes": ckpt.dtypes(), "checkpoint": ckpt.path.name},
-        formats={"weights": weights, "block_size": block_size, "ple": ple},
+        formats={"weights": recipe.text, "block_size": block_size, "ple": ple},
+        weight_formats={name: fmt for g in graphs for name, fmt in g.linears.items()},
         graphs=contract,
-        tensors=embed_tensors,
+        tensors=lookup,
         ple_store=TensorRef(PLE_FILE, 0, ple_shape, storage_dtype(ple).name),
         tokenizer=tokenizer,
         files=files,
         created_by=f"edge-runtime {__version__}",
-        read_per_token={"weights": graph_bytes, "embedding_row": embed_row,
+        read_per_token={"weights": graph_bytes, "embedding_row": embedding.format.row_bytes(spec.hidden_size),
                         "ple_row": ple_width * storage_dtype(ple).itemsize},
     )
 
 
-def _write_embedding(ckpt: Checkpoint, writer: WeightsWriter, fmt: str, block_size: int,
-                     progress: Progress) -> tuple[LinearWeight, dict[str, TensorRef], int]:
-    """Write the tied embedding once per layout its readers need, streaming it in row blocks.
-
-    Returns the LM head's weight, the tensors the runtime gathers token rows from, and the bytes of one row.
-    fp32, fp16 and int4 rows are what the head's kernel reads, so lookup and head share one copy. The int8
-    head kernel wants [in, out], so int8 keeps a row-major copy for lookup next to the transposed head copy
-    (400 MB more on disk for E2B, read one row per token).
-    """
+def _write_embedding(ckpt: Checkpoint, writer: WeightsWriter, fmt: WeightFormat,
+                     progress: Progress) -> EmbeddingWeights:
+    """Write the tied embedding, streaming it in row blocks, once per layout its readers need (the format decides:
+    int8's head kernel wants it transposed, the others read the rows lookup reads)."""
     name = ckpt.family.embedding
     vocab, hidden = ckpt.spec.vocab_size, ckpt.spec.hidden_size
     done = 0
@@ -159,52 +166,11 @@ def _write_embedding(ckpt: Checkpoint, writer: WeightsWriter, fmt: str, block_si
             done += len(chunk)
             progress("embedding", done, vocab)
 
-    if fmt in ("fp32", "fp16"):
-        dtype = np.dtype(np.float32 if fmt == "fp32" else np.float16)
-        ref = writer.add((_checked_cast(c, dtype, ckpt.path) for c in rows()), (vocab, hidden), dtype)
-        return LinearWeight(fmt, vocab, hidden, {"weight": ref}), {"embed_tokens": ref}, hidden * dtype.itemsize
-    scales: list[np.ndarray] = []
-    if fmt == "int4":
-        blocks = block_count(hidden, block_size)
-
-        def codes() -> Iterator[np.ndarray]:
-            for chunk in rows():
-                packed, scale = quantize_int4_blocks(chunk, block_size)
-                scales.append(scale)
-                yield packed
-
-        code_ref = writer.add(codes(), (vocab, blocks, block_size // 2), np.dtype(np.uint8))
-        scale = np.concatenate(scales).reshape(-1)
-        scale_ref = writer.add([scale], scale.shape, scale.dtype)
-        head = LinearWeight(fmt, vocab, hidden, {"codes": code_ref, "scale": scale_ref}, block_size)
-        row = blocks * block_size // 2 + blocks * 4
-        return head, {"embed_tokens": code_ref, "embed_scales": scale_ref}, row
-    transposed = np.empty((hidden, vocab), dtype=np.uint8)
-
-    def int8_codes() -> Iterator[np.ndarray]:
-        start = 0
-        for chunk in rows():
-            codes, scale = quantize_int8_rows(chunk)
-            scales.append(scale)
-            transposed[:, start:start + len(chunk)] = offset_binary(codes).T
-            start += len(chunk)
-            yield codes
-
-    code_ref = writer.add(int8_codes(), (vocab, hidden), np.dtype(np.int8))
-    scale = np.concatenate(scales)
-    scale_ref = writer.add([scale], scale.shape, scale.dtype)
-    head_ref = writer.add([transposed], transposed.shape, transposed.dtype)
-    head = LinearWeight(fmt, vocab, hidden, {"weight_t": head_ref, "scale": scale_ref})
-    return head, {"embed_tokens": code_ref, "embed_scales": scale_ref}, hidden + 4
-
-
-def _checked_cast(chunk: np.ndarray, dtype: np.dtype, where: Path) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        cast = chunk.astype(dtype)
-    if not np.isfinite(cast).all():
-        raise CheckpointError(f"{where}: embed_tokens has values outside the {dtype.name} range "
-                              f"(largest magnitude {float(np.abs(chunk).max()):.3g}); export with --weights fp32")
-    return cast
+    try:
+        return fmt.write_embedding(writer, rows(), vocab, hidden)
+    except ValueError as exc:  # values the format cannot hold
+        raise CheckpointError(f"{ckpt.path}: {HEAD} has {exc}; export with --weights fp32, or {EMBED}=fp32 in the "
+                              "recipe") from None
 
 
 def _write_ple_store(ckpt: Checkpoint, path: Path, fmt: str, progress: Progress) -> None:

@@ -4,13 +4,13 @@ Graphs are assembled node by node with `onnx.helper` rather than traced from tor
 torch and each graph contains exactly the ops chosen here. Large weights never enter the protobuf: they are
 appended to the artifact's weights file at 64 KiB-aligned offsets (onnxruntime maps aligned external data
 instead of copying it) and referenced from the graph, so a graph file stays a few kilobytes and export holds
-one tensor in memory at a time.
+one tensor in memory at a time. A linear is a weight and the format that encodes it (edge_runtime/weight_formats.py),
+which writes its parts and emits its kernel here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.artifact import EXTERNAL_DATA_ALIGNMENT, TensorRef
-from edge_runtime.quant.integer import offset_binary, quantize_int4_blocks, quantize_int8_rows
+from edge_runtime.weight_formats import LinearWeight, WeightFormat
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -27,42 +27,6 @@ INLINE_LIMIT = 16 << 10
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
                np.dtype(np.int64): TensorProto.INT64, np.dtype(np.uint8): TensorProto.UINT8,
                np.dtype(np.int8): TensorProto.INT8}
-# MatMulNBits' accuracy level 4 quantizes activations to int8 per block and runs integer dot products (MLAS and
-# KleidiAI on ARM64); level 0 falls back to a float path 4-100x slower.
-NBITS_ACCURACY_LEVEL = 4
-
-
-@dataclass(frozen=True)
-class LinearWeight:
-    """A [out, in] linear weight already in the weights file, in the layout its kernel reads.
-
-    fp32/fp16: `weight` [N, K] (Gemm with transB). int8: `weight_t` [K, N] uint8 holding code + 128 and `scale`
-    [N] (DynamicQuantizeMatMul; unsigned codes with zero point 128 because the u8 x s8 kernel of x86 without
-    VNNI saturates int16 pairs, see tools/kernel_bench.py). int4: `codes` [N, blocks, block/2] and `scale`
-    [N * blocks] (MatMulNBits).
-    """
-
-    format: str
-    n: int
-    k: int
-    refs: dict[str, TensorRef]
-    block_size: int = 0
-
-
-def write_linear(writer: WeightsWriter, w: np.ndarray, fmt: str, block_size: int) -> LinearWeight:
-    """Quantize one checkpoint weight [out, in] to `fmt` and append it to the weights file."""
-    n, k = w.shape
-    if fmt in ("fp32", "fp16"):
-        array = np.asarray(w, dtype=np.float32 if fmt == "fp32" else np.float16)
-        return LinearWeight(fmt, n, k, {"weight": writer.add([array], array.shape, array.dtype)})
-    if fmt == "int8":
-        codes, scale = quantize_int8_rows(w)
-        unsigned = offset_binary(codes.T)
-        return LinearWeight(fmt, n, k, {"weight_t": writer.add([unsigned], unsigned.shape, unsigned.dtype),
-                                        "scale": writer.add([scale], scale.shape, scale.dtype)})
-    codes, scale = quantize_int4_blocks(w, block_size)
-    return LinearWeight(fmt, n, k, {"codes": writer.add([codes], codes.shape, codes.dtype),
-                                    "scale": writer.add([scale], (scale.size,), scale.dtype)}, block_size)
 
 
 class WeightsWriter:
@@ -98,11 +62,10 @@ class WeightsWriter:
 class GraphBuilder:
     """Accumulates one ONNX graph; every helper returns the name of the value it produced."""
 
-    def __init__(self, name: str, weights: WeightsWriter, weight_format: str = "fp32", block_size: int = 32) -> None:
+    def __init__(self, name: str, weights: WeightsWriter) -> None:
         self.name = name
         self.weights = weights
-        self.weight_format = weight_format
-        self.block_size = block_size
+        self.linears: dict[str, WeightFormat] = {}  # each linear's name and the format it was written in
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -155,25 +118,27 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain or None, **attrs))
         return outs[0] if n_out == 1 else outs
 
-    def linear(self, x: str, name: str, w: np.ndarray | LinearWeight) -> str:
-        """x @ W.T for a checkpoint weight W [out, in] (written here in the graph's format) or a written one.
-
-        Each format uses the kernel measured fastest for it at batch 1 (tools/kernel_bench.py); every one is
-        an onnxruntime CPU kernel with ARM64 paths, and none keeps a dequantized copy.
-        """
+    def linear(self, x: str, name: str, w: np.ndarray | LinearWeight, fmt: WeightFormat | None = None) -> str:
+        """x @ W.T: a checkpoint weight W [out, in] is written here in `fmt`; a LinearWeight is already written (the
+        head shares the embedding's) in its own. `name` names the initializers ("name.<part>") and the record of
+        which format it took; the format emits its kernel's nodes (edge_runtime/weight_formats.py)."""
         if not isinstance(w, LinearWeight):
-            w = write_linear(self.weights, w, self.weight_format, self.block_size)
+            if fmt is None:
+                raise TypeError(f"linear {name}: a checkpoint weight needs the format to write it in")
+            try:
+                w = fmt.write(self.weights, w)
+            except ValueError as exc:
+                raise ValueError(f"{name} has {exc}") from None
         refs = {key: self.external(f"{name}.{key}", ref) for key, ref in w.refs.items()}
-        if w.format == "fp32":
-            return self.op("Gemm", x, refs["weight"], transB=1)
-        if w.format == "fp16":
-            half = self.op("Cast", x, to=TensorProto.FLOAT16)
-            return self.op("Cast", self.op("Gemm", half, refs["weight"], transB=1), to=TensorProto.FLOAT)
-        if w.format == "int8":
-            zero = self.weight(f"{name}.zero_point", np.full(w.n, 128, np.uint8), np.dtype(np.uint8))
-            return self.op("DynamicQuantizeMatMul", x, refs["weight_t"], refs["scale"], zero, domain=MS_DOMAIN)
-        return self.op("MatMulNBits", x, refs["codes"], refs["scale"], domain=MS_DOMAIN, K=w.k, N=w.n, bits=4, block_size=w.block_size,
-                       accuracy_level=NBITS_ACCURACY_LEVEL)
+        self.linears[name] = w.format
+        return w.format.emit(self, x, name, refs, w.n, w.k)
+
+    def contrib(self, op_type: str, *inputs: str, **attrs) -> str:
+        """One node of onnxruntime's com.microsoft contrib ops (CPU kernels, with ARM64 paths)."""
+        return self.op(op_type, *inputs, domain=MS_DOMAIN, **attrs)
+
+    def cast(self, x: str, dtype: np.dtype) -> str:
+        return self.op("Cast", x, to=_NP_TO_ONNX[np.dtype(dtype)])
 
     def rms_norm(self, x: str, weight: str | None, eps: float, width: int | None = None) -> str:
         """Gemma's RMSNorm over the last axis: x * (mean(x^2) + eps)^-0.5 * w, the weight used as is (not 1 + w).

@@ -182,6 +182,18 @@ def gemma3n_without_towers(monkeypatch):
     monkeypatch.setattr(modeling, "AutoModel", TowersLeftOut)
 
 
+def overwrite_first_value(checkpoint: Path, tensor: str, value: float) -> None:
+    """Write `value` as the first float32 of `tensor` in a single-file checkpoint (a bad weight, for the errors)."""
+    import numpy as np
+
+    file = checkpoint / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start = 8 + header_len + json.loads(data[8:8 + header_len])[tensor]["data_offsets"][0]
+    data[start:start + 4] = np.float32(value).tobytes()
+    file.write_bytes(bytes(data))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import overwrite_first_value
 from edge_runtime.artifact import MANIFEST, read_manifest, sha256_file, verify_artifact
 from edge_runtime.errors import ArtifactError, CheckpointError
 from edge_runtime.export import export_checkpoint
@@ -84,12 +85,7 @@ def test_ple_fp16_overflow_is_refused(checkpoints, tmp_path):
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoints["shared-gqa"], ckpt)
-    data = bytearray((ckpt / "model.safetensors").read_bytes())
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + header_len])
-    start = 8 + header_len + header["model.embed_tokens_per_layer.weight"]["data_offsets"][0]
-    data[start:start + 4] = np.float32(1e6).tobytes()
-    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    overwrite_first_value(ckpt, "model.embed_tokens_per_layer.weight", 1e6)
     with pytest.raises(CheckpointError, match="outside the fp16 range .* export with --ple bf16 or fp32"):
         export_checkpoint(ckpt, tmp_path / "a", ple="fp16")
     assert list(tmp_path.iterdir()) == [ckpt]

@@ -26,7 +26,13 @@ from edge_runtime.cost_model import (
 )
 from edge_runtime.device_profiles import PROFILE_DIR
 from edge_runtime.kv_formats import kv_format
-from edge_runtime.planner import known_models, linear_macs, read_per_token
+from edge_runtime.planner import (
+    known_models,
+    linear_macs,
+    linear_macs_by_format,
+    read_per_token,
+    read_per_token_by_format,
+)
 from edge_runtime.profiles import load_profile
 
 E2B, E4B = known_models()["Gemma 4 E2B"], known_models()["Gemma 4 E4B"]
@@ -181,3 +187,28 @@ def test_a_profile_without_the_cost_facts_loads_and_says_there_is_no_estimate(tm
     assert shown.returncode == 0, shown.stderr
     assert "no estimate: the profile gives no peak_gb_s, clock_ghz, int8_macs_per_cycle" in shown.stdout
     assert "  bandwidth not given" in shown.stdout
+
+
+def test_a_mixed_recipe_reads_each_formats_bytes_at_that_formats_efficiency():
+    """int4-mixed's int8 groups go through int8's kernel: each format's bytes and MACs at its own efficiency."""
+    pi5 = load_profile("pi5-8gb")
+    e = estimate(E2B, pi5, contexts=(4096,), **{**FORMATS, "weights": "int4-mixed"})
+    by_format = read_per_token_by_format(E2B, "int4-mixed", 128, "int4")
+    assert set(by_format) == {"int4", "int8"}
+    assert sum(by_format.values()) == sum(read_per_token(E2B, "int4-mixed", 128, "int4").values()) == e.bytes_per_token
+    kv_bytes, kv_values = kv_format("tq3.5").attention_reads(E2B, 4096, 32, kv_format("fp32"))
+    rate = pi5.sustained_gb_s * 1e9
+    seconds = (by_format["int4"] / (cost_model.DECODE_EFFICIENCY["int4"] * rate)
+               + by_format["int8"] / (cost_model.DECODE_EFFICIENCY["int8"] * rate) + kv_bytes / rate
+               + kv_values / (pi5.threads * pi5.clock_ghz * 1e9 * cost_model.ATTENTION_VALUES_PER_CYCLE))
+    assert e.decode[0].tokens_per_second == pytest.approx(1 / seconds, rel=1e-12)
+    macs = linear_macs_by_format(E2B, "int4-mixed", 128)
+    assert tuple(map(sum, zip(*macs.values(), strict=True))) == linear_macs(E2B)
+    peak = pi5.threads * pi5.int8_macs_per_cycle * pi5.clock_ghz * 1e9
+    prompt = e.prompt_tokens
+    prefill_seconds = sum((prompt * every + last) / (peak * PREFILL_EFFICIENCY[name])  # one chunk of 128
+                          for name, (every, last) in macs.items())
+    assert e.prefill_tokens_per_second == pytest.approx(prompt / prefill_seconds, rel=1e-12)
+    int4, int8 = (estimate(E2B, pi5, contexts=(4096,), **{**FORMATS, "weights": w}) for w in ("int4", "int8"))
+    assert int8.decode[0].tokens_per_second < e.decode[0].tokens_per_second < int4.decode[0].tokens_per_second
+    assert format_estimates([e]).startswith(f"{LABEL}: weights int4 b128, qkv int8, per_layer int8, PLE int4")

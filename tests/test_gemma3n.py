@@ -387,7 +387,9 @@ def test_quantized_logits_stay_as_close_to_transformers_as_gemma_4s(fmt, block, 
     _, ids, expected, _ = trained
     model = edge_runtime.load(export_checkpoint(TRAINED, tmp_path / "a", weights=fmt, block_size=block),
                               prefill_chunk=64, kv="fp32")
-    bound, agreement = QUANTIZED_BOUNDS[fmt, block]
+    # The mixed recipe leaves AltUp's and LAuReL's matrices in its base int4 (weight_recipe.OTHER): Gemma 3n's is held
+    # to int4's bound (measured: block 128, 6.78e-02 against int4's 7.36e-02; block 32, 5.69e-02 against 6.06e-02).
+    bound, agreement = QUANTIZED_BOUNDS["int4" if fmt == "int4-mixed" else fmt, block]
     for mode in ("prefill", "decode"):
         error, top1 = _relative_error(model.logits(ids, mode=mode), expected)
         print(f"trained 3n {fmt} block {block} {mode}: relative RMS error {error:.2e}, top-1 agreement {top1:.3f}")

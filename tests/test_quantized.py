@@ -24,6 +24,7 @@ from edge_runtime.quant.integer import (
     quantize_int4_blocks,
     quantize_int8_rows,
 )
+from edge_runtime.weight_formats import weight_format
 
 
 def test_int8_rows_round_to_the_nearest_step():
@@ -65,8 +66,8 @@ def test_kernels_read_the_layout_export_writes(fmt, block, tmp_path):
         x[:, 1] = -127.0  # per-tensor uint8 range [-127, 128]: scale 1, zero point 127
         x[0, 2] = 128.0
     with WeightsWriter(tmp_path / "weights.bin") as writer:
-        g = GraphBuilder("one", writer, fmt, block)
-        g.output(g.linear(g.input("x", ["T", k]), "w", w), "y", ["T", n])
+        g = GraphBuilder("one", writer)
+        g.output(g.linear(g.input("x", ["T", k]), "w", w, weight_format(fmt, block)), "y", ["T", n])
         g.save(tmp_path / "one.onnx")
     got = open_session(tmp_path / "one.onnx").run(None, {"x": x})[0]
     if fmt == "fp16":
@@ -86,9 +87,10 @@ def test_kernels_read_the_layout_export_writes(fmt, block, tmp_path):
 # Against transformers' fp32 model of the bundled trained checkpoint (realistic activations; random weights
 # amplify quantization noise layer after layer and say little): (relative RMS error of the logits, least
 # top-1 agreement). Measured: fp16 1.3e-4 / 1.0; int8 1.4e-2 prefill, 6e-3 decode / 0.98;
-# int4 4.8e-2 (block 32) to 5.5e-2 (block 128) / 0.91-0.93.
+# int4 4.8e-2 (block 32) to 5.5e-2 (block 128) / 0.91-0.93; the int4-mixed recipe (qkv and the per-layer-input
+# projections in int8) 4.1e-2 (block 32) to 4.8e-2 (block 128) / 0.91-0.95.
 BOUNDS = {("fp16", 32): (5e-4, 1.0), ("int8", 32): (3e-2, 0.95), ("int4", 32): (8e-2, 0.85),
-          ("int4", 128): (8e-2, 0.85)}
+          ("int4", 128): (8e-2, 0.85), ("int4-mixed", 32): (6e-2, 0.88), ("int4-mixed", 128): (6e-2, 0.88)}
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +134,8 @@ def test_quantized_artifact_sizes(checkpoints, tmp_path):
 
 HELDOUT_TOKENS = 512  # the bundled model's whole context
 # Perplexity budgets of the issue, relative to fp32, on the bundled trained model.
-BUDGETS = [("int8", 32, "fp32", 0.01), ("int4", 32, "fp32", 0.05), ("fp32", 32, "int8", 0.005)]
+BUDGETS = [("int8", 32, "fp32", 0.01), ("int4", 32, "fp32", 0.05), ("int4-mixed", 32, "fp32", 0.05),
+           ("fp32", 32, "int8", 0.005)]
 
 
 def _perplexity(path: Path, text: str) -> tuple[float, np.ndarray]:

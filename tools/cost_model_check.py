@@ -37,7 +37,7 @@ from edge_runtime.integrity import check_artifact
 from edge_runtime.kv_formats import kv_format
 from edge_runtime.model import DEFAULT_PREFILL_CHUNK
 from edge_runtime.model_spec import ModelSpec
-from edge_runtime.planner import linear_macs, read_per_token
+from edge_runtime.planner import linear_macs, read_per_token_by_format
 from edge_runtime.profiles import Profile, load_profile
 
 
@@ -104,9 +104,8 @@ def compare(result: dict, profile_name: str) -> list[dict]:
 
 def implied(spec: ModelSpec, profile: Profile, kw: dict, depth: int, test: dict) -> dict:
     """The constant that makes this test's estimate exact, the others as cost_model.py has them, at the bandwidth
-    the estimate uses (the profile's)."""
+    the estimate uses (the profile's). For a recipe mixing formats the implied efficiency is their blend."""
     rate, measured = cost_model.bandwidth(profile)[0] * 1e9, test["tokens_per_second"]
-    weights = kw["weights"]
     if not test["n_gen"]:
         every, last = linear_macs(spec)
         n = test["n_prompt"]
@@ -118,11 +117,13 @@ def implied(spec: ModelSpec, profile: Profile, kw: dict, depth: int, test: dict)
              for c in range(depth + 1, depth + test["n_gen"] + 1)]
     kv_bytes = sum(b for b, _ in reads) / len(reads)
     kv_values = sum(v for _, v in reads) / len(reads)
-    model_bytes = sum(read_per_token(spec, weights, kw["block_size"], kw["ple"]).values())
+    by_format = read_per_token_by_format(spec, kw["weights"], kw["block_size"], kw["ple"])
+    model_bytes = sum(by_format.values())
     step = 1 / measured
     attention_rate = profile.threads * profile.clock_ghz * 1e9 * cost_model.ATTENTION_VALUES_PER_CYCLE
     weights_time = step - kv_bytes / rate - kv_values / attention_rate
-    attention_time = step - model_bytes / (cost_model.DECODE_EFFICIENCY[weights] * rate) - kv_bytes / rate
+    read_time = sum(n / (cost_model.DECODE_EFFICIENCY[name] * rate) for name, n in by_format.items())
+    attention_time = step - read_time - kv_bytes / rate
     if not depth:  # the cache is a few tokens: the step is the weights' read
         return {"DECODE_EFFICIENCY": model_bytes / rate / weights_time if weights_time > 0 else None}
     return {"ATTENTION_VALUES_PER_CYCLE": (kv_values / attention_time / (profile.threads * profile.clock_ghz * 1e9)

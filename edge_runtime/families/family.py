@@ -17,14 +17,29 @@ from typing import Any
 from edge_runtime.families.contract import GraphContract
 from edge_runtime.model_spec import ModelSpec
 
+# The tied embedding's name in every artifact, whatever the family: the LM head's linear in the graphs and in the
+# manifest's weight_formats, and the lookup rows' tensor in the manifest's tensors.
+HEAD = "embed_tokens"
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear weight of a graph, [n out, k in], stacked ones as one, as the graph holds it: `name` is its tensor
+    group (its initializers are `name.<part>`, and the manifest records its format by it), `role` says which format
+    a weight recipe gives it (edge_runtime/weight_recipe.py)."""
+
+    name: str
+    role: str
+    n: int
+    k: int
+
 
 @dataclass(frozen=True)
 class GraphPart:
-    """Part of an ONNX graph as the planner counts it: its linear weights [out, in] (stacked ones as one, as the
-    graph holds them), its float32 vector values, and whether a prefill runs it at every position of a chunk or,
-    past the segment that takes rows, at the chunk's last only."""
+    """Part of an ONNX graph as the planner counts it: its linear weights, its float32 vector values, and whether a
+    prefill runs it at every position of a chunk or, past the segment that takes rows, at the chunk's last only."""
 
-    linears: tuple[tuple[int, int], ...]
+    linears: tuple[Linear, ...]
     vector_values: int
     every_position: bool
 
@@ -70,6 +85,7 @@ class Family:
         return self.spec_type.family
 
     def graph_builders(self) -> ModuleType:
-        """The family's graph builders: `build_segment(spec, index, weights, head, new_graph, path) -> bytes read`.
+        """The family's graph builders: `build_segment(spec, index, weights, head, recipe, new_graph, path) -> bytes
+        read`, each linear written in the format `recipe` gives its role and named as `graph_parts` names it.
         Imported on demand because they need onnx, which only export installs."""
         return importlib.import_module(self.graphs)

@@ -42,6 +42,8 @@
 
 typedef float vf __attribute__((vector_size(32)));
 typedef float vf_unaligned __attribute__((vector_size(32), aligned(4))); /* how vectors are loaded and stored */
+typedef int32_t vi __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(32)));
 
 /* Half-precision widening is the one thing written with each machine's intrinsics (GCC 12 turns a vector
  * conversion of _Float16 into one instruction per value); both headers are inline functions only. */
@@ -147,6 +149,53 @@ static inline float exp_f32(float x) {
     return p * scale.f;
 }
 
+typedef uint16_t u16_unaligned __attribute__((aligned(1), may_alias));
+typedef uint32_t u32_unaligned __attribute__((aligned(1), may_alias));
+static inline uint32_t load_u16(const uint8_t *p) { return *(const u16_unaligned *)p; }
+static inline uint32_t load_u32(const uint8_t *p) { return *(const u32_unaligned *)p; }
+
+/* A packed part's 2**bits values (centroids, signs), read back from its byte table (entry 0 of byte c is value c;
+ * for 3 bits the table is indexed by a low byte and a high nibble: packing.py's LookupTable), held where one
+ * variable shuffle finds them: two vectors for x86's vpermps, 64 bytes for NEON's tbl. */
+typedef struct {
+#if defined(__aarch64__)
+    uint8x16x4_t bytes;
+#else
+    vf low, high;
+#endif
+} Centroids;
+
+static Centroids centroids(const Part *part) {
+    float values[16] = {0};
+    const int count = 1 << part->bits;
+    for (int c = 0; c < count; c++)
+        values[c] = part->bits == 3 ? part->lookup[4 * ((c & 3) | (c >> 2) << 8)] : part->lookup[8 / part->bits * c];
+    Centroids t;
+#if defined(__aarch64__)
+    t.bytes = vld1q_u8_x4((const uint8_t *)values);
+#else
+    t.low = load8(values);
+    t.high = load8(values + 8);
+#endif
+    return t;
+}
+
+/* The values of 8 codes (each < 16). NEON's tbl looks up bytes: code c becomes the byte indices 4c .. 4c + 3 of
+ * its float (c * 0x04040404 + 0x03020100, little-endian lanes). GCC's generic shuffle is scalar code there. */
+static inline vf lookup8(const Centroids *t, vu codes) {
+#if defined(__aarch64__)
+    union { vu v; uint32x4_t q[2]; } c = {codes};
+    union { vf v; float32x4_t q[2]; } r;
+    for (int h = 0; h < 2; h++) {
+        const uint32x4_t index = vmlaq_n_u32(vdupq_n_u32(0x03020100u), c.q[h], 0x04040404u);
+        r.q[h] = vreinterpretq_f32_u8(vqtbl4q_u8(t->bytes, vreinterpretq_u8_u32(index)));
+    }
+    return r.v;
+#else
+    return __builtin_shuffle(t->low, t->high, (vi)codes);
+#endif
+}
+
 /* One stored row of a part -> out[0:P(width)] float32, zeros past width. */
 static void widen(const Part *part, int64_t row, float *restrict out) {
     const uint8_t *bytes = part->codes + row * part->stride;
@@ -181,28 +230,42 @@ static void widen(const Part *part, int64_t row, float *restrict out) {
         for (int32_t j = 0; j < width; j++) out[j] = (float)c[j];
         break;
     }
-    default: { /* packing.py's layouts, through the codec's byte table: each byte (for 3 bits: each low byte and its
-                * high nibble) to its 8/bits values at once; a row is codes for a multiple of 8 values */
-        const float *lookup = part->lookup;
-        const int32_t bytes_per_plane = (width + 7) / 8;
+    default: { /* packing.py's layouts: code t of a byte at bit bits * t, so the codes of 8 values lie in `bits`
+                * bytes (for 3 bits: 2 bytes of the low 2-bit plane and 1 of the high 1-bit plane); each group of
+                * 8 is shifted apart in the lanes of one integer vector and looked up in the centroids by one
+                * variable shuffle (lookup8) */
+        const Centroids table = centroids(part);
+        const int32_t groups = (width + 7) / 8;
         switch (part->bits) {
-        case 4:
-            for (int32_t b = 0; b < 4 * bytes_per_plane; b++)
-                for (int k = 0; k < 2; k++) out[2 * b + k] = lookup[2 * bytes[b] + k];
+        case 4: {
+            const vu shift = {0, 4, 8, 12, 16, 20, 24, 28};
+            for (int32_t g = 0; g < groups; g++) {
+                const uint32_t word = load_u32(bytes + 4 * g);
+                store8(out + 8 * g, lookup8(&table, ((vu){0} + word) >> shift & 15));
+            }
             break;
-        case 2:
-            for (int32_t b = 0; b < 2 * bytes_per_plane; b++)
-                for (int k = 0; k < 4; k++) out[4 * b + k] = lookup[4 * bytes[b] + k];
+        }
+        case 2: {
+            const vu shift = {0, 2, 4, 6, 8, 10, 12, 14};
+            for (int32_t g = 0; g < groups; g++) {
+                const uint32_t word = load_u16(bytes + 2 * g);
+                store8(out + 8 * g, lookup8(&table, ((vu){0} + word) >> shift & 3));
+            }
             break;
-        case 1:
-            for (int32_t b = 0; b < bytes_per_plane; b++)
-                for (int k = 0; k < 8; k++) out[8 * b + k] = lookup[8 * bytes[b] + k];
+        }
+        case 1: {
+            const vu shift = {0, 1, 2, 3, 4, 5, 6, 7};
+            for (int32_t g = 0; g < groups; g++)
+                store8(out + 8 * g, lookup8(&table, ((vu){0} + bytes[g]) >> shift & 1));
             break;
-        default: { /* 3 bits: a 2-bit plane of the low bits (4 codes a byte), then a 1-bit plane of the high bits */
-            const uint8_t *high = bytes + 2 * bytes_per_plane;
-            for (int32_t g = 0; g < 2 * bytes_per_plane; g++) {
-                const int index = bytes[g] | (((high[g >> 1] >> ((g & 1) << 2)) & 15) << 8);
-                for (int k = 0; k < 4; k++) out[4 * g + k] = lookup[4 * index + k];
+        }
+        default: { /* 3 bits: a 2-bit plane of the low bits, then a 1-bit plane of the high bits */
+            const vu shift_low = {0, 2, 4, 6, 8, 10, 12, 14}, shift_high = {0, 1, 2, 3, 4, 5, 6, 7};
+            const uint8_t *high_plane = bytes + 2 * groups;
+            for (int32_t g = 0; g < groups; g++) {
+                const vu index = (((vu){0} + load_u16(bytes + 2 * g)) >> shift_low & 3)
+                                 | (((vu){0} + high_plane[g]) >> shift_high & 1) << 2;
+                store8(out + 8 * g, lookup8(&table, index));
             }
         }
         }

@@ -3,9 +3,10 @@
 A codec's stored vector x is reconstructed as x[C_p] += coef_p * scale_p[n] * decode_p(row_n) @ T_p.T, summed over
 parts p:
 - the part's codes are a [n, bytes] uint8 array (a float32 or float16 store is its bytes, seen as uint8);
-- decode_p widens one row: float32 as is, float16 by its bits, int8 as integers, b-bit packed codes through their
-  codec's byte table (edge_runtime.quant.packing.LookupTable: a byte, or for 3 bits a low byte and a high nibble,
-  straight to its 8/b values, Lloyd-Max centroids or -1/+1 for sign bits);
+- decode_p widens one row: float32 as is, float16 by its bits, int8 as integers, b-bit packed codes to their
+  2**b values (Lloyd-Max centroids, or -1/+1 for sign bits), given by the codec's byte table
+  (edge_runtime.quant.packing.LookupTable: a byte, or for 3 bits a low byte and a high nibble, straight to its 8/b
+  values; the kernel reads the 2**b values back from it and looks 8 codes up at a time with one shuffle);
 - scale_p is a per-vector float32 array (a norm, an int8 scale) or None, coef_p a constant;
 - C_p are the channels of x the part covers (ChannelSplit's halves), or None for all of them;
 - T_p is the part's transform [len(C_p), width] (a rotation, a Gaussian projection) or None for the identity.

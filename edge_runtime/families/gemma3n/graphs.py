@@ -40,30 +40,43 @@ from edge_runtime.families.gemma3n.plan import (
     ROWS_INPUT,
     rows_segment,
 )
+from edge_runtime.families.gemma3n.shapes import ALTUP_PROJECTIONS, LAUREL_LEFT_NAME, LAUREL_RIGHT_NAME, unembed_name
 from edge_runtime.families.gemma4.graphs import NewGraph, Weights, attention_inputs, lm_head, ple_context
+from edge_runtime.families.gemma4.shapes import (
+    DOWN_PROJ_NAME,
+    GATE_UP_NAME,
+    O_PROJ_NAME,
+    PLE_GATE_NAME,
+    PLE_PROJECTION_NAME,
+)
+from edge_runtime.weight_recipe import DOWN_PROJ, GATE_UP, O_PROJ, OTHER, PER_LAYER, WeightRecipe
 
+# The role each of a layer's own linears takes its format by (LAuReL's take the base format: OTHER)
+ROLE_OF = {O_PROJ_NAME: O_PROJ, PLE_GATE_NAME: PER_LAYER, PLE_PROJECTION_NAME: PER_LAYER}
 MIN_MAGNITUDE = 1e-5  # transformers clamps a projected stream's mean square at this before rescaling it
 
 
-def build_segment(spec: Gemma3nSpec, i: int, w: Weights, head: LinearWeight, new_graph: NewGraph, path: Path) -> int:
-    """Write segment i's graph to `path`; returns the weight bytes it reads per call."""
+def build_segment(spec: Gemma3nSpec, i: int, w: Weights, head: LinearWeight, recipe: WeightRecipe, new_graph: NewGraph,
+                  path: Path) -> int:
+    """Write segment i's graph to `path`, each linear in the format `recipe` gives its role (AltUp's and LAuReL's,
+    which no role names, in the recipe's base format); returns the weight bytes it reads per call."""
     g = new_graph(path.stem)
     n, h = spec.num_hidden_layers, spec.hidden_size
     if i == 0:
         embeds = g.input(INPUTS_EMBEDS, ["T", h])
-        g.output(ple_context(spec, g, w, embeds), PLE_CONTEXT, [n, "T", spec.hidden_size_per_layer_input])
-        streams = _expand(spec, g, w, embeds)
+        g.output(ple_context(spec, g, w, embeds, recipe), PLE_CONTEXT, [n, "T", spec.hidden_size_per_layer_input])
+        streams = _expand(spec, g, w, embeds, recipe)
     else:
-        streams = _layer_output(spec, i - 1, g, w)
+        streams = _layer_output(spec, i - 1, g, w, recipe)
     rows = g.input(ROWS_INPUT, ["R"], TensorProto.INT64) if i == rows_segment(spec) else None
     if rows is not None:
         streams = g.op("Gather", streams, rows, axis=0)
     if i == n:
-        lm_head(spec, g, w, _collapse(spec, g, w, streams), head)
+        lm_head(spec, g, w, _collapse(spec, g, w, streams, recipe), head)
     else:
         predictions = _predict(spec, i, g, w, streams)
         g.output(predictions, PREDICTIONS_OUT, ["T", spec.altup_num_inputs, h])
-        attention_inputs(spec, i, g, w, _stream(g, predictions, 0), rows)
+        attention_inputs(spec, i, g, w, recipe, _stream(g, predictions, 0), rows)
     return g.save(path)
 
 
@@ -82,25 +95,26 @@ def _rescaled(g: GraphBuilder, x: str, target: str) -> str:
     return g.op("Div", g.op("Mul", x, target), magnitude)
 
 
-def _expand(spec: Gemma3nSpec, g: GraphBuilder, w: Weights, embeds: str) -> str:
+def _expand(spec: Gemma3nSpec, g: GraphBuilder, w: Weights, embeds: str, recipe: WeightRecipe) -> str:
     """The S streams [T, S, H] of the scaled embedding: itself, then its S - 1 projections (one stacked weight),
     each rescaled to its RMS."""
     h, s = spec.hidden_size, spec.altup_num_inputs
     stacked = np.concatenate([w(f"altup_projections.{k}.weight") for k in range(s - 1)])
-    projected = g.reshape(g.linear(embeds, "altup_projections", stacked), [0, s - 1, h])
+    projected = g.reshape(g.linear(embeds, ALTUP_PROJECTIONS, stacked, recipe.format_for(OTHER)), [0, s - 1, h])
     target = g.unsqueeze(g.op("Sqrt", _mean_square(g, embeds)), 1)
     return g.op("Concat", g.unsqueeze(embeds, 1), _rescaled(g, projected, target), axis=1)
 
 
-def _collapse(spec: Gemma3nSpec, g: GraphBuilder, w: Weights, streams: str) -> str:
+def _collapse(spec: Gemma3nSpec, g: GraphBuilder, w: Weights, streams: str, recipe: WeightRecipe) -> str:
     """The streams averaged into one [T, H]: stream 0, and streams 1.. through their unembed projections rescaled to
     stream 0's RMS."""
     active = _stream(g, streams, 0)
     target = g.op("Sqrt", _mean_square(g, active))
     parts = [active]
     for k in range(1, spec.altup_num_inputs):
-        name = f"altup_unembed_projections.{k - 1}"
-        parts.append(_rescaled(g, g.linear(_stream(g, streams, k), name, w(f"{name}.weight")), target))
+        name = unembed_name(k)
+        parts.append(_rescaled(g, g.linear(_stream(g, streams, k), name, w(f"{name}.weight"), recipe.format_for(OTHER)),
+                               target))
     stacked = g.op("Concat", *(g.unsqueeze(p, 0) for p in parts), axis=0)
     return g.op("ReduceMean", stacked, g.const([0], np.int64), keepdims=0)
 
@@ -128,21 +142,23 @@ def _predict(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, streams: st
     return g.op("Add", mixed, streams)
 
 
-def _mlp(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, x: str) -> str:
+def _mlp(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, x: str, recipe: WeightRecipe) -> str:
     """down(gelu(gate) * up), gate and up one stacked weight; on a sparse layer the gate is first cut at
     mean + z * std of its own row."""
     pre, m = f"layers.{i}.mlp.", spec.mlp_size(i)
-    gate_up = g.linear(x, pre + "gate_up_proj", np.concatenate([w(pre + "gate_proj.weight"), w(pre + "up_proj.weight")]))
+    gate_up = g.linear(x, f"layers.{i}.{GATE_UP_NAME}", np.concatenate([w(pre + "gate_proj.weight"), w(pre + "up_proj.weight")]),
+                       recipe.format_for(GATE_UP))
     gate, up = g.op("Split", gate_up, g.const([m, m], np.int64), axis=-1, n_out=2)
     z = spec.sparsity_cutoff(i)
     if z is not None:
         mean = g.op("ReduceMean", gate, g.const([-1], np.int64), keepdims=1)
         std = g.op("Sqrt", _mean_square(g, g.op("Sub", gate, mean)))
         gate = g.op("Relu", g.op("Sub", gate, g.op("Add", mean, g.op("Mul", std, g.const(z)))))
-    return g.linear(g.op("Mul", g.gelu_tanh(gate), up), pre + "down_proj", w(pre + "down_proj.weight"))
+    return g.linear(g.op("Mul", g.gelu_tanh(gate), up), f"layers.{i}.{DOWN_PROJ_NAME}", w(pre + "down_proj.weight"),
+                    recipe.format_for(DOWN_PROJ))
 
 
-def _layer_output(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights) -> str:
+def _layer_output(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, recipe: WeightRecipe) -> str:
     """Layer i after attention, on its predictions [T, S, H]: LAuReL, o_proj and the MLP on the active stream, then
     AltUp's correction of every stream and the layer's PLE contribution to streams 1..; the corrected streams."""
     h, s, p, eps = spec.hidden_size, spec.altup_num_inputs, spec.hidden_size_per_layer_input, spec.rms_norm_eps
@@ -152,7 +168,7 @@ def _layer_output(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights) -> str
         return g.rms_norm(x, g.weight(pre + name, w(pre + name + ".weight")), eps)
 
     def linear(x: str, name: str) -> str:
-        return g.linear(x, pre + name, w(pre + name + ".weight"))
+        return g.linear(x, pre + name, w(pre + name + ".weight"), recipe.format_for(ROLE_OF.get(name, OTHER)))
 
     predictions = g.input(PREDICTIONS, ["T", s, h])
     attn = g.input(ATTENTION, ["T", spec.num_attention_heads * spec.head_dims[i]])
@@ -161,11 +177,11 @@ def _layer_output(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights) -> str
 
     active = _stream(g, predictions, 0)
     x = norm(active, "input_layernorm")  # as the previous graph normed it for attention
-    laurel = g.op("Add", x, norm(linear(linear(x, "laurel.linear_left"), "laurel.linear_right"),
+    laurel = g.op("Add", x, norm(linear(linear(x, LAUREL_LEFT_NAME), LAUREL_RIGHT_NAME),
                                  "laurel.post_laurel_norm"))
-    attn = norm(linear(attn, "self_attn.o_proj"), "post_attention_layernorm")
+    attn = norm(linear(attn, O_PROJ_NAME), "post_attention_layernorm")
     attn_laurel = g.op("Div", g.op("Add", g.op("Add", active, attn), laurel), g.const(math.sqrt(2.0)))
-    mlp = _mlp(spec, i, g, w, norm(attn_laurel, "pre_feedforward_layernorm"))
+    mlp = _mlp(spec, i, g, w, norm(attn_laurel, "pre_feedforward_layernorm"), recipe)
     output = g.op("Add", attn_laurel, norm(mlp, "post_feedforward_layernorm"))
 
     modalities = _router(spec, i, g, w, output)
@@ -177,7 +193,7 @@ def _layer_output(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights) -> str
     if spec.altup_correct_scale:
         first = g.op("Mul", first, g.weight(pre + "altup.correct_output_scale", w(pre + "altup.correct_output_scale")))
     per_layer = g.op("Mul", g.op("Add", context, ple_rows), g.const(2.0 ** -0.5))
-    gated = g.op("Mul", g.gelu_tanh(linear(first, "per_layer_input_gate")), per_layer)
-    ple = norm(linear(gated, "per_layer_projection"), "post_per_layer_input_norm")
+    gated = g.op("Mul", g.gelu_tanh(linear(first, PLE_GATE_NAME)), per_layer)
+    ple = norm(linear(gated, PLE_PROJECTION_NAME), "post_per_layer_input_norm")
     streams_past_first = g.const(np.array([0.0] + [1.0] * (s - 1), np.float32).reshape(1, s, 1))
     return g.op("Add", corrected, g.op("Mul", g.unsqueeze(ple, 1), streams_past_first))

@@ -8,14 +8,31 @@ published K/V weights that nothing reads.
 
 from __future__ import annotations
 
-from edge_runtime.families.family import GraphPart
+from edge_runtime.families.family import HEAD, GraphPart, Linear
 from edge_runtime.families.gemma3n.config import Gemma3nSpec
 from edge_runtime.families.gemma3n.plan import rows_segment
+from edge_runtime.families.gemma4.shapes import (
+    DOWN_PROJ_NAME,
+    GATE_UP_NAME,
+    O_PROJ_NAME,
+    PLE_GATE_NAME,
+    PLE_MODEL_PROJECTION,
+    PLE_PROJECTION_NAME,
+    qkv_name,
+)
+from edge_runtime.weight_recipe import DOWN_PROJ, EMBED, GATE_UP, O_PROJ, OTHER, PER_LAYER, QKV
 
 EMBEDDING = "embed_tokens.weight"
 PLE_TABLE = "embed_tokens_per_layer.weight"
+ALTUP_PROJECTIONS = "altup_projections"  # the S - 1 projections of segment 0, stacked into one weight
+LAUREL_LEFT_NAME, LAUREL_RIGHT_NAME = "laurel.linear_left", "laurel.linear_right"
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                "post_feedforward_layernorm", "post_per_layer_input_norm")
+
+
+def unembed_name(k: int) -> str:
+    """Stream k's (k >= 1) projection back before the head."""
+    return f"altup_unembed_projections.{k - 1}"
 
 
 def checkpoint_tensors(spec: Gemma3nSpec) -> dict[str, tuple[int, ...]]:
@@ -75,21 +92,27 @@ def graph_parts(spec: Gemma3nSpec) -> list[tuple[GraphPart, ...]]:
         q, m, r = spec.num_attention_heads * spec.head_dims[i], spec.mlp_size(i), spec.laurel_rank
         # input_layernorm again, LAuReL's norm and the layer's other four; correction_coefs, correct_output_scale
         vectors = 6 * h + router + s * s + (h if spec.altup_correct_scale else 0)
-        return GraphPart(((h, q), (r, h), (h, r), (2 * m, h), (h, m), (p, h), (h, p)), vectors, i < cut)
+        pre = f"layers.{i}."
+        return GraphPart((Linear(pre + O_PROJ_NAME, O_PROJ, h, q), Linear(pre + LAUREL_LEFT_NAME, OTHER, r, h),
+                          Linear(pre + LAUREL_RIGHT_NAME, OTHER, h, r), Linear(pre + GATE_UP_NAME, GATE_UP, 2 * m, h),
+                          Linear(pre + DOWN_PROJ_NAME, DOWN_PROJ, h, m), Linear(pre + PLE_GATE_NAME, PER_LAYER, p, h),
+                          Linear(pre + PLE_PROJECTION_NAME, PER_LAYER, h, p)), vectors, i < cut)
 
     def attention_inputs(i: int) -> GraphPart:
         hd, shared = spec.head_dims[i], spec.is_kv_shared(i)
         rows = (spec.num_attention_heads + (0 if shared else 2 * spec.num_key_value_heads)) * hd
         vectors = router + s * s * s + h + hd * (1 if shared else 2)  # the prediction; input_layernorm, q/k norms
-        return GraphPart(((rows, h),), vectors, i < cut)
+        return GraphPart((Linear(f"layers.{i}.{qkv_name(shared)}", QKV, rows, h),), vectors, i < cut)
 
     def segment(i: int) -> tuple[GraphPart, ...]:
         if i == 0:
-            first: tuple[GraphPart, ...] = (GraphPart(((n * p, h),), p, True), GraphPart((((s - 1) * h, h),), 0, True))
+            first: tuple[GraphPart, ...] = (GraphPart((Linear(PLE_MODEL_PROJECTION, PER_LAYER, n * p, h),), p, True),
+                                            GraphPart((Linear(ALTUP_PROJECTIONS, OTHER, (s - 1) * h, h),), 0, True))
         else:
             first = (rest_of_layer(i - 1),)
         if i == n:
-            return *first, GraphPart(((h, h),) * (s - 1) + ((spec.vocab_size, h),), h, False)
+            unembed = tuple(Linear(unembed_name(k), OTHER, h, h) for k in range(1, s))
+            return *first, GraphPart((*unembed, Linear(HEAD, EMBED, spec.vocab_size, h)), h, False)
         return *first, attention_inputs(i)
 
     return [segment(i) for i in range(n + 1)]

@@ -30,6 +30,7 @@ import numpy as np
 from onnx import TensorProto
 
 from edge_runtime.export.onnx_graph import MS_DOMAIN, GraphBuilder, LinearWeight
+from edge_runtime.families.family import HEAD
 from edge_runtime.families.gemma4.config import Gemma4Spec
 from edge_runtime.families.gemma4.plan import (
     ATTENTION,
@@ -47,21 +48,33 @@ from edge_runtime.families.gemma4.plan import (
     VALUE,
     rows_segment,
 )
+from edge_runtime.families.gemma4.shapes import (
+    DOWN_PROJ_NAME,
+    GATE_UP_NAME,
+    O_PROJ_NAME,
+    PLE_GATE_NAME,
+    PLE_MODEL_PROJECTION,
+    PLE_PROJECTION_NAME,
+    qkv_name,
+)
 from edge_runtime.model_spec import ModelSpec
+from edge_runtime.weight_recipe import DOWN_PROJ, GATE_UP, O_PROJ, PER_LAYER, QKV, WeightRecipe
 
 Weights = Callable[[str], np.ndarray]
 NewGraph = Callable[[str], GraphBuilder]
 
 
-def build_segment(spec: Gemma4Spec, i: int, w: Weights, head: LinearWeight, new_graph: NewGraph, path: Path) -> int:
-    """Write segment i's graph to `path`; returns the weight bytes it reads per call."""
+def build_segment(spec: Gemma4Spec, i: int, w: Weights, head: LinearWeight, recipe: WeightRecipe, new_graph: NewGraph,
+                  path: Path) -> int:
+    """Write segment i's graph to `path`, each linear in the format `recipe` gives its role; returns the weight bytes
+    it reads per call."""
     g = new_graph(path.stem)
     n, h = spec.num_hidden_layers, spec.hidden_size
     if i == 0:
         hidden = g.input(INPUTS_EMBEDS, ["T", h])
-        g.output(ple_context(spec, g, w, hidden), PLE_CONTEXT, [n, "T", spec.hidden_size_per_layer_input])
+        g.output(ple_context(spec, g, w, hidden, recipe), PLE_CONTEXT, [n, "T", spec.hidden_size_per_layer_input])
     else:
-        hidden = _layer_output(spec, i - 1, g, w)
+        hidden = _layer_output(spec, i - 1, g, w, recipe)
     rows = g.input(ROWS_INPUT, ["R"], TensorProto.INT64) if i == rows_segment(spec) else None
     if rows is not None:
         hidden = g.op("Gather", hidden, rows, axis=0)
@@ -70,24 +83,24 @@ def build_segment(spec: Gemma4Spec, i: int, w: Weights, head: LinearWeight, new_
     else:
         if i > 0:
             g.output(hidden, HIDDEN_OUT, ["T", h])
-        attention_inputs(spec, i, g, w, hidden, rows)
+        attention_inputs(spec, i, g, w, recipe, hidden, rows)
     return g.save(path)
 
 
 def lm_head(spec: ModelSpec, g: GraphBuilder, w: Weights, hidden: str, head: LinearWeight) -> None:
     """The final norm, the tied LM head and the logit softcap, returned as the logits."""
     x = g.rms_norm(hidden, g.weight("norm", w("norm.weight")), spec.rms_norm_eps)
-    logits = g.linear(x, "embed_tokens", head)
+    logits = g.linear(x, HEAD, head)
     cap = spec.final_logit_softcapping
     if cap is not None:
         logits = g.op("Mul", g.op("Tanh", g.op("Mul", logits, g.const(1.0 / cap))), g.const(cap))
     g.output(logits, LOGITS, ["T", spec.vocab_size])
 
 
-def ple_context(spec: ModelSpec, g: GraphBuilder, w: Weights, embeds: str) -> str:
+def ple_context(spec: ModelSpec, g: GraphBuilder, w: Weights, embeds: str, recipe: WeightRecipe) -> str:
     """Context part of PLE: RMSNorm(proj(embeds) / sqrt(H)) as [layers, T, width]."""
     n, p = spec.num_hidden_layers, spec.hidden_size_per_layer_input
-    proj = g.linear(embeds, "per_layer_model_projection", w("per_layer_model_projection.weight"))
+    proj = g.linear(embeds, PLE_MODEL_PROJECTION, w(f"{PLE_MODEL_PROJECTION}.weight"), recipe.format_for(PER_LAYER))
     proj = g.op("Mul", proj, g.const(spec.hidden_size ** -0.5))
     proj = g.reshape(proj, [0, n, p])
     proj = g.rms_norm(proj, g.weight("per_layer_projection_norm", w("per_layer_projection_norm.weight")),
@@ -103,7 +116,8 @@ def _rope(g: GraphBuilder, x: str, heads: int, head_dim: int, cos: str, sin: str
     return g.reshape(rotated, [-1, heads, head_dim])
 
 
-def attention_inputs(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights, hidden: str, rows: str | None) -> None:
+def attention_inputs(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights, recipe: WeightRecipe, hidden: str,
+                      rows: str | None) -> None:
     """Layer i's normed, rotated queries (and, unless it is KV-shared, its new keys and values); `rows`: the token
     rows `hidden` was gathered at, which the RoPE tables are gathered at too."""
     hd, eps = spec.head_dims[i], spec.rms_norm_eps
@@ -121,7 +135,7 @@ def attention_inputs(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights, hidde
     x = g.rms_norm(hidden, weight("input_layernorm.weight"), eps)
     projections = ["q_proj"] if shared else ["q_proj", "k_proj", "v_proj"]
     stacked = np.concatenate([w(f"{pre}self_attn.{name}.weight") for name in projections])
-    qkv = g.linear(x, "self_attn.qkv_proj", stacked)
+    qkv = g.linear(x, pre + qkv_name(shared), stacked, recipe.format_for(QKV))
     widths = [nh * hd] + ([] if shared else [kvh * hd, kvh * hd])
     parts = g.op("Split", qkv, g.const(widths, np.int64), axis=-1, n_out=len(widths)) if len(widths) > 1 else [qkv]
     q = g.rms_norm(g.reshape(parts[0], [0, nh, hd]), weight("self_attn.q_norm.weight"), eps)
@@ -134,7 +148,7 @@ def attention_inputs(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights, hidde
         g.output(v, VALUE, ["T", kvh, hd])
 
 
-def _layer_output(spec: Gemma4Spec, i: int, g: GraphBuilder, w: Weights) -> str:
+def _layer_output(spec: Gemma4Spec, i: int, g: GraphBuilder, w: Weights, recipe: WeightRecipe) -> str:
     """Layer i after attention: o_proj, MLP and the layer's PLE contribution, on the residual stream."""
     h, eps, mlp = spec.hidden_size, spec.rms_norm_eps, spec.mlp_size(i)
     pre = f"layers.{i}."
@@ -142,24 +156,24 @@ def _layer_output(spec: Gemma4Spec, i: int, g: GraphBuilder, w: Weights) -> str:
     def weight(name: str) -> str:
         return g.weight(name, w(pre + name))
 
-    def linear(x: str, name: str) -> str:
-        return g.linear(x, name, w(pre + name + ".weight"))
+    def linear(x: str, name: str, role: str) -> str:
+        return g.linear(x, pre + name, w(pre + name + ".weight"), recipe.format_for(role))
 
     hidden = g.input(HIDDEN, ["T", h])
     attn = g.input(ATTENTION, ["T", spec.num_attention_heads * spec.head_dims[i]])
     ple_rows = g.input(PLE_ROWS_INPUT, ["T", spec.hidden_size_per_layer_input])
     ple_context = g.input(PLE_CONTEXT, ["T", spec.hidden_size_per_layer_input])
 
-    attn = g.rms_norm(linear(attn, "self_attn.o_proj"), weight("post_attention_layernorm.weight"), eps)
+    attn = g.rms_norm(linear(attn, O_PROJ_NAME, O_PROJ), weight("post_attention_layernorm.weight"), eps)
     x, hidden = g.skip_rms_norm(hidden, attn, weight("pre_feedforward_layernorm.weight"), eps)
-    gate_up = g.linear(x, "mlp.gate_up_proj", np.concatenate([w(pre + "mlp.gate_proj.weight"),
-                                                               w(pre + "mlp.up_proj.weight")]))
+    gate_up = g.linear(x, pre + GATE_UP_NAME, np.concatenate([w(pre + "mlp.gate_proj.weight"),
+                                                              w(pre + "mlp.up_proj.weight")]), recipe.format_for(GATE_UP))
     gate, up = g.op("Split", gate_up, g.const([mlp, mlp], np.int64), axis=-1, n_out=2)
-    mlp_out = linear(g.op("Mul", g.gelu_tanh(gate), up), "mlp.down_proj")
+    mlp_out = linear(g.op("Mul", g.gelu_tanh(gate), up), DOWN_PROJ_NAME, DOWN_PROJ)
     hidden = g.op("Add", hidden, g.rms_norm(mlp_out, weight("post_feedforward_layernorm.weight"), eps))
 
     per_layer = g.op("Mul", g.op("Add", ple_context, ple_rows), g.const(2.0 ** -0.5))
-    gate = g.gelu_tanh(linear(hidden, "per_layer_input_gate"))
-    ple = linear(g.op("Mul", gate, per_layer), "per_layer_projection")
+    gate = g.gelu_tanh(linear(hidden, PLE_GATE_NAME, PER_LAYER))
+    ple = linear(g.op("Mul", gate, per_layer), PLE_PROJECTION_NAME, PER_LAYER)
     hidden = g.op("Add", hidden, g.rms_norm(ple, weight("post_per_layer_input_norm.weight"), eps))
     return g.op("Mul", hidden, weight("layer_scalar"))

@@ -7,12 +7,18 @@ transformers' modeling code.
 
 from __future__ import annotations
 
-from edge_runtime.families.family import GraphPart
+from edge_runtime.families.family import HEAD, GraphPart, Linear
 from edge_runtime.families.gemma4.config import Gemma4Spec
 from edge_runtime.families.gemma4.plan import rows_segment
+from edge_runtime.weight_recipe import DOWN_PROJ, EMBED, GATE_UP, O_PROJ, PER_LAYER, QKV
 
 EMBEDDING = "embed_tokens.weight"
 PLE_TABLE = "embed_tokens_per_layer.weight"
+# The graphs' linear weights, by the names their initializers and the manifest's weight_formats carry (the head's is
+# every family's HEAD); in a layer they are prefixed "layers.<i>.".
+PLE_MODEL_PROJECTION = "per_layer_model_projection"
+O_PROJ_NAME, GATE_UP_NAME, DOWN_PROJ_NAME = "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"
+PLE_GATE_NAME, PLE_PROJECTION_NAME = "per_layer_input_gate", "per_layer_projection"
 
 
 def checkpoint_tensors(spec: Gemma4Spec) -> dict[str, tuple[int, ...]]:
@@ -57,19 +63,28 @@ def graph_parts(spec: Gemma4Spec) -> list[tuple[GraphPart, ...]]:
     cut = rows_segment(spec)
 
     def rest_of_layer(i: int) -> GraphPart:
-        q, m = spec.num_attention_heads * spec.head_dims[i], spec.mlp_size(i)
-        return GraphPart(((h, q), (2 * m, h), (h, m), (p, h), (h, p)), 4 * h + 1, i < cut)
+        q, m, pre = spec.num_attention_heads * spec.head_dims[i], spec.mlp_size(i), f"layers.{i}."
+        return GraphPart((Linear(pre + O_PROJ_NAME, O_PROJ, h, q), Linear(pre + GATE_UP_NAME, GATE_UP, 2 * m, h),
+                          Linear(pre + DOWN_PROJ_NAME, DOWN_PROJ, h, m), Linear(pre + PLE_GATE_NAME, PER_LAYER, p, h),
+                          Linear(pre + PLE_PROJECTION_NAME, PER_LAYER, h, p)), 4 * h + 1, i < cut)
 
     def attention_inputs(i: int) -> GraphPart:
         hd, shared = spec.head_dims[i], spec.is_kv_shared(i)
         rows = (spec.num_attention_heads + (0 if shared else 2 * spec.num_key_value_heads)) * hd
-        return GraphPart(((rows, h),), h + hd * (1 if shared else 2), i < cut)  # + norms
+        linear = Linear(f"layers.{i}.{qkv_name(shared)}", QKV, rows, h)
+        return GraphPart((linear,), h + hd * (1 if shared else 2), i < cut)  # + norms
 
     def segment(i: int) -> tuple[GraphPart, ...]:
-        first = rest_of_layer(i - 1) if i else GraphPart(((n * p, h),), p, True)
-        return first, GraphPart(((spec.vocab_size, h),), h, False) if i == n else attention_inputs(i)
+        first = rest_of_layer(i - 1) if i else GraphPart((Linear(PLE_MODEL_PROJECTION, PER_LAYER, n * p, h),), p, True)
+        head = GraphPart((Linear(HEAD, EMBED, spec.vocab_size, h),), h, False)
+        return first, head if i == n else attention_inputs(i)
 
     return [segment(i) for i in range(n + 1)]
+
+
+def qkv_name(shared: bool) -> str:
+    """The attention input projection's name: q alone on a KV-shared layer, q, k and v stacked on the others."""
+    return "self_attn.q_proj" if shared else "self_attn.qkv_proj"
 
 
 def activation_width(spec: Gemma4Spec) -> int:

@@ -1,0 +1,295 @@
+"""Weight formats: how a linear layer's [out, in] matrix is stored, which onnxruntime kernel computes with it, how the
+runtime reads a row of it back, and what it costs in bytes, one class per format, as KVFormat is for the KV cache.
+
+Export encodes each linear (`encode`, `write`) and emits its kernel into the graph (`emit`); the tied embedding is
+written once per layout its two readers need (`write_embedding`), and the runtime decodes the token rows it looks up
+(`decode_rows`); the planner and the cost model count a linear's bytes on disk and resident (`linear_bytes`) and an
+embedding row's (`row_bytes`). Graph emission goes through the builder handed in (export/onnx_graph.py), so this
+module needs numpy only and the runtime imports it without onnx.
+
+Each format uses the kernel measured fastest for it at batch 1 (tools/kernel_bench.py); every one is an onnxruntime
+CPU kernel with ARM64 paths, and none keeps a dequantized copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from edge_runtime.quant.integer import (
+    block_count,
+    dequantize_int4_blocks,
+    dequantize_int8_rows,
+    offset_binary,
+    quantize_int4_blocks,
+    quantize_int8_rows,
+)
+
+if TYPE_CHECKING:
+    from edge_runtime.artifact import TensorRef
+
+BLOCK_SIZES = (32, 64, 128)
+# MatMulNBits' accuracy level 4 quantizes activations to int8 per block and runs integer dot products (MLAS and
+# KleidiAI on ARM64); level 0 falls back to a float path 4-100x slower.
+NBITS_ACCURACY_LEVEL = 4
+# fp16: onnxruntime's x86 CPU Gemm has no fp16 kernel, so a float32 copy is made and the fp16 tensor kept: 3.0x the
+# file's bytes for a 6144 x 1536 weight. int4: MatMulNBits (accuracy level 4) packs codes, scales and block sums, and
+# the mapped scales stay resident: codes + 3 x scales, within 0.1 MiB for blocks 32, 64 and 128.
+FP16_RESIDENT_FACTOR = 3
+INT4_SCALE_COPIES = 3
+Layout = tuple[tuple[int, ...], np.dtype]
+
+
+@dataclass(frozen=True)
+class LinearWeight:
+    """A linear's weight [n out, k in] already in the weights file, as `format` lays it out for its kernel: `refs`
+    names each part (the format's `encode` keys)."""
+
+    format: WeightFormat
+    n: int
+    k: int
+    refs: Mapping[str, TensorRef]
+
+
+@dataclass(frozen=True)
+class EmbeddingWeights:
+    """The tied embedding as written: the LM head's weight, and the row-major tensors token lookup reads (codes, and
+    scales where the format has them)."""
+
+    head: LinearWeight
+    codes: TensorRef
+    scales: TensorRef | None
+
+    @property
+    def format(self) -> WeightFormat:
+        return self.head.format
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """One weight format. Subclasses give the encoding, the kernel, the row decode and the byte counts; the embedding
+    is written here for formats whose kernel reads the rows lookup reads (one copy serves both). `block_size` is the
+    block of formats quantized in blocks, None for the others; formats compare by kind and block."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    block_size: int | None = None
+
+    def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        """A checkpoint weight [n, k] in the layout this format's kernel reads, by part name."""
+        raise NotImplementedError
+
+    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
+        """Nodes computing x @ W.T into graph builder `g`, from the initializers `refs` (part name -> initializer)."""
+        raise NotImplementedError
+
+    def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
+        """(bytes an [n, k] weight takes in the graphs, bytes resident once onnxruntime has loaded it)."""
+        raise NotImplementedError
+
+    def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embedding rows [r, k] as stored for lookup: (codes [r, ...], scales [r, ...] or None)."""
+        raise NotImplementedError
+
+    def decode_rows(self, codes: np.ndarray, scales: np.ndarray | None, k: int) -> np.ndarray:
+        """Looked-up rows back to float32 [r, k]."""
+        raise NotImplementedError
+
+    def row_layout(self, k: int) -> tuple[Layout, Layout | None]:
+        """Shape and dtype of one stored row of codes, and of its scales (None: the format has none)."""
+        raise NotImplementedError
+
+    def row_bytes(self, k: int) -> int:
+        """Bytes one token's embedding lookup reads."""
+        return sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                   for shape, dtype in filter(None, self.row_layout(k)))
+
+    @property
+    def label(self) -> str:
+        """How people name it: "int4 b32" where the block matters, else the name."""
+        return f"{self.name} b{self.block_size}" if self.block_size else self.name
+
+    def write(self, writer: Any, w: np.ndarray) -> LinearWeight:
+        """Encode a checkpoint weight [n, k] and append its parts to the weights file (export/onnx_graph.WeightsWriter)."""
+        parts = self.encode(w)
+        return LinearWeight(self, *w.shape, {key: writer.add([a], a.shape, a.dtype) for key, a in parts.items()})
+
+    def write_embedding(self, writer: Any, chunks: Iterable[np.ndarray], vocab: int, k: int) -> EmbeddingWeights:
+        """Stream the embedding's row chunks into the weights file: codes as they come, scales (small) after them.
+        The head's kernel reads these rows as they are (its part names are `encode`'s, codes first)."""
+        scales: list[np.ndarray] = []
+        (code_shape, code_dtype), scale_layout = self.row_layout(k)
+
+        def codes() -> Iterable[np.ndarray]:
+            for chunk in chunks:
+                code, scale = self.encode_rows(chunk)
+                if scale is not None:
+                    scales.append(scale)
+                yield code
+
+        codes_ref = writer.add(codes(), (vocab, *code_shape), code_dtype)
+        refs = [codes_ref]
+        if scale_layout is not None:
+            flat = np.concatenate(scales).reshape(-1)
+            refs.append(writer.add([flat], flat.shape, flat.dtype))
+        parts = self.encode(np.zeros((1, k), np.float32))
+        head = LinearWeight(self, vocab, k, dict(zip(parts, refs, strict=True)))
+        return EmbeddingWeights(head, codes_ref, refs[1] if len(refs) > 1 else None)
+
+
+@dataclass(frozen=True)
+class Float32(WeightFormat):
+    name = "fp32"
+    summary = "the reference; parity with transformers within 1e-4 (Gemm)"
+
+    def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        return {"weight": np.asarray(w, dtype=np.float32)}
+
+    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
+        return g.op("Gemm", x, refs["weight"], transB=1)
+
+    def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
+        return 4 * n * k, 4 * n * k
+
+    def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, None]:
+        return self.encode(rows)["weight"], None
+
+    def decode_rows(self, codes: np.ndarray, scales: np.ndarray | None, k: int) -> np.ndarray:
+        return codes.astype(np.float32)
+
+    def row_layout(self, k: int) -> tuple[Layout, None]:
+        return ((k,), np.dtype(np.float32)), None
+
+
+@dataclass(frozen=True)
+class Float16(Float32):
+    """Half precision. x86 has no fp16 Gemm, so it folds the casts and computes in fp32; ARM cores with FP16
+    instructions compute in half precision (README, ARM64)."""
+
+    name = "fp16"
+    summary = "half-precision weights (Cast + fp16 Gemm + Cast)"
+
+    def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        with np.errstate(over="ignore"):
+            half = np.asarray(w).astype(np.float16)
+        if not np.isfinite(half).all():
+            raise ValueError(f"values outside the fp16 range (largest magnitude {float(np.abs(w).max()):.3g})")
+        return {"weight": half}
+
+    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
+        half = g.cast(x, np.dtype(np.float16))
+        return g.cast(g.op("Gemm", half, refs["weight"], transB=1), np.dtype(np.float32))
+
+    def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
+        return 2 * n * k, 2 * n * k * FP16_RESIDENT_FACTOR
+
+    def row_layout(self, k: int) -> tuple[Layout, None]:
+        return ((k,), np.dtype(np.float16)), None
+
+
+@dataclass(frozen=True)
+class Int8(WeightFormat):
+    """Symmetric per output channel (quant/integer.py), computed by com.microsoft.DynamicQuantizeMatMul on uint8 codes
+    (code + 128, zero point 128): the u8 x s8 kernel of x86 without VNNI saturates int16 pairs (tools/kernel_bench.py).
+    The kernel wants the weight transposed, [k, n], so the embedding keeps a row-major copy for lookup beside the
+    head's (400 MB more on disk for E2B, one row read per token)."""
+
+    name = "int8"
+    summary = "symmetric per output channel, stored as code+128 (com.microsoft.DynamicQuantizeMatMul)"
+
+    def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        codes, scale = quantize_int8_rows(w)
+        return {"weight_t": offset_binary(codes.T), "scale": scale}
+
+    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
+        zero = g.weight(f"{name}.zero_point", np.full(n, 128, np.uint8), np.dtype(np.uint8))
+        return g.contrib("DynamicQuantizeMatMul", x, refs["weight_t"], refs["scale"], zero)
+
+    def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
+        return n * k + 5 * n, n * k + 5 * n  # codes, then a float32 scale and a uint8 zero point per output
+
+    def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return quantize_int8_rows(rows)
+
+    def decode_rows(self, codes: np.ndarray, scales: np.ndarray | None, k: int) -> np.ndarray:
+        return dequantize_int8_rows(codes, scales)
+
+    def row_layout(self, k: int) -> tuple[Layout, Layout]:
+        return ((k,), np.dtype(np.int8)), ((), np.dtype(np.float32))
+
+    def write_embedding(self, writer: Any, chunks: Iterable[np.ndarray], vocab: int, k: int) -> EmbeddingWeights:
+        """Row-major int8 codes and their scales for lookup, then the head's transposed uint8 copy of the same codes,
+        built in memory (vocab x k bytes) as the rows stream by."""
+        scales: list[np.ndarray] = []
+        transposed = np.empty((k, vocab), dtype=np.uint8)
+
+        def codes() -> Iterable[np.ndarray]:
+            start = 0
+            for chunk in chunks:
+                code, scale = self.encode_rows(chunk)
+                scales.append(scale)
+                transposed[:, start:start + len(chunk)] = offset_binary(code).T
+                start += len(chunk)
+                yield code
+
+        codes_ref = writer.add(codes(), (vocab, k), np.dtype(np.int8))
+        scale = np.concatenate(scales)
+        scale_ref = writer.add([scale], scale.shape, scale.dtype)
+        head_ref = writer.add([transposed], transposed.shape, transposed.dtype)
+        return EmbeddingWeights(LinearWeight(self, vocab, k, {"weight_t": head_ref, "scale": scale_ref}), codes_ref,
+                                scale_ref)
+
+
+@dataclass(frozen=True)
+class Int4(WeightFormat):
+    """llama.cpp's Q4_0 grid per block of `block_size` values along a row, an fp32 scale per block (quant/integer.py),
+    computed by com.microsoft.MatMulNBits, whose layout ([n, blocks, block/2] codes, flat scales) the embedding rows
+    share: lookup reads the head's own bytes."""
+
+    block_size: int | None = 32
+    name: ClassVar[str] = "int4"
+    summary: ClassVar[str] = "Q4_0 grid per block of --block-size, fp32 scale per block (com.microsoft.MatMulNBits)"
+
+    def __post_init__(self) -> None:
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block size {self.block_size} is not available for int4; choose one of "
+                             f"{', '.join(map(str, BLOCK_SIZES))}")
+
+    def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        codes, scale = quantize_int4_blocks(w, self.block_size)
+        return {"codes": codes, "scale": scale.reshape(-1)}
+
+    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
+        return g.contrib("MatMulNBits", x, refs["codes"], refs["scale"], K=k, N=n, bits=4, block_size=self.block_size,
+                         accuracy_level=NBITS_ACCURACY_LEVEL)
+
+    def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
+        blocks = block_count(k, self.block_size)
+        codes, scales = n * blocks * self.block_size // 2, 4 * n * blocks
+        return codes + scales, codes + INT4_SCALE_COPIES * scales
+
+    def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return quantize_int4_blocks(rows, self.block_size)
+
+    def decode_rows(self, codes: np.ndarray, scales: np.ndarray | None, k: int) -> np.ndarray:
+        return dequantize_int4_blocks(codes, scales, k)
+
+    def row_layout(self, k: int) -> tuple[Layout, Layout]:
+        blocks = block_count(k, self.block_size)
+        return ((blocks, self.block_size // 2), np.dtype(np.uint8)), ((blocks,), np.dtype(np.float32))
+
+
+_FORMATS: dict[str, type[WeightFormat]] = {f.name: f for f in (Float32, Float16, Int8, Int4)}
+WEIGHT_FORMATS = tuple(_FORMATS)
+
+
+def weight_format(name: str, block_size: int) -> WeightFormat:
+    """The format called `name`; `block_size` applies to formats in blocks (int4). A ValueError says what is wrong
+    with the name or the block."""
+    if name not in _FORMATS:
+        raise ValueError(f"not available; choose one of {', '.join(WEIGHT_FORMATS)}")
+    kind = _FORMATS[name]
+    return kind(block_size) if kind is Int4 else kind()
