@@ -277,3 +277,25 @@ def test_running_and_planning_never_import_onnx(artifacts, checkpoints):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma3n"])
+def test_each_family_reads_its_wrapper_and_refuses_other_architectures(family):
+    """families/family.text_config, shared by every family: the wrapper's text_config, or the causal LM's config
+    itself; an unknown architecture or a wrapper without text_config is one line naming the file."""
+    read = FAMILIES[family].read_config
+    title = {"gemma4": "Gemma4", "gemma3n": "Gemma3n"}[family]
+    config = json.loads((MODEL_CONFIGS / {"gemma4": "gemma-4-e2b.json", "gemma3n": "gemma-3n-e2b.json"}[family]).read_text())
+    wrapped = read(config, "w.json")
+    causal = read({**config["text_config"], "architectures": [f"{title}ForCausalLM"]}, "c.json")
+    differs = {k for k, v in wrapped.to_dict().items() if causal.to_dict().get(k) != v}
+    assert differs <= {"multimodal_token_start"}  # Gemma 3n's wrapper has image and audio ids past the text's
+    assert wrapped.num_hidden_layers == causal.num_hidden_layers > 0
+    with pytest.raises(UnsupportedConfigError, match=rf"^x\.json: architectures=\['{title}ForSomethingElse'\] is not "
+                                                     rf"supported; expected one of \['{title}ForCausalLM', "
+                                                     rf"'{title}ForConditionalGeneration'\]$"):
+        read({**config, "architectures": [f"{title}ForSomethingElse"]}, "x.json")
+    without = {k: v for k, v in config.items() if k != "text_config"}
+    with pytest.raises(UnsupportedConfigError, match=rf"^y\.json: {title}ForConditionalGeneration config has no "
+                                                     rf"text_config object$"):
+        read(without, "y.json")

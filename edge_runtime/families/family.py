@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from edge_runtime.errors import UnsupportedConfigError
 from edge_runtime.families.contract import GraphContract
 from edge_runtime.model_spec import ModelSpec
 
@@ -51,6 +52,24 @@ class CheckpointLayout:
 
     prefix: str
     architecture: str
+
+
+def text_config(config: dict[str, Any], where: str, architectures: dict[str, str]) -> tuple[dict[str, Any], str]:
+    """The text model's config and the checkpoint's architecture, one of `architectures` (architecture -> prefix of
+    its text weights): a `...ForConditionalGeneration` wrapper keeps it under `text_config`, a `...ForCausalLM` is it.
+    Any other architecture is refused in one line naming `where`."""
+    listed = config.get("architectures") or []
+    known = [a for a in listed if a in architectures]
+    if not known:
+        raise UnsupportedConfigError(
+            f"{where}: architectures={listed!r} is not supported; expected one of {sorted(architectures)}"
+        )
+    if known[0].endswith("ForConditionalGeneration"):
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            raise UnsupportedConfigError(f"{where}: {known[0]} config has no text_config object")
+        return text, known[0]
+    return config, known[0]
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, ClassVar
 
-from edge_runtime.errors import UnsupportedConfigError
-from edge_runtime.families.family import CheckpointLayout
+from edge_runtime.families.family import CheckpointLayout, text_config
 from edge_runtime.model_spec import FULL, LAYER_TYPES, MISSING, SLIDING, ConfigFields, ModelSpec, RopeSpec, refuse
 
 ARCHITECTURES = {
@@ -75,24 +74,8 @@ class Gemma3nSpec(ModelSpec):
                 "text-only runtime does not export them: leave such ids out of the prompt")
 
 
-def _text_config(config: dict[str, Any], where: str) -> tuple[dict[str, Any], str]:
-    """The text config and the architecture, refusing unknown architectures."""
-    architectures = config.get("architectures") or []
-    known = [a for a in architectures if a in ARCHITECTURES]
-    if not known:
-        raise UnsupportedConfigError(
-            f"{where}: architectures={architectures!r} is not supported; expected one of {sorted(ARCHITECTURES)}"
-        )
-    if known[0] == "Gemma3nForConditionalGeneration":
-        text = config.get("text_config")
-        if not isinstance(text, dict):
-            raise UnsupportedConfigError(f"{where}: Gemma3nForConditionalGeneration config has no text_config object")
-        return text, known[0]
-    return config, known[0]
-
-
 def checkpoint_layout(config: dict[str, Any], where: str) -> CheckpointLayout:
-    _, architecture = _text_config(config, where)
+    _, architecture = text_config(config, where, ARCHITECTURES)
     return CheckpointLayout(ARCHITECTURES[architecture], architecture)
 
 
@@ -141,7 +124,7 @@ def spec_from_hf_config(config: dict[str, Any], where: str = "config.json") -> G
     final softcapping 30, activation sparsity 0.95 on the first 10 layers of a model deeper than 10,
     max_position_embeddings 32768, the token ids. `query_pre_attn_scalar` is not read, as transformers does not.
     """
-    text, architecture = _text_config(config, where)
+    text, architecture = text_config(config, where, ARCHITECTURES)
     fields = ConfigFields(text, where, "text_config." if text is not config else "")
     model_type = text.get("model_type", "gemma3n_text")
     if model_type != "gemma3n_text":

@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from edge_runtime.errors import UnsupportedConfigError
-from edge_runtime.families.family import CheckpointLayout
+from edge_runtime.families.family import CheckpointLayout, text_config
 from edge_runtime.model_spec import (
     FULL,
     LAYER_TYPES,
@@ -56,25 +55,9 @@ class Gemma4Spec(ModelSpec):
         return self.intermediate_size * (2 if wide else 1)
 
 
-def _text_config(config: dict[str, Any], where: str) -> tuple[dict[str, Any], str, str]:
-    """The text config, the tensor-name prefix of its weights and the architecture, refusing unknown architectures."""
-    architectures = config.get("architectures") or []
-    known = [a for a in architectures if a in ARCHITECTURES]
-    if not known:
-        raise UnsupportedConfigError(
-            f"{where}: architectures={architectures!r} is not supported; expected one of {sorted(ARCHITECTURES)}"
-        )
-    if known[0] == "Gemma4ForConditionalGeneration":
-        text = config.get("text_config")
-        if not isinstance(text, dict):
-            raise UnsupportedConfigError(f"{where}: Gemma4ForConditionalGeneration config has no text_config object")
-        return text, ARCHITECTURES[known[0]], known[0]
-    return config, ARCHITECTURES[known[0]], known[0]
-
-
 def checkpoint_layout(config: dict[str, Any], where: str) -> CheckpointLayout:
-    _, prefix, architecture = _text_config(config, where)
-    return CheckpointLayout(prefix, architecture)
+    _, architecture = text_config(config, where, ARCHITECTURES)
+    return CheckpointLayout(ARCHITECTURES[architecture], architecture)
 
 
 def spec_from_hf_config(config: dict[str, Any], where: str = "config.json") -> Gemma4Spec:
@@ -87,7 +70,7 @@ def spec_from_hf_config(config: dict[str, Any], where: str = "config.json") -> G
     use_double_wide_mlp false, and layer_types derived from num_hidden_layers by transformers' own rule.
     Every value is type-checked, naming the key, what it holds and what was expected.
     """
-    text, _, _ = _text_config(config, where)
+    text, _ = text_config(config, where, ARCHITECTURES)
     fields = ConfigFields(text, where, "text_config." if text is not config else "")
     model_type = text.get("model_type", "gemma4_text")
     if model_type != "gemma4_text":
