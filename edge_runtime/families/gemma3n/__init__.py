@@ -8,7 +8,8 @@ and the planner's shapes, plan.py the step plan the engine executes, and graphs.
 from edge_runtime.families.family import Family
 from edge_runtime.families.gemma3n.config import Gemma3nSpec, checkpoint_layout, spec_from_hf_config
 from edge_runtime.families.gemma3n.plan import contract
-from edge_runtime.families.gemma3n.shapes import EMBEDDING, PLE_TABLE, activation_width, checkpoint_tensors, graph_parts
+from edge_runtime.families.gemma3n.shapes import activation_width, checkpoint_tensors, graph_parts
+from edge_runtime.families.gemma4.shapes import EMBEDDING, PLE_TABLE  # the same tables as Gemma 4's
 
 FAMILY = Family(
     spec_type=Gemma3nSpec,

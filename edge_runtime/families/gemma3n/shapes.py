@@ -18,16 +18,13 @@ from edge_runtime.families.gemma4.shapes import (
     PLE_GATE_NAME,
     PLE_MODEL_PROJECTION,
     PLE_PROJECTION_NAME,
+    decoder_tensors,
     qkv_name,
 )
 from edge_runtime.weight_recipe import DOWN_PROJ, EMBED, GATE_UP, O_PROJ, OTHER, PER_LAYER, QKV
 
-EMBEDDING = "embed_tokens.weight"
-PLE_TABLE = "embed_tokens_per_layer.weight"
 ALTUP_PROJECTIONS = "altup_projections"  # the S - 1 projections of segment 0, stacked into one weight
 LAUREL_LEFT_NAME, LAUREL_RIGHT_NAME = "laurel.linear_left", "laurel.linear_right"
-LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-               "post_feedforward_layernorm", "post_per_layer_input_norm")
 
 
 def unembed_name(k: int) -> str:
@@ -36,45 +33,25 @@ def unembed_name(k: int) -> str:
 
 
 def checkpoint_tensors(spec: Gemma3nSpec) -> dict[str, tuple[int, ...]]:
-    """Name (relative to the text model) and shape of every tensor the decoder reads."""
-    s = spec
-    h, p, n, streams = s.hidden_size, s.hidden_size_per_layer_input, s.num_hidden_layers, s.altup_num_inputs
-    shapes: dict[str, tuple[int, ...]] = {
-        EMBEDDING: (s.vocab_size, h),
-        PLE_TABLE: (s.vocab_size_per_layer_input, n * p),
-        "per_layer_model_projection.weight": (n * p, h),
-        "per_layer_projection_norm.weight": (p,),
-        "norm.weight": (h,),
-    }
+    """Name (relative to the text model) and shape of every tensor the decoder reads: Gemma 4's decoder tensors (no
+    layer_scalar), AltUp's and LAuReL's."""
+    h, streams, r = spec.hidden_size, spec.altup_num_inputs, spec.laurel_rank
+    shapes = decoder_tensors(spec)
     for k in range(streams - 1):
-        shapes[f"altup_projections.{k}.weight"] = (h, h)
-        shapes[f"altup_unembed_projections.{k}.weight"] = (h, h)
-    for i in range(n):
-        hd, mlp, pre = s.head_dims[i], s.mlp_size(i), f"layers.{i}."
+        shapes[f"{ALTUP_PROJECTIONS}.{k}.weight"] = (h, h)
+        shapes[f"{unembed_name(k + 1)}.weight"] = (h, h)
+    for i in range(spec.num_hidden_layers):
+        pre = f"layers.{i}."
         shapes.update({
-            pre + "self_attn.q_proj.weight": (s.num_attention_heads * hd, h),
-            pre + "self_attn.q_norm.weight": (hd,),
-            pre + "self_attn.o_proj.weight": (h, s.num_attention_heads * hd),
-            pre + "mlp.gate_proj.weight": (mlp, h),
-            pre + "mlp.up_proj.weight": (mlp, h),
-            pre + "mlp.down_proj.weight": (h, mlp),
             pre + "altup.correct_output_scale": (h,),
             pre + "altup.correction_coefs.weight": (streams, streams),
             pre + "altup.prediction_coefs.weight": (streams * streams, streams),
             pre + "altup.modality_router.weight": (streams, h),
             pre + "altup.router_norm.weight": (h,),
-            pre + "laurel.linear_left.weight": (s.laurel_rank, h),
-            pre + "laurel.linear_right.weight": (h, s.laurel_rank),
+            pre + f"{LAUREL_LEFT_NAME}.weight": (r, h),
+            pre + f"{LAUREL_RIGHT_NAME}.weight": (h, r),
             pre + "laurel.post_laurel_norm.weight": (h,),
-            pre + "per_layer_input_gate.weight": (p, h),
-            pre + "per_layer_projection.weight": (h, p),
         })
-        for norm in LAYER_NORMS:
-            shapes[pre + norm + ".weight"] = (h,)
-        if not s.is_kv_shared(i):
-            shapes[pre + "self_attn.k_proj.weight"] = (s.num_key_value_heads * hd, h)
-            shapes[pre + "self_attn.v_proj.weight"] = (s.num_key_value_heads * hd, h)
-            shapes[pre + "self_attn.k_norm.weight"] = (hd,)
     return shapes
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from edge_runtime.families.family import HEAD, GraphPart, Linear
 from edge_runtime.families.gemma4.config import Gemma4Spec
 from edge_runtime.families.gemma4.plan import rows_segment
+from edge_runtime.model_spec import ModelSpec
 from edge_runtime.weight_recipe import DOWN_PROJ, EMBED, GATE_UP, O_PROJ, PER_LAYER, QKV
 
 EMBEDDING = "embed_tokens.weight"
@@ -19,23 +20,31 @@ PLE_TABLE = "embed_tokens_per_layer.weight"
 PLE_MODEL_PROJECTION = "per_layer_model_projection"
 O_PROJ_NAME, GATE_UP_NAME, DOWN_PROJ_NAME = "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"
 PLE_GATE_NAME, PLE_PROJECTION_NAME = "per_layer_input_gate", "per_layer_projection"
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+               "post_per_layer_input_norm")
 
 
 def checkpoint_tensors(spec: Gemma4Spec) -> dict[str, tuple[int, ...]]:
     """Name (relative to the text model) and shape of every tensor the decoder reads."""
+    return {**decoder_tensors(spec), **{f"layers.{i}.layer_scalar": (1,) for i in range(spec.num_hidden_layers)}}
+
+
+def decoder_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The tensors Gemma 4 and Gemma 3n both read: the embedding and PLE tables, the PLE projection and norm, the final
+    norm, and each layer's attention (q, o and q's norm; k, v and k's norm unless KV-shared), MLP, PLE gate and
+    projection, and its five norms."""
     s = spec
     h, p, n = s.hidden_size, s.hidden_size_per_layer_input, s.num_hidden_layers
     shapes: dict[str, tuple[int, ...]] = {
         EMBEDDING: (s.vocab_size, h),
         PLE_TABLE: (s.vocab_size_per_layer_input, n * p),
-        "per_layer_model_projection.weight": (n * p, h),
+        f"{PLE_MODEL_PROJECTION}.weight": (n * p, h),
         "per_layer_projection_norm.weight": (p,),
         "norm.weight": (h,),
     }
     for i in range(n):
         hd, mlp, pre = s.head_dims[i], s.mlp_size(i), f"layers.{i}."
         shapes.update({
-            pre + "layer_scalar": (1,),
             pre + "self_attn.q_proj.weight": (s.num_attention_heads * hd, h),
             pre + "self_attn.q_norm.weight": (hd,),
             pre + "self_attn.o_proj.weight": (h, s.num_attention_heads * hd),
@@ -45,8 +54,7 @@ def checkpoint_tensors(spec: Gemma4Spec) -> dict[str, tuple[int, ...]]:
             pre + "per_layer_input_gate.weight": (p, h),
             pre + "per_layer_projection.weight": (h, p),
         })
-        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm", "post_per_layer_input_norm"):
+        for norm in LAYER_NORMS:
             shapes[pre + norm + ".weight"] = (h,)
         if not s.is_kv_shared(i):
             shapes[pre + "self_attn.k_proj.weight"] = (s.num_key_value_heads * hd, h)
