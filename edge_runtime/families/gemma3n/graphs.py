@@ -30,18 +30,17 @@ from onnx import TensorProto
 
 from edge_runtime.export.onnx_graph import GraphBuilder, LinearWeight
 from edge_runtime.families.gemma3n.config import Gemma3nSpec
-from edge_runtime.families.gemma3n.plan import (
+from edge_runtime.families.gemma3n.plan import PREDICTIONS, PREDICTIONS_OUT
+from edge_runtime.families.gemma3n.shapes import ALTUP_PROJECTIONS, LAUREL_LEFT_NAME, LAUREL_RIGHT_NAME, unembed_name
+from edge_runtime.families.gemma4.graphs import NewGraph, Weights, attention_inputs, lm_head, ple_context
+from edge_runtime.families.gemma4.plan import (
     ATTENTION,
     INPUTS_EMBEDS,
     PLE_CONTEXT,
     PLE_ROWS_INPUT,
-    PREDICTIONS,
-    PREDICTIONS_OUT,
     ROWS_INPUT,
     rows_segment,
 )
-from edge_runtime.families.gemma3n.shapes import ALTUP_PROJECTIONS, LAUREL_LEFT_NAME, LAUREL_RIGHT_NAME, unembed_name
-from edge_runtime.families.gemma4.graphs import NewGraph, Weights, attention_inputs, lm_head, ple_context
 from edge_runtime.families.gemma4.shapes import (
     DOWN_PROJ_NAME,
     GATE_UP_NAME,

@@ -13,60 +13,23 @@ the segment that starts the KV-shared layers (the head's, when none are) takes `
 from __future__ import annotations
 
 from edge_runtime.families.contract import (
-    PLE_ROWS,
-    ROPE_COS,
-    ROPE_SIN,
-    ROWS,
-    TOKEN_EMBEDDINGS,
     TOKENS,
-    Attention,
     Feed,
     GraphContract,
-    Segment,
-    rope_table,
-    segment_graph,
 )
 from edge_runtime.families.gemma3n.config import Gemma3nSpec
-from edge_runtime.families.gemma4.plan import (
-    ATTENTION,
-    COS,
-    INPUTS_EMBEDS,
-    KEY,
-    LOGITS,
-    PLE_CONTEXT,
-    PLE_ROWS_INPUT,
-    QUERY,
-    ROWS_INPUT,
-    SIN,
-    VALUE,
-    rows_segment,
-)
+from edge_runtime.families.gemma4.plan import LOGITS, PLE_CONTEXT, segments
 
 # Graph input and output names beyond Gemma 4's (graphs.py builds the graphs with them)
 PREDICTIONS, PREDICTIONS_OUT = "predictions", "predictions_out"
 
 
 def contract(spec: Gemma3nSpec) -> GraphContract:
-    n, cut = spec.num_hidden_layers, rows_segment(spec)
-    segments = []
-    for i in range(n + 1):
-        if i == 0:
-            feeds = [Feed(INPUTS_EMBEDS, TOKEN_EMBEDDINGS)]
-        else:  # the rest of layer i - 1
-            feeds = [Feed(PREDICTIONS, PREDICTIONS), Feed(ATTENTION, ATTENTION), Feed(PLE_ROWS_INPUT, PLE_ROWS, i - 1),
-                     Feed(PLE_CONTEXT, PLE_CONTEXT, i - 1)]
-        if i == cut:
-            feeds.append(Feed(ROWS_INPUT, ROWS))
-        if i == n:
-            segments.append(Segment(segment_graph(i), tuple(feeds), {LOGITS: LOGITS}, None, i == cut))
-            break
-        layer_type, shared = spec.layer_types[i], spec.is_kv_shared(i)
-        feeds += [Feed(COS, rope_table(ROPE_COS, layer_type)), Feed(SIN, rope_table(ROPE_SIN, layer_type))]
-        attention = Attention(layer=i, kv_layer=spec.kv_sources[i], layer_type=layer_type,
-                              window=spec.window(layer_type), scaling=1.0, softcap=None, query=QUERY,
-                              key=None if shared else KEY, value=None if shared else VALUE, result=ATTENTION)
-        outputs = {PREDICTIONS_OUT: PREDICTIONS, **({PLE_CONTEXT: PLE_CONTEXT} if i == 0 else {})}
-        segments.append(Segment(segment_graph(i), tuple(feeds), outputs, attention, i == cut))
+    """Gemma 4's chain of graphs (gemma4/plan.segments) carrying AltUp's streams [T, S, H] where Gemma 4 carries one
+    residual stream: each graph returns the next layer's predictions, which the next graph takes."""
     return GraphContract(carried={PREDICTIONS: (TOKENS, "streams", "hidden"),
                                   PLE_CONTEXT: ("layers", TOKENS, "ple_width")},
-                         segments=tuple(segments), logits=LOGITS)
+                         segments=segments(spec, lambda i: Feed(PREDICTIONS, PREDICTIONS),
+                                           lambda i: {PREDICTIONS_OUT: PREDICTIONS,
+                                                      **({PLE_CONTEXT: PLE_CONTEXT} if i == 0 else {})}),
+                         logits=LOGITS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from edge_runtime.families.family import HEAD, GraphPart, Linear
 from edge_runtime.families.gemma3n.config import Gemma3nSpec
-from edge_runtime.families.gemma3n.plan import rows_segment
+from edge_runtime.families.gemma4.plan import rows_segment
 from edge_runtime.families.gemma4.shapes import (
     DOWN_PROJ_NAME,
     GATE_UP_NAME,
