@@ -126,6 +126,17 @@ def refuse(where: str, name: str, value: Any, why: str) -> UnsupportedConfigErro
     return UnsupportedConfigError(f"{where}: unsupported {name}={value!r} ({why})")
 
 
+def refuse_unsupported(text: dict[str, Any], config: dict[str, Any], where: str, title: str,
+                       supported: dict[str, tuple[Any, str]]) -> None:
+    """Refuse a config whose LM head is not tied to the embedding (every family here ties it), or that sets a key of
+    `supported` (key -> (the one value implemented, why)) to anything else."""
+    if text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)) is False:
+        raise refuse(where, "tie_word_embeddings", False, f"{title} ties the LM head to the embedding")
+    for name, (value, why) in supported.items():
+        if text.get(name, value) != value:
+            raise refuse(where, name, text[name], why)
+
+
 class ConfigFields:
     """Typed reads of a config's keys, for every family's config reader; an error names the key as written in the
     file, the value's type, and what was expected, instead of `int()` quietly accepting "1536" or 1536.7."""

@@ -299,3 +299,18 @@ def test_each_family_reads_its_wrapper_and_refuses_other_architectures(family):
     with pytest.raises(UnsupportedConfigError, match=rf"^y\.json: {title}ForConditionalGeneration config has no "
                                                      rf"text_config object$"):
         read(without, "y.json")
+
+
+@pytest.mark.parametrize("family,title", [("gemma4", "Gemma 4"), ("gemma3n", "Gemma 3n")])
+def test_each_family_refuses_an_untied_head_and_unimplemented_values(family, title):
+    """model_spec.refuse_unsupported, shared by the families' config readers: exact one-line refusals."""
+    read = FAMILIES[family].read_config
+    config = json.loads((MODEL_CONFIGS / {"gemma4": "gemma-4-e2b.json", "gemma3n": "gemma-3n-e2b.json"}[family]).read_text())
+    untied = {**config, "text_config": {**config["text_config"], "tie_word_embeddings": False}}
+    with pytest.raises(UnsupportedConfigError, match=rf"^u\.json: unsupported tie_word_embeddings=False \({title} ties "
+                                                     r"the LM head to the embedding\)$"):
+        read(untied, "u.json")
+    biased = {**config, "text_config": {**config["text_config"], "attention_bias": True}}
+    with pytest.raises(UnsupportedConfigError, match=r"^b\.json: unsupported attention_bias=True \(attention "
+                                                     r"projections with bias are not implemented\)$"):
+        read(biased, "b.json")

@@ -14,7 +14,17 @@ from statistics import NormalDist
 from typing import Any, ClassVar
 
 from edge_runtime.families.family import CheckpointLayout, text_config
-from edge_runtime.model_spec import FULL, LAYER_TYPES, MISSING, SLIDING, ConfigFields, ModelSpec, RopeSpec, refuse
+from edge_runtime.model_spec import (
+    FULL,
+    LAYER_TYPES,
+    MISSING,
+    SLIDING,
+    ConfigFields,
+    ModelSpec,
+    RopeSpec,
+    refuse,
+    refuse_unsupported,
+)
 
 ARCHITECTURES = {
     "Gemma3nForConditionalGeneration": "model.language_model.",
@@ -134,12 +144,7 @@ def spec_from_hf_config(config: dict[str, Any], where: str = "config.json") -> G
         "hidden_activation": ("gelu_pytorch_tanh", "only gelu_pytorch_tanh is implemented"),
         "altup_active_idx": (0, "only stream 0 as the active AltUp stream is implemented, as published"),
     }
-    if text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)) is False:
-        raise refuse(where, "tie_word_embeddings", False, "Gemma 3n ties the LM head to the embedding")
-    for name, (supported, why) in refusals.items():
-        value = text.get(name, supported)
-        if value != supported:
-            raise refuse(where, name, value, why)
+    refuse_unsupported(text, config, where, "Gemma 3n", refusals)
 
     sizes = {key: fields.integer(key, least=0 if key == "num_kv_shared_layers" else 1) for key in REQUIRED_KEYS}
     n = sizes["num_hidden_layers"]

@@ -22,6 +22,7 @@ from edge_runtime.model_spec import (
     ModelSpec,
     RopeSpec,
     refuse,
+    refuse_unsupported,
 )
 
 ARCHITECTURES = {
@@ -83,12 +84,7 @@ def spec_from_hf_config(config: dict[str, Any], where: str = "config.json") -> G
         "attention_bias": (False, "attention projections with bias are not implemented"),
         "hidden_activation": ("gelu_pytorch_tanh", "only gelu_pytorch_tanh is implemented"),
     }
-    if text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)) is False:
-        raise refuse(where, "tie_word_embeddings", False, "Gemma 4 ties the LM head to the embedding")
-    for name, (supported, why) in refusals.items():
-        value = text.get(name, supported)
-        if value != supported:
-            raise refuse(where, name, value, why)
+    refuse_unsupported(text, config, where, "Gemma 4", refusals)
 
     if text.get("hidden_size_per_layer_input", MISSING) in (None, 0):
         raise refuse(where, "hidden_size_per_layer_input", text["hidden_size_per_layer_input"],
