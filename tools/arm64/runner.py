@@ -162,8 +162,7 @@ def run_kernels(artifacts: Path, probes: Path, out: Path) -> None:
     a = np.load(probes / "activations.npy")
     for model in sorted(probes.glob("*.onnx")):
         for entries in ((), (("mlas.disable_kleidiai", "1"),)):
-            options = ort.SessionOptions()
-            options.use_per_session_threads = False  # the models above created the process's global pool
+            options = _base_options(engine.default_threads())  # the engine's own sessions' options
             for key, value in entries:
                 options.add_session_config_entry(key, value)
             session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
