@@ -30,6 +30,16 @@ class ContextLengthError(EdgeRuntimeError):
     """A prompt longer than the context the model was loaded with (OpenAI's context_length_exceeded)."""
 
 
+class RequestError(EdgeRuntimeError):
+    """A request the model cannot honour as given: an unknown tool, a schema the grammar engine cannot compile, a
+    tool message answering no call. `param` names the field as OpenAI's error object does
+    ("tools[1].function.parameters"), so that the server's 400 points at it and an SDK caller can too."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class UnwritableError(EdgeRuntimeError):
     """A file or directory edge-runtime must write could not be written (permissions, read-only, full disk)."""
 

@@ -28,6 +28,15 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    def token_id(self, text: str) -> int | None:
+        """The id of the token spelled exactly `text` (a special token such as "<|tool_call>"), else None."""
+        return self._tok.token_to_id(text)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer knows, added tokens included (a model's logits may be wider)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
 
 class StreamDecoder:
     """Turns tokens into text pieces as they arrive without splitting multi-byte characters.
