@@ -86,6 +86,10 @@ class ValueReader:
         self._state = _VALUE
         self._token: list[str] = []
         self._token_start = 0
+        self._at = 0
+        # Where reading stopped at an error (the character that could not continue): what follows it is not part
+        # of the value. The error's own offset may be earlier, at the start of the token it blames.
+        self.stopped_at = 0
 
     def feed(self, text: str, final: bool = False) -> int:
         """Consume `text`; return how many characters were consumed.
@@ -95,8 +99,22 @@ class ValueReader:
         `final` says no more text follows, so unfinished values are errors rather than waiting for more.
         Raises GemmaValueError at the first character that cannot continue a value.
         """
+        try:
+            i = self._read(text, final)
+        except GemmaValueError:
+            self.stopped_at = self.offset + self._at
+            raise
+        self.offset += i
+        if final and not self.done:
+            self.stopped_at = self.offset
+            self._fail_at_end()
+        return i
+
+    def _read(self, text: str, final: bool) -> int:
+        """feed's loop; returns how far it got, and keeps that in `_at` for an error raised on the way."""
         i, n = 0, len(text)
         while i < n and not self.done:
+            self._at = i
             state = self._state
             if state in (_STRING, _QUOTED_KEY):
                 end = text.find(STRING_DELIMITER, i)
@@ -127,6 +145,7 @@ class ValueReader:
                 i = j
                 if j == n and not final:
                     break
+                self._at = i
                 self._token_done(text, i)
                 continue
             char = text[i]
@@ -142,9 +161,6 @@ class ValueReader:
                 if not final and STRING_DELIMITER.startswith(text[i:]):
                     break
             i = self._punctuation(text, i, state)
-        self.offset += i
-        if final and not self.done:
-            self._fail_at_end()
         return i
 
     def _punctuation(self, text: str, i: int, state: int) -> int:
