@@ -5,7 +5,6 @@ calls, and generation without a constraint draws exactly the tokens it drew befo
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 import jsonschema
@@ -16,9 +15,9 @@ from tokenizers import Tokenizer as HFTokenizer
 import edge_runtime
 from edge_runtime.errors import EdgeRuntimeError, RequestError
 from edge_runtime.sampling import Sampler, SamplingParams
+from gemma_calls import NotACall, read_calls
 
 SEEDS = range(8)
-Q = '<|"|>'
 WEATHER = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 12},
     "days": {"type": "integer", "minimum": 1, "maximum": 14},
@@ -37,8 +36,6 @@ REPORT = {"type": "object", "properties": {
     "label": {"type": "string", "maxLength": 6}, "kind": {"enum": ["a", "b", None]},
     "items": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 4}},
     "required": ["ok", "count", "label", "kind", "items"], "additionalProperties": False}
-CALL = re.compile(r"<\|tool_call>call:([A-Za-z0-9_-]+)(.*?)<tool_call\|>", re.DOTALL)
-SCALAR = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?|true|false|null")
 
 
 @pytest.fixture(scope="module")
@@ -53,44 +50,22 @@ def with_markers(gemma4_artifact):
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def gemma_value(text: str, i: int = 0):
-    """The test's own reader of one Gemma value at text[i]: (value, end). Strict: no whitespace, no duplicate keys."""
-    if text.startswith(Q, i):
-        end = text.index(Q, i + len(Q))
-        return text[i + len(Q):end], end + len(Q)
-    if text[i] in "{[":
-        closer, container = ("}", {}) if text[i] == "{" else ("]", [])
-        i += 1
-        if text[i] == closer:
-            return container, i + 1
-        while True:
-            if closer == "}":
-                colon = text.index(":", i)
-                key = text[i:colon]
-                assert key not in container, key
-                container[key], i = gemma_value(text, colon + 1)
-            else:
-                value, i = gemma_value(text, i)
-                container.append(value)
-            if text[i] == closer:
-                return container, i + 1
-            assert text[i] == ",", text[i:]
-            i += 1
-    match = SCALAR.match(text, i)
-    assert match, text[i:]
-    return json.loads(match.group()), match.end()
-
-
 def calls(reply: str) -> list[tuple[str, dict]]:
-    """The calls a whole reply makes (asserting nothing else is in it); each call's arguments validated."""
-    found = []
-    for match in CALL.finditer(reply):
-        arguments, end = gemma_value(match.group(2))
-        assert end == len(match.group(2)), match.group(2)
-        jsonschema.validate(arguments, SCHEMAS[match.group(1)])
-        found.append((match.group(1), arguments))
-    assert CALL.sub("", reply) == "", reply
+    """The calls of a reply that is nothing but calls, each with arguments valid under its tool's schema."""
+    found = read_calls(reply)
+    for name, arguments in found:
+        jsonschema.validate(arguments, SCHEMAS[name])
     return found
+
+
+def test_the_checker_reads_calls_and_refuses_anything_else():
+    reply = '<|channel>thought\nok<channel|><|tool_call>call:f{a:<|"|>x, y<|"|>,b:[1,{c:null}],d:-2.5e3}<tool_call|>'
+    assert read_calls(reply) == [("f", {"a": "x, y", "b": [1, {"c": None}], "d": -2500.0})]
+    for bad in ["text", "<|tool_call>call:f{a:1,}<tool_call|>", "<|tool_call>call:f{a:1}x<tool_call|>",
+                "<|tool_call>call:f{a:1,a:2}<tool_call|>", '<|tool_call>call:f{a:<|"|>x}<tool_call|>',
+                "<|tool_call>call:f{a:1}<tool_call|> and text", "<|tool_call>call:f{a: 1}<tool_call|>"]:
+        with pytest.raises(NotACall):
+            read_calls(bad)
 
 
 def generate(model, seed: int, constraint, max_new_tokens: int = 400, **sampling) -> list[int]:
@@ -128,7 +103,7 @@ def test_unconstrained_replies_are_not_json(model, with_markers):
         reply = with_markers(generate(model, seed, None, max_new_tokens=100))
         with pytest.raises(json.JSONDecodeError):
             json.loads(reply)
-        assert not CALL.search(reply)
+        assert "<|tool_call>" not in reply
 
 
 def preferring(model, monkeypatch, token: int, times: int) -> None:
