@@ -10,10 +10,13 @@ how many validate (jsonschema against the response schema or each called tool's 
 
 Prompts are rendered with the packaged Gemma 4 chat template (tools declared in the system turn). An artifact whose
 tokenizer lacks Gemma 4's markers (the 4096-token tokenizer of the real-shape test artifacts) cannot make calls: its
-tools rows say so. Figures only with the CPU they came from, on a quiet machine.
+tools rows say so, unless --tokenizer gives one that has them (a random-weight model is random with any tokenizer,
+and the mask's cost depends on the tokenizer's size and shape, which is what a real-size one measures). Figures
+only with the CPU they came from, on a quiet machine.
 
     python tools/grammar_bench.py                                   # the bundled model
     python tools/grammar_bench.py /work/big/v5/e2b-int4-b128 --replies 2 --max-tokens 16 --timing-tokens 8
+    python tools/grammar_bench.py /work/big/v5/e2b-int4-b128 --tokenizer tokenizer-262k.json --replies 0
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from tokenizers import Tokenizer as HFTokenizer
 
 import edge_runtime
 from cost_model_check import lscpu
+from edge_runtime.constrained_decoding import GrammarVocabulary, reply_stop_ids
 from edge_runtime.errors import EdgeRuntimeError, RequestError
 from edge_runtime.gemma_grammar import FREE_TEXT
+from edge_runtime.tokenizer import Tokenizer
 from gemma_calls import NotACall, read_calls
 
 WEATHER = {"type": "object", "properties": {
@@ -68,6 +73,17 @@ def prompt_ids(model: edge_runtime.Model, question: str, tools: list[dict] | Non
     text = environment.from_string(template_path.read_text(encoding="utf-8")).render(
         messages=[{"role": "user", "content": question}], tools=tools, add_generation_prompt=True, bos_token="")
     return model.encode(text)
+
+
+def use_tokenizer(model: edge_runtime.Model, path: Path) -> None:
+    """Run the model with another tokenizer: prompts, replies and the grammar engine all use it."""
+    model.tokenizer = Tokenizer(path, model.spec.bos_token_id)
+    if model.tokenizer.vocab_size > model.spec.input_vocab_size:
+        raise EdgeRuntimeError(f"{path}: {model.tokenizer.vocab_size} tokens, more than the model's "
+                               f"{model.spec.input_vocab_size} logits")
+    model.__dict__["grammar_vocabulary"] = GrammarVocabulary(  # the cached_property's slot
+        path.read_text(encoding="utf-8"), model.spec.input_vocab_size,
+        reply_stop_ids(model.tokenizer, model.eos_token_ids))
 
 
 def requests(model: edge_runtime.Model) -> dict[str, tuple[list[int], dict[str, Any]]]:
@@ -161,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per validity reply (default 256)")
     parser.add_argument("--timing-tokens", type=int, default=64, help="tokens per timed reply (default 64)")
     parser.add_argument("--timing-runs", type=int, default=3, help="timed replies per request (default 3)")
+    parser.add_argument("--tokenizer", type=Path, help="a tokenizer.json to run the model with instead of the "
+                                                       "artifact's (one with Gemma 4's markers)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
@@ -168,17 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     name, simd = lscpu()
     try:
         model = edge_runtime.load(args.artifact, threads=args.threads)
+        start = time.perf_counter()
+        if args.tokenizer:
+            use_tokenizer(model, args.tokenizer)
     except EdgeRuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    start = time.perf_counter()
     vocabulary = model.grammar_vocabulary
     result: dict[str, Any] = {
         "cpu": name, "simd_flags": simd, "llguidance": llguidance.__version__, "artifact": str(model.path),
         "vocab": model.spec.input_vocab_size, "tokenizer_vocab": model.tokenizer.vocab_size,
         "grammar_vocabulary_build_s": time.perf_counter() - start, "n_vocab": vocabulary.n_vocab,
         "timing": {}, "validity": {}, "skipped": {}}
-    decode = HFTokenizer.from_file(str(model.path / model.manifest.tokenizer["tokenizer"]))
+    decode = HFTokenizer.from_file(str(args.tokenizer or model.path / model.manifest.tokenizer["tokenizer"]))
     for kind, (prompt, fields) in requests(model).items():
         try:
             result["timing"][kind] = timing(model, prompt, fields, args.timing_tokens, args.timing_runs)
