@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -65,7 +66,7 @@ class GrammarVocabulary:
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=sorted(self.stop_ids))
 
 
-class Constraint:
+class Constraint(ABC):
     """One reply's constraint (single use): `sampling` wraps the sampler so that each draw sees masked logits,
     `advance` is told each token kept. Its cost goes into the generation's stats: `mask_seconds` (masks computed
     and applied, tokens consumed) and `constrained_tokens` (the draws it masked)."""
@@ -86,13 +87,13 @@ class Constraint:
 
         return masked
 
+    @abstractmethod
     def mask(self, logits: np.ndarray) -> None:
         """Set the logits of the tokens that may not come next to -inf, in place."""
-        raise NotImplementedError
 
+    @abstractmethod
     def advance(self, token: int) -> bool:
         """Take the token drawn; True when nothing but a stop token may follow."""
-        raise NotImplementedError
 
 
 class BannedTokens(Constraint):

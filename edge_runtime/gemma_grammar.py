@@ -149,8 +149,10 @@ def reply_grammar(markers: Markers, tools: Sequence[Tool] = (), choice: ToolChoi
     if calling and choice.mode == "auto" and json_schema is None:
         writer.rules["start"] = "calls"
         return ReplyGrammar(writer.lark(), trigger=markers.id(TOOL_CALL, "tools"), parts=tuple(parts))
-    body = "calls" if not json_schema or choice.mode in ("required", "function") else \
-        "json | calls" if calling else "json"
+    if json_schema is None or choice.mode in ("required", "function"):
+        body = "calls"
+    else:
+        body = "json | calls" if calling else "json"
     writer.rules["start"] = _after_thought(writer, body, thinking, thought_open)
     return ReplyGrammar(writer.lark(), parts=tuple(parts))
 

@@ -243,6 +243,8 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required
      ['{"ok": 1}'], "refused '1' after '{\"ok\": '"),
     (dict(response_format={"type": "json_schema", "json_schema": {"schema": SCHEMA}}, thinking=True),
      [*THOUGHT, '{"ok":false}'], "accepted"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "any", "schema": {}}}), ['[1, "x"]'],
+     "accepted"),
     (dict(response_format={"type": "json_object"}, tools=[NOW]), ['{"a": 1}'], "accepted"),
     (dict(response_format={"type": "json_object"}, tools=[NOW]), NOW_CALL, "accepted"),
     (dict(response_format={"type": "json_object"}, tools=[NOW]), ["Sure"], "refused 'S' after ''"),
