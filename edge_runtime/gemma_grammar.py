@@ -51,7 +51,8 @@ SUPPORTED_HELP = ("type (string, integer, number, boolean, null, array, object, 
                   "properties, required, additionalProperties, items, minItems, maxItems, minLength, maxLength, "
                   "minimum/maximum/exclusiveMinimum/exclusiveMaximum on integers, nullable, anyOf, allOf of one "
                   "schema, and $ref to #/$defs or #/definitions")
-TYPE_KEYWORDS = {"object": ("properties", "required", "additionalProperties"), "array": ("items", "minItems", "maxItems"),
+TYPE_KEYWORDS = {"object": ("properties", "required", "additionalProperties"),
+                 "array": ("items", "minItems", "maxItems"),
                  "string": ("minLength", "maxLength"),
                  "number": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")}
 TYPES = ("string", "integer", "number", "boolean", "null", "array", "object")

@@ -253,7 +253,9 @@ class Model:
         sampler = self.sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         prompt_ids = list(prompt_ids)
         self.check_fits(len(prompt_ids))
-        stops = self.eos_token_ids | set(stop_token_ids) | (constraint.stop_token_ids if constraint else set())
+        stops = self.eos_token_ids | set(stop_token_ids)
+        if constraint is not None:
+            stops |= constraint.stop_token_ids
         with self.lock:
             self.stats = stats = GenerationStats(prompt_tokens=len(prompt_ids), finish_reason="length")
             if constraint is not None:

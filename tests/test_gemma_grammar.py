@@ -90,7 +90,8 @@ FEATURES = [
      ["2", "false", "[1]", "1.0"]),
     ({"type": ["integer", "boolean"], "enum": [1, "a", True]}, ["1", "true"], [f"{Q}a{Q}"]),
     ({"const": "fixed"}, [f"{Q}fixed{Q}"], [f"{Q}other{Q}"]),
-    ({"enum": ["😀 ok", 'a"b\\c', "tab\there", ""]}, [f"{Q}😀 ok{Q}", f'{Q}a"b\\c{Q}', f"{Q}tab\there{Q}", f"{Q}{Q}"],
+    ({"enum": ["😀 ok", 'a"b\\c', "tab\there", ""]},
+     [f"{Q}😀 ok{Q}", f'{Q}a"b\\c{Q}', f"{Q}tab\there{Q}", f"{Q}{Q}"],
      [f"{Q}😀{Q}", f"{Q}a{Q}"]),
     ({"type": ["integer", "number"]}, ["1", "-3e2", "1.5"], ["1.", "true"]),
     ({"type": ["string", "null"]}, [f"{Q}x{Q}", "null"], ["1", "true"]),
@@ -227,7 +228,8 @@ def test_no_tools_and_no_format_is_no_constraint(model):
     assert model.constraint_for(tools=[], tool_choice="auto", response_format={"type": "text"}) is None
 
 
-SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+          "additionalProperties": False}
 
 
 @pytest.mark.parametrize("fields, reply, expected", [
@@ -286,8 +288,10 @@ def arg(schema):
     (arg({"type": "integer", "minimum": 5, "maximum": 4}),
      f"{ARGS} at properties.v: no integer lies within its minimum and maximum"),
     (arg({"type": "integer", "minimum": "1"}), f"{ARGS} at properties.v: minimum must be a number"),
-    (arg({"type": "string", "maxLength": 2, "minLength": 3}), f"{ARGS} at properties.v: maxLength 2 is below minLength 3"),
-    (arg({"type": "string", "maxLength": -1}), f"{ARGS} at properties.v: maxLength must be a whole number of at least 0"),
+    (arg({"type": "string", "maxLength": 2, "minLength": 3}),
+     f"{ARGS} at properties.v: maxLength 2 is below minLength 3"),
+    (arg({"type": "string", "maxLength": -1}),
+     f"{ARGS} at properties.v: maxLength must be a whole number of at least 0"),
     (arg({"type": "array", "maxItems": 1, "minItems": 2}), f"{ARGS} at properties.v: maxItems 1 is below minItems 2"),
     (arg({"type": "array", "items": [{"type": "string"}]}),
      f"{ARGS} at properties.v: items as a list (tuple validation) is not supported; give one schema"),

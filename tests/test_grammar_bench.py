@@ -26,6 +26,7 @@ def test_the_bench_reports_cost_and_validity(gemma4_artifact, capsys):
 
 
 def test_the_table_names_the_cpu(gemma4_artifact, capsys):
-    assert grammar_bench.main([str(gemma4_artifact), "--replies", "0", "--timing-tokens", "4", "--timing-runs", "1"]) == 0
+    assert grammar_bench.main([str(gemma4_artifact), "--replies", "0", "--timing-tokens", "4",
+                               "--timing-runs", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("CPU: ") and "SIMD flags: " in out and "tools " in out
