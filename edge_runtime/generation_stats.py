@@ -15,6 +15,8 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     finish_reason: str = "stop"  # "stop" (end of turn, EOS, a stop string) or "length" (max tokens, context end)
+    mask_seconds: float = 0.0  # of decode's time, spent on a constraint's masks (constrained decoding)
+    constrained_tokens: int = 0  # draws a constraint masked
 
     @property
     def processed_tokens(self) -> int:
@@ -35,4 +37,5 @@ class GenerationStats:
         return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
                 "generated_tokens": self.generated_tokens, "prefill_seconds": self.prefill_seconds,
                 "decode_seconds": self.decode_seconds, "prefill_tokens_per_second": self.prefill_tokens_per_second,
-                "decode_tokens_per_second": self.decode_tokens_per_second, "finish_reason": self.finish_reason}
+                "decode_tokens_per_second": self.decode_tokens_per_second, "finish_reason": self.finish_reason,
+                "mask_seconds": self.mask_seconds, "constrained_tokens": self.constrained_tokens}

@@ -15,12 +15,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edge_runtime import openai_shapes
 from edge_runtime.artifact import read_manifest
 from edge_runtime.chat_template import ChatTemplate
+from edge_runtime.constrained_decoding import Constraint, GrammarVocabulary, constraint_for, reply_stop_ids
 from edge_runtime.conversation import Conversation
 from edge_runtime.engine import Engine
 from edge_runtime.errors import ContextLengthError, EdgeRuntimeError
@@ -108,6 +110,27 @@ class Model:
         marker = self.chat_template.end_of_turn()
         ids = self.tokenizer.encode(marker, add_bos=False) if marker else []
         return set(ids) if len(ids) == 1 else set()
+
+    @cached_property
+    def grammar_vocabulary(self) -> GrammarVocabulary:
+        """The tokenizer as the grammar engine reads it: built on the first constrained request, then kept."""
+        text = (self.path / self.manifest.tokenizer["tokenizer"]).read_text(encoding="utf-8")
+        return GrammarVocabulary(text, max(self.spec.input_vocab_size, self.tokenizer.vocab_size),
+                                 reply_stop_ids(self.tokenizer, self.eos_token_ids))
+
+    def constraint_for(self, response_format: Mapping[str, Any] | None = None, tools: Sequence[Any] | None = None,
+                       tool_choice: str | Mapping[str, Any] | None = None, parallel_tool_calls: bool | None = None,
+                       thinking: bool = False, thought_open: bool = False) -> Constraint | None:
+        """The constraint OpenAI's `response_format`, `tools`, `tool_choice` and `parallel_tool_calls` put on a reply
+        in Gemma 4's format, for `generate_tokens(constraint=...)`; None when they put none. Everything is checked
+        (and the grammar compiled) now: a bad field raises RequestError naming it, before anything is generated.
+
+        `thinking`: the reply may start with a thought; `thought_open`: the prompt already opened one (Gemma's
+        template does after tool responses when thinking), which the reply must finish first. A constraint serves
+        one generation.
+        """
+        return constraint_for(self.tokenizer, self.eos_token_ids, lambda: self.grammar_vocabulary, response_format,
+                              tools, tool_choice, parallel_tool_calls, thinking, thought_open)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, starting with BOS."""
@@ -214,14 +237,16 @@ class Model:
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None, *,
                         min_p: float | None = None, repetition_penalty: float | None = None,
                         stop_token_ids: Sequence[int] = (), cache_prompt: bool = True,
-                        should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
+                        should_stop: Callable[[], bool] | None = None,
+                        constraint: Constraint | None = None) -> Iterator[int]:
         """Token ids after `prompt_ids`, stopping at EOS (or `stop_token_ids`), `max_new_tokens` or the context end.
 
         Holds the model's lock until the iterator is exhausted or closed: close a stream you abandon.
         `cache_prompt=False` runs the whole prompt even where the cache holds it (llama.cpp's cache_prompt):
         quantized kernels round differently with the batch split, so only then is a greedy answer independent
         of what the model ran before. `should_stop` is asked between prefill chunks and between tokens, so that
-        a server can drop the work of a client that left.
+        a server can drop the work of a client that left. `constraint` (from `constraint_for`) masks the logits
+        before each draw and ends the reply where its grammar does; its cost goes into `stats.mask_seconds`.
         """
         if max_new_tokens < 0:
             raise EdgeRuntimeError(f"max_new_tokens={max_new_tokens}: must be >= 0")
@@ -229,8 +254,12 @@ class Model:
         prompt_ids = list(prompt_ids)
         self.check_fits(len(prompt_ids))
         stops = self.eos_token_ids | set(stop_token_ids)
+        if constraint is not None:
+            stops |= constraint.stop_token_ids
         with self.lock:
             self.stats = stats = GenerationStats(prompt_tokens=len(prompt_ids), finish_reason="length")
+            if constraint is not None:
+                sampler = constraint.sampling(sampler, stats)
             if max_new_tokens == 0:
                 return
             start = time.perf_counter()
@@ -253,6 +282,9 @@ class Model:
                     break
                 stats.generated_tokens += 1
                 yield token
+                if constraint is not None and constraint.advance(token):  # nothing but a stop may follow
+                    stats.finish_reason = "stop"
+                    break
                 if stats.generated_tokens >= max_new_tokens or len(history) >= self.context_length:
                     break
                 if should_stop is not None and should_stop():
@@ -261,13 +293,15 @@ class Model:
                 stats.decode_seconds = time.perf_counter() - start
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256, stop: Sequence[str] = (),
-                   stop_token_ids: Sequence[int] = (), **sampling: float | None) -> Iterator[str]:
+                   stop_token_ids: Sequence[int] = (), constraint: Constraint | None = None,
+                   **sampling: float | None) -> Iterator[str]:
         """Text pieces of the continuation of `prompt_ids` as they are decoded, ending before any `stop` string.
 
         `sampling` takes generate_tokens' options (temperature, top_k, top_p, min_p, repetition_penalty, seed).
         """
         decoder, stops = StreamDecoder(self.tokenizer), StopSequences(stop)
-        tokens = self.generate_tokens(prompt_ids, max_new_tokens, stop_token_ids=stop_token_ids, **sampling)
+        tokens = self.generate_tokens(prompt_ids, max_new_tokens, stop_token_ids=stop_token_ids,
+                                      constraint=constraint, **sampling)
         try:
             for token in tokens:
                 if piece := stops.push(decoder.push(token)):

@@ -131,6 +131,33 @@ def bundled(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         return default_artifact(), env
 
 
+# Gemma 4's format markers, each one special token, appended to the test tokenizer: the tiny checkpoints' tokenizer
+# predates them, and tool calls, thoughts and their grammars are matched on them by id.
+GEMMA4_MARKERS = ["<|turn>", "<turn|>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                  "<tool_response|>", '<|"|>', "<|think|>", "<|channel>", "<channel|>"]
+
+
+@pytest.fixture(scope="session")
+def gemma4_artifact(tmp_path_factory) -> Path:
+    """A tiny random Gemma 4 artifact whose tokenizer has Gemma 4's markers (ids 480-491 of a 512-wide vocabulary:
+    the ids above the tokenizer's are never allowed by a grammar), for constrained decoding."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from edge_runtime.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("gemma4-markers")
+    text = dict(COMMON, vocab_size=512, vocab_size_per_layer_input=512, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=32,
+                hidden_size_per_layer_input=8, sliding_window=16, num_kv_shared_layers=0, use_double_wide_mlp=False,
+                layer_types=[S, F, S, F], max_position_embeddings=1024)
+    checkpoint = make_checkpoint.make_checkpoint(root / "checkpoint", text, layout="causal", dtype="f32",
+                                                 max_shard_bytes=None, seed=3, tokenizer_vocab=480)
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken(marker, special=True, normalized=False) for marker in GEMMA4_MARKERS])
+    tokenizer.save(str(checkpoint / "tokenizer.json"))
+    return export_checkpoint(checkpoint, root / "artifact")
+
+
 REFERENCE_CLASSES = {"gemma4_text": ("Gemma4ForCausalLM", "Gemma4TextConfig"),
                      "gemma3n_text": ("Gemma3nForCausalLM", "Gemma3nTextConfig")}
 
