@@ -8,11 +8,12 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from edge_runtime.conversation import Conversation
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError, RequestError
 from edge_runtime.model import GenerationStats, Model, load
 from edge_runtime.model_store import list_models
 from edge_runtime.profiles import Profile, detect_profile, load_profile
+from edge_runtime.reply_parser import ReplyStream, parse_reply
 from edge_runtime.version import __version__
 
-__all__ = ["Conversation", "EdgeRuntimeError", "GenerationStats", "Model", "Profile", "__version__", "detect_profile",
-           "list_models", "load", "load_profile"]
+__all__ = ["Conversation", "EdgeRuntimeError", "GenerationStats", "Model", "Profile", "ReplyStream", "RequestError",
+           "__version__", "detect_profile", "list_models", "load", "load_profile", "parse_reply"]

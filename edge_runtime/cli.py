@@ -263,30 +263,16 @@ def run(
         _print_stats(m.stats, m)
 
 
-CHAT_HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /stats "
-             "(last turn's counts and speeds), /help, /quit; end a line with \\ to continue it")
-
-
-def _read_message(interactive: bool) -> str | None:
-    """One user message; lines ending in a backslash continue it. None at end of input."""
-    lines = []
-    while True:
-        try:
-            line = input("> " if interactive and not lines else ". " if interactive else "")
-        except EOFError:
-            return "\n".join(lines) if lines else None
-        if line.endswith("\\"):
-            lines.append(line[:-1])
-            continue
-        lines.append(line)
-        return "\n".join(lines)
-
-
 @_command(app, "edge-runtime chat", 'edge-runtime chat -m e2b.art --system "Answer briefly." --kv tq3.5',
+          "edge-runtime chat -m e2b.art --tools kiosk_tools.json --think",
           "edge-runtime chat -m e2b.art -n 64 --temperature 0 < questions.txt")
 def chat(
     model: str | None = MODEL,
     system: str | None = typer.Option(None, "--system", help="System prompt."),
+    tools: Path | None = typer.Option(None, "--tools", help="JSON file of OpenAI function declarations the model "
+                                      "may call; each call is shown and its result asked for."),
+    think: bool = typer.Option(False, "--think", help="Let the model think before it answers (Gemma 4's thinking "
+                               "mode); the thought is shown dimmed on stderr."),
     max_new_tokens: int = typer.Option(512, "-n", "--max-new-tokens", min=0, help="Longest reply in tokens."),
     temperature: float | None = TEMPERATURE,
     top_k: int | None = TOP_K,
@@ -307,27 +293,30 @@ def chat(
     A message that cannot be taken (longer than the context, not UTF-8) is refused with one line and the chat goes
     on without it; with piped input the exit code is then 1 once the input is done.
     """
+    from edge_runtime.chat_session import HELP, answer_tool_calls, read_message, read_tools, show_reply
     from edge_runtime.text_input import decode_os_text
 
     try:
+        declared = read_tools(tools) if tools is not None else None
         m = _load(model, profile, context, threads, kv, kv_recent, kv_sliding, low_memory)
         m.sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        conversation = m.conversation(system, tools=declared,
+                                      chat_template_kwargs={"enable_thinking": True} if think else None)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     interactive = sys.stdin.isatty()
     sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach decode_os_text, which names them
-    conversation = m.conversation(system)
     refused = False
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repeat_penalty,
                    seed=seed)
     if interactive:
-        err.print(f"{m.name}: context {m.context_length}, KV {m.kv_format.name}. {CHAT_HELP}")
-    while (message := _read_message(interactive)) is not None:
+        err.print(f"{m.name}: context {m.context_length}, KV {m.kv_format.name}. {HELP}")
+    while (message := read_message(interactive)) is not None:
         command, _, argument = message.strip().partition(" ")
         if command in ("/quit", "/exit"):
             break
         if command == "/help":
-            err.print(CHAT_HELP)
+            err.print(HELP)
         elif command == "/reset":
             conversation.reset()
             err.print("conversation cleared")
@@ -342,19 +331,20 @@ def chat(
             else:
                 err.print(f"no turn yet | context 0/{m.context_length}")
         elif command.startswith("/"):
-            err.print(f"unknown command {command}; {CHAT_HELP}")
+            err.print(f"unknown command {command}; {HELP}")
         elif message.strip():
+            text: str | None = decode_os_text(message, "the message")
             try:
-                pieces = conversation.stream(decode_os_text(message, "the message"), max_new_tokens=max_new_tokens,
-                                             **options)
-                dropped = conversation.dropped_turns
-                for piece in pieces:
+                while True:  # a reply, then, while it calls tools, their results and the model's next reply
+                    dropped = conversation.dropped_turns
+                    reply = conversation.reply(text, max_new_tokens=max_new_tokens, **options)
                     if dropped != conversation.dropped_turns:
                         err.print(f"(the oldest {conversation.dropped_turns - dropped} turns were dropped to fit the "
                                   f"context of {m.context_length} tokens)")
-                        dropped = conversation.dropped_turns
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+                    show_reply(reply, err, think)
+                    if not conversation.pending_tool_calls or not answer_tool_calls(conversation, interactive, err):
+                        break
+                    text = None
             except (ContextLengthError, InvalidTextError) as exc:
                 err.print(f"error: {exc}")
                 refused = True

@@ -1,8 +1,14 @@
 """A multi-turn chat over one model: the transcript, rendered by the model's chat template at every turn.
 
+The transcript holds OpenAI messages: the user's, the assistant's replies as the model wrote them (content, the
+thought as `reasoning_content`, `tool_calls`), and the `tool` results the caller adds for those calls. A reply
+that called tools waits for their results (`pending_tool_calls`); `reply()` with no text then lets the model go on
+with them, in the same turn, as Gemma 4's template renders it.
+
 When the transcript and room for a reply (up to a quarter of the context) no longer fit the context, the
-oldest turns are dropped, the system prompt kept, as Ollama does; `dropped_turns` counts them. A message that
-cannot fit even alone is refused before anything is dropped, so that the conversation goes on as it was.
+oldest exchanges (a user message and everything up to the next one) are dropped, the system prompt kept, as
+Ollama does; `dropped_turns` counts them. A message that cannot fit even alone is refused before anything is
+dropped, so that the conversation goes on as it was.
 
 The KV cache is not copied or pinned here: each turn's prompt is the whole transcript, and the model keeps
 the longest prefix of it already in its cache (`Engine.reuse`), so a turn runs only the tokens added since the
@@ -12,10 +18,11 @@ transcripts, as llama.cpp's server does with one slot.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from edge_runtime.errors import ContextLengthError
+from edge_runtime.chat_reply import ChatPrompt, ChatReply, chat_prompt
+from edge_runtime.errors import ContextLengthError, RequestError
 from edge_runtime.generation_stats import GenerationStats
 
 if TYPE_CHECKING:
@@ -23,22 +30,47 @@ if TYPE_CHECKING:
 
 
 class Conversation:
-    def __init__(self, model: Model, system: str | None = None) -> None:
+    def __init__(self, model: Model, system: str | None = None, *, tools: Sequence[Mapping] | None = None,
+                 tool_choice: str | Mapping = "auto", chat_template_kwargs: Mapping[str, Any] | None = None) -> None:
         self.model = model
         self.system = system
-        self.turns: list[dict[str, str]] = []
+        self.tools = list(tools) if tools else None
+        self.tool_choice = tool_choice
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        model.constraint_for(tools=self.tools, tool_choice=tool_choice)  # a bad tool or choice is refused now
+        self.turns: list[dict[str, Any]] = []
         self.dropped_turns = 0
         self.stats = GenerationStats()
         """Counts of the last turn kept (`cached_tokens` of its prompt came from the cache, `processed_tokens`
         ran); zeros before the first and after `reset`, whatever else the model ran since."""
 
     @property
-    def messages(self) -> list[dict[str, str]]:
+    def messages(self) -> list[dict[str, Any]]:
         """The transcript as OpenAI-style messages, the system prompt first when there is one."""
         return [*self._system_message(), *self.turns]
 
     def _system_message(self) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.system}] if self.system else []
+
+    @property
+    def pending_tool_calls(self) -> list[dict[str, Any]]:
+        """The last reply's tool calls that have no result yet."""
+        last_assistant = next((i for i in range(len(self.turns) - 1, -1, -1)
+                               if self.turns[i]["role"] == "assistant"), None)
+        if last_assistant is None:
+            return []
+        answered = {m.get("tool_call_id") for m in self.turns[last_assistant + 1:] if m["role"] == "tool"}
+        return [call for call in self.turns[last_assistant].get("tool_calls") or [] if call["id"] not in answered]
+
+    def add_tool_result(self, tool_call_id: str, content: str) -> None:
+        """The result of one of the last reply's calls, as text (JSON text for structured results)."""
+        pending = {call["id"]: call for call in self.pending_tool_calls}
+        if tool_call_id not in pending:
+            waiting = ", ".join(repr(i) for i in pending) or "none"
+            raise RequestError(f"tool_call_id {tool_call_id!r} answers no pending tool call (pending: {waiting})",
+                               "tool_call_id")
+        self.turns.append({"role": "tool", "tool_call_id": tool_call_id,
+                           "name": pending[tool_call_id]["function"]["name"], "content": content})
 
     def reset(self, system: str | None = None) -> None:
         """Forget the turns (the system prompt stays unless a new one is given)."""
@@ -47,27 +79,60 @@ class Conversation:
         if system is not None:
             self.system = system
 
-    def stream(self, text: str, max_new_tokens: int = 512, stop: Sequence[str] = (),
-               **sampling: float | None) -> Iterator[str]:
-        """The reply to `text`, streamed; the turn joins the transcript once the reply is complete."""
+    def _prompt(self, added: list[dict[str, Any]], max_new_tokens: int) -> ChatPrompt:
+        """The transcript plus `added`, oldest exchanges dropped until a reply has room."""
         model = self.model
-        question = {"role": "user", "content": text}
-        ids = model.chat_prompt_ids([*self.messages, question])
-        if len(ids) > model.context_length:
-            alone = len(model.chat_prompt_ids([*self._system_message(), question])) if self.turns else len(ids)
+
+        def prompt_of(turns: list[dict[str, Any]]) -> ChatPrompt:
+            return chat_prompt(model, [*self._system_message(), *turns, *added], tools=self.tools,
+                               tool_choice=self.tool_choice, chat_template_kwargs=self.chat_template_kwargs)
+
+        prompt = prompt_of(self.turns)
+        if len(prompt.ids) > model.context_length:
+            alone = len(prompt_of([]).ids) if self.turns else len(prompt.ids)
             if alone > model.context_length:
                 raise self._too_long(alone)
         room = min(max_new_tokens, model.context_length // 4)
-        while len(ids) + room > model.context_length and self.turns:
-            del self.turns[:2]
-            self.dropped_turns += 1
-            ids = model.chat_prompt_ids([*self.messages, question])
-        pieces = []
-        for piece in model.stream_ids(ids, max_new_tokens, stop, stop_token_ids=model.end_of_turn_ids, **sampling):
-            pieces.append(piece)
-            yield piece
-        self.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]
-        self.stats = model.stats
+        while len(prompt.ids) + room > model.context_length and self.turns:
+            self._drop_oldest_exchange()
+            prompt = prompt_of(self.turns)
+        return prompt
+
+    def _drop_oldest_exchange(self) -> None:
+        """The first user message and everything up to the next one: a call and its results go together."""
+        following_user = next((i for i in range(1, len(self.turns)) if self.turns[i]["role"] == "user"),
+                              len(self.turns))
+        del self.turns[:following_user]
+        self.dropped_turns += 1
+
+    def reply(self, text: str | None = None, max_new_tokens: int = 512, stop: Sequence[str] = (),
+              **sampling: Any) -> ChatReply:
+        """The model's reply to `text` (None: go on after the tool results just added), to iterate for OpenAI
+        deltas; the reply joins the transcript once it is complete, and `.message` is then the assistant message."""
+        if text is None:
+            if not self.turns or self.turns[-1]["role"] != "tool":
+                raise RequestError("reply() without text continues after tool results; add them first with "
+                                   "add_tool_result, or give the user's message", "text")
+            if pending := self.pending_tool_calls:
+                raise RequestError(f"tool calls {', '.join(repr(c['id']) for c in pending)} have no result yet; "
+                                   "add each with add_tool_result", "tool_call_id")
+            added: list[dict[str, Any]] = []
+        else:
+            added = [{"role": "user", "content": text}]
+        return ChatReply(self.model, self._prompt(added, max_new_tokens), max_new_tokens, stop,
+                         on_complete=lambda reply: self._join(added, reply), **sampling)
+
+    def _join(self, added: list[dict[str, Any]], reply: ChatReply) -> None:
+        message = dict(reply.message)
+        if message.get("content") is None and not message.get("tool_calls"):
+            message["content"] = ""  # an empty reply is still a turn, and templates need its text
+        self.turns += [*added, message]
+        self.stats = self.model.stats
+
+    def stream(self, text: str, max_new_tokens: int = 512, stop: Sequence[str] = (),
+               **sampling: Any) -> Iterator[str]:
+        """The text of the reply to `text`, streamed; the turn joins the transcript once the reply is complete."""
+        return self.reply(text, max_new_tokens, stop, **sampling).content()
 
     def _too_long(self, tokens: int) -> ContextLengthError:
         return ContextLengthError(f"the message takes {tokens} tokens (with the system prompt and the chat "
@@ -75,6 +140,6 @@ class Conversation:
                                   "added to the conversation: shorten it, or load the model with a longer context")
 
     def say(self, text: str, max_new_tokens: int = 512, stop: Sequence[str] = (),
-            **sampling: float | None) -> str:
+            **sampling: Any) -> str:
         """The reply to `text`."""
         return "".join(self.stream(text, max_new_tokens, stop, **sampling))

@@ -21,6 +21,7 @@ import numpy as np
 
 from edge_runtime import openai_shapes
 from edge_runtime.artifact import read_manifest
+from edge_runtime.chat_reply import ChatReply, chat_prompt
 from edge_runtime.chat_template import ChatTemplate
 from edge_runtime.constrained_decoding import Constraint, GrammarVocabulary, constraint_for, reply_stop_ids
 from edge_runtime.conversation import Conversation
@@ -36,6 +37,7 @@ from edge_runtime.progress import Progress, no_progress
 from edge_runtime.sampling import Sampler, SamplingParams
 from edge_runtime.stop_sequences import StopSequences
 from edge_runtime.tokenizer import StreamDecoder, Tokenizer
+from edge_runtime.tool_declarations import check_tools
 
 DEFAULT_PREFILL_CHUNK = 256
 LOW_MEMORY_PREFILL_CHUNK = 64
@@ -106,10 +108,10 @@ class Model:
 
     @cached_property
     def end_of_turn_ids(self) -> set[int]:
-        """The template's end-of-turn token, which ends a chat reply even where generation_config omits it."""
-        marker = self.chat_template.end_of_turn()
-        ids = self.tokenizer.encode(marker, add_bos=False) if marker else []
-        return set(ids) if len(ids) == 1 else set()
+        """The tokens that end a chat reply even where generation_config omits them: the template's end of turn,
+        and Gemma 4's `<|tool_response>`, which the model writes after its tool calls to wait for their results."""
+        ids = (self.tokenizer.token_id(marker) for marker in self.chat_template.reply_end_markers())
+        return {token for token in ids if token is not None}
 
     @cached_property
     def grammar_vocabulary(self) -> GrammarVocabulary:
@@ -293,13 +295,15 @@ class Model:
                 stats.decode_seconds = time.perf_counter() - start
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256, stop: Sequence[str] = (),
-                   stop_token_ids: Sequence[int] = (), constraint: Constraint | None = None,
-                   **sampling: float | None) -> Iterator[str]:
+                   stop_token_ids: Sequence[int] = (), *, special_tokens: bool = False,
+                   constraint: Constraint | None = None, **sampling: Any) -> Iterator[str]:
         """Text pieces of the continuation of `prompt_ids` as they are decoded, ending before any `stop` string.
 
-        `sampling` takes generate_tokens' options (temperature, top_k, top_p, min_p, repetition_penalty, seed).
+        `sampling` takes generate_tokens' options (temperature, top_k, top_p, min_p, repetition_penalty, seed,
+        cache_prompt, should_stop, constraint); `special_tokens` keeps special tokens in the text (a chat reply's
+        markers).
         """
-        decoder, stops = StreamDecoder(self.tokenizer), StopSequences(stop)
+        decoder, stops = StreamDecoder(self.tokenizer, skip_special_tokens=not special_tokens), StopSequences(stop)
         tokens = self.generate_tokens(prompt_ids, max_new_tokens, stop_token_ids=stop_token_ids,
                                       constraint=constraint, **sampling)
         try:
@@ -329,41 +333,68 @@ class Model:
         """The continuation of `prompt` (the prompt itself is not repeated)."""
         return "".join(self.stream(prompt, max_new_tokens, stop, **sampling))
 
-    def chat_prompt_ids(self, messages: Sequence[Mapping]) -> list[int]:
-        """The token ids of `messages` rendered by the chat template, ready for the model's reply.
+    def render_chat(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None,
+                    add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+        """`messages` (OpenAI's: system, user, assistant with tool_calls, tool results) rendered by the artifact's
+        chat template, exactly as transformers' `apply_chat_template(messages, tools=tools, tokenize=False,
+        **template_kwargs)` renders them; `tools` are OpenAI function declarations, `template_kwargs` the
+        template's switches (Gemma 4: `enable_thinking=True`). Tool call arguments may be objects or JSON text."""
+        check_tools(tools)
+        return self.chat_template.render(messages, add_generation_prompt, tools=list(tools) if tools else None,
+                                         **template_kwargs)
 
-        The template writes the BOS token itself, so the text is tokenized without adding another.
-        """
-        ids = self.tokenizer.encode(self.chat_template.render(messages), add_bos=False)
+    def prompt_ids(self, text: str) -> list[int]:
+        """The token ids of a rendered chat prompt. The template writes the BOS token itself, so the text is
+        tokenized without adding another (and given one where a template does not write it)."""
+        ids = self.tokenizer.encode(text, add_bos=False)
         if self.spec.bos_token_id is not None and ids[:1] != [self.spec.bos_token_id]:
             ids.insert(0, self.spec.bos_token_id)
         return ids
 
+    def chat_prompt_ids(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None,
+                        **template_kwargs: Any) -> list[int]:
+        """The token ids of `messages` rendered by the chat template, ready for the model's reply."""
+        return self.prompt_ids(self.render_chat(messages, tools, **template_kwargs))
+
     def chat_stream(self, messages: Sequence[Mapping], max_new_tokens: int = 512, stop: Sequence[str] = (),
                     **sampling: float | None) -> Iterator[str]:
-        """The assistant's reply to `messages` (OpenAI-style role/content dicts), streamed."""
-        return self.stream_ids(self.chat_prompt_ids(messages), max_new_tokens, stop,
-                               stop_token_ids=self.end_of_turn_ids, **sampling)
+        """The text of the assistant's reply to `messages` (OpenAI-style role/content dicts), streamed; a thought
+        channel is left out (create_chat_completion gives it, and tool calls, as OpenAI's fields)."""
+        return ChatReply(self, chat_prompt(self, messages), max_new_tokens, stop, **sampling).content()
 
     def chat(self, messages: Sequence[Mapping], max_new_tokens: int = 512, stop: Sequence[str] = (),
              **sampling: float | None) -> str:
         """The assistant's reply to `messages`; a conversation's earlier turns are reused from the cache."""
         return "".join(self.chat_stream(messages, max_new_tokens, stop, **sampling))
 
-    def conversation(self, system: str | None = None) -> Conversation:
-        """A multi-turn chat that keeps its transcript (and, while it is the model's latest user, its KV cache)."""
-        return Conversation(self, system)
+    def conversation(self, system: str | None = None, *, tools: Sequence[Mapping] | None = None,
+                     tool_choice: str | Mapping = "auto", chat_template_kwargs: Mapping[str, Any] | None = None
+                     ) -> Conversation:
+        """A multi-turn chat that keeps its transcript (and, while it is the model's latest user, its KV cache);
+        with `tools`, the model may call them and the caller adds their results (Conversation.add_tool_result)."""
+        return Conversation(self, system, tools=tools, tool_choice=tool_choice,
+                            chat_template_kwargs=chat_template_kwargs)
 
     def create_chat_completion(self, messages: Sequence[Mapping], *, max_tokens: int | None = None,
                                stream: bool = False, stop: str | Sequence[str] | None = None,
+                               tools: Sequence[Mapping] | None = None, tool_choice: str | Mapping | None = None,
+                               parallel_tool_calls: bool | None = None, response_format: Mapping | None = None,
+                               chat_template_kwargs: Mapping[str, Any] | None = None,
                                **sampling: float | None) -> dict | Iterator[dict]:
         """OpenAI's chat.completion, or with stream=True a generator of chat.completion.chunk dicts.
 
-        `sampling` takes temperature, top_p, top_k, min_p, repetition_penalty, seed; `include_usage=True` adds
-        the usage chunk at the end of a stream (OpenAI's stream_options).
+        `tools`, `tool_choice` ("auto", "none", "required" or {"type": "function", "function": {"name": ...}}),
+        `parallel_tool_calls` and `response_format` ({"type": "json_object"} or {"type": "json_schema", ...}) are
+        OpenAI's; calls and JSON are guaranteed well-formed by constrained decoding (the `grammar` extra).
+        `chat_template_kwargs` reach the template (`{"enable_thinking": True}`: the thought comes back as
+        `reasoning_content`). `sampling` takes temperature, top_p, top_k, min_p, repetition_penalty, seed;
+        `include_usage=True` adds the usage chunk at the end of a stream (OpenAI's stream_options).
         """
         return openai_shapes.chat_completion(self, messages, max_tokens=max_tokens, stream=stream, stop=stop,
-                                             **sampling)
+                                             tools=tools, tool_choice=tool_choice,
+                                             parallel_tool_calls=parallel_tool_calls,
+                                             response_format=response_format,
+                                             chat_template_kwargs=chat_template_kwargs, **sampling)
 
     def create_completion(self, prompt: str, *, max_tokens: int | None = None, stream: bool = False,
                           stop: str | Sequence[str] | None = None, **sampling: float | None) -> dict | Iterator[dict]:

@@ -25,8 +25,10 @@ class Tokenizer:
             ids = [self.bos_token_id, *ids]
         return ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; chat replies keep special tokens, whose markers (Gemma 4's `<|tool_call>`, `<|channel>`)
+        are the reply's structure."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_id(self, text: str) -> int | None:
         """The id of the token spelled exactly `text` (a special token such as "<|tool_call>"), else None."""
@@ -45,8 +47,9 @@ class StreamDecoder:
     emitted text and holding back while it ends in U+FFFD keeps every piece valid and the work per token O(1).
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.prefix = 0
         self.read = 0
@@ -68,6 +71,6 @@ class StreamDecoder:
 
     def _pending(self) -> str:
         """Text the tokens after `read` add to the window that starts at `prefix`."""
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], self.skip_special_tokens)
+        text = self.tokenizer.decode(self.ids[self.prefix:], self.skip_special_tokens)
         return text[len(before):]

@@ -26,6 +26,9 @@ from edge_runtime.server.app import ServerSettings, create_app
 from edge_runtime.server.request_schema import Limits
 
 QUESTION = [{"role": "user", "content": "Tell me about the sea"}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather now in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 
 
 class LiveServer:
@@ -122,6 +125,71 @@ def test_openai_client_chat_plain_and_streamed(server, model):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == reply.usage.total_tokens
 
 
+def _streamed_message(stream) -> tuple[dict, str]:
+    """A streamed reply put together as OpenAI's docs show: content, reasoning and each call's arguments joined."""
+    message: dict = {"role": "assistant", "content": "", "tool_calls": {}}
+    finish = None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta, finish = chunk.choices[0].delta, chunk.choices[0].finish_reason or finish
+        message["content"] += delta.content or ""
+        for part in delta.tool_calls or []:
+            call = message["tool_calls"].setdefault(part.index, {"id": None, "type": "function",
+                                                                 "function": {"name": "", "arguments": ""}})
+            call["id"] = part.id or call["id"]
+            if part.function:
+                call["function"]["name"] += part.function.name or ""
+                call["function"]["arguments"] += part.function.arguments or ""
+    message["tool_calls"] = [message["tool_calls"][i] for i in sorted(message["tool_calls"])]
+    return message, finish
+
+
+def test_openai_client_tools_round_trip_plain_and_streamed(server, model):
+    """A call, the tool's result, the answer: what a kiosk app does with OpenAI's client, both ways."""
+    client = server.client()
+    ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    options = dict(model=model.name, tools=TOOLS, max_tokens=60, temperature=1.0, seed=4)
+    reply = client.chat.completions.create(messages=ask, tool_choice="required", **options)
+    assert reply.choices[0].finish_reason == "tool_calls"
+    call = reply.choices[0].message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    streamed, finish = _streamed_message(client.chat.completions.create(
+        messages=ask, tool_choice="required", stream=True, **options))
+    assert finish == "tool_calls"
+    assert [c["function"] for c in streamed["tool_calls"]] == [
+        {"name": c.function.name, "arguments": c.function.arguments} for c in reply.choices[0].message.tool_calls]
+
+    history = [*ask, reply.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}]
+    answer = client.chat.completions.create(messages=history, **{**options, "temperature": 0, "max_tokens": 16})
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.choices[0].message.tool_calls is None or answer.choices[0].finish_reason == "tool_calls"
+    streamed, finish = _streamed_message(client.chat.completions.create(
+        messages=history, stream=True, **{**options, "temperature": 0, "max_tokens": 16}))
+    assert (streamed["content"] or None, finish) == (answer.choices[0].message.content or None,
+                                                      answer.choices[0].finish_reason)
+
+
+def test_json_schema_and_thinking_reach_the_model_through_the_server(server, model):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    client = server.client()
+    reply = client.chat.completions.create(
+        model=model.name, messages=[{"role": "user", "content": "Which city? Answer in JSON."}], max_tokens=40,
+        temperature=1.0, seed=2, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    if reply.choices[0].finish_reason == "stop":
+        assert set(json.loads(reply.choices[0].message.content)) == {"city"}
+    thought = server.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 24, "temperature": 0,
+        "chat_template_kwargs": {"enable_thinking": True}})
+    assert thought.status_code == 200
+    expected = model.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=24, temperature=0,
+                                            chat_template_kwargs={"enable_thinking": True})
+    assert thought.json()["choices"][0]["message"] == expected["choices"][0]["message"]
+
+
 def test_openai_client_completions_plain_and_streamed(server, model):
     client = server.client()
     expected = model.create_completion("The sea", max_tokens=10, temperature=0)["choices"][0]["text"]
@@ -169,9 +237,10 @@ BAD_BODIES = [
     (b'{"messages": [', 400, None, "the request body is not valid JSON"),
     (b"\xff\xfe", 400, None, "the request body is not valid JSON"),
     (b"[1, 2]", 400, None, "the request body must be a JSON object, got list"),
-    (json.dumps({"messages": "hi"}), 400, None, "messages must be a list"),
-    (json.dumps({"messages": [{"role": "user"}]}), 400, None, "messages[0]: has no 'content'"),
-    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), 400, None, "role 'robot' is not supported"),
+    (json.dumps({"messages": "hi"}), 400, "messages", "messages must be a list"),
+    (json.dumps({"messages": [{"role": "user"}]}), 400, "messages[0].content", "messages[0]: has no 'content'"),
+    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), 400, "messages[0].role",
+     "role 'robot' is not supported"),
     (json.dumps({}), 400, "messages", "messages is required"),
     (json.dumps({"messages": QUESTION * 9}), 400, "messages", "9 messages is more than this server allows (8)"),
     (json.dumps({"messages": QUESTION, "temperature": "hot"}), 400, "temperature", "temperature must be a number"),
@@ -180,7 +249,23 @@ BAD_BODIES = [
     (json.dumps({"messages": QUESTION, "stream": "yes"}), 400, "stream", "stream must be true or false"),
     (json.dumps({"messages": QUESTION, "stop": [1]}), 400, "stop", "stop must be a string or a list of strings"),
     (json.dumps({"messages": QUESTION, "n": 2}), 400, "n", "n must be 1"),
-    (json.dumps({"messages": QUESTION, "tools": [{"type": "function"}]}), 400, "tools", "tools is not supported"),
+    (json.dumps({"messages": QUESTION, "tools": {"type": "function"}}), 400, "tools", "tools must be a list, got dict"),
+    (json.dumps({"messages": QUESTION, "tools": [{"type": "function"}]}), 400, "tools[0].function",
+     "tools[0].function"),
+    (json.dumps({"messages": QUESTION, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}}),
+     400, "tool_choice", "'fly'"),
+    (json.dumps({"messages": QUESTION, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string", "format": "uuid"}}}}}]}),
+     400, "tools[0].function.parameters", "format"),
+    (json.dumps({"messages": QUESTION, "response_format": {"type": "xml"}}), 400, "response_format", "xml"),
+    (json.dumps({"messages": QUESTION, "chat_template_kwargs": ["enable_thinking"]}), 400, "chat_template_kwargs",
+     "chat_template_kwargs must be an object"),
+    (json.dumps({"messages": [*QUESTION, {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]}), 400,
+     "messages[1].tool_call_id", "a tool result with no tool call before it"),
+    (json.dumps({"messages": [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "fly", "arguments": "{}"}}]}], "tools": TOOLS}), 400,
+     "messages[1].tool_calls[0].function.name", "'fly' is not one of the declared tools (get_weather)"),
+    (json.dumps({"prompt": "x", "tools": TOOLS}), 400, "tools", "tools is only taken by /v1/chat/completions"),
     (json.dumps({"messages": QUESTION, "presence_penalty": 1}), 400, "presence_penalty", "use repetition_penalty"),
     (json.dumps({"messages": QUESTION, "stream_options": {"include_usage": True}}), 400, "stream_options",
      "only allowed when stream is true"),

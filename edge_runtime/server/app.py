@@ -30,7 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge_runtime.errors import ContextLengthError, EdgeRuntimeError
+from edge_runtime.errors import ContextLengthError, EdgeRuntimeError, RequestError
 from edge_runtime.model import Model
 from edge_runtime.openai_shapes import PreparedRequest, prepare_chat, prepare_completion
 from edge_runtime.server.generation_queue import ClientGone, GenerationQueue, QueueFull
@@ -211,6 +211,8 @@ class _Api:
         except ContextLengthError as exc:
             return error_response(400, str(exc), param="messages" if chat else "prompt",
                                   code="context_length_exceeded")
+        except RequestError as exc:
+            return error_response(400, str(exc), param=exc.param)
         except EdgeRuntimeError as exc:
             return error_response(400, str(exc))
         except ClientDisconnect:

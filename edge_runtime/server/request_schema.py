@@ -1,9 +1,11 @@
 """The JSON bodies of /v1/chat/completions and /v1/completions, checked field by field.
 
 OpenAI clients send many optional fields; each one this runtime honours is type-checked here so that a wrong
-type gets a 400 naming the field, each one it cannot honour (n > 1, tools, logprobs, penalties) is refused
-by name rather than silently ignored, and everything else (user, metadata, ...) is accepted and ignored.
-Value ranges (temperature, top_p, ...) are left to the sampler's own checks, which say what is allowed.
+type gets a 400 naming the field, each one it cannot honour (n > 1, logprobs, penalties, the deprecated
+functions/function_call) is refused by name rather than silently ignored, and everything else (user, metadata,
+...) is accepted and ignored. Value ranges (temperature, top_p, ...) are left to the sampler's own checks, which
+say what is allowed; the contents of tools, tool_choice and response_format to the SDK's (edge_runtime
+.tool_declarations, .constrained_decoding), which name the field too.
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ class GenerationRequest:
 # Passed to the model as given; cache_prompt is llama.cpp's field for reusing the cached prefix.
 _OPTIONS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float,
             "seed": int, "cache_prompt": bool}
-_UNSUPPORTED_IF_SET = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "suffix")
+_UNSUPPORTED_IF_SET = ("functions", "function_call", "logit_bias", "suffix")
+# Chat-only fields passed to prepare_chat as given (their contents are checked there), with the JSON type each
+# must have: tools a list, tool_choice a string or an object, ...
+_CHAT_OPTIONS: dict[str, tuple[type, ...]] = {"tools": (list,), "tool_choice": (str, Mapping),
+                                              "parallel_tool_calls": (bool,), "response_format": (Mapping,),
+                                              "chat_template_kwargs": (Mapping,)}
 
 
 def _type_name(kind: type) -> str:
@@ -87,9 +94,22 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise BadRequest(f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", name)
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise BadRequest("response_format: only {\"type\": \"text\"} is supported", "response_format")
+
+
+def _chat_options(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
+    options = {}
+    for name, kinds in _CHAT_OPTIONS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if not chat:
+            raise BadRequest(f"{name} is only taken by /v1/chat/completions", name)
+        if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            wanted = " or ".join({list: "a list", str: "a string", Mapping: "an object", bool: "true or false"}[k]
+                                 for k in kinds)
+            raise BadRequest(f"{name} must be {wanted}, got {type(value).__name__}", name)
+        options[name] = value
+    return options
 
 
 def _max_tokens(body: Mapping[str, Any], limits: Limits) -> int | None:
@@ -155,7 +175,8 @@ def parse(body: Any, *, chat: bool, limits: Limits) -> GenerationRequest:
         if not isinstance(prompt, str):
             raise BadRequest("prompt must be a string (or a list holding one string)", "prompt")
     stream = _typed(body, "stream", bool) or False
-    options: dict[str, Any] = {"max_tokens": _max_tokens(body, limits), "stop": _stop(body)}
+    options: dict[str, Any] = {"max_tokens": _max_tokens(body, limits), "stop": _stop(body),
+                               **_chat_options(body, chat)}
     for name, kind in _OPTIONS.items():
         if (value := _typed(body, name, kind)) is not None:
             options[name] = value

@@ -2,7 +2,8 @@
 
 // Kiosk chat: keeps the conversation here and sends all of it each turn (the server reuses its KV cache for
 // the common prefix), streams the reply over server-sent events, and writes model and user text only as
-// text nodes. URL options: ?system=...&temperature=...&max_tokens=...&idle=SECONDS (300 by default, 0 = never).
+// text nodes. URL options: ?system=...&temperature=...&max_tokens=...&idle=SECONDS (300 by default, 0 = never)
+// &think=1 (the model thinks first; its thought is shown collapsed above the reply).
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -18,6 +19,7 @@ const settings = {
   temperature: numberParam("temperature", (v) => v >= 0),
   maxTokens: numberParam("max_tokens", (v) => Number.isInteger(v) && v > 0),
   idleSeconds: Math.min(numberParam("idle", (v) => v >= 0) ?? 300, 86400),
+  think: params.get("think") === "1",
 };
 
 let sessionKey = storedKey();
@@ -118,6 +120,19 @@ function addMessage(role, text) {
   return item;
 }
 
+// The model's thought, collapsed above its reply: there if wanted, out of the way of the answer.
+function addThought(reply) {
+  const details = document.createElement("details");
+  details.className = "thought";
+  const summary = document.createElement("summary");
+  summary.textContent = "Thought";
+  const text = document.createElement("div");
+  text.append(document.createTextNode(""));
+  details.append(summary, text);
+  reply.querySelector(".text").before(details);
+  return text.firstChild;
+}
+
 function setBusy(busy) {
   const focusWasHere = [ui.send, ui.stop, document.body].includes(document.activeElement);
   document.body.dataset.state = busy ? "busy" : "idle";
@@ -197,13 +212,14 @@ async function* serverEvents(stream) {
   }
 }
 
-async function readReply(response, onText) {
+async function readReply(response, onText, onThought) {
   let finish = null;
   for await (const data of serverEvents(response.body)) {
     if (data === "[DONE]") return finish ?? "stop";
     const chunk = JSON.parse(data);
     if (chunk.error) throw new Error(chunk.error.message || "The server stopped with an error.");
     const choice = chunk.choices?.[0];
+    if (choice?.delta?.reasoning_content) onThought(choice.delta.reasoning_content);
     if (choice?.delta?.content) onText(choice.delta.content);
     if (choice?.finish_reason) finish = choice.finish_reason;
   }
@@ -216,6 +232,7 @@ function requestBody(messages) {
                  stream: true };
   if (settings.temperature !== undefined) body.temperature = settings.temperature;
   if (settings.maxTokens !== undefined) body.max_tokens = settings.maxTokens;
+  if (settings.think) body.chat_template_kwargs = { enable_thinking: true };
   return body;
 }
 
@@ -241,11 +258,16 @@ async function send(text) {
   try {
     const response = await postChat(requestBody(chat.messages), mine.signal);
     if (!response.ok) throw await apiError(response);
+    let thought = null;
     const finish = await readReply(response, (piece) => {
       reply.classList.remove("pending");
       replyText.appendData(piece);
       content += piece;
       if (followEnd) scrollToEnd();
+    }, (piece) => {
+      reply.classList.remove("pending");
+      thought ??= addThought(reply);
+      thought.appendData(piece);
     });
     reply.dataset.finish = finish;
     if (finish === "length") setStatus("The reply reached its length limit.");
