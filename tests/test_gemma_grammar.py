@@ -350,6 +350,12 @@ def test_the_failing_tool_is_the_one_named(model):
     with pytest.raises(RequestError) as caught:
         model.constraint_for(tools=[good, bad])
     assert caught.value.param == "tools[1].function.parameters"
+    too_big = tool(arg({"type": "string", "minLength": 10**6}), "too_big")  # beyond the engine's lexer limits
+    with pytest.raises(RequestError) as caught:
+        model.constraint_for(tools=[good, too_big])
+    assert (caught.value.param, str(caught.value)) == (
+        "tools[1].function.parameters", ("tools[1].function.parameters: the grammar engine cannot compile this schema: "
+                                        "fuel exhausted when checking relevance of lexemes (1000000)"))
 
 
 @pytest.mark.parametrize("response_format, param, message", [
