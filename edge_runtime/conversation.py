@@ -110,12 +110,12 @@ class Conversation:
         """The model's reply to `text` (None: go on after the tool results just added), to iterate for OpenAI
         deltas; the reply joins the transcript once it is complete, and `.message` is then the assistant message."""
         if text is None:
-            if not self.turns or self.turns[-1]["role"] != "tool":
-                raise RequestError("reply() without text continues after tool results; add them first with "
-                                   "add_tool_result, or give the user's message", "text")
             if pending := self.pending_tool_calls:
                 raise RequestError(f"tool calls {', '.join(repr(c['id']) for c in pending)} have no result yet; "
                                    "add each with add_tool_result", "tool_call_id")
+            if not self.turns or self.turns[-1]["role"] != "tool":
+                raise RequestError("reply() without text continues after tool results; add them first with "
+                                   "add_tool_result, or give the user's message", "text")
             added: list[dict[str, Any]] = []
         else:
             added = [{"role": "user", "content": text}]

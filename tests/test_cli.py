@@ -174,6 +174,42 @@ def test_chat_session_keeps_turns_in_the_cache(bundled):
     assert "never read" not in result.stdout
 
 
+def test_chat_with_tools_shows_the_call_asks_for_its_result_and_goes_on(bundled, tmp_path):
+    """`chat --tools --think`, piped: the thought dimmed on stderr, the call shown, its result read from the next
+    line, then the model's answer on stdout, exactly as the SDK's conversation gives them."""
+    path, env = bundled
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather now in a city.",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    (tmp_path / "tools.json").write_text(json.dumps({"tools": tools}))
+    result = cli("chat", "--tools", str(tmp_path / "tools.json"), "--think", "-n", "60", "--temperature", "0",
+                 "--kv", "fp32", stdin="What is the weather in Oslo?\n21 C, clear\n", env=env)
+    assert result.returncode == 0, result.stderr
+    conversation = edge_runtime.load(path, kv="fp32").conversation(
+        tools=tools, chat_template_kwargs={"enable_thinking": True})
+    first = conversation.reply("What is the weather in Oslo?", max_new_tokens=60, temperature=0)
+    for _ in first:
+        pass
+    [call] = first.message["tool_calls"]
+    conversation.add_tool_result(call["id"], "21 C, clear")
+    answer = "".join(conversation.reply(None, max_new_tokens=60, temperature=0).content())
+    shown = f"] {call['function']['name']}({call['function']['arguments']})"
+    assert shown in result.stderr and first.message["reasoning_content"] in result.stderr
+    assert result.stdout == (first.message["content"] or "") + answer + "\n"
+
+
+def test_chat_tools_file_errors_are_one_line(tmp_path):
+    (tmp_path / "bad.json").write_text("{tools: []}")
+    (tmp_path / "dict.json").write_text('{"type": "function"}')
+    for name, message in [("missing.json", (f"error: --tools {tmp_path / 'missing.json'}: cannot read it "
+                                           "(No such file or directory)")),
+                          ("bad.json", (f"error: --tools {tmp_path / 'bad.json'}: not valid JSON (Expecting property "
+                                       "name enclosed in double quotes: line 1 column 2 (char 1))")),
+                          ("dict.json", f"error: --tools {tmp_path / 'dict.json'}: must hold a list of tools")]:
+        result = cli("chat", "--tools", str(tmp_path / name), stdin="")
+        assert result.returncode == 1 and result.stderr.startswith(message), result.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (("run", "hi", "--profile", "pi6"), "error: unknown profile 'pi6': choose one of android-12gb"),
     (("chat", "--profile", "pi6"), "error: unknown profile 'pi6': choose one of android-12gb"),

@@ -253,11 +253,11 @@ BAD_BODIES = [
     (json.dumps({"messages": QUESTION, "tools": [{"type": "function"}]}), 400, "tools[0].function",
      "tools[0].function"),
     (json.dumps({"messages": QUESTION, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}}),
-     400, "tool_choice", "'fly'"),
+     400, "tool_choice.function.name", "'fly'"),
     (json.dumps({"messages": QUESTION, "tools": [{"type": "function", "function": {
         "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string", "format": "uuid"}}}}}]}),
      400, "tools[0].function.parameters", "format"),
-    (json.dumps({"messages": QUESTION, "response_format": {"type": "xml"}}), 400, "response_format", "xml"),
+    (json.dumps({"messages": QUESTION, "response_format": {"type": "xml"}}), 400, "response_format.type", "xml"),
     (json.dumps({"messages": QUESTION, "chat_template_kwargs": ["enable_thinking"]}), 400, "chat_template_kwargs",
      "chat_template_kwargs must be an object"),
     (json.dumps({"messages": [*QUESTION, {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]}), 400,
@@ -265,7 +265,6 @@ BAD_BODIES = [
     (json.dumps({"messages": [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "fly", "arguments": "{}"}}]}], "tools": TOOLS}), 400,
      "messages[1].tool_calls[0].function.name", "'fly' is not one of the declared tools (get_weather)"),
-    (json.dumps({"prompt": "x", "tools": TOOLS}), 400, "tools", "tools is only taken by /v1/chat/completions"),
     (json.dumps({"messages": QUESTION, "presence_penalty": 1}), 400, "presence_penalty", "use repetition_penalty"),
     (json.dumps({"messages": QUESTION, "stream_options": {"include_usage": True}}), 400, "stream_options",
      "only allowed when stream is true"),
@@ -278,6 +277,14 @@ BAD_BODIES = [
     (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}', 400,
      "messages[0].content[0].text", "messages[0].content[0].text: character 0 is a lone surrogate (U+DFFF)"),
 ]
+
+
+def test_chat_fields_sent_to_completions_are_refused_by_name(server):
+    for name, value in [("tools", TOOLS), ("response_format", {"type": "json_object"})]:
+        response = server.post("/v1/completions", json={"prompt": "x", name: value})
+        assert response.status_code == 400
+        assert response.json()["error"] == {"message": f"{name} is only taken by /v1/chat/completions",
+                                            "type": "invalid_request_error", "param": name, "code": None}
 
 
 def test_a_lone_surrogate_in_a_completion_prompt_is_a_400_naming_the_field(server):

@@ -14,7 +14,7 @@ from edge_runtime.errors import RequestError
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather now in a city.",
     "parameters": {"type": "object", "properties": {
-        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "city": {"type": "string", "maxLength": 24}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
         "required": ["city"]}}}
 VOLUME = {"type": "function", "function": {
     "name": "set_volume", "description": "Set the speaker volume.",
@@ -65,11 +65,11 @@ def _joined(chunks: list[dict]) -> dict:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_a_required_call_names_a_declared_tool_with_valid_arguments(model, seed):
-    result = model.create_chat_completion(ASK, tools=TOOLS, tool_choice="required", temperature=1.0, seed=seed,
-                                          max_tokens=60)
+    result = model.create_chat_completion(ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                                          temperature=1.0, seed=seed, max_tokens=80)
     choice = result["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
-    assert _valid_calls(choice["message"])
+    assert len(_valid_calls(choice["message"])) == 1
 
 
 def test_a_named_function_is_the_one_called_and_streaming_gives_the_same_reply(model):
@@ -108,7 +108,7 @@ def test_json_schema_replies_validate(model, seed):
 
 def test_a_conversation_keeps_calls_and_results_and_reuses_its_cache(model):
     conversation = model.conversation("You run a museum kiosk.", tools=TOOLS, tool_choice="required")
-    reply = conversation.reply("What is the weather in Oslo?", max_new_tokens=60, temperature=1.0, seed=1)
+    reply = conversation.reply("What is the weather in Oslo?", max_new_tokens=120, temperature=1.0, seed=1)
     for _ in reply:
         pass
     calls = reply.message["tool_calls"]
@@ -132,9 +132,10 @@ def test_a_conversation_keeps_calls_and_results_and_reuses_its_cache(model):
 
 def test_the_sdk_refuses_what_it_cannot_honour_with_the_field(model):
     cases = [
-        (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "fly"}}), "tool_choice"),
+        (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "fly"}}),
+         "tool_choice.function.name"),
         (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "tools[0].function.name"),
-        (dict(response_format={"type": "xml"}), "response_format"),
+        (dict(response_format={"type": "xml"}), "response_format.type"),
         (dict(chat_template_kwargs=["enable_thinking"]), "chat_template_kwargs"),
     ]
     for options, param in cases:
