@@ -9,6 +9,7 @@ so the reply is taken apart the same way everywhere. A template without those ma
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ from edge_runtime.reply_parser import ReplyStream
 if TYPE_CHECKING:
     from edge_runtime.constrained_decoding import Constraint
     from edge_runtime.model import Model
+
+log = logging.getLogger("edge_runtime.chat_reply")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ class ChatReply:
             self.message = {"role": "assistant", "content": "".join(self._text)}
         else:
             self.message = self._parser.message
+            for problem in self._parser.problems:  # what could not be read of a call: for the operator, not the client
+                log.warning("reply: %s", problem)
         self.finish_reason = self.model.stats.finish_reason
         if self.message.get("tool_calls") and self.finish_reason == "stop":
             self.finish_reason = "tool_calls"

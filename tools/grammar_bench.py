@@ -31,11 +31,11 @@ from typing import Any
 import jsonschema
 import llguidance
 import numpy as np
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 import edge_runtime
 from cost_model_check import lscpu
+from edge_runtime.chat_template import GEMMA4_TEMPLATE, ChatTemplate
 from edge_runtime.constrained_decoding import GrammarVocabulary, reply_stop_ids
 from edge_runtime.errors import EdgeRuntimeError, RequestError
 from edge_runtime.gemma_grammar import FREE_TEXT
@@ -67,12 +67,10 @@ JSON_QUESTION = ("Give today's weather in Paris as a JSON object with city, temp
 
 
 def prompt_ids(model: edge_runtime.Model, question: str, tools: list[dict] | None) -> list[int]:
-    """The question as one user turn of Gemma 4's own template, tools declared when given."""
-    template_path = Path(edge_runtime.__file__).parent / "chat_templates" / "gemma4.jinja"
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    text = environment.from_string(template_path.read_text(encoding="utf-8")).render(
-        messages=[{"role": "user", "content": question}], tools=tools, add_generation_prompt=True, bos_token="")
-    return model.encode(text)
+    """The question as one user turn of Gemma 4's own template (whatever template the artifact ships: the real-shape
+    test artifacts carry an older one), tools declared when given."""
+    template = ChatTemplate(GEMMA4_TEMPLATE, bos_token="")  # encode adds the BOS id, whatever its spelling
+    return model.encode(template.render([{"role": "user", "content": question}], tools=tools))
 
 
 def use_tokenizer(model: edge_runtime.Model, path: Path) -> None:
