@@ -108,6 +108,20 @@ def test_reply_streams_in_and_matches_the_api(page, requests, server):
     assert page.get_attribute(LAST_REPLY, "data-finish") == expected["finish_reason"]
 
 
+def test_with_think_the_thought_is_shown_collapsed_above_the_reply(page, requests, server):
+    """?think=1 asks for Gemma 4's thinking; the thought streams into a closed <details>, the answer as usual."""
+    page.goto(f"{server}/?temperature=0&max_tokens=120&think=1")
+    text = ask(page, "Is it warm in Oslo today?")
+    [body] = chat_bodies(requests)
+    assert body["chat_template_kwargs"] == {"enable_thinking": True}
+    expected = direct_reply(server, body)
+    assert expected["message"].get("reasoning_content"), "the bundled model thinks when asked to"
+    thought = page.locator(f"{LAST_REPLY} details.thought")
+    assert thought.count() == 1 and thought.get_attribute("open") is None
+    assert thought.locator("div").text_content() == expected["message"]["reasoning_content"]
+    assert text == (expected["message"]["content"] or "")
+
+
 def test_every_request_stays_on_the_server(page, requests, server):
     """A kiosk is offline: no CDN, font, analytics or other origin may be asked for anything."""
     page.goto(f"{server}/?max_tokens=16&system=Answer+briefly.")
