@@ -13,7 +13,6 @@ shape that does not fit, a tensor the base lacks) is refused in one line naming 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.artifact import sha256_file
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.safetensors_reader import SafetensorsFile
 
@@ -64,7 +64,8 @@ class LoraUpdate:
 
 @dataclass(frozen=True)
 class _Module:
-    key: str  # the adapter's key of lora_A, for errors
+    """Where one module's LoRA tensors are in the adapter file, and its scaling (the adapter's scale included)."""
+
     a: str
     b: str
     magnitude: str | None
@@ -83,9 +84,10 @@ class Adapter:
         self.config = _read_config(self.path)
         weights = self.path / ADAPTER_WEIGHTS
         if not weights.is_file():
-            other = " (it holds adapter_model.bin: load it with PEFT and save_pretrained it again, which writes " \
-                    "safetensors)" if (self.path / "adapter_model.bin").is_file() else ""
-            raise AdapterError(f"{weights}: missing{other}; edge-runtime reads PEFT adapters in safetensors")
+            pickled = (self.path / "adapter_model.bin").is_file()
+            how = ("load it with PEFT and save_pretrained it again, which writes safetensors" if pickled
+                   else "an adapter directory is what PEFT's save_pretrained writes")
+            raise AdapterError(f"{weights}: missing; edge-runtime reads PEFT adapters in safetensors ({how})")
         self.file = SafetensorsFile(weights)
         self.lora: dict[str, _Module] = {}
         self.replaced: dict[str, str] = {}  # tensor name -> adapter key (modules_to_save)
@@ -121,9 +123,9 @@ class Adapter:
                                           f"{list(expected[name])}; was the adapter trained on another model?")
                 self.replaced[name] = key
         for key in sorted(keys):
-            if key.endswith((LORA_B, MAGNITUDE)) and key[:-len(LORA_B if key.endswith(LORA_B) else MAGNITUDE)] \
-                    + LORA_A not in keys:
-                raise self._fail(key, "has no lora_A beside it; the adapter file is incomplete, save it again")
+            for suffix in (LORA_B, MAGNITUDE):
+                if key.endswith(suffix) and key[:-len(suffix)] + LORA_A not in keys:
+                    raise self._fail(key, "has no lora_A beside it; the adapter file is incomplete, save it again")
 
     def _check_head(self, embedding: str) -> None:
         """A retrained embedding must come with the head tied to it, as PEFT saves it with ensure_weight_tying:
@@ -201,7 +203,7 @@ class Adapter:
             raise self._fail(key, f"{ADAPTER_CONFIG} sets use_dora, but there is no lora_magnitude_vector for this "
                                   "module; the adapter file is incomplete")
         scaling = alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
-        self.lora[name] = _Module(key, key, b_key, magnitude, scaling * self.scale)
+        self.lora[name] = _Module(key, b_key, magnitude, scaling * self.scale)
 
     def update(self, name: str) -> LoraUpdate | None:
         """The update of tensor `name`, or None when this adapter leaves it alone."""
@@ -218,14 +220,8 @@ class Adapter:
 
     def record(self) -> dict[str, Any]:
         """What the manifest says about this adapter: its name, the SHA-256 of its files, its scale."""
-        files = {}
-        for file in ADAPTER_FILES:
-            digest = hashlib.sha256()
-            with open(self.path / file, "rb") as f:
-                while block := f.read(8 << 20):
-                    digest.update(block)
-            files[file] = digest.hexdigest()
-        return {"name": self.name, "sha256": files, "scale": self.scale}
+        return {"name": self.name, "sha256": {file: sha256_file(self.path / file) for file in ADAPTER_FILES},
+                "scale": self.scale}
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -37,7 +37,8 @@ another kind that also ships with Python and that pretraining never saw: IDLE's 
 NEWS2x.txt, "gh-12345: Fix ..." entries), every 8th entry held out. It reports held-out perplexity before and after
 (transformers + PEFT) and through edge-runtime (the base exported, and the base exported with `--adapter DIR`), and a
 greedy continuation before and after, into DIR/lora_report.json beside the adapter:
-    python tools/train_tiny.py --lora-out /tmp/idle-news-lora --steps 200 --batch-size 8 --seq-len 128 --lr 1e-3
+    python tools/train_tiny.py --lora-out /tmp/idle-news-lora --steps 240 --batch-size 8 --seq-len 128 --lr 1e-3 \
+        --threads 1
 """
 
 from __future__ import annotations
