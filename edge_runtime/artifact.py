@@ -73,6 +73,8 @@ class Manifest:
     graphs was written in, by its name (families/family.Linear: "layers.3.self_attn.o_proj", the head HEAD), stored
     as format names. Artifacts written before recipes have no `weight_formats`: all their linears are in the one
     format `formats["weights"]` names, which is how they are read (the format version did not change).
+    `adapters` are the LoRA adapters merged into the weights at export, in order (edge_runtime/lora_adapter.py:
+    name, SHA-256 of each file, scale); empty when none were, and in artifacts written before adapters.
     """
 
     spec: ModelSpec
@@ -86,6 +88,7 @@ class Manifest:
     files: dict[str, dict[str, Any]]
     created_by: str
     read_per_token: dict[str, int]
+    adapters: tuple[dict[str, Any], ...] = ()
 
     @property
     def bytes_per_token(self) -> int:
@@ -114,6 +117,7 @@ class Manifest:
             "tokenizer": self.tokenizer,
             "files": self.files,
             "read_per_token": self.read_per_token,
+            "adapters": list(self.adapters),
         }
 
     @classmethod
@@ -150,6 +154,7 @@ class Manifest:
                 files=data["files"],
                 created_by=data.get("created_by", "unknown"),
                 read_per_token={k: int(v) for k, v in data["read_per_token"].items()},
+                adapters=tuple(data.get("adapters", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{where}: manifest is missing or has a malformed field ({exc!r}); re-export") from exc

@@ -162,6 +162,11 @@ def export(
                                "(never anything else: not a checkpoint, not a directory with other files)."),
     profile: str | None = typer.Option(None, "--profile", help="Take the weight, block size and PLE formats from "
                                        "this device profile (explicit options still win)."),
+    adapter: list[Path] | None = typer.Option(None, "--adapter", help="A PEFT / Unsloth LoRA adapter directory "
+                                              "(adapter_config.json + adapter_model.safetensors) to merge into the "
+                                              "weights before they are quantized; repeat to stack adapters in order."),
+    adapter_scale: list[float] | None = typer.Option(None, "--adapter-scale", help="Scale of the adapters' updates "
+                                                     "(default 1): once for all, or once per --adapter."),
 ) -> None:
     """Convert a Gemma 4 or Gemma 3n checkpoint (a directory, or a Hugging Face repo id to download) into an artifact."""
     try:
@@ -182,7 +187,8 @@ def export(
         given = {name: value for name, value in formats.items() if value is not None}
         source = checkpoint_dir(checkpoint, revision, progress_bars=err.is_terminal,
                                 before_download=lambda hub_cache: check_destination(output, hub_cache, force))
-        _with_progress(lambda report: export_checkpoint(source, output, force=force, progress=report,
+        _with_progress(lambda report: export_checkpoint(source, output, force=force, adapters=adapter or [],
+                                                        adapter_scales=adapter_scale or [], progress=report,
                                                         notice=_note, **given))
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None

@@ -20,6 +20,8 @@ from edge_runtime.families import family_of_config
 from edge_runtime.model_spec import ModelSpec
 from edge_runtime.safetensors_reader import DTYPES, INDEX_FILE, SINGLE_FILE, SafetensorsFile
 
+ROW_BLOCK_BYTES = 64 << 20  # float32 bytes of a table read at once
+
 
 class Checkpoint:
     def __init__(self, path: Path) -> None:
@@ -90,7 +92,7 @@ class Checkpoint:
         self._entry(name)
         return self._files[self._where[name]].read(self.prefix + name)
 
-    def row_chunks(self, name: str, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+    def row_chunks(self, name: str, max_bytes: int = ROW_BLOCK_BYTES) -> Iterator[np.ndarray]:
         """float32 row blocks of a large tensor, so a 2.4 B-value table never sits in memory at once."""
         entry = self._entry(name)
         rows = entry.shape[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,12 @@ from edge_runtime.artifact import (
 )
 from edge_runtime.chat_template import ChatTemplate
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError, UnwritableError
+from edge_runtime.export.adapter_merge import MergedWeights
 from edge_runtime.export.checkpoint import Checkpoint
 from edge_runtime.export.destination import check_destination, partial_path, remove_stale_partials, replace
 from edge_runtime.export.onnx_graph import GraphBuilder, WeightsWriter
 from edge_runtime.families.family import HEAD
+from edge_runtime.lora_adapter import open_adapters
 from edge_runtime.ple_store import LOSSLESS_FORMATS, PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
 from edge_runtime.progress import Notice, Progress, no_notice, no_progress
 from edge_runtime.version import __version__
@@ -40,7 +42,8 @@ from edge_runtime.weight_recipe import EMBED, WeightRecipe, parse_recipe
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", block_size: int = 32,
-                      ple: str = "auto", force: bool = False, progress: Progress = no_progress,
+                      ple: str = "auto", force: bool = False, adapters: Sequence[Path] = (),
+                      adapter_scales: Sequence[float] = (), progress: Progress = no_progress,
                       notice: Notice = no_notice) -> Path:
     """Export a HF checkpoint directory (of a family edge-runtime knows) to an artifact directory at `out`.
 
@@ -49,6 +52,8 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
     checkpoint's own precision (bf16 -> bf16, f16 -> fp16, f32 -> fp32), so the default artifact is lossless.
     `progress(stage, done, total)` is called as each stage advances, with the stage's own units; `notice` hears
     about leftovers of interrupted exports removed on the way (export/destination.py says what is ever removed).
+    `adapters` are PEFT LoRA adapter directories merged into the weights in order, each scaled by its
+    `adapter_scales` entry (one value scales all); all are checked against the checkpoint before anything is written.
     """
     if block_size not in BLOCK_SIZES:
         raise EdgeRuntimeError(f"--block-size {block_size}: not available; choose one of "
@@ -63,6 +68,8 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
     check_destination(out, checkpoint, force)
     ckpt = Checkpoint(checkpoint)
     ckpt.validate()
+    merged = MergedWeights(ckpt, open_adapters([Path(a) for a in adapters], list(adapter_scales), ckpt.expected,
+                                                ckpt.family.embedding))
     if ple == "auto":
         ple = LOSSLESS_FORMATS[ckpt.dtype_of(ckpt.family.ple_table)]
     tokenizer_source = ckpt.path / TOKENIZER_FILE
@@ -78,7 +85,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
     except OSError as exc:
         raise _os_error(exc, out, checkpoint) from None
     try:
-        manifest = _write_artifact(ckpt, tmp, recipe, block_size, ple, progress)
+        manifest = _write_artifact(ckpt, merged, tmp, recipe, block_size, ple, progress)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1))
         replace(tmp, out)
     except OSError as exc:
@@ -101,15 +108,15 @@ def _os_error(exc: OSError, out: Path, checkpoint: Path) -> EdgeRuntimeError:
                            "writable filesystem with room for it", str(name or out), reason)
 
 
-def _write_artifact(ckpt: Checkpoint, tmp: Path, recipe: WeightRecipe, block_size: int, ple: str,
-                    progress: Progress) -> Manifest:
+def _write_artifact(ckpt: Checkpoint, merged: MergedWeights, tmp: Path, recipe: WeightRecipe, block_size: int,
+                    ple: str, progress: Progress) -> Manifest:
     spec, family = ckpt.spec, ckpt.family
     n = spec.num_hidden_layers
     contract = family.contract(spec)
     builders = family.graph_builders()
     graphs: list[GraphBuilder] = []
     with WeightsWriter(tmp / WEIGHTS_FILE) as writer:
-        embedding = _write_embedding(ckpt, writer, recipe.format_for(EMBED), progress)
+        embedding = _write_embedding(ckpt, merged, writer, recipe.format_for(EMBED), progress)
 
         def new_graph(name: str) -> GraphBuilder:
             graphs.append(GraphBuilder(name, writer))
@@ -119,7 +126,7 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, recipe: WeightRecipe, block_siz
         for i, segment in enumerate(contract.segments):
             progress("layers", i, len(contract.segments))
             try:
-                graph_bytes += builders.build_segment(spec, i, ckpt.tensor, embedding.head, recipe, new_graph,
+                graph_bytes += builders.build_segment(spec, i, merged.tensor, embedding.head, recipe, new_graph,
                                                       tmp / segment.graph)
             except ValueError as exc:  # a weight the format cannot hold
                 raise CheckpointError(f"{ckpt.path}: {exc}; export it in another format (--weights)") from None
@@ -127,7 +134,7 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, recipe: WeightRecipe, block_siz
 
     ple_width = stored_width(ple, n * spec.hidden_size_per_layer_input, spec.hidden_size_per_layer_input)
     ple_shape = (spec.vocab_size_per_layer_input, ple_width)
-    _write_ple_store(ckpt, tmp / PLE_FILE, ple, progress)
+    _write_ple_store(ckpt, merged, tmp / PLE_FILE, ple, progress)
 
     progress("checksums", 0, 1)
     tokenizer = _copy_tokenizer(ckpt.path, tmp)
@@ -146,12 +153,13 @@ def _write_artifact(ckpt: Checkpoint, tmp: Path, recipe: WeightRecipe, block_siz
         tokenizer=tokenizer,
         files=files,
         created_by=f"edge-runtime {__version__}",
+        adapters=tuple(adapter.record() for adapter in merged.adapters),
         read_per_token={"weights": graph_bytes, "embedding_row": embedding.format.row_bytes(spec.hidden_size),
                         "ple_row": ple_width * storage_dtype(ple).itemsize},
     )
 
 
-def _write_embedding(ckpt: Checkpoint, writer: WeightsWriter, fmt: WeightFormat,
+def _write_embedding(ckpt: Checkpoint, merged: MergedWeights, writer: WeightsWriter, fmt: WeightFormat,
                      progress: Progress) -> EmbeddingWeights:
     """Write the tied embedding, streaming it in row blocks, once per layout its readers need (the format decides:
     int8's head kernel wants it transposed, the others read the rows lookup reads)."""
@@ -161,7 +169,7 @@ def _write_embedding(ckpt: Checkpoint, writer: WeightsWriter, fmt: WeightFormat,
 
     def rows() -> Iterator[np.ndarray]:
         nonlocal done
-        for chunk in ckpt.row_chunks(name):
+        for chunk in merged.row_chunks(name):
             yield chunk
             done += len(chunk)
             progress("embedding", done, vocab)
@@ -173,13 +181,13 @@ def _write_embedding(ckpt: Checkpoint, writer: WeightsWriter, fmt: WeightFormat,
                               "recipe") from None
 
 
-def _write_ple_store(ckpt: Checkpoint, path: Path, fmt: str, progress: Progress) -> None:
+def _write_ple_store(ckpt: Checkpoint, merged: MergedWeights, path: Path, fmt: str, progress: Progress) -> None:
     """Stream the PLE table into its store in row blocks, refusing values the format cannot hold."""
     vocab, layer_width = ckpt.spec.vocab_size_per_layer_input, ckpt.spec.hidden_size_per_layer_input
     width = ckpt.spec.num_hidden_layers * layer_width
     done = 0
     with open(path, "wb") as f:
-        for chunk in ckpt.row_chunks(ckpt.family.ple_table):
+        for chunk in merged.row_chunks(ckpt.family.ple_table):
             stored = encode_rows(chunk, fmt, layer_width)
             done += len(chunk)
             progress("PLE store", done, vocab)
