@@ -22,6 +22,7 @@ from edge_runtime.errors import ArtifactError
 from edge_runtime.families import family_named
 from edge_runtime.families.contract import SEGMENT_GRAPH, GraphContract
 from edge_runtime.families.family import Family
+from edge_runtime.lora_slots import LoraSlots
 from edge_runtime.model_spec import ModelSpec
 from edge_runtime.weight_formats import BLOCK_SIZES, WeightFormat, weight_format
 from edge_runtime.weight_recipe import WeightRecipe, parse_recipe
@@ -75,6 +76,8 @@ class Manifest:
     format `formats["weights"]` names, which is how they are read (the format version did not change).
     `adapters` are the LoRA adapters merged into the weights at export, in order (edge_runtime/lora_adapter.py:
     name, SHA-256 of each file, scale); empty when none were, and in artifacts written before adapters.
+    `lora_slots` are the graphs' inputs for adapters attached at load (edge_runtime/lora_slots.py), None when the
+    artifact was exported without `--lora-slots`.
     """
 
     spec: ModelSpec
@@ -89,6 +92,7 @@ class Manifest:
     created_by: str
     read_per_token: dict[str, int]
     adapters: tuple[dict[str, Any], ...] = ()
+    lora_slots: LoraSlots | None = None
 
     @property
     def bytes_per_token(self) -> int:
@@ -118,6 +122,7 @@ class Manifest:
             "files": self.files,
             "read_per_token": self.read_per_token,
             "adapters": list(self.adapters),
+            "lora_slots": None if self.lora_slots is None else self.lora_slots.to_dict(),
         }
 
     @classmethod
@@ -155,6 +160,7 @@ class Manifest:
                 created_by=data.get("created_by", "unknown"),
                 read_per_token={k: int(v) for k, v in data["read_per_token"].items()},
                 adapters=tuple(data.get("adapters", ())),
+                lora_slots=None if data.get("lora_slots") is None else LoraSlots.from_dict(data["lora_slots"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{where}: manifest is missing or has a malformed field ({exc!r}); re-export") from exc

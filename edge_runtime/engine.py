@@ -39,6 +39,7 @@ from edge_runtime.families.contract import (
 )
 from edge_runtime.kv_cache import KVCache
 from edge_runtime.kv_formats import KVFormat
+from edge_runtime.lora_attach import zero_feeds
 from edge_runtime.model_spec import embed_scale
 from edge_runtime.ple_store import PleStore
 from edge_runtime.quant.float_codecs import Float32Codec
@@ -113,7 +114,7 @@ class _Step(NamedTuple):
 
 
 def _steps(contract: GraphContract, sessions: list[ort.InferenceSession], artifact: Path,
-           window: Callable[[str], int | None]) -> list[_Step]:
+           window: Callable[[str], int | None], slot_inputs: frozenset[str]) -> list[_Step]:
     """The contract resolved for the step loop, checked against the graphs themselves and the KV cache's windows."""
     last = max(k for k, segment in enumerate(contract.segments) if segment.attention)
     steps = []
@@ -122,7 +123,7 @@ def _steps(contract: GraphContract, sessions: list[ort.InferenceSession], artifa
         fetch = [*segment.outputs]
         if attention is not None:
             fetch += [attention.query, attention.key, attention.value] if attention.key else [attention.query]
-        _check_graph(segment, session, fetch, artifact)
+        _check_graph(segment, session, fetch, artifact, slot_inputs)
         if attention is not None and attention.window != window(attention.layer_type):
             raise ArtifactError(f"{artifact / segment.graph}: the manifest gives layer {attention.layer}'s attention "
                                 f"window {attention.window}, but its {attention.layer_type} layers' is "
@@ -137,8 +138,9 @@ def _steps(contract: GraphContract, sessions: list[ort.InferenceSession], artifa
     return steps
 
 
-def _check_graph(segment: Segment, session: ort.InferenceSession, fetch: list[str], artifact: Path) -> None:
-    inputs = sorted(i.name for i in session.get_inputs())
+def _check_graph(segment: Segment, session: ort.InferenceSession, fetch: list[str], artifact: Path,
+                 slot_inputs: frozenset[str]) -> None:
+    inputs = sorted(i.name for i in session.get_inputs() if i.name not in slot_inputs)
     outputs = {o.name for o in session.get_outputs()}
     fed = sorted(f.input for f in segment.feeds)
     if inputs != fed or not outputs >= set(fetch):
@@ -164,7 +166,13 @@ class Engine:
         # 128: load peak 1.62 GB with the head last, 1.45 GB with it first).
         last = session(names[-1])
         self.segments = [*(session(name) for name in names[:-1]), last]
-        self.steps = _steps(contract, self.segments, artifact, spec.window)
+        slots = manifest.lora_slots
+        self.zero_slots = {} if slots is None else zero_feeds(slots)
+        self.steps = _steps(contract, self.segments, artifact, spec.window, frozenset(self.zero_slots))
+        # Each graph's LoRA slot inputs (lora_slots.py), fed on every run: zeros, or the attached adapter's.
+        self.slot_feeds: list[dict[str, np.ndarray]] = [
+            {i.name: self.zero_slots[i.name] for i in step.session.get_inputs() if i.name in self.zero_slots}
+            for step in self.steps]
         self.logits = contract.logits
         self.token_axes = {name: (slice(None),) * axis for name, axis in contract.token_axes().items()}
         self.embed = EmbeddingTable(artifact, manifest)
@@ -185,6 +193,15 @@ class Engine:
     def reset(self) -> None:
         self.cache.reset()
         self.tokens.clear()
+
+    def attach(self, feeds: dict[str, np.ndarray] | None) -> None:
+        """Feed the LoRA slots these arrays (lora_attach.py), or zeros for None, and empty the cache: what it holds
+        was computed under the previous adapter, so no prefix of it may be reused."""
+        feeds = feeds or self.zero_slots
+        for step_feeds in self.slot_feeds:
+            for name in step_feeds:
+                step_feeds[name] = feeds[name]
+        self.reset()
 
     def reuse(self, token_ids: list[int]) -> int:
         """Keep the longest cached prefix of `token_ids` that leaves at least one token to run; return its length.
@@ -225,9 +242,11 @@ class Engine:
         new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         exact: dict[int, list[Block]] = {}
         offered: dict[int, list[list[Block]]] = {}  # per cache layer: the blocks its readers attend over, per KV head
-        for session, feeds, fetch, kept, takes_rows, attention in self.steps:
-            results = session.run(fetch, {name: values[value] if layer is None else values[value][layer]
-                                          for name, value, layer in feeds})
+        for (session, feeds, fetch, kept, takes_rows, attention), slot_feeds in zip(self.steps, self.slot_feeds):
+            inputs = {name: values[value] if layer is None else values[value][layer] for name, value, layer in feeds}
+            if slot_feeds:
+                inputs.update(slot_feeds)
+            results = session.run(fetch, inputs)
             if takes_rows and len(rows) < len(ids):
                 queries = slice(int(rows[0]), int(rows[-1]) + 1)
                 for name, value in values.items():

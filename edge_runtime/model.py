@@ -30,6 +30,7 @@ from edge_runtime.errors import ContextLengthError, EdgeRuntimeError
 from edge_runtime.generation_stats import GenerationStats
 from edge_runtime.integrity import check_artifact
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, kv_format
+from edge_runtime.lora_attach import adapter_feeds
 from edge_runtime.memory import return_freed_memory_to_os
 from edge_runtime.model_store import resolve_model
 from edge_runtime.profiles import Profile, resolve_profile
@@ -54,7 +55,7 @@ class Model:
     def __init__(self, path: Path, threads: int | None = None, context_length: int | None = None,
                  prefill_chunk: int | None = None, low_memory: bool = False, kv: str = DEFAULT_KV_FORMAT,
                  kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT,
-                 progress: Progress = no_progress) -> None:
+                 progress: Progress = no_progress, adapter: str | Path | None = None) -> None:
         _check_threads(threads)
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
@@ -82,6 +83,26 @@ class Model:
         self.eos_token_ids, self.default_sampling = self._generation_defaults()
         self.stats = GenerationStats()
         self.lock = threading.RLock()
+        self.adapter: Path | None = None  # the adapter attached to the LoRA slots (set_adapter)
+        self._adapter_feeds: dict[Path, dict[str, np.ndarray]] = {}
+        if adapter is not None:
+            self.set_adapter(adapter)
+
+    def set_adapter(self, adapter: str | Path | None) -> None:
+        """Attach the PEFT LoRA adapter directory `adapter` to the artifact's LoRA slots (export --lora-slots), or
+        detach it with None, without reloading the base. An adapter is read once and kept, so switching back is a
+        swap of arrays; switching empties the KV cache, which was computed under the previous adapter. An adapter
+        the slots cannot take (a higher rank, a module without a slot, DoRA, modules_to_save) is refused in one line.
+        """
+        path = None if adapter is None else Path(adapter).resolve()
+        with self.lock:
+            if path == self.adapter:
+                return
+            if path is not None and path not in self._adapter_feeds:
+                self._adapter_feeds[path] = adapter_feeds(Path(adapter), self.manifest.lora_slots, self.spec,
+                                                          self.path)
+            self.engine.attach(None if path is None else self._adapter_feeds[path])
+            self.adapter = path
 
     def _generation_defaults(self) -> tuple[set[int], SamplingParams]:
         eos = set(self.spec.eos_token_ids)
@@ -405,7 +426,7 @@ class Model:
 def load(path: str | Path | None = None, *, profile: str | Profile | None = None, threads: int | None = None,
          context_length: int | None = None, prefill_chunk: int | None = None, low_memory: bool = False,
          kv: str | None = None, kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT,
-         progress: Progress = no_progress) -> Model:
+         progress: Progress = no_progress, adapter: str | Path | None = None) -> Model:
     """Open an exported artifact: a directory, a model name (see `list_models`), or the bundled model when `path`
     is None (exported into the cache on first use).
 
@@ -422,7 +443,8 @@ def load(path: str | Path | None = None, *, profile: str | Profile | None = None
     (default 256) bounds the prompt tokens run at once. `low_memory` trades prefill speed for resident memory:
     64-token chunks and freed scratch returned to the OS (see `memory.return_freed_memory_to_os`), for
     devices where the model barely fits. `progress(stage, done, total)` hears how the bundled model's first
-    export and the first-time SHA-256 check of the files go (edge_runtime.integrity).
+    export and the first-time SHA-256 check of the files go (edge_runtime.integrity). `adapter` is a PEFT LoRA
+    adapter directory attached to the artifact's LoRA slots (`Model.set_adapter`).
     """
     _check_threads(threads)
     path = resolve_model(path, progress)
@@ -439,4 +461,4 @@ def load(path: str | Path | None = None, *, profile: str | Profile | None = None
         threads, kv, context_length = threads or device.threads, plan.kv, plan.context
     return Model(Path(path), threads=threads, context_length=context_length, prefill_chunk=prefill_chunk,
                  low_memory=low_memory, kv=kv or DEFAULT_KV_FORMAT, kv_recent=kv_recent, kv_sliding=kv_sliding,
-                 progress=progress)
+                 progress=progress, adapter=adapter)

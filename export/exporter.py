@@ -34,6 +34,7 @@ from edge_runtime.export.destination import check_destination, partial_path, rem
 from edge_runtime.export.onnx_graph import GraphBuilder, WeightsWriter
 from edge_runtime.families.family import HEAD
 from edge_runtime.lora_adapter import open_adapters
+from edge_runtime.lora_slots import LoraSlots, parse_slots
 from edge_runtime.ple_store import LOSSLESS_FORMATS, PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
 from edge_runtime.progress import Notice, Progress, no_notice, no_progress
 from edge_runtime.version import __version__
@@ -43,7 +44,7 @@ from edge_runtime.weight_recipe import EMBED, WeightRecipe, parse_recipe
 
 def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", block_size: int = 32,
                       ple: str = "auto", force: bool = False, adapters: Sequence[Path] = (),
-                      adapter_scales: Sequence[float] = (), progress: Progress = no_progress,
+                      adapter_scales: Sequence[float] = (), lora_slots: str | None = None, progress: Progress = no_progress,
                       notice: Notice = no_notice) -> Path:
     """Export a HF checkpoint directory (of a family edge-runtime knows) to an artifact directory at `out`.
 
@@ -54,6 +55,8 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
     about leftovers of interrupted exports removed on the way (export/destination.py says what is ever removed).
     `adapters` are PEFT LoRA adapter directories merged into the weights in order, each scaled by its
     `adapter_scales` entry (one value scales all); all are checked against the checkpoint before anything is written.
+    `lora_slots` ("16", "16:q_proj,v_proj": edge_runtime/lora_slots.py) gives those projections inputs through which
+    the runtime attaches an adapter at load.
     """
     if block_size not in BLOCK_SIZES:
         raise EdgeRuntimeError(f"--block-size {block_size}: not available; choose one of "
@@ -62,12 +65,19 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
         recipe = parse_recipe(weights, block_size)
     except ValueError as exc:
         raise EdgeRuntimeError(f"--weights {weights}: {exc}") from None
+    try:
+        slots = None if lora_slots is None else parse_slots(lora_slots)
+    except ValueError as exc:
+        raise EdgeRuntimeError(f"--lora-slots {lora_slots}: {exc}") from None
     if ple != "auto" and ple not in PLE_FORMATS:
         raise EdgeRuntimeError(f"--ple {ple}: not available; choose auto or one of {', '.join(PLE_FORMATS)}")
     out, checkpoint = Path(out), Path(checkpoint)
     check_destination(out, checkpoint, force)
     ckpt = Checkpoint(checkpoint)
     ckpt.validate()
+    if slots is not None and ckpt.family.name != "gemma4":
+        raise EdgeRuntimeError(f"--lora-slots: {ckpt.family.title} artifacts cannot have LoRA slots yet; merge the "
+                               "adapter at export with --adapter instead")
     merged = MergedWeights(ckpt, open_adapters([Path(a) for a in adapters], list(adapter_scales), ckpt.expected,
                                                 ckpt.family.embedding))
     if ple == "auto":
@@ -85,7 +95,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
     except OSError as exc:
         raise _os_error(exc, out, checkpoint) from None
     try:
-        manifest = _write_artifact(ckpt, merged, tmp, recipe, block_size, ple, progress)
+        manifest = _write_artifact(ckpt, merged, tmp, recipe, block_size, ple, slots, progress)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1))
         replace(tmp, out)
     except OSError as exc:
@@ -109,7 +119,7 @@ def _os_error(exc: OSError, out: Path, checkpoint: Path) -> EdgeRuntimeError:
 
 
 def _write_artifact(ckpt: Checkpoint, merged: MergedWeights, tmp: Path, recipe: WeightRecipe, block_size: int,
-                    ple: str, progress: Progress) -> Manifest:
+                    ple: str, slots: tuple[int, tuple[str, ...]] | None, progress: Progress) -> Manifest:
     spec, family = ckpt.spec, ckpt.family
     n = spec.num_hidden_layers
     contract = family.contract(spec)
@@ -119,7 +129,7 @@ def _write_artifact(ckpt: Checkpoint, merged: MergedWeights, tmp: Path, recipe: 
         embedding = _write_embedding(ckpt, merged, writer, recipe.format_for(EMBED), progress)
 
         def new_graph(name: str) -> GraphBuilder:
-            graphs.append(GraphBuilder(name, writer))
+            graphs.append(GraphBuilder(name, writer, slots))
             return graphs[-1]
 
         graph_bytes = 0
@@ -141,6 +151,8 @@ def _write_artifact(ckpt: Checkpoint, merged: MergedWeights, tmp: Path, recipe: 
     files = {path.name: file_entry(path) for path in sorted(tmp.iterdir())}
     progress("checksums", 1, 1)
 
+    lora = None if slots is None else LoraSlots(slots[0], slots[1], {t: shape for g in graphs
+                                                                     for t, shape in g.slotted.items()})
     lookup = {HEAD: embedding.codes, **({EMBED_SCALES: embedding.scales} if embedding.scales else {})}
     return Manifest(
         spec=spec,
@@ -155,7 +167,9 @@ def _write_artifact(ckpt: Checkpoint, merged: MergedWeights, tmp: Path, recipe: 
         created_by=f"edge-runtime {__version__}",
         adapters=tuple(adapter.record() for adapter in merged.adapters),
         read_per_token={"weights": graph_bytes, "embedding_row": embedding.format.row_bytes(spec.hidden_size),
-                        "ple_row": ple_width * storage_dtype(ple).itemsize},
+                        "ple_row": ple_width * storage_dtype(ple).itemsize,
+                        **({} if lora is None else {"lora_slots": lora.bytes_per_token})},
+        lora_slots=lora,
     )
 
 

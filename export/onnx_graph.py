@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.artifact import EXTERNAL_DATA_ALIGNMENT, TensorRef
+from edge_runtime.lora_slots import module_of, slot_inputs
 from edge_runtime.weight_formats import LinearWeight, WeightFormat
 
 OPSET = 21
@@ -62,9 +63,11 @@ class WeightsWriter:
 class GraphBuilder:
     """Accumulates one ONNX graph; every helper returns the name of the value it produced."""
 
-    def __init__(self, name: str, weights: WeightsWriter) -> None:
+    def __init__(self, name: str, weights: WeightsWriter, slots: tuple[int, tuple[str, ...]] | None = None) -> None:
         self.name = name
         self.weights = weights
+        self.slots = slots  # (rank, modules) of --lora-slots, or None
+        self.slotted: dict[str, tuple[int, int]] = {}  # each LoRA slot made: tensor name -> (in, out)
         self.linears: dict[str, WeightFormat] = {}  # each linear's name and the format it was written in
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
@@ -132,6 +135,18 @@ class GraphBuilder:
         refs = {key: self.external(f"{name}.{key}", ref) for key, ref in w.refs.items()}
         self.linears[name] = w.format
         return w.format.emit(self, x, name, refs, w.n, w.k)
+
+    def lora(self, x: str, y: str, tensor: str, in_width: int, out_width: int) -> str:
+        """y + (x @ A) @ B with A and B graph inputs (edge_runtime/lora_slots.py) when the module of `tensor` has a
+        slot, else y as it is. Two MatMuls and an Add: at rank 16 they read (in + out) * 64 bytes."""
+        if self.slots is None or module_of(tensor) not in self.slots[1]:
+            return y
+        rank = self.slots[0]
+        a, b = slot_inputs(tensor)
+        self.input(a, [in_width, rank])
+        self.input(b, [rank, out_width])
+        self.slotted[tensor] = (in_width, out_width)
+        return self.op("Add", y, self.op("MatMul", self.op("MatMul", x, a), b))
 
     def contrib(self, op_type: str, *inputs: str, **attrs) -> str:
         """One node of onnxruntime's com.microsoft contrib ops (CPU kernels, with ARM64 paths)."""

@@ -138,6 +138,8 @@ def attention_inputs(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights, recip
     qkv = g.linear(x, pre + qkv_name(shared), stacked, recipe.format_for(QKV))
     widths = [nh * hd] + ([] if shared else [kvh * hd, kvh * hd])
     parts = g.op("Split", qkv, g.const(widths, np.int64), axis=-1, n_out=len(widths)) if len(widths) > 1 else [qkv]
+    parts = [g.lora(x, part, f"{pre}self_attn.{name}", spec.hidden_size, width)
+             for part, name, width in zip(parts, projections, widths)]
     q = g.rms_norm(g.reshape(parts[0], [0, nh, hd]), weight("self_attn.q_norm.weight"), eps)
     q = _rope(g, q, nh, hd, cos, sin)
     g.output(g.reshape(q, [0, kvh, nh // kvh, hd]), QUERY, ["T", kvh, nh // kvh, hd])
@@ -159,17 +161,23 @@ def _layer_output(spec: Gemma4Spec, i: int, g: GraphBuilder, w: Weights, recipe:
     def linear(x: str, name: str, role: str) -> str:
         return g.linear(x, pre + name, w(pre + name + ".weight"), recipe.format_for(role))
 
+    def slotted(x: str, name: str, role: str, in_width: int) -> str:
+        """The linear, plus its LoRA slot's update if it has one (its name is also the slot's tensor)."""
+        return g.lora(x, linear(x, name, role), pre + name, in_width, h)
+
     hidden = g.input(HIDDEN, ["T", h])
     attn = g.input(ATTENTION, ["T", spec.num_attention_heads * spec.head_dims[i]])
     ple_rows = g.input(PLE_ROWS_INPUT, ["T", spec.hidden_size_per_layer_input])
     ple_context = g.input(PLE_CONTEXT, ["T", spec.hidden_size_per_layer_input])
 
-    attn = g.rms_norm(linear(attn, O_PROJ_NAME, O_PROJ), weight("post_attention_layernorm.weight"), eps)
+    attn_width = spec.num_attention_heads * spec.head_dims[i]
+    attn = g.rms_norm(slotted(attn, O_PROJ_NAME, O_PROJ, attn_width), weight("post_attention_layernorm.weight"), eps)
     x, hidden = g.skip_rms_norm(hidden, attn, weight("pre_feedforward_layernorm.weight"), eps)
     gate_up = g.linear(x, pre + GATE_UP_NAME, np.concatenate([w(pre + "mlp.gate_proj.weight"),
                                                               w(pre + "mlp.up_proj.weight")]), recipe.format_for(GATE_UP))
     gate, up = g.op("Split", gate_up, g.const([mlp, mlp], np.int64), axis=-1, n_out=2)
-    mlp_out = linear(g.op("Mul", g.gelu_tanh(gate), up), DOWN_PROJ_NAME, DOWN_PROJ)
+    gate, up = (g.lora(x, part, f"{pre}mlp.{name}", h, mlp) for part, name in ((gate, "gate_proj"), (up, "up_proj")))
+    mlp_out = slotted(g.op("Mul", g.gelu_tanh(gate), up), DOWN_PROJ_NAME, DOWN_PROJ, mlp)
     hidden = g.op("Add", hidden, g.rms_norm(mlp_out, weight("post_feedforward_layernorm.weight"), eps))
 
     per_layer = g.op("Mul", g.op("Add", ple_context, ple_rows), g.const(2.0 ** -0.5))

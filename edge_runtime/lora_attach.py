@@ -1,0 +1,77 @@
+"""What the runtime feeds an artifact's LoRA slots (edge_runtime/lora_slots.py): an adapter's matrices, or zeros.
+
+An adapter (read by edge_runtime/lora_adapter.py, as export reads it to merge) is checked against the slots before
+anything is swapped: its rank must fit theirs, every module it changes must have a slot, and it must be plain LoRA.
+DoRA rescales each merged row by the norm of W + s B A, which is no (x @ A) @ B, and modules_to_save replaces whole
+tensors the graphs hold as weights; both are refused with the way out (merge at export). Each slot's A is lora_A
+transposed, its B the scaled lora_B transposed, both zero-padded to the slots' rank: padding adds nothing.
+With no adapter every slot gets zeros, one array per shape shared by every slot of that shape and never written:
+np.zeros maps the kernel's zero page, so the no-adapter cost is the matmuls' arithmetic, not memory traffic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.families import family_named
+from edge_runtime.lora_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter
+from edge_runtime.lora_slots import LoraSlots, module_of, slot_inputs
+from edge_runtime.model_spec import ModelSpec
+
+MERGE_INSTEAD = "merge it at export instead (edge-runtime export --adapter)"
+
+Feeds = dict[str, np.ndarray]
+
+
+def zero_feeds(slots: LoraSlots) -> Feeds:
+    """Every slot's inputs as zeros: no adapter."""
+    zeros: dict[tuple[int, int], np.ndarray] = {}
+
+    def zero(shape: tuple[int, int]) -> np.ndarray:
+        return zeros.setdefault(shape, np.zeros(shape, dtype=np.float32))
+
+    feeds = {}
+    for tensor, (k, n) in slots.tensors.items():
+        a, b = slot_inputs(tensor)
+        feeds[a], feeds[b] = zero((k, slots.rank)), zero((slots.rank, n))
+    return feeds
+
+
+def adapter_feeds(path: Path, slots: LoraSlots | None, spec: ModelSpec, artifact: Path) -> Feeds:
+    """Every slot's inputs for the PEFT adapter at `path`, refusing in one line what the slots cannot take."""
+    path = Path(path)
+    if slots is None:
+        raise EdgeRuntimeError(f"--adapter {path}: {artifact} has no LoRA slots to attach an adapter to; export it "
+                               f"with --lora-slots RANK, or {MERGE_INSTEAD}")
+    family = family_named(spec.family, str(artifact))
+    adapter = Adapter(path, family.checkpoint_tensors(spec), family.embedding)
+    if adapter.config.get("use_dora"):
+        raise EdgeRuntimeError(f"{path / ADAPTER_CONFIG}: use_dora: a DoRA adapter cannot be attached at load (its "
+                               f"magnitude rescales the merged weights); {MERGE_INSTEAD}")
+    if adapter.replaced:
+        key = adapter.replaced[min(adapter.replaced)]
+        raise EdgeRuntimeError(f"{path / ADAPTER_WEIGHTS}: {key}: modules_to_save cannot be attached at load (it "
+                               f"replaces a whole tensor); {MERGE_INSTEAD}")
+    feeds = zero_feeds(slots)
+    for name in sorted(adapter.lora):
+        tensor = name.removesuffix(".weight")
+        key = adapter.lora[name].a
+        if tensor not in slots.tensors:
+            raise EdgeRuntimeError(f"{path / ADAPTER_WEIGHTS}: {key}: {module_of(tensor)} has no LoRA slot in "
+                                   f"{artifact} (slots: {','.join(slots.modules)}); export with it in --lora-slots, "
+                                   f"or {MERGE_INSTEAD}")
+        update = adapter.update(name)
+        rank = update.a.shape[0]
+        if rank > slots.rank:
+            raise EdgeRuntimeError(f"{path / ADAPTER_WEIGHTS}: {key}: rank {rank} is more than the slots' "
+                                   f"{slots.rank} in {artifact}; export with --lora-slots {rank} or more, or "
+                                   f"{MERGE_INSTEAD}")
+        k, n = slots.tensors[tensor]
+        a, b = np.zeros((k, slots.rank), np.float32), np.zeros((slots.rank, n), np.float32)
+        a[:, :rank] = update.a.T
+        b[:rank] = (np.float32(update.scaling) * update.b).T
+        feeds[slot_inputs(tensor)[0]], feeds[slot_inputs(tensor)[1]] = a, b
+    return feeds

@@ -1,0 +1,189 @@
+"""LoRA adapters attached at load (`export --lora-slots`, `load(adapter=...)`, `Model.set_adapter`): fp32 artifacts
+with slots give the logits of the same adapter merged at export (test_lora_export.py proves that one against PEFT),
+and with no adapter the logits of the slot-less export, in prefill and decode; switching adapters empties the cache;
+what the slots cannot take is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edge_runtime
+from conftest import CONFIGS
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.export import export_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import make_adapter
+
+TOLERANCE = 5e-5
+BASE = "shared-gqa"  # causal layout, KV-shared layers (which have no k or v to slot)
+
+
+def _ids(name: str = BASE, length: int = 40) -> np.ndarray:
+    vocab = CONFIGS[name]["text"]["vocab_size_per_layer_input"]
+    return np.concatenate([[2], np.random.default_rng(0).integers(3, vocab, length - 1)])
+
+
+@pytest.fixture(scope="module")
+def adapters(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    root, base = tmp_path_factory.mktemp("slot-adapters"), checkpoints[BASE]
+    projections = make_adapter.PROJECTIONS
+    return {
+        "r8": make_adapter.make_adapter(base, root / "r8", r=8, alpha=16, target_modules=projections, seed=1),
+        "r4-rslora": make_adapter.make_adapter(base, root / "r4-rslora", r=4, alpha=8, use_rslora=True,
+                                               target_modules=projections, rank_pattern={"o_proj": 2}, seed=2),
+        "qv": make_adapter.make_adapter(base, root / "qv", r=8, target_modules=["q_proj", "v_proj"], seed=3),
+        "r16": make_adapter.make_adapter(base, root / "r16", r=16, target_modules=projections, seed=4),
+        "dora": make_adapter.make_adapter(base, root / "dora", r=4, use_dora=True, target_modules=projections),
+        "saved": make_adapter.make_adapter(base, root / "saved", r=4, target_modules=projections,
+                                           modules_to_save=["norm"]),
+        "all-linear": make_adapter.make_adapter(base, root / "all-linear", r=4),
+    }
+
+
+@pytest.fixture(scope="module")
+def slotted(checkpoints, tmp_path_factory) -> Path:
+    return export_checkpoint(checkpoints[BASE], tmp_path_factory.mktemp("slotted") / "art", lora_slots="8")
+
+
+@pytest.fixture(scope="module")
+def merged(checkpoints, adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("merged")
+
+    def export(name: str | None) -> Path:
+        out = root / (name or "plain")
+        if not out.exists():
+            export_checkpoint(checkpoints[BASE], out, adapters=[adapters[name]] if name else [])
+        return out
+    return export
+
+
+def _logits(artifact: Path, ids: np.ndarray, mode: str, **options) -> np.ndarray:
+    return edge_runtime.load(artifact, prefill_chunk=7, kv="fp32", **options).logits(ids, mode=mode)
+
+
+@pytest.mark.parametrize("name", ["r8", "r4-rslora", "qv"])
+def test_attached_equals_merged(name, slotted, merged, adapters):
+    """r8 fills the slots; r4-rslora (o_proj at rank 2) is zero-padded to 8; qv leaves k, o and the MLP at zeros."""
+    ids = _ids()
+    model = edge_runtime.load(slotted, prefill_chunk=7, kv="fp32", adapter=adapters[name])
+    plain = _logits(merged(None), ids, "prefill")
+    for mode in ("prefill", "decode"):
+        expected = _logits(merged(name), ids, mode)
+        error = float(np.abs(model.logits(ids, mode=mode) - expected).max())
+        print(f"{name} {mode}: attached vs merged max abs {error:.2e} (the adapter moves the logits by "
+              f"{np.abs(plain - expected).max():.2f})")
+        assert error <= TOLERANCE
+    assert np.abs(plain - expected).max() > 1000 * TOLERANCE
+
+
+def test_no_adapter_equals_the_slotless_export(slotted, merged):
+    ids = _ids()
+    for mode in ("prefill", "decode"):
+        error = float(np.abs(_logits(slotted, ids, mode) - _logits(merged(None), ids, mode)).max())
+        print(f"no adapter {mode}: slots vs no slots max abs {error:.2e}")
+        assert error <= TOLERANCE
+
+
+def _greedy(model, ids: np.ndarray, n: int = 6) -> tuple[list[int], int]:
+    """n greedy tokens after `ids`, and how many prompt tokens came from the cache."""
+    tokens = list(model.generate_tokens(ids.tolist(), max_new_tokens=n, temperature=0.0))
+    return tokens, model.stats.cached_tokens
+
+
+def test_switching_adapters_empties_the_cache(slotted, adapters):
+    """A -> none -> B -> A on one model: each gives the tokens a model loaded with it alone gives, and none reuses
+    the cache the previous adapter filled (same prompt each time, which would otherwise be reused in full)."""
+    ids = _ids(length=12)
+    alone = {name: _greedy(edge_runtime.load(slotted, kv="fp32", adapter=adapters[name] if name else None), ids)[0]
+             for name in ("r8", None, "r4-rslora")}
+    assert len({tuple(t) for t in alone.values()}) == 3  # the adapters change the greedy tokens
+    model = edge_runtime.load(slotted, kv="fp32", adapter=adapters["r8"])
+    assert _greedy(model, ids) == (alone["r8"], 0)
+    assert _greedy(model, ids) == (alone["r8"], len(ids) - 1)  # the same adapter reuses its cache
+    for name in (None, "r4-rslora", "r8"):
+        model.set_adapter(adapters[name] if name else None)
+        assert model.context_used == 0
+        assert _greedy(model, ids) == (alone[name], 0)
+    model.set_adapter(adapters["r8"])  # the one attached: nothing to do, the cache stays
+    assert model.context_used > 0
+    assert model.adapter == adapters["r8"].resolve()
+
+
+def test_manifest_records_the_slots(slotted, checkpoints, tmp_path):
+    record = json.loads((slotted / "manifest.json").read_text())
+    slots = record["lora_slots"]
+    assert slots["rank"] == 8
+    assert slots["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    manifest = edge_runtime.load(slotted).manifest
+    spec = manifest.spec
+    shared = [i for i in range(spec.num_hidden_layers) if spec.is_kv_shared(i)]
+    assert shared  # KV-shared layers have q, o and the MLP slotted, no k or v
+    expected = {}
+    for i in range(spec.num_hidden_layers):
+        h, q, kv, mlp = spec.hidden_size, spec.num_attention_heads * spec.head_dims[i], \
+            spec.num_key_value_heads * spec.head_dims[i], spec.mlp_size(i)
+        expected[f"layers.{i}.self_attn.q_proj"] = [h, q]
+        if i not in shared:
+            expected[f"layers.{i}.self_attn.k_proj"] = [h, kv]
+            expected[f"layers.{i}.self_attn.v_proj"] = [h, kv]
+        expected.update({f"layers.{i}.self_attn.o_proj": [q, h], f"layers.{i}.mlp.gate_proj": [h, mlp],
+                         f"layers.{i}.mlp.up_proj": [h, mlp], f"layers.{i}.mlp.down_proj": [mlp, h]})
+    assert slots["tensors"] == expected
+    assert record["read_per_token"]["lora_slots"] == sum((k + n) * 8 * 4 for k, n in expected.values())
+    qv = export_checkpoint(checkpoints[BASE], tmp_path / "qv", lora_slots="4:v_proj,q_proj")
+    slots = json.loads((qv / "manifest.json").read_text())["lora_slots"]
+    assert (slots["rank"], slots["modules"]) == (4, ["q_proj", "v_proj"])
+    assert {name.rsplit(".", 1)[-1] for name in slots["tensors"]} == {"q_proj", "v_proj"}
+    assert json.loads((export_checkpoint(checkpoints[BASE], tmp_path / "none") / "manifest.json").read_text()
+                      )["lora_slots"] is None
+
+
+@pytest.mark.parametrize("name,message", [
+    ("r16", ("{dir}/adapter_model.safetensors: base_model.model.model.layers.0.mlp.down_proj.lora_A.weight: rank 16 is "
+            "more than the slots' 8 in {art}; export with --lora-slots 16 or more, or merge it at export instead "
+            "(edge-runtime export --adapter)")),
+    ("all-linear", ("{dir}/adapter_model.safetensors: base_model.model.model.layers.0.per_layer_input_gate.lora_A.weight: "
+                   "per_layer_input_gate has no LoRA slot in {art} (slots: q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                   "up_proj,down_proj); export with it in --lora-slots, or merge it at export instead "
+                   "(edge-runtime export --adapter)")),
+    ("dora", ("{dir}/adapter_config.json: use_dora: a DoRA adapter cannot be attached at load (its magnitude rescales "
+             "the merged weights); merge it at export instead (edge-runtime export --adapter)")),
+    ("saved", ("{dir}/adapter_model.safetensors: base_model.model.model.layers.0.input_layernorm.weight: "
+              "modules_to_save cannot be attached at load (it replaces a whole tensor); merge it at export instead "
+              "(edge-runtime export --adapter)")),
+    ("no-slots", ("--adapter {dir}: {art} has no LoRA slots to attach an adapter to; export it with --lora-slots RANK, "
+                 "or merge it at export instead (edge-runtime export --adapter)")),
+])
+def test_refusals_are_one_line(name, message, slotted, merged, adapters):
+    artifact = merged(None) if name == "no-slots" else slotted
+    adapter = adapters["r8" if name == "no-slots" else name]
+    model = edge_runtime.load(artifact, kv="fp32")
+    before = model.logits(_ids())
+    with pytest.raises(EdgeRuntimeError) as refusal:
+        model.set_adapter(adapter)
+    assert str(refusal.value) == message.format(dir=adapter, art=artifact)
+    assert model.adapter is None
+    assert np.array_equal(model.logits(_ids()), before)  # nothing was swapped
+
+
+def test_export_refusals(checkpoints, tmp_path):
+    for text, message in [
+        ("0", ("--lora-slots 0: the rank must be a whole number from 1 to 256 (RANK[:MODULES], e.g. 16 or "
+              "16:q_proj,v_proj)")),
+        ("8:q_proj,lm_head", ("--lora-slots 8:q_proj,lm_head: unknown module 'lm_head'; choose among q_proj, k_proj, "
+                             "v_proj, o_proj, gate_proj, up_proj, down_proj")),
+    ]:
+        with pytest.raises(EdgeRuntimeError) as refusal:
+            export_checkpoint(checkpoints[BASE], tmp_path / "art", lora_slots=text)
+        assert str(refusal.value) == message
+    with pytest.raises(EdgeRuntimeError) as refusal:
+        export_checkpoint(checkpoints["3n-causal"], tmp_path / "art", lora_slots="8")
+    assert str(refusal.value) == ("--lora-slots: Gemma 3n artifacts cannot have LoRA slots yet; merge the adapter at "
+                                  "export with --adapter instead")
+    assert not (tmp_path / "art").exists()
