@@ -21,6 +21,7 @@ platform does not expose a figure):
     depth              tokens in the context before each test
     repetitions        runs of each test
     low_memory         whether the model was loaded with low_memory=True (see edge_runtime.load)
+    adapter            the LoRA adapter attached to the artifact's slots (--adapter), or None
     load_seconds       edge_runtime.load()
     ttft_test          the test whose runs time the first token (the first ppN; None with -p 0)
     ttft_ms            median of: prefill of that prompt + sampling the first token (None with -p 0)
@@ -100,6 +101,7 @@ class BenchConfig:
     kv: str = DEFAULT_KV_FORMAT
     kv_recent: int | None = None
     kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT
+    adapter: Path | None = None  # a LoRA adapter attached to the artifact's slots
 
     def __post_init__(self) -> None:
         for option, counts in (("n_prompt", self.n_prompt), ("n_gen", self.n_gen)):
@@ -209,7 +211,8 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
     report("load", 0, 1)
     start = time.perf_counter()
     model = load(artifact, threads=config.threads, context_length=config.context or needed,
-                 low_memory=config.low_memory, kv=config.kv, kv_recent=config.kv_recent, kv_sliding=config.kv_sliding)
+                 low_memory=config.low_memory, kv=config.kv, kv_recent=config.kv_recent, kv_sliding=config.kv_sliding,
+                 adapter=config.adapter)
     load_seconds = time.perf_counter() - start
     threads = model.threads
 
@@ -249,6 +252,7 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
         "model_bytes": sum(entry["size"] for entry in manifest.files.values()),
         "formats": {**manifest.formats, "kv": config.kv, "kv_recent": model.kv_recent,
                     "kv_sliding": config.kv_sliding},
+        "adapter": None if model.adapter is None else str(model.adapter),
         "kv_cache_bytes": kv_cache_bytes,
         "threads": threads,
         "context": model.context_length,

@@ -98,6 +98,8 @@ KV_RECENT = typer.Option(None, "--kv-recent", help="Keep this many most recent t
                          "(default: 32 for compressed formats, 0 for fp32/fp16/int8).")
 KV_SLIDING = typer.Option(DEFAULT_SLIDING_KV_FORMAT, "--kv-sliding", help="KV format of the sliding-window layers "
                           "(their rings stop at the window).")
+ADAPTER = typer.Option(None, "--adapter", help="A PEFT LoRA adapter directory to attach at load to an artifact "
+                       "exported with --lora-slots (no re-export).")
 LOW_MEMORY = typer.Option(False, "--low-memory", help="64-token prefill chunks and freed scratch returned to the "
                           "OS: less resident memory, slower prefill.")
 
@@ -167,6 +169,9 @@ def export(
                                               "weights before they are quantized; repeat to stack adapters in order."),
     adapter_scale: list[float] | None = typer.Option(None, "--adapter-scale", help="Scale of the adapters' updates "
                                                      "(default 1): once for all, or once per --adapter."),
+    lora_slots: str | None = typer.Option(None, "--lora-slots", help="Give the projections inputs for a LoRA adapter "
+                                          "attached at load (run/chat/serve --adapter): RANK[:MODULES], e.g. 16 "
+                                          "(q, k, v, o, gate, up and down) or 16:q_proj,v_proj."),
 ) -> None:
     """Convert a Gemma 4 or Gemma 3n checkpoint (a directory, or a Hugging Face repo id to download) into an artifact."""
     try:
@@ -188,7 +193,8 @@ def export(
         source = checkpoint_dir(checkpoint, revision, progress_bars=err.is_terminal,
                                 before_download=lambda hub_cache: check_destination(output, hub_cache, force))
         _with_progress(lambda report: export_checkpoint(source, output, force=force, adapters=adapter or [],
-                                                        adapter_scales=adapter_scale or [], progress=report,
+                                                        adapter_scales=adapter_scale or [],
+                                                        lora_slots=lora_slots, progress=report,
                                                         notice=_note, **given))
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
@@ -196,13 +202,30 @@ def export(
 
 
 def _load(model: str | None, profile: str, context: int | None, threads: int | None, kv: str | None,
-          kv_recent: int | None, kv_sliding: str, low_memory: bool):
+          kv_recent: int | None, kv_sliding: str, low_memory: bool, adapter: Path | None = None):
     from edge_runtime.model import load
 
     path = _resolve_model(model)
     return _with_progress(lambda report: load(
         path, profile=None if profile == "none" else profile, context_length=context, threads=threads, kv=kv,
-        kv_recent=kv_recent, kv_sliding=kv_sliding, low_memory=low_memory, progress=report))
+        kv_recent=kv_recent, kv_sliding=kv_sliding, low_memory=low_memory, progress=report, adapter=adapter))
+
+
+def _served_adapters(options: list[str]) -> tuple[Path | None, dict[str, Path]]:
+    """serve's --adapter options: the one DIR attached to every request (or None), and the NAME=DIR ones."""
+    default, named = [], {}
+    for option in options:
+        name, sep, path = option.partition("=")
+        if sep and name and "/" not in name and not Path(option).exists():
+            if name in named:
+                raise EdgeRuntimeError(f"--adapter {option}: the name {name!r} is given twice; name each adapter once")
+            named[name] = Path(path)
+        else:
+            default.append(Path(option))
+    if len(default) > 1:
+        raise EdgeRuntimeError(f"--adapter given {len(default)} directories without a name; attach one to every "
+                               "request, and offer the others as NAME=DIR")
+    return (default[0] if default else None), named
 
 
 def _print_stats(s, m) -> None:
@@ -244,13 +267,14 @@ def run(
     kv: str | None = PROFILE_KV,
     kv_recent: int | None = KV_RECENT,
     kv_sliding: str = KV_SLIDING,
+    adapter: Path | None = ADAPTER,
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
     from edge_runtime.text_input import decode_os_text, decode_utf8
 
     try:
         prompt = decode_utf8(sys.stdin.buffer.read(), "stdin") if prompt == "-" else decode_os_text(prompt, "PROMPT")
-        m = _load(model, profile, context, threads, kv, kv_recent, kv_sliding, low_memory)
+        m = _load(model, profile, context, threads, kv, kv_recent, kv_sliding, low_memory, adapter)
         pieces = m.stream(prompt, max_new_tokens=max_new_tokens, stop=stop, temperature=temperature, top_k=top_k,
                           top_p=top_p, min_p=min_p, repetition_penalty=repeat_penalty, seed=seed)
         text = []
@@ -293,6 +317,7 @@ def chat(
     kv: str | None = PROFILE_KV,
     kv_recent: int | None = KV_RECENT,
     kv_sliding: str = KV_SLIDING,
+    adapter: Path | None = ADAPTER,
 ) -> None:
     """Talk with the model: streamed replies, earlier turns kept in the KV cache (/help for commands).
 
@@ -304,7 +329,7 @@ def chat(
 
     try:
         declared = read_tools(tools) if tools is not None else None
-        m = _load(model, profile, context, threads, kv, kv_recent, kv_sliding, low_memory)
+        m = _load(model, profile, context, threads, kv, kv_recent, kv_sliding, low_memory, adapter)
         m.sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         conversation = m.conversation(system, tools=declared,
                                       chat_template_kwargs={"enable_thinking": True} if think else None)
@@ -472,6 +497,7 @@ def bench(
     kv_recent: int | None = KV_RECENT,
     kv_sliding: str = KV_SLIDING,
     as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object."),
+    adapter: Path | None = ADAPTER,
 ) -> None:
     """Measure prefill and decode speed, memory, and decode against the bandwidth ceiling (like llama-bench)."""
     from edge_runtime.bench import BenchConfig, format_report, parse_counts, run_bench
@@ -479,7 +505,7 @@ def bench(
     try:
         config = BenchConfig(parse_counts(n_prompt, "-p/--n-prompt"), parse_counts(n_gen, "-n/--n-gen"),
                              repetitions, depth, threads, context, probe_mb, low_memory, kv, kv_recent,
-                             kv_sliding)
+                             kv_sliding, adapter)
         path = _resolve_model(model)
         result = _with_progress(lambda report: run_bench(path, config, report))
     except EdgeRuntimeError as exc:
@@ -637,6 +663,9 @@ def serve(
     kv: str | None = PROFILE_KV,
     kv_recent: int | None = KV_RECENT,
     kv_sliding: str = KV_SLIDING,
+    adapter: list[str] = typer.Option([], "--adapter", help="A PEFT LoRA adapter for an artifact exported with "
+                                      "--lora-slots: DIR attaches it to every request, NAME=DIR offers it to requests "
+                                      "that name it in their \"adapter\" field (repeatable)."),
 ) -> None:
     """Serve OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) and a chat page at /, offline."""
     try:
@@ -649,13 +678,17 @@ def serve(
 
     try:
         check_port(host, port)
-        m = _load(model, profile, context, threads, kv, kv_recent, kv_sliding, low_memory)
+        default, named = _served_adapters(adapter)
+        m = _load(model, profile, context, threads, kv, kv_recent, kv_sliding, low_memory, default)
+        settings = ServerSettings(api_key=api_key, queue_depth=queue, cache_prompt=prompt_cache, adapters=named,
+                                  limits=Limits(max_body_bytes=max_body, max_messages=max_messages,
+                                                max_tokens=max_tokens))
+        for path in named.values():  # each one checked now, in one line, rather than at its first request
+            m.read_adapter(path)
     except (EdgeRuntimeError, OSError) as exc:
         raise _fail(exc) from None
     if api_key is None and not is_loopback(host):
         err.print(f"warning: listening on {host} without --api-key: anyone on the network can use the model")
-    settings = ServerSettings(api_key=api_key, queue_depth=queue, cache_prompt=prompt_cache,
-                              limits=Limits(max_body_bytes=max_body, max_messages=max_messages, max_tokens=max_tokens))
     err.print(f"{m.name}: context {m.context_length}, KV {m.kv_format.name}; serving http://{host}:{port}/")
     runner.serve(m, settings, host, port, log_level)
 

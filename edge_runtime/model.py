@@ -94,15 +94,22 @@ class Model:
         swap of arrays; switching empties the KV cache, which was computed under the previous adapter. An adapter
         the slots cannot take (a higher rank, a module without a slot, DoRA, modules_to_save) is refused in one line.
         """
-        path = None if adapter is None else Path(adapter).resolve()
         with self.lock:
+            path = None if adapter is None else self.read_adapter(adapter)
             if path == self.adapter:
                 return
-            if path is not None and path not in self._adapter_feeds:
-                self._adapter_feeds[path] = adapter_feeds(Path(adapter), self.manifest.lora_slots, self.spec,
-                                                          self.path)
             self.engine.attach(None if path is None else self._adapter_feeds[path])
             self.adapter = path
+
+    def read_adapter(self, adapter: str | Path) -> Path:
+        """Read and check the adapter at `adapter` for the LoRA slots, keeping its arrays for `set_adapter`, without
+        attaching it (a server reads every adapter it offers at start); returns its resolved path."""
+        path = Path(adapter).resolve()
+        with self.lock:
+            if path not in self._adapter_feeds:
+                self._adapter_feeds[path] = adapter_feeds(Path(adapter), self.manifest.lora_slots, self.spec,
+                                                          self.path)
+        return path
 
     def _generation_defaults(self) -> tuple[set[int], SamplingParams]:
         eos = set(self.spec.eos_token_ids)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,42 @@ def test_export_refusals(checkpoints, tmp_path):
     assert str(refusal.value) == ("--lora-slots: Gemma 3n artifacts cannot have LoRA slots yet; merge the adapter at "
                                   "export with --adapter instead")
     assert not (tmp_path / "art").exists()
+
+
+def test_server_per_request_adapter(slotted, adapters):
+    """Requests naming different adapters (and none) take turns on one model, each answered as a model loaded with
+    that adapter alone answers it; concurrent ones too. An unknown name or a wrong type is a 400 naming `adapter`."""
+    from test_server import LiveServer
+
+    from edge_runtime.server.app import ServerSettings
+
+    prompt = "the quick brown fox"
+
+    def alone(name: str | None) -> str:
+        model = edge_runtime.load(slotted, kv="fp32", adapter=adapters[name] if name else None)
+        return model.create_completion(prompt, max_tokens=6, temperature=0.0)["choices"][0]["text"]
+
+    expected = {name: alone(name) for name in ("r8", "r4-rslora", None)}
+    assert len(set(expected.values())) == 3
+    model = edge_runtime.load(slotted, kv="fp32")
+    settings = ServerSettings(adapters={"a": adapters["r8"], "b": adapters["r4-rslora"]})
+    with LiveServer(model, settings) as server:
+        def ask(name: str | None) -> str:
+            body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, **({"adapter": name} if name else {})}
+            response = server.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["text"]
+
+        names = {"a": "r8", "b": "r4-rslora", None: None}
+        for name in ("a", None, "b", "a", "a"):
+            assert ask(name) == expected[names[name]]
+        with ThreadPoolExecutor(4) as pool:
+            order = ["a", "b", None, "b", "a", None]
+            assert list(pool.map(ask, order)) == [expected[names[n]] for n in order]
+        for value, message in [("c", "adapter 'c' is not served here; this server offers one of a, b"),
+                               (3, "adapter must be a string, got int 3")]:
+            response = server.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                  "adapter": value})
+            assert response.status_code == 400
+            assert response.json()["error"]["param"] == "adapter"
+            assert response.json()["error"]["message"] == message

@@ -14,12 +14,13 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from importlib.resources import files
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 from starlette.applications import Starlette
@@ -40,6 +41,7 @@ from edge_runtime.server.request_schema import BadRequest, GenerationRequest, Li
 log = logging.getLogger("edge_runtime.server")
 STATIC = files("edge_runtime.server") / "static"
 _OPEN_PATHS = ("/", "/health")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class ServerSettings:
     queue_depth: int = 8
     limits: Limits = field(default_factory=Limits)
     cache_prompt: bool = True  # a request's own `cache_prompt` overrides it
+    # LoRA adapters a request may name in `"adapter"` (serve --adapter NAME=DIR), each attached to the model's slots
+    # for its generation; a request naming none runs with the adapter the model was loaded with (or none).
+    adapters: Mapping[str, Path] = field(default_factory=dict)
 
 
 def error_response(status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
@@ -174,6 +179,8 @@ class _Api:
         self.metrics = ServerMetrics(lambda: self.queue.waiting, lambda: float(self.queue.busy),
                                      model.context_length)
         self.started = int(time.time())
+        self.default_adapter = model.adapter
+        self.adapters = {name: model.read_adapter(path) for name, path in settings.adapters.items()}
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
@@ -205,6 +212,7 @@ class _Api:
         try:
             params = parse(await _read_json(request, self.settings.limits.max_body_bytes), chat=chat,
                            limits=self.settings.limits)
+            adapter = self._adapter(params.adapter)
             prepared = await anyio.to_thread.run_sync(self._prepare, params)
         except BadRequest as exc:
             return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
@@ -221,8 +229,8 @@ class _Api:
         gone = asyncio.ensure_future(_disconnected(request, cancel))
         stream = _Stream(prepared, params.include_usage, cancel, self._finished) if params.stream else None
         try:
-            result = await self.queue.run(stream.work if stream else partial(self._collect, prepared, cancel),
-                                          cancel, gone)
+            work = stream.work if stream else partial(self._collect, prepared, cancel)
+            result = await self.queue.run(partial(self._with_adapter, adapter, work), cancel, gone)
         except QueueFull as exc:
             gone.cancel()
             return error_response(429, f"the server is busy: {self.queue.waiting} requests are waiting; "
@@ -236,6 +244,21 @@ class _Api:
         await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
         return JSONResponse(result.result()) if result.done() else Response(status_code=499)
+
+    def _adapter(self, name: str | None) -> Path | None:
+        """The adapter a request's `adapter` names (None: the model's own), or BadRequest naming the field."""
+        if name is None:
+            return self.default_adapter
+        if name not in self.adapters:
+            offered = f"one of {', '.join(sorted(self.adapters))}" if self.adapters else "none (serve --adapter NAME=DIR)"
+            raise BadRequest(f"adapter {name!r} is not served here; this server offers {offered}", "adapter")
+        return self.adapters[name]
+
+    def _with_adapter(self, adapter: Path | None, work: Callable[[], T]) -> T:
+        """Run a generation with its adapter attached: in the queue's turn, so that requests with different
+        adapters take turns on the one model and its cache (which switching empties)."""
+        self.model.set_adapter(adapter)
+        return work()
 
     def _prepare(self, params: GenerationRequest) -> PreparedRequest:
         prepare = prepare_chat if params.chat else prepare_completion

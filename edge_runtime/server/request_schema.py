@@ -44,6 +44,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     options: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None  # the name of a LoRA adapter the server offers (serve --adapter NAME=DIR)
 
 
 # Passed to the model as given; cache_prompt is llama.cpp's field for reusing the cached prefix.
@@ -180,4 +181,4 @@ def parse(body: Any, *, chat: bool, limits: Limits) -> GenerationRequest:
     for name, kind in _OPTIONS.items():
         if (value := _typed(body, name, kind)) is not None:
             options[name] = value
-    return GenerationRequest(chat, prompt, stream, _stream_options(body, stream), options)
+    return GenerationRequest(chat, prompt, stream, _stream_options(body, stream), options, _typed(body, "adapter", str))
