@@ -39,7 +39,7 @@ from edge_runtime.families.contract import (
 )
 from edge_runtime.kv_cache import KVCache
 from edge_runtime.kv_formats import KVFormat
-from edge_runtime.lora_attach import zero_feeds
+from edge_runtime.lora_attach import empty_feeds
 from edge_runtime.model_spec import embed_scale
 from edge_runtime.ple_store import PleStore
 from edge_runtime.quant.float_codecs import Float32Codec
@@ -167,11 +167,11 @@ class Engine:
         last = session(names[-1])
         self.segments = [*(session(name) for name in names[:-1]), last]
         slots = manifest.lora_slots
-        self.zero_slots = {} if slots is None else zero_feeds(slots)
-        self.steps = _steps(contract, self.segments, artifact, spec.window, frozenset(self.zero_slots))
-        # Each graph's LoRA slot inputs (lora_slots.py), fed on every run: zeros, or the attached adapter's.
+        self.empty_slots = {} if slots is None else empty_feeds(slots)
+        self.steps = _steps(contract, self.segments, artifact, spec.window, frozenset(self.empty_slots))
+        # Each graph's LoRA slot inputs (lora_slots.py), fed on every run: empty, or the attached adapter's.
         self.slot_feeds: list[dict[str, np.ndarray]] = [
-            {i.name: self.zero_slots[i.name] for i in step.session.get_inputs() if i.name in self.zero_slots}
+            {i.name: self.empty_slots[i.name] for i in step.session.get_inputs() if i.name in self.empty_slots}
             for step in self.steps]
         self.logits = contract.logits
         self.token_axes = {name: (slice(None),) * axis for name, axis in contract.token_axes().items()}
@@ -195,9 +195,9 @@ class Engine:
         self.tokens.clear()
 
     def attach(self, feeds: dict[str, np.ndarray] | None) -> None:
-        """Feed the LoRA slots these arrays (lora_attach.py), or zeros for None, and empty the cache: what it holds
+        """Feed the LoRA slots these arrays (lora_attach.py), or empty ones for None, and empty the cache: what it holds
         was computed under the previous adapter, so no prefix of it may be reused."""
-        feeds = feeds or self.zero_slots
+        feeds = feeds or self.empty_slots
         for step_feeds in self.slot_feeds:
             for name in step_feeds:
                 step_feeds[name] = feeds[name]

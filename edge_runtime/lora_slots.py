@@ -1,12 +1,14 @@
 """LoRA slots: graph inputs through which an adapter is attached at load instead of merged at export.
 
 An artifact exported with `--lora-slots RANK[:MODULES]` has, for each slotted projection of each layer, two float32
-graph inputs, `lora.<tensor>.a` [in, RANK] and `lora.<tensor>.b` [RANK, out], and adds `(x @ a) @ b` to the
-projection's output. The runtime feeds them on every run: an adapter's lora_A transposed and its scaled lora_B
-transposed, zero-padded to RANK, or zeros when none is attached (edge_runtime/lora_attach.py). Switching adapters
-then costs no re-export and no reload of the base. The manifest's `lora_slots` records the rank, the modules, and
-each slotted tensor's [in, out], so the runtime needs no knowledge of which layers have which projections (a
-KV-shared layer has no k or v to slot).
+graph inputs, `lora.<tensor>.a` [in, r] and `lora.<tensor>.b` [r, out], and adds `(x @ a) @ b` to the projection's
+output. The runtime feeds them on every run: an adapter's lora_A transposed and its scaled lora_B transposed, or
+empty arrays (r = 0) when none is attached or the adapter leaves that projection alone (edge_runtime/lora_attach.py).
+Switching adapters then costs no re-export and no reload of the base. r is a symbolic dimension of each slot's own,
+so each module takes its adapter's rank (rank_pattern) with no zero padding, and no adapter costs the step no
+arithmetic and no memory traffic, only the nodes (measured in tools/lora_slot_cost.py); RANK is the most an adapter
+may have. The manifest's `lora_slots` records RANK, the modules, and each slotted tensor's [in, out], so the runtime
+needs no knowledge of which layers have which projections (a KV-shared layer has no k or v to slot).
 """
 
 from __future__ import annotations
@@ -31,11 +33,6 @@ class LoraSlots:
     rank: int
     modules: tuple[str, ...]
     tensors: dict[str, tuple[int, int]]
-
-    @property
-    def bytes_per_token(self) -> int:
-        """What the slots' float32 A and B read per decode step, adapter or not."""
-        return sum((k + n) * self.rank * 4 for k, n in self.tensors.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "modules": list(self.modules),

@@ -167,8 +167,7 @@ def _write_artifact(ckpt: Checkpoint, merged: MergedWeights, tmp: Path, recipe: 
         created_by=f"edge-runtime {__version__}",
         adapters=tuple(adapter.record() for adapter in merged.adapters),
         read_per_token={"weights": graph_bytes, "embedding_row": embedding.format.row_bytes(spec.hidden_size),
-                        "ple_row": ple_width * storage_dtype(ple).itemsize,
-                        **({} if lora is None else {"lora_slots": lora.bytes_per_token})},
+                        "ple_row": ple_width * storage_dtype(ple).itemsize},
         lora_slots=lora,
     )
 

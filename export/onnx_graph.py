@@ -138,11 +138,11 @@ class GraphBuilder:
 
     def lora(self, x: str, y: str, tensor: str, in_width: int, out_width: int) -> str:
         """y + (x @ A) @ B with A and B graph inputs (edge_runtime/lora_slots.py) when the module of `tensor` has a
-        slot, else y as it is. Two MatMuls and an Add: at rank 16 they read (in + out) * 64 bytes."""
+        slot, else y as it is. Two MatMuls and an Add: at rank r they read (in + out) * r * 4 bytes, none at r = 0."""
         if self.slots is None or module_of(tensor) not in self.slots[1]:
             return y
-        rank = self.slots[0]
         a, b = slot_inputs(tensor)
+        rank = f"{tensor}.rank"  # symbolic: each slot takes its adapter's own rank, and 0 without one
         self.input(a, [in_width, rank])
         self.input(b, [rank, out_width])
         self.slotted[tensor] = (in_width, out_width)

@@ -6,6 +6,8 @@ what the slots cannot take is refused in one line."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 import edge_runtime
-from conftest import CONFIGS
+from conftest import CONFIGS, free_port
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.export import export_checkpoint
 
@@ -70,7 +72,7 @@ def _logits(artifact: Path, ids: np.ndarray, mode: str, **options) -> np.ndarray
 
 @pytest.mark.parametrize("name", ["r8", "r4-rslora", "qv"])
 def test_attached_equals_merged(name, slotted, merged, adapters):
-    """r8 fills the slots; r4-rslora (o_proj at rank 2) is zero-padded to 8; qv leaves k, o and the MLP at zeros."""
+    """r8 fills the slots; r4-rslora (o_proj at rank 2) has ranks below theirs; qv leaves k, o and the MLP empty."""
     ids = _ids()
     model = edge_runtime.load(slotted, prefill_chunk=7, kv="fp32", adapter=adapters[name])
     plain = _logits(merged(None), ids, "prefill")
@@ -136,7 +138,6 @@ def test_manifest_records_the_slots(slotted, checkpoints, tmp_path):
         expected.update({f"layers.{i}.self_attn.o_proj": [q, h], f"layers.{i}.mlp.gate_proj": [h, mlp],
                          f"layers.{i}.mlp.up_proj": [h, mlp], f"layers.{i}.mlp.down_proj": [mlp, h]})
     assert slots["tensors"] == expected
-    assert record["read_per_token"]["lora_slots"] == sum((k + n) * 8 * 4 for k, n in expected.values())
     qv = export_checkpoint(checkpoints[BASE], tmp_path / "qv", lora_slots="4:v_proj,q_proj")
     slots = json.loads((qv / "manifest.json").read_text())["lora_slots"]
     assert (slots["rank"], slots["modules"]) == (4, ["q_proj", "v_proj"])
@@ -227,3 +228,29 @@ def test_server_per_request_adapter(slotted, adapters):
             assert response.status_code == 400
             assert response.json()["error"]["param"] == "adapter"
             assert response.json()["error"]["message"] == message
+
+
+def test_cli(slotted, adapters, tmp_path):
+    """run --adapter gives the adapter's greedy text; its refusals are one line on stderr with exit code 1."""
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edge_runtime", *args], capture_output=True, text=True,
+                              env={**os.environ, "EDGE_RUNTIME_CACHE": str(tmp_path / "cache")})
+
+    prompt, options = "the quick brown fox", ["-n", "6", "--temperature", "0", "--no-stats", "--kv", "fp32"]
+    result = cli("run", "-m", str(slotted), prompt, *options, "--adapter", str(adapters["r8"]))
+    assert result.returncode == 0, result.stderr
+    model = edge_runtime.load(slotted, kv="fp32", adapter=adapters["r8"])
+    assert result.stdout == model.create_completion(prompt, max_tokens=6, temperature=0.0)["choices"][0]["text"] + "\n"
+    result = cli("run", "-m", str(slotted), prompt, *options, "--adapter", str(adapters["dora"]))
+    assert result.returncode == 1
+    assert result.stderr == (f"error: {adapters['dora']}/adapter_config.json: use_dora: a DoRA adapter cannot be "
+                             "attached at load (its magnitude rescales the merged weights); merge it at export instead "
+                             "(edge-runtime export --adapter)\n")
+    result = cli("serve", "-m", str(slotted), "--port", str(free_port()), "--adapter", str(adapters["r8"]), "--adapter",
+                 str(adapters["qv"]))
+    assert (result.returncode, result.stderr) == (1, ("error: --adapter given 2 directories without a name; attach "
+                                                     "one to every request, and offer the others as NAME=DIR\n"))
+    result = cli("serve", "-m", str(slotted), "--port", str(free_port()), "--adapter", f"a={adapters['r16']}")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: {adapters['r16']}/adapter_model.safetensors: ")
+    assert "rank 16 is more than the slots' 8" in result.stderr and result.stderr.count("\n") == 1
