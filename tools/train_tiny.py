@@ -57,9 +57,14 @@ from transformers.utils import logging as hf_logging
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "edge_runtime" / "bundled" / "gemma4-tiny"
 
-# Gemma's special-token ids; the runtime and the chat template rely on exactly these.
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-PAD_ID, EOS_ID, BOS_ID, UNK_ID, START_OF_TURN_ID, END_OF_TURN_ID = range(len(SPECIAL_TOKENS))
+# Gemma's first four ids, then Gemma 4's chat-format markers (turns, tool declarations, calls and responses, the
+# string quote, the thinking switch and the thought channel). The runtime and the chat template find the markers by
+# their text, never by id; only this script (training windows, config and generation_config) uses the ids.
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>",
+                  "<|turn>", "<turn|>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>",
+                  "<|tool_response>", "<tool_response|>", '<|"|>', "<|think|>", "<|channel>", "<channel|>"]
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = range(4)
+END_OF_TURN_ID = SPECIAL_TOKENS.index("<turn|>")
 
 HELDOUT_RULE = "pydoc topics whose index in sorted(topics) is 2 mod 8"
 HELDOUT_EVERY, HELDOUT_OFFSET = 8, 2
@@ -342,22 +347,27 @@ def ngram_perplexities(train_ids: list[list[int]], heldout: list[int], vocab_siz
     return math.exp(uni_nll / len(heldout)), math.exp(bi_nll / len(heldout))
 
 
+def write_tokenizer(out: Path, tok: Tokenizer, max_positions: int) -> None:
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "additional_special_tokens": SPECIAL_TOKENS[4:],
+        "add_bos_token": True, "add_eos_token": False,
+        "model_max_length": max_positions,
+        "padding_side": "left",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def write_bundle(out: Path, model: PreTrainedModel, tok: Tokenizer, corpus: Corpus, report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():
         if stale.is_file():
             stale.unlink()
     model.save_pretrained(out, safe_serialization=True)
-    tok.save(str(out / "tokenizer.json"))
+    write_tokenizer(out, tok, model.config.max_position_embeddings)
     files = {
-        "tokenizer_config.json": {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
-            "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
-            "add_bos_token": True, "add_eos_token": False,
-            "model_max_length": model.config.max_position_embeddings,
-            "padding_side": "left",
-        },
         "generation_config.json": {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, END_OF_TURN_ID],
                                    "pad_token_id": PAD_ID},
         "train_report.json": report,
