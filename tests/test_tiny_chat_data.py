@@ -1,6 +1,6 @@
 """The bundled model's chat training data (tools/tiny_chat_data.py) and the format check's reader of tool calls
 (tools/chat_format_check.py): every call the data renders reads back as its arguments and fits its tool's schema,
-the model learns exactly the spans it writes, and the conversations are the same for the same seed."""
+and the conversations are the same for the same seed."""
 
 from __future__ import annotations
 
@@ -57,25 +57,6 @@ def test_schema_fit():
     assert chat_format_check.fits({"visitors": [{"category": "adult", "count": 2}]}, tickets)
     assert not chat_format_check.fits({"visitors": [{"category": "adult", "count": 2.5}]}, tickets)
     assert not chat_format_check.fits({"visitors": [{"category": "adult"}]}, tickets)
-
-
-def test_the_model_learns_only_what_it_writes(render):
-    calls = [{"id": f"c{i}", "type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
-             for i, city in enumerate(["Oslo", "Lima"])]
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Oslo and Lima?"},
-                {"role": "assistant", "tool_calls": calls, "reasoning_content": "Two calls."},
-                {"role": "tool", "tool_call_id": "c0", "content": "3"}, {"role": "tool", "tool_call_id": "c1", "content": "20"},
-                {"role": "assistant", "content": "3 and 20.", "reasoning_content": "Answer."},
-                {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Welcome."}]
-    text = render(messages, tools=[TOOLS["get_weather"]], enable_thinking=True)
-    calls_written = ('<|tool_call>call:get_weather{city:<|"|>Oslo<|"|>}<tool_call|>'
-                     '<|tool_call>call:get_weather{city:<|"|>Lima<|"|>}<tool_call|><|tool_response>')
-    assert [text[a:b] for a, b in tiny_chat_data.model_spans(text)] == [
-        calls_written, "3 and 20.<turn|>", "Welcome.<turn|>"]  # the template keeps the last turn's thoughts only
-    text = render(messages[:6], tools=[TOOLS["get_weather"]], enable_thinking=True)
-    assert [text[a:b] for a, b in tiny_chat_data.model_spans(text)] == [
-        "<|channel>thought\nTwo calls.\n<channel|>" + calls_written,
-        "<|channel>thought\nAnswer.\n<channel|>3 and 20.<turn|>"]
 
 
 def test_conversations_depend_only_on_the_seed(render):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -385,25 +384,6 @@ def exchange_thought(exchange: Exchange, before_call: bool) -> str:
     if exchange.tools and not before_call:
         return "I have the result. I will answer with it."
     return exchange.thought
-
-
-MODEL_TURN = re.compile(r"<\|turn>model\n(.*?<turn\|>)", re.DOTALL)
-TOOL_RESPONSE = re.compile(r"(<tool_call\|>)?<\|tool_response>.*?<tool_response\|>", re.DOTALL)
-
-
-def model_spans(text: str) -> list[tuple[int, int]]:
-    """The character spans of a rendered conversation that the model writes: its turns after `<|turn>model\\n` up
-    to and including `<turn|>`, less the tool responses the caller inserts. The `<|tool_response>` right after a
-    call is the model's (it writes it and stops), the rest of that block is not."""
-    spans = []
-    for turn in MODEL_TURN.finditer(text):
-        start = turn.start(1)
-        for response in TOOL_RESPONSE.finditer(text, turn.start(1), turn.end(1)):
-            cut = response.end(1) + len("<|tool_response>") if response.group(1) else response.start()
-            spans.append((start, cut))
-            start = response.end()
-        spans.append((start, turn.end(1)))
-    return [(a, b) for a, b in spans if b > a]
 
 
 def render_conversations(seed: int, topic_texts: dict[str, str], render: Callable[..., str],
