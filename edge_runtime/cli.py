@@ -364,8 +364,8 @@ def chat(
         elif command.startswith("/"):
             err.print(f"unknown command {command}; {HELP}")
         elif message.strip():
-            text: str | None = decode_os_text(message, "the message")
             try:
+                text: str | None = decode_os_text(message, "the message")
                 while True:  # a reply, then, while it calls tools, their results and the model's next reply
                     dropped = conversation.dropped_turns
                     reply = conversation.reply(text, max_new_tokens=max_new_tokens, **options)

@@ -123,7 +123,8 @@ def reply_grammar(markers: Markers, tools: Sequence[Tool] = (), choice: ToolChoi
                   thought_open: bool = False) -> ReplyGrammar | None:
     """The grammar of a reply under these checked request fields, or None when nothing constrains it.
 
-    tool_choice "none" bans `<|tool_call>` (no grammar at all unless a JSON reply is asked for); "auto" leaves the
+    tool_choice "none", or no tools, bans `<|tool_call>` (no grammar at all unless a JSON reply is asked for, and
+    None for a tokenizer without the marker); "auto" leaves the
     reply free until the model samples `<|tool_call>`, so that plain text costs no mask work; "required" makes the
     reply one call or more, a named function exactly one call of it. More than one call only with `parallel`.
     `thinking` allows a thought first; `thought_open` says the prompt has already opened it (Gemma's template does
@@ -131,7 +132,10 @@ def reply_grammar(markers: Markers, tools: Sequence[Tool] = (), choice: ToolChoi
     """
     calling = bool(tools) and choice.mode != "none"
     if not calling and json_schema is None:
-        return ReplyGrammar(None, banned=(markers.id(TOOL_CALL, "tools"),)) if tools else None
+        # A reply may not call what the request did not offer (OpenAI never answers tool_calls without tools): a
+        # small model trained on calls would otherwise make them up. One banned id, no grammar engine.
+        tool_call = markers.token_id(TOOL_CALL)
+        return ReplyGrammar(None, banned=(tool_call,)) if tool_call is not None else None
     writer = _Writer(markers)
     parts = []
     if json_schema is not None and choice.mode in ("none", "auto"):

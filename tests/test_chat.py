@@ -12,6 +12,7 @@ from edge_runtime import GenerationStats
 from edge_runtime.bundled import BUNDLED_CHECKPOINT
 from edge_runtime.chat_template import ChatTemplate
 from edge_runtime.errors import ContextLengthError, EdgeRuntimeError
+from edge_runtime.reply_parser import parse_reply
 
 BUNDLED_TEMPLATE = (BUNDLED_CHECKPOINT / "chat_template.jinja").read_text()
 
@@ -37,8 +38,9 @@ def counted_forward(model, monkeypatch) -> list[int]:
     return calls
 
 
-# The bundled template trims each message, as Gemma's templates do; this one keeps replies exactly as generated.
-UNTRIMMED = BUNDLED_TEMPLATE.replace("message['content'] | trim", "message['content']")
+# The bundled template trims each reply, as Gemma's templates do; this one keeps replies exactly as generated.
+UNTRIMMED = BUNDLED_TEMPLATE.replace("{{- ns.result | trim -}}", "{{- ns.result -}}")
+assert UNTRIMMED != BUNDLED_TEMPLATE
 
 
 @pytest.mark.parametrize("template", ["bundled", "untrimmed"])
@@ -76,9 +78,10 @@ def test_three_turns_equal_a_fresh_prefill_and_reuse_the_cache(model, monkeypatc
         assert reused[turn] == held if template == "untrimmed" else reused[turn] >= len(prompts[turn - 1])
     for turn, prompt in enumerate(prompts):
         fresh.reset()
-        tokens = list(fresh.generate_tokens(prompt, max_new_tokens=REPLY, temperature=0))
+        tokens = list(fresh.generate_tokens(prompt, max_new_tokens=REPLY, temperature=0,
+                                            stop_token_ids=fresh.end_of_turn_ids, constraint=fresh.constraint_for()))
         assert fresh.stats.cached_tokens == 0
-        assert fresh.decode(tokens) == replies[turn]
+        assert parse_reply(fresh.tokenizer.decode(tokens, skip_special_tokens=False))["content"] == replies[turn]
         assert fresh.chat(conversation.messages[: 2 + 2 * turn], max_new_tokens=REPLY, temperature=0) == replies[turn]
 
 
@@ -164,7 +167,6 @@ def test_threads_sharing_a_model_get_sequential_answers(model):
 
 
 @pytest.mark.parametrize("messages,message", [
-    ([{"role": "assistant", "content": "hi"}], "Conversation roles must alternate"),
     ([{"role": "robot", "content": "hi"}], "role 'robot'"),
     ([{"content": "hi"}], "messages\\[0\\]: has no 'role'"),
 ])
@@ -172,6 +174,17 @@ def test_bad_messages_are_one_line_errors(model, messages, message):
     with pytest.raises(EdgeRuntimeError, match=message) as caught:
         model.create_chat_completion(messages)
     assert "\n" not in str(caught.value)
+
+
+def test_the_templates_own_error_is_one_line(model, monkeypatch):
+    """Gemma 4's template accepts any order of roles; a template that refuses one is still reported in a line."""
+    strict = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles must "
+                          "alternate user/assistant/user/assistant/...') }}{% endif %}", origin="strict template")
+    monkeypatch.setattr(model, "chat_template", strict)
+    with pytest.raises(EdgeRuntimeError) as caught:
+        model.create_chat_completion([{"role": "assistant", "content": "hi"}])
+    assert str(caught.value) == ("chat template strict template: Conversation roles must alternate "
+                                 "user/assistant/user/assistant/...")
 
 
 def test_bad_options_fail_before_generating(model):
@@ -202,7 +215,7 @@ def test_old_turns_are_dropped_when_the_context_is_full(bundled):
     for question in QUESTIONS * 2:
         reply = conversation.say(question, max_new_tokens=12, temperature=0)
         assert small.stats.prompt_tokens + 12 <= 96 or small.stats.finish_reason == "length"
-        assert conversation.messages[-1] == {"role": "assistant", "content": reply}
+        assert conversation.messages[-1]["role"] == "assistant" and conversation.messages[-1]["content"] == reply
     assert conversation.dropped_turns > 0
     assert conversation.messages[0] == {"role": "system", "content": "Be brief."}
     kept = conversation.messages[:-2]

@@ -194,8 +194,16 @@ def test_chat_with_tools_shows_the_call_asks_for_its_result_and_goes_on(bundled,
     conversation.add_tool_result(call["id"], "21 C, clear")
     answer = "".join(conversation.reply(None, max_new_tokens=60, temperature=0).content())
     shown = f"] {call['function']['name']}({call['function']['arguments']})"
-    assert shown in result.stderr and first.message["reasoning_content"] in result.stderr
+    assert shown in result.stderr
     assert result.stdout == (first.message["content"] or "") + answer + "\n"
+
+    thought = cli("chat", "--think", "-n", "40", "--temperature", "0", "--kv", "fp32", stdin="Hi\n", env=env)
+    reply = edge_runtime.load(path, kv="fp32").conversation(chat_template_kwargs={"enable_thinking": True}).reply(
+        "Hi", max_new_tokens=40, temperature=0)
+    for _ in reply:
+        pass
+    assert reply.message["reasoning_content"] in thought.stderr and reply.message["reasoning_content"]
+    assert thought.stdout == reply.message["content"] + "\n"
 
 
 def test_chat_tools_file_errors_are_one_line(tmp_path):

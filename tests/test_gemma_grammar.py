@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import edge_runtime
+from edge_runtime.constrained_decoding import BannedTokens
 from edge_runtime.errors import RequestError
 from edge_runtime.gemma_grammar import Markers, reply_grammar
 from edge_runtime.tool_declarations import ToolChoice, check_tools
@@ -223,9 +224,15 @@ def test_tool_choice_none_bans_only_the_call_marker(model):
     assert walk(model, constraint, ids(model, "Sure", *WEATHER_CALL)) == "refused '<|tool_call>' after 'Sure'"
 
 
-def test_no_tools_and_no_format_is_no_constraint(model):
-    assert model.constraint_for() is None
-    assert model.constraint_for(tools=[], tool_choice="auto", response_format={"type": "text"}) is None
+def test_no_tools_bans_the_call_token_and_nothing_else(model, bundled):
+    """A reply may not call what the request did not declare; a tokenizer without the marker gets no constraint."""
+    tool_call = model.tokenizer.token_id("<|tool_call>")
+    for constraint in (model.constraint_for(), model.constraint_for(tools=[], tool_choice="auto",
+                                                                    response_format={"type": "text"})):
+        assert isinstance(constraint, BannedTokens) and constraint.banned.tolist() == [tool_call]
+    older = edge_runtime.load(bundled[0])
+    older.tokenizer.token_id = lambda text: None
+    assert older.constraint_for() is None
 
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],

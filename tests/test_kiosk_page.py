@@ -209,7 +209,7 @@ def test_idle_kiosk_forgets_the_conversation(page, server):
 
 def test_asks_for_the_api_key_and_keeps_it(page, requests, locked_server):
     """A kiosk started with --api-key: the page itself loads without one, asks once, then every call carries it."""
-    page.goto(f"{locked_server}/?max_tokens=16")
+    page.goto(f"{locked_server}/?max_tokens=48")
     page.wait_for_selector("#key-form:not([hidden])")
     page.fill("#prompt", "Hello")
     page.press("#prompt", "Enter")
@@ -226,7 +226,7 @@ def test_asks_for_the_api_key_and_keeps_it(page, requests, locked_server):
 def test_busy_server_is_retried_after_its_retry_after(page, requests, locked_server):
     """While another client generates, the page is told 429; it counts down Retry-After and then gets its turn."""
     page.add_init_script(f"localStorage.setItem('edge-runtime.api-key', '{API_KEY}')")
-    page.goto(f"{locked_server}/?max_tokens=16")
+    page.goto(f"{locked_server}/?max_tokens=48")
     body = {"messages": [{"role": "user", "content": QUESTION}], "stream": True, "temperature": 0, "max_tokens": 400}
     with httpx.stream("POST", f"{locked_server}/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as other:

@@ -28,7 +28,8 @@ from edge_runtime.server.request_schema import Limits
 QUESTION = [{"role": "user", "content": "Tell me about the sea"}]
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather now in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}},
+                   "required": ["city"]}}}]
 
 
 class LiveServer:
@@ -149,7 +150,7 @@ def test_openai_client_tools_round_trip_plain_and_streamed(server, model):
     """A call, the tool's result, the answer: what a kiosk app does with OpenAI's client, both ways."""
     client = server.client()
     ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
-    options = dict(model=model.name, tools=TOOLS, max_tokens=60, temperature=1.0, seed=4)
+    options = dict(model=model.name, tools=TOOLS, max_tokens=60, temperature=1.0, seed=4, parallel_tool_calls=False)
     reply = client.chat.completions.create(messages=ask, tool_choice="required", **options)
     assert reply.choices[0].finish_reason == "tool_calls"
     call = reply.choices[0].message.tool_calls[0]
