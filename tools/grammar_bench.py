@@ -43,11 +43,11 @@ from edge_runtime.tokenizer import Tokenizer
 from gemma_calls import NotACall, read_calls
 
 WEATHER = {"type": "object", "properties": {
-    "city": {"type": "string", "description": "City name"},
+    "city": {"type": "string", "description": "City name", "maxLength": 40},
     "days": {"type": "integer", "minimum": 1, "maximum": 14},
     "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
     "required": ["city", "unit"], "additionalProperties": False}
-SEARCH = {"type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer", "minimum": 1,
+SEARCH = {"type": "object", "properties": {"query": {"type": "string", "maxLength": 80}, "limit": {"type": "integer", "minimum": 1,
                                                                                    "maximum": 50}},
           "required": ["query"], "additionalProperties": False}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast for a city",
@@ -87,7 +87,8 @@ def use_tokenizer(model: edge_runtime.Model, path: Path) -> None:
 def requests(model: edge_runtime.Model) -> dict[str, tuple[list[int], dict[str, Any]]]:
     json_prompt = prompt_ids(model, JSON_QUESTION, None)
     return {"none": (json_prompt, {}), "json_schema": (json_prompt, {"response_format": RESPONSE_FORMAT}),
-            "tools": (prompt_ids(model, TOOLS_QUESTION, TOOLS), {"tools": TOOLS, "tool_choice": "required"})}
+            "tools": (prompt_ids(model, TOOLS_QUESTION, TOOLS), {"tools": TOOLS, "tool_choice": "required",
+                                                                "parallel_tool_calls": False})}
 
 
 def timing(model: edge_runtime.Model, prompt: list[int], fields: dict[str, Any], tokens: int, runs: int) -> dict:
