@@ -200,7 +200,7 @@ def test_too_long_a_conversation_offers_a_new_chat(page, requests, server):
 
 def test_idle_kiosk_forgets_the_conversation(page, server):
     """A public kiosk must not show the last visitor's chat to the next one."""
-    page.goto(f"{server}/?idle=1&max_tokens=8")
+    page.goto(f"{server}/?idle=1&max_tokens=48")
     assert ask(page, "My name is Ada.")
     page.fill("#prompt", "half-typed")
     page.wait_for_function("document.getElementById('transcript').childElementCount === 0", timeout=5_000)
