@@ -37,8 +37,9 @@ def counted_forward(model, monkeypatch) -> list[int]:
     return calls
 
 
-# The bundled template trims each message, as Gemma's templates do; this one keeps replies exactly as generated.
-UNTRIMMED = BUNDLED_TEMPLATE.replace("message['content'] | trim", "message['content']")
+# The bundled template trims each reply, as Gemma's templates do; this one keeps replies exactly as generated.
+UNTRIMMED = BUNDLED_TEMPLATE.replace("{{- ns.result | trim -}}", "{{- ns.result -}}")
+assert UNTRIMMED != BUNDLED_TEMPLATE
 
 
 @pytest.mark.parametrize("template", ["bundled", "untrimmed"])
@@ -164,7 +165,6 @@ def test_threads_sharing_a_model_get_sequential_answers(model):
 
 
 @pytest.mark.parametrize("messages,message", [
-    ([{"role": "assistant", "content": "hi"}], "Conversation roles must alternate"),
     ([{"role": "robot", "content": "hi"}], "role 'robot'"),
     ([{"content": "hi"}], "messages\\[0\\]: has no 'role'"),
 ])
@@ -172,6 +172,17 @@ def test_bad_messages_are_one_line_errors(model, messages, message):
     with pytest.raises(EdgeRuntimeError, match=message) as caught:
         model.create_chat_completion(messages)
     assert "\n" not in str(caught.value)
+
+
+def test_the_templates_own_error_is_one_line(model, monkeypatch):
+    """Gemma 4's template accepts any order of roles; a template that refuses one is still reported in a line."""
+    strict = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles must "
+                          "alternate user/assistant/user/assistant/...') }}{% endif %}", origin="strict template")
+    monkeypatch.setattr(model, "chat_template", strict)
+    with pytest.raises(EdgeRuntimeError) as caught:
+        model.create_chat_completion([{"role": "assistant", "content": "hi"}])
+    assert str(caught.value) == ("chat template strict template: Conversation roles must alternate "
+                                 "user/assistant/user/assistant/...")
 
 
 def test_bad_options_fail_before_generating(model):

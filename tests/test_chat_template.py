@@ -1,5 +1,5 @@
-"""Chat templates: the bundled (Gemma 3 style) and built-in Gemma 4 formats, exactly, and the one-line errors
-for broken templates and malformed messages."""
+"""Chat templates: the bundled (Gemma 4's canonical template) and built-in Gemma 4 formats, exactly, and the one-line
+errors for broken templates and malformed messages."""
 
 from __future__ import annotations
 
@@ -37,20 +37,25 @@ def gemma4() -> ChatTemplate:
     return ChatTemplate(GEMMA4_TEMPLATE, origin=GEMMA4_ORIGIN)
 
 
+def test_bundled_template_is_gemma4s_canonical_one():
+    canonical = BUNDLED_CHECKPOINT.parent.parent / "chat_templates" / "gemma4.jinja"
+    assert (BUNDLED_CHECKPOINT / "chat_template.jinja").read_bytes() == canonical.read_bytes()
+
+
 def test_bundled_template_system_and_user(bundled):
     assert bundled.origin == str(BUNDLED_CHECKPOINT / "chat_template.jinja")
     assert bundled.render(CONVERSATION[:2]) == (
-        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n")
-    assert bundled.render(CONVERSATION[1:2], add_generation_prompt=False) == (
-        "<bos><start_of_turn>user\nHi<end_of_turn>\n")
+        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n")
+    assert bundled.render(CONVERSATION[1:2], add_generation_prompt=False) == "<bos><|turn>user\nHi<turn|>\n"
 
 
 def test_bundled_template_multi_turn(bundled):
     assert bundled.render(CONVERSATION) == (
-        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
-        "<start_of_turn>model\nHello!<end_of_turn>\n"
-        "<start_of_turn>user\nName a colour.<end_of_turn>\n"
-        "<start_of_turn>model\n")
+        "<bos><|turn>system\nBe brief.<turn|>\n"
+        "<|turn>user\nHi<turn|>\n"
+        "<|turn>model\nHello!<turn|>\n"
+        "<|turn>user\nName a colour.<turn|>\n"
+        "<|turn>model\n")
 
 
 def test_templates_render_as_transformers_does(bundled, gemma4):
@@ -65,11 +70,13 @@ def test_templates_render_as_transformers_does(bundled, gemma4):
                 messages, chat_template=GEMMA4_TEMPLATE, tokenize=False, add_generation_prompt=prompt)
 
 
-def test_the_templates_own_errors_become_one_line(bundled):
+def test_the_templates_own_errors_become_one_line():
+    alternate = ("{% for m in messages %}{% if (m['role'] == 'user') != loop.index0 is even %}"
+                 "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                 "{% endif %}{% endfor %}")
     with pytest.raises(EdgeRuntimeError) as info:
-        bundled.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
-    assert str(info.value) == (f"chat template {BUNDLED_CHECKPOINT / 'chat_template.jinja'}: "
-                               "Conversation roles must alternate user/assistant/user/assistant/...")
+        ChatTemplate(alternate, origin="t").render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert str(info.value) == "chat template t: Conversation roles must alternate user/assistant/user/assistant/..."
     with pytest.raises(EdgeRuntimeError, match=r"^chat template t: ZeroDivisionError: division by zero$"):
         ChatTemplate("{{ 1 / 0 }}", origin="t").render([{"role": "user", "content": "a"}])
     with pytest.raises(EdgeRuntimeError, match=r"^chat template t: access to attribute 'append' .* is unsafe\.$"):
@@ -109,8 +116,9 @@ def test_bos_and_eos_come_from_the_tokenizer_config(tmp_path):
 
 
 def test_end_of_turn_marker(bundled, gemma4):
-    assert bundled.end_of_turn() == "<end_of_turn>"
+    assert bundled.end_of_turn() == "<turn|>"
     assert gemma4.end_of_turn() == "<turn|>"
+    assert ChatTemplate("<start_of_turn>{{ messages }}<end_of_turn>").end_of_turn() == "<end_of_turn>"
     assert ChatTemplate("{{ messages }}").end_of_turn() is None
 
 

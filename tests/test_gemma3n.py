@@ -34,7 +34,7 @@ from edge_runtime.profiles import load_profile
 from edge_runtime.safetensors_reader import SafetensorsFile
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINED = ROOT / "tests" / "data" / "gemma3n-tiny"  # tools/train_tiny.py --family gemma3n (its train_report.json)
+TRAINED = ROOT / "tests" / "data" / "gemma3n-tiny"  # tools/train_tiny.py --family gemma3n before Gemma 4 chat (see its doc)
 OURS_3N = [name for name in CONFIGS if CONFIGS[name]["text"].get("model_type") == "gemma3n_text"]
 PUBLISHED = {name: json.loads((MODEL_CONFIGS / f"{name}.json").read_text()) for name in ("gemma-3n-e2b", "gemma-3n-e4b")}
 S, F = "sliding_attention", "full_attention"

@@ -72,3 +72,6 @@ def test_conversations_depend_only_on_the_seed(render):
     assert 20_000 <= sum(map(count, first)) < 20_400
     for marker in ("<|tool_call>", "<|channel>thought", "<|tool_response>response:", "<|think|>", "<|tool>", "{\""):
         assert any(marker in text for text in first), marker
+    assert any(text.count("<|turn>user") > 1 for text in first)
+    for text in first:  # thoughts only under thinking, and only in conversations of one exchange
+        assert "<|channel>" not in text or ("<|think|>" in text and text.count("<|turn>user") == 1), text

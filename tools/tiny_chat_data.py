@@ -357,7 +357,9 @@ def prose_paragraphs(text: str, low: int = 80, high: int = 600) -> list[str]:
 def conversation(rng: random.Random, topics: dict[str, list[str]], index: int) -> tuple[list[dict], list[dict], bool]:
     """(messages, tools, enable_thinking) of one conversation: one to three exchanges of tool use, JSON or a
     topic question, sometimes under a system prompt, with tools declared whenever one is used (and sometimes
-    when none is), and with thinking switched on for some."""
+    when none is), and with thinking switched on for some of one exchange. Not for longer ones: the template keeps
+    the thought of the last turn only, and turns after the first with and without thoughts taught this small model
+    to open a thought channel in any later turn, thinking or not."""
     turns = rng.choices([1, 2, 3], weights=[75, 18, 7])[0]
     makers = [lambda k: _tool_exchange(rng, f"{index}_{k}"), lambda _: _json_exchange(rng, topics),
               lambda _: _topic_exchange(rng, topics)]
@@ -367,7 +369,7 @@ def conversation(rng: random.Random, topics: dict[str, list[str]], index: int) -
     rng.shuffle(declared)
     if not used and rng.random() < 0.7:
         declared = []
-    thinking = rng.random() < 0.3
+    thinking = rng.random() < 0.3 and turns == 1
     messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.3 else []
     for exchange in exchanges:
         messages += exchange.messages

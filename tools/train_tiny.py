@@ -4,7 +4,9 @@ Why: the runtime needs a real model that is small enough to commit (the default 
 `edge-runtime run "prompt"` without `-m`), and quantization quality needs a model whose
 perplexity means something. A randomly initialised checkpoint exercises the code but its
 perplexity is flat; this script trains one, from text that ships with Python itself, in
-about 20 minutes on two CPU cores, and measures it against n-gram baselines.
+about 20 minutes on two CPU cores, and measures it against n-gram baselines. Being the default,
+it also speaks Gemma 4's chat format (turns, tool declarations, tool calls and responses, thought
+channels, JSON replies), so that everything built on that format runs on it.
 
 The model is a `transformers` `Gemma4ForCausalLM` using every feature of the E2B/E4B text
 decoder: Per-Layer Embeddings, KV sharing across the last layers (one sliding and one full
@@ -16,21 +18,32 @@ Data (no download; Python 3.11's own files, hashed in the report):
   * docstrings (module, class, function; >= 80 characters) parsed with `ast` from the
     standard library's `.py` files, without importing them; test packages and
     site-packages are excluded (~1.45 MB after de-duplication).
+  * synthetic conversations (tools/tiny_chat_data.py, deterministic from the seed) rendered by
+    Gemma 4's canonical chat template (edge_runtime/chat_templates/gemma4.jinja, copied into the
+    checkpoint as it is) through transformers: kiosk tool use, JSON replies, thoughts, multi-turn,
+    and questions on the training pydoc topics answered with one of their paragraphs.
 Split: the held-out set is every 8th pydoc topic in name order starting with the third
 (`HELDOUT_RULE`), ~49 KB. Because topics overlap (e.g. `specialnames` contains
 `sequence-types`), every paragraph of a held-out topic is removed from the training text,
 as is any paragraph repeated within it. The held-out text is never trained on, not even
-by the tokenizer, and is written beside the checkpoint as `heldout.txt`.
+by the tokenizer (which sees the plain training text only), nor quoted by a conversation, and
+is written beside the checkpoint as `heldout.txt`; perplexity is measured on it alone.
+Packing: every document starts with <bos> and ends with <eos>. A `--chat-share` of the training
+windows start at a conversation (its system turn and tool declarations in view), the others at a
+random point of the plain text after a <bos>, as the held-out text is scored.
 
 Regenerate the bundled model (from the repository root; the defaults are what it was trained with):
     python tools/train_tiny.py --out edge_runtime/bundled/gemma4-tiny --steps 720 --seed 0
 
-`--family gemma3n` trains a small `Gemma3nForCausalLM` the same way (same corpus and tokenizer): the test model of
-the Gemma 3n family (tests/data/gemma3n-tiny, not shipped), on which its quantized formats are held to the bundled
-model's bounds, since random weights amplify quantization noise layer after layer and say little. It uses AltUp (4
-streams), LAuReL, sparse MLP activations on the first two layers, PLE, KV sharing over both layer types:
+`--family gemma3n` trains a small `Gemma3nForCausalLM` the same way: the test model of the Gemma 3n family
+(tests/data/gemma3n-tiny, not shipped), on which its quantized formats are held to the bundled model's bounds,
+since random weights amplify quantization noise layer after layer and say little. It uses AltUp (4 streams),
+LAuReL, sparse MLP activations on the first two layers, PLE, KV sharing over both layer types. The committed
+tests/data/gemma3n-tiny predates Gemma 4's format here: it was trained by this script as it was before (six special
+tokens, Gemma 2/3's `<start_of_turn>` template, plain text only; `git show ce33f09:tools/train_tiny.py`) with
     python tools/train_tiny.py --family gemma3n --out tests/data/gemma3n-tiny --steps 1000 --batch-size 8 \
         --seq-len 256 --seed 0 --dtype bfloat16 --threads 1
+and is kept as it is; the same command today gives a Gemma 3n model with Gemma 4's tokenizer, template and chat data.
 """
 
 from __future__ import annotations
@@ -451,7 +464,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), default="gemma4")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory (replaced)")
-    parser.add_argument("--steps", type=int, default=720, help="optimizer steps (~1.6 s each on 2 idle cores)")
+    parser.add_argument("--steps", type=int, default=720, help="optimizer steps (~0.6 s each on 2 idle cores)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512, help="training window; also max_position_embeddings")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine to 10%%)")
