@@ -73,6 +73,12 @@ def ask(page: Page, text: str) -> str:
     return page.text_content(f"{LAST_REPLY} .text")
 
 
+def answered(page: Page) -> bool:
+    """The last reply ran to its end. Its text may be empty: the bundled model sometimes spends a short budget on a
+    thought, which the page shows only when thinking was asked for."""
+    return page.get_attribute(LAST_REPLY, "data-finish") in ("stop", "length")
+
+
 def chat_bodies(requests: list[Request]) -> list[dict]:
     return [json.loads(r.post_data) for r in requests if r.url.endswith("/v1/chat/completions")]
 
@@ -125,7 +131,8 @@ def test_with_think_the_thought_is_shown_collapsed_above_the_reply(page, request
 def test_every_request_stays_on_the_server(page, requests, server):
     """A kiosk is offline: no CDN, font, analytics or other origin may be asked for anything."""
     page.goto(f"{server}/?max_tokens=16&system=Answer+briefly.")
-    assert ask(page, "Hello")
+    ask(page, "Hello")
+    assert answered(page)
     urls = [r.url for r in requests]
     assert {f"{server}/static/kiosk.css", f"{server}/static/kiosk.js", f"{server}/v1/chat/completions"} <= set(urls)
     assert all(url.startswith(f"{server}/") for url in urls), urls
@@ -177,7 +184,8 @@ def test_stop_keeps_what_arrived_and_the_chat_goes_on(page, requests, server):
     assert page.is_enabled("#send") and page.is_hidden("#stop")
     full = direct_reply(server, chat_bodies(requests)[0])["message"]["content"]
     assert partial and full.startswith(partial) and len(partial) < len(full), (partial, full)
-    assert ask(page, "Thanks")
+    ask(page, "Thanks")
+    assert answered(page)
     assert chat_bodies(requests)[1]["messages"][:2] == [{"role": "user", "content": QUESTION},
                                                     {"role": "assistant", "content": partial}]
 
@@ -201,7 +209,8 @@ def test_too_long_a_conversation_offers_a_new_chat(page, requests, server):
 def test_idle_kiosk_forgets_the_conversation(page, server):
     """A public kiosk must not show the last visitor's chat to the next one."""
     page.goto(f"{server}/?idle=1&max_tokens=48")
-    assert ask(page, "My name is Ada.")
+    ask(page, "My name is Ada.")
+    assert answered(page)
     page.fill("#prompt", "half-typed")
     page.wait_for_function("document.getElementById('transcript').childElementCount === 0", timeout=5_000)
     assert page.input_value("#prompt") == ""
@@ -218,7 +227,7 @@ def test_asks_for_the_api_key_and_keeps_it(page, requests, locked_server):
     page.fill("#key", API_KEY)
     page.press("#key", "Enter")
     page.wait_for_selector(f"{LAST_REPLY}[data-finish]")
-    assert page.text_content(f"{LAST_REPLY} .text") and page.is_hidden("#key-form")
+    assert answered(page) and page.is_hidden("#key-form")
     assert page.evaluate("localStorage.getItem('edge-runtime.api-key')") == API_KEY
     assert requests[-1].headers["authorization"] == f"Bearer {API_KEY}"
 
@@ -236,5 +245,5 @@ def test_busy_server_is_retried_after_its_retry_after(page, requests, locked_ser
         page.press("#prompt", "Enter")
         page.wait_for_function("document.getElementById('status').textContent.includes('busy, retrying in')")
     page.wait_for_selector(f"{LAST_REPLY}[data-finish]")
-    assert page.text_content(f"{LAST_REPLY} .text")
+    assert answered(page)
     assert len(chat_bodies(requests)) >= 2
