@@ -95,7 +95,8 @@ def _sessions(engine) -> list:
 
     def collect(value) -> None:
         if isinstance(value, ort.InferenceSession):
-            found.append(value)
+            if not any(value is seen for seen in found):  # held twice (a list and the step plan): profiled once
+                found.append(value)
         elif isinstance(value, list | tuple):
             for item in value:
                 collect(item)
