@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime.chat_template import THOUGHT_OPENER
@@ -41,16 +41,31 @@ def chat_prompt(model: Model, messages: Sequence[Mapping], *, tools: Sequence[Ma
                 response_format: Mapping | None = None,
                 chat_template_kwargs: Mapping[str, Any] | None = None) -> ChatPrompt:
     """Every field checked (RequestError naming it) and the grammar compiled before anything is generated."""
+    prompt = rendered_prompt(model, messages, tools=tools, chat_template_kwargs=chat_template_kwargs)
+    return constrained_prompt(model, prompt, tools=tools, tool_choice=tool_choice,
+                              parallel_tool_calls=parallel_tool_calls, response_format=response_format,
+                              thinking=bool((chat_template_kwargs or {}).get("enable_thinking")))
+
+
+def rendered_prompt(model: Model, messages: Sequence[Mapping], *, tools: Sequence[Mapping] | None = None,
+                    chat_template_kwargs: Mapping[str, Any] | None = None) -> ChatPrompt:
+    """The prompt without its constraint: what a conversation renders again each time it drops an old exchange to
+    make room, where only the length matters until the last rendering (constrained_prompt then)."""
     if chat_template_kwargs is not None and (not isinstance(chat_template_kwargs, Mapping)
                                              or not all(isinstance(k, str) for k in chat_template_kwargs)):
         raise RequestError("chat_template_kwargs must be an object such as {\"enable_thinking\": true}",
                            "chat_template_kwargs")
-    kwargs = dict(chat_template_kwargs or {})
-    text = model.render_chat(messages, tools, **kwargs)
-    thought_open = text.endswith(THOUGHT_OPENER)
-    constraint = model.constraint_for(response_format, tools, tool_choice, parallel_tool_calls,
-                                      thinking=bool(kwargs.get("enable_thinking")), thought_open=thought_open)
-    return ChatPrompt(model.prompt_ids(text), constraint, thought_open)
+    text = model.render_chat(messages, tools, **dict(chat_template_kwargs or {}))
+    return ChatPrompt(model.prompt_ids(text), thought_open=text.endswith(THOUGHT_OPENER))
+
+
+def constrained_prompt(model: Model, prompt: ChatPrompt, *, tools: Sequence[Mapping] | None = None,
+                       tool_choice: str | Mapping | None = None, parallel_tool_calls: bool | None = None,
+                       response_format: Mapping | None = None, thinking: bool = False) -> ChatPrompt:
+    """`prompt` with the constraint its request fields put on the reply (the grammar compiled now)."""
+    constraint = model.constraint_for(response_format, tools, tool_choice, parallel_tool_calls, thinking=thinking,
+                                      thought_open=prompt.thought_open)
+    return replace(prompt, constraint=constraint)
 
 
 class ChatReply:
@@ -65,7 +80,7 @@ class ChatReply:
         self.model = model
         self._on_complete = on_complete
         structured = model.chat_template.structured_replies
-        self._pieces = model.stream_ids(prompt.ids, max_new_tokens, stop, stop_token_ids=model.end_of_turn_ids,
+        self._pieces = model.stream_ids(prompt.ids, max_new_tokens, stop, stop_token_ids=model.reply_stop_ids,
                                         cache_prompt=cache_prompt, should_stop=should_stop,
                                         constraint=prompt.constraint, special_tokens=structured, **sampling)
         self._parser = ReplyStream(in_thought=prompt.thought_open) if structured else None

@@ -23,15 +23,12 @@ import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError, RequestError
 from edge_runtime.gemma_grammar import (
-    END_OF_TURN,
-    TOOL_RESPONSE,
     Markers,
     ReplyGrammar,
     check_response_format,
     reply_grammar,
 )
 from edge_runtime.generation_stats import GenerationStats
-from edge_runtime.tokenizer import Tokenizer
 from edge_runtime.tool_declarations import check_parallel_tool_calls, check_tool_choice, check_tools
 
 Sampler = Callable[[np.ndarray, Sequence[int]], int]
@@ -44,13 +41,6 @@ def import_llguidance(param: str) -> Any:
         raise RequestError(f"{param}: constrained decoding needs the grammar engine llguidance, which is not "
                            "installed: pip install 'edge-runtime[grammar]'", param) from None
     return llguidance
-
-
-def reply_stop_ids(tokenizer: Tokenizer, eos_token_ids: Iterable[int]) -> frozenset[int]:
-    """The tokens that end a reply: the model's EOS ids, the end of turn, and the `<|tool_response>` Gemma writes
-    after its calls (a tokenizer without Gemma 4's markers has only the first)."""
-    markers = (tokenizer.token_id(END_OF_TURN), tokenizer.token_id(TOOL_RESPONSE))
-    return frozenset(eos_token_ids) | {token for token in markers if token is not None}
 
 
 class GrammarVocabulary:
@@ -148,21 +138,23 @@ class GrammarConstraint(Constraint):
         return done
 
 
-def constraint_for(tokenizer: Tokenizer, eos_token_ids: Iterable[int], vocabulary: Callable[[], GrammarVocabulary],
+def constraint_for(token_id: Callable[[str], int | None], stop_ids: frozenset[int],
+                   vocabulary: Callable[[], GrammarVocabulary],
                    response_format: Mapping[str, Any] | None = None, tools: Sequence[Any] | None = None,
                    tool_choice: str | Mapping[str, Any] | None = None, parallel_tool_calls: bool | None = None,
                    thinking: bool = False, thought_open: bool = False) -> Constraint | None:
     """The constraint OpenAI's request fields put on a reply (None when they put none), every field checked and the
-    grammar compiled now. `vocabulary` is called only when a grammar is needed."""
+    grammar compiled now. `token_id` finds the markers; `stop_ids` are the tokens that end the model's reply (its EOS
+    and end-of-turn ids: Model.reply_stop_ids); `vocabulary` is called only when a grammar is needed."""
     declared = check_tools(tools)
     choice = check_tool_choice(tool_choice, declared)
     parallel = check_parallel_tool_calls(parallel_tool_calls)
     schema = check_response_format(response_format)
-    grammar = reply_grammar(Markers(tokenizer.token_id), declared, choice, parallel, schema, thinking, thought_open)
+    grammar = reply_grammar(Markers(token_id), declared, choice, parallel, schema, thinking, thought_open)
     if grammar is None:
         return None
     if grammar.lark is None:
-        return BannedTokens(grammar.banned, reply_stop_ids(tokenizer, eos_token_ids))
+        return BannedTokens(grammar.banned, stop_ids)
     param = "response_format" if schema is not None else "tools"
     llguidance = import_llguidance(param)
     vocab = vocabulary()

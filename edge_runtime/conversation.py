@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from edge_runtime.chat_reply import ChatPrompt, ChatReply, chat_prompt
+from edge_runtime.chat_reply import ChatPrompt, ChatReply, constrained_prompt, rendered_prompt
 from edge_runtime.errors import ContextLengthError, RequestError
 from edge_runtime.generation_stats import GenerationStats
+from edge_runtime.tool_declarations import check_tool_choice, check_tools
 
 if TYPE_CHECKING:
     from edge_runtime.model import Model
@@ -37,7 +38,7 @@ class Conversation:
         self.tools = list(tools) if tools else None
         self.tool_choice = tool_choice
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        model.constraint_for(tools=self.tools, tool_choice=tool_choice)  # a bad tool or choice is refused now
+        check_tool_choice(tool_choice, check_tools(self.tools))  # a bad tool or choice is refused now
         self.turns: list[dict[str, Any]] = []
         self.dropped_turns = 0
         self.stats = GenerationStats()
@@ -84,8 +85,8 @@ class Conversation:
         model = self.model
 
         def prompt_of(turns: list[dict[str, Any]]) -> ChatPrompt:
-            return chat_prompt(model, [*self._system_message(), *turns, *added], tools=self.tools,
-                               tool_choice=self.tool_choice, chat_template_kwargs=self.chat_template_kwargs)
+            return rendered_prompt(model, [*self._system_message(), *turns, *added], tools=self.tools,
+                                   chat_template_kwargs=self.chat_template_kwargs)
 
         prompt = prompt_of(self.turns)
         if len(prompt.ids) > model.context_length:
@@ -96,7 +97,8 @@ class Conversation:
         while len(prompt.ids) + room > model.context_length and self.turns:
             self._drop_oldest_exchange()
             prompt = prompt_of(self.turns)
-        return prompt
+        return constrained_prompt(model, prompt, tools=self.tools, tool_choice=self.tool_choice,
+                                  thinking=bool(self.chat_template_kwargs.get("enable_thinking")))
 
     def _drop_oldest_exchange(self) -> None:
         """The first user message and everything up to the next one: a call and its results go together."""

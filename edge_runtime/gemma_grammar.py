@@ -28,7 +28,7 @@ from edge_runtime.tool_declarations import Tool, ToolChoice
 
 # Gemma 4's format markers, each one special token.
 TOOL_CALL, TOOL_CALL_END, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
-CHANNEL, CHANNEL_END, TOOL_RESPONSE, END_OF_TURN = "<|channel>", "<channel|>", "<|tool_response>", "<turn|>"
+CHANNEL, CHANNEL_END = "<|channel>", "<channel|>"
 
 # Free text that spells no marker: any text, but not <|name>, <name|> or <|name|> written out of ordinary tokens.
 FREE_TEXT = r'/(?s:.*)/ & ~/(?s:.*)(<\|[a-z_"]+\|?>|<[a-z_"]+\|>)(?s:.*)/'

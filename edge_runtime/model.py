@@ -23,7 +23,7 @@ from edge_runtime import openai_shapes
 from edge_runtime.artifact import read_manifest
 from edge_runtime.chat_reply import ChatReply, chat_prompt
 from edge_runtime.chat_template import ChatTemplate
-from edge_runtime.constrained_decoding import Constraint, GrammarVocabulary, constraint_for, reply_stop_ids
+from edge_runtime.constrained_decoding import Constraint, GrammarVocabulary, constraint_for
 from edge_runtime.conversation import Conversation
 from edge_runtime.engine import Engine
 from edge_runtime.errors import ContextLengthError, EdgeRuntimeError
@@ -142,11 +142,17 @@ class Model:
         return {token for token in ids if token is not None}
 
     @cached_property
+    def reply_stop_ids(self) -> frozenset[int]:
+        """Every token that ends a chat reply: EOS and the end of turn; one set, which the reply's stream and its
+        constraint (whose grammar may end only where one of them is allowed) both use."""
+        return frozenset(self.eos_token_ids | self.end_of_turn_ids)
+
+    @cached_property
     def grammar_vocabulary(self) -> GrammarVocabulary:
         """The tokenizer as the grammar engine reads it: built on the first constrained request, then kept."""
         text = (self.path / self.manifest.tokenizer["tokenizer"]).read_text(encoding="utf-8")
         return GrammarVocabulary(text, max(self.spec.input_vocab_size, self.tokenizer.vocab_size),
-                                 reply_stop_ids(self.tokenizer, self.eos_token_ids))
+                                 self.reply_stop_ids)
 
     def constraint_for(self, response_format: Mapping[str, Any] | None = None, tools: Sequence[Any] | None = None,
                        tool_choice: str | Mapping[str, Any] | None = None, parallel_tool_calls: bool | None = None,
@@ -159,7 +165,7 @@ class Model:
         template does after tool responses when thinking), which the reply must finish first. A constraint serves
         one generation.
         """
-        return constraint_for(self.tokenizer, self.eos_token_ids, lambda: self.grammar_vocabulary, response_format,
+        return constraint_for(self.tokenizer.token_id, self.reply_stop_ids, lambda: self.grammar_vocabulary, response_format,
                               tools, tool_choice, parallel_tool_calls, thinking, thought_open)
 
     def encode(self, text: str) -> list[int]:

@@ -140,9 +140,11 @@ GEMMA4_MARKERS = ["<|turn>", "<turn|>", "<|tool>", "<tool|>", "<|tool_call>", "<
 @pytest.fixture(scope="session")
 def gemma4_artifact(tmp_path_factory) -> Path:
     """A tiny random Gemma 4 artifact whose tokenizer has Gemma 4's markers (ids 480-491 of a 512-wide vocabulary:
-    the ids above the tokenizer's are never allowed by a grammar), for constrained decoding."""
+    the ids above the tokenizer's are never allowed by a grammar) and Gemma 4's chat template, for constrained
+    decoding."""
     from tokenizers import AddedToken, Tokenizer
 
+    from edge_runtime.chat_template import GEMMA4_TEMPLATE
     from edge_runtime.export import export_checkpoint
 
     root = tmp_path_factory.mktemp("gemma4-markers")
@@ -155,6 +157,7 @@ def gemma4_artifact(tmp_path_factory) -> Path:
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     tokenizer.add_special_tokens([AddedToken(marker, special=True, normalized=False) for marker in GEMMA4_MARKERS])
     tokenizer.save(str(checkpoint / "tokenizer.json"))
+    (checkpoint / "chat_template.jinja").write_text(GEMMA4_TEMPLATE)
     return export_checkpoint(checkpoint, root / "artifact")
 
 

@@ -79,7 +79,7 @@ def test_three_turns_equal_a_fresh_prefill_and_reuse_the_cache(model, monkeypatc
     for turn, prompt in enumerate(prompts):
         fresh.reset()
         tokens = list(fresh.generate_tokens(prompt, max_new_tokens=REPLY, temperature=0,
-                                            stop_token_ids=fresh.end_of_turn_ids, constraint=fresh.constraint_for()))
+                                            stop_token_ids=fresh.reply_stop_ids, constraint=fresh.constraint_for()))
         assert fresh.stats.cached_tokens == 0
         assert parse_reply(fresh.tokenizer.decode(tokens, skip_special_tokens=False))["content"] == replies[turn]
         assert fresh.chat(conversation.messages[: 2 + 2 * turn], max_new_tokens=REPLY, temperature=0) == replies[turn]

@@ -142,3 +142,26 @@ def test_the_sdk_refuses_what_it_cannot_honour_with_the_field(model):
         with pytest.raises(RequestError) as info:
             model.create_chat_completion(ASK, max_tokens=4, **options)
         assert info.value.param == param, (options, str(info.value))
+
+
+def test_a_conversation_refuses_bad_tools_at_once_and_compiles_one_grammar_a_reply(model, monkeypatch):
+    for options, param in [(dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "fly"}}),
+                            "tool_choice.function.name"),
+                           (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]),
+                            "tools[0].function.name")]:
+        with pytest.raises(RequestError) as info:
+            model.conversation("You run a museum kiosk.", **options)
+        assert info.value.param == param, (options, str(info.value))
+
+    conversation = model.conversation("You run a museum kiosk.", tools=TOOLS, tool_choice="required")
+    filler = "The museum opens at nine and closes at five. " * 12
+    for _ in range(6):  # more than the context holds: the oldest exchanges are dropped to make room
+        conversation.turns += [{"role": "user", "content": filler}, {"role": "assistant", "content": filler}]
+    compiled = []
+    constraint_for = model.constraint_for
+    monkeypatch.setattr(model, "constraint_for", lambda *a, **k: compiled.append(k) or constraint_for(*a, **k))
+    reply = conversation.reply("What is the weather in Oslo?", max_new_tokens=60, temperature=1.0, seed=1)
+    assert conversation.dropped_turns >= 2 and len(compiled) == 1
+    for _ in reply:
+        pass
+    assert reply.finish_reason in ("tool_calls", "length")

@@ -114,7 +114,7 @@ def sample(model: edge_runtime.Model, prompt_ids: list[int], args: argparse.Name
     ids, ended = [], "length"
     tokens = model.generate_tokens(prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                    top_p=args.top_p, min_p=0.0, repetition_penalty=1.0, seed=seed,
-                                   stop_token_ids=model.end_of_turn_ids)
+                                   stop_token_ids=model.reply_stop_ids)
     try:
         for token in tokens:
             if token == tool_response:
