@@ -36,7 +36,7 @@ from tokenizers import Tokenizer as HFTokenizer
 import edge_runtime
 from cost_model_check import lscpu
 from edge_runtime.chat_template import GEMMA4_TEMPLATE, ChatTemplate
-from edge_runtime.constrained_decoding import GrammarVocabulary, reply_stop_ids
+from edge_runtime.constrained_decoding import GrammarVocabulary
 from edge_runtime.errors import EdgeRuntimeError, RequestError
 from edge_runtime.gemma_grammar import FREE_TEXT
 from edge_runtime.tokenizer import Tokenizer
@@ -79,9 +79,10 @@ def use_tokenizer(model: edge_runtime.Model, path: Path) -> None:
     if model.tokenizer.vocab_size > model.spec.input_vocab_size:
         raise EdgeRuntimeError(f"{path}: {model.tokenizer.vocab_size} tokens, more than the model's "
                                f"{model.spec.input_vocab_size} logits")
-    model.__dict__["grammar_vocabulary"] = GrammarVocabulary(  # the cached_property's slot
-        path.read_text(encoding="utf-8"), model.spec.input_vocab_size,
-        reply_stop_ids(model.tokenizer, model.eos_token_ids))
+    for cached in ("end_of_turn_ids", "reply_stop_ids"):  # cached_property slots, read from the old tokenizer
+        model.__dict__.pop(cached, None)
+    model.__dict__["grammar_vocabulary"] = GrammarVocabulary(
+        path.read_text(encoding="utf-8"), model.spec.input_vocab_size, model.reply_stop_ids)
 
 
 def requests(model: edge_runtime.Model) -> dict[str, tuple[list[int], dict[str, Any]]]:
