@@ -22,9 +22,11 @@ import numpy as np
 from edge_runtime.quant.integer import (
     block_count,
     dequantize_int4_blocks,
+    dequantize_int8_blocks,
     dequantize_int8_rows,
     offset_binary,
     quantize_int4_blocks,
+    quantize_int8_blocks,
     quantize_int8_rows,
 )
 
@@ -36,10 +38,10 @@ BLOCK_SIZES = (32, 64, 128)
 # KleidiAI on ARM64); level 0 falls back to a float path 4-100x slower.
 NBITS_ACCURACY_LEVEL = 4
 # fp16: onnxruntime's x86 CPU Gemm has no fp16 kernel, so a float32 copy is made and the fp16 tensor kept: 3.0x the
-# file's bytes for a 6144 x 1536 weight. int4: MatMulNBits (accuracy level 4) packs codes, scales and block sums, and
-# the mapped scales stay resident: codes + 3 x scales, within 0.1 MiB for blocks 32, 64 and 128.
+# file's bytes for a 6144 x 1536 weight. int4 and int8-block: MatMulNBits (accuracy level 4) packs codes, scales and
+# block sums, and the mapped scales stay resident: codes + 3 x scales, within 0.1 MiB for blocks 32, 64 and 128.
 FP16_RESIDENT_FACTOR = 3
-INT4_SCALE_COPIES = 3
+NBITS_SCALE_COPIES = 3
 Layout = tuple[tuple[int, ...], np.dtype]
 
 
@@ -269,7 +271,7 @@ class Int4(WeightFormat):
     def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
         blocks = block_count(k, self.block_size)
         codes, scales = n * blocks * self.block_size // 2, 4 * n * blocks
-        return codes + scales, codes + INT4_SCALE_COPIES * scales
+        return codes + scales, codes + NBITS_SCALE_COPIES * scales
 
     def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return quantize_int4_blocks(rows, self.block_size)
@@ -282,14 +284,59 @@ class Int4(WeightFormat):
         return ((blocks, self.block_size // 2), np.dtype(np.uint8)), ((blocks,), np.dtype(np.float32))
 
 
-_FORMATS: dict[str, type[WeightFormat]] = {f.name: f for f in (Float32, Float16, Int8, Int4)}
+@dataclass(frozen=True)
+class Int8Block(Int4):
+    """int8 per block of `block_size` values along a row (llama.cpp's Q8_0 grid, an fp32 scale per block), computed by
+    com.microsoft.MatMulNBits' 8-bit kernel, whose layout ([n, blocks, block] codes + 128, flat scales) the embedding
+    rows share, as int4's do: no lookup copy beside the head (int8 per channel keeps one, 400 MB for E2B).
+
+    MLAS runs it with int8 activations per block where the CPU has integer dot products (x86 AVX2 and up, Arm dotprod
+    and i8mm: Pi 5, phones). A core without them (the Pi 4's Cortex-A72) has no kernel for it, and onnxruntime then
+    widens the whole weight to float32 at every run: there, use int8 (per channel) or int4. One node at E2B's MLP
+    shape (K 1536, N 12288, batch 1, 2 threads, AMD EPYC Zen 4 AVX-512 VNNI, onnxruntime 1.32): block 128 158-163 us
+    against int8 per channel's DynamicQuantizeMatMul 283-298 us; block 64 173-185, block 32 207-211."""
+
+    name: ClassVar[str] = "int8-block"
+    summary: ClassVar[str] = ("Q8_0 grid per block of --block-size, fp32 scale per block (com.microsoft.MatMulNBits "
+                              "8-bit; CPUs with int8 dot products)")
+
+    def __post_init__(self) -> None:
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block size {self.block_size} is not available for int8-block; choose one of "
+                             f"{', '.join(map(str, BLOCK_SIZES))}")
+
+    def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        codes, scale = quantize_int8_blocks(w, self.block_size)
+        return {"codes": codes, "scale": scale.reshape(-1)}
+
+    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
+        return g.contrib("MatMulNBits", x, refs["codes"], refs["scale"], K=k, N=n, bits=8, block_size=self.block_size,
+                         accuracy_level=NBITS_ACCURACY_LEVEL)
+
+    def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
+        blocks = block_count(k, self.block_size)
+        codes, scales = n * blocks * self.block_size, 4 * n * blocks
+        return codes + scales, codes + NBITS_SCALE_COPIES * scales
+
+    def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return quantize_int8_blocks(rows, self.block_size)
+
+    def decode_rows(self, codes: np.ndarray, scales: np.ndarray | None, k: int) -> np.ndarray:
+        return dequantize_int8_blocks(codes, scales, k)
+
+    def row_layout(self, k: int) -> tuple[Layout, Layout]:
+        blocks = block_count(k, self.block_size)
+        return ((blocks, self.block_size), np.dtype(np.uint8)), ((blocks,), np.dtype(np.float32))
+
+
+_FORMATS: dict[str, type[WeightFormat]] = {f.name: f for f in (Float32, Float16, Int8, Int4, Int8Block)}
 WEIGHT_FORMATS = tuple(_FORMATS)
 
 
 def weight_format(name: str, block_size: int) -> WeightFormat:
-    """The format called `name`; `block_size` applies to formats in blocks (int4). A ValueError says what is wrong
-    with the name or the block."""
+    """The format called `name`; `block_size` applies to formats in blocks (int4, int8-block). A ValueError says what
+    is wrong with the name or the block."""
     if name not in _FORMATS:
         raise ValueError(f"not available; choose one of {', '.join(WEIGHT_FORMATS)}")
     kind = _FORMATS[name]
-    return kind(block_size) if kind is Int4 else kind()
+    return kind(block_size) if issubclass(kind, Int4) else kind()

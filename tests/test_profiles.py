@@ -66,7 +66,7 @@ def test_unknown_profile_message() -> None:
     (("context = 8192", 'context = "8k"'), "[defaults] context = '8k': expected an integer"),
     (("context = 8192", "context = 0"), "[defaults] context = 0: must be a positive number of tokens"),
     (('weights = "int4"', 'weights = "int3"'),
-     "[defaults] weights = 'int3': not available; choose one of fp32, fp16, int8, int4 or a named recipe (int4-mixed)"),
+     "[defaults] weights = 'int3': not available; choose one of fp32, fp16, int8, int4, int8-block or a named recipe (int4-mixed)"),
     (('weights = "int4"', 'weights = "int4,oproj=int8"'),
      "[defaults] weights = 'int4,oproj=int8': unknown role 'oproj'; roles: qkv, o_proj, gate_up, down_proj, per_layer"),
     (("block_size = 128", "block_size = 256"), "[defaults] block_size = 256: choose one of 32, 64, 128"),

@@ -25,12 +25,12 @@ from edge_runtime.export import export_checkpoint
 from edge_runtime.export.onnx_graph import GraphBuilder, WeightsWriter
 from edge_runtime.families import family_of
 from edge_runtime.planner import linear_formats, read_per_token, read_per_token_by_format
-from edge_runtime.weight_formats import NBITS_ACCURACY_LEVEL, Float16, Float32, Int4, Int8, WeightFormat
+from edge_runtime.weight_formats import NBITS_ACCURACY_LEVEL, Float16, Float32, Int4, Int8, Int8Block, WeightFormat
 from edge_runtime.weight_recipe import EMBED, O_PROJ, PER_LAYER, ROLES, parse_recipe
 
-FORMATS = [Float32(), Float16(), Int8(), Int4(32), Int4(64), Int4(128)]
+FORMATS = [Float32(), Float16(), Int8(), Int4(32), Int4(64), Int4(128), Int8Block(32), Int8Block(128)]
 KERNELS = {"fp32": ["Gemm"], "fp16": ["Cast", "Gemm", "Cast"], "int8": ["DynamicQuantizeMatMul"],
-           "int4": ["MatMulNBits"]}
+           "int4": ["MatMulNBits"], "int8-block": ["MatMulNBits"]}
 MIXED = "int4,o_proj=int8,per_layer=int8,embed=int8"
 ROLE_LIST = ", ".join(ROLES)
 
@@ -53,6 +53,9 @@ def test_embedding_rows_round_trip_within_the_formats_step(fmt: WeightFormat):
         assert 0 < error.max() and (error <= np.abs(rows) * 2.0 ** -11).all()
     elif fmt.name == "int8":  # half a step of the row's scale
         assert 0 < error.max() and (error <= scales[:, None] / 2 + 1e-7).all()
+    elif fmt.name == "int8-block":  # half a step of the block's scale
+        step = scales.repeat(fmt.block_size, axis=1)[:, :200]
+        assert 0 < error.max() and (error <= step / 2 + 1e-7).all()
     else:  # Q4_0: one step of the block's scale (the grid ends a step short opposite the extreme)
         step = np.abs(scales).repeat(fmt.block_size, axis=1)[:, :200]
         assert 0 < error.max() and (error <= step + 1e-6).all()
@@ -70,10 +73,10 @@ def test_a_linear_emits_its_kernel_with_the_bytes_the_planner_counts(fmt: Weight
     graph = onnx.load(str(tmp_path / "one.onnx"), load_external_data=False).graph
     assert [node.op_type for node in graph.node if node.op_type != "Identity"] == KERNELS[fmt.name]
     assert _group_bytes(graph) == {"layers.0.w": fmt.linear_bytes(n, k)[0]}
-    if fmt.name == "int4":
+    if fmt.block_size:
         (node,) = graph.node[:1]
         attrs = {a.name: a.i for a in node.attribute}
-        assert attrs == {"K": k, "N": n, "bits": 4, "block_size": fmt.block_size,
+        assert attrs == {"K": k, "N": n, "bits": 4 if fmt.name == "int4" else 8, "block_size": fmt.block_size,
                          "accuracy_level": NBITS_ACCURACY_LEVEL}
 
 
@@ -108,17 +111,17 @@ def test_recipe_labels_and_blocks():
 
 
 @pytest.mark.parametrize("text,message", [
-    ("int3", ("not available; choose one of fp32, fp16, int8, int4 or a named recipe (int4-mixed), then any "
-             "ROLE=FORMAT overrides")),
+    ("int3", ("not available; choose one of fp32, fp16, int8, int4, int8-block or a named recipe (int4-mixed), then "
+              "any ROLE=FORMAT overrides")),
     ("int4,oproj=int8", f"unknown role 'oproj'; roles: {ROLE_LIST}"),
     ("int4,v_proj=int8", (f"unknown role 'v_proj' (v_proj is computed in one matrix with the rest of qkv: give qkv); "
                          f"roles: {ROLE_LIST}")),
     ("int4,up_proj=int8", (f"unknown role 'up_proj' (up_proj is computed in one matrix with the rest of gate_up: give "
                           f"gate_up); roles: {ROLE_LIST}")),
-    ("int4,o_proj=int9", "o_proj=int9: not available; choose one of fp32, fp16, int8, int4"),
+    ("int4,o_proj=int9", "o_proj=int9: not available; choose one of fp32, fp16, int8, int4, int8-block"),
     ("int4,o_proj", f"'o_proj' is not ROLE=FORMAT (e.g. o_proj=int8); roles: {ROLE_LIST}"),
-    ("o_proj=int8,int4", ("'o_proj=int8' comes first; a recipe starts with its base: fp32, fp16, int8, int4 or a named "
-                         "recipe (int4-mixed)")),
+    ("o_proj=int8,int4", ("'o_proj=int8' comes first; a recipe starts with its base: fp32, fp16, int8, int4, "
+                         "int8-block or a named recipe (int4-mixed)")),
     ("int4,o_proj=int8,o_proj=fp16", "o_proj is given twice"),
     ("int4,,o_proj=int8", "an empty part; write BASE[,ROLE=FORMAT...], e.g. int4,o_proj=int8"),
     ("int4", "block size 48 is not available for int4; choose one of 32, 64, 128"),
@@ -234,7 +237,8 @@ def test_a_manifest_naming_an_unknown_tensor_format_is_refused(mixed: Path, tmp_
     data["formats"]["weights"] = "int4,o_proj=int2"
     (bad / MANIFEST).write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match=r"weight format 'int4,o_proj=int2' is not supported by this runtime "
-                                            r"\(o_proj=int2: not available; choose one of fp32, fp16, int8, int4\)"):
+                                            r"\(o_proj=int2: not available; choose one of fp32, fp16, int8, int4, "
+                                            r"int8-block\)"):
         read_manifest(bad)
 
 
@@ -251,7 +255,7 @@ def test_fp16_refuses_a_weight_it_cannot_hold_and_a_recipe_keeps_it(checkpoints,
 
 def test_export_names_the_recipe_error_for_the_sdk_too(checkpoints, tmp_path: Path):
     with pytest.raises(EdgeRuntimeError, match=r"^--weights int4,embed=int5: embed=int5: not available; choose one "
-                                               r"of fp32, fp16, int8, int4$"):
+                                               r"of fp32, fp16, int8, int4, int8-block$"):
         export_checkpoint(checkpoints["shared-gqa"], tmp_path / "a", weights="int4,embed=int5")
 
 

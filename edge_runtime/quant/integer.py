@@ -1,6 +1,8 @@
-"""Integer weight codes: int8 per output channel and int4 in blocks, in the layouts onnxruntime's kernels read.
+"""Integer weight codes: int8 per output channel, int8 and int4 in blocks, in the layouts onnxruntime's kernels read.
 
 int8 is symmetric per row (output channel): code = round(w / s), s = max|w| / 127, codes in [-127, 127].
+int8 in blocks is the same per block of `block` values along a row (llama.cpp's Q8_0 grid), stored offset by 128
+([N, blocks, block] uint8: MatMulNBits' 8-bit layout with its default zero point 128).
 int4 follows llama.cpp's Q4_0: per block of `block` values along a row, the value of largest magnitude m
 gets code 0 and s = m / -8, so the 16 levels reach both ends; codes are stored offset by 8 (0..15), two per
 byte, the even element in the low nibble. That is com.microsoft MatMulNBits' layout ([N, blocks, block/2]
@@ -39,6 +41,31 @@ def block_count(k: int, block: int) -> int:
     return -(-k // block)
 
 
+def _blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """[N, K] float -> [N, blocks, block] float32, the last block zero-padded."""
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    nb = block_count(k, block)
+    if nb * block != k:
+        w = np.pad(w, ((0, 0), (0, nb * block - k)))
+    return w.reshape(n, nb, block)
+
+
+def quantize_int8_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float -> (uint8 codes + 128 [N, blocks, block], float32 scales [N, blocks])."""
+    blocks = _blocks(w, block)
+    scale = np.abs(blocks).max(axis=2) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(blocks / scale[..., None]), -127, 127).astype(np.int8)
+    return offset_binary(codes), scale
+
+
+def dequantize_int8_blocks(codes: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of quantize_int8_blocks for any leading shape: [..., blocks, block] -> [..., k] float32."""
+    values = (codes.astype(np.int16) - 128).astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
+    return values.reshape(*codes.shape[:-2], -1)[..., :k]
+
+
 def quantize_int4_blocks(w: np.ndarray, block: int,
                          scale_dtype: np.dtype = np.dtype(np.float32)) -> tuple[np.ndarray, np.ndarray]:
     """[N, K] float -> (uint8 packed codes [N, blocks, block/2], scales [N, blocks] of `scale_dtype`).
@@ -46,12 +73,7 @@ def quantize_int4_blocks(w: np.ndarray, block: int,
     Codes are computed against the scale as stored (e.g. after rounding to fp16), so decoding sees exactly
     the grid the codes were chosen on.
     """
-    w = np.asarray(w, dtype=np.float32)
-    n, k = w.shape
-    nb = block_count(k, block)
-    if nb * block != k:
-        w = np.pad(w, ((0, 0), (0, nb * block - k)))
-    blocks = w.reshape(n, nb, block)
+    blocks = _blocks(w, block)
     idx = np.abs(blocks).argmax(axis=2)[..., None]
     extreme = np.take_along_axis(blocks, idx, axis=2)[..., 0]
     scale = (extreme / -8.0).astype(scale_dtype)
