@@ -10,6 +10,7 @@ last reply. One model has one cache: a lock makes threads sharing it take turns,
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from edge_runtime import openai_shapes
-from edge_runtime.artifact import read_manifest
+from edge_runtime.artifact import Manifest, read_manifest
 from edge_runtime.chat_reply import ChatReply, chat_prompt
 from edge_runtime.chat_template import ChatTemplate
 from edge_runtime.constrained_decoding import Constraint, GrammarVocabulary, constraint_for
 from edge_runtime.conversation import Conversation
+from edge_runtime.cpu_features import has_int8_dot_product
 from edge_runtime.engine import Engine
 from edge_runtime.errors import ContextLengthError, EdgeRuntimeError
 from edge_runtime.generation_stats import GenerationStats
@@ -42,6 +44,7 @@ from edge_runtime.tool_declarations import check_tools
 
 DEFAULT_PREFILL_CHUNK = 256
 LOW_MEMORY_PREFILL_CHUNK = 64
+log = logging.getLogger("edge_runtime.model")
 
 
 def _check_threads(threads: int | None) -> None:
@@ -49,6 +52,16 @@ def _check_threads(threads: int | None) -> None:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise EdgeRuntimeError(f"threads={threads!r}: must be a whole number of at least 1 (or None: the profile's "
                                "count, else up to 4)")
+
+
+def _warn_of_slow_kernels(path: Path, manifest: Manifest) -> None:
+    """A format whose kernel needs int8 dot products still runs without them, but onnxruntime then widens each of its
+    weights to float32 at every step (many times slower): said once at load, with what to export instead."""
+    slow = sorted({fmt.name for fmt in manifest.weight_formats.values() if fmt.needs_int8_dot_product})
+    if slow and not has_int8_dot_product():
+        log.warning("%s: this CPU has no int8 dot-product instructions, which %s weights need to run fast (onnxruntime "
+                    "widens them to float32 at every step here); re-export with --weights int8 or int4",
+                    path, " and ".join(slow))
 
 
 class Model:
@@ -76,6 +89,7 @@ class Model:
         if prefill_chunk < 1:
             raise EdgeRuntimeError(f"prefill_chunk={prefill_chunk}: must be at least 1")
         self.prefill_chunk = prefill_chunk
+        _warn_of_slow_kernels(self.path, self.manifest)
         self.engine = Engine(self.path, self.manifest, threads, self.kv_format, self.kv_recent, self.kv_sliding_format)
         self.tokenizer = Tokenizer(self.path / self.manifest.tokenizer["tokenizer"], self.spec.bos_token_id)
         if low_memory:

@@ -79,6 +79,8 @@ class WeightFormat:
     name: ClassVar[str]
     summary: ClassVar[str]
     block_size: int | None = None
+    # Whether onnxruntime computes it fast only on CPUs with int8 dot products (cpu_features.has_int8_dot_product).
+    needs_int8_dot_product: ClassVar[bool] = False
 
     def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
         """A checkpoint weight [n, k] in the layout this format's kernel reads, by part name."""
@@ -297,6 +299,7 @@ class Int8Block(Int4):
     against int8 per channel's DynamicQuantizeMatMul 283-298 us; block 64 173-185, block 32 207-211."""
 
     name: ClassVar[str] = "int8-block"
+    needs_int8_dot_product: ClassVar[bool] = True
     summary: ClassVar[str] = ("Q8_0 grid per block of --block-size, fp32 scale per block (com.microsoft.MatMulNBits "
                               "8-bit; CPUs with int8 dot products)")
 

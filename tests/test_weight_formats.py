@@ -271,3 +271,34 @@ def test_info_shows_the_recipe_and_each_tensors_format(mixed: Path):
     assert data["formats"]["weights"] == MIXED
     assert data["weight_formats"] == json.loads((mixed / MANIFEST).read_text())["weight_formats"]
     assert data["weight_formats"]["layers.2.mlp.down_proj"] == "int4"
+
+
+def test_int8_block_warns_once_at_load_where_the_cpu_has_no_int8_dot_product(checkpoints, tmp_path: Path,
+                                                                              monkeypatch, caplog):
+    from edge_runtime import model as model_module
+
+    path = export_checkpoint(checkpoints["shared-gqa"], tmp_path / "a", weights="int4,gate_up=int8-block",
+                             block_size=32)
+    for has_dot_product in (True, False):
+        monkeypatch.setattr(model_module, "has_int8_dot_product", lambda answer=has_dot_product: answer)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="edge_runtime.model"):
+            edge_runtime.load(path)
+        expected = [] if has_dot_product else [
+            (f"{path}: this CPU has no int8 dot-product instructions, which int8-block weights need to run fast "
+             "(onnxruntime widens them to float32 at every step here); re-export with --weights int8 or int4")]
+        assert [r.getMessage() for r in caplog.records] == expected
+
+
+@pytest.mark.parametrize("machine,flags,expected", [
+    ("aarch64", "fp asimd evtstrm aes crc32 cpuid asimdrdm lrcpc dcpop asimddp", True),  # Pi 5's Cortex-A76
+    ("aarch64", "fp asimd evtstrm crc32 cpuid", False),  # Pi 4's Cortex-A72
+    ("x86_64", "fpu sse sse2 ssse3 fma avx avx2", True),
+    ("x86_64", "fpu sse sse2 ssse3 avx", False),
+])
+def test_int8_dot_products_are_read_from_the_cpus_flags(machine, flags, expected, monkeypatch):
+    from edge_runtime import cpu_features
+
+    monkeypatch.setattr(cpu_features.platform, "machine", lambda: machine)
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset(flags.split()))
+    assert cpu_features.has_int8_dot_product() is expected
