@@ -153,11 +153,13 @@ def export(
     revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit of the repo id (default: "
                                         "main)."),
     weights: str | None = typer.Option(None, help="Weight format: fp32 (exact reference; the default), fp16, int8 "
-                                       "(per output channel) or int4 (blocks of --block-size); or a recipe of formats "
+                                       "(per output channel), int4 or int8-block (blocks of --block-size; int8-block "
+                                       "needs int8 dot products: not the Pi 4); or a recipe of formats "
                                        f"by role, {SYNTAX} (roles: {', '.join(ROLES)}), e.g. "
                                        "int4,o_proj=int8,per_layer=int8; named recipes: "
                                        f"{', '.join(f'{k} = {v}' for k, v in NAMED_RECIPES.items())}."),
-    block_size: int | None = typer.Option(None, "--block-size", help="int4 block size: 32 (default), 64 or 128."),
+    block_size: int | None = typer.Option(None, "--block-size", help="int4 and int8-block block size: 32 (default), 64 "
+                                          "or 128."),
     ple: str | None = typer.Option(None, help="PLE store format: auto (the checkpoint's precision; the default), "
                                    "bf16, fp16, fp32, int8, int4, tq4, tq3 or tq2."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact once the new one is complete "
