@@ -44,11 +44,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from edge_runtime.cpu_features import int8_dot_product
 from edge_runtime.kv_formats import DEFAULT_SLIDING_KV_FORMAT, kv_format
 from edge_runtime.model import DEFAULT_PREFILL_CHUNK
 from edge_runtime.model_spec import ModelSpec
 from edge_runtime.planner import Plan, known_models, linear_macs_by_format, model_name, read_per_token_by_format
 from edge_runtime.profiles import COST_FACTS, Profile
+from edge_runtime.weight_formats import BLOCK_SIZES
 from edge_runtime.weight_recipe import parse_recipe, weights_label
 
 # Measured by tools/cost_model_check.py (`edge-runtime bench -p 128 -n 32 -r 3`, and `-p 0 -n 32 -r 1 -d 2048` or
@@ -59,10 +61,15 @@ CALIBRATED_ON = "AMD EPYC (Zen 4) KVM guest, 2 cores at 2.6 GHz, AVX-512 VNNI"
 # 0, as a share of the profile's sustained read bandwidth (x86_64-dev: 35 GB/s), the KV terms subtracted: int4
 # 0.78 (E2B 0.69-0.78 over 3 runs, E4B 0.85-0.88 over 2), int8 0.67 (E2B 0.59-0.71 over 2, E4B 0.70). E2B reaches
 # less than E4B: the ~72 calls a step cost the same for fewer bytes.
-DECODE_EFFICIENCY = {"int8": 0.67, "int4": 0.78}
+# int8-block was measured later, on the same kind of machine running slower (int4 b128 E2B at 12.6 tok/s where the
+# calibration's ran ~19), so by ratio to int4 and int8 in one sitting (E2B, block 128, `bench -p 128 -n 64 -r 2`):
+# its weights streamed at 17.0-17.1 GB/s against int4's 15.2 and int8's 11.3-12.1, which puts it at 0.88 (from
+# int4's 0.78) to 0.96 (from int8's 0.67): 0.88 is taken.
+DECODE_EFFICIENCY = {"int8": 0.67, "int4": 0.78, "int8-block": 0.88}
 # Prefill (pp128), as a share of threads x int8 MACs per cycle x clock: int4 0.45 (E2B 0.40-0.44, E4B 0.49-0.51),
-# int8 0.36 (E2B 0.34-0.35, E4B 0.41).
-PREFILL_EFFICIENCY = {"int8": 0.36, "int4": 0.45}
+# int8 0.36 (E2B 0.34-0.35, E4B 0.41); int8-block, by ratio in the sitting above (pp128 141-143 against int4's 130
+# and int8's 100-102): 0.49 (from int4) to 0.51 (from int8), 0.49 taken.
+PREFILL_EFFICIENCY = {"int8": 0.36, "int4": 0.45, "int8-block": 0.49}
 # Attention over the cache in numpy, in key and value elements per cycle per thread: 0.07-0.12 over 7 decode runs
 # at depth 2048 and 8192 (E2B at 2048 reads 23 million elements a step, ~2 ns each on the 2 threads); a later run
 # with these constants fixed is in the README.
@@ -139,12 +146,18 @@ def estimate(spec: ModelSpec, profile: Profile, *, weights: str, block_size: int
     gb_s, basis = bandwidth(profile) if not missing else (None, None)
     by_format = read_per_token_by_format(spec, weights, block_size, ple)
     unmeasured = [name for name in by_format if name not in DECODE_EFFICIENCY]
+    slow = [fmt.name for fmt in parse_recipe(weights, block_size or BLOCK_SIZES[0]).formats
+            if fmt.needs_int8_dot_product and not int8_dot_product(profile.arch, profile.cpu_features)]
     fmt, sliding = kv_format(kv), kv_format(kv_sliding)
     decode: list[Decode] = []
     prefill = None
     unavailable = None
     if missing:
         unavailable = f"no estimate: the profile gives no {', '.join(missing)} (device_profiles/README.md)"
+    elif slow:
+        unavailable = (f"no estimate for {' and '.join(slow)} weights: this CPU ({kernel_path(profile)}) has no int8 "
+                       "dot-product kernel for them, and onnxruntime widens them to float32 at every step; use int8 "
+                       "or int4")
     elif not unmeasured:
         rate = gb_s * 1e9
         attention_rate = profile.threads * profile.clock_ghz * 1e9 * ATTENTION_VALUES_PER_CYCLE
@@ -160,7 +173,7 @@ def estimate(spec: ModelSpec, profile: Profile, *, weights: str, block_size: int
         prefill = prompt_tokens / prefill_seconds
     else:
         unavailable = (f"no estimate for {' and '.join(unmeasured)} weights: the cost model's efficiencies are "
-                       f"measured for {' and '.join(DECODE_EFFICIENCY)} only")
+                       f"measured for {', '.join(DECODE_EFFICIENCY)} only")
     return Estimate(model=model_name(spec), weights=weights, block_size=parse_recipe(weights, block_size).block_size,
                     ple=ple, kv=kv, kv_sliding=kv_sliding, kv_recent=kv_recent, profile=profile.name,
                     threads=profile.threads, bandwidth_gb_s=gb_s, bandwidth_basis=basis, clock_ghz=profile.clock_ghz,

@@ -1,16 +1,23 @@
-"""What this machine's CPU offers the kernels that onnxruntime's MLAS picks by feature, as the kernel reads them:
-the `flags` (x86) or `Features` (ARM) line of /proc/cpuinfo."""
+"""Which CPUs have the int8 dot products MLAS's 8-bit MatMulNBits kernels need (weight_formats.Int8Block), for this
+machine (its /proc/cpuinfo) and for a device profile (its `features`), one fact for both."""
 
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
+
+# Per architecture, the feature as profiles name it and as /proc/cpuinfo does: Arm's dotprod (Pi 5, phones; the Pi 4's
+# Cortex-A72 lacks it, and i8mm cores have it too), x86's AVX2.
+_INT8_DOT_PRODUCT = {"aarch64": ("dotprod", "asimddp"), "x86_64": ("avx2", "avx2")}
+_ARCH = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64", "amd64": "x86_64"}
 
 
 @cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature names (`avx2`, `asimddp`, ...); empty where /proc/cpuinfo cannot be read."""
+    """This CPU's feature names (`avx2`, `asimddp`, ...) from /proc/cpuinfo's `flags` (x86) or `Features` (Arm)
+    line; empty where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -22,12 +29,12 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def int8_dot_product(arch: str, features: Iterable[str]) -> bool:
+    """Whether a CPU of `arch` with `features` (a profile's names or /proc/cpuinfo's) has the kernels."""
+    names = _INT8_DOT_PRODUCT.get(_ARCH.get(arch.lower(), arch))
+    return names is not None and not set(names).isdisjoint(features)
+
+
 def has_int8_dot_product() -> bool:
-    """Whether MLAS has int8 dot-product kernels here for 8-bit MatMulNBits (weight_formats.Int8Block): Arm's
-    dotprod (`asimddp`: Pi 5, phones; the Pi 4's Cortex-A72 lacks it) or x86's AVX2."""
-    machine = platform.machine().lower()
-    if machine in ("aarch64", "arm64"):
-        return "asimddp" in cpu_flags()
-    if machine in ("x86_64", "amd64"):
-        return "avx2" in cpu_flags()
-    return False
+    """Whether this machine has them."""
+    return int8_dot_product(platform.machine(), cpu_flags())

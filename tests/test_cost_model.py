@@ -116,8 +116,22 @@ def test_without_a_sustained_figure_a_share_of_the_peak():
 def test_uncalibrated_formats_have_no_figures():
     e = estimate(E2B, load_profile("pi5-8gb"), contexts=(SHORT_CONTEXT,), **{**FORMATS, "weights": "fp16"})
     assert (e.decode, e.prefill_tokens_per_second) == ((), None)
-    assert e.unavailable == "no estimate for fp16 weights: the cost model's efficiencies are measured for int8 and int4 only"
+    assert e.unavailable == ("no estimate for fp16 weights: the cost model's efficiencies are measured for int8, "
+                             "int4, int8-block only")
     assert e.unavailable in format_estimates([e])
+
+
+def test_int8_block_is_estimated_only_where_its_kernel_runs():
+    """int8-block needs int8 dot products: the Pi 5 has them (and decodes it faster than int8 per channel, whose
+    bytes are nearly the same), the Pi 4 does not, where onnxruntime widens the weights at every step."""
+    pi5, pi4 = load_profile("pi5-8gb"), load_profile("pi4-8gb")
+    block, channel = (speeds(pi5, weights=w, ple="int8")[0][0] for w in ("int8-block", "int8"))
+    assert block > channel
+    e = estimate(E2B, pi4, contexts=(SHORT_CONTEXT,), **{**FORMATS, "weights": "int4,gate_up=int8-block"})
+    assert (e.decode, e.prefill_tokens_per_second) == ((), None)
+    assert e.unavailable == ("no estimate for int8-block weights: this CPU (neon (no dot-product)) has no int8 "
+                             "dot-product kernel for them, and onnxruntime widens them to float32 at every step; "
+                             "use int8 or int4")
 
 
 def test_attention_reads_are_what_the_cache_reads(artifacts):
