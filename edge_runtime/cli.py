@@ -514,7 +514,8 @@ def bench(
 
 
 @_command(app, "edge-runtime perplexity -m e2b-q4.art --text-file wiki.txt",
-          "edge-runtime perplexity -m e2b-q4.art --text-file wiki.txt --context 1024 --kv tq3.5 --json")
+          "edge-runtime perplexity -m e2b-q4.art --text-file wiki.txt --context 1024 --kv tq3.5 --json",
+          "edge-runtime perplexity -m e2b-slots.art --text-file heldout.txt --adapter my-lora/")
 def perplexity(
     model: str | None = MODEL,
     text_file: Path = typer.Option(..., "--text-file", help="UTF-8 text to score."),
@@ -524,6 +525,7 @@ def perplexity(
     kv_recent: int | None = KV_RECENT,
     kv_sliding: str = KV_SLIDING,
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    adapter: Path | None = ADAPTER,
 ) -> None:
     """Perplexity of a text, in BOS-started windows through the chunked KV-cache path."""
     from edge_runtime.model import load
@@ -531,11 +533,13 @@ def perplexity(
 
     try:
         text = read_text(text_file)
-        m = load(_resolve_model(model), threads=threads, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)
+        m = load(_resolve_model(model), threads=threads, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding,
+                 adapter=adapter)
         result = _with_progress(lambda report: evaluate(m, text, context, progress=report))
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
-    figures = {"model": str(m.path), "kv": kv, "kv_recent": m.kv_recent, "kv_sliding": kv_sliding, "text_file": str(text_file), "perplexity": result.perplexity,
+    figures = {"model": str(m.path), "adapter": None if m.adapter is None else str(m.adapter), "kv": kv,
+               "kv_recent": m.kv_recent, "kv_sliding": kv_sliding, "text_file": str(text_file), "perplexity": result.perplexity,
                "nll": result.nll, "tokens": result.tokens, "windows": result.windows, "context": result.context,
                "seconds": result.seconds, "tokens_per_second": result.tokens_per_second}
     if as_json:

@@ -254,3 +254,41 @@ def test_cli(slotted, adapters, tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: {adapters['r16']}/adapter_model.safetensors: ")
     assert "rank 16 is more than the slots' 8" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_perplexity_cli_attaches_the_adapter(slotted, merged, adapters, tmp_path):
+    """perplexity --adapter scores the text as load(adapter=) does, which is the merged export's score; an artifact
+    without slots, or an adapter the slots cannot take, is refused in one line."""
+    from edge_runtime.perplexity import evaluate
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog, and then the dog sleeps in the sun. " * 6)
+
+    def cli(artifact: Path, adapter: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edge_runtime", "perplexity", "-m", str(artifact), "--text-file",
+                               str(text), "--context", "32", "--kv", "fp32", "--json", "--adapter", str(adapter)],
+                              capture_output=True, text=True,
+                              env={**os.environ, "EDGE_RUNTIME_CACHE": str(tmp_path / "cache")})
+
+    result = cli(slotted, adapters["r8"])
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    attached = evaluate(edge_runtime.load(slotted, kv="fp32", adapter=adapters["r8"]), text.read_text(), 32)
+    with_merge = evaluate(edge_runtime.load(merged("r8"), kv="fp32"), text.read_text(), 32).perplexity
+    without = evaluate(edge_runtime.load(slotted, kv="fp32"), text.read_text(), 32).perplexity
+    print(f"perplexity: attached {figures['perplexity']:.4f}, merged {with_merge:.4f}, no adapter {without:.4f}")
+    assert figures["adapter"] == str(adapters["r8"].resolve())
+    assert figures["perplexity"] == pytest.approx(attached.perplexity, rel=1e-9)
+    assert figures["perplexity"] == pytest.approx(with_merge, rel=1e-5)
+    assert abs(figures["perplexity"] - without) > 1  # the adapter moves it (412.1 -> 408.6)
+    for artifact, adapter, message in [
+        (merged(None), adapters["r8"], (f"--adapter {adapters['r8']}: {merged(None)} has no LoRA slots to attach an "
+                                        "adapter to; export it with --lora-slots RANK, or merge it at export instead "
+                                        "(edge-runtime export --adapter)")),
+        (slotted, adapters["r16"], (f"{adapters['r16']}/adapter_model.safetensors: base_model.model.model.layers.0.mlp."
+                                    f"down_proj.lora_A.weight: rank 16 is more than the slots' 8 in {slotted}; export "
+                                    "with --lora-slots 16 or more, or merge it at export instead (edge-runtime export "
+                                    "--adapter)")),
+    ]:
+        result = cli(artifact, adapter)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", f"error: {message}\n")
