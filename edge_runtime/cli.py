@@ -417,13 +417,14 @@ def info(
     """Describe an artifact: model shape, formats and files."""
     from edge_runtime.artifact import read_manifest
     from edge_runtime.families import family_of
+    from edge_runtime.lora_adapter import ADAPTER_WEIGHTS
 
     try:
         artifact = _resolve_model(model)
         manifest = read_manifest(artifact)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
-    s = manifest.spec
+    s, slots = manifest.spec, manifest.lora_slots
     summary = {
         "artifact": str(artifact),
         "created_by": manifest.created_by,
@@ -437,6 +438,9 @@ def info(
         "context_length": s.max_position_embeddings,
         "bytes": sum(f["size"] for f in manifest.files.values()),
         "files": {name: f["size"] for name, f in manifest.files.items()},
+        "adapters": list(manifest.adapters),
+        "lora_slots": None if slots is None else {"rank": slots.rank, "modules": list(slots.modules),
+                                                  "slotted_tensors": len(slots.tensors)},
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
@@ -451,6 +455,13 @@ def info(
                "(KV cache format is chosen at run time: --kv)")
     typer.echo(f"  size {summary['bytes'] / 2**20:.1f} MiB in {len(manifest.files)} files "
                f"(PLE store {manifest.files['ple.bin']['size'] / 2**20:.1f} MiB)")
+    if manifest.adapters:
+        typer.echo("  LoRA adapters merged: " + ", ".join(
+            f"{a['name']} (scale {a['scale']:g}, weights sha256 {a['sha256'][ADAPTER_WEIGHTS][:12]})"
+            for a in manifest.adapters))
+    if slots is not None:
+        typer.echo(f"  LoRA slots: rank {slots.rank} in {', '.join(slots.modules)} ({len(slots.tensors)} projections); "
+                   "attach an adapter with --adapter DIR")
 
 
 @_command(app, "edge-runtime verify e2b.art", "edge-runtime verify /media/usb/e2b.art --json")

@@ -292,3 +292,36 @@ def test_perplexity_cli_attaches_the_adapter(slotted, merged, adapters, tmp_path
     ]:
         result = cli(artifact, adapter)
         assert (result.returncode, result.stdout, result.stderr) == (1, "", f"error: {message}\n")
+
+
+def test_info_shows_merged_adapters_and_slots(checkpoints, slotted, adapters, tmp_path):
+    import hashlib
+
+    def info(artifact: Path, *options: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "edge_runtime", "info", str(artifact), *options],
+                                capture_output=True, text=True,
+                                env={**os.environ, "EDGE_RUNTIME_CACHE": str(tmp_path / "cache")})
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    first, second = adapters["r8"], adapters["qv"]
+    merged = export_checkpoint(checkpoints[BASE], tmp_path / "merged", adapters=[first, second],
+                               adapter_scales=[0.5, 1.5])
+    short = {path: hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
+             for path in (first, second)}
+    lines = info(merged).splitlines()
+    assert lines[-1] == (f"  LoRA adapters merged: r8 (scale 0.5, weights sha256 {short[first]}), qv (scale 1.5, "
+                         f"weights sha256 {short[second]})")
+    assert "LoRA slots" not in info(merged)
+    data = json.loads(info(merged, "--json"))
+    assert [(a["name"], a["scale"]) for a in data["adapters"]] == [("r8", 0.5), ("qv", 1.5)]
+    assert data["lora_slots"] is None
+    spec = edge_runtime.load(slotted).spec
+    projections = 7 * spec.num_hidden_layers - 2 * sum(spec.is_kv_shared(i) for i in range(spec.num_hidden_layers))
+    assert info(slotted).splitlines()[-1] == (f"  LoRA slots: rank 8 in q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                                              f"up_proj, down_proj ({projections} projections); attach an adapter "
+                                              "with --adapter DIR")
+    data = json.loads(info(slotted, "--json"))
+    assert data["lora_slots"] == {"rank": 8, "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"], "slotted_tensors": projections}
+    assert data["adapters"] == []
