@@ -625,6 +625,7 @@ def plan(
     kv_recent: int | None = KV_RECENT,
     kv_sliding: str = KV_SLIDING,
     as_json: bool = typer.Option(False, "--json", help="Print the budget as JSON."),
+    adapter: Path | None = ADAPTER,
 ) -> None:
     """Whether a model fits a device: weights, PLE pages, KV cache, activations and overhead against its memory, and
     the decode and prefill speed the cost model estimates for it there.
@@ -638,7 +639,8 @@ def plan(
     try:
         if source is not None and model is not None:
             raise EdgeRuntimeError("give either an artifact (-m MODEL) or a checkpoint directory, not both")
-        result = plan_memory(source or _resolve_model(model), resolve_profile(profile), context, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)
+        result = plan_memory(source or _resolve_model(model), resolve_profile(profile), context, kv=kv,
+                             kv_recent=kv_recent, kv_sliding=kv_sliding, adapter=adapter)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     speed = plan_estimate(result)

@@ -325,3 +325,38 @@ def test_info_shows_merged_adapters_and_slots(checkpoints, slotted, adapters, tm
     assert data["lora_slots"] == {"rank": 8, "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                          "up_proj", "down_proj"], "slotted_tensors": projections}
     assert data["adapters"] == []
+
+
+def test_planner_counts_the_attached_adapter(checkpoints, slotted, adapters):
+    """The plan holds an attached adapter's arrays as fed (float32 A and B at each module's own rank), to the byte,
+    and load's fit check refuses what fits only without it."""
+    from dataclasses import replace
+
+    from edge_runtime.planner import plan_memory
+    from edge_runtime.profiles import load_profile
+
+    profile = load_profile("pi4-4gb")
+    plain = plan_memory(slotted, profile, 64)
+    assert "LoRA adapter attached" not in dict(plain.items)
+    tensors = json.loads((slotted / "manifest.json").read_text())["lora_slots"]["tensors"]
+    ranks = {"r8": dict.fromkeys(make_adapter.PROJECTIONS, 8),
+             "r4-rslora": {**dict.fromkeys(make_adapter.PROJECTIONS, 4), "o_proj": 2},
+             "qv": {"q_proj": 8, "v_proj": 8}}
+    for name, rank in ranks.items():
+        expected = sum(4 * rank[t.rsplit(".", 1)[-1]] * (k + n) for t, (k, n) in tensors.items()
+                       if t.rsplit(".", 1)[-1] in rank)
+        model = edge_runtime.load(slotted, adapter=adapters[name])
+        fed = sum(array.nbytes for array in model._adapter_feeds[model.adapter].values())
+        plan = plan_memory(slotted, profile, 64, adapter=adapters[name])
+        print(f"{name}: planned {dict(plan.items)['LoRA adapter attached']} bytes, fed {fed}")
+        assert dict(plan.items)["LoRA adapter attached"] == expected == fed
+        assert plan.peak_bytes - plain.peak_bytes == expected
+    tight = replace(profile, memory_bytes=plain.peak_bytes + expected // 2, app_share=1.0)
+    assert edge_runtime.load(slotted, profile=tight, context_length=64).adapter is None
+    with pytest.raises(EdgeRuntimeError) as refusal:
+        edge_runtime.load(slotted, profile=tight, context_length=64, adapter=adapters["qv"])
+    assert str(refusal.value) == plan_memory(slotted, tight, 64, adapter=adapters["qv"]).refusal()
+    with pytest.raises(EdgeRuntimeError) as refusal:
+        plan_memory(checkpoints[BASE], profile, adapter=adapters["qv"])
+    assert str(refusal.value) == (f"--adapter {adapters['qv']}: {checkpoints[BASE]} is a checkpoint, with no LoRA "
+                                  "slots to attach an adapter to; plan the artifact it exports with --lora-slots RANK")
