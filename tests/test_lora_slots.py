@@ -184,10 +184,6 @@ def test_export_refusals(checkpoints, tmp_path):
         with pytest.raises(EdgeRuntimeError) as refusal:
             export_checkpoint(checkpoints[BASE], tmp_path / "art", lora_slots=text)
         assert str(refusal.value) == message
-    with pytest.raises(EdgeRuntimeError) as refusal:
-        export_checkpoint(checkpoints["3n-causal"], tmp_path / "art", lora_slots="8")
-    assert str(refusal.value) == ("--lora-slots: Gemma 3n artifacts cannot have LoRA slots yet; merge the adapter at "
-                                  "export with --adapter instead")
     assert not (tmp_path / "art").exists()
 
 
@@ -360,3 +356,27 @@ def test_planner_counts_the_attached_adapter(checkpoints, slotted, adapters):
         plan_memory(checkpoints[BASE], profile, adapter=adapters["qv"])
     assert str(refusal.value) == (f"--adapter {adapters['qv']}: {checkpoints[BASE]} is a checkpoint, with no LoRA "
                                   "slots to attach an adapter to; plan the artifact it exports with --lora-slots RANK")
+
+
+def test_gemma3n_attached_equals_merged(checkpoints, tmp_path):
+    """Gemma 3n's slots (its attention inputs are Gemma 4's; o_proj and the MLP its own, the gate's update before a
+    sparse layer's cut-off): a rank-8 adapter on the seven projections attached gives the logits of it merged, and
+    no adapter the slot-less export's."""
+    base = checkpoints["3n-causal"]  # sparse MLPs on layers 0 and 1, 3 KV-shared layers
+    adapter = make_adapter.make_adapter(base, tmp_path / "r8", r=8, target_modules=make_adapter.PROJECTIONS, seed=5)
+    slotted = export_checkpoint(base, tmp_path / "slotted", lora_slots="8")
+    merged = export_checkpoint(base, tmp_path / "merged", adapters=[adapter])
+    plain = export_checkpoint(base, tmp_path / "plain")
+    ids = _ids("3n-causal")
+    model = edge_runtime.load(slotted, prefill_chunk=7, kv="fp32", adapter=adapter)
+    for mode in ("prefill", "decode"):
+        expected = _logits(merged, ids, mode)
+        error = float(np.abs(model.logits(ids, mode=mode) - expected).max())
+        unslotted = float(np.abs(_logits(slotted, ids, mode) - _logits(plain, ids, mode)).max())
+        moved = float(np.abs(_logits(plain, ids, mode) - expected).max())
+        print(f"gemma3n {mode}: attached vs merged max abs {error:.2e}, no adapter vs no slots {unslotted:.2e} (the "
+              f"adapter moves the logits by {moved:.2f})")
+        assert error <= TOLERANCE and unslotted <= TOLERANCE
+        assert moved > 1000 * TOLERANCE
+    slots = json.loads((slotted / "manifest.json").read_text())["lora_slots"]["tensors"]
+    assert {name.rsplit(".", 1)[-1] for name in slots} == set(make_adapter.PROJECTIONS)
