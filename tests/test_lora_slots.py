@@ -347,6 +347,11 @@ def test_planner_counts_the_attached_adapter(checkpoints, slotted, adapters):
         print(f"{name}: planned {dict(plan.items)['LoRA adapter attached']} bytes, fed {fed}")
         assert dict(plan.items)["LoRA adapter attached"] == expected == fed
         assert plan.peak_bytes - plain.peak_bytes == expected
+    result = subprocess.run([sys.executable, "-m", "edge_runtime", "plan", "-m", str(slotted), "--profile", "pi4-4gb",
+                             "--context", "64", "--adapter", str(adapters["qv"]), "--json"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert {"name": "LoRA adapter attached", "bytes": expected} in json.loads(result.stdout)["items"]
     tight = replace(profile, memory_bytes=plain.peak_bytes + expected // 2, app_share=1.0)
     assert edge_runtime.load(slotted, profile=tight, context_length=64).adapter is None
     with pytest.raises(EdgeRuntimeError) as refusal:
