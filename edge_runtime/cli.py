@@ -419,13 +419,14 @@ def info(
     """Describe an artifact: model shape, formats and files."""
     from edge_runtime.artifact import read_manifest
     from edge_runtime.families import family_of
+    from edge_runtime.lora_adapter import ADAPTER_WEIGHTS
 
     try:
         artifact = _resolve_model(model)
         manifest = read_manifest(artifact)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
-    s = manifest.spec
+    s, slots = manifest.spec, manifest.lora_slots
     summary = {
         "artifact": str(artifact),
         "created_by": manifest.created_by,
@@ -439,6 +440,9 @@ def info(
         "context_length": s.max_position_embeddings,
         "bytes": sum(f["size"] for f in manifest.files.values()),
         "files": {name: f["size"] for name, f in manifest.files.items()},
+        "adapters": list(manifest.adapters),
+        "lora_slots": None if slots is None else {"rank": slots.rank, "modules": list(slots.modules),
+                                                  "slotted_tensors": len(slots.tensors)},
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
@@ -453,6 +457,13 @@ def info(
                "(KV cache format is chosen at run time: --kv)")
     typer.echo(f"  size {summary['bytes'] / 2**20:.1f} MiB in {len(manifest.files)} files "
                f"(PLE store {manifest.files['ple.bin']['size'] / 2**20:.1f} MiB)")
+    if manifest.adapters:
+        typer.echo("  LoRA adapters merged: " + ", ".join(
+            f"{a['name']} (scale {a['scale']:g}, weights sha256 {a['sha256'][ADAPTER_WEIGHTS][:12]})"
+            for a in manifest.adapters))
+    if slots is not None:
+        typer.echo(f"  LoRA slots: rank {slots.rank} in {', '.join(slots.modules)} ({len(slots.tensors)} projections); "
+                   "attach an adapter with --adapter DIR")
 
 
 @_command(app, "edge-runtime verify e2b.art", "edge-runtime verify /media/usb/e2b.art --json")
@@ -516,7 +527,8 @@ def bench(
 
 
 @_command(app, "edge-runtime perplexity -m e2b-q4.art --text-file wiki.txt",
-          "edge-runtime perplexity -m e2b-q4.art --text-file wiki.txt --context 1024 --kv tq3.5 --json")
+          "edge-runtime perplexity -m e2b-q4.art --text-file wiki.txt --context 1024 --kv tq3.5 --json",
+          "edge-runtime perplexity -m e2b-slots.art --text-file heldout.txt --adapter my-lora/")
 def perplexity(
     model: str | None = MODEL,
     text_file: Path = typer.Option(..., "--text-file", help="UTF-8 text to score."),
@@ -526,6 +538,7 @@ def perplexity(
     kv_recent: int | None = KV_RECENT,
     kv_sliding: str = KV_SLIDING,
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    adapter: Path | None = ADAPTER,
 ) -> None:
     """Perplexity of a text, in BOS-started windows through the chunked KV-cache path."""
     from edge_runtime.model import load
@@ -533,11 +546,13 @@ def perplexity(
 
     try:
         text = read_text(text_file)
-        m = load(_resolve_model(model), threads=threads, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)
+        m = load(_resolve_model(model), threads=threads, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding,
+                 adapter=adapter)
         result = _with_progress(lambda report: evaluate(m, text, context, progress=report))
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
-    figures = {"model": str(m.path), "kv": kv, "kv_recent": m.kv_recent, "kv_sliding": kv_sliding, "text_file": str(text_file), "perplexity": result.perplexity,
+    figures = {"model": str(m.path), "adapter": None if m.adapter is None else str(m.adapter), "kv": kv,
+               "kv_recent": m.kv_recent, "kv_sliding": kv_sliding, "text_file": str(text_file), "perplexity": result.perplexity,
                "nll": result.nll, "tokens": result.tokens, "windows": result.windows, "context": result.context,
                "seconds": result.seconds, "tokens_per_second": result.tokens_per_second}
     if as_json:
@@ -612,6 +627,7 @@ def plan(
     kv_recent: int | None = KV_RECENT,
     kv_sliding: str = KV_SLIDING,
     as_json: bool = typer.Option(False, "--json", help="Print the budget as JSON."),
+    adapter: Path | None = ADAPTER,
 ) -> None:
     """Whether a model fits a device: weights, PLE pages, KV cache, activations and overhead against its memory, and
     the decode and prefill speed the cost model estimates for it there.
@@ -625,7 +641,8 @@ def plan(
     try:
         if source is not None and model is not None:
             raise EdgeRuntimeError("give either an artifact (-m MODEL) or a checkpoint directory, not both")
-        result = plan_memory(source or _resolve_model(model), resolve_profile(profile), context, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding)
+        result = plan_memory(source or _resolve_model(model), resolve_profile(profile), context, kv=kv,
+                             kv_recent=kv_recent, kv_sliding=kv_sliding, adapter=adapter)
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     speed = plan_estimate(result)

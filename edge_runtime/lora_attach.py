@@ -41,8 +41,9 @@ def empty_feeds(slots: LoraSlots) -> Feeds:
     return feeds
 
 
-def adapter_feeds(path: Path, slots: LoraSlots | None, spec: ModelSpec, artifact: Path) -> Feeds:
-    """Every slot's inputs for the PEFT adapter at `path`, refusing in one line what the slots cannot take."""
+def checked_adapter(path: Path, slots: LoraSlots | None, spec: ModelSpec, artifact: Path) -> Adapter:
+    """The PEFT adapter at `path`, opened (its tensors unread) and checked against the slots, refusing in one line
+    what they cannot take."""
     path = Path(path)
     if slots is None:
         raise EdgeRuntimeError(f"--adapter {path}: {artifact} has no LoRA slots to attach an adapter to; export it "
@@ -56,21 +57,37 @@ def adapter_feeds(path: Path, slots: LoraSlots | None, spec: ModelSpec, artifact
         key = adapter.replaced[min(adapter.replaced)]
         raise EdgeRuntimeError(f"{path / ADAPTER_WEIGHTS}: {key}: modules_to_save cannot be attached at load (it "
                                f"replaces a whole tensor); {MERGE_INSTEAD}")
-    feeds = empty_feeds(slots)
     for name in sorted(adapter.lora):
-        tensor = name.removesuffix(".weight")
-        key = adapter.lora[name].a
+        tensor, key = name.removesuffix(".weight"), adapter.lora[name].a
         if tensor not in slots.tensors:
             raise EdgeRuntimeError(f"{path / ADAPTER_WEIGHTS}: {key}: {module_of(tensor)} has no LoRA slot in "
                                    f"{artifact} (slots: {','.join(slots.modules)}); export with it in --lora-slots, "
                                    f"or {MERGE_INSTEAD}")
-        update = adapter.update(name)
-        rank = update.a.shape[0]
+        rank = adapter.file.entries[key].shape[0]
         if rank > slots.rank:
             raise EdgeRuntimeError(f"{path / ADAPTER_WEIGHTS}: {key}: rank {rank} is more than the slots' "
                                    f"{slots.rank} in {artifact}; export with --lora-slots {rank} or more, or "
                                    f"{MERGE_INSTEAD}")
-        a, b = slot_inputs(tensor)
+    return adapter
+
+
+def fed_bytes(adapter: Adapter, slots: LoraSlots) -> int:
+    """Bytes the adapter's slot inputs hold once fed (float32 A [in, r] and B [r, out] per module it changes): what
+    an attached adapter keeps resident, known from the file's header alone (the memory planner's item)."""
+    total = 0
+    for name, module in adapter.lora.items():
+        k, n = slots.tensors[name.removesuffix(".weight")]
+        total += 4 * adapter.file.entries[module.a].shape[0] * (k + n)
+    return total
+
+
+def adapter_feeds(path: Path, slots: LoraSlots | None, spec: ModelSpec, artifact: Path) -> Feeds:
+    """Every slot's inputs for the PEFT adapter at `path` (checked_adapter's refusals first)."""
+    adapter = checked_adapter(path, slots, spec, artifact)
+    feeds = empty_feeds(slots)
+    for name in sorted(adapter.lora):
+        update = adapter.update(name)
+        a, b = slot_inputs(name.removesuffix(".weight"))
         feeds[a] = np.ascontiguousarray(update.a.T, dtype=np.float32)
         feeds[b] = np.ascontiguousarray((np.float32(update.scaling) * update.b).T, dtype=np.float32)
     return feeds

@@ -482,7 +482,7 @@ def load(path: str | Path | None = None, *, profile: str | Profile | None = None
         device = resolve_profile(profile)
         chunk = prefill_chunk or (LOW_MEMORY_PREFILL_CHUNK if low_memory else DEFAULT_PREFILL_CHUNK)
         plan = plan_memory(Path(path), device, context_length, kv=kv, kv_recent=kv_recent, kv_sliding=kv_sliding,
-                           prefill_chunk=chunk)
+                           prefill_chunk=chunk, adapter=adapter)
         if not plan.fits:
             raise EdgeRuntimeError(plan.refusal())
         threads, kv, context_length = threads or device.threads, plan.kv, plan.context

@@ -18,6 +18,8 @@ to repeat and the scratch grows slower than the fit):
   within 30 MiB of each; a 512-token chunk measured 100 MiB above the fit).
 - load transient: loading maps a tensor while repacking it, the head first (engine.py), so the load peak is the
   resident weights plus the largest tensor; it counts only where it exceeds the run's peak.
+- LoRA adapter: one attached to the slots (lora_attach.py) is held as fed, float32 A and B for each module it
+  changes, 4 r (in + out) bytes each (E2B, rank 16 on the seven projections: 96.6 MB); known from its file's header.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from edge_runtime.families import FAMILIES, family_of, family_of_config, spec_fr
 from edge_runtime.families.family import GraphPart
 from edge_runtime.kv_cache import GROWTH as KV_GROWTH
 from edge_runtime.kv_formats import DEFAULT_RECENT, DEFAULT_SLIDING_KV_FORMAT, kv_format
+from edge_runtime.lora_attach import checked_adapter, fed_bytes
 from edge_runtime.model_spec import ModelSpec
 from edge_runtime.ple_store import LOSSLESS_FORMATS, storage_dtype, stored_width
 from edge_runtime.profiles import Profile
@@ -75,6 +78,7 @@ class _Setup:
     context: int
     prefill_chunk: int
     tokenizer_file_bytes: int
+    adapter_bytes: int
 
 
 @dataclass(frozen=True)
@@ -115,19 +119,27 @@ class Plan:
 
 def plan_memory(source: Path, profile: Profile, context: int | None = None, *, kv: str | None = None,
                 kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT,
-                prefill_chunk: int = 256) -> Plan:
+                prefill_chunk: int = 256, adapter: Path | None = None) -> Plan:
     """Predict the peak RSS of running `source` (artifact or HF checkpoint directory) on `profile`'s device.
 
     An artifact brings its formats; a checkpoint is planned in the profile's, as `export --profile` would write it.
-    `context` defaults to the profile's (at most the model's), `kv` to the profile's KV format.
+    `context` defaults to the profile's (at most the model's), `kv` to the profile's KV format. `adapter` is a LoRA
+    adapter directory attached to the artifact's slots, refused as loading would refuse it.
     """
     source = Path(source)
+    adapter_bytes = 0
     if (source / MANIFEST).is_file():
         manifest = read_manifest(source)
         spec, formats = manifest.spec, manifest.formats
         weights, block_size, ple = formats["weights"], int(formats.get("block_size", 0)), formats["ple"]
         tokenizer = source / manifest.tokenizer["tokenizer"]
+        if adapter is not None:
+            slots = manifest.lora_slots
+            adapter_bytes = fed_bytes(checked_adapter(Path(adapter), slots, spec, source), slots)
     elif (source / "config.json").is_file():
+        if adapter is not None:
+            raise EdgeRuntimeError(f"--adapter {adapter}: {source} is a checkpoint, with no LoRA slots to attach an "
+                                   "adapter to; plan the artifact it exports with --lora-slots RANK")
         spec = spec_from_hf_config(json.loads((source / "config.json").read_text()), str(source / "config.json"))
         weights, block_size, ple = profile.weights, profile.block_size, profile.ple
         ple = _checkpoint_ple(source, spec) if ple == "auto" else ple
@@ -145,7 +157,7 @@ def plan_memory(source: Path, profile: Profile, context: int | None = None, *, k
     recent = kv_format(kv).default_recent if kv_recent is None else kv_recent
     kv_format(kv_sliding)
     setup = _Setup(spec, weights, block_size, ple, kv, recent, kv_sliding, context, prefill_chunk,
-                   tokenizer.stat().st_size if tokenizer.is_file() else 0)
+                   tokenizer.stat().st_size if tokenizer.is_file() else 0, adapter_bytes)
     items = _items(setup)
     peak, budget = sum(b for _, b in items), profile.budget_bytes
     return Plan(model=model_name(spec), spec=spec, source=source, profile=profile, context=context, weights=weights,
@@ -304,6 +316,7 @@ def _items(s: _Setup) -> list[tuple[str, int]]:
         ("KV cache at context", kv_format(s.kv).cache_bytes(s.spec, slots, s.kv_recent, kv_format(s.kv_sliding))),
         (f"activations (prefill chunk {min(s.prefill_chunk, s.context)})",
          activation_bytes(s.spec, s.prefill_chunk, s.context)),
+        *([("LoRA adapter attached", s.adapter_bytes)] if s.adapter_bytes else []),
     ]
     transient = RUNTIME_BYTES + load_peak - sum(b for _, b in items)
     return items + [("load transient (beyond the run)", transient)] if transient > 0 else items

@@ -75,9 +75,6 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
     check_destination(out, checkpoint, force)
     ckpt = Checkpoint(checkpoint)
     ckpt.validate()
-    if slots is not None and ckpt.family.name != "gemma4":
-        raise EdgeRuntimeError(f"--lora-slots: {ckpt.family.title} artifacts cannot have LoRA slots yet; merge the "
-                               "adapter at export with --adapter instead")
     merged = MergedWeights(ckpt, open_adapters([Path(a) for a in adapters], list(adapter_scales), ckpt.expected,
                                                 ckpt.family.embedding))
     if ple == "auto":

@@ -184,10 +184,6 @@ def test_export_refusals(checkpoints, tmp_path):
         with pytest.raises(EdgeRuntimeError) as refusal:
             export_checkpoint(checkpoints[BASE], tmp_path / "art", lora_slots=text)
         assert str(refusal.value) == message
-    with pytest.raises(EdgeRuntimeError) as refusal:
-        export_checkpoint(checkpoints["3n-causal"], tmp_path / "art", lora_slots="8")
-    assert str(refusal.value) == ("--lora-slots: Gemma 3n artifacts cannot have LoRA slots yet; merge the adapter at "
-                                  "export with --adapter instead")
     assert not (tmp_path / "art").exists()
 
 
@@ -254,3 +250,138 @@ def test_cli(slotted, adapters, tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: {adapters['r16']}/adapter_model.safetensors: ")
     assert "rank 16 is more than the slots' 8" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_perplexity_cli_attaches_the_adapter(slotted, merged, adapters, tmp_path):
+    """perplexity --adapter scores the text as load(adapter=) does, which is the merged export's score; an artifact
+    without slots, or an adapter the slots cannot take, is refused in one line."""
+    from edge_runtime.perplexity import evaluate
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog, and then the dog sleeps in the sun. " * 6)
+
+    def cli(artifact: Path, adapter: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edge_runtime", "perplexity", "-m", str(artifact), "--text-file",
+                               str(text), "--context", "32", "--kv", "fp32", "--json", "--adapter", str(adapter)],
+                              capture_output=True, text=True,
+                              env={**os.environ, "EDGE_RUNTIME_CACHE": str(tmp_path / "cache")})
+
+    result = cli(slotted, adapters["r8"])
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    attached = evaluate(edge_runtime.load(slotted, kv="fp32", adapter=adapters["r8"]), text.read_text(), 32)
+    with_merge = evaluate(edge_runtime.load(merged("r8"), kv="fp32"), text.read_text(), 32).perplexity
+    without = evaluate(edge_runtime.load(slotted, kv="fp32"), text.read_text(), 32).perplexity
+    print(f"perplexity: attached {figures['perplexity']:.4f}, merged {with_merge:.4f}, no adapter {without:.4f}")
+    assert figures["adapter"] == str(adapters["r8"].resolve())
+    assert figures["perplexity"] == pytest.approx(attached.perplexity, rel=1e-9)
+    assert figures["perplexity"] == pytest.approx(with_merge, rel=1e-5)
+    assert abs(figures["perplexity"] - without) > 1  # the adapter moves it (412.1 -> 408.6)
+    for artifact, adapter, message in [
+        (merged(None), adapters["r8"], (f"--adapter {adapters['r8']}: {merged(None)} has no LoRA slots to attach an "
+                                        "adapter to; export it with --lora-slots RANK, or merge it at export instead "
+                                        "(edge-runtime export --adapter)")),
+        (slotted, adapters["r16"], (f"{adapters['r16']}/adapter_model.safetensors: base_model.model.model.layers.0.mlp."
+                                    f"down_proj.lora_A.weight: rank 16 is more than the slots' 8 in {slotted}; export "
+                                    "with --lora-slots 16 or more, or merge it at export instead (edge-runtime export "
+                                    "--adapter)")),
+    ]:
+        result = cli(artifact, adapter)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", f"error: {message}\n")
+
+
+def test_info_shows_merged_adapters_and_slots(checkpoints, slotted, adapters, tmp_path):
+    import hashlib
+
+    def info(artifact: Path, *options: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "edge_runtime", "info", str(artifact), *options],
+                                capture_output=True, text=True,
+                                env={**os.environ, "EDGE_RUNTIME_CACHE": str(tmp_path / "cache")})
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    first, second = adapters["r8"], adapters["qv"]
+    merged = export_checkpoint(checkpoints[BASE], tmp_path / "merged", adapters=[first, second],
+                               adapter_scales=[0.5, 1.5])
+    short = {path: hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
+             for path in (first, second)}
+    lines = info(merged).splitlines()
+    assert lines[-1] == (f"  LoRA adapters merged: r8 (scale 0.5, weights sha256 {short[first]}), qv (scale 1.5, "
+                         f"weights sha256 {short[second]})")
+    assert "LoRA slots" not in info(merged)
+    data = json.loads(info(merged, "--json"))
+    assert [(a["name"], a["scale"]) for a in data["adapters"]] == [("r8", 0.5), ("qv", 1.5)]
+    assert data["lora_slots"] is None
+    spec = edge_runtime.load(slotted).spec
+    projections = 7 * spec.num_hidden_layers - 2 * sum(spec.is_kv_shared(i) for i in range(spec.num_hidden_layers))
+    assert info(slotted).splitlines()[-1] == (f"  LoRA slots: rank 8 in q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                                              f"up_proj, down_proj ({projections} projections); attach an adapter "
+                                              "with --adapter DIR")
+    data = json.loads(info(slotted, "--json"))
+    assert data["lora_slots"] == {"rank": 8, "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"], "slotted_tensors": projections}
+    assert data["adapters"] == []
+
+
+def test_planner_counts_the_attached_adapter(checkpoints, slotted, adapters):
+    """The plan holds an attached adapter's arrays as fed (float32 A and B at each module's own rank), to the byte,
+    and load's fit check refuses what fits only without it."""
+    from dataclasses import replace
+
+    from edge_runtime.planner import plan_memory
+    from edge_runtime.profiles import load_profile
+
+    profile = load_profile("pi4-4gb")
+    plain = plan_memory(slotted, profile, 64)
+    assert "LoRA adapter attached" not in dict(plain.items)
+    tensors = json.loads((slotted / "manifest.json").read_text())["lora_slots"]["tensors"]
+    ranks = {"r8": dict.fromkeys(make_adapter.PROJECTIONS, 8),
+             "r4-rslora": {**dict.fromkeys(make_adapter.PROJECTIONS, 4), "o_proj": 2},
+             "qv": {"q_proj": 8, "v_proj": 8}}
+    for name, rank in ranks.items():
+        expected = sum(4 * rank[t.rsplit(".", 1)[-1]] * (k + n) for t, (k, n) in tensors.items()
+                       if t.rsplit(".", 1)[-1] in rank)
+        model = edge_runtime.load(slotted, adapter=adapters[name])
+        fed = sum(array.nbytes for array in model._adapter_feeds[model.adapter].values())
+        plan = plan_memory(slotted, profile, 64, adapter=adapters[name])
+        print(f"{name}: planned {dict(plan.items)['LoRA adapter attached']} bytes, fed {fed}")
+        assert dict(plan.items)["LoRA adapter attached"] == expected == fed
+        assert plan.peak_bytes - plain.peak_bytes == expected
+    result = subprocess.run([sys.executable, "-m", "edge_runtime", "plan", "-m", str(slotted), "--profile", "pi4-4gb",
+                             "--context", "64", "--adapter", str(adapters["qv"]), "--json"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert {"name": "LoRA adapter attached", "bytes": expected} in json.loads(result.stdout)["items"]
+    tight = replace(profile, memory_bytes=plain.peak_bytes + expected // 2, app_share=1.0)
+    assert edge_runtime.load(slotted, profile=tight, context_length=64).adapter is None
+    with pytest.raises(EdgeRuntimeError) as refusal:
+        edge_runtime.load(slotted, profile=tight, context_length=64, adapter=adapters["qv"])
+    assert str(refusal.value) == plan_memory(slotted, tight, 64, adapter=adapters["qv"]).refusal()
+    with pytest.raises(EdgeRuntimeError) as refusal:
+        plan_memory(checkpoints[BASE], profile, adapter=adapters["qv"])
+    assert str(refusal.value) == (f"--adapter {adapters['qv']}: {checkpoints[BASE]} is a checkpoint, with no LoRA "
+                                  "slots to attach an adapter to; plan the artifact it exports with --lora-slots RANK")
+
+
+def test_gemma3n_attached_equals_merged(checkpoints, tmp_path):
+    """Gemma 3n's slots (its attention inputs are Gemma 4's; o_proj and the MLP its own, the gate's update before a
+    sparse layer's cut-off): a rank-8 adapter on the seven projections attached gives the logits of it merged, and
+    no adapter the slot-less export's."""
+    base = checkpoints["3n-causal"]  # sparse MLPs on layers 0 and 1, 3 KV-shared layers
+    adapter = make_adapter.make_adapter(base, tmp_path / "r8", r=8, target_modules=make_adapter.PROJECTIONS, seed=5)
+    slotted = export_checkpoint(base, tmp_path / "slotted", lora_slots="8")
+    merged = export_checkpoint(base, tmp_path / "merged", adapters=[adapter])
+    plain = export_checkpoint(base, tmp_path / "plain")
+    ids = _ids("3n-causal")
+    model = edge_runtime.load(slotted, prefill_chunk=7, kv="fp32", adapter=adapter)
+    for mode in ("prefill", "decode"):
+        expected = _logits(merged, ids, mode)
+        error = float(np.abs(model.logits(ids, mode=mode) - expected).max())
+        unslotted = float(np.abs(_logits(slotted, ids, mode) - _logits(plain, ids, mode)).max())
+        moved = float(np.abs(_logits(plain, ids, mode) - expected).max())
+        print(f"gemma3n {mode}: attached vs merged max abs {error:.2e}, no adapter vs no slots {unslotted:.2e} (the "
+              f"adapter moves the logits by {moved:.2f})")
+        assert error <= TOLERANCE and unslotted <= TOLERANCE
+        assert moved > 1000 * TOLERANCE
+    slots = json.loads((slotted / "manifest.json").read_text())["lora_slots"]["tensors"]
+    assert {name.rsplit(".", 1)[-1] for name in slots} == set(make_adapter.PROJECTIONS)

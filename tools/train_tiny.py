@@ -45,13 +45,18 @@ tokens, Gemma 2/3's `<start_of_turn>` template, plain text only; `git show ce33f
         --seq-len 256 --seed 0 --dtype bfloat16 --threads 1
 and is kept as it is; the same command today gives a Gemma 3n model with Gemma 4's tokenizer, template and chat data.
 
-`--lora-out DIR` fine-tunes the bundled model instead, with a PEFT LoRA adapter (all linear layers), on a text of
-another kind that also ships with Python and that pretraining never saw: IDLE's change logs (idlelib/NEWS.txt and
-NEWS2x.txt, "gh-12345: Fix ..." entries), every 8th entry held out. It reports held-out perplexity before and after
-(transformers + PEFT) and through edge-runtime (the base exported, and the base exported with `--adapter DIR`), and a
-greedy continuation before and after, into DIR/lora_report.json beside the adapter:
+`--lora-out DIR` fine-tunes the bundled model instead, with a PEFT LoRA adapter, on a text of another kind that also
+ships with Python and that pretraining never saw: IDLE's change logs (idlelib/NEWS.txt and NEWS2x.txt, "gh-12345:
+Fix ..." entries), every 8th entry held out (written to DIR/heldout.txt). It reports held-out perplexity before and
+after (transformers + PEFT) and through edge-runtime in each of `--lora-weights` (the base exported; the base exported
+with `--adapter DIR`; with `--lora-targets projections`, the modules `--lora-slots` slots, also the base exported with
+`--lora-slots` and the adapter attached at load, as `perplexity --adapter` does), and a greedy continuation before
+and after, into DIR/lora_report.json beside the adapter. `all-linear` (the default) trains the PLE projections too,
+which have no slots, so that adapter is measured merged only:
     python tools/train_tiny.py --lora-out /tmp/idle-news-lora --steps 240 --batch-size 8 --seq-len 128 --lr 1e-3 \
         --threads 1
+    python tools/train_tiny.py --lora-out /tmp/idle-news-lora-proj --lora-targets projections --steps 240 \
+        --batch-size 8 --seq-len 128 --lr 1e-3 --threads 1
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 import tiny_chat_data
+from edge_runtime.lora_slots import MODULES
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "edge_runtime" / "bundled" / "gemma4-tiny"
@@ -472,6 +478,9 @@ def verify(out: Path, model_class: type[PreTrainedModel], heldout_ids: list[int]
 LORA_TEXTS = ("idlelib/NEWS.txt", "idlelib/NEWS2x.txt")  # not .py files, so in no pretraining document
 LORA_HELDOUT_EVERY = 8
 LORA_PROMPT = "gh-"
+# --lora-targets: every linear layer (the PLE projections too, which have no LoRA slots), or the projections that
+# `export --lora-slots RANK` slots, so that the adapter can also be attached at load.
+LORA_TARGETS: dict[str, str | list[str]] = {"all-linear": "all-linear", "projections": list(MODULES)}
 
 
 def lora_corpus() -> tuple[str, str, dict]:
@@ -497,45 +506,74 @@ def greedy(model: PreTrainedModel, tok: Tokenizer, prompt: str, tokens: int = 40
     return prompt + tok.decode(out[0, ids.shape[1]:].tolist())
 
 
-def lora_finetune(args: argparse.Namespace) -> None:
-    """Fine-tune the bundled model with LoRA on IDLE's change logs; the adapter and its report go to args.lora_out."""
-    from peft import LoraConfig, get_peft_model
-
+def lora_artifact_perplexities(adapter: Path, heldout_ids: list[int], seq_len: int, weights: list[str],
+                               slots: int | None) -> dict[str, dict[str, float]]:
+    """Held-out perplexity through edge-runtime, per weight format: the base exported, the base exported with
+    `--adapter` (merged), and, when `slots` is a rank, the base exported with `--lora-slots` and the adapter attached
+    at load (`perplexity --adapter`), with no adapter too. Windows as heldout_perplexity's; fp32 KV cache."""
     from edge_runtime.bundled import BUNDLED_CHECKPOINT
     from edge_runtime.export import export_checkpoint
     from edge_runtime.model import load
     from edge_runtime.perplexity import evaluate
+
+    def perplexity(artifact: Path, attached: Path | None = None) -> float:
+        model = load(artifact, kv="fp32", adapter=attached)
+        return round(evaluate(model, heldout_ids, context=seq_len).perplexity, 3)
+
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        def export(fmt: str, name: str, **options: object) -> Path:
+            return export_checkpoint(BUNDLED_CHECKPOINT, Path(tmp) / f"{fmt}-{name}", weights=fmt, **options)
+
+        for fmt in weights:
+            row = {"base": perplexity(export(fmt, "base")),
+                   "merged": perplexity(export(fmt, "merged", adapters=[adapter]))}
+            if slots is not None:
+                slotted = export(fmt, "slots", lora_slots=str(slots))
+                row["slots_no_adapter"] = perplexity(slotted)
+                row["attached"] = perplexity(slotted, adapter)
+            figures[fmt] = row
+            print(f"edge-runtime {fmt}: {row}", flush=True)
+    return figures
+
+
+def lora_finetune(args: argparse.Namespace) -> dict:
+    """Fine-tune the bundled model with LoRA on IDLE's change logs; the adapter and its report go to args.lora_out,
+    with the held-out text as heldout.txt (for `edge-runtime perplexity --text-file`)."""
+    from peft import LoraConfig, get_peft_model
+
+    from edge_runtime.bundled import BUNDLED_CHECKPOINT
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     hf_logging.set_verbosity_error()
     train_text, heldout_text, description = lora_corpus()
     tok = Tokenizer.from_file(str(BUNDLED_CHECKPOINT / "tokenizer.json"))
-    stream = torch.tensor(tok.encode(train_text, add_special_tokens=False).ids, dtype=torch.long)
+    plain = torch.tensor(tok.encode(train_text, add_special_tokens=False).ids, dtype=torch.long)
     heldout_ids = tok.encode(heldout_text, add_special_tokens=False).ids
     model = Gemma4ForCausalLM.from_pretrained(BUNDLED_CHECKPOINT, dtype=torch.float32)
     before_ppl, scored = heldout_perplexity(model, heldout_ids, args.seq_len)
     before_sample = greedy(model, tok, LORA_PROMPT)
-    print(f"tokens: train {len(stream)}  held-out {scored}; held-out perplexity before {before_ppl:.2f}", flush=True)
-    config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", lora_dropout=0.0)
+    print(f"tokens: train {len(plain)}  held-out {scored}; held-out perplexity before {before_ppl:.2f}", flush=True)
+    targets = LORA_TARGETS[args.lora_targets]
+    config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets, lora_dropout=0.0)
     peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    train_loss, train_seconds = train(peft_model, stream, args)
+    no_chat = torch.zeros(0, dtype=torch.long)  # plain text only: every window starts after a <bos>
+    train_args = argparse.Namespace(**{**vars(args), "chat_share": 0.0})
+    train_loss, train_seconds = train(peft_model, Streams(plain, no_chat, no_chat), train_args)
     after_ppl, _ = heldout_perplexity(peft_model, heldout_ids, args.seq_len)
     after_sample = greedy(peft_model, tok, LORA_PROMPT)
     print(f"held-out perplexity after {after_ppl:.2f}", flush=True)
     peft_model.save_pretrained(args.lora_out)
+    (args.lora_out / "heldout.txt").write_text(heldout_text)
 
-    artifact_ppl = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, adapters in (("base", []), ("with_adapter", [args.lora_out])):
-            artifact = export_checkpoint(BUNDLED_CHECKPOINT, Path(tmp) / name, adapters=adapters)
-            artifact_ppl[name] = round(evaluate(load(artifact, kv="fp32"), heldout_ids,
-                                                context=args.seq_len).perplexity, 3)
-    print(f"edge-runtime fp32 artifacts: base {artifact_ppl['base']}  --adapter {artifact_ppl['with_adapter']}")
+    slots = args.lora_r if args.lora_targets == "projections" else None  # the PLE projections have no slots
+    artifact_ppl = lora_artifact_perplexities(args.lora_out, heldout_ids, args.seq_len,
+                                              args.lora_weights.split(","), slots)
     report = {
         "base": "the bundled model (edge_runtime/bundled/gemma4-tiny)",
-        "adapter": {"r": args.lora_r, "lora_alpha": 2 * args.lora_r, "target_modules": "all-linear",
+        "adapter": {"r": args.lora_r, "lora_alpha": 2 * args.lora_r, "target_modules": targets,
                     "trainable_parameters": trainable},
         "data": description,
         "training": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -543,12 +581,12 @@ def lora_finetune(args: argparse.Namespace) -> None:
                      "train_seconds": round(train_seconds, 1), "final_train_loss_ema": round(train_loss, 4)},
         "heldout_ppl": {"method": f"{scored} held-out tokens, non-overlapping windows of <bos> + {args.seq_len - 1}",
                         "before": round(before_ppl, 3), "after": round(after_ppl, 3),
-                        "edge_runtime_fp32_base": artifact_ppl["base"],
-                        "edge_runtime_fp32_with_adapter": artifact_ppl["with_adapter"]},
+                        "edge_runtime": artifact_ppl},
         "greedy": {"before": before_sample, "after": after_sample},
     }
     (args.lora_out / "lora_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"greedy before: {before_sample!r}\ngreedy after:  {after_sample!r}\nwrote {args.lora_out}")
+    return report
 
 
 def main() -> None:
@@ -575,6 +613,11 @@ def main() -> None:
     parser.add_argument("--lora-out", type=Path, default=None,
                         help="fine-tune the bundled model with LoRA on IDLE's change logs; write the adapter here")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank of --lora-out (alpha is twice it)")
+    parser.add_argument("--lora-targets", choices=sorted(LORA_TARGETS), default="all-linear",
+                        help="modules --lora-out trains (projections: those --lora-slots slots, so the adapter is "
+                             "also measured attached at load)")
+    parser.add_argument("--lora-weights", default="fp32,int8,int4",
+                        help="weight formats --lora-out measures the adapter's artifacts in, comma-separated")
     args = parser.parse_args()
     if args.lora_out is not None:
         lora_finetune(args)

@@ -17,6 +17,8 @@ Gemma3nTextAltUp, Gemma3nTextLaurelBlock, Gemma3nTextMLP). Attention inputs, the
   std) are cut to zero and the rest shifted down by that cut-off, before GELU.
 - PLE: the gate reads the corrected active stream (times correct_output_scale), and the projection is added to
   streams 1.. only; no layer_scalar.
+- LoRA slots (export --lora-slots): q, k and v take theirs in Gemma 4's attention inputs; o_proj and the MLP's here
+  the same way (GraphBuilder.lora), the gate's before a sparse layer's cut-off, since PEFT adapts gate_proj's output.
 Needs onnx: only export imports this module.
 """
 
@@ -142,19 +144,22 @@ def _predict(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, streams: st
 
 
 def _mlp(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, x: str, recipe: WeightRecipe) -> str:
-    """down(gelu(gate) * up), gate and up one stacked weight; on a sparse layer the gate is first cut at
-    mean + z * std of its own row."""
-    pre, m = f"layers.{i}.mlp.", spec.mlp_size(i)
+    """down(gelu(gate) * up), gate and up one stacked weight, each with its LoRA slot's update if it has one; on a
+    sparse layer the gate (its update included, as PEFT's gate_proj gives it) is first cut at mean + z * std of its
+    own row."""
+    h, pre, m = spec.hidden_size, f"layers.{i}.mlp.", spec.mlp_size(i)
     gate_up = g.linear(x, f"layers.{i}.{GATE_UP_NAME}", np.concatenate([w(pre + "gate_proj.weight"), w(pre + "up_proj.weight")]),
                        recipe.format_for(GATE_UP))
     gate, up = g.op("Split", gate_up, g.const([m, m], np.int64), axis=-1, n_out=2)
+    gate, up = (g.lora(x, part, pre + name, h, m) for part, name in ((gate, "gate_proj"), (up, "up_proj")))
     z = spec.sparsity_cutoff(i)
     if z is not None:
         mean = g.op("ReduceMean", gate, g.const([-1], np.int64), keepdims=1)
         std = g.op("Sqrt", _mean_square(g, g.op("Sub", gate, mean)))
         gate = g.op("Relu", g.op("Sub", gate, g.op("Add", mean, g.op("Mul", std, g.const(z)))))
-    return g.linear(g.op("Mul", g.gelu_tanh(gate), up), f"layers.{i}.{DOWN_PROJ_NAME}", w(pre + "down_proj.weight"),
-                    recipe.format_for(DOWN_PROJ))
+    hidden = g.op("Mul", g.gelu_tanh(gate), up)
+    down = g.linear(hidden, f"layers.{i}.{DOWN_PROJ_NAME}", w(pre + "down_proj.weight"), recipe.format_for(DOWN_PROJ))
+    return g.lora(hidden, down, f"layers.{i}.{DOWN_PROJ_NAME}", m, h)
 
 
 def _layer_output(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, recipe: WeightRecipe) -> str:
@@ -170,7 +175,8 @@ def _layer_output(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, recipe
         return g.linear(x, pre + name, w(pre + name + ".weight"), recipe.format_for(ROLE_OF.get(name, OTHER)))
 
     predictions = g.input(PREDICTIONS, ["T", s, h])
-    attn = g.input(ATTENTION, ["T", spec.num_attention_heads * spec.head_dims[i]])
+    attn_width = spec.num_attention_heads * spec.head_dims[i]
+    attn = g.input(ATTENTION, ["T", attn_width])
     ple_rows = g.input(PLE_ROWS_INPUT, ["T", p])
     context = g.input(PLE_CONTEXT, ["T", p])
 
@@ -178,7 +184,7 @@ def _layer_output(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, recipe
     x = norm(active, "input_layernorm")  # as the previous graph normed it for attention
     laurel = g.op("Add", x, norm(linear(linear(x, LAUREL_LEFT_NAME), LAUREL_RIGHT_NAME),
                                  "laurel.post_laurel_norm"))
-    attn = norm(linear(attn, O_PROJ_NAME), "post_attention_layernorm")
+    attn = norm(g.lora(attn, linear(attn, O_PROJ_NAME), pre + O_PROJ_NAME, attn_width, h), "post_attention_layernorm")
     attn_laurel = g.op("Div", g.op("Add", g.op("Add", active, attn), laurel), g.const(math.sqrt(2.0)))
     mlp = _mlp(spec, i, g, w, norm(attn_laurel, "pre_feedforward_layernorm"), recipe)
     output = g.op("Add", attn_laurel, norm(mlp, "post_feedforward_layernorm"))
