@@ -95,10 +95,11 @@ def test_kernels_read_the_layout_export_writes(fmt, block, tmp_path):
 # top-1 agreement). Measured on the chat-trained model (x86): fp16 1.5e-4 / 1.0; int8 1.5e-2 prefill, 7e-3 decode /
 # 0.985; int4 5.8e-2 (block 32) to 6.6e-2 (block 128) / 0.945-0.955; the int4-mixed recipe (qkv and the
 # per-layer-input projections in int8) 5.0e-2 (block 32) to 5.9e-2 (block 128) / 0.945-0.96; int8-block 6.0e-3
-# (block 32) to 7.6e-3 (block 128) / 0.985-0.995. (The plain-text model
+# (block 32) to 7.6e-3 (block 128) / 0.985-0.995. int4-mixed's bound was 6e-2 for the plain-text model, whose
+# figure the chat-trained one came within 1% of: 7e-2 keeps int4's margin. (The plain-text model
 # before it: fp16 1.3e-4; int8 1.4e-2 / 6e-3; int4 4.8e-2 to 5.5e-2; int4-mixed 4.1e-2 to 4.8e-2.)
 BOUNDS = {("fp16", 32): (5e-4, 1.0), ("int8", 32): (3e-2, 0.95), ("int4", 32): (8e-2, 0.85),
-          ("int4", 128): (8e-2, 0.85), ("int4-mixed", 32): (6e-2, 0.88), ("int4-mixed", 128): (6e-2, 0.88),
+          ("int4", 128): (8e-2, 0.85), ("int4-mixed", 32): (7e-2, 0.88), ("int4-mixed", 128): (7e-2, 0.88),
           ("int8-block", 32): (1.5e-2, 0.97), ("int8-block", 128): (1.5e-2, 0.97)}
 
 
