@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from edge_runtime.artifact import Manifest
 from edge_runtime.attention import Block, attend
+from edge_runtime.decode_step import DecodeStep
 from edge_runtime.embedding import EmbeddingTable
 from edge_runtime.errors import ArtifactError, EdgeRuntimeError
 from edge_runtime.families.contract import (
@@ -189,6 +190,7 @@ class Engine:
         self.attention_pool = ThreadPoolExecutor(self.attention_workers, "attention") if self.attention_workers > 1 else None
         self.cache = KVCache(spec, kv, kv_recent, kv_sliding)
         self.tokens: list[int] = []  # the ids whose keys and values the cache holds, in order
+        self.decode = DecodeStep.build(self)
 
     def reset(self) -> None:
         self.cache.reset()
@@ -201,6 +203,7 @@ class Engine:
         for step_feeds in self.slot_feeds:
             for name in step_feeds:
                 step_feeds[name] = feeds[name]
+        self.decode = DecodeStep.build(self)  # bound to the slots' arrays
         self.reset()
 
     def reuse(self, token_ids: list[int]) -> int:
@@ -229,6 +232,8 @@ class Engine:
             raise EdgeRuntimeError("no tokens to process")
         if ids.min() < 0 or ids.max() >= self.input_vocab:
             raise EdgeRuntimeError(spec.refuse_token(int(ids.max() if ids.max() >= self.input_vocab else ids.min())))
+        if len(ids) == 1 and cache.length and self.decode is not None:
+            return self.decode.run(ids)
         positions = np.arange(cache.length, cache.length + len(ids), dtype=np.int64)
         cache.reserve(len(ids))
 
