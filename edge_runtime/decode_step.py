@@ -47,7 +47,7 @@ class _Layer(NamedTuple):
     """A graph's attention as the step runs it."""
 
     kv_layer: int
-    layer_type: str
+    layer_type: str  # its own and its cache layer's (a KV-shared layer reads a source of its type)
     scaling: np.float32 | None
     query: np.ndarray  # the graph's query output [1, kv_heads, groups, head_dim]
     scaled: np.ndarray  # the query attention reads: `query` itself, or a buffer for it times `scaling`
@@ -55,6 +55,8 @@ class _Layer(NamedTuple):
 
 
 class DecodeStep:
+    """Engine.forward's step for one token after at least one cached (every cache layer's store exists then)."""
+
     def __init__(self, engine: Engine, values: dict[str, np.ndarray], buffers: list[np.ndarray],
                  graphs: list[tuple[ort.InferenceSession, ort.IOBinding, _Layer]],
                  last: tuple[ort.InferenceSession, list[str], dict[str, np.ndarray]],
@@ -83,13 +85,12 @@ class DecodeStep:
     def build(cls, engine: Engine) -> DecodeStep | None:
         """The step's buffers and bindings for this engine's graphs, or None where a graph's shapes are not known
         for one token from its own description (the general loop serves then)."""
-        values = {TOKEN_EMBEDDINGS: np.zeros((1, engine.spec.hidden_size), np.float32),
-                  PLE_ROWS: np.zeros((engine.spec.num_hidden_layers, 1, engine.spec.hidden_size_per_layer_input),
-                                     np.float32),
-                  ROWS: np.zeros(1, np.int64)}
+        token = np.zeros(1, np.int64)  # any token: the buffers take the shapes and types of one token's values
+        values = {TOKEN_EMBEDDINGS: np.zeros_like(engine.embed.rows(token)),
+                  PLE_ROWS: np.zeros_like(engine.ple.rows(token)), ROWS: token.copy()}
         for t, f in engine.inv_freq.items():
-            for name in engine.rope_names[t]:
-                values[name] = np.zeros((1, len(f)), np.float32)
+            for name, table in zip(engine.rope_names[t], cos_sin(f, token)):
+                values[name] = np.zeros_like(table)
         start = dict(values)
         buffers, graphs, new_kv = list(values.values()), [], {}
         for step, slot_feeds in zip(engine.steps[:-1], engine.slot_feeds[:-1]):
@@ -154,7 +155,7 @@ class DecodeStep:
             session.run_with_iobinding(binding)
             if layer.scaling is not None:
                 np.multiply(layer.query, layer.scaling, out=layer.scaled)
-            stored = cache.used_slots(engine.spec.layer_types[layer.kv_layer])
+            stored = cache.used_slots(layer.layer_type)
             if kernel is not None and stored < kernel.limit:
                 kernel(stored)
             else:

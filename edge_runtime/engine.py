@@ -8,6 +8,8 @@ values for later graphs, and its query attends over its cache layer's keys and v
 logits. When only the next token's logits are wanted, the graph that takes `rows` returns the last position alone
 and every value is cut to it: the graphs after it (E2B: the 20 KV-shared layers and the 262144-row head) skip the
 rest of the prompt.
+A step of one token after the first runs the same operations over buffers bound once (edge_runtime.decode_step):
+on a small model the fixed cost per call was most of the step.
 Everything the loop needs of the contract (feeds, outputs fetched, where each attention's inputs are among them)
 is resolved once at load, so a layer costs the step no more Python than a hand-written loop would.
 """
