@@ -47,6 +47,7 @@ def _decode_both_ways(artifact, **options) -> None:
     ("shared-mqa-wide", dict(kv="fp16")),  # fp16 full layers (a coded block), fp32 sliding rings (exact)
     ("shared-mqa-wide", dict(kv="tq3.5", kv_recent=4, kv_sliding="int8", threads=2)),  # two coded kinds, a ring
     ("shared-gqa", dict(kv="int8", kv_recent=4, threads=1)),  # two KV heads, each its own call
+    ("3n-causal", dict(kv="fp16")),  # Gemma 3n's graphs (AltUp, Laurel) through the same contract
 ])
 def test_the_decode_step_runs_the_kernel_as_the_general_loop_does(name, options, artifacts, monkeypatch):
     if attention_kernel.load() is None:
