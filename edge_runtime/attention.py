@@ -123,11 +123,6 @@ def _kernel_least(block: Block) -> int:
     return -(-KERNEL_MIN_SHARE_VALUES // (2 * block.key_codec.dim))
 
 
-def _kernel_values(call: _Call) -> int:
-    """The keys and values a kernel call reads."""
-    return sum(2 * block.size * block.key_codec.dim for block in ([call.coded] if call.coded else []) + call.exact)
-
-
 def _exact(block: Block) -> bool:
     """Whether the kernel reads the block as plain float32 rows (any number of them share one call)."""
     return isinstance(block.key_codec, Float32Codec) and isinstance(block.value_codec, Float32Codec)
@@ -154,10 +149,9 @@ def _kernel_calls(head: int, blocks: list[Block], workers: int) -> list[_Call]:
 
 def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecutor | None,
                    workers: int) -> np.ndarray:
-    """Every KV head's calls at once: the pool's threads take all but the first, which this thread runs, when the
-    calls average KERNEL_MIN_SHARE_VALUES (a handoff costs 150-250 us, as for a block's shares; E4B's two KV heads
-    at a short context are a few microseconds each), else this thread runs them all. A head that is one call is
-    finished in the kernel; a head split across calls has its partial softmaxes merged."""
+    """Every KV head's calls at once: the pool's threads take all but the first, which this thread runs (a handoff
+    costs 150-250 us, see KERNEL_MIN_SHARE_VALUES). A head that is one call is finished in the kernel; a head split
+    across calls has its partial softmaxes merged."""
     kernel = attention_kernel.load()
     tokens, kv_heads, groups, head_dim = query.shape
     rows = tokens * groups
@@ -174,7 +168,7 @@ def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoo
         return attention_kernel.attend_head_parts(kernel, q[call.head], call.key_parts, call.value_parts, where,
                                                   exact, groups, finish=calls_of[call.head] == 1)
 
-    if pool and len(calls) > 1 and sum(map(_kernel_values, calls)) >= len(calls) * KERNEL_MIN_SHARE_VALUES:
+    if pool and len(calls) > 1:
         pending = [pool.submit(run, call) for call in calls[1:]]
         results = [run(calls[0]), *(f.result() for f in pending)]
     else:
@@ -196,8 +190,9 @@ class DecodeAttention:
     of each head (the store's used slots) changes size from one step to the next.
 
     It runs what `attend` would run as one kernel call per head on the calling thread, identically; `build` returns
-    None for anything else (no kernel for this machine, sizes past its limits, two coded blocks in a head), and once
-    the store's block reaches `limit` rows, `attend` takes it (it splits it across threads, or hands heads to them).
+    None for anything else (no kernel for this machine, sizes past its limits, two coded blocks in a head, heads the
+    general path hands to its pool), and the store's block is split across threads by `attend` once it reaches
+    `limit` rows.
     """
 
     def __init__(self, calls: list[attention_kernel.HeadCall], coded: bool, limit: float) -> None:
@@ -212,7 +207,7 @@ class DecodeAttention:
         kernel = attention_kernel.load()
         kv_heads, groups, head_dim = query.shape
         workers = workers if pool else 1
-        if kernel is None or KERNEL_TOKENS < 1:
+        if kernel is None or KERNEL_TOKENS < 1 or (pool and kv_heads > 1):
             return None
         calls = []
         for h, head in enumerate(blocks):
@@ -228,10 +223,8 @@ class DecodeAttention:
             where = (coded[0].positions, coded[0].lower, coded[0].upper) if coded else _NOTHING_CODED
             calls.append(attention_kernel.HeadCall(kernel, query[h], *parts, where, exact, groups, True, out[h],
                                                    scratch))
-        first, least = blocks[0][0], _kernel_least(blocks[0][0])
-        limit = workers * least if workers > 1 else float("inf")
-        if workers > 1 and kv_heads > 1:  # _attend_kernel hands heads to the pool once they average its share
-            limit = min(limit, least - sum(block.size for block in blocks[0][1:]))
+        first = blocks[0][0]
+        limit = workers * _kernel_least(first) if workers > 1 else float("inf")
         return cls(calls, not _exact(first), limit)
 
     def __call__(self, stored: int) -> None:

@@ -3,8 +3,6 @@ same cache, to the bit, whichever way each layer's attention goes."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 
@@ -74,21 +72,6 @@ def test_a_store_long_enough_to_split_goes_through_attend(artifacts, monkeypatch
     full_layers = 2  # of the model's 6, in the step after the store reached 80 rows
     assert len(fallbacks) == (TOKENS - 80) * full_layers and len(calls) == (TOKENS - 3) * 6 - len(fallbacks)
     assert len(split) >= len(fallbacks)  # both engines' split layers merged shares
-
-
-def test_heads_worth_a_thread_each_go_through_attend(artifacts, monkeypatch):
-    """Two KV heads go to the pool's threads once they average KERNEL_MIN_SHARE_VALUES (and their stores are split
-    later still): from then on the step hands their layers to `attend`."""
-    if attention_kernel.load() is None:
-        pytest.skip("no attention kernel built for this machine")
-    monkeypatch.setattr(attention, "KERNEL_MIN_SHARE_VALUES", 2 * 48 * 60)  # full layers (dim 48): 60 rows a head
-    calls = _counted(monkeypatch, DecodeAttention, "__call__")
-    fallbacks = _counted(monkeypatch, decode_step, "attend")
-    pooled = _counted(monkeypatch, ThreadPoolExecutor, "submit")
-    _decode_both_ways(artifacts["shared-gqa"], kv="fp16", threads=2)
-    full_layers = edge_runtime.load(artifacts["shared-gqa"]).spec.layer_types.count("full_attention")
-    assert len(fallbacks) == (TOKENS - 59) * full_layers  # 59 stored, the step's own token: 60 rows
-    assert len(calls) + len(fallbacks) == (TOKENS - 3) * 7 and len(pooled) >= len(fallbacks)
 
 
 def test_without_the_kernel_the_decode_step_attends_in_numpy(artifacts, monkeypatch):
