@@ -61,7 +61,7 @@ class DecodeStep:
                  graphs: list[tuple[ort.InferenceSession, ort.IOBinding, _Layer]],
                  last: tuple[ort.InferenceSession, list[str], dict[str, np.ndarray]],
                  new_kv: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
-        self.engine = engine
+        self.owner = engine  # the engine this step is part of (it builds the step with itself)
         self.values = values  # each value's buffer as the step starts: the token's rows and RoPE tables
         self.buffers = buffers  # every buffer bound to a session: the bindings hold bare addresses
         self.graphs = graphs
@@ -126,7 +126,7 @@ class DecodeStep:
 
     def _kernels(self) -> list[DecodeAttention | None]:
         """Each layer's kernel calls for the cache's current arrays."""
-        engine, cache = self.engine, self.engine.cache
+        engine, cache = self.owner, self.owner.cache
         kernels = []
         for _, _, layer in self.graphs:
             cached = cache.blocks(layer.kv_layer, self.seen[layer.layer_type])
@@ -137,7 +137,7 @@ class DecodeStep:
 
     def run(self, ids: np.ndarray) -> np.ndarray:
         """Logits [1, vocab] after the token ids[0] (range-checked), its keys and values committed to the cache."""
-        engine, cache, values = self.engine, self.engine.cache, self.values
+        engine, cache, values = self.owner, self.owner.cache, self.values
         positions = self.positions
         positions[0] = cache.length
         cache.reserve(1)
