@@ -118,6 +118,16 @@ class _Call(NamedTuple):
     value_parts: list
 
 
+def _kernel_least(block: Block) -> int:
+    """The fewest rows of `block` in a kernel call's share of it (KERNEL_MIN_SHARE_VALUES keys and values)."""
+    return -(-KERNEL_MIN_SHARE_VALUES // (2 * block.key_codec.dim))
+
+
+def _exact(block: Block) -> bool:
+    """Whether the kernel reads the block as plain float32 rows (any number of them share one call)."""
+    return isinstance(block.key_codec, Float32Codec) and isinstance(block.value_codec, Float32Codec)
+
+
 def _kernel_calls(head: int, blocks: list[Block], workers: int) -> list[_Call]:
     """A head's blocks as kernel calls: each call takes at most one coded block and any exact float32 ones, share k
     of every block going to call k (a second coded block, to a call of its own)."""
@@ -125,9 +135,8 @@ def _kernel_calls(head: int, blocks: list[Block], workers: int) -> list[_Call]:
     for block in blocks:
         if not block.size:
             continue
-        least = -(-KERNEL_MIN_SHARE_VALUES // (2 * block.key_codec.dim))
-        for k, share in enumerate(_shares(block, workers, least)):
-            exact = isinstance(share.key_codec, Float32Codec) and isinstance(share.value_codec, Float32Codec)
+        for k, share in enumerate(_shares(block, workers, _kernel_least(block))):
+            exact = _exact(share)
             if k == len(calls) or not (exact or calls[k][0] is None):
                 k = len(calls)
                 calls.append((None, []))
@@ -172,6 +181,57 @@ def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoo
 
 
 _NOTHING_CODED = (np.zeros(0, np.int64), None, None)
+
+
+class DecodeAttention:
+    """One layer's attention for one-token steps, its kernel calls built once (HeadCall): over a cache layer's
+    blocks whose arrays stay in place until the cache replaces them (KVCache.layout), the step's own keys, values and
+    bounds in buffers the step overwrites, and its query and output in buffers of their own. Only the first block
+    of each head (the store's used slots) changes size from one step to the next.
+
+    It runs what `attend` would run as one kernel call per head on the calling thread, identically; `build` returns
+    None for anything else (no kernel for this machine, sizes past its limits, two coded blocks in a head, heads the
+    general path hands to its pool), and the store's block is split across threads by `attend` once it reaches
+    `limit` rows.
+    """
+
+    def __init__(self, calls: list[attention_kernel.HeadCall], coded: bool, limit: float) -> None:
+        self.sizes = [(call.call, "coded_n") if coded else (call.exact[0], "n") for call in calls]
+        self.calls = calls
+        self.limit = limit
+
+    @classmethod
+    def build(cls, blocks: list[list[Block]], query: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor | None,
+              workers: int, scratch: np.ndarray) -> DecodeAttention | None:
+        """query and out [kv_heads, groups, head_dim] float32 buffers; blocks per KV head, the growing one first."""
+        kernel = attention_kernel.load()
+        kv_heads, groups, head_dim = query.shape
+        workers = workers if pool else 1
+        if kernel is None or KERNEL_TOKENS < 1 or (pool and kv_heads > 1):
+            return None
+        calls = []
+        for h, head in enumerate(blocks):
+            coded = [block for block in head if not _exact(block)]
+            if len(coded) > 1 or any(len(_shares(block, workers, _kernel_least(block))) > 1 for block in head[1:]):
+                return None
+            parts = (coded[0].key_codec.parts(coded[0].key_codes), coded[0].value_codec.parts(coded[0].value_codes)
+                     ) if coded else ([], [])
+            if not kernel.fits(groups, [head_dim, *(p.width for p in (*parts[0], *parts[1]))]):
+                return None
+            exact = [(b.key_codes["values"], b.value_codes["values"], b.positions, b.lower, b.upper)
+                     for b in head if _exact(b)]
+            where = (coded[0].positions, coded[0].lower, coded[0].upper) if coded else _NOTHING_CODED
+            calls.append(attention_kernel.HeadCall(kernel, query[h], *parts, where, exact, groups, True, out[h],
+                                                   scratch))
+        first = blocks[0][0]
+        limit = workers * _kernel_least(first) if workers > 1 else float("inf")
+        return cls(calls, not _exact(first), limit)
+
+    def __call__(self, stored: int) -> None:
+        """Attend with the first block of each head `stored` rows long (below `limit`)."""
+        for (fields, name), call in zip(self.sizes, self.calls):
+            setattr(fields, name, stored)
+            call()
 
 
 def _scores(block: Block, q: np.ndarray, rows: slice, groups: int) -> np.ndarray:

@@ -138,31 +138,55 @@ class Partial(NamedTuple):
     acc: np.ndarray
 
 
+class HeadCall:
+    """One head's kernel call with its structures built: the ~14 addresses and three structure arrays cost a call
+    ~20 us of Python, several times the kernel's own time at a short context, so a decode step builds them once and
+    runs the call again while the arrays' addresses hold (edge_runtime.decode_attention), changing only the sizes.
+
+    `coded` is (positions, lower, upper) of the rows the parts hold (no rows when the parts are empty); `exact` a
+    list of (keys, values, positions, lower, upper) float32 blocks; `out` the result's buffer, [R, dim] float32 with
+    `finish` (the caller knows no other share of the head is to be merged), else [R * (2 + dim)] for a Partial;
+    `scratch` the kernel's working memory (Kernel.scratch_floats float32), by default the building thread's: a call
+    run again later, perhaps from another thread, brings its own.
+    """
+
+    def __init__(self, kernel: Kernel, q: np.ndarray, key_parts: list[CodePart], value_parts: list[CodePart],
+                 coded: tuple[np.ndarray, np.ndarray | None, np.ndarray | None], exact: list[tuple], groups: int,
+                 finish: bool, out: np.ndarray, scratch: np.ndarray | None = None) -> None:
+        rows, dim = q.shape
+        q = _contiguous(q, np.float32)
+        keep = [(_contiguous(k, np.float32), _contiguous(v, np.float32), _contiguous(pos, np.int64),
+                 _contiguous(lo, np.int64), _contiguous(hi, np.int64)) for k, v, pos, lo, hi in exact]
+        coded = tuple(None if a is None else _contiguous(a, np.int64) for a in coded)
+        scratch = kernel.scratch() if scratch is None else scratch
+        n_key, n_value, n_exact = len(key_parts), len(value_parts), len(exact)
+        self.kernel = kernel
+        self.call = _Call(
+            key_parts=(_Part * max(1, n_key))(*(_part(p, dim) for p in key_parts)),
+            value_parts=(_Part * max(1, n_value))(*(_part(p, dim) for p in value_parts)),
+            exact=(_Exact * max(1, n_exact))(*(_Exact(*(_pointer(a) for a in block), len(block[2]))
+                                              for block in keep)),
+            coded_positions=_pointer(coded[0]), coded_lower=None if coded[1] is None else _pointer(coded[1]),
+            coded_upper=None if coded[2] is None else _pointer(coded[2]), coded_n=len(coded[0]) if key_parts else 0,
+            query=_pointer(q), dim=dim, rows=rows, groups=groups, tokens=-(-rows // groups), n_key_parts=n_key,
+            n_value_parts=n_value, n_exact=n_exact, finish=finish, out=_pointer(out),
+            scratch=_pointer(scratch))
+        # The structures hold bare addresses: the arrays behind them live as long as the call does.
+        self._arrays = (q, keep, coded, key_parts, value_parts, out, scratch)
+        self.exact = self.call.exact
+
+    def __call__(self) -> None:
+        self.kernel.attend(self.call)
+
+
 def attend_head_parts(kernel: Kernel, q: np.ndarray, key_parts: list[CodePart], value_parts: list[CodePart],
                       coded: tuple[np.ndarray, np.ndarray | None, np.ndarray | None], exact: list[tuple],
                       groups: int, finish: bool) -> Partial | np.ndarray:
-    """One head's attention over these blocks for query rows q [R, dim] (row r is token r // groups).
-
-    `coded` is (positions, lower, upper) of the rows the parts hold (no rows when the parts are empty); `exact` a
-    list of (keys, values, positions, lower, upper) float32 blocks. With `finish` (the caller knows no other share
-    of the head is to be merged) the result is the output [R, dim], else the Partial to merge.
-    """
+    """One head's attention over these blocks (HeadCall's arguments) for query rows q [R, dim] (row r is token
+    r // groups): the output [R, dim] with `finish`, else the Partial to merge."""
     rows, dim = q.shape
-    q = _contiguous(q, np.float32)
-    keep = [(_contiguous(k, np.float32), _contiguous(v, np.float32), _contiguous(pos, np.int64),
-             _contiguous(lo, np.int64), _contiguous(hi, np.int64)) for k, v, pos, lo, hi in exact]
-    coded = tuple(None if a is None else _contiguous(a, np.int64) for a in coded)
     out = np.empty(rows * dim if finish else rows * (2 + dim), np.float32)
-    n_key, n_value, n_exact = len(key_parts), len(value_parts), len(exact)
-    call = _Call(
-        key_parts=(_Part * max(1, n_key))(*(_part(p, dim) for p in key_parts)),
-        value_parts=(_Part * max(1, n_value))(*(_part(p, dim) for p in value_parts)),
-        exact=(_Exact * max(1, n_exact))(*(_Exact(*(_pointer(a) for a in block), len(block[2])) for block in keep)),
-        coded_positions=_pointer(coded[0]), coded_lower=None if coded[1] is None else _pointer(coded[1]),
-        coded_upper=None if coded[2] is None else _pointer(coded[2]), coded_n=len(coded[0]) if key_parts else 0,
-        query=_pointer(q), dim=dim, rows=rows, groups=groups, tokens=-(-rows // groups), n_key_parts=n_key,
-        n_value_parts=n_value, n_exact=n_exact, finish=finish, out=_pointer(out), scratch=_pointer(kernel.scratch()))
-    kernel.attend(call)
+    HeadCall(kernel, q, key_parts, value_parts, coded, exact, groups, finish, out)()
     if finish:
         return out.reshape(rows, dim)
     return Partial(out[:rows], out[rows:2 * rows], out[2 * rows:].reshape(rows, dim))

@@ -8,6 +8,8 @@ values for later graphs, and its query attends over its cache layer's keys and v
 logits. When only the next token's logits are wanted, the graph that takes `rows` returns the last position alone
 and every value is cut to it: the graphs after it (E2B: the 20 KV-shared layers and the 262144-row head) skip the
 rest of the prompt.
+A step of one token after the first runs the same operations over buffers bound once (edge_runtime.decode_step):
+on a small model the fixed cost per call was most of the step.
 Everything the loop needs of the contract (feeds, outputs fetched, where each attention's inputs are among them)
 is resolved once at load, so a layer costs the step no more Python than a hand-written loop would.
 """
@@ -25,6 +27,7 @@ import onnxruntime as ort
 
 from edge_runtime.artifact import Manifest
 from edge_runtime.attention import Block, attend
+from edge_runtime.decode_step import DecodeStep
 from edge_runtime.embedding import EmbeddingTable
 from edge_runtime.errors import ArtifactError, EdgeRuntimeError
 from edge_runtime.families.contract import (
@@ -189,6 +192,7 @@ class Engine:
         self.attention_pool = ThreadPoolExecutor(self.attention_workers, "attention") if self.attention_workers > 1 else None
         self.cache = KVCache(spec, kv, kv_recent, kv_sliding)
         self.tokens: list[int] = []  # the ids whose keys and values the cache holds, in order
+        self.decode = DecodeStep.build(self)
 
     def reset(self) -> None:
         self.cache.reset()
@@ -201,6 +205,7 @@ class Engine:
         for step_feeds in self.slot_feeds:
             for name in step_feeds:
                 step_feeds[name] = feeds[name]
+        self.decode = DecodeStep.build(self)  # bound to the slots' arrays
         self.reset()
 
     def reuse(self, token_ids: list[int]) -> int:
@@ -229,6 +234,8 @@ class Engine:
             raise EdgeRuntimeError("no tokens to process")
         if ids.min() < 0 or ids.max() >= self.input_vocab:
             raise EdgeRuntimeError(spec.refuse_token(int(ids.max() if ids.max() >= self.input_vocab else ids.min())))
+        if len(ids) == 1 and cache.length and self.decode is not None:
+            return self.decode.run(ids)
         positions = np.arange(cache.length, cache.length + len(ids), dtype=np.int64)
         cache.reserve(len(ids))
 

@@ -90,11 +90,15 @@ class KVCache:
         self.ring_of = {t: self.recent_slots if r else 0 for t, r in self.recent_of.items()}
         self.recent_positions = np.full(self.recent_slots, -1, dtype=np.int64)
         self.length = 0
+        # Counts the times any store's arrays or slot positions were replaced (reset, growth, a new store): what
+        # holds their addresses (edge_runtime.decode_step) rebuilds when it changes.
+        self.layout = 0
         self.reset()
 
     def reset(self) -> None:
         """Forget all tokens; codecs are rebuilt (and outlier channels re-picked) on the next write."""
         self.length = 0
+        self.layout += 1
         self.stores.clear()
         self.recent_positions[:] = -1
         for layer_type in set(self.spec.layer_types):
@@ -125,6 +129,7 @@ class KVCache:
             if layer_type == SLIDING or needed <= len(slots):
                 continue
             size = -(-needed // self.growth) * self.growth
+            self.layout += 1
             grown = np.full(size, -1, dtype=np.int64)
             grown[: len(slots)] = slots
             self.slot_positions[layer_type] = grown
@@ -136,7 +141,7 @@ class KVCache:
     def _format(self, layer_type: str) -> KVFormat:
         return self.sliding_format if layer_type == SLIDING else self.format
 
-    def _used_slots(self, layer_type: str) -> int:
+    def used_slots(self, layer_type: str) -> int:
         """Slots written so far: positions fill slots in order, and a ring's only once it has wrapped."""
         return min(self.length, len(self.slot_positions[layer_type]))
 
@@ -154,7 +159,7 @@ class KVCache:
         if store is None:
             return [[] for _ in range(self.spec.num_key_value_heads)]
         layer_type = self.spec.layer_types[layer]
-        used = self._used_slots(layer_type)
+        used = self.used_slots(layer_type)
         coded = self.slot_positions[layer_type][:used]
         ring = self.recent_positions[:self.ring_of[layer_type]]
         return [
@@ -168,7 +173,7 @@ class KVCache:
         store = self.stores.get(layer)
         if store is None:
             return 0
-        used = self._used_slots(self.spec.layer_types[layer])
+        used = self.used_slots(self.spec.layer_types[layer])
         coded = sum(s.codec.bytes_per_vector for s in (*store.keys, *store.values)) * used
         ring = self.ring_of[self.spec.layer_types[layer]]
         return coded + sum(s.codec.bytes_per_vector for s in (*store.recent_keys, *store.recent_values)) * ring
@@ -203,6 +208,7 @@ class KVCache:
                     continue
                 if i not in self.stores:
                     self.stores[i] = self._new_store(i, keys, values)
+                    self.layout += 1
                 store = self.stores[i]
                 for h in range(len(keys)):
                     store.keys[h].write(index, keys[h, -len(keep):])

@@ -88,5 +88,6 @@ def test_every_attention_of_a_decode_agrees_with_numpy(name, artifacts, monkeypa
 
     monkeypatch.setattr(engine, "attend", both)
     model = edge_runtime.load(artifacts["shared-mqa-wide"], kv=name, kv_recent=4, kv_sliding=name)
+    model.engine.decode = None  # every step through the loop that calls `attend` (test_decode_step: same calls)
     model.logits(np.arange(3, 3 + 40), mode="decode")
     assert len(checked) == 40 * model.spec.num_hidden_layers and max(checked) > 40

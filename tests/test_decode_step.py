@@ -1,0 +1,82 @@
+"""The one-token decode step (edge_runtime.decode_step) against the engine's general loop: the same logits and the
+same cache, to the bit, whichever way each layer's attention goes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edge_runtime
+from edge_runtime import attention, attention_kernel, decode_step
+from edge_runtime.attention import DecodeAttention
+
+TOKENS = 300  # past the full layers' first growth (kv_cache.GROWTH) and many times round the sliding rings
+
+
+def _counted(monkeypatch, owner, name: str) -> list[int]:
+    calls = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def _decode_both_ways(artifact, **options) -> None:
+    fast, general = edge_runtime.load(artifact, **options), edge_runtime.load(artifact, **options)
+    general.engine.decode = None
+    ids = np.random.default_rng(0).integers(4, fast.spec.input_vocab_size, size=TOKENS)
+    for model in (fast, general):
+        model.engine.reset()
+    assert np.array_equal(fast.engine.forward(ids[:3], True), general.engine.forward(ids[:3], True))
+    for token in ids[3:]:
+        assert np.array_equal(fast.engine.forward(np.array([token]), False),
+                              general.engine.forward(np.array([token]), False))
+    assert fast.engine.tokens == general.engine.tokens == ids.tolist()
+    for layer, store in fast.engine.cache.stores.items():
+        other = general.engine.cache.stores[layer]
+        for mine, theirs in zip((*store.keys, *store.values, *store.recent_keys, *store.recent_values),
+                                (*other.keys, *other.values, *other.recent_keys, *other.recent_values)):
+            assert all(np.array_equal(mine.data[name], theirs.data[name]) for name in mine.data)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("shared-mqa-wide", dict(kv="fp16")),  # fp16 full layers (a coded block), fp32 sliding rings (exact)
+    ("shared-mqa-wide", dict(kv="tq3.5", kv_recent=4, kv_sliding="int8", threads=2)),  # two coded kinds, a ring
+    ("shared-gqa", dict(kv="int8", kv_recent=4, threads=1)),  # two KV heads, each its own call
+    ("3n-causal", dict(kv="fp16")),  # Gemma 3n's graphs (AltUp, Laurel) through the same contract
+])
+def test_the_decode_step_runs_the_kernel_as_the_general_loop_does(name, options, artifacts, monkeypatch):
+    if attention_kernel.load() is None:
+        pytest.skip("no attention kernel built for this machine")
+    calls = _counted(monkeypatch, DecodeAttention, "__call__")
+    fallbacks = _counted(monkeypatch, decode_step, "attend")
+    _decode_both_ways(artifacts[name], **options)
+    layers = edge_runtime.load(artifacts[name]).spec.num_hidden_layers
+    assert (len(calls), len(fallbacks)) == ((TOKENS - 3) * layers, 0)
+
+
+def test_a_store_long_enough_to_split_goes_through_attend(artifacts, monkeypatch):
+    """Past DecodeAttention.limit the general path shares a store between threads and merges the shares: the step
+    hands such a layer to `attend`, and the others still run their prepared calls."""
+    if attention_kernel.load() is None:
+        pytest.skip("no attention kernel built for this machine")
+    monkeypatch.setattr(attention, "KERNEL_MIN_SHARE_VALUES", 2 * 32 * 40)  # full layers (dim 32): 80 rows split
+    calls = _counted(monkeypatch, DecodeAttention, "__call__")
+    fallbacks = _counted(monkeypatch, decode_step, "attend")
+    split = _counted(monkeypatch, attention_kernel, "merge")
+    _decode_both_ways(artifacts["shared-mqa-wide"], kv="fp16", threads=2)
+    full_layers = 2  # of the model's 6, in the step after the store reached 80 rows
+    assert len(fallbacks) == (TOKENS - 80) * full_layers and len(calls) == (TOKENS - 3) * 6 - len(fallbacks)
+    assert len(split) >= len(fallbacks)  # both engines' split layers merged shares
+
+
+def test_without_the_kernel_the_decode_step_attends_in_numpy(artifacts, monkeypatch):
+    monkeypatch.setattr(attention_kernel, "load", lambda: None)
+    calls = _counted(monkeypatch, DecodeAttention, "__call__")
+    fallbacks = _counted(monkeypatch, decode_step, "attend")
+    _decode_both_ways(artifacts["shared-mqa-wide"], kv="tq3.5", kv_recent=4)
+    assert (len(calls), len(fallbacks)) == (0, (TOKENS - 3) * 6)
