@@ -84,7 +84,7 @@ CASES = {c.name: c for c in [
     *(Case(f"ple-{p}", f"ple-{p}", kv="fp32") for p in ("int8", "int4", "tq4", "tq3", "tq2")),
     *(Case(f"kv-{k}", "fp32", kv=k, kv_recent=0, kv_sliding=k) for k in KV_FORMATS),
 ]}
-SMOKE_CASES = ("fp32", "int8", "int4-b32")
+SMOKE_CASES = ("fp32", "int8", "int4-b32", "int8-block-b128")
 # The weight formats computed by com.microsoft.MatMulNBits, whose arithmetic depends on the CPU (probes.py tells
 # which ran): int8 activations per block where MLAS has an integer kernel for the node (x86; ARM with dot-product
 # instructions), fp32 activations where it has none (ARM without dot product, the Pi 4: for int8-block the whole
