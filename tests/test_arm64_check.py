@@ -181,6 +181,14 @@ def test_every_case_names_an_exported_artifact_and_every_cpu_a_qemu_model() -> N
     assert set(cases.CPU_DEPENDENT_WEIGHTS) == nbits == {a.weights for a in cases.ARTIFACTS.values()} & nbits
 
 
+def test_a_run_restricted_to_some_cases_still_exports_what_its_other_steps_load() -> None:
+    check = _check_module()
+    assert check.needed_artifacts(["int8-block-b128"], smoke=True) == ["int8-block-b128"]
+    assert check.needed_artifacts(["int8-block-b128"], smoke=False) == [
+        "fp16", "fp32", "int4-b128", "int4-b32", "int8", "int8-block-b128"]  # node lists, perplexity, serve
+    assert check.needed_artifacts(list(cases.CASES), smoke=False) == sorted(cases.ARTIFACTS)
+
+
 def test_folded_rows_show_the_member_nearest_its_allowance_and_fail_with_any_member() -> None:
     x86 = {"kv-fp32": _run(1.0, 1.0), "kv-int8": _run(1.0, 1.0), "kv-int8@noise1": _run(1.0, 1.1)}
     rows = [*compare.compare_case("cortex-a76", "kv-fp32", _run(1.00005, 1.0), compare.reference_for("kv-fp32", A76),
