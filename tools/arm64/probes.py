@@ -2,8 +2,9 @@
 
 MLAS picks the kernel for MatMulNBits (accuracy level 4) by CPU feature, inside onnxruntime, where no log shows
 it: x86 and ARM cores with dot-product instructions quantize the activations to int8 per block of `block_size`
-values (symmetric, scale max|a|/127; for 8-bit weights ARM's dotprod kernel then adds 128 to those codes for its
-unsigned dot product and corrects with block sums, the same values); an ARM core without them has no int8 kernel
+values (symmetric, scale max|a|/127; for 8-bit weights ARM's dotprod kernel adds 128 to those codes for its
+unsigned dot product and subtracts the offset's block sums afterwards in fp32, the same values to ~1e-5 of the
+largest output where the signed kernels give ~1e-6); an ARM core without them has no int8 kernel
 for 4-bit or 8-bit weights and keeps the activations in fp32 (for 8-bit, by widening the whole weight to fp32 at
 every run); where KleidiAI takes the node (4-bit only: dotprod cores, K a multiple of the block, no zero points),
 activations are quantized per row, asymmetrically (KleidiAI's qai8dx packing). Each choice leaves its own rounding
