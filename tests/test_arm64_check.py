@@ -53,6 +53,9 @@ def test_fake_devices_are_detected_as_their_profiles(tmp_path: Path) -> None:
     ("int4-b32/no-kleidiai", A76, ("int4-b32/no-kleidiai", "noise")),
     ("int4-b128", A76, ("int4-b128", "noise")),  # K not a multiple of 128: MLAS, as x86
     ("int4-b128/no-kleidiai", A72, ("int4-b128+fp32-activations", "noise")),
+    ("int8-block-b128", A72, ("int8-block-b128+fp32-activations", "noise")),  # no 8-bit kernel: weights widened
+    ("int8-block-b128", A76, ("int8-block-b128", "noise")),  # MLAS int8 per block, as x86: KleidiAI is 4-bit only
+    ("int8-block-b128", PHONE, ("int8-block-b128", "noise")),
 ])
 def test_each_case_is_held_to_the_x86_run_of_its_arithmetic(case: str, features: dict, expected: tuple) -> None:
     reference = compare.reference_for(case, features)
@@ -94,19 +97,30 @@ def test_a_row_fails_beyond_its_tolerance_or_on_other_tokens() -> None:
     assert not report.ok and "**NO**" in report.format()
 
 
-def test_probes_classify_this_hosts_int4_kernel_as_int8_per_block(tmp_path: Path) -> None:
-    """x86's MLAS quantizes MatMulNBits' activations per block (AVX2, AVX-512 and VNNI alike)."""
+@pytest.mark.parametrize(("accuracy_level", "arithmetic"), [(4, "int8 per block"), (0, "fp32 activations")])
+def test_probes_classify_this_hosts_4_and_8_bit_kernels(tmp_path: Path, accuracy_level: int, arithmetic: str) -> None:
+    """x86's MLAS quantizes MatMulNBits' activations per block at accuracy level 4 (AVX2, AVX-512 and VNNI alike),
+    for 4-bit and 8-bit weights, and keeps them in fp32 at level 0 (the arithmetic of an ARM core without dot
+    product): the probes tell the two apart, and tell every candidate from the others."""
     probes.write_probes(tmp_path)
     a = np.load(tmp_path / "activations.npy")
-    for model in sorted(tmp_path.glob("*.onnx")):
-        weights = np.load(model.with_suffix(".npz"))
-        k = onnx.load(str(model)).graph.input[0].type.tensor_type.shape.dim[1].dim_value
-        output = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"A": a[:, :k]})[0]
-        best, distances = probes.classify(output, weights["codes"], weights["scale"], a[:, :k])
-        assert best == "int8 per block" and distances[best] < 1e-5 < min(
-            d for name, d in distances.items() if name != best), (model.name, distances)
-        for name, reference in probes.candidates(weights["codes"], weights["scale"], a[:, :k]).items():
-            assert probes.classify(reference, weights["codes"], weights["scale"], a[:, :k])[0] == name
+    models = sorted(tmp_path.glob("*.onnx"))
+    assert [m.stem for m in models] == sorted(probes.probe_name(*shape) for shape in probes.SHAPES)
+    assert {int(np.load(m.with_suffix(".npz"))["bits"]) for m in models} == {4, 8}
+    for path in models:
+        weights = np.load(path.with_suffix(".npz"))
+        model = onnx.load(str(path))
+        (level,) = [attr for attr in model.graph.node[0].attribute if attr.name == "accuracy_level"]
+        level.i = accuracy_level
+        k = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        output = session.run(None, {"A": a[:, :k]})[0]
+        codes, scale, bits = weights["codes"], weights["scale"], int(weights["bits"])
+        best, distances = probes.classify(output, codes, scale, a[:, :k], bits)
+        assert best == arithmetic and distances[best] < 1e-5 and 1e-3 < min(
+            d for name, d in distances.items() if name != best), (path.name, distances)
+        for name, reference in probes.candidates(codes, scale, a[:, :k], bits).items():
+            assert probes.classify(reference, codes, scale, a[:, :k], bits)[0] == name
 
 
 def test_fp32_activation_variant_is_a_valid_artifact_at_accuracy_level_0(tmp_path: Path, monkeypatch) -> None:
@@ -161,6 +175,18 @@ def test_every_case_names_an_exported_artifact_and_every_cpu_a_qemu_model() -> N
     assert all(c.artifact in cases.ARTIFACTS for c in cases.CASES.values())
     assert set(cases.SMOKE_CASES) <= set(cases.CASES) and cases.SMOKE_CPU in cases.CPUS
     assert json.loads(json.dumps(cases.CPUS))  # plain data: the guest imports it before anything else
+    from edge_runtime.weight_formats import WEIGHT_FORMATS, Int4, weight_format
+
+    nbits = {name for name in WEIGHT_FORMATS if isinstance(weight_format(name, 32), Int4)}  # MatMulNBits' formats
+    assert set(cases.CPU_DEPENDENT_WEIGHTS) == nbits == {a.weights for a in cases.ARTIFACTS.values()} & nbits
+
+
+def test_a_run_restricted_to_some_cases_still_exports_what_its_other_steps_load() -> None:
+    check = _check_module()
+    assert check.needed_artifacts(["int8-block-b128"], smoke=True) == ["int8-block-b128"]
+    assert check.needed_artifacts(["int8-block-b128"], smoke=False) == [
+        "fp16", "fp32", "int4-b128", "int4-b32", "int8", "int8-block-b128"]  # node lists, perplexity, serve
+    assert check.needed_artifacts(list(cases.CASES), smoke=False) == sorted(cases.ARTIFACTS)
 
 
 def test_folded_rows_show_the_member_nearest_its_allowance_and_fail_with_any_member() -> None:

@@ -68,6 +68,7 @@ ARTIFACTS = {a.name: a for a in [
     ArtifactSpec("int8", "int8", 32, "int8"),
     ArtifactSpec("int4-b32", "int4", 32, "int4"),
     ArtifactSpec("int4-b128", "int4", 128, "fp32"),
+    ArtifactSpec("int8-block-b128", "int8-block", 128, "fp32"),
     *(ArtifactSpec(f"ple-{p}", "fp32", 32, p) for p in ("int8", "int4", "tq4", "tq3", "tq2")),
 ]}
 # Every KV format, with no exact recent tokens and the sliding rings in the format too, so that every stored
@@ -78,18 +79,28 @@ NO_KLEIDIAI = (("mlas.disable_kleidiai", "1"),)
 
 CASES = {c.name: c for c in [
     Case("fp32", "fp32", kv="fp32"),  # float32 throughout: the parity bound, 1e-4
-    *(Case(name, name) for name in ("fp16", "int8", "int4-b32", "int4-b128")),
+    *(Case(name, name) for name in ("fp16", "int8", "int4-b32", "int4-b128", "int8-block-b128")),
     *(Case(f"int4-b{b}/no-kleidiai", f"int4-b{b}", session_entries=NO_KLEIDIAI) for b in (32, 128)),
     *(Case(f"ple-{p}", f"ple-{p}", kv="fp32") for p in ("int8", "int4", "tq4", "tq3", "tq2")),
     *(Case(f"kv-{k}", "fp32", kv=k, kv_recent=0, kv_sliding=k) for k in KV_FORMATS),
 ]}
-SMOKE_CASES = ("fp32", "int8", "int4-b32")
-# The int4 artifacts are also run on the host with MatMulNBits' fp32 compute (accuracy level 0): the arithmetic
-# of a CPU without dot-product instructions, whose MLAS has no int8 kernel for 4-bit weights (see check's docs).
+SMOKE_CASES = ("fp32", "int8", "int4-b32", "int8-block-b128")
+# The weight formats computed by com.microsoft.MatMulNBits, whose arithmetic depends on the CPU (probes.py tells
+# which ran): int8 activations per block where MLAS has an integer kernel for the node (x86; ARM with dot-product
+# instructions), fp32 activations where it has none (ARM without dot product, the Pi 4: for int8-block the whole
+# weight is widened to fp32 at every run), int8 per row where KleidiAI takes it (int4 only). Their artifacts are
+# also run on the host with MatMulNBits' fp32 compute (accuracy level 0): the Pi 4's arithmetic (see check's docs).
+CPU_DEPENDENT_WEIGHTS = ("int4", "int8-block")
 FP32_ACTIVATION_SUFFIX = "+fp32-activations"
-QUALITY_ARTIFACTS = ("fp32", "int4-b32", "int4-b128")
+# The runs whose held-out perplexity is scored (runner.run_quality: on a CPU, those whose arithmetic it changes),
+# the runs whose onnxruntime node types are listed (runner.run_kernels), and the artifact `edge-runtime serve` loads:
+# exported for every run of the full check, whichever cases it compares.
+QUALITY_CASES = ("fp32", "fp16", "int4-b32", "int4-b32/no-kleidiai", "int4-b128", "int8-block-b128")
+NODE_CASES = ("fp32", "fp16", "int4-b32", "int4-b32/no-kleidiai", "int8-block-b128")
+SERVE_ARTIFACT = "int8"
 
 
 def case(name: str) -> Case:
-    """A case by name; `ARTIFACT+fp32-activations` is the host-only run of an int4 artifact at accuracy level 0."""
+    """A case by name; `ARTIFACT+fp32-activations` is the host-only run of a CPU_DEPENDENT_WEIGHTS artifact at
+    accuracy level 0."""
     return Case(name, name) if name.endswith(FP32_ACTIVATION_SUFFIX) else CASES[name]

@@ -7,10 +7,11 @@ own int8/int4 results depend on the host's ISA, so checked-in numbers would go s
 - Kernels that round values computed at run time (int8 and int4 activations, KV codes): integer products are exact
   on every CPU, but fp32 rounding upstream differs by ulps between CPUs and can flip a code. How far that moves a
   format's logits is measured on x86 with inputs perturbed by one ulp (runner.perturb_inputs); see allowed().
-- int4 has three arithmetics (probes.py tells which ran): int8 activations per block (x86; ARM with dot-product
-  where KleidiAI does not take the node), fp32 activations (ARM without dot-product: the Pi 4, compared with x86
-  running the artifact at accuracy level 0), int8 per row (KleidiAI), which has no x86 counterpart and is held to
-  the rounding allowance and, in the README, to its measured quality.
+- MatMulNBits (int4, int8-block: cases.CPU_DEPENDENT_WEIGHTS) has three arithmetics (probes.py tells which ran):
+  int8 activations per block (x86; ARM with dot-product where KleidiAI does not take the node), fp32 activations
+  (ARM without dot-product: the Pi 4, compared with x86 running the artifact at accuracy level 0), int8 per row
+  (KleidiAI, int4 only), which has no x86 counterpart and is held to the rounding allowance and, in the README, to
+  its measured quality.
 - fp16 on cores with FP16 arithmetic, which run the fp16 graph in half precision where x86 computes in fp32.
 """
 
@@ -58,10 +59,8 @@ def reference_for(case: str, features: dict[str, bool]) -> Reference:
     spec = cases.CASES[case]
     if spec.weights == "fp16" and features.get("fp16"):
         return Reference(case, "x86 (ARM computes in fp16)", "fp16")
-    if spec.weights not in ("int8", "int4"):
+    if spec.weights not in cases.CPU_DEPENDENT_WEIGHTS:
         return Reference(case, "x86", "noise" if spec.rounds_at_run_time else "exact")
-    if spec.weights == "int8":
-        return Reference(case, "x86", "noise")
     if not features.get("dotprod"):
         return Reference(f"{spec.artifact}{cases.FP32_ACTIVATION_SUFFIX}", "x86, fp32 activations", "noise")
     if dict(spec.session_entries).get("mlas.disable_kleidiai") == "1" or not kleidiai_takes(spec.artifact):
@@ -70,10 +69,12 @@ def reference_for(case: str, features: dict[str, bool]) -> Reference:
 
 
 def kleidiai_takes(artifact: str) -> bool:
-    """Whether KleidiAI runs an int4 artifact's matmuls on a dot-product CPU: onnxruntime's UseKleidiAI wants K a
-    multiple of the block (and no zero points). In the bundled model (hidden 192, MLP 288 and 576) block 32 always
-    qualifies and block 128 never: its nodes stay on MLAS's per-block kernel (the probes show both)."""
-    return cases.ARTIFACTS[artifact].block_size == 32
+    """Whether KleidiAI runs an artifact's matmuls on a dot-product CPU: int4 only (onnxruntime's KleidiAI path is
+    for 4-bit weights), and onnxruntime's UseKleidiAI wants K a multiple of the block (and no zero points). In the
+    bundled model (hidden 192, MLP 288 and 576) block 32 always qualifies and block 128 never: its nodes stay on
+    MLAS's per-block kernel (the probes show both)."""
+    spec = cases.ARTIFACTS[artifact]
+    return spec.weights == "int4" and spec.block_size == 32
 
 
 def allowed(reference: Reference, path: str, x86: dict[str, dict[str, np.ndarray]], k_max: int) -> tuple[float, bool]:
@@ -132,8 +133,9 @@ def compare_case(cpu: str, case: str, result: dict[str, np.ndarray], reference: 
 
 
 def fp32_activation_variant(artifact: Path, out: Path) -> Path:
-    """A copy of an int4 artifact whose MatMulNBits nodes compute in fp32 (accuracy level 0), the manifest's hashes
-    updated: what a CPU without dot-product instructions computes, run on x86 (host side: needs onnx)."""
+    """A copy of an int4 or int8-block artifact whose MatMulNBits nodes compute in fp32 (accuracy level 0), the
+    manifest's hashes updated: what a CPU without dot-product instructions computes, run on x86 (host side: needs
+    onnx)."""
     import onnx
 
     from edge_runtime.artifact import MANIFEST, file_entry
@@ -289,18 +291,23 @@ def probe_signatures(probes: Path, kernels: dict) -> dict[str, tuple[str, dict[s
     for key, output in kernels["probes"].items():
         weights = _load(probes / f"{key.split('/')[0]}.npz")
         k = int(key.split("_")[1][1:])
-        out[key] = classify(np.asarray(output, np.float64), weights["codes"], weights["scale"], a[:, :k])
+        out[key] = classify(np.asarray(output, np.float64), weights["codes"], weights["scale"], a[:, :k],
+                            int(weights["bits"]))
     return out
 
 
 def kernel_summary(case: str, features: dict[str, bool], path: str) -> str:
     """The kernel a case's matmuls ran on this CPU: MLAS's dispatch by CPU feature (onnxruntime's
     mlas/lib/platform.cpp, qnbitgemm_kernel_neon.cpp, kleidiai/kai_ukernel_interface.cpp), confirmed where
-    arithmetic shows it by the probes (int4) and by the onnxruntime profiler's node list (every format)."""
+    arithmetic shows it by the probes (int4, int8-block) and by the onnxruntime profiler's node list (every format)."""
     weights = cases.CASES[case].weights
     if weights == "int8":
         kernel = "ummla" if features.get("i8mm") else "udot" if features.get("dotprod") else "NEON umull"
         return f"DynamicQuantizeMatMul: MLAS u8 GEMM, {kernel}"
+    if weights == "int8-block":
+        if not features.get("dotprod"):
+            return "MatMulNBits 8-bit: weights widened to fp32 every run, SGEMM (fp32 activations)"
+        return f"MatMulNBits 8-bit: MLAS, int8 per block, {'i8mm' if features.get('i8mm') else 'udot'}"
     if weights == "int4":
         if not features.get("dotprod"):
             return "MatMulNBits: MLAS, fp32 activations"

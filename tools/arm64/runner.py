@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cases import CASES, GREEDY_TOKENS, NOISE_RUNS, PROMPT, Case, case
+from cases import CASES, GREEDY_TOKENS, NODE_CASES, NOISE_RUNS, PROMPT, QUALITY_CASES, Case, case
 
 import edge_runtime
 from edge_runtime import attention_kernel, engine
@@ -104,13 +104,14 @@ def run_logits(artifacts: Path, out: Path, names: list[str], noise_runs: int = 0
 def run_quality(artifacts: Path, out: Path, tokens: int) -> None:
     """Perplexity of the first `tokens` held-out tokens per artifact, and each one's top-1 agreement with fp32.
 
-    Only the runs whose arithmetic this CPU changes: fp16 where it computes in half precision, KleidiAI's int4
-    and MLAS's (KleidiAI off) where it has dot-product instructions. Block 128 never reaches KleidiAI in the
-    bundled model (compare.kleidiai_takes), so its KleidiAI-off run would repeat the default. The host (no
-    features) runs them all."""
+    Only the runs whose arithmetic this CPU changes (cases.QUALITY_CASES): fp16 where it computes in half
+    precision, KleidiAI's int4 and MLAS's (KleidiAI off) where it has dot-product instructions, MatMulNBits' int4 and
+    int8-block everywhere. Block 128 never reaches KleidiAI in the bundled model (compare.kleidiai_takes), so its
+    KleidiAI-off run would repeat the default. The host (no features) runs them all."""
     features = cpu_features()
-    names = ["fp32", *(["fp16"] if features.get("fp16") or not features else []), "int4-b32",
-             *(["int4-b32/no-kleidiai"] if features.get("dotprod") or not features else []), "int4-b128"]
+    skipped = set() if not features else {
+        *([] if features.get("fp16") else ["fp16"]), *([] if features.get("dotprod") else ["int4-b32/no-kleidiai"])}
+    names = [name for name in QUALITY_CASES if name not in skipped]
     text = (BUNDLED_CHECKPOINT / "heldout.txt").read_text(encoding="utf-8")
     rows, base = {}, None
     for name in names:
@@ -157,7 +158,7 @@ def run_kernels(artifacts: Path, probes: Path, out: Path) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     result = {"machine": __import__("platform").machine(), "onnxruntime": ort.__version__,
               "features": cpu_features(), "nodes": {}, "probes": {}}
-    for name in ("fp32", "fp16", "int4-b32", "int4-b32/no-kleidiai"):
+    for name in NODE_CASES:
         result["nodes"][name] = node_types(artifacts, CASES[name], tmp)
     a = np.load(probes / "activations.npy")
     for model in sorted(probes.glob("*.onnx")):
