@@ -255,24 +255,25 @@ class Int4(WeightFormat):
 
     block_size: int | None = 32
     name: ClassVar[str] = "int4"
+    bits: ClassVar[int] = 4
     summary: ClassVar[str] = "Q4_0 grid per block of --block-size, fp32 scale per block (com.microsoft.MatMulNBits)"
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES:
-            raise ValueError(f"block size {self.block_size} is not available for int4; choose one of "
+            raise ValueError(f"block size {self.block_size} is not available for {self.name}; choose one of "
                              f"{', '.join(map(str, BLOCK_SIZES))}")
 
     def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
-        codes, scale = quantize_int4_blocks(w, self.block_size)
+        codes, scale = self.encode_rows(w)
         return {"codes": codes, "scale": scale.reshape(-1)}
 
     def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
-        return g.contrib("MatMulNBits", x, refs["codes"], refs["scale"], K=k, N=n, bits=4, block_size=self.block_size,
-                         accuracy_level=NBITS_ACCURACY_LEVEL)
+        return g.contrib("MatMulNBits", x, refs["codes"], refs["scale"], K=k, N=n, bits=self.bits,
+                         block_size=self.block_size, accuracy_level=NBITS_ACCURACY_LEVEL)
 
     def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
         blocks = block_count(k, self.block_size)
-        codes, scales = n * blocks * self.block_size // 2, 4 * n * blocks
+        codes, scales = n * blocks * self.block_size * self.bits // 8, 4 * n * blocks
         return codes + scales, codes + NBITS_SCALE_COPIES * scales
 
     def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -283,7 +284,7 @@ class Int4(WeightFormat):
 
     def row_layout(self, k: int) -> tuple[Layout, Layout]:
         blocks = block_count(k, self.block_size)
-        return ((blocks, self.block_size // 2), np.dtype(np.uint8)), ((blocks,), np.dtype(np.float32))
+        return ((blocks, self.block_size * self.bits // 8), np.dtype(np.uint8)), ((blocks,), np.dtype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -299,37 +300,16 @@ class Int8Block(Int4):
     against int8 per channel's DynamicQuantizeMatMul 283-298 us; block 64 173-185, block 32 207-211."""
 
     name: ClassVar[str] = "int8-block"
+    bits: ClassVar[int] = 8
     needs_int8_dot_product: ClassVar[bool] = True
     summary: ClassVar[str] = ("Q8_0 grid per block of --block-size, fp32 scale per block (com.microsoft.MatMulNBits "
                               "8-bit; CPUs with int8 dot products)")
-
-    def __post_init__(self) -> None:
-        if self.block_size not in BLOCK_SIZES:
-            raise ValueError(f"block size {self.block_size} is not available for int8-block; choose one of "
-                             f"{', '.join(map(str, BLOCK_SIZES))}")
-
-    def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
-        codes, scale = quantize_int8_blocks(w, self.block_size)
-        return {"codes": codes, "scale": scale.reshape(-1)}
-
-    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
-        return g.contrib("MatMulNBits", x, refs["codes"], refs["scale"], K=k, N=n, bits=8, block_size=self.block_size,
-                         accuracy_level=NBITS_ACCURACY_LEVEL)
-
-    def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
-        blocks = block_count(k, self.block_size)
-        codes, scales = n * blocks * self.block_size, 4 * n * blocks
-        return codes + scales, codes + NBITS_SCALE_COPIES * scales
 
     def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return quantize_int8_blocks(rows, self.block_size)
 
     def decode_rows(self, codes: np.ndarray, scales: np.ndarray | None, k: int) -> np.ndarray:
         return dequantize_int8_blocks(codes, scales, k)
-
-    def row_layout(self, k: int) -> tuple[Layout, Layout]:
-        blocks = block_count(k, self.block_size)
-        return ((blocks, self.block_size), np.dtype(np.uint8)), ((blocks,), np.dtype(np.float32))
 
 
 _FORMATS: dict[str, type[WeightFormat]] = {f.name: f for f in (Float32, Float16, Int8, Int4, Int8Block)}
