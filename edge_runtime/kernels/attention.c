@@ -36,8 +36,11 @@
 /* floats of scratch a call needs (the caller's, one buffer per thread): key tile, value tile, scores, weights,
  * running maximum and sum, the transposed query of each key part and of the exact blocks, an accumulator for each
  * value part and the exact blocks */
-#define SCRATCH_FLOATS ((GROUP + CHUNK) * (MAX_WIDTH + SKEW) + 2 * CHUNK * MAX_ROWS + 2 * MAX_ROWS \
-                        + 2 * (MAX_PARTS + 1) * MAX_ROWS * MAX_WIDTH)
+#define SCRATCH_USED ((GROUP + CHUNK) * (MAX_WIDTH + SKEW) + 2 * CHUNK * MAX_ROWS + 2 * MAX_ROWS \
+                        + 2 * (MAX_PARTS + 1) * MAX_ROWS * MAX_WIDTH + 2 * MAX_ROWS * MAX_WIDTH)
+/* and 16 floats to start at a cache line: the caller's buffer (numpy's) may be 16 bytes past one, and then every
+ * other vector load of a tile would straddle two lines */
+#define SCRATCH_FLOATS (SCRATCH_USED + 16)
 #define EXPORT __attribute__((visibility("default")))
 
 typedef float vf __attribute__((vector_size(32)));
@@ -289,28 +292,58 @@ static inline float factor(const Part *part, int64_t row) {
     return part->coef * (part->scale ? part->scale[row] : 1.0f);
 }
 
-/* scores[column + g][block rows] += factors[g] * <query rows of the block, key g> for the 4 keys k0..k3, every row
- * block. qT is [rows / 8][width][8] (width a multiple of 16). */
-static void score_group(const float *qT, int64_t rows, int64_t width, const float *k0, const float *k1,
+/* The 8 horizontal sums of v0..v7, lane i holding vi's: three rounds of adding pairs of lanes (in-lane shuffles,
+ * then one across the halves), no scalar code. */
+static inline vf sums8(vf v0, vf v1, vf v2, vf v3, vf v4, vf v5, vf v6, vf v7) {
+    const vi even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
+    const vf t0 = __builtin_shuffle(v0, v1, even) + __builtin_shuffle(v0, v1, odd);
+    const vf t1 = __builtin_shuffle(v2, v3, even) + __builtin_shuffle(v2, v3, odd);
+    const vf t2 = __builtin_shuffle(v4, v5, even) + __builtin_shuffle(v4, v5, odd);
+    const vf t3 = __builtin_shuffle(v6, v7, even) + __builtin_shuffle(v6, v7, odd);
+    const vi low = {0, 1, 8, 9, 4, 5, 12, 13}, high = {2, 3, 10, 11, 6, 7, 14, 15};
+    const vf u0 = __builtin_shuffle(t0, t1, low) + __builtin_shuffle(t0, t1, high);
+    const vf u1 = __builtin_shuffle(t2, t3, low) + __builtin_shuffle(t2, t3, high);
+    const vi first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
+    return __builtin_shuffle(u0, u1, first) + __builtin_shuffle(u0, u1, second);
+}
+
+/* Keeps 4 loaded vectors in registers: GCC otherwise folds each load into every multiply-add that uses it (x86's
+ * memory operands), reading each vector once per use, and the loads, not the multiply-adds, set the pace. A NEON
+ * multiply-add takes registers only. */
+static inline void in_register(vf *a, vf *b, vf *c, vf *d) {
+#if defined(__x86_64__) && defined(__AVX__)
+    __asm__("" : "+x"(*a), "+x"(*b), "+x"(*c), "+x"(*d));
+#else
+    (void)a, (void)b, (void)c, (void)d;
+#endif
+}
+
+/* scores[column + g][r] += factors[g] * <query row r, key g> for the 4 keys k0..k3, every row r. q is [rows][width]
+ * (rows a multiple of 2, width of 8). Vectors run along the dimensions: 2 query rows x 4 keys are 8 independent
+ * sums, fed by 6 vector loads (a broadcast per multiply-add, as a vector of rows would need, is a load each and
+ * left the multiply-adds waiting on the load ports), and summed across their lanes once per row pair. */
+static void score_group(const float *q, int64_t rows, int64_t width, const float *k0, const float *k1,
                         const float *k2, const float *k3, const float *factors, float *scores, int column) {
-    for (int64_t block = 0; block < rows / ROW_BLOCK; block++) {
-        const float *q = qT + block * width * ROW_BLOCK;
+    for (int64_t r = 0; r < rows; r += 2) {
+        const float *q0 = q + r * width, *q1 = q0 + width;
         vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-        for (int64_t j = 0; j < width; j += 2) {
-            const vf q0 = load8(q + j * ROW_BLOCK), q1 = load8(q + (j + 1) * ROW_BLOCK);
-            a0 += q0 * k0[j];
-            a1 += q0 * k1[j];
-            a2 += q0 * k2[j];
-            a3 += q0 * k3[j];
-            b0 += q1 * k0[j + 1];
-            b1 += q1 * k1[j + 1];
-            b2 += q1 * k2[j + 1];
-            b3 += q1 * k3[j + 1];
+        for (int64_t j = 0; j < width; j += 8) {
+            const vf x0 = load8(q0 + j), x1 = load8(q1 + j);
+            vf y0 = load8(k0 + j), y1 = load8(k1 + j), y2 = load8(k2 + j), y3 = load8(k3 + j);
+            in_register(&y0, &y1, &y2, &y3);
+            a0 += x0 * y0;
+            a1 += x0 * y1;
+            a2 += x0 * y2;
+            a3 += x0 * y3;
+            b0 += x1 * y0;
+            b1 += x1 * y1;
+            b2 += x1 * y2;
+            b3 += x1 * y3;
         }
-        const vf sums[GROUP] = {a0 + b0, a1 + b1, a2 + b2, a3 + b3};
+        const vf sums = sums8(a0, a1, a2, a3, b0, b1, b2, b3);
         for (int g = 0; g < GROUP; g++) {
-            float *s = scores + (column + g) * rows + block * ROW_BLOCK;
-            store8(s, load8(s) + sums[g] * factors[g]);
+            scores[(column + g) * rows + r] += sums[g] * factors[g];
+            scores[(column + g) * rows + r + 1] += sums[GROUP + g] * factors[g];
         }
     }
 }
@@ -491,6 +524,14 @@ static void transpose_rows(const float *rows_in, int64_t rows, int64_t width, fl
     }
 }
 
+/* [rows / 8][width][8] -> [rows][width] (rows a multiple of 8): the layout score_group reads. */
+static void untranspose_rows(const float *in, int64_t rows, int64_t width, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *block = in + r / ROW_BLOCK * width * ROW_BLOCK + r % ROW_BLOCK;
+        for (int64_t j = 0; j < width; j++) out[r * width + j] = block[j * ROW_BLOCK];
+    }
+}
+
 /* Runs one call (see Call). Returns 0, or -1 for a part wider than MAX_WIDTH, more than MAX_ROWS rows or more than
  * MAX_PARTS parts (the caller checks first; a guard). */
 EXPORT int edge_runtime_attend_head(const Call *call) {
@@ -503,14 +544,18 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
         const int32_t width = call->value_parts[p].width;
         if (padded(width) > MAX_WIDTH) return -1;
     }
-    float *const ktile = call->scratch, *const vtile = ktile + GROUP * (MAX_WIDTH + SKEW);
+    float *const scratch = (float *)(((uintptr_t)call->scratch + 63) & ~(uintptr_t)63);
+    float *const ktile = scratch, *const vtile = ktile + GROUP * (MAX_WIDTH + SKEW);
     float *const scores = vtile + CHUNK * (MAX_WIDTH + SKEW), *const weights = scores + CHUNK * MAX_ROWS;
     float *next = weights + CHUNK * MAX_ROWS;
     State st = {.rows = rows, .groups = call->groups, .tokens = tokens, .m = next, .s = next + rows};
     next += 2 * rows;
+    /* the query rows padded ([rows][P(dim)]), which score_group reads; transposed, which transform_query reads */
     const float *queries[MAX_PARTS];
-    float *const query = next;
-    transpose_rows(call->query, call->rows, dim, query);
+    float *const query = next, *const query_t = scratch + SCRATCH_USED - 2 * MAX_ROWS * MAX_WIDTH;
+    float *const part_t = query_t + MAX_ROWS * MAX_WIDTH;
+    transpose_rows(call->query, call->rows, dim, query_t);
+    untranspose_rows(query_t, rows, pdim, query);
     next += rows * pdim;
     for (int p = 0; p < call->n_key_parts && call->coded_n > 0; p++) {
         const Part *part = &call->key_parts[p];
@@ -518,7 +563,8 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
             queries[p] = query;
             continue;
         }
-        transform_query(query, rows, pdim, part, next);
+        transform_query(query_t, rows, pdim, part, part_t);
+        untranspose_rows(part_t, rows, padded(part->width), next);
         queries[p] = next;
         next += rows * padded(part->width);
     }
