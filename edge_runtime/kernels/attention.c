@@ -391,41 +391,81 @@ typedef struct {
     int n_accs;
 } State;
 
-/* Mask a chunk's scores ([CHUNK][rows]) by position, fold them into the running softmax, leave their weights. */
+static inline vf splat(float x) { return (vf){0} + x; }
+
+static inline vf max8(vf a, vf b) {
+    const vi more = a > b;
+    return (vf)((more & (vi)a) | (~more & (vi)b));
+}
+
+/* exp_f32 on 8 lanes at once: the same steps, the rounding to nearest done by truncating x log2(e) +- 1/2. */
+static inline vf exp8(vf x) {
+    const vi zero = x < splat(-87.33654f);
+    x = max8(x, splat(-87.33654f));
+    x = -max8(-x, splat(-88.72283f));
+    const vf t = x * 1.44269504088896341f;
+    const vf half = (vf)(((vi)t & (vi)splat(-0.0f)) | (vi)splat(0.5f));
+    const vi ni = __builtin_convertvector(t + half, vi);
+    const vf n = __builtin_convertvector(ni, vf);
+    vf r = x - n * 0.693359375f;
+    r -= n * -2.12194440e-4f;
+    const vf r2 = r * r;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r2 + r + 1.0f;
+    return (vf)((vi)(p * (vf)((ni + 127) << 23)) & ~zero);
+}
+
+/* Mask a chunk's scores ([CHUNK][rows]) by position, fold them into the running softmax, leave their weights: rows
+ * 8 at a time in the lanes of a vector (maximum, exponentials, sums); masking, and rescaling the accumulators of a
+ * row whose maximum grew, one row at a time. */
 static void softmax_chunk(State *st, float *scores, const int64_t *positions, int64_t start, int count,
                           const int64_t *lower, const int64_t *upper) {
     const int64_t rows = st->rows;
+    int64_t first = positions[start], last = first;
+    for (int i = 1; i < count; i++) {
+        const int64_t p = positions[start + i];
+        first = p < first ? p : first;
+        last = p > last ? p : last;
+    }
     for (int64_t r = 0; r < rows; r++) {
         int64_t t = r / st->groups;
         if (t >= st->tokens) t = st->tokens - 1;
         const int64_t lo = lower[t], hi = upper[t];
-        float top = st->m[r];
+        if (lo <= first && last <= hi) continue; /* every row of the chunk seen */
         for (int i = 0; i < count; i++) {
             const int64_t p = positions[start + i];
             if (p < lo || p > hi) scores[i * rows + r] = -__builtin_inff();
-            else if (scores[i * rows + r] > top) top = scores[i * rows + r];
         }
-        if (top == -__builtin_inff()) {
-            for (int i = 0; i < CHUNK; i++) scores[i * rows + r] = 0.0f;
-            continue;
-        }
-        if (top > st->m[r]) {
-            const float rescale = exp_f32(st->m[r] - top);
-            st->s[r] *= rescale;
+    }
+    for (int64_t b = 0; b < rows; b += ROW_BLOCK) {
+        const vf m = load8(st->m + b);
+        vf top = m;
+        for (int i = 0; i < count; i++) top = max8(top, load8(scores + i * rows + b));
+        for (int l = 0; l < ROW_BLOCK; l++) {
+            if (!(top[l] > m[l]) || m[l] == -__builtin_inff()) continue;
+            const float rescale = exp_f32(m[l] - top[l]);
+            st->s[b + l] *= rescale;
             for (int p = 0; p < st->n_accs; p++) {
-                float *acc = st->accs[p] + r * st->widths[p];
+                float *acc = st->accs[p] + (b + l) * st->widths[p];
                 for (int64_t j = 0; j < st->widths[p]; j++) acc[j] *= rescale;
             }
-            st->m[r] = top;
         }
-        float sum = 0.0f;
+        store8(st->m + b, top);
+        /* a row that has seen nothing keeps -inf, and its weights are exp(-inf - 0) = 0 */
+        const vf shift = (vf)((vi)top & ~(top == splat(-__builtin_inff())));
+        vf sum = {0};
         for (int i = 0; i < count; i++) {
-            const float weight = exp_f32(scores[i * rows + r] - top);
-            scores[i * rows + r] = weight;
+            const vf weight = exp8(load8(scores + i * rows + b) - shift);
+            store8(scores + i * rows + b, weight);
             sum += weight;
         }
-        st->s[r] += sum;
-        for (int i = count; i < CHUNK; i++) scores[i * rows + r] = 0.0f;
+        store8(st->s + b, load8(st->s + b) + sum);
+        for (int i = count; i < CHUNK; i++) store8(scores + i * rows + b, (vf){0});
     }
 }
 
