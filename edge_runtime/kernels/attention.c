@@ -199,80 +199,83 @@ static inline vf lookup8(const Centroids *t, vu codes) {
 #endif
 }
 
-/* One stored row of a part -> out[0:P(width)] float32, zeros past width. */
-static void widen(const Part *part, int64_t row, float *restrict out) {
+/* One stored row of a packed part -> out[0:width]: packing.py's layouts, code t of a byte at bit bits * t, so the
+ * codes of 8 values lie in `bits` bytes (for 3 bits: 2 bytes of the low 2-bit plane and 1 of the high 1-bit
+ * plane); each group of 8 is shifted apart in the lanes of one integer vector and looked up in the centroids by one
+ * variable shuffle (lookup8). */
+static inline void widen_packed(const uint8_t *bytes, int32_t bits, int32_t width, const Centroids *table,
+                                float *restrict out) {
+    const int32_t groups = (width + 7) / 8;
+    switch (bits) {
+    case 4: {
+        const vu shift = {0, 4, 8, 12, 16, 20, 24, 28};
+        for (int32_t g = 0; g < groups; g++)
+            store8(out + 8 * g, lookup8(table, ((vu){0} + load_u32(bytes + 4 * g)) >> shift & 15));
+        break;
+    }
+    case 2: {
+        const vu shift = {0, 2, 4, 6, 8, 10, 12, 14};
+        for (int32_t g = 0; g < groups; g++)
+            store8(out + 8 * g, lookup8(table, ((vu){0} + load_u16(bytes + 2 * g)) >> shift & 3));
+        break;
+    }
+    case 1: {
+        const vu shift = {0, 1, 2, 3, 4, 5, 6, 7};
+        for (int32_t g = 0; g < groups; g++)
+            store8(out + 8 * g, lookup8(table, ((vu){0} + bytes[g]) >> shift & 1));
+        break;
+    }
+    default: { /* 3 bits: a 2-bit plane of the low bits, then a 1-bit plane of the high bits */
+        const vu shift_low = {0, 2, 4, 6, 8, 10, 12, 14}, shift_high = {0, 1, 2, 3, 4, 5, 6, 7};
+        const uint8_t *high_plane = bytes + 2 * groups;
+        for (int32_t g = 0; g < groups; g++) {
+            const vu index = (((vu){0} + load_u16(bytes + 2 * g)) >> shift_low & 3)
+                             | (((vu){0} + high_plane[g]) >> shift_high & 1) << 2;
+            store8(out + 8 * g, lookup8(table, index));
+        }
+    }
+    }
+}
+
+/* One stored row of a half-precision part -> out[0:width]. */
+static inline void widen_f16(const uint8_t *bytes, int32_t width, float *restrict out) {
+#if defined(__F16C__) || defined(__aarch64__)
+    /* the hardware converts 8 (x86-64-v3's F16C vcvtph2ps) or 4 (every Armv8-A core's fcvtl) at a time */
+    const _Float16 *h = (const _Float16 *)bytes;
+    int32_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= width; j += 8) _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
+#else
+    for (; j + 4 <= width; j += 4) vst1q_f32(out + j, vcvt_f32_f16(vld1_f16((const __fp16 *)(h + j))));
+#endif
+    for (; j < width; j++) out[j] = (float)h[j];
+#else
+    /* binary16 -> binary32 by its bits: magnitude shifted and rebiased by a multiply (subnormals too), sign */
+    const uint16_t *h = (const uint16_t *)bytes;
+    uint32_t *bits = (uint32_t *)out;
+    for (int32_t j = 0; j < width; j++) bits[j] = (uint32_t)(h[j] & 0x7FFF) << 13;
+    for (int32_t j = 0; j < width; j++) out[j] *= 5.192296858534828e+33f; /* 2**112 */
+    for (int32_t j = 0; j < width; j++) bits[j] |= (uint32_t)(h[j] & 0x8000) << 16;
+#endif
+}
+
+/* One stored row of a part -> out[0:P(width)] float32, zeros past width. A packed part's centroids are the
+ * caller's, read from its table once a call (per row they cost as much as a row of 256 codes). */
+static void widen(const Part *part, const Centroids *table, int64_t row, float *restrict out) {
     const uint8_t *bytes = part->codes + row * part->stride;
     const int32_t width = part->width;
     switch (part->kind) {
     case F32:
         copy_floats(out, (const float *)bytes, width);
         break;
-    case F16: {
-#if defined(__F16C__) || defined(__aarch64__)
-        /* the hardware converts 8 (x86-64-v3's F16C vcvtph2ps) or 4 (every Armv8-A core's fcvtl) at a time */
-        const _Float16 *h = (const _Float16 *)bytes;
-        int32_t j = 0;
-#if defined(__F16C__)
-        for (; j + 8 <= width; j += 8) _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
-#else
-        for (; j + 4 <= width; j += 4) vst1q_f32(out + j, vcvt_f32_f16(vld1_f16((const __fp16 *)(h + j))));
-#endif
-        for (; j < width; j++) out[j] = (float)h[j];
-#else
-        /* binary16 -> binary32 by its bits: magnitude shifted and rebiased by a multiply (subnormals too), sign */
-        const uint16_t *h = (const uint16_t *)bytes;
-        uint32_t *bits = (uint32_t *)out;
-        for (int32_t j = 0; j < width; j++) bits[j] = (uint32_t)(h[j] & 0x7FFF) << 13;
-        for (int32_t j = 0; j < width; j++) out[j] *= 5.192296858534828e+33f; /* 2**112 */
-        for (int32_t j = 0; j < width; j++) bits[j] |= (uint32_t)(h[j] & 0x8000) << 16;
-#endif
+    case F16:
+        widen_f16(bytes, width, out);
         break;
-    }
-    case I8: {
-        const int8_t *c = (const int8_t *)bytes;
-        for (int32_t j = 0; j < width; j++) out[j] = (float)c[j];
+    case I8:
+        for (int32_t j = 0; j < width; j++) out[j] = (float)((const int8_t *)bytes)[j];
         break;
-    }
-    default: { /* packing.py's layouts: code t of a byte at bit bits * t, so the codes of 8 values lie in `bits`
-                * bytes (for 3 bits: 2 bytes of the low 2-bit plane and 1 of the high 1-bit plane); each group of
-                * 8 is shifted apart in the lanes of one integer vector and looked up in the centroids by one
-                * variable shuffle (lookup8) */
-        const Centroids table = centroids(part);
-        const int32_t groups = (width + 7) / 8;
-        switch (part->bits) {
-        case 4: {
-            const vu shift = {0, 4, 8, 12, 16, 20, 24, 28};
-            for (int32_t g = 0; g < groups; g++) {
-                const uint32_t word = load_u32(bytes + 4 * g);
-                store8(out + 8 * g, lookup8(&table, ((vu){0} + word) >> shift & 15));
-            }
-            break;
-        }
-        case 2: {
-            const vu shift = {0, 2, 4, 6, 8, 10, 12, 14};
-            for (int32_t g = 0; g < groups; g++) {
-                const uint32_t word = load_u16(bytes + 2 * g);
-                store8(out + 8 * g, lookup8(&table, ((vu){0} + word) >> shift & 3));
-            }
-            break;
-        }
-        case 1: {
-            const vu shift = {0, 1, 2, 3, 4, 5, 6, 7};
-            for (int32_t g = 0; g < groups; g++)
-                store8(out + 8 * g, lookup8(&table, ((vu){0} + bytes[g]) >> shift & 1));
-            break;
-        }
-        default: { /* 3 bits: a 2-bit plane of the low bits, then a 1-bit plane of the high bits */
-            const vu shift_low = {0, 2, 4, 6, 8, 10, 12, 14}, shift_high = {0, 1, 2, 3, 4, 5, 6, 7};
-            const uint8_t *high_plane = bytes + 2 * groups;
-            for (int32_t g = 0; g < groups; g++) {
-                const vu index = (((vu){0} + load_u16(bytes + 2 * g)) >> shift_low & 3)
-                                 | (((vu){0} + high_plane[g]) >> shift_high & 1) << 2;
-                store8(out + 8 * g, lookup8(&table, index));
-            }
-        }
-        }
-    }
+    default:
+        widen_packed(bytes, part->bits, width, table, out);
     }
     zero_floats(out + width, padded(width) - width);
 }
@@ -622,6 +625,11 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
     zero_floats(st.accs[0], next - st.accs[0]);
 
     float factors[GROUP];
+    Centroids key_tables[MAX_PARTS], value_tables[MAX_PARTS];
+    for (int p = 0; p < call->n_key_parts; p++)
+        if (call->key_parts[p].kind == PACKED) key_tables[p] = centroids(&call->key_parts[p]);
+    for (int p = 0; p < call->n_value_parts; p++)
+        if (call->value_parts[p].kind == PACKED) value_tables[p] = centroids(&call->value_parts[p]);
     for (int64_t start = 0; start < call->coded_n; start += CHUNK) {
         const int count = (int)(call->coded_n - start < CHUNK ? call->coded_n - start : CHUNK);
         if (start + CHUNK < call->coded_n) {
@@ -634,12 +642,11 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                 const Part *part = &call->key_parts[p];
                 const int64_t tile = padded(part->width) + SKEW;
                 for (int g = 0; g < GROUP; g++) {
-                    float *row = ktile + g * tile;
                     if (column + g < count) {
-                        widen(part, start + column + g, row);
+                        widen(part, &key_tables[p], start + column + g, ktile + g * tile);
                         factors[g] = factor(part, start + column + g);
                     } else {
-                        zero_floats(row, padded(part->width));
+                        zero_floats(ktile + g * tile, padded(part->width));
                         factors[g] = 0.0f;
                     }
                 }
@@ -652,7 +659,7 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
             const Part *part = &call->value_parts[p];
             const int64_t tile = padded(part->width) + SKEW;
             for (int k = 0; k < count; k++) {
-                widen(part, start + k, vtile + k * tile);
+                widen(part, &value_tables[p], start + k, vtile + k * tile);
                 const float f = factor(part, start + k);
                 for (int64_t r = 0; r < rows; r++) weights[k * rows + r] = scores[k * rows + r] * f;
             }
