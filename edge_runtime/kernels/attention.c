@@ -199,6 +199,22 @@ static inline vf lookup8(const Centroids *t, vu codes) {
 #endif
 }
 
+/* lookup8 for codes < 8 (3 bits and fewer): half the table, one shuffle (x86's vpermps) or a two-register tbl. */
+static inline vf lookup8_low(const Centroids *t, vu codes) {
+#if defined(__aarch64__)
+    union { vu v; uint32x4_t q[2]; } c = {codes};
+    union { vf v; float32x4_t q[2]; } r;
+    const uint8x16x2_t low = {{t->bytes.val[0], t->bytes.val[1]}};
+    for (int h = 0; h < 2; h++) {
+        const uint32x4_t index = vmlaq_n_u32(vdupq_n_u32(0x03020100u), c.q[h], 0x04040404u);
+        r.q[h] = vreinterpretq_f32_u8(vqtbl2q_u8(low, vreinterpretq_u8_u32(index)));
+    }
+    return r.v;
+#else
+    return __builtin_shuffle(t->low, (vi)codes);
+#endif
+}
+
 /* One stored row of a packed part -> out[0:width]: packing.py's layouts, code t of a byte at bit bits * t, so the
  * codes of 8 values lie in `bits` bytes (for 3 bits: 2 bytes of the low 2-bit plane and 1 of the high 1-bit
  * plane); each group of 8 is shifted apart in the lanes of one integer vector and looked up in the centroids by one
@@ -216,13 +232,13 @@ static inline void widen_packed(const uint8_t *bytes, int32_t bits, int32_t widt
     case 2: {
         const vu shift = {0, 2, 4, 6, 8, 10, 12, 14};
         for (int32_t g = 0; g < groups; g++)
-            store8(out + 8 * g, lookup8(table, ((vu){0} + load_u16(bytes + 2 * g)) >> shift & 3));
+            store8(out + 8 * g, lookup8_low(table, ((vu){0} + load_u16(bytes + 2 * g)) >> shift & 3));
         break;
     }
     case 1: {
         const vu shift = {0, 1, 2, 3, 4, 5, 6, 7};
         for (int32_t g = 0; g < groups; g++)
-            store8(out + 8 * g, lookup8(table, ((vu){0} + bytes[g]) >> shift & 1));
+            store8(out + 8 * g, lookup8_low(table, ((vu){0} + bytes[g]) >> shift & 1));
         break;
     }
     default: { /* 3 bits: a 2-bit plane of the low bits, then a 1-bit plane of the high bits */
@@ -231,7 +247,7 @@ static inline void widen_packed(const uint8_t *bytes, int32_t bits, int32_t widt
         for (int32_t g = 0; g < groups; g++) {
             const vu index = (((vu){0} + load_u16(bytes + 2 * g)) >> shift_low & 3)
                              | (((vu){0} + high_plane[g]) >> shift_high & 1) << 2;
-            store8(out + 8 * g, lookup8(table, index));
+            store8(out + 8 * g, lookup8_low(table, index));
         }
     }
     }
