@@ -329,13 +329,11 @@ static inline vf sums8(vf v0, vf v1, vf v2, vf v3, vf v4, vf v5, vf v6, vf v7) {
 /* Keeps 4 loaded vectors in registers: GCC otherwise folds each load into every multiply-add that uses it (x86's
  * memory operands), reading each vector once per use, and the loads, not the multiply-adds, set the pace. A NEON
  * multiply-add takes registers only. */
-static inline void in_register(vf *a, vf *b, vf *c, vf *d) {
 #if defined(__x86_64__) && defined(__AVX__)
-    __asm__("" : "+x"(*a), "+x"(*b), "+x"(*c), "+x"(*d));
+#define IN_REGISTER(a, b, c, d) __asm__("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d))
 #else
-    (void)a, (void)b, (void)c, (void)d;
+#define IN_REGISTER(a, b, c, d) ((void)0)
 #endif
-}
 
 /* scores[column + g][r] += factors[g] * <query row r, key g> for the 4 keys k0..k3, every row r. q is [rows][width]
  * (rows a multiple of 2, width of 8). Vectors run along the dimensions: 2 query rows x 4 keys are 8 independent
@@ -349,7 +347,7 @@ static void score_group(const float *q, int64_t rows, int64_t width, const float
         for (int64_t j = 0; j < width; j += 8) {
             const vf x0 = load8(q0 + j), x1 = load8(q1 + j);
             vf y0 = load8(k0 + j), y1 = load8(k1 + j), y2 = load8(k2 + j), y3 = load8(k3 + j);
-            in_register(&y0, &y1, &y2, &y3);
+            IN_REGISTER(y0, y1, y2, y3);
             a0 += x0 * y0;
             a1 += x0 * y1;
             a2 += x0 * y2;
