@@ -71,6 +71,19 @@ __attribute__((visibility("hidden"))) void *memset(void *dst, int c, size_t n) {
     return dst;
 }
 
+/* The two loops that do the multiply-adds are written for the machine's own registers (8 floats with AVX, 4 with
+ * NEON or SSE): GCC lowers a vector wider than the machine's to pieces kept in memory, so on aarch64 every
+ * multiply-add of an 8-float sum went through the stack. */
+#if defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+typedef float vn __attribute__((vector_size(4 * LANES)));
+typedef float vn_unaligned __attribute__((vector_size(4 * LANES), aligned(4)));
+static inline vn loadn(const float *p) { return *(const vn_unaligned *)p; }
+static inline void storen(float *p, vn v) { *(vn_unaligned *)p = v; }
+
 static inline vf load8(const float *p) { return *(const vf_unaligned *)p; }
 
 static inline void store8(float *p, vf v) { *(vf_unaligned *)p = v; }
@@ -311,19 +324,31 @@ static inline float factor(const Part *part, int64_t row) {
     return part->coef * (part->scale ? part->scale[row] : 1.0f);
 }
 
-/* The 8 horizontal sums of v0..v7, lane i holding vi's: three rounds of adding pairs of lanes (in-lane shuffles,
- * then one across the halves), no scalar code. */
-static inline vf sums8(vf v0, vf v1, vf v2, vf v3, vf v4, vf v5, vf v6, vf v7) {
+/* The horizontal sums of 2 x 4 vectors into out[0:8]: rounds of adding pairs of lanes (shuffles within the
+ * vectors, then across them), no scalar code. */
+static inline void sums8(vn a0, vn a1, vn a2, vn a3, vn b0, vn b1, vn b2, vn b3, float *out) {
+#if LANES == 8
     const vi even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
-    const vf t0 = __builtin_shuffle(v0, v1, even) + __builtin_shuffle(v0, v1, odd);
-    const vf t1 = __builtin_shuffle(v2, v3, even) + __builtin_shuffle(v2, v3, odd);
-    const vf t2 = __builtin_shuffle(v4, v5, even) + __builtin_shuffle(v4, v5, odd);
-    const vf t3 = __builtin_shuffle(v6, v7, even) + __builtin_shuffle(v6, v7, odd);
+    const vf t0 = __builtin_shuffle(a0, a1, even) + __builtin_shuffle(a0, a1, odd);
+    const vf t1 = __builtin_shuffle(a2, a3, even) + __builtin_shuffle(a2, a3, odd);
+    const vf t2 = __builtin_shuffle(b0, b1, even) + __builtin_shuffle(b0, b1, odd);
+    const vf t3 = __builtin_shuffle(b2, b3, even) + __builtin_shuffle(b2, b3, odd);
     const vi low = {0, 1, 8, 9, 4, 5, 12, 13}, high = {2, 3, 10, 11, 6, 7, 14, 15};
     const vf u0 = __builtin_shuffle(t0, t1, low) + __builtin_shuffle(t0, t1, high);
     const vf u1 = __builtin_shuffle(t2, t3, low) + __builtin_shuffle(t2, t3, high);
     const vi first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
-    return __builtin_shuffle(u0, u1, first) + __builtin_shuffle(u0, u1, second);
+    store8(out, __builtin_shuffle(u0, u1, first) + __builtin_shuffle(u0, u1, second));
+#else
+    typedef int32_t vin __attribute__((vector_size(16)));
+    const vin even = {0, 2, 4, 6}, odd = {1, 3, 5, 7};
+    const vn ta = __builtin_shuffle(a0, a1, even) + __builtin_shuffle(a0, a1, odd);
+    const vn ua = __builtin_shuffle(a2, a3, even) + __builtin_shuffle(a2, a3, odd);
+    const vn tb = __builtin_shuffle(b0, b1, even) + __builtin_shuffle(b0, b1, odd);
+    const vn ub = __builtin_shuffle(b2, b3, even) + __builtin_shuffle(b2, b3, odd);
+    /* ta = a0[0]+a0[1], a0[2]+a0[3], a1[0]+a1[1], a1[2]+a1[3] */
+    storen(out, __builtin_shuffle(ta, ua, even) + __builtin_shuffle(ta, ua, odd));
+    storen(out + 4, __builtin_shuffle(tb, ub, even) + __builtin_shuffle(tb, ub, odd));
+#endif
 }
 
 /* Keeps 4 loaded vectors in registers: GCC otherwise folds each load into every multiply-add that uses it (x86's
@@ -343,10 +368,10 @@ static void score_group(const float *q, int64_t rows, int64_t width, const float
                         const float *k2, const float *k3, const float *factors, float *scores, int column) {
     for (int64_t r = 0; r < rows; r += 2) {
         const float *q0 = q + r * width, *q1 = q0 + width;
-        vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-        for (int64_t j = 0; j < width; j += 8) {
-            const vf x0 = load8(q0 + j), x1 = load8(q1 + j);
-            vf y0 = load8(k0 + j), y1 = load8(k1 + j), y2 = load8(k2 + j), y3 = load8(k3 + j);
+        vn a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        for (int64_t j = 0; j < width; j += LANES) {
+            const vn x0 = loadn(q0 + j), x1 = loadn(q1 + j);
+            vn y0 = loadn(k0 + j), y1 = loadn(k1 + j), y2 = loadn(k2 + j), y3 = loadn(k3 + j);
             IN_REGISTER(y0, y1, y2, y3);
             a0 += x0 * y0;
             a1 += x0 * y1;
@@ -357,7 +382,8 @@ static void score_group(const float *q, int64_t rows, int64_t width, const float
             b2 += x1 * y2;
             b3 += x1 * y3;
         }
-        const vf sums = sums8(a0, a1, a2, a3, b0, b1, b2, b3);
+        float sums[2 * GROUP];
+        sums8(a0, a1, a2, a3, b0, b1, b2, b3, sums);
         for (int g = 0; g < GROUP; g++) {
             scores[(column + g) * rows + r] += sums[g] * factors[g];
             scores[(column + g) * rows + r + 1] += sums[GROUP + g] * factors[g];
@@ -366,18 +392,20 @@ static void score_group(const float *q, int64_t rows, int64_t width, const float
 }
 
 /* acc[r][0:width] += sum over k < count of weights[k][r] * values[k][0:width], every row r: 4 rows x 16 dimensions
- * held in 8 vector sums across the chunk, the rows innermost so that a strip of 16 dimensions of the chunk's values
- * is read from L1 by every group of 4 rows. values rows are `stride` floats apart; width is a multiple of 16. */
+ * held in registers across the chunk (8 vector sums with AVX, 16 with NEON's 32 registers), the rows innermost so
+ * that a strip of 16 dimensions of the chunk's values is read from L1 by every group of 4 rows. values rows are
+ * `stride` floats apart; width is a multiple of 16. */
 static void accumulate(float *acc, int64_t rows, int64_t width, const float *values, int64_t stride,
                        const float *weights, int count) {
     for (int64_t j = 0; j < width; j += 16) {
         for (int64_t r = 0; r < rows; r += 4) {
             float *c = acc + r * width + j;
-            vf c00 = load8(c), c01 = load8(c + 8), c10 = load8(c + width), c11 = load8(c + width + 8);
-            vf c20 = load8(c + 2 * width), c21 = load8(c + 2 * width + 8);
-            vf c30 = load8(c + 3 * width), c31 = load8(c + 3 * width + 8);
+#if LANES == 8
+            vn c00 = loadn(c), c01 = loadn(c + 8), c10 = loadn(c + width), c11 = loadn(c + width + 8);
+            vn c20 = loadn(c + 2 * width), c21 = loadn(c + 2 * width + 8);
+            vn c30 = loadn(c + 3 * width), c31 = loadn(c + 3 * width + 8);
             for (int k = 0; k < count; k++) {
-                const vf v0 = load8(values + k * stride + j), v1 = load8(values + k * stride + j + 8);
+                const vn v0 = loadn(values + k * stride + j), v1 = loadn(values + k * stride + j + 8);
                 const float *w = weights + k * rows + r;
                 c00 += w[0] * v0;
                 c01 += w[0] * v1;
@@ -388,14 +416,32 @@ static void accumulate(float *acc, int64_t rows, int64_t width, const float *val
                 c30 += w[3] * v0;
                 c31 += w[3] * v1;
             }
-            store8(c, c00);
-            store8(c + 8, c01);
-            store8(c + width, c10);
-            store8(c + width + 8, c11);
-            store8(c + 2 * width, c20);
-            store8(c + 2 * width + 8, c21);
-            store8(c + 3 * width, c30);
-            store8(c + 3 * width + 8, c31);
+            storen(c, c00);
+            storen(c + 8, c01);
+            storen(c + width, c10);
+            storen(c + width + 8, c11);
+            storen(c + 2 * width, c20);
+            storen(c + 2 * width + 8, c21);
+            storen(c + 3 * width, c30);
+            storen(c + 3 * width + 8, c31);
+#else
+            vn s[4][4];
+            for (int l = 0; l < 4; l++)
+                for (int h = 0; h < 4; h++) s[l][h] = loadn(c + l * width + 4 * h);
+            for (int k = 0; k < count; k++) {
+                const float *v = values + k * stride + j;
+                const vn v0 = loadn(v), v1 = loadn(v + 4), v2 = loadn(v + 8), v3 = loadn(v + 12);
+                const vn w = loadn(weights + k * rows + r);
+                for (int l = 0; l < 4; l++) {
+                    s[l][0] += w[l] * v0;
+                    s[l][1] += w[l] * v1;
+                    s[l][2] += w[l] * v2;
+                    s[l][3] += w[l] * v3;
+                }
+            }
+            for (int l = 0; l < 4; l++)
+                for (int h = 0; h < 4; h++) storen(c + l * width + 4 * h, s[l][h]);
+#endif
         }
     }
 }
