@@ -196,35 +196,31 @@ static Centroids centroids(const Part *part) {
     return t;
 }
 
-/* The values of 8 codes (each < 16). NEON's tbl looks up bytes: code c becomes the byte indices 4c .. 4c + 3 of
+/* out[0:8] = the values of 8 codes (each < 16). NEON's tbl looks up bytes: code c becomes the byte indices 4c .. 4c + 3 of
  * its float (c * 0x04040404 + 0x03020100, little-endian lanes). GCC's generic shuffle is scalar code there. */
-static inline vf lookup8(const Centroids *t, vu codes) {
+static inline void lookup8(const Centroids *t, vu codes, float *out) {
 #if defined(__aarch64__)
     union { vu v; uint32x4_t q[2]; } c = {codes};
-    union { vf v; float32x4_t q[2]; } r;
     for (int h = 0; h < 2; h++) {
         const uint32x4_t index = vmlaq_n_u32(vdupq_n_u32(0x03020100u), c.q[h], 0x04040404u);
-        r.q[h] = vreinterpretq_f32_u8(vqtbl4q_u8(t->bytes, vreinterpretq_u8_u32(index)));
+        vst1q_f32(out + 4 * h, vreinterpretq_f32_u8(vqtbl4q_u8(t->bytes, vreinterpretq_u8_u32(index))));
     }
-    return r.v;
 #else
-    return __builtin_shuffle(t->low, t->high, (vi)codes);
+    store8(out, __builtin_shuffle(t->low, t->high, (vi)codes));
 #endif
 }
 
 /* lookup8 for codes < 8 (3 bits and fewer): half the table, one shuffle (x86's vpermps) or a two-register tbl. */
-static inline vf lookup8_low(const Centroids *t, vu codes) {
+static inline void lookup8_low(const Centroids *t, vu codes, float *out) {
 #if defined(__aarch64__)
     union { vu v; uint32x4_t q[2]; } c = {codes};
-    union { vf v; float32x4_t q[2]; } r;
     const uint8x16x2_t low = {{t->bytes.val[0], t->bytes.val[1]}};
     for (int h = 0; h < 2; h++) {
         const uint32x4_t index = vmlaq_n_u32(vdupq_n_u32(0x03020100u), c.q[h], 0x04040404u);
-        r.q[h] = vreinterpretq_f32_u8(vqtbl2q_u8(low, vreinterpretq_u8_u32(index)));
+        vst1q_f32(out + 4 * h, vreinterpretq_f32_u8(vqtbl2q_u8(low, vreinterpretq_u8_u32(index))));
     }
-    return r.v;
 #else
-    return __builtin_shuffle(t->low, (vi)codes);
+    store8(out, __builtin_shuffle(t->low, (vi)codes));
 #endif
 }
 
@@ -239,19 +235,19 @@ static inline void widen_packed(const uint8_t *bytes, int32_t bits, int32_t widt
     case 4: {
         const vu shift = {0, 4, 8, 12, 16, 20, 24, 28};
         for (int32_t g = 0; g < groups; g++)
-            store8(out + 8 * g, lookup8(table, ((vu){0} + load_u32(bytes + 4 * g)) >> shift & 15));
+            lookup8(table, ((vu){0} + load_u32(bytes + 4 * g)) >> shift & 15, out + 8 * g);
         break;
     }
     case 2: {
         const vu shift = {0, 2, 4, 6, 8, 10, 12, 14};
         for (int32_t g = 0; g < groups; g++)
-            store8(out + 8 * g, lookup8_low(table, ((vu){0} + load_u16(bytes + 2 * g)) >> shift & 3));
+            lookup8_low(table, ((vu){0} + load_u16(bytes + 2 * g)) >> shift & 3, out + 8 * g);
         break;
     }
     case 1: {
         const vu shift = {0, 1, 2, 3, 4, 5, 6, 7};
         for (int32_t g = 0; g < groups; g++)
-            store8(out + 8 * g, lookup8_low(table, ((vu){0} + bytes[g]) >> shift & 1));
+            lookup8_low(table, ((vu){0} + bytes[g]) >> shift & 1, out + 8 * g);
         break;
     }
     default: { /* 3 bits: a 2-bit plane of the low bits, then a 1-bit plane of the high bits */
@@ -260,7 +256,7 @@ static inline void widen_packed(const uint8_t *bytes, int32_t bits, int32_t widt
         for (int32_t g = 0; g < groups; g++) {
             const vu index = (((vu){0} + load_u16(bytes + 2 * g)) >> shift_low & 3)
                              | (((vu){0} + high_plane[g]) >> shift_high & 1) << 2;
-            store8(out + 8 * g, lookup8_low(table, index));
+            lookup8_low(table, index, out + 8 * g);
         }
     }
     }
