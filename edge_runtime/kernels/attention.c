@@ -81,6 +81,7 @@ __attribute__((visibility("hidden"))) void *memset(void *dst, int c, size_t n) {
 #endif
 typedef float vn __attribute__((vector_size(4 * LANES)));
 typedef float vn_unaligned __attribute__((vector_size(4 * LANES), aligned(4)));
+typedef int32_t vni __attribute__((vector_size(4 * LANES)));
 static inline vn loadn(const float *p) { return *(const vn_unaligned *)p; }
 static inline void storen(float *p, vn v) { *(vn_unaligned *)p = v; }
 
@@ -450,37 +451,37 @@ typedef struct {
     int n_accs;
 } State;
 
-static inline vf splat(float x) { return (vf){0} + x; }
+static inline vn splat(float x) { return (vn){0} + x; }
 
-static inline vf max8(vf a, vf b) {
-    const vi more = a > b;
-    return (vf)((more & (vi)a) | (~more & (vi)b));
+static inline vn maxn(vn a, vn b) {
+    const vni more = a > b;
+    return (vn)((more & (vni)a) | (~more & (vni)b));
 }
 
-/* exp_f32 on 8 lanes at once: the same steps, the rounding to nearest done by truncating x log2(e) +- 1/2. */
-static inline vf exp8(vf x) {
-    const vi zero = x < splat(-87.33654f);
-    x = max8(x, splat(-87.33654f));
-    x = -max8(-x, splat(-88.72283f));
-    const vf t = x * 1.44269504088896341f;
-    const vf half = (vf)(((vi)t & (vi)splat(-0.0f)) | (vi)splat(0.5f));
-    const vi ni = __builtin_convertvector(t + half, vi);
-    const vf n = __builtin_convertvector(ni, vf);
-    vf r = x - n * 0.693359375f;
+/* exp_f32 on a vector's lanes at once: the same steps, the rounding to nearest done by truncating x log2(e) +- 1/2. */
+static inline vn expn(vn x) {
+    const vni zero = x < splat(-87.33654f);
+    x = maxn(x, splat(-87.33654f));
+    x = -maxn(-x, splat(-88.72283f));
+    const vn t = x * 1.44269504088896341f;
+    const vn half = (vn)(((vni)t & (vni)splat(-0.0f)) | (vni)splat(0.5f));
+    const vni ni = __builtin_convertvector(t + half, vni);
+    const vn n = __builtin_convertvector(ni, vn);
+    vn r = x - n * 0.693359375f;
     r -= n * -2.12194440e-4f;
-    const vf r2 = r * r;
-    vf p = splat(1.9875691500e-4f);
+    const vn r2 = r * r;
+    vn p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r2 + r + 1.0f;
-    return (vf)((vi)(p * (vf)((ni + 127) << 23)) & ~zero);
+    return (vn)((vni)(p * (vn)((ni + 127) << 23)) & ~zero);
 }
 
 /* Mask a chunk's scores ([CHUNK][rows]) by position, fold them into the running softmax, leave their weights: rows
- * 8 at a time in the lanes of a vector (maximum, exponentials, sums); masking, and rescaling the accumulators of a
+ * a vector's lanes at a time (maximum, exponentials, sums); masking, and rescaling the accumulators of a
  * row whose maximum grew, one row at a time. */
 static void softmax_chunk(State *st, float *scores, const int64_t *positions, int64_t start, int count,
                           const int64_t *lower, const int64_t *upper) {
@@ -501,11 +502,11 @@ static void softmax_chunk(State *st, float *scores, const int64_t *positions, in
             if (p < lo || p > hi) scores[i * rows + r] = -__builtin_inff();
         }
     }
-    for (int64_t b = 0; b < rows; b += ROW_BLOCK) {
-        const vf m = load8(st->m + b);
-        vf top = m;
-        for (int i = 0; i < count; i++) top = max8(top, load8(scores + i * rows + b));
-        for (int l = 0; l < ROW_BLOCK; l++) {
+    for (int64_t b = 0; b < rows; b += LANES) {
+        const vn m = loadn(st->m + b);
+        vn top = m;
+        for (int i = 0; i < count; i++) top = maxn(top, loadn(scores + i * rows + b));
+        for (int l = 0; l < LANES; l++) {
             if (!(top[l] > m[l]) || m[l] == -__builtin_inff()) continue;
             const float rescale = exp_f32(m[l] - top[l]);
             st->s[b + l] *= rescale;
@@ -514,17 +515,17 @@ static void softmax_chunk(State *st, float *scores, const int64_t *positions, in
                 for (int64_t j = 0; j < st->widths[p]; j++) acc[j] *= rescale;
             }
         }
-        store8(st->m + b, top);
+        storen(st->m + b, top);
         /* a row that has seen nothing keeps -inf, and its weights are exp(-inf - 0) = 0 */
-        const vf shift = (vf)((vi)top & ~(top == splat(-__builtin_inff())));
-        vf sum = {0};
+        const vn shift = (vn)((vni)top & ~(top == splat(-__builtin_inff())));
+        vn sum = {0};
         for (int i = 0; i < count; i++) {
-            const vf weight = exp8(load8(scores + i * rows + b) - shift);
-            store8(scores + i * rows + b, weight);
+            const vn weight = expn(loadn(scores + i * rows + b) - shift);
+            storen(scores + i * rows + b, weight);
             sum += weight;
         }
-        store8(st->s + b, load8(st->s + b) + sum);
-        for (int i = count; i < CHUNK; i++) store8(scores + i * rows + b, (vf){0});
+        storen(st->s + b, loadn(st->s + b) + sum);
+        for (int i = count; i < CHUNK; i++) storen(scores + i * rows + b, (vn){0});
     }
 }
 
