@@ -26,7 +26,7 @@
 
 #define GROUP 4       /* key rows scored together: the register blocking of score_block is written for 4 */
 #define CHUNK 32      /* rows scored before their weights meet the values: amortizes rescaling */
-#define ROW_BLOCK 8   /* query rows per vector */
+#define ROW_BLOCK 8   /* query rows are padded to a multiple of this (the loops take 2 and 4 rows at a time) */
 #define MAX_WIDTH 1024
 /* Tile rows are a part's padded width plus 16 floats apart: at a power-of-two stride, the same dimension of
  * every row of a tile maps to the same few L1 sets, and accumulate's column walks would evict each other. */
@@ -37,7 +37,7 @@
  * running maximum and sum, the transposed query of each key part and of the exact blocks, an accumulator for each
  * value part and the exact blocks */
 #define SCRATCH_USED ((GROUP + CHUNK) * (MAX_WIDTH + SKEW) + 2 * CHUNK * MAX_ROWS + 2 * MAX_ROWS \
-                        + 2 * (MAX_PARTS + 1) * MAX_ROWS * MAX_WIDTH + 2 * MAX_ROWS * MAX_WIDTH)
+                        + 2 * (MAX_PARTS + 1) * MAX_ROWS * MAX_WIDTH + MAX_ROWS * MAX_WIDTH)
 /* and 16 floats to start at a cache line: the caller's buffer (numpy's) may be 16 bytes past one, and then every
  * other vector load of a tile would straddle two lines */
 #define SCRATCH_FLOATS (SCRATCH_USED + 16)
@@ -361,26 +361,32 @@ static inline void sums8(vn a0, vn a1, vn a2, vn a3, vn b0, vn b1, vn b2, vn b3,
  * (rows a multiple of 2, width of 8). Vectors run along the dimensions: 2 query rows x 4 keys are 8 independent
  * sums, fed by 6 vector loads (a broadcast per multiply-add, as a vector of rows would need, is a load each and
  * left the multiply-adds waiting on the load ports), and summed across their lanes once per row pair. */
+/* sums[g] = <q0, k_g>, sums[4 + g] = <q1, k_g> over the first `width` floats (a multiple of LANES): 2 rows x 4 keys
+ * in 8 independent sums fed by 6 vector loads. */
+static inline void dot_2x4(const float *q0, const float *q1, const float *k0, const float *k1, const float *k2,
+                           const float *k3, int64_t width, float *sums) {
+    vn a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    for (int64_t j = 0; j < width; j += LANES) {
+        const vn x0 = loadn(q0 + j), x1 = loadn(q1 + j);
+        vn y0 = loadn(k0 + j), y1 = loadn(k1 + j), y2 = loadn(k2 + j), y3 = loadn(k3 + j);
+        IN_REGISTER(y0, y1, y2, y3);
+        a0 += x0 * y0;
+        a1 += x0 * y1;
+        a2 += x0 * y2;
+        a3 += x0 * y3;
+        b0 += x1 * y0;
+        b1 += x1 * y1;
+        b2 += x1 * y2;
+        b3 += x1 * y3;
+    }
+    sums8(a0, a1, a2, a3, b0, b1, b2, b3, sums);
+}
+
 static void score_group(const float *q, int64_t rows, int64_t width, const float *k0, const float *k1,
                         const float *k2, const float *k3, const float *factors, float *scores, int column) {
     for (int64_t r = 0; r < rows; r += 2) {
-        const float *q0 = q + r * width, *q1 = q0 + width;
-        vn a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-        for (int64_t j = 0; j < width; j += LANES) {
-            const vn x0 = loadn(q0 + j), x1 = loadn(q1 + j);
-            vn y0 = loadn(k0 + j), y1 = loadn(k1 + j), y2 = loadn(k2 + j), y3 = loadn(k3 + j);
-            IN_REGISTER(y0, y1, y2, y3);
-            a0 += x0 * y0;
-            a1 += x0 * y1;
-            a2 += x0 * y2;
-            a3 += x0 * y3;
-            b0 += x1 * y0;
-            b1 += x1 * y1;
-            b2 += x1 * y2;
-            b3 += x1 * y3;
-        }
         float sums[2 * GROUP];
-        sums8(a0, a1, a2, a3, b0, b1, b2, b3, sums);
+        dot_2x4(q + r * width, q + (r + 1) * width, k0, k1, k2, k3, width, sums);
         for (int g = 0; g < GROUP; g++) {
             scores[(column + g) * rows + r] += sums[g] * factors[g];
             scores[(column + g) * rows + r + 1] += sums[GROUP + g] * factors[g];
@@ -388,20 +394,21 @@ static void score_group(const float *q, int64_t rows, int64_t width, const float
     }
 }
 
-/* acc[r][0:width] += sum over k < count of weights[k][r] * values[k][0:width], every row r: 4 rows x 16 dimensions
+/* acc[r][0:width] += sum over k < count of weights[k][r] * values[k][0:width], every row r (acc's rows `acc_stride`
+ * floats apart): 4 rows x 16 dimensions
  * held in registers across the chunk (8 vector sums with AVX, 16 with NEON's 32 registers), the rows innermost so
  * that a strip of 16 dimensions of the chunk's values is read from L1 by every group of 4 rows. values rows are
  * `stride` floats apart; width is a multiple of 16. */
-static void accumulate(float *acc, int64_t rows, int64_t width, const float *values, int64_t stride,
-                       const float *weights, int count) {
+static void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t width, const float *values,
+                       int64_t stride, const float *weights, int64_t count) {
     for (int64_t j = 0; j < width; j += 16) {
         for (int64_t r = 0; r < rows; r += 4) {
-            float *c = acc + r * width + j;
+            float *c = acc + r * acc_stride + j;
 #if LANES == 8
-            vn c00 = loadn(c), c01 = loadn(c + 8), c10 = loadn(c + width), c11 = loadn(c + width + 8);
-            vn c20 = loadn(c + 2 * width), c21 = loadn(c + 2 * width + 8);
-            vn c30 = loadn(c + 3 * width), c31 = loadn(c + 3 * width + 8);
-            for (int k = 0; k < count; k++) {
+            vn c00 = loadn(c), c01 = loadn(c + 8), c10 = loadn(c + acc_stride), c11 = loadn(c + acc_stride + 8);
+            vn c20 = loadn(c + 2 * acc_stride), c21 = loadn(c + 2 * acc_stride + 8);
+            vn c30 = loadn(c + 3 * acc_stride), c31 = loadn(c + 3 * acc_stride + 8);
+            for (int64_t k = 0; k < count; k++) {
                 const vn v0 = loadn(values + k * stride + j), v1 = loadn(values + k * stride + j + 8);
                 const float *w = weights + k * rows + r;
                 c00 += w[0] * v0;
@@ -415,17 +422,17 @@ static void accumulate(float *acc, int64_t rows, int64_t width, const float *val
             }
             storen(c, c00);
             storen(c + 8, c01);
-            storen(c + width, c10);
-            storen(c + width + 8, c11);
-            storen(c + 2 * width, c20);
-            storen(c + 2 * width + 8, c21);
-            storen(c + 3 * width, c30);
-            storen(c + 3 * width + 8, c31);
+            storen(c + acc_stride, c10);
+            storen(c + acc_stride + 8, c11);
+            storen(c + 2 * acc_stride, c20);
+            storen(c + 2 * acc_stride + 8, c21);
+            storen(c + 3 * acc_stride, c30);
+            storen(c + 3 * acc_stride + 8, c31);
 #else
             vn s[4][4];
             for (int l = 0; l < 4; l++)
-                for (int h = 0; h < 4; h++) s[l][h] = loadn(c + l * width + 4 * h);
-            for (int k = 0; k < count; k++) {
+                for (int h = 0; h < 4; h++) s[l][h] = loadn(c + l * acc_stride + 4 * h);
+            for (int64_t k = 0; k < count; k++) {
                 const float *v = values + k * stride + j;
                 const vn v0 = loadn(v), v1 = loadn(v + 4), v2 = loadn(v + 8), v3 = loadn(v + 12);
                 const vn w = loadn(weights + k * rows + r);
@@ -437,7 +444,7 @@ static void accumulate(float *acc, int64_t rows, int64_t width, const float *val
                 }
             }
             for (int l = 0; l < 4; l++)
-                for (int h = 0; h < 4; h++) storen(c + l * width + 4 * h, s[l][h]);
+                for (int h = 0; h < 4; h++) storen(c + l * acc_stride + 4 * h, s[l][h]);
 #endif
         }
     }
@@ -531,104 +538,60 @@ static void softmax_chunk(State *st, float *scores, const int64_t *positions, in
 
 static inline int64_t channel(const Part *part, int64_t i) { return part->channels ? part->channels[i] : i; }
 
-/* A key part's query rows, transposed like the query ([rows / 8][P(width)][8]): q[channels] @ transform. Per block
- * of 8 rows, 8 columns of the transform at a time in 8 vector sums (1 load and 8 broadcasts feed 8 multiply-adds). */
-static void transform_query(const float *qT, int64_t rows, int64_t pdim, const Part *part, float *out) {
+/* A key part's query rows ([rows][P(width)], zeros past width): q[channels] @ transform. accumulate's register
+ * blocking, the query's channels the weights (gathered into `gathered`, [n_channels][rows]) and the transform's rows
+ * the values, so that the transform is read along its rows; the columns past the last multiple of 16 one at a
+ * time. q is [rows][pdim]. */
+static void transform_query(const float *q, int64_t rows, int64_t pdim, const Part *part, float *gathered, float *out) {
     const int64_t width = part->width, pw = padded(width), n = part->n_channels;
     const float *t = part->transform;
-    for (int64_t block = 0; block < rows / ROW_BLOCK; block++) {
-        const float *q = qT + block * pdim * ROW_BLOCK;
-        float *o = out + block * pw * ROW_BLOCK;
-        zero_floats(o, pw * ROW_BLOCK);
-        if (t == NULL) { /* a selection of channels */
-            for (int64_t w = 0; w < width; w++) store8(o + w * ROW_BLOCK, load8(q + channel(part, w) * ROW_BLOCK));
-            continue;
-        }
-        int64_t w = 0;
-        for (; w + 8 <= width; w += 8) {
-            vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
-            for (int64_t i = 0; i < n; i++) {
-                const vf x = load8(q + channel(part, i) * ROW_BLOCK);
-                const float *c = t + i * width + w;
-                a0 += x * c[0];
-                a1 += x * c[1];
-                a2 += x * c[2];
-                a3 += x * c[3];
-                a4 += x * c[4];
-                a5 += x * c[5];
-                a6 += x * c[6];
-                a7 += x * c[7];
-            }
-            const vf sums[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
-            for (int k = 0; k < 8; k++) store8(o + (w + k) * ROW_BLOCK, sums[k]);
-        }
-        for (; w < width; w++) {
-            vf a = {0};
-            for (int64_t i = 0; i < n; i++) a += load8(q + channel(part, i) * ROW_BLOCK) * t[i * width + w];
-            store8(o + w * ROW_BLOCK, a);
-        }
+    zero_floats(out, rows * pw);
+    if (t == NULL) { /* a selection of channels */
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t w = 0; w < width; w++) out[r * pw + w] = q[r * pdim + channel(part, w)];
+        return;
     }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t r = 0; r < rows; r++) gathered[i * rows + r] = q[r * pdim + channel(part, i)];
+    const int64_t main = width / 16 * 16;
+    accumulate(out, pw, rows, main, t, width, gathered, n);
+    for (int64_t w = main; w < width; w++)
+        for (int64_t r = 0; r < rows; r++) {
+            float sum = 0.0f;
+            for (int64_t i = 0; i < n; i++) sum += gathered[i * rows + r] * t[i * width + w];
+            out[r * pw + w] = sum;
+        }
 }
 
 /* A value part's accumulators ([rows][P(width)], in its domain) taken back and added to the value's: out[r][channels]
- * += acc[r] @ transform.T. Per block of 8 rows, transposed into `tile` ([P(width)][8]) so that a vector holds the 8
- * rows: 8 channels at a time in 8 vector sums (1 load and 8 broadcasts feed 8 multiply-adds, no horizontal sums). */
-static void transform_back(const float *acc, int64_t rows, const Part *part, float *out, int64_t pdim, float *tile) {
+ * += acc[r] @ transform.T, dot products of 2 accumulator rows with 4 rows of the transform at a time (dot_2x4, the
+ * transform read once along its rows), the columns past the last multiple of LANES one at a time. */
+static void transform_back(const float *acc, int64_t rows, const Part *part, float *out, int64_t pdim) {
     const int64_t width = part->width, pw = padded(width), n = part->n_channels;
     const float *t = part->transform;
-    for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
-        const float *a = acc + r0 * pw;
-        float *o = out + r0 * pdim;
-        if (t == NULL) {
-            for (int l = 0; l < ROW_BLOCK; l++)
-                for (int64_t w = 0; w < width; w++) o[l * pdim + channel(part, w)] += a[l * pw + w];
-            continue;
-        }
-        for (int l = 0; l < ROW_BLOCK; l++)
-            for (int64_t w = 0; w < width; w++) tile[w * ROW_BLOCK + l] = a[l * pw + w];
-        int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0}, s5 = {0}, s6 = {0}, s7 = {0};
-            const float *c = t + i * width;
-            for (int64_t w = 0; w < width; w++) {
-                const vf x = load8(tile + w * ROW_BLOCK);
-                s0 += x * c[w];
-                s1 += x * c[width + w];
-                s2 += x * c[2 * width + w];
-                s3 += x * c[3 * width + w];
-                s4 += x * c[4 * width + w];
-                s5 += x * c[5 * width + w];
-                s6 += x * c[6 * width + w];
-                s7 += x * c[7 * width + w];
+    if (t == NULL) {
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t w = 0; w < width; w++) out[r * pdim + channel(part, w)] += acc[r * pw + w];
+        return;
+    }
+    const int64_t main = width / LANES * LANES;
+    for (int64_t i = 0; i < n; i += 4) {
+        const float *k[4];
+        for (int g = 0; g < 4; g++) k[g] = t + (i + g < n ? i + g : i) * width;
+        for (int64_t r = 0; r < rows; r += 2) {
+            const float *a0 = acc + r * pw, *a1 = a0 + pw;
+            float sums[8];
+            dot_2x4(a0, a1, k[0], k[1], k[2], k[3], main, sums);
+            for (int g = 0; g < 4 && i + g < n; g++) {
+                float s0 = sums[g], s1 = sums[4 + g];
+                for (int64_t j = main; j < width; j++) {
+                    s0 += a0[j] * k[g][j];
+                    s1 += a1[j] * k[g][j];
+                }
+                out[r * pdim + channel(part, i + g)] += s0;
+                out[(r + 1) * pdim + channel(part, i + g)] += s1;
             }
-            const vf sums[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
-            for (int k = 0; k < 8; k++)
-                for (int l = 0; l < ROW_BLOCK; l++) o[l * pdim + channel(part, i + k)] += sums[k][l];
         }
-        for (; i < n; i++) {
-            vf sum = {0};
-            for (int64_t w = 0; w < width; w++) sum += load8(tile + w * ROW_BLOCK) * t[i * width + w];
-            for (int l = 0; l < ROW_BLOCK; l++) o[l * pdim + channel(part, i)] += sum[l];
-        }
-    }
-}
-
-/* rows [rows][width] -> [padded rows / 8][P(width)][8], zeros past the rows and the width: the layout score_group
- * reads. */
-static void transpose_rows(const float *rows_in, int64_t rows, int64_t width, float *out) {
-    const int64_t prows = (rows + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK, pwidth = padded(width);
-    zero_floats(out, prows * pwidth);
-    for (int64_t r = 0; r < rows; r++) {
-        float *block = out + r / ROW_BLOCK * pwidth * ROW_BLOCK + r % ROW_BLOCK;
-        for (int64_t j = 0; j < width; j++) block[j * ROW_BLOCK] = rows_in[r * width + j];
-    }
-}
-
-/* [rows / 8][width][8] -> [rows][width] (rows a multiple of 8): the layout score_group reads. */
-static void untranspose_rows(const float *in, int64_t rows, int64_t width, float *out) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *block = in + r / ROW_BLOCK * width * ROW_BLOCK + r % ROW_BLOCK;
-        for (int64_t j = 0; j < width; j++) out[r * width + j] = block[j * ROW_BLOCK];
     }
 }
 
@@ -650,12 +613,11 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
     float *next = weights + CHUNK * MAX_ROWS;
     State st = {.rows = rows, .groups = call->groups, .tokens = tokens, .m = next, .s = next + rows};
     next += 2 * rows;
-    /* the query rows padded ([rows][P(dim)]), which score_group reads; transposed, which transform_query reads */
+    /* the query rows, padded with zeros ([rows][P(dim)]) */
     const float *queries[MAX_PARTS];
-    float *const query = next, *const query_t = scratch + SCRATCH_USED - 2 * MAX_ROWS * MAX_WIDTH;
-    float *const part_t = query_t + MAX_ROWS * MAX_WIDTH;
-    transpose_rows(call->query, call->rows, dim, query_t);
-    untranspose_rows(query_t, rows, pdim, query);
+    float *const query = next, *const gathered = scratch + SCRATCH_USED - MAX_ROWS * MAX_WIDTH;
+    zero_floats(query, rows * pdim);
+    for (int64_t r = 0; r < call->rows; r++) copy_floats(query + r * pdim, call->query + r * dim, dim);
     next += rows * pdim;
     for (int p = 0; p < call->n_key_parts && call->coded_n > 0; p++) {
         const Part *part = &call->key_parts[p];
@@ -663,8 +625,7 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
             queries[p] = query;
             continue;
         }
-        transform_query(query_t, rows, pdim, part, part_t);
-        untranspose_rows(part_t, rows, padded(part->width), next);
+        transform_query(query, rows, pdim, part, gathered, next);
         queries[p] = next;
         next += rows * padded(part->width);
     }
@@ -720,7 +681,7 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                 const float f = factor(part, start + k);
                 for (int64_t r = 0; r < rows; r++) weights[k * rows + r] = scores[k * rows + r] * f;
             }
-            accumulate(st.accs[p], rows, padded(part->width), vtile, tile, weights, count);
+            accumulate(st.accs[p], padded(part->width), rows, padded(part->width), vtile, tile, weights, count);
         }
     }
     static const float ones[GROUP] = {1.0f, 1.0f, 1.0f, 1.0f}, zeros[MAX_WIDTH];
@@ -752,12 +713,12 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                 copy_floats(vtile + i * (pdim + SKEW), values + i * dim, dim);
                 zero_floats(vtile + i * (pdim + SKEW) + dim, pdim - dim);
             }
-            accumulate(acc_exact, rows, pdim, vtile, pdim + SKEW, scores, count);
+            accumulate(acc_exact, pdim, rows, pdim, vtile, pdim + SKEW, scores, count);
         }
     }
 
     for (int p = 0; p < call->n_value_parts && call->coded_n > 0; p++)
-        transform_back(st.accs[p], rows, &call->value_parts[p], acc_exact, pdim, vtile);
+        transform_back(st.accs[p], rows, &call->value_parts[p], acc_exact, pdim);
     float *out = call->out;
     if (!call->finish) {
         copy_floats(out, st.m, call->rows);
