@@ -595,6 +595,15 @@ static void transform_back(const float *acc, int64_t rows, const Part *part, flo
     }
 }
 
+/* Whether any token sees any of these rows. A chunk none sees adds nothing to the softmax, and is skipped: a sliding
+ * ring holds a few chunks of positions already out of the window (E2B: 64 of 576 slots), and unwritten slots. */
+static int seen(const int64_t *positions, int count, const int64_t *lower, const int64_t *upper, int64_t tokens) {
+    for (int64_t t = 0; t < tokens; t++)
+        for (int i = 0; i < count; i++)
+            if (lower[t] <= positions[i] && positions[i] <= upper[t]) return 1;
+    return 0;
+}
+
 /* Runs one call (see Call). Returns 0, or -1 for a part wider than MAX_WIDTH, more than MAX_ROWS rows or more than
  * MAX_PARTS parts (the caller checks first; a guard). */
 EXPORT int edge_runtime_attend_head(const Call *call) {
@@ -654,6 +663,7 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
             prefetch_rows(call->key_parts, call->n_key_parts, start + CHUNK, call->coded_n);
             prefetch_rows(call->value_parts, call->n_value_parts, start + CHUNK, call->coded_n);
         }
+        if (!seen(call->coded_positions + start, count, call->coded_lower, call->coded_upper, tokens)) continue;
         zero_floats(scores, CHUNK * rows);
         for (int column = 0; column < count; column += GROUP) {
             for (int p = 0; p < call->n_key_parts; p++) {
@@ -689,6 +699,7 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
         const ExactBlock *block = &call->exact[b];
         for (int64_t start = 0; start < block->n; start += CHUNK) {
             const int count = (int)(block->n - start < CHUNK ? block->n - start : CHUNK);
+            if (!seen(block->positions + start, count, block->lower, block->upper, tokens)) continue;
             zero_floats(scores, CHUNK * rows);
             for (int column = 0; column < count; column += GROUP) {
                 const float *k[GROUP];
