@@ -173,12 +173,15 @@ static inline uint32_t load_u32(const uint8_t *p) { return *(const u32_unaligned
 
 /* A packed part's 2**bits values (centroids, signs), read back from its byte table (entry 0 of byte c is value c;
  * for 3 bits the table is indexed by a low byte and a high nibble: packing.py's LookupTable), held where one
- * variable shuffle finds them: two vectors for x86's vpermps, 64 bytes for NEON's tbl. */
+ * variable shuffle finds them: two vectors for x86-64-v3's vpermps, 64 bytes for NEON's tbl; baseline x86_64 (SSE2,
+ * no variable shuffle of floats: GCC's generic one spilled every lane) looks them up one at a time. */
 typedef struct {
 #if defined(__aarch64__)
     uint8x16x4_t bytes;
-#else
+#elif defined(__AVX2__)
     vf low, high;
+#else
+    float values[16];
 #endif
 } Centroids;
 
@@ -190,9 +193,11 @@ static Centroids centroids(const Part *part) {
     Centroids t;
 #if defined(__aarch64__)
     t.bytes = vld1q_u8_x4((const uint8_t *)values);
-#else
+#elif defined(__AVX2__)
     t.low = load8(values);
     t.high = load8(values + 8);
+#else
+    copy_floats(t.values, values, 16);
 #endif
     return t;
 }
@@ -206,8 +211,10 @@ static inline void lookup8(const Centroids *t, vu codes, float *out) {
         const uint32x4_t index = vmlaq_n_u32(vdupq_n_u32(0x03020100u), c.q[h], 0x04040404u);
         vst1q_f32(out + 4 * h, vreinterpretq_f32_u8(vqtbl4q_u8(t->bytes, vreinterpretq_u8_u32(index))));
     }
-#else
+#elif defined(__AVX2__)
     store8(out, __builtin_shuffle(t->low, t->high, (vi)codes));
+#else
+    for (int l = 0; l < 8; l++) out[l] = t->values[codes[l]];
 #endif
 }
 
@@ -220,8 +227,10 @@ static inline void lookup8_low(const Centroids *t, vu codes, float *out) {
         const uint32x4_t index = vmlaq_n_u32(vdupq_n_u32(0x03020100u), c.q[h], 0x04040404u);
         vst1q_f32(out + 4 * h, vreinterpretq_f32_u8(vqtbl2q_u8(low, vreinterpretq_u8_u32(index))));
     }
-#else
+#elif defined(__AVX2__)
     store8(out, __builtin_shuffle(t->low, (vi)codes));
+#else
+    for (int l = 0; l < 8; l++) out[l] = t->values[codes[l]];
 #endif
 }
 
