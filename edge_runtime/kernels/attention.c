@@ -1,30 +1,32 @@
 /* Attention of a few query rows over one KV head's blocks, reading the stored codes where they lie.
  *
- * One portable C11 source for aarch64 and x86_64, written with GCC's vector extensions (8-float vectors: two NEON
- * registers on aarch64, one AVX register on x86-64-v3, two SSE ones on baseline x86_64) and no library calls at
- * all, so that the built object loads anywhere: glibc, musl or Android alike. tools/build_kernels.py builds it;
+ * One portable C11 source for aarch64 and x86_64, written with GCC's vector extensions and no library calls at all,
+ * so that the built object loads anywhere: glibc, musl or Android alike. tools/build_kernels.py builds it;
  * edge_runtime/attention_kernel.py loads it with ctypes and lays its arguments out; edge_runtime/attention.py keeps
- * the numpy path that the tests compare it with.
+ * the numpy path that the tests compare it with. The loops that do the multiply-adds use the machine's own vector
+ * (8 floats with AVX, 4 with NEON or SSE): GCC keeps a vector wider than the machine's in memory, and an 8-float
+ * sum went through the stack at every multiply-add on aarch64 (baseline x86_64 ran 8-9 ns a value, now ~0.9).
  *
- * The query rows are copied into blocks of 8, transposed ([width][8]), so that one vector holds a dimension of all 8
- * rows. A head's blocks are walked once, CHUNK rows at a time:
+ * A head's blocks are walked once, CHUNK rows at a time, the query rows ([rows][width], padded to 8) in place:
  * - keys, 4 rows at a time: each part's rows (edge_runtime/quant/code_parts.py) are widened into a small float
- *   tile, and scored against the query block with 8 independent vector sums (4 keys x 2 dimensions in flight): 4
- *   broadcasts and 2 vector loads feed 8 fused multiply-adds of 8 rows each;
- * - the chunk's scores are masked by position and folded into a running softmax per query row (maximum and sum; the
- *   accumulators are rescaled when the maximum grows);
+ *   tile and scored along the dimensions, 2 query rows x 4 keys in 8 independent vector sums (6 vector loads feed
+ *   8 fused multiply-adds), summed across their lanes once per row pair;
+ * - the chunk's scores are masked by position and folded into a running softmax per query row (maximum and sum, a
+ *   vector of rows at a time; the accumulators are rescaled when the maximum grows); a chunk no token sees is
+ *   skipped;
  * - values: the chunk's rows are widened into a tile and summed into the accumulators by 4 query rows x 16
- *   dimensions held in registers across the whole chunk (8 vector sums; 2 loads feed 8 multiply-adds).
+ *   dimensions held in registers across the whole chunk (with AVX 8 vector sums, 2 loads and 4 broadcasts feed 8
+ *   multiply-adds; with NEON 16, 5 loads feed 16 multiply-adds by lane).
  * Each value part has its own accumulator, in its own domain, taken back to the value's once at the end (its
- * transform, its channels); exact float32 blocks (the recent ring, the step's own tokens, an fp32 cache) have their
- * keys read in place and their values copied a chunk at a time into the tile, into one more. Nothing the size of
- * the context is ever written.
+ * transform, its channels; the transforms run through the same two register blockings); exact float32 blocks (the
+ * recent ring, the step's own tokens, an fp32 cache) have their keys read in place and their values copied a chunk
+ * at a time into the tile, into one more. Nothing the size of the context is ever written.
  */
 
 #include <stddef.h>
 #include <stdint.h>
 
-#define GROUP 4       /* key rows scored together: the register blocking of score_block is written for 4 */
+#define GROUP 4       /* key rows scored together: the register blocking of dot_2x4 is written for 4 */
 #define CHUNK 32      /* rows scored before their weights meet the values: amortizes rescaling */
 #define ROW_BLOCK 8   /* query rows are padded to a multiple of this (the loops take 2 and 4 rows at a time) */
 #define MAX_WIDTH 1024
@@ -34,8 +36,8 @@
 #define MAX_ROWS 64    /* a step of 4 tokens (attention.py's KERNEL_TOKENS) with 16 query heads per KV head */
 #define MAX_PARTS 4
 /* floats of scratch a call needs (the caller's, one buffer per thread): key tile, value tile, scores, weights,
- * running maximum and sum, the transposed query of each key part and of the exact blocks, an accumulator for each
- * value part and the exact blocks */
+ * running maximum and sum, the query rows of each key part and of the exact blocks, an accumulator for each value
+ * part and the exact blocks, the query's channels gathered for a transform */
 #define SCRATCH_USED ((GROUP + CHUNK) * (MAX_WIDTH + SKEW) + 2 * CHUNK * MAX_ROWS + 2 * MAX_ROWS \
                         + 2 * (MAX_PARTS + 1) * MAX_ROWS * MAX_WIDTH + MAX_ROWS * MAX_WIDTH)
 /* and 16 floats to start at a cache line: the caller's buffer (numpy's) may be 16 bytes past one, and then every
@@ -351,7 +353,7 @@ static inline void sums8(vn a0, vn a1, vn a2, vn a3, vn b0, vn b1, vn b2, vn b3,
     const vn ua = __builtin_shuffle(a2, a3, even) + __builtin_shuffle(a2, a3, odd);
     const vn tb = __builtin_shuffle(b0, b1, even) + __builtin_shuffle(b0, b1, odd);
     const vn ub = __builtin_shuffle(b2, b3, even) + __builtin_shuffle(b2, b3, odd);
-    /* ta = a0[0]+a0[1], a0[2]+a0[3], a1[0]+a1[1], a1[2]+a1[3] */
+    /* ta = a0[0] + a0[1], a0[2] + a0[3], a1[0] + a1[1], a1[2] + a1[3] */
     storen(out, __builtin_shuffle(ta, ua, even) + __builtin_shuffle(ta, ua, odd));
     storen(out + 4, __builtin_shuffle(tb, ub, even) + __builtin_shuffle(tb, ub, odd));
 #endif
@@ -366,10 +368,6 @@ static inline void sums8(vn a0, vn a1, vn a2, vn a3, vn b0, vn b1, vn b2, vn b3,
 #define IN_REGISTER(a, b, c, d) ((void)0)
 #endif
 
-/* scores[column + g][r] += factors[g] * <query row r, key g> for the 4 keys k0..k3, every row r. q is [rows][width]
- * (rows a multiple of 2, width of 8). Vectors run along the dimensions: 2 query rows x 4 keys are 8 independent
- * sums, fed by 6 vector loads (a broadcast per multiply-add, as a vector of rows would need, is a load each and
- * left the multiply-adds waiting on the load ports), and summed across their lanes once per row pair. */
 /* sums[g] = <q0, k_g>, sums[4 + g] = <q1, k_g> over the first `width` floats (a multiple of LANES): 2 rows x 4 keys
  * in 8 independent sums fed by 6 vector loads. */
 static inline void dot_2x4(const float *q0, const float *q1, const float *k0, const float *k1, const float *k2,
@@ -391,6 +389,9 @@ static inline void dot_2x4(const float *q0, const float *q1, const float *k0, co
     sums8(a0, a1, a2, a3, b0, b1, b2, b3, sums);
 }
 
+/* scores[column + g][r] += factors[g] * <query row r, key g> for the 4 keys k0..k3, every row r. q is [rows][width]
+ * (rows a multiple of 2, width of 8). Along the dimensions, not a vector of rows times a broadcast key value: a
+ * broadcast is a load for each multiply-add, and the loads, not the multiply-adds, set the pace. */
 static void score_group(const float *q, int64_t rows, int64_t width, const float *k0, const float *k1,
                         const float *k2, const float *k3, const float *factors, float *scores, int column) {
     for (int64_t r = 0; r < rows; r += 2) {
