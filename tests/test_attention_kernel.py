@@ -45,6 +45,32 @@ def test_the_kernel_equals_numpy_for_every_format(name, dim, tokens):
     assert np.abs(got - expected).max() <= 2e-6 * np.abs(expected).max(), np.abs(got - expected).max()
 
 
+@pytest.mark.parametrize("name", ["fp32", "fp16", "tq3.5"])
+def test_a_ring_with_chunks_no_token_sees_equals_numpy(name):
+    """A sliding ring as E2B's (576 slots, window 512): a run of slots already out of the window, some unwritten,
+    whole chunks of 32 that no token of the step sees (the kernel skips them) and chunks only the later tokens see."""
+    rng = np.random.default_rng(11)
+    dim, tokens, slots, window = 64, 3, 576, 512
+    now = 2000 + np.arange(tokens)
+    positions = np.arange(now[0] - slots, now[0]).astype(np.int64)
+    positions = positions[np.argsort(positions % slots)]  # slot p % 576 holds position p
+    positions[100:140] = -1
+    positions[448:480] = -1
+    positions[470] = now[-1] - 1  # written by the step's first tokens: the last one alone sees this chunk
+    fmt = kv_format(name)
+    keys, values = rng.standard_normal((2, slots, dim)).astype(np.float32)
+    key_codec, value_codec = fmt.keys.build(dim, keys), fmt.values.build(dim, values)
+    ring = Block(key_codec, key_codec.encode(keys), value_codec, value_codec.encode(values), positions,
+                 now - window + 1, now - 1)
+    seen_by = [(positions >= low) & (positions <= high) for low, high in zip(now - window + 1, now - 1)]
+    chunks = [(np.any([s[c:c + 32].any() for s in seen_by]), seen_by[0][c:c + 32].any()) for c in range(0, slots, 32)]
+    assert (False, False) in chunks and (True, False) in chunks  # unseen chunks, and one only later tokens see
+    query = (rng.standard_normal((tokens, 1, 4, dim)) / 8).astype(np.float32)
+    expected = attend(query, [[ring]], kernel=False)
+    got = attend(query, [[ring]], kernel=True)
+    assert np.abs(got - expected).max() <= 2e-6 * np.abs(expected).max(), np.abs(got - expected).max()
+
+
 @pytest.mark.parametrize("name", ["fp16", "tq3.5", "qjl"])
 def test_a_block_shared_between_threads_gives_the_same_output(name, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor

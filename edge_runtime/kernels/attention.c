@@ -1,32 +1,34 @@
 /* Attention of a few query rows over one KV head's blocks, reading the stored codes where they lie.
  *
- * One portable C11 source for aarch64 and x86_64, written with GCC's vector extensions (8-float vectors: two NEON
- * registers on aarch64, one AVX register on x86-64-v3, two SSE ones on baseline x86_64) and no library calls at
- * all, so that the built object loads anywhere: glibc, musl or Android alike. tools/build_kernels.py builds it;
+ * One portable C11 source for aarch64 and x86_64, written with GCC's vector extensions and no library calls at all,
+ * so that the built object loads anywhere: glibc, musl or Android alike. tools/build_kernels.py builds it;
  * edge_runtime/attention_kernel.py loads it with ctypes and lays its arguments out; edge_runtime/attention.py keeps
- * the numpy path that the tests compare it with.
+ * the numpy path that the tests compare it with. The loops that do the multiply-adds use the machine's own vector
+ * (8 floats with AVX, 4 with NEON or SSE): GCC keeps a vector wider than the machine's in memory, and an 8-float
+ * sum went through the stack at every multiply-add on aarch64 (baseline x86_64 ran 8-9 ns a value, now ~0.9).
  *
- * The query rows are copied into blocks of 8, transposed ([width][8]), so that one vector holds a dimension of all 8
- * rows. A head's blocks are walked once, CHUNK rows at a time:
+ * A head's blocks are walked once, CHUNK rows at a time, the query rows ([rows][width], padded to 8) in place:
  * - keys, 4 rows at a time: each part's rows (edge_runtime/quant/code_parts.py) are widened into a small float
- *   tile, and scored against the query block with 8 independent vector sums (4 keys x 2 dimensions in flight): 4
- *   broadcasts and 2 vector loads feed 8 fused multiply-adds of 8 rows each;
- * - the chunk's scores are masked by position and folded into a running softmax per query row (maximum and sum; the
- *   accumulators are rescaled when the maximum grows);
+ *   tile and scored along the dimensions, 2 query rows x 4 keys in 8 independent vector sums (6 vector loads feed
+ *   8 fused multiply-adds), summed across their lanes once per row pair;
+ * - the chunk's scores are masked by position and folded into a running softmax per query row (maximum and sum, a
+ *   vector of rows at a time; the accumulators are rescaled when the maximum grows); a chunk no token sees is
+ *   skipped;
  * - values: the chunk's rows are widened into a tile and summed into the accumulators by 4 query rows x 16
- *   dimensions held in registers across the whole chunk (8 vector sums; 2 loads feed 8 multiply-adds).
+ *   dimensions held in registers across the whole chunk (with AVX 8 vector sums, 2 loads and 4 broadcasts feed 8
+ *   multiply-adds; with NEON 16, 5 loads feed 16 multiply-adds by lane).
  * Each value part has its own accumulator, in its own domain, taken back to the value's once at the end (its
- * transform, its channels); exact float32 blocks (the recent ring, the step's own tokens, an fp32 cache) have their
- * keys read in place and their values copied a chunk at a time into the tile, into one more. Nothing the size of
- * the context is ever written.
+ * transform, its channels; the transforms run through the same two register blockings); exact float32 blocks (the
+ * recent ring, the step's own tokens, an fp32 cache) have their keys read in place and their values copied a chunk
+ * at a time into the tile, into one more. Nothing the size of the context is ever written.
  */
 
 #include <stddef.h>
 #include <stdint.h>
 
-#define GROUP 4       /* key rows scored together: the register blocking of score_block is written for 4 */
+#define GROUP 4       /* key rows scored together: the register blocking of dot_2x4 is written for 4 */
 #define CHUNK 32      /* rows scored before their weights meet the values: amortizes rescaling */
-#define ROW_BLOCK 8   /* query rows per vector */
+#define ROW_BLOCK 8   /* query rows are padded to a multiple of this (the loops take 2 and 4 rows at a time) */
 #define MAX_WIDTH 1024
 /* Tile rows are a part's padded width plus 16 floats apart: at a power-of-two stride, the same dimension of
  * every row of a tile maps to the same few L1 sets, and accumulate's column walks would evict each other. */
@@ -34,10 +36,13 @@
 #define MAX_ROWS 64    /* a step of 4 tokens (attention.py's KERNEL_TOKENS) with 16 query heads per KV head */
 #define MAX_PARTS 4
 /* floats of scratch a call needs (the caller's, one buffer per thread): key tile, value tile, scores, weights,
- * running maximum and sum, the transposed query of each key part and of the exact blocks, an accumulator for each
- * value part and the exact blocks */
-#define SCRATCH_FLOATS ((GROUP + CHUNK) * (MAX_WIDTH + SKEW) + 2 * CHUNK * MAX_ROWS + 2 * MAX_ROWS \
-                        + 2 * (MAX_PARTS + 1) * MAX_ROWS * MAX_WIDTH)
+ * running maximum and sum, the query rows of each key part and of the exact blocks, an accumulator for each value
+ * part and the exact blocks, the query's channels gathered for a transform */
+#define SCRATCH_USED ((GROUP + CHUNK) * (MAX_WIDTH + SKEW) + 2 * CHUNK * MAX_ROWS + 2 * MAX_ROWS \
+                        + 2 * (MAX_PARTS + 1) * MAX_ROWS * MAX_WIDTH + MAX_ROWS * MAX_WIDTH)
+/* and 16 floats to start at a cache line: the caller's buffer (numpy's) may be 16 bytes past one, and then every
+ * other vector load of a tile would straddle two lines */
+#define SCRATCH_FLOATS (SCRATCH_USED + 16)
 #define EXPORT __attribute__((visibility("default")))
 
 typedef float vf __attribute__((vector_size(32)));
@@ -67,6 +72,20 @@ __attribute__((visibility("hidden"))) void *memset(void *dst, int c, size_t n) {
     while (n--) *d++ = (unsigned char)c;
     return dst;
 }
+
+/* The two loops that do the multiply-adds are written for the machine's own registers (8 floats with AVX, 4 with
+ * NEON or SSE): GCC lowers a vector wider than the machine's to pieces kept in memory, so on aarch64 every
+ * multiply-add of an 8-float sum went through the stack. */
+#if defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+typedef float vn __attribute__((vector_size(4 * LANES)));
+typedef float vn_unaligned __attribute__((vector_size(4 * LANES), aligned(4)));
+typedef int32_t vni __attribute__((vector_size(4 * LANES)));
+static inline vn loadn(const float *p) { return *(const vn_unaligned *)p; }
+static inline void storen(float *p, vn v) { *(vn_unaligned *)p = v; }
 
 static inline vf load8(const float *p) { return *(const vf_unaligned *)p; }
 
@@ -156,12 +175,15 @@ static inline uint32_t load_u32(const uint8_t *p) { return *(const u32_unaligned
 
 /* A packed part's 2**bits values (centroids, signs), read back from its byte table (entry 0 of byte c is value c;
  * for 3 bits the table is indexed by a low byte and a high nibble: packing.py's LookupTable), held where one
- * variable shuffle finds them: two vectors for x86's vpermps, 64 bytes for NEON's tbl. */
+ * variable shuffle finds them: two vectors for x86-64-v3's vpermps, 64 bytes for NEON's tbl; baseline x86_64 (SSE2,
+ * no variable shuffle of floats: GCC's generic one spilled every lane) looks them up one at a time. */
 typedef struct {
 #if defined(__aarch64__)
     uint8x16x4_t bytes;
-#else
+#elif defined(__AVX2__)
     vf low, high;
+#else
+    float values[16];
 #endif
 } Centroids;
 
@@ -173,103 +195,124 @@ static Centroids centroids(const Part *part) {
     Centroids t;
 #if defined(__aarch64__)
     t.bytes = vld1q_u8_x4((const uint8_t *)values);
-#else
+#elif defined(__AVX2__)
     t.low = load8(values);
     t.high = load8(values + 8);
+#else
+    copy_floats(t.values, values, 16);
 #endif
     return t;
 }
 
-/* The values of 8 codes (each < 16). NEON's tbl looks up bytes: code c becomes the byte indices 4c .. 4c + 3 of
+/* out[0:8] = the values of 8 codes (each < 16). NEON's tbl looks up bytes: code c becomes the byte indices 4c .. 4c + 3 of
  * its float (c * 0x04040404 + 0x03020100, little-endian lanes). GCC's generic shuffle is scalar code there. */
-static inline vf lookup8(const Centroids *t, vu codes) {
+static inline void lookup8(const Centroids *t, vu codes, float *out) {
 #if defined(__aarch64__)
     union { vu v; uint32x4_t q[2]; } c = {codes};
-    union { vf v; float32x4_t q[2]; } r;
     for (int h = 0; h < 2; h++) {
         const uint32x4_t index = vmlaq_n_u32(vdupq_n_u32(0x03020100u), c.q[h], 0x04040404u);
-        r.q[h] = vreinterpretq_f32_u8(vqtbl4q_u8(t->bytes, vreinterpretq_u8_u32(index)));
+        vst1q_f32(out + 4 * h, vreinterpretq_f32_u8(vqtbl4q_u8(t->bytes, vreinterpretq_u8_u32(index))));
     }
-    return r.v;
+#elif defined(__AVX2__)
+    store8(out, __builtin_shuffle(t->low, t->high, (vi)codes));
 #else
-    return __builtin_shuffle(t->low, t->high, (vi)codes);
+    for (int l = 0; l < 8; l++) out[l] = t->values[codes[l]];
 #endif
 }
 
-/* One stored row of a part -> out[0:P(width)] float32, zeros past width. */
-static void widen(const Part *part, int64_t row, float *restrict out) {
+/* lookup8 for codes < 8 (3 bits and fewer): half the table, one shuffle (x86's vpermps) or a two-register tbl. */
+static inline void lookup8_low(const Centroids *t, vu codes, float *out) {
+#if defined(__aarch64__)
+    union { vu v; uint32x4_t q[2]; } c = {codes};
+    const uint8x16x2_t low = {{t->bytes.val[0], t->bytes.val[1]}};
+    for (int h = 0; h < 2; h++) {
+        const uint32x4_t index = vmlaq_n_u32(vdupq_n_u32(0x03020100u), c.q[h], 0x04040404u);
+        vst1q_f32(out + 4 * h, vreinterpretq_f32_u8(vqtbl2q_u8(low, vreinterpretq_u8_u32(index))));
+    }
+#elif defined(__AVX2__)
+    store8(out, __builtin_shuffle(t->low, (vi)codes));
+#else
+    for (int l = 0; l < 8; l++) out[l] = t->values[codes[l]];
+#endif
+}
+
+/* One stored row of a packed part -> out[0:width]: packing.py's layouts, code t of a byte at bit bits * t, so the
+ * codes of 8 values lie in `bits` bytes (for 3 bits: 2 bytes of the low 2-bit plane and 1 of the high 1-bit
+ * plane); each group of 8 is shifted apart in the lanes of one integer vector and looked up in the centroids by one
+ * variable shuffle (lookup8). */
+static inline void widen_packed(const uint8_t *bytes, int32_t bits, int32_t width, const Centroids *table,
+                                float *restrict out) {
+    const int32_t groups = (width + 7) / 8;
+    switch (bits) {
+    case 4: {
+        const vu shift = {0, 4, 8, 12, 16, 20, 24, 28};
+        for (int32_t g = 0; g < groups; g++)
+            lookup8(table, ((vu){0} + load_u32(bytes + 4 * g)) >> shift & 15, out + 8 * g);
+        break;
+    }
+    case 2: {
+        const vu shift = {0, 2, 4, 6, 8, 10, 12, 14};
+        for (int32_t g = 0; g < groups; g++)
+            lookup8_low(table, ((vu){0} + load_u16(bytes + 2 * g)) >> shift & 3, out + 8 * g);
+        break;
+    }
+    case 1: {
+        const vu shift = {0, 1, 2, 3, 4, 5, 6, 7};
+        for (int32_t g = 0; g < groups; g++)
+            lookup8_low(table, ((vu){0} + bytes[g]) >> shift & 1, out + 8 * g);
+        break;
+    }
+    default: { /* 3 bits: a 2-bit plane of the low bits, then a 1-bit plane of the high bits */
+        const vu shift_low = {0, 2, 4, 6, 8, 10, 12, 14}, shift_high = {0, 1, 2, 3, 4, 5, 6, 7};
+        const uint8_t *high_plane = bytes + 2 * groups;
+        for (int32_t g = 0; g < groups; g++) {
+            const vu index = (((vu){0} + load_u16(bytes + 2 * g)) >> shift_low & 3)
+                             | (((vu){0} + high_plane[g]) >> shift_high & 1) << 2;
+            lookup8_low(table, index, out + 8 * g);
+        }
+    }
+    }
+}
+
+/* One stored row of a half-precision part -> out[0:width]. */
+static inline void widen_f16(const uint8_t *bytes, int32_t width, float *restrict out) {
+#if defined(__F16C__) || defined(__aarch64__)
+    /* the hardware converts 8 (x86-64-v3's F16C vcvtph2ps) or 4 (every Armv8-A core's fcvtl) at a time */
+    const _Float16 *h = (const _Float16 *)bytes;
+    int32_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= width; j += 8) _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
+#else
+    for (; j + 4 <= width; j += 4) vst1q_f32(out + j, vcvt_f32_f16(vld1_f16((const __fp16 *)(h + j))));
+#endif
+    for (; j < width; j++) out[j] = (float)h[j];
+#else
+    /* binary16 -> binary32 by its bits: magnitude shifted and rebiased by a multiply (subnormals too), sign */
+    const uint16_t *h = (const uint16_t *)bytes;
+    uint32_t *bits = (uint32_t *)out;
+    for (int32_t j = 0; j < width; j++) bits[j] = (uint32_t)(h[j] & 0x7FFF) << 13;
+    for (int32_t j = 0; j < width; j++) out[j] *= 5.192296858534828e+33f; /* 2**112 */
+    for (int32_t j = 0; j < width; j++) bits[j] |= (uint32_t)(h[j] & 0x8000) << 16;
+#endif
+}
+
+/* One stored row of a part -> out[0:P(width)] float32, zeros past width. A packed part's centroids are the
+ * caller's, read from its table once a call (per row they cost as much as a row of 256 codes). */
+static void widen(const Part *part, const Centroids *table, int64_t row, float *restrict out) {
     const uint8_t *bytes = part->codes + row * part->stride;
     const int32_t width = part->width;
     switch (part->kind) {
     case F32:
         copy_floats(out, (const float *)bytes, width);
         break;
-    case F16: {
-#if defined(__F16C__) || defined(__aarch64__)
-        /* the hardware converts 8 (x86-64-v3's F16C vcvtph2ps) or 4 (every Armv8-A core's fcvtl) at a time */
-        const _Float16 *h = (const _Float16 *)bytes;
-        int32_t j = 0;
-#if defined(__F16C__)
-        for (; j + 8 <= width; j += 8) _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
-#else
-        for (; j + 4 <= width; j += 4) vst1q_f32(out + j, vcvt_f32_f16(vld1_f16((const __fp16 *)(h + j))));
-#endif
-        for (; j < width; j++) out[j] = (float)h[j];
-#else
-        /* binary16 -> binary32 by its bits: magnitude shifted and rebiased by a multiply (subnormals too), sign */
-        const uint16_t *h = (const uint16_t *)bytes;
-        uint32_t *bits = (uint32_t *)out;
-        for (int32_t j = 0; j < width; j++) bits[j] = (uint32_t)(h[j] & 0x7FFF) << 13;
-        for (int32_t j = 0; j < width; j++) out[j] *= 5.192296858534828e+33f; /* 2**112 */
-        for (int32_t j = 0; j < width; j++) bits[j] |= (uint32_t)(h[j] & 0x8000) << 16;
-#endif
+    case F16:
+        widen_f16(bytes, width, out);
         break;
-    }
-    case I8: {
-        const int8_t *c = (const int8_t *)bytes;
-        for (int32_t j = 0; j < width; j++) out[j] = (float)c[j];
+    case I8:
+        for (int32_t j = 0; j < width; j++) out[j] = (float)((const int8_t *)bytes)[j];
         break;
-    }
-    default: { /* packing.py's layouts: code t of a byte at bit bits * t, so the codes of 8 values lie in `bits`
-                * bytes (for 3 bits: 2 bytes of the low 2-bit plane and 1 of the high 1-bit plane); each group of
-                * 8 is shifted apart in the lanes of one integer vector and looked up in the centroids by one
-                * variable shuffle (lookup8) */
-        const Centroids table = centroids(part);
-        const int32_t groups = (width + 7) / 8;
-        switch (part->bits) {
-        case 4: {
-            const vu shift = {0, 4, 8, 12, 16, 20, 24, 28};
-            for (int32_t g = 0; g < groups; g++) {
-                const uint32_t word = load_u32(bytes + 4 * g);
-                store8(out + 8 * g, lookup8(&table, ((vu){0} + word) >> shift & 15));
-            }
-            break;
-        }
-        case 2: {
-            const vu shift = {0, 2, 4, 6, 8, 10, 12, 14};
-            for (int32_t g = 0; g < groups; g++) {
-                const uint32_t word = load_u16(bytes + 2 * g);
-                store8(out + 8 * g, lookup8(&table, ((vu){0} + word) >> shift & 3));
-            }
-            break;
-        }
-        case 1: {
-            const vu shift = {0, 1, 2, 3, 4, 5, 6, 7};
-            for (int32_t g = 0; g < groups; g++)
-                store8(out + 8 * g, lookup8(&table, ((vu){0} + bytes[g]) >> shift & 1));
-            break;
-        }
-        default: { /* 3 bits: a 2-bit plane of the low bits, then a 1-bit plane of the high bits */
-            const vu shift_low = {0, 2, 4, 6, 8, 10, 12, 14}, shift_high = {0, 1, 2, 3, 4, 5, 6, 7};
-            const uint8_t *high_plane = bytes + 2 * groups;
-            for (int32_t g = 0; g < groups; g++) {
-                const vu index = (((vu){0} + load_u16(bytes + 2 * g)) >> shift_low & 3)
-                                 | (((vu){0} + high_plane[g]) >> shift_high & 1) << 2;
-                store8(out + 8 * g, lookup8(&table, index));
-            }
-        }
-        }
-    }
+    default:
+        widen_packed(bytes, part->bits, width, table, out);
     }
     zero_floats(out + width, padded(width) - width);
 }
@@ -289,45 +332,94 @@ static inline float factor(const Part *part, int64_t row) {
     return part->coef * (part->scale ? part->scale[row] : 1.0f);
 }
 
-/* scores[column + g][block rows] += factors[g] * <query rows of the block, key g> for the 4 keys k0..k3, every row
- * block. qT is [rows / 8][width][8] (width a multiple of 16). */
-static void score_group(const float *qT, int64_t rows, int64_t width, const float *k0, const float *k1,
+/* The horizontal sums of 2 x 4 vectors into out[0:8]: rounds of adding pairs of lanes (shuffles within the
+ * vectors, then across them), no scalar code. */
+static inline void sums8(vn a0, vn a1, vn a2, vn a3, vn b0, vn b1, vn b2, vn b3, float *out) {
+#if LANES == 8
+    const vi even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
+    const vf t0 = __builtin_shuffle(a0, a1, even) + __builtin_shuffle(a0, a1, odd);
+    const vf t1 = __builtin_shuffle(a2, a3, even) + __builtin_shuffle(a2, a3, odd);
+    const vf t2 = __builtin_shuffle(b0, b1, even) + __builtin_shuffle(b0, b1, odd);
+    const vf t3 = __builtin_shuffle(b2, b3, even) + __builtin_shuffle(b2, b3, odd);
+    const vi low = {0, 1, 8, 9, 4, 5, 12, 13}, high = {2, 3, 10, 11, 6, 7, 14, 15};
+    const vf u0 = __builtin_shuffle(t0, t1, low) + __builtin_shuffle(t0, t1, high);
+    const vf u1 = __builtin_shuffle(t2, t3, low) + __builtin_shuffle(t2, t3, high);
+    const vi first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
+    store8(out, __builtin_shuffle(u0, u1, first) + __builtin_shuffle(u0, u1, second));
+#else
+    typedef int32_t vin __attribute__((vector_size(16)));
+    const vin even = {0, 2, 4, 6}, odd = {1, 3, 5, 7};
+    const vn ta = __builtin_shuffle(a0, a1, even) + __builtin_shuffle(a0, a1, odd);
+    const vn ua = __builtin_shuffle(a2, a3, even) + __builtin_shuffle(a2, a3, odd);
+    const vn tb = __builtin_shuffle(b0, b1, even) + __builtin_shuffle(b0, b1, odd);
+    const vn ub = __builtin_shuffle(b2, b3, even) + __builtin_shuffle(b2, b3, odd);
+    /* ta = a0[0] + a0[1], a0[2] + a0[3], a1[0] + a1[1], a1[2] + a1[3] */
+    storen(out, __builtin_shuffle(ta, ua, even) + __builtin_shuffle(ta, ua, odd));
+    storen(out + 4, __builtin_shuffle(tb, ub, even) + __builtin_shuffle(tb, ub, odd));
+#endif
+}
+
+/* Keeps 4 loaded vectors in registers: GCC otherwise folds each load into every multiply-add that uses it (x86's
+ * memory operands), reading each vector once per use, and the loads, not the multiply-adds, set the pace. A NEON
+ * multiply-add takes registers only. */
+#if defined(__x86_64__) && defined(__AVX__)
+#define IN_REGISTER(a, b, c, d) __asm__("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d))
+#else
+#define IN_REGISTER(a, b, c, d) ((void)0)
+#endif
+
+/* sums[g] = <q0, k_g>, sums[4 + g] = <q1, k_g> over the first `width` floats (a multiple of LANES): 2 rows x 4 keys
+ * in 8 independent sums fed by 6 vector loads. */
+static inline void dot_2x4(const float *q0, const float *q1, const float *k0, const float *k1, const float *k2,
+                           const float *k3, int64_t width, float *sums) {
+    vn a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    for (int64_t j = 0; j < width; j += LANES) {
+        const vn x0 = loadn(q0 + j), x1 = loadn(q1 + j);
+        vn y0 = loadn(k0 + j), y1 = loadn(k1 + j), y2 = loadn(k2 + j), y3 = loadn(k3 + j);
+        IN_REGISTER(y0, y1, y2, y3);
+        a0 += x0 * y0;
+        a1 += x0 * y1;
+        a2 += x0 * y2;
+        a3 += x0 * y3;
+        b0 += x1 * y0;
+        b1 += x1 * y1;
+        b2 += x1 * y2;
+        b3 += x1 * y3;
+    }
+    sums8(a0, a1, a2, a3, b0, b1, b2, b3, sums);
+}
+
+/* scores[column + g][r] += factors[g] * <query row r, key g> for the 4 keys k0..k3, every row r. q is [rows][width]
+ * (rows a multiple of 2, width of 8). Along the dimensions, not a vector of rows times a broadcast key value: a
+ * broadcast is a load for each multiply-add, and the loads, not the multiply-adds, set the pace. */
+static void score_group(const float *q, int64_t rows, int64_t width, const float *k0, const float *k1,
                         const float *k2, const float *k3, const float *factors, float *scores, int column) {
-    for (int64_t block = 0; block < rows / ROW_BLOCK; block++) {
-        const float *q = qT + block * width * ROW_BLOCK;
-        vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-        for (int64_t j = 0; j < width; j += 2) {
-            const vf q0 = load8(q + j * ROW_BLOCK), q1 = load8(q + (j + 1) * ROW_BLOCK);
-            a0 += q0 * k0[j];
-            a1 += q0 * k1[j];
-            a2 += q0 * k2[j];
-            a3 += q0 * k3[j];
-            b0 += q1 * k0[j + 1];
-            b1 += q1 * k1[j + 1];
-            b2 += q1 * k2[j + 1];
-            b3 += q1 * k3[j + 1];
-        }
-        const vf sums[GROUP] = {a0 + b0, a1 + b1, a2 + b2, a3 + b3};
+    for (int64_t r = 0; r < rows; r += 2) {
+        float sums[2 * GROUP];
+        dot_2x4(q + r * width, q + (r + 1) * width, k0, k1, k2, k3, width, sums);
         for (int g = 0; g < GROUP; g++) {
-            float *s = scores + (column + g) * rows + block * ROW_BLOCK;
-            store8(s, load8(s) + sums[g] * factors[g]);
+            scores[(column + g) * rows + r] += sums[g] * factors[g];
+            scores[(column + g) * rows + r + 1] += sums[GROUP + g] * factors[g];
         }
     }
 }
 
-/* acc[r][0:width] += sum over k < count of weights[k][r] * values[k][0:width], every row r: 4 rows x 16 dimensions
- * held in 8 vector sums across the chunk, the rows innermost so that a strip of 16 dimensions of the chunk's values
- * is read from L1 by every group of 4 rows. values rows are `stride` floats apart; width is a multiple of 16. */
-static void accumulate(float *acc, int64_t rows, int64_t width, const float *values, int64_t stride,
-                       const float *weights, int count) {
+/* acc[r][0:width] += sum over k < count of weights[k][r] * values[k][0:width], every row r (acc's rows `acc_stride`
+ * floats apart): 4 rows x 16 dimensions
+ * held in registers across the chunk (8 vector sums with AVX, 16 with NEON's 32 registers), the rows innermost so
+ * that a strip of 16 dimensions of the chunk's values is read from L1 by every group of 4 rows. values rows are
+ * `stride` floats apart; width is a multiple of 16. */
+static void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t width, const float *values,
+                       int64_t stride, const float *weights, int64_t count) {
     for (int64_t j = 0; j < width; j += 16) {
         for (int64_t r = 0; r < rows; r += 4) {
-            float *c = acc + r * width + j;
-            vf c00 = load8(c), c01 = load8(c + 8), c10 = load8(c + width), c11 = load8(c + width + 8);
-            vf c20 = load8(c + 2 * width), c21 = load8(c + 2 * width + 8);
-            vf c30 = load8(c + 3 * width), c31 = load8(c + 3 * width + 8);
-            for (int k = 0; k < count; k++) {
-                const vf v0 = load8(values + k * stride + j), v1 = load8(values + k * stride + j + 8);
+            float *c = acc + r * acc_stride + j;
+#if LANES == 8
+            vn c00 = loadn(c), c01 = loadn(c + 8), c10 = loadn(c + acc_stride), c11 = loadn(c + acc_stride + 8);
+            vn c20 = loadn(c + 2 * acc_stride), c21 = loadn(c + 2 * acc_stride + 8);
+            vn c30 = loadn(c + 3 * acc_stride), c31 = loadn(c + 3 * acc_stride + 8);
+            for (int64_t k = 0; k < count; k++) {
+                const vn v0 = loadn(values + k * stride + j), v1 = loadn(values + k * stride + j + 8);
                 const float *w = weights + k * rows + r;
                 c00 += w[0] * v0;
                 c01 += w[0] * v1;
@@ -338,14 +430,32 @@ static void accumulate(float *acc, int64_t rows, int64_t width, const float *val
                 c30 += w[3] * v0;
                 c31 += w[3] * v1;
             }
-            store8(c, c00);
-            store8(c + 8, c01);
-            store8(c + width, c10);
-            store8(c + width + 8, c11);
-            store8(c + 2 * width, c20);
-            store8(c + 2 * width + 8, c21);
-            store8(c + 3 * width, c30);
-            store8(c + 3 * width + 8, c31);
+            storen(c, c00);
+            storen(c + 8, c01);
+            storen(c + acc_stride, c10);
+            storen(c + acc_stride + 8, c11);
+            storen(c + 2 * acc_stride, c20);
+            storen(c + 2 * acc_stride + 8, c21);
+            storen(c + 3 * acc_stride, c30);
+            storen(c + 3 * acc_stride + 8, c31);
+#else
+            vn s[4][4];
+            for (int l = 0; l < 4; l++)
+                for (int h = 0; h < 4; h++) s[l][h] = loadn(c + l * acc_stride + 4 * h);
+            for (int64_t k = 0; k < count; k++) {
+                const float *v = values + k * stride + j;
+                const vn v0 = loadn(v), v1 = loadn(v + 4), v2 = loadn(v + 8), v3 = loadn(v + 12);
+                const vn w = loadn(weights + k * rows + r);
+                for (int l = 0; l < 4; l++) {
+                    s[l][0] += w[l] * v0;
+                    s[l][1] += w[l] * v1;
+                    s[l][2] += w[l] * v2;
+                    s[l][3] += w[l] * v3;
+                }
+            }
+            for (int l = 0; l < 4; l++)
+                for (int h = 0; h < 4; h++) storen(c + l * acc_stride + 4 * h, s[l][h]);
+#endif
         }
     }
 }
@@ -358,137 +468,150 @@ typedef struct {
     int n_accs;
 } State;
 
-/* Mask a chunk's scores ([CHUNK][rows]) by position, fold them into the running softmax, leave their weights. */
+static inline vn splat(float x) { return (vn){0} + x; }
+
+static inline vn maxn(vn a, vn b) {
+    const vni more = a > b;
+    return (vn)((more & (vni)a) | (~more & (vni)b));
+}
+
+/* exp_f32 on a vector's lanes at once: the same steps, the rounding to nearest done by truncating x log2(e) +- 1/2. */
+static inline vn expn(vn x) {
+    const vni zero = x < splat(-87.33654f);
+    x = maxn(x, splat(-87.33654f));
+    x = -maxn(-x, splat(-88.72283f));
+    const vn t = x * 1.44269504088896341f;
+    const vn half = (vn)(((vni)t & (vni)splat(-0.0f)) | (vni)splat(0.5f));
+    const vni ni = __builtin_convertvector(t + half, vni);
+    const vn n = __builtin_convertvector(ni, vn);
+    vn r = x - n * 0.693359375f;
+    r -= n * -2.12194440e-4f;
+    const vn r2 = r * r;
+    vn p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r2 + r + 1.0f;
+    return (vn)((vni)(p * (vn)((ni + 127) << 23)) & ~zero);
+}
+
+/* Mask a chunk's scores ([CHUNK][rows]) by position, fold them into the running softmax, leave their weights: rows
+ * a vector's lanes at a time (maximum, exponentials, sums); masking, and rescaling the accumulators of a
+ * row whose maximum grew, one row at a time. */
 static void softmax_chunk(State *st, float *scores, const int64_t *positions, int64_t start, int count,
                           const int64_t *lower, const int64_t *upper) {
     const int64_t rows = st->rows;
+    int64_t first = positions[start], last = first;
+    for (int i = 1; i < count; i++) {
+        const int64_t p = positions[start + i];
+        first = p < first ? p : first;
+        last = p > last ? p : last;
+    }
     for (int64_t r = 0; r < rows; r++) {
         int64_t t = r / st->groups;
         if (t >= st->tokens) t = st->tokens - 1;
         const int64_t lo = lower[t], hi = upper[t];
-        float top = st->m[r];
+        if (lo <= first && last <= hi) continue; /* every row of the chunk seen */
         for (int i = 0; i < count; i++) {
             const int64_t p = positions[start + i];
             if (p < lo || p > hi) scores[i * rows + r] = -__builtin_inff();
-            else if (scores[i * rows + r] > top) top = scores[i * rows + r];
         }
-        if (top == -__builtin_inff()) {
-            for (int i = 0; i < CHUNK; i++) scores[i * rows + r] = 0.0f;
-            continue;
-        }
-        if (top > st->m[r]) {
-            const float rescale = exp_f32(st->m[r] - top);
-            st->s[r] *= rescale;
+    }
+    for (int64_t b = 0; b < rows; b += LANES) {
+        const vn m = loadn(st->m + b);
+        vn top = m;
+        for (int i = 0; i < count; i++) top = maxn(top, loadn(scores + i * rows + b));
+        for (int l = 0; l < LANES; l++) {
+            if (!(top[l] > m[l]) || m[l] == -__builtin_inff()) continue;
+            const float rescale = exp_f32(m[l] - top[l]);
+            st->s[b + l] *= rescale;
             for (int p = 0; p < st->n_accs; p++) {
-                float *acc = st->accs[p] + r * st->widths[p];
+                float *acc = st->accs[p] + (b + l) * st->widths[p];
                 for (int64_t j = 0; j < st->widths[p]; j++) acc[j] *= rescale;
             }
-            st->m[r] = top;
         }
-        float sum = 0.0f;
+        storen(st->m + b, top);
+        /* a row that has seen nothing keeps -inf, and its weights are exp(-inf - 0) = 0 */
+        const vn shift = (vn)((vni)top & ~(top == splat(-__builtin_inff())));
+        vn sum = {0};
         for (int i = 0; i < count; i++) {
-            const float weight = exp_f32(scores[i * rows + r] - top);
-            scores[i * rows + r] = weight;
+            const vn weight = expn(loadn(scores + i * rows + b) - shift);
+            storen(scores + i * rows + b, weight);
             sum += weight;
         }
-        st->s[r] += sum;
-        for (int i = count; i < CHUNK; i++) scores[i * rows + r] = 0.0f;
+        storen(st->s + b, loadn(st->s + b) + sum);
+        for (int i = count; i < CHUNK; i++) storen(scores + i * rows + b, (vn){0});
     }
 }
 
 static inline int64_t channel(const Part *part, int64_t i) { return part->channels ? part->channels[i] : i; }
 
-/* A key part's query rows, transposed like the query ([rows / 8][P(width)][8]): q[channels] @ transform. Per block
- * of 8 rows, 8 columns of the transform at a time in 8 vector sums (1 load and 8 broadcasts feed 8 multiply-adds). */
-static void transform_query(const float *qT, int64_t rows, int64_t pdim, const Part *part, float *out) {
+/* A key part's query rows ([rows][P(width)], zeros past width): q[channels] @ transform. accumulate's register
+ * blocking, the query's channels the weights (gathered into `gathered`, [n_channels][rows]) and the transform's rows
+ * the values, so that the transform is read along its rows; the columns past the last multiple of 16 one at a
+ * time. q is [rows][pdim]. */
+static void transform_query(const float *q, int64_t rows, int64_t pdim, const Part *part, float *gathered, float *out) {
     const int64_t width = part->width, pw = padded(width), n = part->n_channels;
     const float *t = part->transform;
-    for (int64_t block = 0; block < rows / ROW_BLOCK; block++) {
-        const float *q = qT + block * pdim * ROW_BLOCK;
-        float *o = out + block * pw * ROW_BLOCK;
-        zero_floats(o, pw * ROW_BLOCK);
-        if (t == NULL) { /* a selection of channels */
-            for (int64_t w = 0; w < width; w++) store8(o + w * ROW_BLOCK, load8(q + channel(part, w) * ROW_BLOCK));
-            continue;
-        }
-        int64_t w = 0;
-        for (; w + 8 <= width; w += 8) {
-            vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
-            for (int64_t i = 0; i < n; i++) {
-                const vf x = load8(q + channel(part, i) * ROW_BLOCK);
-                const float *c = t + i * width + w;
-                a0 += x * c[0];
-                a1 += x * c[1];
-                a2 += x * c[2];
-                a3 += x * c[3];
-                a4 += x * c[4];
-                a5 += x * c[5];
-                a6 += x * c[6];
-                a7 += x * c[7];
-            }
-            const vf sums[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
-            for (int k = 0; k < 8; k++) store8(o + (w + k) * ROW_BLOCK, sums[k]);
-        }
-        for (; w < width; w++) {
-            vf a = {0};
-            for (int64_t i = 0; i < n; i++) a += load8(q + channel(part, i) * ROW_BLOCK) * t[i * width + w];
-            store8(o + w * ROW_BLOCK, a);
-        }
+    zero_floats(out, rows * pw);
+    if (t == NULL) { /* a selection of channels */
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t w = 0; w < width; w++) out[r * pw + w] = q[r * pdim + channel(part, w)];
+        return;
     }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t r = 0; r < rows; r++) gathered[i * rows + r] = q[r * pdim + channel(part, i)];
+    const int64_t main = width / 16 * 16;
+    accumulate(out, pw, rows, main, t, width, gathered, n);
+    for (int64_t w = main; w < width; w++)
+        for (int64_t r = 0; r < rows; r++) {
+            float sum = 0.0f;
+            for (int64_t i = 0; i < n; i++) sum += gathered[i * rows + r] * t[i * width + w];
+            out[r * pw + w] = sum;
+        }
 }
 
 /* A value part's accumulators ([rows][P(width)], in its domain) taken back and added to the value's: out[r][channels]
- * += acc[r] @ transform.T. Per block of 8 rows, transposed into `tile` ([P(width)][8]) so that a vector holds the 8
- * rows: 8 channels at a time in 8 vector sums (1 load and 8 broadcasts feed 8 multiply-adds, no horizontal sums). */
-static void transform_back(const float *acc, int64_t rows, const Part *part, float *out, int64_t pdim, float *tile) {
+ * += acc[r] @ transform.T, dot products of 2 accumulator rows with 4 rows of the transform at a time (dot_2x4, the
+ * transform read once along its rows), the columns past the last multiple of LANES one at a time. */
+static void transform_back(const float *acc, int64_t rows, const Part *part, float *out, int64_t pdim) {
     const int64_t width = part->width, pw = padded(width), n = part->n_channels;
     const float *t = part->transform;
-    for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
-        const float *a = acc + r0 * pw;
-        float *o = out + r0 * pdim;
-        if (t == NULL) {
-            for (int l = 0; l < ROW_BLOCK; l++)
-                for (int64_t w = 0; w < width; w++) o[l * pdim + channel(part, w)] += a[l * pw + w];
-            continue;
-        }
-        for (int l = 0; l < ROW_BLOCK; l++)
-            for (int64_t w = 0; w < width; w++) tile[w * ROW_BLOCK + l] = a[l * pw + w];
-        int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0}, s5 = {0}, s6 = {0}, s7 = {0};
-            const float *c = t + i * width;
-            for (int64_t w = 0; w < width; w++) {
-                const vf x = load8(tile + w * ROW_BLOCK);
-                s0 += x * c[w];
-                s1 += x * c[width + w];
-                s2 += x * c[2 * width + w];
-                s3 += x * c[3 * width + w];
-                s4 += x * c[4 * width + w];
-                s5 += x * c[5 * width + w];
-                s6 += x * c[6 * width + w];
-                s7 += x * c[7 * width + w];
+    if (t == NULL) {
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t w = 0; w < width; w++) out[r * pdim + channel(part, w)] += acc[r * pw + w];
+        return;
+    }
+    const int64_t main = width / LANES * LANES;
+    for (int64_t i = 0; i < n; i += 4) {
+        const float *k[4];
+        for (int g = 0; g < 4; g++) k[g] = t + (i + g < n ? i + g : i) * width;
+        for (int64_t r = 0; r < rows; r += 2) {
+            const float *a0 = acc + r * pw, *a1 = a0 + pw;
+            float sums[8];
+            dot_2x4(a0, a1, k[0], k[1], k[2], k[3], main, sums);
+            for (int g = 0; g < 4 && i + g < n; g++) {
+                float s0 = sums[g], s1 = sums[4 + g];
+                for (int64_t j = main; j < width; j++) {
+                    s0 += a0[j] * k[g][j];
+                    s1 += a1[j] * k[g][j];
+                }
+                out[r * pdim + channel(part, i + g)] += s0;
+                out[(r + 1) * pdim + channel(part, i + g)] += s1;
             }
-            const vf sums[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
-            for (int k = 0; k < 8; k++)
-                for (int l = 0; l < ROW_BLOCK; l++) o[l * pdim + channel(part, i + k)] += sums[k][l];
-        }
-        for (; i < n; i++) {
-            vf sum = {0};
-            for (int64_t w = 0; w < width; w++) sum += load8(tile + w * ROW_BLOCK) * t[i * width + w];
-            for (int l = 0; l < ROW_BLOCK; l++) o[l * pdim + channel(part, i)] += sum[l];
         }
     }
 }
 
-/* rows [rows][width] -> [padded rows / 8][P(width)][8], zeros past the rows and the width: the layout score_group
- * reads. */
-static void transpose_rows(const float *rows_in, int64_t rows, int64_t width, float *out) {
-    const int64_t prows = (rows + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK, pwidth = padded(width);
-    zero_floats(out, prows * pwidth);
-    for (int64_t r = 0; r < rows; r++) {
-        float *block = out + r / ROW_BLOCK * pwidth * ROW_BLOCK + r % ROW_BLOCK;
-        for (int64_t j = 0; j < width; j++) block[j * ROW_BLOCK] = rows_in[r * width + j];
-    }
+/* Whether any token sees any of these rows. A chunk none sees adds nothing to the softmax, and is skipped: a sliding
+ * ring holds a few chunks of positions already out of the window (E2B: 64 of 576 slots), and unwritten slots. */
+static int seen(const int64_t *positions, int count, const int64_t *lower, const int64_t *upper, int64_t tokens) {
+    for (int64_t t = 0; t < tokens; t++)
+        for (int i = 0; i < count; i++)
+            if (lower[t] <= positions[i] && positions[i] <= upper[t]) return 1;
+    return 0;
 }
 
 /* Runs one call (see Call). Returns 0, or -1 for a part wider than MAX_WIDTH, more than MAX_ROWS rows or more than
@@ -503,14 +626,17 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
         const int32_t width = call->value_parts[p].width;
         if (padded(width) > MAX_WIDTH) return -1;
     }
-    float *const ktile = call->scratch, *const vtile = ktile + GROUP * (MAX_WIDTH + SKEW);
+    float *const scratch = (float *)(((uintptr_t)call->scratch + 63) & ~(uintptr_t)63);
+    float *const ktile = scratch, *const vtile = ktile + GROUP * (MAX_WIDTH + SKEW);
     float *const scores = vtile + CHUNK * (MAX_WIDTH + SKEW), *const weights = scores + CHUNK * MAX_ROWS;
     float *next = weights + CHUNK * MAX_ROWS;
     State st = {.rows = rows, .groups = call->groups, .tokens = tokens, .m = next, .s = next + rows};
     next += 2 * rows;
+    /* the query rows, padded with zeros ([rows][P(dim)]) */
     const float *queries[MAX_PARTS];
-    float *const query = next;
-    transpose_rows(call->query, call->rows, dim, query);
+    float *const query = next, *const gathered = scratch + SCRATCH_USED - MAX_ROWS * MAX_WIDTH;
+    zero_floats(query, rows * pdim);
+    for (int64_t r = 0; r < call->rows; r++) copy_floats(query + r * pdim, call->query + r * dim, dim);
     next += rows * pdim;
     for (int p = 0; p < call->n_key_parts && call->coded_n > 0; p++) {
         const Part *part = &call->key_parts[p];
@@ -518,7 +644,7 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
             queries[p] = query;
             continue;
         }
-        transform_query(query, rows, pdim, part, next);
+        transform_query(query, rows, pdim, part, gathered, next);
         queries[p] = next;
         next += rows * padded(part->width);
     }
@@ -536,24 +662,29 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
     zero_floats(st.accs[0], next - st.accs[0]);
 
     float factors[GROUP];
+    Centroids key_tables[MAX_PARTS], value_tables[MAX_PARTS];
+    for (int p = 0; p < call->n_key_parts; p++)
+        if (call->key_parts[p].kind == PACKED) key_tables[p] = centroids(&call->key_parts[p]);
+    for (int p = 0; p < call->n_value_parts; p++)
+        if (call->value_parts[p].kind == PACKED) value_tables[p] = centroids(&call->value_parts[p]);
     for (int64_t start = 0; start < call->coded_n; start += CHUNK) {
         const int count = (int)(call->coded_n - start < CHUNK ? call->coded_n - start : CHUNK);
         if (start + CHUNK < call->coded_n) {
             prefetch_rows(call->key_parts, call->n_key_parts, start + CHUNK, call->coded_n);
             prefetch_rows(call->value_parts, call->n_value_parts, start + CHUNK, call->coded_n);
         }
+        if (!seen(call->coded_positions + start, count, call->coded_lower, call->coded_upper, tokens)) continue;
         zero_floats(scores, CHUNK * rows);
         for (int column = 0; column < count; column += GROUP) {
             for (int p = 0; p < call->n_key_parts; p++) {
                 const Part *part = &call->key_parts[p];
                 const int64_t tile = padded(part->width) + SKEW;
                 for (int g = 0; g < GROUP; g++) {
-                    float *row = ktile + g * tile;
                     if (column + g < count) {
-                        widen(part, start + column + g, row);
+                        widen(part, &key_tables[p], start + column + g, ktile + g * tile);
                         factors[g] = factor(part, start + column + g);
                     } else {
-                        zero_floats(row, padded(part->width));
+                        zero_floats(ktile + g * tile, padded(part->width));
                         factors[g] = 0.0f;
                     }
                 }
@@ -566,11 +697,11 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
             const Part *part = &call->value_parts[p];
             const int64_t tile = padded(part->width) + SKEW;
             for (int k = 0; k < count; k++) {
-                widen(part, start + k, vtile + k * tile);
+                widen(part, &value_tables[p], start + k, vtile + k * tile);
                 const float f = factor(part, start + k);
                 for (int64_t r = 0; r < rows; r++) weights[k * rows + r] = scores[k * rows + r] * f;
             }
-            accumulate(st.accs[p], rows, padded(part->width), vtile, tile, weights, count);
+            accumulate(st.accs[p], padded(part->width), rows, padded(part->width), vtile, tile, weights, count);
         }
     }
     static const float ones[GROUP] = {1.0f, 1.0f, 1.0f, 1.0f}, zeros[MAX_WIDTH];
@@ -578,6 +709,7 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
         const ExactBlock *block = &call->exact[b];
         for (int64_t start = 0; start < block->n; start += CHUNK) {
             const int count = (int)(block->n - start < CHUNK ? block->n - start : CHUNK);
+            if (!seen(block->positions + start, count, block->lower, block->upper, tokens)) continue;
             zero_floats(scores, CHUNK * rows);
             for (int column = 0; column < count; column += GROUP) {
                 const float *k[GROUP];
@@ -602,12 +734,12 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                 copy_floats(vtile + i * (pdim + SKEW), values + i * dim, dim);
                 zero_floats(vtile + i * (pdim + SKEW) + dim, pdim - dim);
             }
-            accumulate(acc_exact, rows, pdim, vtile, pdim + SKEW, scores, count);
+            accumulate(acc_exact, pdim, rows, pdim, vtile, pdim + SKEW, scores, count);
         }
     }
 
     for (int p = 0; p < call->n_value_parts && call->coded_n > 0; p++)
-        transform_back(st.accs[p], rows, &call->value_parts[p], acc_exact, pdim, vtile);
+        transform_back(st.accs[p], rows, &call->value_parts[p], acc_exact, pdim);
     float *out = call->out;
     if (!call->finish) {
         copy_floats(out, st.m, call->rows);
