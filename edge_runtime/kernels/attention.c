@@ -147,27 +147,6 @@ EXPORT const int64_t edge_runtime_attention_scratch_floats = SCRATCH_FLOATS;
 EXPORT const int64_t edge_runtime_attention_max_width = MAX_WIDTH;
 EXPORT const int64_t edge_runtime_attention_max_rows = MAX_ROWS;
 
-/* exp(x) in float32 to about 1 ulp without libm: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial
- * (Cephes' expf coefficients), times 2**n built in the exponent bits; exp(-inf) and anything below -87.3 is 0. */
-static inline float exp_f32(float x) {
-    if (x < -87.33654f) return 0.0f;
-    if (x > 88.72283f) x = 88.72283f;
-    float n = (float)(int32_t)(x * 1.44269504088896341f + (x >= 0 ? 0.5f : -0.5f));
-    float r = x - n * 0.693359375f;
-    r -= n * -2.12194440e-4f;
-    float r2 = r * r;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r2 + r + 1.0f;
-    union { float f; int32_t i; } scale;
-    scale.i = ((int32_t)n + 127) << 23;
-    return p * scale.f;
-}
-
 typedef uint16_t u16_unaligned __attribute__((aligned(1), may_alias));
 typedef uint32_t u32_unaligned __attribute__((aligned(1), may_alias));
 static inline uint32_t load_u16(const uint8_t *p) { return *(const u16_unaligned *)p; }
@@ -475,7 +454,9 @@ static inline vn maxn(vn a, vn b) {
     return (vn)((more & (vni)a) | (~more & (vni)b));
 }
 
-/* exp_f32 on a vector's lanes at once: the same steps, the rounding to nearest done by truncating x log2(e) +- 1/2. */
+/* exp(x) in float32 on a vector's lanes, to about 1 ulp without libm: x = n ln2 + r, |r| <= ln2/2, exp(r) by a
+ * degree-6 polynomial (Cephes' expf coefficients), times 2**n built in the exponent bits (n rounded to nearest by
+ * truncating x log2(e) +- 1/2); exp(-inf) and anything below -87.3 is 0. */
 static inline vn expn(vn x) {
     const vni zero = x < splat(-87.33654f);
     x = maxn(x, splat(-87.33654f));
@@ -523,9 +504,10 @@ static void softmax_chunk(State *st, float *scores, const int64_t *positions, in
         const vn m = loadn(st->m + b);
         vn top = m;
         for (int i = 0; i < count; i++) top = maxn(top, loadn(scores + i * rows + b));
+        const vn rescales = expn(m - top);
         for (int l = 0; l < LANES; l++) {
             if (!(top[l] > m[l]) || m[l] == -__builtin_inff()) continue;
-            const float rescale = exp_f32(m[l] - top[l]);
+            const float rescale = rescales[l];
             st->s[b + l] *= rescale;
             for (int p = 0; p < st->n_accs; p++) {
                 float *acc = st->accs[p] + (b + l) * st->widths[p];
