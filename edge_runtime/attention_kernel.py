@@ -120,7 +120,13 @@ def _contiguous(a: np.ndarray, dtype: type) -> np.ndarray:
 
 
 def _part(part: CodePart, dim: int) -> _Part:
-    codes = _contiguous(part.codes, np.uint8)
+    """The kernel's view of a part. Its codes are read in place for as long as the call lives (HeadCall keeps calls
+    across steps), so they must already be uint8 rows laid out one after another: a copy made here would be freed
+    under the kernel's pointer."""
+    codes = part.codes
+    if codes.dtype != np.uint8 or not codes.flags.c_contiguous:
+        raise ValueError(f"KV codes must be C-contiguous uint8 to be read in place, got {codes.dtype} "
+                         f"with strides {codes.strides} (a codec's code_parts should give its stored arrays' views)")
     n_channels = dim if part.channels is None else len(part.channels)
     return _Part(_pointer(codes), codes.strides[0] if len(codes) else 0,
                  None if part.scale is None else _pointer(part.scale),
