@@ -156,17 +156,14 @@ def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoo
     tokens, kv_heads, groups, head_dim = query.shape
     rows = tokens * groups
     calls = [call for h in range(kv_heads) for call in _kernel_calls(h, blocks[h], workers)]
-    widths = [head_dim, *(p.width for call in calls for p in (*call.key_parts, *call.value_parts))]
-    if not kernel.fits(rows, widths):
+    if not kernel.fits(rows, _widths(head_dim, calls)):
         return attend(query, blocks, pool, workers, kernel=False)
     calls_of = Counter(call.head for call in calls)
     q = np.ascontiguousarray(query.transpose(1, 0, 2, 3)).reshape(kv_heads, rows, head_dim)
 
     def run(call: _Call):
-        exact = [(b.key_codes["values"], b.value_codes["values"], b.positions, b.lower, b.upper) for b in call.exact]
-        where = _NOTHING_CODED if call.coded is None else (call.coded.positions, call.coded.lower, call.coded.upper)
-        return attention_kernel.attend_head_parts(kernel, q[call.head], call.key_parts, call.value_parts, where,
-                                                  exact, groups, finish=calls_of[call.head] == 1)
+        return attention_kernel.attend_head_parts(kernel, q[call.head], call.key_parts, call.value_parts,
+                                                  *_rows_seen(call), groups, finish=calls_of[call.head] == 1)
 
     if pool and len(calls) > 1:
         pending = [pool.submit(run, call) for call in calls[1:]]
@@ -183,16 +180,28 @@ def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoo
 _NOTHING_CODED = (np.zeros(0, np.int64), None, None)
 
 
+def _widths(head_dim: int, calls: list[_Call]) -> list[int]:
+    """The vector widths the kernel must hold for these calls (Kernel.fits)."""
+    return [head_dim, *(p.width for call in calls for p in (*call.key_parts, *call.value_parts))]
+
+
+def _rows_seen(call: _Call) -> tuple[tuple, list[tuple]]:
+    """A call's blocks as the kernel takes them: (positions, lower, upper) of the coded rows, and each exact block's
+    (keys, values, positions, lower, upper)."""
+    where = _NOTHING_CODED if call.coded is None else (call.coded.positions, call.coded.lower, call.coded.upper)
+    return where, [(b.key_codes["values"], b.value_codes["values"], b.positions, b.lower, b.upper) for b in call.exact]
+
+
 class DecodeAttention:
     """One layer's attention for one-token steps, its kernel calls built once (HeadCall): over a cache layer's
     blocks whose arrays stay in place until the cache replaces them (KVCache.layout), the step's own keys, values and
     bounds in buffers the step overwrites, and its query and output in buffers of their own. Only the first block
     of each head (the store's used slots) changes size from one step to the next.
 
-    It runs what `attend` would run as one kernel call per head on the calling thread, identically; `build` returns
-    None for anything else (no kernel for this machine, sizes past its limits, two coded blocks in a head, heads the
-    general path hands to its pool), and the store's block is split across threads by `attend` once it reaches
-    `limit` rows.
+    It runs what `attend` would run as one kernel call per head on the calling thread (`_kernel_calls`' one call),
+    identically; `build` returns None for anything else (no kernel for this machine, sizes past its limits, a head
+    that takes two calls, heads the general path hands to its pool), and the store's block is split across threads
+    by `attend` once it reaches `limit` rows.
     """
 
     def __init__(self, calls: list[attention_kernel.HeadCall], coded: bool, limit: float) -> None:
@@ -211,18 +220,12 @@ class DecodeAttention:
             return None
         calls = []
         for h, head in enumerate(blocks):
-            coded = [block for block in head if not _exact(block)]
-            if len(coded) > 1 or any(len(_shares(block, workers, _kernel_least(block))) > 1 for block in head[1:]):
+            head_calls = _kernel_calls(h, head, workers)
+            if len(head_calls) != 1 or not kernel.fits(groups, _widths(head_dim, head_calls)):
                 return None
-            parts = (coded[0].key_codec.parts(coded[0].key_codes), coded[0].value_codec.parts(coded[0].value_codes)
-                     ) if coded else ([], [])
-            if not kernel.fits(groups, [head_dim, *(p.width for p in (*parts[0], *parts[1]))]):
-                return None
-            exact = [(b.key_codes["values"], b.value_codes["values"], b.positions, b.lower, b.upper)
-                     for b in head if _exact(b)]
-            where = (coded[0].positions, coded[0].lower, coded[0].upper) if coded else _NOTHING_CODED
-            calls.append(attention_kernel.HeadCall(kernel, query[h], *parts, where, exact, groups, True, out[h],
-                                                   scratch))
+            (call,) = head_calls
+            calls.append(attention_kernel.HeadCall(kernel, query[h], call.key_parts, call.value_parts,
+                                                   *_rows_seen(call), groups, True, out[h], scratch))
         first = blocks[0][0]
         limit = workers * _kernel_least(first) if workers > 1 else float("inf")
         return cls(calls, not _exact(first), limit)

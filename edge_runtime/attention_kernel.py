@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from edge_runtime.cpu_features import cpu_flags
 from edge_runtime.quant.code_parts import CodePart
 
 KERNELS = Path(__file__).parent / "kernels"
@@ -57,11 +58,7 @@ def _machine() -> list[str]:
     if machine in ("aarch64", "arm64"):
         return ["aarch64"]
     if machine in ("x86_64", "amd64"):
-        try:
-            flags = set(Path("/proc/cpuinfo").read_text().split())
-        except OSError:
-            flags = set()
-        return (["x86_64-v3"] if {"avx2", "fma", "f16c", "bmi2"} <= flags else []) + ["x86_64"]
+        return (["x86_64-v3"] if {"avx2", "fma", "f16c", "bmi2"} <= cpu_flags() else []) + ["x86_64"]
     return []
 
 
@@ -147,7 +144,7 @@ class Partial(NamedTuple):
 class HeadCall:
     """One head's kernel call with its structures built: the ~14 addresses and three structure arrays cost a call
     ~20 us of Python, several times the kernel's own time at a short context, so a decode step builds them once and
-    runs the call again while the arrays' addresses hold (edge_runtime.decode_attention), changing only the sizes.
+    runs the call again while the arrays' addresses hold (attention.DecodeAttention), changing only the sizes.
 
     `coded` is (positions, lower, upper) of the rows the parts hold (no rows when the parts are empty); `exact` a
     list of (keys, values, positions, lower, upper) float32 blocks; `out` the result's buffer, [R, dim] float32 with

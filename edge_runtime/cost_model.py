@@ -146,7 +146,8 @@ def estimate(spec: ModelSpec, profile: Profile, *, weights: str, block_size: int
     gb_s, basis = bandwidth(profile) if not missing else (None, None)
     by_format = read_per_token_by_format(spec, weights, block_size, ple)
     unmeasured = [name for name in by_format if name not in DECODE_EFFICIENCY]
-    slow = [fmt.name for fmt in parse_recipe(weights, block_size or BLOCK_SIZES[0]).formats
+    recipe = parse_recipe(weights, block_size or BLOCK_SIZES[0])
+    slow = [fmt.name for fmt in recipe.formats
             if fmt.needs_int8_dot_product and not int8_dot_product(profile.arch, profile.cpu_features)]
     fmt, sliding = kv_format(kv), kv_format(kv_sliding)
     decode: list[Decode] = []
@@ -174,7 +175,7 @@ def estimate(spec: ModelSpec, profile: Profile, *, weights: str, block_size: int
     else:
         unavailable = (f"no estimate for {' and '.join(unmeasured)} weights: the cost model's efficiencies are "
                        f"measured for {', '.join(DECODE_EFFICIENCY)} only")
-    return Estimate(model=model_name(spec), weights=weights, block_size=parse_recipe(weights, block_size).block_size,
+    return Estimate(model=model_name(spec), weights=weights, block_size=recipe.block_size,
                     ple=ple, kv=kv, kv_sliding=kv_sliding, kv_recent=kv_recent, profile=profile.name,
                     threads=profile.threads, bandwidth_gb_s=gb_s, bandwidth_basis=basis, clock_ghz=profile.clock_ghz,
                     int8_macs_per_cycle=profile.int8_macs_per_cycle, kernel_path=kernel_path(profile),
