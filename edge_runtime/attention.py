@@ -23,6 +23,7 @@ Query tokens go through numpy in groups small enough that one group's scores ove
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise, repeat
 from typing import NamedTuple
@@ -76,13 +77,19 @@ def _slice(block: Block, lo: int, hi: int) -> Block:
                           positions=block.positions[lo:hi])
 
 
-def _shares(block: Block, parts: int, least: int = MIN_PART) -> list[Block]:
-    """A long block cut into `parts` contiguous ones, so that worker threads can each read a share of the codes."""
-    n = block.size
+def _cuts(n: int, parts: int, least: int, quantum: int = 1) -> list[int]:
+    """Where a block of n rows is cut into `parts` shares of at least ~`least` rows (one share if it is too short),
+    each cut a multiple of `quantum` so that a growing block keeps its cuts for many steps (DecodeAttention builds its
+    calls once per cut)."""
     if parts < 2 or n < parts * least:
-        return [block]
-    cuts = [round(n * k / parts) for k in range(parts + 1)]
-    return [_slice(block, lo, hi) for lo, hi in pairwise(cuts)]
+        return [0, n]
+    return [0, *(round(n * k / parts / quantum) * quantum for k in range(1, parts)), n]
+
+
+def _shares(block: Block, parts: int, least: int = MIN_PART, quantum: int = 1) -> list[Block]:
+    """A long block cut into `parts` contiguous ones, so that worker threads can each read a share of the codes."""
+    cuts = _cuts(block.size, parts, least, quantum)
+    return [block] if len(cuts) == 2 else [_slice(block, lo, hi) for lo, hi in pairwise(cuts)]
 
 
 def attend(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecutor | None = None,
@@ -123,6 +130,13 @@ def _kernel_least(block: Block) -> int:
     return -(-KERNEL_MIN_SHARE_VALUES // (2 * block.key_codec.dim))
 
 
+def _kernel_quantum(least: int) -> int:
+    """The kernel's shares are cut at multiples of this many rows: an eighth of the least share, so that a growing
+    store moves its cuts every `least / 4` steps or so (E2B full layers: 256 rows) and the shares differ by at most
+    that."""
+    return max(1, least // 8)
+
+
 def _exact(block: Block) -> bool:
     """Whether the kernel reads the block as plain float32 rows (any number of them share one call)."""
     return isinstance(block.key_codec, Float32Codec) and isinstance(block.value_codec, Float32Codec)
@@ -135,7 +149,8 @@ def _kernel_calls(head: int, blocks: list[Block], workers: int) -> list[_Call]:
     for block in blocks:
         if not block.size:
             continue
-        for k, share in enumerate(_shares(block, workers, _kernel_least(block))):
+        least = _kernel_least(block)
+        for k, share in enumerate(_shares(block, workers, least, _kernel_quantum(least))):
             exact = _exact(share)
             if k == len(calls) or not (exact or calls[k][0] is None):
                 k = len(calls)
@@ -193,48 +208,90 @@ def _rows_seen(call: _Call) -> tuple[tuple, list[tuple]]:
 
 
 class DecodeAttention:
-    """One layer's attention for one-token steps, its kernel calls built once (HeadCall): over a cache layer's
-    blocks whose arrays stay in place until the cache replaces them (KVCache.layout), the step's own keys, values and
-    bounds in buffers the step overwrites, and its query and output in buffers of their own. Only the first block
-    of each head (the store's used slots) changes size from one step to the next.
+    """One layer's attention for one-token steps, its kernel calls built once (HeadCall) and run again while they
+    hold: over a cache layer's blocks whose arrays stay in place until the cache replaces them (KVCache.layout), the
+    step's own keys, values and bounds in buffers the step overwrites, and its query and output in buffers of their
+    own. Only the store's block (the first of each head) grows from one step to the next; its growing end is in the
+    last call, whose size is set before each run.
 
-    It runs what `attend` would run as one kernel call per head on the calling thread (`_kernel_calls`' one call),
-    identically; `build` returns None for anything else (no kernel for this machine, sizes past its limits, a head
-    that takes two calls, heads the general path hands to its pool), and the store's block is split across threads
-    by `attend` once it reaches `limit` rows.
+    It runs what `attend` would run, identically: one call per head on the calling thread while the store is short;
+    past `workers` least shares (KERNEL_MIN_SHARE_VALUES), the same shares `_kernel_calls` cuts, the calls after the
+    first handed to the pool and their partial softmaxes merged. The cuts move in steps of `_kernel_quantum` rows, and
+    the calls are built again when they do. Handing a share to a prepared call costs the pool's wake-up and the merge
+    (~30-60 us) where the general path built every call again each step (150-250 us a split layer). `build` returns
+    None for anything else: no kernel for this machine, sizes past its limits, heads the general path hands to its
+    pool; `limit` is the store size from which the general path must serve (a head with a second coded block, which
+    `_kernel_calls` gives a call of its own).
     """
 
-    def __init__(self, calls: list[attention_kernel.HeadCall], coded: bool, limit: float) -> None:
-        self.sizes = [(call.call, "coded_n") if coded else (call.exact[0], "n") for call in calls]
-        self.calls = calls
-        self.limit = limit
+    def __init__(self, kernel: attention_kernel.Kernel, blocks_of: Callable[[], list[list[Block]]],
+                 query: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor | None, workers: int,
+                 scratch: list[np.ndarray]) -> None:
+        self.kernel, self.blocks_of, self.query, self.out = kernel, blocks_of, query, out
+        self.pool, self.workers, self.scratch = pool, workers, scratch
+        first = blocks_of()[0][0]
+        self.least = _kernel_least(first)
+        self.quantum = _kernel_quantum(self.least)
+        self.coded = not _exact(first)
+        self.cuts: list[int] | None = None
+        self.calls: list[list[attention_kernel.HeadCall]] = []
+        self.partials: list[list[attention_kernel.Partial]] = []
+        splits = workers > 1 and all(_exact(b) for head in blocks_of() for b in head[1:])
+        self.limit = float("inf") if splits or workers < 2 else workers * self.least
 
     @classmethod
-    def build(cls, blocks: list[list[Block]], query: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor | None,
-              workers: int, scratch: np.ndarray) -> DecodeAttention | None:
-        """query and out [kv_heads, groups, head_dim] float32 buffers; blocks per KV head, the growing one first."""
+    def build(cls, blocks_of: Callable[[], list[list[Block]]], query: np.ndarray, out: np.ndarray,
+              pool: ThreadPoolExecutor | None, workers: int, scratch: list[np.ndarray]) -> DecodeAttention | None:
+        """query and out [kv_heads, groups, head_dim] float32 buffers; `blocks_of` gives the layer's blocks per KV
+        head, the growing one first, as they are now; `scratch` the kernel's working memory, one per worker."""
         kernel = attention_kernel.load()
-        kv_heads, groups, head_dim = query.shape
+        kv_heads = query.shape[0]
         workers = workers if pool else 1
         if kernel is None or KERNEL_TOKENS < 1 or (pool and kv_heads > 1):
             return None
-        calls = []
-        for h, head in enumerate(blocks):
-            head_calls = _kernel_calls(h, head, workers)
-            if len(head_calls) != 1 or not kernel.fits(groups, _widths(head_dim, head_calls)):
-                return None
-            (call,) = head_calls
-            calls.append(attention_kernel.HeadCall(kernel, query[h], call.key_parts, call.value_parts,
-                                                   *_rows_seen(call), groups, True, out[h], scratch))
-        first = blocks[0][0]
-        limit = workers * _kernel_least(first) if workers > 1 else float("inf")
-        return cls(calls, not _exact(first), limit)
+        attention = cls(kernel, blocks_of, query, out, pool, workers, scratch)
+        return attention if attention._prepare(blocks_of()[0][0].size) else None
+
+    def _prepare(self, stored: int) -> bool:
+        """Build the calls for a store `stored` rows long; False where `_kernel_calls` cuts it otherwise than one
+        call per share (a second coded block) or the kernel does not fit the sizes."""
+        _, groups, head_dim = self.query.shape
+        cuts = _cuts(stored, self.workers, self.least, self.quantum)
+        calls, partials = [], []
+        for h, head in enumerate(self.blocks_of()):
+            head_calls = _kernel_calls(h, [_slice(head[0], 0, stored), *head[1:]], self.workers)
+            if len(head_calls) != len(cuts) - 1 or not self.kernel.fits(groups, _widths(head_dim, head_calls)):
+                return False
+            split = len(head_calls) > 1
+            outs = [np.empty(groups * (2 + head_dim), np.float32) for _ in head_calls] if split else [self.out[h]]
+            calls.append([attention_kernel.HeadCall(self.kernel, self.query[h], call.key_parts, call.value_parts,
+                                                    *_rows_seen(call), groups, not split, o, scratch)
+                          for call, o, scratch in zip(head_calls, outs, self.scratch)])
+            partials.append([attention_kernel.Partial(o[:groups], o[groups:2 * groups],
+                                                      o[2 * groups:].reshape(groups, head_dim)) for o in outs]
+                            if split else [])
+        self.cuts, self.calls, self.partials = cuts[:-1], calls, partials
+        return True
 
     def __call__(self, stored: int) -> None:
         """Attend with the first block of each head `stored` rows long (below `limit`)."""
-        for (fields, name), call in zip(self.sizes, self.calls):
-            setattr(fields, name, stored)
-            call()
+        if _cuts(stored, self.workers, self.least, self.quantum)[:-1] != self.cuts:
+            self._prepare(stored)
+        grows = self.cuts[-1]
+        for h, head_calls in enumerate(self.calls):
+            last = head_calls[-1]
+            if self.coded:
+                last.call.coded_n = stored - grows
+            else:
+                last.exact[0].n = stored - grows
+            if len(head_calls) == 1:
+                last()
+                continue
+            pending = [self.pool.submit(call) for call in head_calls[1:]]
+            head_calls[0]()
+            for future in pending:
+                future.result()
+            self.out[h][...] = attention_kernel.merge(self.partials[h])
 
 
 def _scores(block: Block, q: np.ndarray, rows: slice, groups: int) -> np.ndarray:

@@ -68,7 +68,9 @@ class DecodeStep:
         self.last = last
         self.new_kv = new_kv
         kernel = attention_kernel.load()
-        self.scratch = np.empty(0 if kernel is None else kernel.scratch_floats, np.float32)
+        # The kernel's working memory, one per thread that runs a share of a layer (DecodeAttention).
+        self.scratch = [np.empty(0 if kernel is None else kernel.scratch_floats, np.float32)
+                        for _ in range(engine.attention_workers)]
         self.positions = np.zeros(1, np.int64)
         types = set(engine.inv_freq)
         # Per layer type: what the step's position sees, (lower, upper) for the coded, recent and new blocks.
@@ -129,9 +131,10 @@ class DecodeStep:
         engine, cache = self.owner, self.owner.cache
         kernels = []
         for _, _, layer in self.graphs:
-            cached = cache.blocks(layer.kv_layer, self.seen[layer.layer_type])
-            blocks = [[*head, new] for head, new in zip(cached, self.new_blocks[layer.kv_layer])]
-            kernels.append(DecodeAttention.build(blocks, layer.scaled[0], layer.out.reshape(layer.scaled[0].shape),
+            def blocks_of(layer: _Layer = layer) -> list[list[Block]]:
+                cached = cache.blocks(layer.kv_layer, self.seen[layer.layer_type])
+                return [[*head, new] for head, new in zip(cached, self.new_blocks[layer.kv_layer])]
+            kernels.append(DecodeAttention.build(blocks_of, layer.scaled[0], layer.out.reshape(layer.scaled[0].shape),
                                                  engine.attention_pool, engine.attention_workers, self.scratch))
         return kernels
 

@@ -59,19 +59,22 @@ def test_the_decode_step_runs_the_kernel_as_the_general_loop_does(name, options,
     assert (len(calls), len(fallbacks)) == ((TOKENS - 3) * layers, 0)
 
 
-def test_a_store_long_enough_to_split_goes_through_attend(artifacts, monkeypatch):
-    """Past DecodeAttention.limit the general path shares a store between threads and merges the shares: the step
-    hands such a layer to `attend`, and the others still run their prepared calls."""
+def test_a_store_long_enough_to_split_is_shared_between_threads_as_attend_shares_it(artifacts, monkeypatch):
+    """Past two least shares the step cuts a store where `attend` cuts it, hands the second share to the pool and
+    merges: the same logits to the bit. The cuts move in steps of the quantum (5 rows here), and only then are the
+    calls built again, not at every step."""
     if attention_kernel.load() is None:
         pytest.skip("no attention kernel built for this machine")
     monkeypatch.setattr(attention, "KERNEL_MIN_SHARE_VALUES", 2 * 32 * 40)  # full layers (dim 32): 80 rows split
     calls = _counted(monkeypatch, DecodeAttention, "__call__")
+    builds = _counted(monkeypatch, DecodeAttention, "_prepare")
     fallbacks = _counted(monkeypatch, decode_step, "attend")
     split = _counted(monkeypatch, attention_kernel, "merge")
     _decode_both_ways(artifacts["shared-mqa-wide"], kv="fp16", threads=2)
-    full_layers = 2  # of the model's 6, in the step after the store reached 80 rows
-    assert len(fallbacks) == (TOKENS - 80) * full_layers and len(calls) == (TOKENS - 3) * 6 - len(fallbacks)
-    assert len(split) >= len(fallbacks)  # both engines' split layers merged shares
+    full_layers = 2  # of the model's 6, split in the step after the store reached 80 rows
+    assert (len(calls), len(fallbacks)) == ((TOKENS - 3) * 6, 0)
+    assert len(split) == 2 * (TOKENS - 80) * full_layers  # both engines merged every split layer's shares
+    assert len(builds) < full_layers * (TOKENS - 80) / 4
 
 
 def test_without_the_kernel_the_decode_step_attends_in_numpy(artifacts, monkeypatch):
