@@ -38,9 +38,12 @@ SCORE_BYTES = 32 << 20
 # Shortest share of a block worth a thread in numpy (prefill). E2B int4, tq3.5, 2k context, 2 threads: 142 ms a
 # step unsplit, 125 ms with the 2k-token full layers split, 142 again with the 512-slot sliding rings split as well.
 MIN_PART = 768
-# Least K+V values in a share of a block worth a thread for the compiled kernel: handing a call to a pool thread
-# costs ~150-250 us (its wake-up, the GIL for its arguments, the merge). E2B int4, one step at 2k: the 2048-slot
-# fp16 layer took 547 us whole and 535 us in two shares, a 576-slot fp32 ring 119 vs 280 us.
+# Least K+V values in a share of a block worth a thread for the compiled kernel. Built afresh at each step (the
+# general path), a call handed to a pool thread cost ~150-250 us: at 2k the 2048-slot fp16 layer took 547 us whole
+# and 535 us in two shares, a 576-slot fp32 ring 119 vs 280 us. Prepared once (DecodeAttention), the handoff is
+# the pool's wake-up and the merge, ~50-70 us, but splitting sooner still gained nothing: E2B int4 b128, fp16, one
+# process alternating, a step at 1k / 2k / 4k with 2^19: 56.1 / 59.6 / 64.2 ms, 2^20: 56.2 / 59.5 / 64.8, 2^21:
+# 54.3 / 60.0 / 65.0 (the stores are read from memory, and the two threads share its bandwidth).
 KERNEL_MIN_SHARE_VALUES = 1 << 21
 # Steps of at most this many tokens go through the compiled kernel; longer ones are matrix products for BLAS.
 KERNEL_TOKENS = 4
@@ -211,45 +214,45 @@ class DecodeAttention:
     """One layer's attention for one-token steps, its kernel calls built once (HeadCall) and run again while they
     hold: over a cache layer's blocks whose arrays stay in place until the cache replaces them (KVCache.layout), the
     step's own keys, values and bounds in buffers the step overwrites, and its query and output in buffers of their
-    own. Only the store's block (the first of each head) grows from one step to the next; its growing end is in the
-    last call, whose size is set before each run.
+    own. Only the store's block (the first of each head) grows from one step to the next; its growing end is in each
+    head's last call, whose size is set before each run.
 
-    It runs what `attend` would run, identically: one call per head on the calling thread while the store is short;
-    past `workers` least shares (KERNEL_MIN_SHARE_VALUES), the same shares `_kernel_calls` cuts, the calls after the
-    first handed to the pool and their partial softmaxes merged. The cuts move in steps of `_kernel_quantum` rows, and
-    the calls are built again when they do. Handing a share to a prepared call costs the pool's wake-up and the merge
-    (~30-60 us) where the general path built every call again each step (150-250 us a split layer). `build` returns
-    None for anything else: no kernel for this machine, sizes past its limits, heads the general path hands to its
-    pool; `limit` is the store size from which the general path must serve (a head with a second coded block, which
-    `_kernel_calls` gives a call of its own).
+    It runs what `attend` would run, identically: the calls `_kernel_calls` makes of each head (one while the store
+    is short; past `workers` least shares, KERNEL_MIN_SHARE_VALUES, one per share), the first on the calling thread
+    and the others handed to the pool, and a split head's partial softmaxes merged. The cuts move in steps of
+    `_kernel_quantum` rows, and the calls are built again when they do. A prepared call handed to the pool costs its
+    wake-up; the general path built every call again at each step (150-250 us a split layer, and every layer of a
+    model with several KV heads). `build` returns None where the kernel cannot serve (not built for this machine,
+    sizes past its limits); `limit` is the store size from which the general path must (a head with a second coded
+    block, which `_kernel_calls` gives a call of its own).
     """
 
     def __init__(self, kernel: attention_kernel.Kernel, blocks_of: Callable[[], list[list[Block]]],
                  query: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor | None, workers: int,
-                 scratch: list[np.ndarray]) -> None:
+                 scratch: np.ndarray) -> None:
         self.kernel, self.blocks_of, self.query, self.out = kernel, blocks_of, query, out
         self.pool, self.workers, self.scratch = pool, workers, scratch
-        first = blocks_of()[0][0]
-        self.least = _kernel_least(first)
+        blocks = blocks_of()
+        self.least = _kernel_least(blocks[0][0])
         self.quantum = _kernel_quantum(self.least)
-        self.coded = not _exact(first)
+        self.coded = not _exact(blocks[0][0])
         self.cuts: list[int] | None = None
-        self.calls: list[list[attention_kernel.HeadCall]] = []
-        self.partials: list[list[attention_kernel.Partial]] = []
-        splits = workers > 1 and all(_exact(b) for head in blocks_of() for b in head[1:])
+        self.heads: list[list[attention_kernel.HeadCall]] = []  # each head's calls, the growing share last
+        self.calls: list[attention_kernel.HeadCall] = []  # all of them, in the order attend runs them
+        self.partials: list[list[attention_kernel.Partial]] = []  # a split head's shares to merge, else []
+        splits = all(_exact(b) for head in blocks for b in head[1:])
         self.limit = float("inf") if splits or workers < 2 else workers * self.least
 
     @classmethod
     def build(cls, blocks_of: Callable[[], list[list[Block]]], query: np.ndarray, out: np.ndarray,
-              pool: ThreadPoolExecutor | None, workers: int, scratch: list[np.ndarray]) -> DecodeAttention | None:
+              pool: ThreadPoolExecutor | None, workers: int, scratch: np.ndarray) -> DecodeAttention | None:
         """query and out [kv_heads, groups, head_dim] float32 buffers; `blocks_of` gives the layer's blocks per KV
-        head, the growing one first, as they are now; `scratch` the kernel's working memory, one per worker."""
+        head, the growing one first, as they are now; `scratch` the calling thread's working memory for the kernel
+        (a pool's threads use their own)."""
         kernel = attention_kernel.load()
-        kv_heads = query.shape[0]
-        workers = workers if pool else 1
-        if kernel is None or KERNEL_TOKENS < 1 or (pool and kv_heads > 1):
+        if kernel is None or KERNEL_TOKENS < 1:
             return None
-        attention = cls(kernel, blocks_of, query, out, pool, workers, scratch)
+        attention = cls(kernel, blocks_of, query, out, pool, workers if pool else 1, scratch)
         return attention if attention._prepare(blocks_of()[0][0].size) else None
 
     def _prepare(self, stored: int) -> bool:
@@ -257,41 +260,45 @@ class DecodeAttention:
         call per share (a second coded block) or the kernel does not fit the sizes."""
         _, groups, head_dim = self.query.shape
         cuts = _cuts(stored, self.workers, self.least, self.quantum)
-        calls, partials = [], []
+        heads, partials = [], []
         for h, head in enumerate(self.blocks_of()):
             head_calls = _kernel_calls(h, [_slice(head[0], 0, stored), *head[1:]], self.workers)
             if len(head_calls) != len(cuts) - 1 or not self.kernel.fits(groups, _widths(head_dim, head_calls)):
                 return False
             split = len(head_calls) > 1
             outs = [np.empty(groups * (2 + head_dim), np.float32) for _ in head_calls] if split else [self.out[h]]
-            calls.append([attention_kernel.HeadCall(self.kernel, self.query[h], call.key_parts, call.value_parts,
-                                                    *_rows_seen(call), groups, not split, o, scratch)
-                          for call, o, scratch in zip(head_calls, outs, self.scratch)])
+            heads.append([attention_kernel.HeadCall(self.kernel, self.query[h], call.key_parts, call.value_parts,
+                                                    *_rows_seen(call), groups, not split, o, self.scratch)
+                          for call, o in zip(head_calls, outs)])
             partials.append([attention_kernel.Partial(o[:groups], o[groups:2 * groups],
                                                       o[2 * groups:].reshape(groups, head_dim)) for o in outs]
                             if split else [])
-        self.cuts, self.calls, self.partials = cuts[:-1], calls, partials
+        self.cuts, self.heads, self.partials = cuts[:-1], heads, partials
+        self.calls = [call for head_calls in heads for call in head_calls]
         return True
 
     def __call__(self, stored: int) -> None:
         """Attend with the first block of each head `stored` rows long (below `limit`)."""
         if _cuts(stored, self.workers, self.least, self.quantum)[:-1] != self.cuts:
             self._prepare(stored)
-        grows = self.cuts[-1]
-        for h, head_calls in enumerate(self.calls):
-            last = head_calls[-1]
+        grows = stored - self.cuts[-1]
+        for head_calls in self.heads:
             if self.coded:
-                last.call.coded_n = stored - grows
+                head_calls[-1].call.coded_n = grows
             else:
-                last.exact[0].n = stored - grows
-            if len(head_calls) == 1:
-                last()
-                continue
-            pending = [self.pool.submit(call) for call in head_calls[1:]]
-            head_calls[0]()
+                head_calls[-1].exact[0].n = grows
+        first, *others = self.calls
+        if self.pool is None or not others:
+            for call in self.calls:
+                call()
+        else:
+            pending = [self.pool.submit(call.on_this_thread) for call in others]
+            first()
             for future in pending:
                 future.result()
-            self.out[h][...] = attention_kernel.merge(self.partials[h])
+        for h, partials in enumerate(self.partials):
+            if partials:
+                self.out[h][...] = attention_kernel.merge(partials)
 
 
 def _scores(block: Block, q: np.ndarray, rows: slice, groups: int) -> np.ndarray:

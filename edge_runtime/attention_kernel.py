@@ -79,7 +79,16 @@ class Kernel:
         buffer = getattr(self._local, "scratch", None)
         if buffer is None:
             buffer = self._local.scratch = np.empty(self.scratch_floats, np.float32)
+            self._local.address = _pointer(buffer)
         return buffer
+
+    def scratch_address(self) -> int:
+        """The address of this thread's scratch (a call handed to a pool thread runs on that thread's)."""
+        address = getattr(self._local, "address", None)
+        if address is None:
+            self.scratch()
+            address = self._local.address
+        return address
 
     def fits(self, rows: int, widths: list[int]) -> bool:
         return rows <= self.max_rows and all(w <= self.max_width for w in widths)
@@ -179,6 +188,11 @@ class HeadCall:
         self.exact = self.call.exact
 
     def __call__(self) -> None:
+        self.kernel.attend(self.call)
+
+    def on_this_thread(self) -> None:
+        """Run on the calling thread's scratch rather than the one the call was built with (a pool's thread)."""
+        self.call.scratch = self.kernel.scratch_address()
         self.kernel.attend(self.call)
 
 

@@ -68,9 +68,7 @@ class DecodeStep:
         self.last = last
         self.new_kv = new_kv
         kernel = attention_kernel.load()
-        # The kernel's working memory, one per thread that runs a share of a layer (DecodeAttention).
-        self.scratch = [np.empty(0 if kernel is None else kernel.scratch_floats, np.float32)
-                        for _ in range(engine.attention_workers)]
+        self.scratch = np.empty(0 if kernel is None else kernel.scratch_floats, np.float32)
         self.positions = np.zeros(1, np.int64)
         types = set(engine.inv_freq)
         # Per layer type: what the step's position sees, (lower, upper) for the coded, recent and new blocks.

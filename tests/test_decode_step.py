@@ -47,6 +47,7 @@ def _decode_both_ways(artifact, **options) -> None:
     ("shared-mqa-wide", dict(kv="fp16")),  # fp16 full layers (a coded block), fp32 sliding rings (exact)
     ("shared-mqa-wide", dict(kv="tq3.5", kv_recent=4, kv_sliding="int8", threads=2)),  # two coded kinds, a ring
     ("shared-gqa", dict(kv="int8", kv_recent=4, threads=1)),  # two KV heads, each its own call
+    ("shared-gqa", dict(kv="fp16", threads=2)),  # two KV heads, the second handed to the pool
     ("3n-causal", dict(kv="fp16")),  # Gemma 3n's graphs (AltUp, Laurel) through the same contract
 ])
 def test_the_decode_step_runs_the_kernel_as_the_general_loop_does(name, options, artifacts, monkeypatch):
@@ -59,21 +60,25 @@ def test_the_decode_step_runs_the_kernel_as_the_general_loop_does(name, options,
     assert (len(calls), len(fallbacks)) == ((TOKENS - 3) * layers, 0)
 
 
-def test_a_store_long_enough_to_split_is_shared_between_threads_as_attend_shares_it(artifacts, monkeypatch):
-    """Past two least shares the step cuts a store where `attend` cuts it, hands the second share to the pool and
-    merges: the same logits to the bit. The cuts move in steps of the quantum (5 rows here), and only then are the
-    calls built again, not at every step."""
+@pytest.mark.parametrize("name, dim, full_layers, kv_heads", [("shared-mqa-wide", 32, 2, 1),
+                                                                ("shared-gqa", 48, 3, 2)])
+def test_a_store_long_enough_to_split_is_shared_between_threads_as_attend_shares_it(name, dim, full_layers, kv_heads,
+                                                                                    artifacts, monkeypatch):
+    """Past two least shares the step cuts a store where `attend` cuts it, hands the shares after the first to the
+    pool and merges: the same logits to the bit. The cuts move in steps of the quantum (5 rows here), and only then
+    are the calls built again, not at every step."""
     if attention_kernel.load() is None:
         pytest.skip("no attention kernel built for this machine")
-    monkeypatch.setattr(attention, "KERNEL_MIN_SHARE_VALUES", 2 * 32 * 40)  # full layers (dim 32): 80 rows split
+    monkeypatch.setattr(attention, "KERNEL_MIN_SHARE_VALUES", 2 * dim * 40)  # full layers: 80 rows split
     calls = _counted(monkeypatch, DecodeAttention, "__call__")
     builds = _counted(monkeypatch, DecodeAttention, "_prepare")
     fallbacks = _counted(monkeypatch, decode_step, "attend")
     split = _counted(monkeypatch, attention_kernel, "merge")
-    _decode_both_ways(artifacts["shared-mqa-wide"], kv="fp16", threads=2)
-    full_layers = 2  # of the model's 6, split in the step after the store reached 80 rows
-    assert (len(calls), len(fallbacks)) == ((TOKENS - 3) * 6, 0)
-    assert len(split) == 2 * (TOKENS - 80) * full_layers  # both engines merged every split layer's shares
+    _decode_both_ways(artifacts[name], kv="fp16", threads=2)
+    layers = edge_runtime.load(artifacts[name]).spec.num_hidden_layers
+    assert (len(calls), len(fallbacks)) == ((TOKENS - 3) * layers, 0)
+    # both engines merged every split head's shares, from the step after the store reached 80 rows
+    assert len(split) == 2 * (TOKENS - 80) * full_layers * kv_heads
     assert len(builds) < full_layers * (TOKENS - 80) / 4
 
 
