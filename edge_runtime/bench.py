@@ -14,7 +14,7 @@ platform does not expose a figure):
     model_bytes        sum of the artifact's file sizes
     formats            the manifest's formats and the KV format the model ran with, e.g.
                        {"weights": "int4", "block_size": 32, "ple": "int8", "kv": "tq3.5", "kv_recent": 32,
-                        "kv_sliding": "fp32"}
+                        "kv_sliding": "fp16"}
     kv_cache_bytes     bytes the KV cache held allocated after the tests (codes, norms, recent rings)
     threads            onnxruntime threads, also the bandwidth probe's threads
     context            context length the model was loaded with
@@ -60,7 +60,7 @@ import numpy as np
 
 from edge_runtime.artifact import WEIGHTS_FILE, read_manifest
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, kv_format
+from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, kv_format
 from edge_runtime.memory import current_rss_bytes, mapped_resident_bytes, peak_rss_bytes
 from edge_runtime.model import Model, load
 from edge_runtime.progress import Progress, no_progress
@@ -100,7 +100,7 @@ class BenchConfig:
     low_memory: bool = False
     kv: str = DEFAULT_KV_FORMAT
     kv_recent: int | None = None
-    kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT
+    kv_sliding: str | None = None  # kv_formats.default_sliding_format by default
     adapter: Path | None = None  # a LoRA adapter attached to the artifact's slots
 
     def __post_init__(self) -> None:
@@ -115,7 +115,8 @@ class BenchConfig:
             if value is not None and value < least:
                 raise EdgeRuntimeError(f"{option}={value}: must be at least {least}")
         kv_format(self.kv)
-        kv_format(self.kv_sliding)
+        if self.kv_sliding is not None:
+            kv_format(self.kv_sliding)
 
     @property
     def context_needed(self) -> int:
@@ -251,7 +252,7 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
         "model": str(artifact),
         "model_bytes": sum(entry["size"] for entry in manifest.files.values()),
         "formats": {**manifest.formats, "kv": config.kv, "kv_recent": model.kv_recent,
-                    "kv_sliding": config.kv_sliding},
+                    "kv_sliding": model.kv_sliding_format.name},
         "adapter": None if model.adapter is None else str(model.adapter),
         "kv_cache_bytes": kv_cache_bytes,
         "threads": threads,

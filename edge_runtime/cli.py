@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edge_runtime.errors import ContextLengthError, EdgeRuntimeError, InvalidTextError
-from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, KV_FORMATS
+from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, KV_FORMATS
 from edge_runtime.version import __version__
 from edge_runtime.weight_recipe import NAMED_RECIPES, ROLES, SYNTAX
 
@@ -96,8 +96,8 @@ REPEAT_PENALTY = typer.Option(None, "--repeat-penalty", help="Penalize the last 
 SEED = typer.Option(None, "--seed", help="Seed for reproducible sampling.")
 KV_RECENT = typer.Option(None, "--kv-recent", help="Keep this many most recent tokens exact besides their KV codes "
                          "(default: 32 for compressed formats, 0 for fp32/fp16/int8).")
-KV_SLIDING = typer.Option(DEFAULT_SLIDING_KV_FORMAT, "--kv-sliding", help="KV format of the sliding-window layers "
-                          "(their rings stop at the window).")
+KV_SLIDING = typer.Option(None, "--kv-sliding", help="KV format of the sliding-window layers (their rings stop at "
+                          "the window; default: fp16, fp32 with --kv fp32).")
 ADAPTER = typer.Option(None, "--adapter", help="A PEFT LoRA adapter directory to attach at load to an artifact "
                        "exported with --lora-slots (no re-export).")
 LOW_MEMORY = typer.Option(False, "--low-memory", help="64-token prefill chunks and freed scratch returned to the "
@@ -204,7 +204,7 @@ def export(
 
 
 def _load(model: str | None, profile: str, context: int | None, threads: int | None, kv: str | None,
-          kv_recent: int | None, kv_sliding: str, low_memory: bool, adapter: Path | None = None):
+          kv_recent: int | None, kv_sliding: str | None, low_memory: bool, adapter: Path | None = None):
     from edge_runtime.model import load
 
     path = _resolve_model(model)
@@ -268,7 +268,7 @@ def run(
     low_memory: bool = LOW_MEMORY,
     kv: str | None = PROFILE_KV,
     kv_recent: int | None = KV_RECENT,
-    kv_sliding: str = KV_SLIDING,
+    kv_sliding: str | None = KV_SLIDING,
     adapter: Path | None = ADAPTER,
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
@@ -318,7 +318,7 @@ def chat(
     low_memory: bool = LOW_MEMORY,
     kv: str | None = PROFILE_KV,
     kv_recent: int | None = KV_RECENT,
-    kv_sliding: str = KV_SLIDING,
+    kv_sliding: str | None = KV_SLIDING,
     adapter: Path | None = ADAPTER,
 ) -> None:
     """Talk with the model: streamed replies, earlier turns kept in the KV cache (/help for commands).
@@ -508,7 +508,7 @@ def bench(
     low_memory: bool = LOW_MEMORY,
     kv: str = KV,
     kv_recent: int | None = KV_RECENT,
-    kv_sliding: str = KV_SLIDING,
+    kv_sliding: str | None = KV_SLIDING,
     as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object."),
     adapter: Path | None = ADAPTER,
 ) -> None:
@@ -536,7 +536,7 @@ def perplexity(
     threads: int | None = typer.Option(None, "-t", "--threads", min=1, help="Threads (default: up to 4)."),
     kv: str = KV,
     kv_recent: int | None = KV_RECENT,
-    kv_sliding: str = KV_SLIDING,
+    kv_sliding: str | None = KV_SLIDING,
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
     adapter: Path | None = ADAPTER,
 ) -> None:
@@ -552,7 +552,7 @@ def perplexity(
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
     figures = {"model": str(m.path), "adapter": None if m.adapter is None else str(m.adapter), "kv": kv,
-               "kv_recent": m.kv_recent, "kv_sliding": kv_sliding, "text_file": str(text_file), "perplexity": result.perplexity,
+               "kv_recent": m.kv_recent, "kv_sliding": m.kv_sliding_format.name, "text_file": str(text_file), "perplexity": result.perplexity,
                "nll": result.nll, "tokens": result.tokens, "windows": result.windows, "context": result.context,
                "seconds": result.seconds, "tokens_per_second": result.tokens_per_second}
     if as_json:
@@ -625,7 +625,7 @@ def plan(
     context: int | None = CONTEXT,
     kv: str | None = PROFILE_KV,
     kv_recent: int | None = KV_RECENT,
-    kv_sliding: str = KV_SLIDING,
+    kv_sliding: str | None = KV_SLIDING,
     as_json: bool = typer.Option(False, "--json", help="Print the budget as JSON."),
     adapter: Path | None = ADAPTER,
 ) -> None:
@@ -681,7 +681,7 @@ def serve(
     low_memory: bool = LOW_MEMORY,
     kv: str | None = PROFILE_KV,
     kv_recent: int | None = KV_RECENT,
-    kv_sliding: str = KV_SLIDING,
+    kv_sliding: str | None = KV_SLIDING,
     adapter: list[str] = typer.Option([], "--adapter", help="A PEFT LoRA adapter for an artifact exported with "
                                       "--lora-slots: DIR attaches it to every request, NAME=DIR offers it to requests "
                                       "that name it in their \"adapter\" field (repeatable)."),

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_runtime.cpu_features import int8_dot_product
-from edge_runtime.kv_formats import DEFAULT_SLIDING_KV_FORMAT, kv_format
+from edge_runtime.kv_formats import default_sliding_format, kv_format
 from edge_runtime.model import DEFAULT_PREFILL_CHUNK
 from edge_runtime.model_spec import ModelSpec
 from edge_runtime.planner import Plan, known_models, linear_macs_by_format, model_name, read_per_token_by_format
@@ -196,7 +196,7 @@ def profile_estimates(profile: Profile) -> list[Estimate]:
     checkpoints' own."""
     ple = "bf16" if profile.ple == "auto" else profile.ple
     return [estimate(spec, profile, weights=profile.weights, block_size=profile.block_size, ple=ple, kv=profile.kv,
-                     kv_recent=kv_format(profile.kv).default_recent, kv_sliding=DEFAULT_SLIDING_KV_FORMAT,
+                     kv_recent=kv_format(profile.kv).default_recent, kv_sliding=default_sliding_format(profile.kv),
                      contexts=(SHORT_CONTEXT, min(profile.context, spec.max_position_embeddings)))
             for spec in known_models().values()]
 

@@ -9,12 +9,19 @@ Rings (sliding windows and the recent ring) carry ROLLBACK_TOKENS slots beyond w
 cache can be cut back to an earlier length (`truncate`) by that many tokens without losing a token still in view:
 what lets a chat turn reuse the cache when the re-rendered transcript differs from the generated tokens at the end.
 
-Sliding layers may use their own format (`sliding_format`): their rings stop at the window, so compressing
-them saves little (E2B: 12 rings of 512 tokens, 12 MB in fp32) while costing decode time and accuracy.
+Sliding layers may use their own format (`sliding_format`; kv_formats.default_sliding_format: fp16 unless the
+full layers are fp32): their rings stop at the window, so compressing them further saves little memory (E2B:
+12 rings of 512 tokens, 6 MB in fp16), but each is read whole at every step.
 
 The `recent` most recent tokens are also kept exactly (float32, a ring of `recent` + ROLLBACK_TOKENS slots):
 attention reads them from there and reads only older tokens from the codes, which protects the tokens that
 attention weighs most at negligible cost.
+
+What a token sees does not depend on how the tokens were fed: a token at position p reads the `recent` positions
+before it exactly and everything older through its codes, whether those tokens came in its own prefill chunk or
+in earlier steps (`Visibility.new_coded`: a chunk's own older rows, as the store will hold them). So a prompt run
+at once and the same prompt run after a cached prefix give the same logits, and seeded sampling repeats itself
+when a second call reuses the first one's cache.
 """
 
 from __future__ import annotations
@@ -66,11 +73,13 @@ class LayerStore:
 @dataclass(frozen=True)
 class Visibility:
     """For the step's query tokens, the positions each sees per kind of block, as (lower, upper) bounds [T]:
-    the coded slots (older than the exact recent ones), the exact recent ring, and the step's own tokens."""
+    the coded slots (older than the exact recent ones), the exact recent ring, the step's own tokens exactly, and
+    (`new_coded`, in a lossy format) the step's own tokens older than the recent ones, through their codes."""
 
     coded: tuple[np.ndarray, np.ndarray]
     recent: tuple[np.ndarray, np.ndarray]
     new: tuple[np.ndarray, np.ndarray]
+    new_coded: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class KVCache:
@@ -146,12 +155,31 @@ class KVCache:
         return min(self.length, len(self.slot_positions[layer_type]))
 
     def visibility(self, layer_type: str, positions: np.ndarray) -> Visibility:
-        """What these new positions see: causal, windowed on sliding layers, recent tokens read exactly."""
+        """What these new positions see: causal, windowed on sliding layers, the `recent` positions before each
+        read exactly and older ones through their codes (the step's own included, in a lossy format)."""
         window = self.spec.window(layer_type)
         first = np.maximum(positions - window + 1, 0) if window is not None else np.zeros_like(positions)
-        first_recent = self.length - self.recent_of[layer_type]
-        return Visibility(coded=(first, np.minimum(positions, first_recent - 1)),
-                          recent=(np.maximum(first, first_recent), positions), new=(first, positions))
+        first_exact = np.maximum(first, positions - self.recent_of[layer_type])
+        if self._format(layer_type).exact:
+            return Visibility(coded=(first, positions - 1), recent=(first_exact, positions), new=(first, positions))
+        return Visibility(coded=(first, first_exact - 1), recent=(first_exact, positions), new=(first_exact, positions),
+                          new_coded=(first, first_exact - 1))
+
+    def step_codes(self, layer: int, keys: np.ndarray, values: np.ndarray) -> list[tuple[VectorCodec, dict,
+                                                                                          VectorCodec, dict]]:
+        """The step's own keys and values [kv_heads, T, head_dim] as layer `layer`'s store will hold them, per KV head
+        (key codec, key codes, value codec, value codes): what a token reads of its own step's older tokens
+        (Visibility.new_coded). The first write makes the store (and picks its codecs) here, before attention."""
+        store = self._store(layer, keys, values)
+        return [(k.codec, k.codec.encode(np.ascontiguousarray(keys[h])), v.codec,
+                 v.codec.encode(np.ascontiguousarray(values[h])))
+                for h, (k, v) in enumerate(zip(store.keys, store.values))]
+
+    def _store(self, layer: int, keys: np.ndarray, values: np.ndarray) -> LayerStore:
+        if layer not in self.stores:
+            self.stores[layer] = self._new_store(layer, keys, values)
+            self.layout += 1
+        return self.stores[layer]
 
     def blocks(self, layer: int, seen: Visibility) -> list[list[Block]]:
         """Per KV head, the cached blocks layer `layer`'s store offers attention (none before the first write)."""
@@ -206,10 +234,7 @@ class KVCache:
             for i, (keys, values) in new_kv.items():
                 if self.spec.layer_types[i] != layer_type:
                     continue
-                if i not in self.stores:
-                    self.stores[i] = self._new_store(i, keys, values)
-                    self.layout += 1
-                store = self.stores[i]
+                store = self._store(i, keys, values)
                 for h in range(len(keys)):
                     store.keys[h].write(index, keys[h, -len(keep):])
                     store.values[h].write(index, values[h, -len(keep):])

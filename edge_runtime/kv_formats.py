@@ -132,10 +132,20 @@ _FORMATS = [
 ]
 KV_FORMATS: dict[str, KVFormat] = {f.name: f for f in _FORMATS}
 DEFAULT_KV_FORMAT = "fp16"
-# Sliding rings hold at most a window of tokens, so exact float32 costs E2B only 12 MB, and it is the fastest to
-# attend over: BLAS reads it as is (0.49 ns a value, d = 512) where fp16 is widened first (2.56 ns) and
-# TurboQuant codes looked up (1.1-1.3 ns), per tools/turboquant_distortion.py on the development VM.
-DEFAULT_SLIDING_KV_FORMAT = "fp32"
+
+
+def default_sliding_format(kv: str) -> str:
+    """The sliding layers' format when none is asked for: fp16, or fp32 beside fp32 full layers (so that `kv="fp32"`
+    is exact throughout).
+
+    A ring holds at most a window of tokens (E2B: 6 MB in fp16, 12 MB in fp32), but every sliding layer reads its
+    whole ring at every step (E2B: 28 of 35 layers, a ring 1.2 MB in fp32), from memory, since the layers' weights
+    between two reads flush the caches. Read in place by the attention kernel, which widens fp16 as it goes, half
+    the bytes made E2B int4 b128 at 2k 5-7% faster a step (3 processes, each alternating fp32 and fp16 rings:
+    56.1 -> 53.2, 54.2 -> 50.6, 55.3 -> 51.0 ms). fp32 had been the default when numpy read the rings (BLAS took
+    fp32 as it was and widened fp16 first).
+    """
+    return "fp32" if kv == "fp32" else "fp16"
 
 
 def kv_format(name: str) -> KVFormat:

@@ -31,7 +31,7 @@ from edge_runtime.engine import Engine
 from edge_runtime.errors import ContextLengthError, EdgeRuntimeError
 from edge_runtime.generation_stats import GenerationStats
 from edge_runtime.integrity import check_artifact
-from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, DEFAULT_SLIDING_KV_FORMAT, kv_format
+from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, default_sliding_format, kv_format
 from edge_runtime.lora_attach import adapter_feeds
 from edge_runtime.memory import return_freed_memory_to_os
 from edge_runtime.model_store import resolve_model
@@ -67,7 +67,7 @@ def _warn_of_slow_kernels(path: Path, manifest: Manifest) -> None:
 class Model:
     def __init__(self, path: Path, threads: int | None = None, context_length: int | None = None,
                  prefill_chunk: int | None = None, low_memory: bool = False, kv: str = DEFAULT_KV_FORMAT,
-                 kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT,
+                 kv_recent: int | None = None, kv_sliding: str | None = None,
                  progress: Progress = no_progress, adapter: str | Path | None = None) -> None:
         _check_threads(threads)
         self.path = Path(path)
@@ -79,7 +79,7 @@ class Model:
         self.kv_recent = self.kv_format.default_recent if kv_recent is None else kv_recent
         if self.kv_recent < 0:
             raise EdgeRuntimeError(f"kv_recent={kv_recent}: must be 0 or more")
-        self.kv_sliding_format = kv_format(kv_sliding)
+        self.kv_sliding_format = kv_format(kv_sliding or default_sliding_format(kv))
         limit = self.spec.max_position_embeddings
         if context_length is not None and not 0 < context_length <= limit:
             raise EdgeRuntimeError(f"context_length={context_length}: must be between 1 and the model's {limit}")
@@ -452,7 +452,7 @@ class Model:
 
 def load(path: str | Path | None = None, *, profile: str | Profile | None = None, threads: int | None = None,
          context_length: int | None = None, prefill_chunk: int | None = None, low_memory: bool = False,
-         kv: str | None = None, kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT,
+         kv: str | None = None, kv_recent: int | None = None, kv_sliding: str | None = None,
          progress: Progress = no_progress, adapter: str | Path | None = None) -> Model:
     """Open an exported artifact: a directory, a model name (see `list_models`), or the bundled model when `path`
     is None (exported into the cache on first use).
@@ -466,7 +466,8 @@ def load(path: str | Path | None = None, *, profile: str | Profile | None = None
     `kv` is the KV cache format (edge_runtime.kv_formats.KV_FORMATS: fp32, fp16 (default), int8, TurboQuant tq4 to
     tq2.5 and their -mse/-prod variants, qjl); `kv_recent` keeps that many most recent tokens exactly besides their
     codes (default: the format's, 32 for compressed formats, 0 for fp32/fp16/int8); `kv_sliding` is the format
-    of the sliding layers' rings, which stop at the window (default fp32: exact and fastest). `prefill_chunk`
+    of the sliding layers' rings, which stop at the window (default fp16, fp32 with `kv="fp32"`:
+    kv_formats.default_sliding_format). `prefill_chunk`
     (default 256) bounds the prompt tokens run at once. `low_memory` trades prefill speed for resident memory:
     64-token chunks and freed scratch returned to the OS (see `memory.return_freed_memory_to_os`), for
     devices where the model barely fits. `progress(stage, done, total)` hears how the bundled model's first

@@ -36,7 +36,7 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.families import FAMILIES, family_of, family_of_config, spec_from_hf_config
 from edge_runtime.families.family import GraphPart
 from edge_runtime.kv_cache import GROWTH as KV_GROWTH
-from edge_runtime.kv_formats import DEFAULT_RECENT, DEFAULT_SLIDING_KV_FORMAT, kv_format
+from edge_runtime.kv_formats import DEFAULT_RECENT, default_sliding_format, kv_format
 from edge_runtime.lora_attach import checked_adapter, fed_bytes
 from edge_runtime.model_spec import ModelSpec
 from edge_runtime.ple_store import LOSSLESS_FORMATS, storage_dtype, stored_width
@@ -118,7 +118,7 @@ class Plan:
 
 
 def plan_memory(source: Path, profile: Profile, context: int | None = None, *, kv: str | None = None,
-                kv_recent: int | None = None, kv_sliding: str = DEFAULT_SLIDING_KV_FORMAT,
+                kv_recent: int | None = None, kv_sliding: str | None = None,
                 prefill_chunk: int = 256, adapter: Path | None = None) -> Plan:
     """Predict the peak RSS of running `source` (artifact or HF checkpoint directory) on `profile`'s device.
 
@@ -155,6 +155,7 @@ def plan_memory(source: Path, profile: Profile, context: int | None = None, *, k
         raise EdgeRuntimeError(f"context {context} is larger than the model's {limit}; pass --context {limit} or less")
     kv = kv or profile.kv
     recent = kv_format(kv).default_recent if kv_recent is None else kv_recent
+    kv_sliding = kv_sliding or default_sliding_format(kv)
     kv_format(kv_sliding)
     setup = _Setup(spec, weights, block_size, ple, kv, recent, kv_sliding, context, prefill_chunk,
                    tokenizer.stat().st_size if tokenizer.is_file() else 0, adapter_bytes)

@@ -46,7 +46,7 @@ def test_bench_json_has_every_figure_for_the_default_model(bench_json):
     manifest = read_manifest(path)
     assert data["bytes_per_token"] == manifest.bytes_per_token and data["read_per_token"] == manifest.read_per_token
     assert data["model_bytes"] == sum(f["size"] for f in manifest.files.values())
-    assert data["formats"] == {**manifest.formats, "kv": "fp16", "kv_recent": 0, "kv_sliding": "fp32"}
+    assert data["formats"] == {**manifest.formats, "kv": "fp16", "kv_recent": 0, "kv_sliding": "fp16"}
     assert data["probe_bytes"] == 64 << 20 and data["context"] == 8 and data["ttft_test"] == "pp8"
     assert data["peak_rss_bytes"] >= data["current_rss_bytes"]
     assert 0 < data["ple_resident_bytes"] <= (path / "ple.bin").stat().st_size

@@ -93,7 +93,7 @@ def test_kv_item_is_the_formats_cache_bytes_at_the_grown_size(tmp_path, kv):
     for context in (1, 256, 257, 8000):
         plan = plan_memory(e2b, profile(), context, kv=kv)
         slots = -(-context // KV_GROWTH) * KV_GROWTH
-        expected = kv_format(kv).cache_bytes(spec, slots, plan.kv_recent, kv_format("fp32"))
+        expected = kv_format(kv).cache_bytes(spec, slots, plan.kv_recent, kv_format("fp16"))  # rings fp16 by default
         assert dict(plan.items)["KV cache at context"] == expected
     assert plan.kv_recent == kv_format(kv).default_recent
 
@@ -176,3 +176,11 @@ def test_errors(tmp_path, exported):
                               "config.json); pass an artifact directory from `edge-runtime export` or a checkpoint")
     with pytest.raises(EdgeRuntimeError, match="not a KV cache format"):
         plan_memory(exported["fp32"], profile(), kv="fp8")
+
+
+def test_sliding_rings_are_planned_as_loading_makes_them(tmp_path):
+    """fp16 unless asked otherwise, fp32 beside fp32 full layers (kv_formats.default_sliding_format)."""
+    e2b = config_only(tmp_path, "gemma-4-e2b")
+    assert plan_memory(e2b, profile(), 64, kv="fp32").kv_sliding == "fp32"
+    assert plan_memory(e2b, profile(), 64, kv="tq3.5").kv_sliding == "fp16"
+    assert plan_memory(e2b, profile(), 64, kv="tq3.5", kv_sliding="int8").kv_sliding == "int8"

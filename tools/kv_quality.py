@@ -1,9 +1,8 @@
 """Held-out perplexity and top-1 agreement with fp16 of the bundled trained model, for every KV cache format.
 
 The bundled checkpoint is exported once (fp32 weights and PLE, so only the cache differs); the held-out text
-is scored in windows of the model's whole context (512 tokens), fed one token at a time so that every past
-token is read back from the cache's codes, as in generation (a prefill chunk attends to its own tokens
-exactly). Prints a markdown table: perplexity, its change against fp16, top-1 agreement with fp16, and the
+is scored in windows of the model's whole context (512 tokens) through the cache: every token reads the recent
+ones before it exactly and older ones from their codes, as in generation, however the window is chunked. Prints a markdown table: perplexity, its change against fp16, top-1 agreement with fp16, and the
 format's stored bytes per token relative to fp16 at the bundled model's head sizes.
 
     python tools/kv_quality.py [--recent 0 32] [--sliding same|fp32] [--formats fp16 tq3.5 ...] [--json F]
@@ -28,25 +27,24 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=list(KV_FORMATS), choices=list(KV_FORMATS))
     parser.add_argument("--recent", nargs="+", type=int, default=[0], help="kv_recent values to try")
     parser.add_argument("--sliding", default="same", help="KV format of the sliding layers: same (the format "
-                        "measured, the default) or a format name (the runtime's default is fp32)")
+                        "measured, the default) or a format name (the runtime's default is fp16)")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     text = (BUNDLED_CHECKPOINT / "heldout.txt").read_text()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         artifact = export_checkpoint(BUNDLED_CHECKPOINT, Path(tmp) / "fp32", weights="fp32", ple="fp32")
-        base = evaluate(edge_runtime.load(artifact, kv="fp16", kv_sliding="fp16", prefill_chunk=1), text,
-                        with_argmax=True)
+        base = evaluate(edge_runtime.load(artifact, kv="fp16", kv_sliding="fp16"), text, with_argmax=True)
         spec = edge_runtime.load(artifact).spec
         dims = sorted({spec.head_dims[i] for i in spec.cache_layers()})
-        print(f"held-out text: {base.tokens} tokens in windows of {base.context}, fed one token at a time; "
+        print(f"held-out text: {base.tokens} tokens in windows of {base.context}; "
               f"head sizes {dims}; sliding layers: {args.sliding}\n\n"
               "| KV format | recent | perplexity | vs fp16 | top-1 agreement | bytes vs fp16 |\n"
               "| --------- | -----: | ---------: | ------: | --------------: | ------------: |")
         for name in args.formats:
             for recent in args.recent:
                 sliding = name if args.sliding == "same" else args.sliding
-                model = edge_runtime.load(artifact, kv=name, kv_recent=recent, kv_sliding=sliding, prefill_chunk=1)
+                model = edge_runtime.load(artifact, kv=name, kv_recent=recent, kv_sliding=sliding)
                 result = evaluate(model, text, with_argmax=True)
                 size = sum(kv_format(name).bytes_per_token(d) for d in dims) / sum(4 * d for d in dims)
                 row = {"kv": name, "recent": recent, "perplexity": result.perplexity,
