@@ -301,14 +301,29 @@ class DecodeAttention:
                 self.out[h][...] = attention_kernel.merge(partials)
 
 
+def _own_rows(block: Block) -> bool:
+    """Whether each query token sees exactly one row of `block`, its own: the step's exact block in a lossy format
+    with no exact recent tokens (a token reads itself exactly and its step's other tokens through their codes,
+    kv_cache.Visibility). Its scores are then one dot product a token, not a masked square."""
+    return (_exact(block) and block.size == len(block.lower) and np.array_equal(block.lower, block.positions)
+            and np.array_equal(block.upper, block.positions))
+
+
 def _scores(block: Block, q: np.ndarray, rows: slice, groups: int) -> np.ndarray:
-    """[groups, tokens, n] masked scores of a block for query rows q (groups x tokens of them)."""
+    """[groups, tokens, n] masked scores of a block for query rows q (groups x tokens of them); [groups, tokens, 1]
+    for a block of the tokens' own rows."""
+    if _own_rows(block):
+        keys = block.key_codes["values"][rows]
+        return np.einsum("gtd,td->gt", q.reshape(groups, -1, keys.shape[-1]), keys)[..., None]
     scores = block.key_codec.inner_products(q, block.key_codes)
     return scores.reshape(groups, -1, block.size) + block.rows(rows).mask()
 
 
-def _weighted_sum(block: Block, weights: np.ndarray, rows: int) -> np.ndarray:
-    return block.value_codec.weighted_sum(weights.reshape(rows, -1), block.value_codes)
+def _weighted_sum(block: Block, weights: np.ndarray, n: int, rows: slice) -> np.ndarray:
+    if _own_rows(block):
+        values = block.value_codes["values"][rows]
+        return (weights * values[None]).reshape(n, -1)
+    return block.value_codec.weighted_sum(weights.reshape(n, -1), block.value_codes)
 
 
 def _attend_numpy(query: np.ndarray, shares: list[list[Block]], mapper) -> np.ndarray:
@@ -326,6 +341,6 @@ def _attend_numpy(query: np.ndarray, shares: list[list[Block]], mapper) -> np.nd
         top = np.max([s.max(axis=-1, keepdims=True) for s in block_scores], axis=0)
         weights = [np.exp(s - top, out=s) for s in block_scores]
         denominator = sum(w.sum(axis=-1, keepdims=True) for w in weights)
-        total = sum(mapper(_weighted_sum, live, weights, repeat(len(q))))
+        total = sum(mapper(_weighted_sum, live, weights, repeat(len(q)), repeat(rows)))
         out[rows] = (total.reshape(groups, -1, head_dim) / denominator).transpose(1, 0, 2)
     return out

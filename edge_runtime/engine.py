@@ -248,7 +248,7 @@ class Engine:
         queries = None  # once rows are taken from fewer tokens than the step's: those rows, as a slice
         new_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         exact: dict[int, list[Block]] = {}
-        coded: dict[int, list[Block]] = {}  # a lossy layer's own rows through their codes, for its tokens past recent
+        coded: dict[int, list[Block]] = {}  # a lossy layer's own rows as its codes decode (Visibility.new_coded)
         offered: dict[int, list[list[Block]]] = {}  # per cache layer: the blocks its readers attend over, per KV head
         for (session, feeds, fetch, kept, takes_rows, attention), slot_feeds in zip(self.steps, self.slot_feeds):
             inputs = {name: values[value] if layer is None else values[value][layer] for name, value, layer in feeds}
@@ -270,8 +270,7 @@ class Engine:
                 new_kv[layer] = (keys, vals)
                 exact[layer] = self._exact_blocks(keys, vals, positions)
                 if seen[layer_type].new_coded is not None and len(ids) > 1 + cache.recent_of[layer_type]:
-                    coded[layer] = [Block(*codes[:2], *codes[2:], positions, positions, positions)
-                                    for codes in cache.step_codes(layer, keys, vals)]
+                    coded[layer] = self._exact_blocks(*cache.round_trip(layer, keys, vals), positions)
             if kv_layer not in offered:  # a KV-shared layer reads its source's blocks again
                 layer_seen = seen[layer_type]
                 own = [[new._replace(lower=layer_seen.new[0], upper=layer_seen.new[1])] for new in exact[kv_layer]]

@@ -17,11 +17,11 @@ The `recent` most recent tokens are also kept exactly (float32, a ring of `recen
 attention reads them from there and reads only older tokens from the codes, which protects the tokens that
 attention weighs most at negligible cost.
 
-What a token sees does not depend on how the tokens were fed: a token at position p reads the `recent` positions
-before it exactly and everything older through its codes, whether those tokens came in its own prefill chunk or
-in earlier steps (`Visibility.new_coded`: a chunk's own older rows, as the store will hold them). So a prompt run
-at once and the same prompt run after a cached prefix give the same logits, and seeded sampling repeats itself
-when a second call reuses the first one's cache.
+What a token sees does not depend on how the tokens were fed: a token at position p reads itself and the `recent`
+positions before it exactly and everything older through its codes, whether those tokens came in its own prefill
+chunk or in earlier steps (`Visibility.new_coded`: the step's own older rows as the store will hold them,
+decoded). So a prompt run at once and the same prompt run after a cached prefix give the same logits, and seeded
+sampling repeats itself when a second call reuses the first one's cache.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ class LayerStore:
 @dataclass(frozen=True)
 class Visibility:
     """For the step's query tokens, the positions each sees per kind of block, as (lower, upper) bounds [T]:
-    the coded slots (older than the exact recent ones), the exact recent ring, the step's own tokens exactly, and
-    (`new_coded`, in a lossy format) the step's own tokens older than the recent ones, through their codes."""
+    the coded slots (older than the exact recent ones), the exact recent ring, the step's own tokens exactly (itself
+    and its recent ones), and (`new_coded`, in a lossy format) the step's own older tokens as their codes decode."""
 
     coded: tuple[np.ndarray, np.ndarray]
     recent: tuple[np.ndarray, np.ndarray]
@@ -159,21 +159,20 @@ class KVCache:
         read exactly and older ones through their codes (the step's own included, in a lossy format)."""
         window = self.spec.window(layer_type)
         first = np.maximum(positions - window + 1, 0) if window is not None else np.zeros_like(positions)
-        first_exact = np.maximum(first, positions - self.recent_of[layer_type])
         if self._format(layer_type).exact:
-            return Visibility(coded=(first, positions - 1), recent=(first_exact, positions), new=(first, positions))
+            return Visibility(coded=(first, positions - 1), recent=(first, positions), new=(first, positions))
+        first_exact = np.maximum(first, positions - self.recent_of[layer_type])
         return Visibility(coded=(first, first_exact - 1), recent=(first_exact, positions), new=(first_exact, positions),
                           new_coded=(first, first_exact - 1))
 
-    def step_codes(self, layer: int, keys: np.ndarray, values: np.ndarray) -> list[tuple[VectorCodec, dict,
-                                                                                          VectorCodec, dict]]:
-        """The step's own keys and values [kv_heads, T, head_dim] as layer `layer`'s store will hold them, per KV head
-        (key codec, key codes, value codec, value codes): what a token reads of its own step's older tokens
-        (Visibility.new_coded). The first write makes the store (and picks its codecs) here, before attention."""
+    def round_trip(self, layer: int, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The step's own keys and values [kv_heads, T, head_dim] as layer `layer`'s store will hold them, decoded
+        back to float32: what a token reads of its step's own rows past the exact ones (Visibility.new_coded). The
+        first write makes the store (and picks its codecs) here, before attention."""
         store = self._store(layer, keys, values)
-        return [(k.codec, k.codec.encode(np.ascontiguousarray(keys[h])), v.codec,
-                 v.codec.encode(np.ascontiguousarray(values[h])))
-                for h, (k, v) in enumerate(zip(store.keys, store.values))]
+        return tuple(np.stack([s.codec.decode(s.codec.encode(np.ascontiguousarray(x[h]))).reshape(x[h].shape)
+                               for h, s in enumerate(stores)]) for x, stores in ((keys, store.keys),
+                                                                                 (values, store.values)))
 
     def _store(self, layer: int, keys: np.ndarray, values: np.ndarray) -> LayerStore:
         if layer not in self.stores:

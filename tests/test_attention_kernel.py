@@ -117,3 +117,33 @@ def test_every_attention_of_a_decode_agrees_with_numpy(name, artifacts, monkeypa
     model.engine.decode = None  # every step through the loop that calls `attend` (test_decode_step: same calls)
     model.logits(np.arange(3, 3 + 40), mode="decode")
     assert len(checked) == 40 * model.spec.num_hidden_layers and max(checked) > 40
+
+
+def test_a_block_of_the_tokens_own_rows_takes_one_product_a_token_as_the_masked_square_would(monkeypatch):
+    """Each token of a 40-token chunk seeing only its own row of the step's exact block (a lossy format keeping no
+    recent tokens exact): numpy scores one dot product per token instead of the masked 40 x 40 square, with the same
+    output (the square forced by an invisible extra row, which the shortcut does not take), beside a coded block."""
+    rng = np.random.default_rng(3)
+    tokens, dim = 40, 64
+    positions = np.arange(100, 100 + tokens)
+    codec = Float32Codec(dim)
+    keys, values = rng.standard_normal((2, tokens, dim)).astype(np.float32)
+    own = Block(codec, codec.encode(keys), codec, codec.encode(values), positions, positions, positions)
+    padded = own._replace(key_codes=codec.encode(np.vstack([keys, keys[:1]])),
+                          value_codes=codec.encode(np.vstack([values, values[:1]])),
+                          positions=np.append(positions, -1))
+    fp16 = kv_format("fp16")
+    stored = rng.standard_normal((2, 100, dim)).astype(np.float32)
+    old = Block(fp16.keys.build(dim, stored[0]), fp16.keys.build(dim, stored[0]).encode(stored[0]),
+                fp16.values.build(dim, stored[1]), fp16.values.build(dim, stored[1]).encode(stored[1]),
+                np.arange(100), np.zeros(tokens, np.int64), positions - 1)
+    query = rng.standard_normal((tokens, 1, 4, dim)).astype(np.float32)
+    taken = []
+    monkeypatch.setattr(attention, "_own_rows", lambda block, real=attention._own_rows: taken.append(real(block))
+                        or taken[-1])
+    fast = attend(query, [[old, own]], kernel=False)
+    assert any(taken)
+    taken.clear()
+    square = attend(query, [[old, padded]], kernel=False)
+    assert not any(taken)
+    np.testing.assert_allclose(fast, square, rtol=0, atol=2e-6)
