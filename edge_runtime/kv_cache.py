@@ -89,8 +89,7 @@ class KVCache:
         self.format = kv_format
         self.sliding_format = sliding_format or kv_format
         self.recent = recent
-        # An exact (fp32) store already holds every token exactly: an exact ring beside it would be read for nothing.
-        self.recent_of = {t: 0 if self._format(t).exact else recent for t in set(spec.layer_types)}
+        self.recent_of = {t: kv_format.ring(self._format(t), recent) for t in set(spec.layer_types)}
         self.growth = growth
         self.stores: dict[int, LayerStore] = {}
         self.slot_positions: dict[str, np.ndarray] = {}

@@ -79,16 +79,26 @@ class KVFormat:
         sample = np.ones((1, dim), dtype=np.float32)
         return self.keys.build(dim, sample).bytes_per_vector + self.values.build(dim, sample).bytes_per_vector
 
+    def ring(self, layer_format: KVFormat, recent: int) -> int:
+        """The exact recent tokens a layer in `layer_format` keeps beside its codes when this is the full layers'
+        format and `recent` were asked for: none where its format is exact, nor where it is a sliding format of its
+        own that keeps none by default (fp16, int8: near-exact, so a ring beside them would be read for nothing),
+        else `recent`."""
+        if layer_format.exact or (layer_format is not self and not layer_format.default_recent):
+            return 0
+        return recent
+
     def cache_bytes(self, spec: ModelSpec, context: int, recent: int = 0, sliding: KVFormat | None = None) -> int:
         """Bytes a full cache holds at `context` tokens: full layers grow with it, sliding rings (in `sliding`'s
-        format, default this one) stop at their window, each cache layer's exact recent ring adds `recent`
-        float32 tokens (none where the format is exact already); rings carry ROLLBACK_TOKENS slots more."""
+        format, default this one) stop at their window, each cache layer's exact recent ring adds its `ring`
+        float32 tokens; rings carry ROLLBACK_TOKENS slots more."""
         total = 0
         for i in spec.cache_layers():
             window = spec.window(spec.layer_types[i])
             tokens, fmt = (context, self) if window is None else (window + ROLLBACK_TOKENS, sliding or self)
             dim = spec.head_dims[i]
-            ring = 0 if fmt.exact or not recent else recent + ROLLBACK_TOKENS
+            kept = self.ring(fmt, recent)
+            ring = kept + ROLLBACK_TOKENS if kept else 0
             total += spec.num_key_value_heads * (fmt.bytes_per_token(dim) * tokens + 8 * dim * ring)
         return total
 
@@ -96,7 +106,7 @@ class KVFormat:
                         sliding: KVFormat | None = None) -> tuple[int, int]:
         """(bytes, values) one decode step's attention reads with `context` tokens cached, as KVCache.bytes_read
         counts them: every layer reads its source layer's used slots (a sliding ring at most its window +
-        ROLLBACK_TOKENS) in that layer type's format, plus the exact recent ring where that format is not exact.
+        ROLLBACK_TOKENS) in that layer type's format, plus its exact recent ring (`ring`).
         Values are the keys' and values' elements read, whatever their encoding: attention's arithmetic grows
         with them, its memory traffic with the bytes."""
         read = values = 0
@@ -104,7 +114,8 @@ class KVFormat:
             window = spec.window(spec.layer_types[source])
             fmt = self if window is None else sliding or self
             slots = context if window is None else min(context, window + ROLLBACK_TOKENS)
-            ring = recent + ROLLBACK_TOKENS if recent and not fmt.exact else 0
+            kept = self.ring(fmt, recent)
+            ring = kept + ROLLBACK_TOKENS if kept else 0
             dim = spec.head_dims[source]
             read += spec.num_key_value_heads * (fmt.bytes_per_token(dim) * slots + 8 * dim * ring)
             values += spec.num_key_value_heads * 2 * dim * (slots + ring)

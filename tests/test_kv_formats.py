@@ -155,17 +155,20 @@ def test_sliding_rings_default_to_fp16_exact_beside_exact_full_layers_and_take_a
     from edge_runtime.quant.float_codecs import Float16Codec, Float32Codec
     from edge_runtime.quant.turboquant import ChannelSplit
 
-    for kv, sliding, codec, full in (("tq3.5", None, Float16Codec, ChannelSplit),
-                                     ("fp32", None, Float32Codec, Float32Codec),
-                                     ("tq3.5", "tq3.5", ChannelSplit, ChannelSplit),
-                                     ("tq3.5", "fp32", Float32Codec, ChannelSplit)):
+    # the recent ring each layer type keeps: none beside an exact format or a near-exact sliding one of its own
+    for kv, sliding, codec, full, rings in (("tq3.5", None, Float16Codec, ChannelSplit, (32, 0)),
+                                            ("fp32", None, Float32Codec, Float32Codec, (0, 0)),
+                                            ("tq3.5", "tq3.5", ChannelSplit, ChannelSplit, (32, 32)),
+                                            ("tq3.5", "fp32", Float32Codec, ChannelSplit, (32, 0))):
         model = edge_runtime.load(artifacts["shared-gqa"], kv=kv, **({} if sliding is None else
                                                                      {"kv_sliding": sliding}))
         model.feed(np.arange(3, 3 + 20))
-        spec, stores = model.spec, model.engine.cache.stores
+        spec, cache = model.spec, model.engine.cache
         for i in spec.cache_layers():
             expected = codec if spec.layer_types[i] == "sliding_attention" else full
-            assert all(isinstance(s.codec, expected) for s in (*stores[i].keys, *stores[i].values))
+            assert all(isinstance(s.codec, expected) for s in (*cache.stores[i].keys, *cache.stores[i].values))
+        assert (cache.recent_of["full_attention"], cache.recent_of["sliding_attention"]) == rings
+        assert model.kv_cache_bytes == model.kv_format.cache_bytes(spec, 256, model.kv_recent, model.kv_sliding_format)
 
 
 @pytest.mark.parametrize("kv, recent", [("fp16", None), ("int8", None), ("tq3.5", 4), ("tq3.5", 0)])
