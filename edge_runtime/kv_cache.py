@@ -20,8 +20,9 @@ attention weighs most at negligible cost.
 What a token sees does not depend on how the tokens were fed: a token at position p reads itself and the `recent`
 positions before it exactly and everything older through its codes, whether those tokens came in its own prefill
 chunk or in earlier steps (`Visibility.new_coded`: the step's own older rows as the store will hold them,
-decoded). So a prompt run at once and the same prompt run after a cached prefix give the same logits, and seeded
-sampling repeats itself when a second call reuses the first one's cache.
+decoded). So a prompt run at once and the same prompt run after a cached prefix give the same logits (but for the
+rounding of sums onnxruntime does at another batch size), and a second call that reuses the first one's cache reads
+the numbers the first one read.
 """
 
 from __future__ import annotations
