@@ -222,7 +222,8 @@ class Engine:
         if keep < len(cached):
             if not self.cache.can_truncate(keep):
                 keep = 0
-            self.cache.truncate(keep)
+            # The one token left to run is the one cached there: its stored keys and values stay (KVCache.truncate).
+            self.cache.truncate(keep, keep_next=0 < keep == len(wanted) - 1 and cached[keep] == wanted[keep])
             del self.tokens[keep:]
         return keep
 

@@ -21,8 +21,8 @@ What a token sees does not depend on how the tokens were fed: a token at positio
 positions before it exactly and everything older through its codes, whether those tokens came in its own prefill
 chunk or in earlier steps (`Visibility.new_coded`: the step's own older rows as the store will hold them,
 decoded). So a prompt run at once and the same prompt run after a cached prefix give the same logits (but for the
-rounding of sums onnxruntime does at another batch size), and a second call that reuses the first one's cache reads
-the numbers the first one read.
+rounding of sums onnxruntime does at another batch size), and a second call that reuses the first one's cache, keeping
+what it stored for the token it runs again (`truncate(..., keep_next=True)`), reads the numbers the first one read.
 """
 
 from __future__ import annotations
@@ -99,6 +99,8 @@ class KVCache:
         self.ring_of = {t: self.recent_slots if r else 0 for t, r in self.recent_of.items()}
         self.recent_positions = np.full(self.recent_slots, -1, dtype=np.int64)
         self.length = 0
+        # A position `truncate` cut whose stored keys and values the next step keeps (`truncate(..., keep_next=True)`).
+        self.kept: int | None = None
         # Counts the times any store's arrays or slot positions were replaced (reset, growth, a new store): what
         # holds their addresses (edge_runtime.decode_step) rebuilds when it changes.
         self.layout = 0
@@ -107,6 +109,7 @@ class KVCache:
     def reset(self) -> None:
         """Forget all tokens; codecs are rebuilt (and outlier channels re-picked) on the next write."""
         self.length = 0
+        self.kept = None
         self.layout += 1
         self.stores.clear()
         self.recent_positions[:] = -1
@@ -120,9 +123,16 @@ class KVCache:
         """Whether `truncate(length)` keeps every token a later step may attend to (rings hold only so much)."""
         return 0 <= length <= self.length and (self.length - length <= ROLLBACK_TOKENS or length == 0)
 
-    def truncate(self, length: int) -> None:
-        """Forget the tokens at positions >= length, as if only the first `length` had been processed."""
-        if not self.can_truncate(length):
+    def truncate(self, length: int, keep_next: bool = False) -> None:
+        """Forget the tokens at positions >= length, as if only the first `length` had been processed.
+
+        `keep_next`: the next step runs the token at position `length` again, the one that was there (its logits
+        are wanted, and a step must run a token to give them); its commit keeps the keys and values stored for it
+        rather than the ones it computed again. Those were computed in another batch, where onnxruntime's sums round
+        otherwise, and a coarse format's codes may round otherwise with them: every later token then reads what the
+        first run's later tokens read, and a seeded reply repeats itself on a second call with the same prompt.
+        """
+        if not self.can_truncate(length) or (keep_next and length >= self.length):
             raise ValueError(f"cannot cut the cache from {self.length} back to {length} tokens")
         if length == 0:
             self.reset()
@@ -130,6 +140,7 @@ class KVCache:
         for slots in (*self.slot_positions.values(), self.recent_positions):
             slots[slots >= length] = -1
         self.length = length
+        self.kept = length if keep_next else None
 
     def reserve(self, new_tokens: int) -> None:
         """Make room in full-attention stores for positions up to length + new_tokens."""
@@ -226,26 +237,32 @@ class KVCache:
         )
 
     def commit(self, new_kv: dict[int, tuple[np.ndarray, np.ndarray]], positions: np.ndarray) -> None:
-        """Store the step's new keys/values [kv_heads, T, head_dim]; a ring keeps only the last `window`."""
+        """Store the step's new keys/values [kv_heads, T, head_dim]; a ring keeps only the last `window`. A kept
+        position (`truncate(..., keep_next=True)`) keeps what is stored for it."""
+        skip = 1 if self.kept is not None and positions[0] == self.kept else 0
+        self.kept = None
         for layer_type, slots in self.slot_positions.items():
             keep = positions[-len(slots):] if layer_type == SLIDING else positions
             index = keep % len(slots) if layer_type == SLIDING else keep
+            written = min(len(keep), len(positions) - skip)
             for i, (keys, values) in new_kv.items():
                 if self.spec.layer_types[i] != layer_type:
                     continue
                 store = self._store(i, keys, values)
                 for h in range(len(keys)):
-                    store.keys[h].write(index, keys[h, -len(keep):])
-                    store.values[h].write(index, values[h, -len(keep):])
+                    if written:
+                        store.keys[h].write(index[-written:], keys[h, -written:])
+                        store.values[h].write(index[-written:], values[h, -written:])
             slots[index] = keep
         if self.recent:
             keep = positions[-self.recent_slots:]
             index = keep % self.recent_slots
+            written = min(len(keep), len(positions) - skip)
             for i, (keys, values) in new_kv.items():
-                if not self.recent_of[self.spec.layer_types[i]]:
+                if not self.recent_of[self.spec.layer_types[i]] or not written:
                     continue
                 for h in range(len(keys)):
-                    self.stores[i].recent_keys[h].write(index, keys[h, -len(keep):])
-                    self.stores[i].recent_values[h].write(index, values[h, -len(keep):])
+                    self.stores[i].recent_keys[h].write(index[-written:], keys[h, -written:])
+                    self.stores[i].recent_values[h].write(index[-written:], values[h, -written:])
             self.recent_positions[index] = keep
         self.length = int(positions[-1]) + 1
