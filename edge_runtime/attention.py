@@ -228,11 +228,10 @@ class DecodeAttention:
     """
 
     def __init__(self, kernel: attention_kernel.Kernel, blocks_of: Callable[[], list[list[Block]]],
-                 query: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor | None, workers: int,
-                 scratch: np.ndarray) -> None:
+                 blocks: list[list[Block]], query: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor | None,
+                 workers: int, scratch: np.ndarray) -> None:
         self.kernel, self.blocks_of, self.query, self.out = kernel, blocks_of, query, out
         self.pool, self.workers, self.scratch = pool, workers, scratch
-        blocks = blocks_of()
         self.least = _kernel_least(blocks[0][0])
         self.quantum = _kernel_quantum(self.least)
         self.coded = not _exact(blocks[0][0])
@@ -252,16 +251,18 @@ class DecodeAttention:
         kernel = attention_kernel.load()
         if kernel is None or KERNEL_TOKENS < 1:
             return None
-        attention = cls(kernel, blocks_of, query, out, pool, workers if pool else 1, scratch)
-        return attention if attention._prepare(blocks_of()[0][0].size) else None
+        blocks = blocks_of()
+        attention = cls(kernel, blocks_of, blocks, query, out, pool, workers if pool else 1, scratch)
+        return attention if attention._prepare(blocks[0][0].size, blocks) else None
 
-    def _prepare(self, stored: int) -> bool:
-        """Build the calls for a store `stored` rows long; False where `_kernel_calls` cuts it otherwise than one
-        call per share (a second coded block) or the kernel does not fit the sizes."""
+    def _prepare(self, stored: int, blocks: list[list[Block]]) -> bool:
+        """Build the calls for a store `stored` rows long, from the layer's `blocks` as they are now; False where
+        `_kernel_calls` cuts it otherwise than one call per share (a second coded block) or the kernel does not fit
+        the sizes."""
         _, groups, head_dim = self.query.shape
         cuts = _cuts(stored, self.workers, self.least, self.quantum)
         heads, partials = [], []
-        for h, head in enumerate(self.blocks_of()):
+        for h, head in enumerate(blocks):
             head_calls = _kernel_calls(h, [_slice(head[0], 0, stored), *head[1:]], self.workers)
             if len(head_calls) != len(cuts) - 1 or not self.kernel.fits(groups, _widths(head_dim, head_calls)):
                 return False
@@ -280,7 +281,7 @@ class DecodeAttention:
     def __call__(self, stored: int) -> None:
         """Attend with the first block of each head `stored` rows long (below `limit`)."""
         if _cuts(stored, self.workers, self.least, self.quantum)[:-1] != self.cuts:
-            self._prepare(stored)
+            self._prepare(stored, self.blocks_of())
         grows = stored - self.cuts[-1]
         for head_calls in self.heads:
             if self.coded:

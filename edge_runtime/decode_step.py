@@ -10,8 +10,8 @@ layer's attention runs kernel calls whose structures already point at the cache 
 (attention.DecodeAttention), rebuilt when the cache moves its arrays (KVCache.layout). What it computes is what
 Engine's general loop computes, operation for operation: the logits and the cache are the same to the bit.
 
-A layer the kernel does not take as one call per head (a long store split across threads, a machine without the
-kernel) attends through `attend` over blocks built from the same buffers.
+A layer the kernel cannot take (a machine without it, or past `DecodeAttention.limit` a head with a second coded
+block) attends through `attend` over blocks built from the same buffers.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class KVFormat:
         format and `recent` were asked for: none where its format is exact, nor where it is a sliding format of its
         own that keeps none by default (fp16, int8: near-exact, so a ring beside them would be read for nothing),
         else `recent`."""
-        if layer_format.exact or (layer_format is not self and not layer_format.default_recent):
+        if layer_format.exact or (layer_format != self and not layer_format.default_recent):
             return 0
         return recent
 
