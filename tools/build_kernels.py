@@ -8,7 +8,8 @@ package, one per machine: x86_64 (baseline SSE2), x86_64-v3 (AVX2, FMA, F16C; pi
 them) and aarch64 (Armv8-A NEON: every Pi from the 3 on, every 64-bit phone). Each is built from the same source,
 links against nothing (not even libc: it loads under glibc, musl and Android's bionic alike), and carries the
 SHA-256 of the source it was built from, which the loader checks. Needs gcc and Debian's gcc-aarch64-linux-gnu
-(`apt-get install gcc-aarch64-linux-gnu`); the build is reproducible (no build id, fixed paths).
+(`apt-get install gcc-aarch64-linux-gnu`; binutils' objdump checks that each object still prefetches); the build is
+reproducible (no build id, fixed paths).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ TARGETS = {  # file suffix -> (compiler, machine flags)
     "x86_64-v3": ("gcc", ["-march=x86-64-v3", "-mtune=generic"]),
     "aarch64": ("aarch64-linux-gnu-gcc", ["-march=armv8-a", "-mtune=generic"]),
 }
+PREFETCH = ("prefetcht1", "prfm\tpldl2keep")  # how x86 and aarch64 disassemble `__builtin_prefetch(p, 0, 2)`
 FLAGS = [
     "-std=c11", "-O3", "-shared", "-fPIC", "-nostdlib", "-fno-stack-protector", "-fvisibility=hidden",
     # fast math for vectorized, reassociated sums; but masked scores are -inf, so infinities stay honoured
@@ -60,6 +62,12 @@ def build(suffix: str) -> Path:
     if undefined:
         tmp.unlink()
         raise SystemExit(f"error: {out.name} needs {undefined}; the kernel must link against nothing")
+    objdump = compiler.replace("gcc", "objdump")
+    code = subprocess.run([objdump, "-d", str(tmp)], capture_output=True, text=True, check=True).stdout
+    if not any(f"\t{mnemonic}" in code for mnemonic in PREFETCH):
+        tmp.unlink()
+        raise SystemExit(f"error: {out.name} has no prefetch instruction; the compiler dropped the kernel's "
+                         "prefetches (see `ask` in attention.c), which cost it a third of its speed from DRAM")
     tmp.replace(out)
     return out
 

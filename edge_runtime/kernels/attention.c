@@ -45,18 +45,19 @@
 #define SCRATCH_FLOATS (SCRATCH_USED + 16)
 #define EXPORT __attribute__((visibility("default")))
 
-typedef float vf __attribute__((vector_size(32)));
-typedef float vf_unaligned __attribute__((vector_size(32), aligned(4))); /* how vectors are loaded and stored */
-typedef int32_t vi __attribute__((vector_size(32)));
-typedef uint32_t vu __attribute__((vector_size(32)));
-
-/* Half-precision widening is the one thing written with each machine's intrinsics (GCC 12 turns a vector
+/* Half-precision conversion is the one thing written with each machine's intrinsics (GCC 12 turns a vector
  * conversion of _Float16 into one instruction per value); both headers are inline functions only. */
 #if defined(__F16C__)
 #include <immintrin.h>
 #elif defined(__aarch64__)
 #include <arm_neon.h>
 #endif
+
+typedef float vf __attribute__((vector_size(32)));
+typedef float vf_unaligned __attribute__((vector_size(32), aligned(4))); /* how vectors are loaded and stored */
+typedef int32_t vi __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+
 
 /* The compiler may turn copies and clears into these calls even here; the object links against nothing, so it
  * brings its own, hidden (never interposed on the process's). */
@@ -88,6 +89,29 @@ static inline vn loadn(const float *p) { return *(const vn_unaligned *)p; }
 static inline void storen(float *p, vn v) { *(vn_unaligned *)p = v; }
 
 static inline vf load8(const float *p) { return *(const vf_unaligned *)p; }
+
+/* x86-64-v3 scores and sums half-precision keys and values where they lie, converting 8 as they are loaded (one
+ * vcvtph2ps, on other ports than the multiply-adds): a row widened into a float tile first costs a conversion, a
+ * store and then a load at every use, and that was a fifth of a call (one core, 2k fp16 rows of 512, with the
+ * prefetching below: 0.24 -> 0.21 ns a value). Arm keeps the tile: its conversion (fcvtl, 4 at a time) issues where
+ * the multiply-adds do, and a key is used by 4 row pairs; not measured on an Arm core (emulation cannot time). */
+#if defined(__F16C__)
+#define HALF_IN_PLACE 1
+static inline vn loadh(const uint16_t *p) { return (vn)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+#else
+#define HALF_IN_PLACE 0
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+/* Element j of a float row, or of a half-precision one (`half`, a constant at every call: each caller gets its own
+ * loop). */
+INLINE vn load_row(const void *row, int64_t j, int half) {
+#if HALF_IN_PLACE
+    if (half) return loadh((const uint16_t *)row + j);
+#endif
+    (void)half;
+    return loadn((const float *)row + j);
+}
 
 static inline void store8(float *p, vf v) { *(vf_unaligned *)p = v; }
 
@@ -296,14 +320,10 @@ static void widen(const Part *part, const Centroids *table, int64_t row, float *
     zero_floats(out + width, padded(width) - width);
 }
 
-/* Asks for the next chunk's codes while this one is computed: from DRAM (contexts past the last-level cache) the
- * hardware prefetchers alone left one core reading fp16 codes at ~4.5 GB/s. */
-static void prefetch_rows(const Part *parts, int n_parts, int64_t start, int64_t n) {
-    const int64_t stop = start + CHUNK < n ? start + CHUNK : n;
-    for (int p = 0; p < n_parts; p++) {
-        const uint8_t *first = parts[p].codes + start * parts[p].stride, *last = parts[p].codes + stop * parts[p].stride;
-        for (const uint8_t *line = first; line < last; line += 64) __builtin_prefetch(line, 0, 0);
-    }
+/* Whether a part's rows are read where they lie rather than widened into a tile (HALF_IN_PLACE): half precision, a
+ * whole number of 16-value strips (the loops' step; no padding to supply). */
+static inline int in_place(const Part *part) {
+    return HALF_IN_PLACE && part->kind == F16 && part->width % 16 == 0 && part->stride % 2 == 0;
 }
 
 /* Factor of a part's row: its constant times its per-row scale. */
@@ -347,14 +367,59 @@ static inline void sums8(vn a0, vn a1, vn a2, vn a3, vn b0, vn b1, vn b2, vn b3,
 #define IN_REGISTER(a, b, c, d) ((void)0)
 #endif
 
+/* The cache lines a group of keys asks for while it is scored: its keys' rows KEY_AHEAD rows on (for the groups to
+ * come) and its values' rows (for this chunk's value pass), every part's, into L2 (x86's prefetcht1, Arm's
+ * PLDL2KEEP). One line at each step of the scoring loop, not a burst: ~130 prefetches at once (a chunk's, or even a
+ * group's) filled the core's miss buffers and stalled the loads behind them, and in some builds were lost altogether.
+ * One core over 32k fp16 rows of 512, from DRAM: 11.2 ms a call asking for the next chunk at the start of each
+ * (prefetchnta), 9.5 asking for a group's rows before it is scored, 6.3 spread. */
+#define KEY_AHEAD 16
+typedef struct {
+    const uint8_t *at, *end;                                 /* the range being asked for */
+    const uint8_t *from[2 * MAX_PARTS], *to[2 * MAX_PARTS]; /* the ranges after it */
+    int next, count;
+} Ahead;
+
+static void plan_ahead(Ahead *a, const Call *call, int64_t row, int64_t stop) {
+    a->at = a->end = NULL;
+    a->next = a->count = 0;
+    for (int p = 0; p < call->n_key_parts && stop + KEY_AHEAD <= call->coded_n; p++) {
+        const Part *part = &call->key_parts[p];
+        a->from[a->count] = part->codes + (row + KEY_AHEAD) * part->stride;
+        a->to[a->count++] = part->codes + (stop + KEY_AHEAD) * part->stride;
+    }
+    for (int p = 0; p < call->n_value_parts; p++) {
+        const Part *part = &call->value_parts[p];
+        a->from[a->count] = part->codes + row * part->stride;
+        a->to[a->count++] = part->codes + stop * part->stride;
+    }
+}
+
+/* Asks for one more line (a step that starts the next range asks for none). */
+INLINE void ask(Ahead *a) {
+    if (a->at < a->end) {
+        __builtin_prefetch(a->at, 0, 2);
+        a->at += 64;
+    } else if (a->next < a->count) {
+        a->at = a->from[a->next];
+        a->end = a->to[a->next++];
+    }
+}
+
+/* Asks for what the scoring loops left (fewer query rows than lines). */
+static void ask_rest(Ahead *a) {
+    while (a->at < a->end || a->next < a->count) ask(a);
+}
+
 /* sums[g] = <q0, k_g>, sums[4 + g] = <q1, k_g> over the first `width` floats (a multiple of LANES): 2 rows x 4 keys
  * in 8 independent sums fed by 6 vector loads. */
-static inline void dot_2x4(const float *q0, const float *q1, const float *k0, const float *k1, const float *k2,
-                           const float *k3, int64_t width, float *sums) {
+INLINE void dot_2x4(const float *q0, const float *q1, const void *k0, const void *k1, const void *k2, const void *k3,
+                    int64_t width, float *sums, int half, Ahead *ahead) {
     vn a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
     for (int64_t j = 0; j < width; j += LANES) {
+        if (ahead) ask(ahead);
         const vn x0 = loadn(q0 + j), x1 = loadn(q1 + j);
-        vn y0 = loadn(k0 + j), y1 = loadn(k1 + j), y2 = loadn(k2 + j), y3 = loadn(k3 + j);
+        vn y0 = load_row(k0, j, half), y1 = load_row(k1, j, half), y2 = load_row(k2, j, half), y3 = load_row(k3, j, half);
         IN_REGISTER(y0, y1, y2, y3);
         a0 += x0 * y0;
         a1 += x0 * y1;
@@ -371,11 +436,11 @@ static inline void dot_2x4(const float *q0, const float *q1, const float *k0, co
 /* scores[column + g][r] += factors[g] * <query row r, key g> for the 4 keys k0..k3, every row r. q is [rows][width]
  * (rows a multiple of 2, width of 8). Along the dimensions, not a vector of rows times a broadcast key value: a
  * broadcast is a load for each multiply-add, and the loads, not the multiply-adds, set the pace. */
-static void score_group(const float *q, int64_t rows, int64_t width, const float *k0, const float *k1,
-                        const float *k2, const float *k3, const float *factors, float *scores, int column) {
+INLINE void score_group(const float *q, int64_t rows, int64_t width, const void *k0, const void *k1, const void *k2,
+                        const void *k3, const float *factors, float *scores, int column, int half, Ahead *ahead) {
     for (int64_t r = 0; r < rows; r += 2) {
         float sums[2 * GROUP];
-        dot_2x4(q + r * width, q + (r + 1) * width, k0, k1, k2, k3, width, sums);
+        dot_2x4(q + r * width, q + (r + 1) * width, k0, k1, k2, k3, width, sums, half, ahead);
         for (int g = 0; g < GROUP; g++) {
             scores[(column + g) * rows + r] += sums[g] * factors[g];
             scores[(column + g) * rows + r + 1] += sums[GROUP + g] * factors[g];
@@ -387,9 +452,9 @@ static void score_group(const float *q, int64_t rows, int64_t width, const float
  * floats apart): 4 rows x 16 dimensions
  * held in registers across the chunk (8 vector sums with AVX, 16 with NEON's 32 registers), the rows innermost so
  * that a strip of 16 dimensions of the chunk's values is read from L1 by every group of 4 rows. values rows are
- * `stride` floats apart; width is a multiple of 16. */
-static void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t width, const float *values,
-                       int64_t stride, const float *weights, int64_t count) {
+ * `stride` elements apart (floats, or halves with `half`); width is a multiple of 16. */
+INLINE void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t width, const void *values,
+                       int64_t stride, const float *weights, int64_t count, int half) {
     for (int64_t j = 0; j < width; j += 16) {
         for (int64_t r = 0; r < rows; r += 4) {
             float *c = acc + r * acc_stride + j;
@@ -398,7 +463,7 @@ static void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t wid
             vn c20 = loadn(c + 2 * acc_stride), c21 = loadn(c + 2 * acc_stride + 8);
             vn c30 = loadn(c + 3 * acc_stride), c31 = loadn(c + 3 * acc_stride + 8);
             for (int64_t k = 0; k < count; k++) {
-                const vn v0 = loadn(values + k * stride + j), v1 = loadn(values + k * stride + j + 8);
+                const vn v0 = load_row(values, k * stride + j, half), v1 = load_row(values, k * stride + j + 8, half);
                 const float *w = weights + k * rows + r;
                 c00 += w[0] * v0;
                 c01 += w[0] * v1;
@@ -422,8 +487,9 @@ static void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t wid
             for (int l = 0; l < 4; l++)
                 for (int h = 0; h < 4; h++) s[l][h] = loadn(c + l * acc_stride + 4 * h);
             for (int64_t k = 0; k < count; k++) {
-                const float *v = values + k * stride + j;
-                const vn v0 = loadn(v), v1 = loadn(v + 4), v2 = loadn(v + 8), v3 = loadn(v + 12);
+                const int64_t v = k * stride + j;
+                const vn v0 = load_row(values, v, half), v1 = load_row(values, v + 4, half);
+                const vn v2 = load_row(values, v + 8, half), v3 = load_row(values, v + 12, half);
                 const vn w = loadn(weights + k * rows + r);
                 for (int l = 0; l < 4; l++) {
                     s[l][0] += w[l] * v0;
@@ -546,7 +612,7 @@ static void transform_query(const float *q, int64_t rows, int64_t pdim, const Pa
     for (int64_t i = 0; i < n; i++)
         for (int64_t r = 0; r < rows; r++) gathered[i * rows + r] = q[r * pdim + channel(part, i)];
     const int64_t main = width / 16 * 16;
-    accumulate(out, pw, rows, main, t, width, gathered, n);
+    accumulate(out, pw, rows, main, t, width, gathered, n, 0);
     for (int64_t w = main; w < width; w++)
         for (int64_t r = 0; r < rows; r++) {
             float sum = 0.0f;
@@ -573,7 +639,7 @@ static void transform_back(const float *acc, int64_t rows, const Part *part, flo
         for (int64_t r = 0; r < rows; r += 2) {
             const float *a0 = acc + r * pw, *a1 = a0 + pw;
             float sums[8];
-            dot_2x4(a0, a1, k[0], k[1], k[2], k[3], main, sums);
+            dot_2x4(a0, a1, k[0], k[1], k[2], k[3], main, sums, 0, NULL);
             for (int g = 0; g < 4 && i + g < n; g++) {
                 float s0 = sums[g], s1 = sums[4 + g];
                 for (int64_t j = main; j < width; j++) {
@@ -651,16 +717,21 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
         if (call->value_parts[p].kind == PACKED) value_tables[p] = centroids(&call->value_parts[p]);
     for (int64_t start = 0; start < call->coded_n; start += CHUNK) {
         const int count = (int)(call->coded_n - start < CHUNK ? call->coded_n - start : CHUNK);
-        if (start + CHUNK < call->coded_n) {
-            prefetch_rows(call->key_parts, call->n_key_parts, start + CHUNK, call->coded_n);
-            prefetch_rows(call->value_parts, call->n_value_parts, start + CHUNK, call->coded_n);
-        }
         if (!seen(call->coded_positions + start, count, call->coded_lower, call->coded_upper, tokens)) continue;
         zero_floats(scores, CHUNK * rows);
         for (int column = 0; column < count; column += GROUP) {
+            Ahead ahead;
+            plan_ahead(&ahead, call, start + column, start + column + (column + GROUP < count ? GROUP : count - column));
             for (int p = 0; p < call->n_key_parts; p++) {
                 const Part *part = &call->key_parts[p];
                 const int64_t tile = padded(part->width) + SKEW;
+                if (in_place(part) && column + GROUP <= count) {
+                    const uint8_t *k = part->codes + (start + column) * part->stride;
+                    for (int g = 0; g < GROUP; g++) factors[g] = factor(part, start + column + g);
+                    score_group(queries[p], rows, part->width, k, k + part->stride, k + 2 * part->stride,
+                                k + 3 * part->stride, factors, scores, column, 1, &ahead);
+                    continue;
+                }
                 for (int g = 0; g < GROUP; g++) {
                     if (column + g < count) {
                         widen(part, &key_tables[p], start + column + g, ktile + g * tile);
@@ -671,19 +742,25 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                     }
                 }
                 score_group(queries[p], rows, padded(part->width), ktile, ktile + tile, ktile + 2 * tile,
-                            ktile + 3 * tile, factors, scores, column);
+                            ktile + 3 * tile, factors, scores, column, 0, &ahead);
             }
+            ask_rest(&ahead);
         }
         softmax_chunk(&st, scores, call->coded_positions, start, count, call->coded_lower, call->coded_upper);
         for (int p = 0; p < call->n_value_parts; p++) {
             const Part *part = &call->value_parts[p];
             const int64_t tile = padded(part->width) + SKEW;
+            const int half = in_place(part);
             for (int k = 0; k < count; k++) {
-                widen(part, &value_tables[p], start + k, vtile + k * tile);
+                if (!half) widen(part, &value_tables[p], start + k, vtile + k * tile);
                 const float f = factor(part, start + k);
                 for (int64_t r = 0; r < rows; r++) weights[k * rows + r] = scores[k * rows + r] * f;
             }
-            accumulate(st.accs[p], padded(part->width), rows, padded(part->width), vtile, tile, weights, count);
+            if (half)
+                accumulate(st.accs[p], part->width, rows, part->width, part->codes + start * part->stride,
+                           part->stride / 2, weights, count, 1);
+            else
+                accumulate(st.accs[p], padded(part->width), rows, padded(part->width), vtile, tile, weights, count, 0);
         }
     }
     static const float ones[GROUP] = {1.0f, 1.0f, 1.0f, 1.0f}, zeros[MAX_WIDTH];
@@ -707,7 +784,7 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                         k[g] = row;
                     }
                 }
-                score_group(query, rows, pdim, k[0], k[1], k[2], k[3], ones, scores, column);
+                score_group(query, rows, pdim, k[0], k[1], k[2], k[3], ones, scores, column, 0, NULL);
             }
             softmax_chunk(&st, scores, block->positions, start, count, block->lower, block->upper);
             /* copied into the tile even when in place would do: its skewed stride keeps a strip of the chunk in L1 */
@@ -716,7 +793,7 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                 copy_floats(vtile + i * (pdim + SKEW), values + i * dim, dim);
                 zero_floats(vtile + i * (pdim + SKEW) + dim, pdim - dim);
             }
-            accumulate(acc_exact, pdim, rows, pdim, vtile, pdim + SKEW, scores, count);
+            accumulate(acc_exact, pdim, rows, pdim, vtile, pdim + SKEW, scores, count, 0);
         }
     }
 
