@@ -45,9 +45,10 @@
 #define SCRATCH_FLOATS (SCRATCH_USED + 16)
 #define EXPORT __attribute__((visibility("default")))
 
-/* Half-precision conversion is the one thing written with each machine's intrinsics (GCC 12 turns a vector
- * conversion of _Float16 into one instruction per value); both headers are inline functions only. */
-#if defined(__F16C__)
+/* Half-precision conversion and the code lookups are written with each machine's intrinsics (GCC 12 turns a vector
+ * conversion of _Float16 into one instruction per value, its generic shuffles into more than the machine needs);
+ * both headers are inline functions only. */
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #elif defined(__aarch64__)
 #include <arm_neon.h>
@@ -208,7 +209,9 @@ static Centroids centroids(const Part *part) {
 }
 
 /* out[0:8] = the values of 8 codes (each < 16). NEON's tbl looks up bytes: code c becomes the byte indices 4c .. 4c + 3 of
- * its float (c * 0x04040404 + 0x03020100, little-endian lanes). GCC's generic shuffle is scalar code there. */
+ * its float (c * 0x04040404 + 0x03020100, little-endian lanes). GCC's generic shuffle is scalar code there. AVX2
+ * looks each code up in both halves (vpermps reads the low 3 bits) and picks by bit 3 moved to the sign (vblendvps):
+ * GCC's two-vector shuffle took a mask and a compare more. */
 static inline void lookup8(const Centroids *t, vu codes, float *out) {
 #if defined(__aarch64__)
     union { vu v; uint32x4_t q[2]; } c = {codes};
@@ -217,7 +220,10 @@ static inline void lookup8(const Centroids *t, vu codes, float *out) {
         vst1q_f32(out + 4 * h, vreinterpretq_f32_u8(vqtbl4q_u8(t->bytes, vreinterpretq_u8_u32(index))));
     }
 #elif defined(__AVX2__)
-    store8(out, __builtin_shuffle(t->low, t->high, (vi)codes));
+    const __m256i index = (__m256i)codes;
+    const __m256 low = _mm256_permutevar8x32_ps((__m256)t->low, index);
+    const __m256 high = _mm256_permutevar8x32_ps((__m256)t->high, index);
+    store8(out, (vf)_mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(index, 28))));
 #else
     for (int l = 0; l < 8; l++) out[l] = t->values[codes[l]];
 #endif
@@ -265,10 +271,17 @@ static inline void widen_packed(const uint8_t *bytes, int32_t bits, int32_t widt
             lookup8_low(table, ((vu){0} + bytes[g]) >> shift & 1, out + 8 * g);
         break;
     }
-    default: { /* 3 bits: a 2-bit plane of the low bits, then a 1-bit plane of the high bits */
+    default: { /* 3 bits: a 2-bit plane of the low bits, then a 1-bit plane of the high bits; 16 codes a step (4 bytes
+                * of one plane, 2 of the other: half the broadcasts; one core, 32k rows of tq3.5 at 512: -9%) */
         const vu shift_low = {0, 2, 4, 6, 8, 10, 12, 14}, shift_high = {0, 1, 2, 3, 4, 5, 6, 7};
         const uint8_t *high_plane = bytes + 2 * groups;
-        for (int32_t g = 0; g < groups; g++) {
+        int32_t g = 0;
+        for (; g + 2 <= groups; g += 2) {
+            const vu low = (vu){0} + load_u32(bytes + 2 * g), high = (vu){0} + (load_u16(high_plane + g) << 2);
+            lookup8_low(table, (low >> shift_low & 3) | (high >> shift_high & 4), out + 8 * g);
+            lookup8_low(table, (low >> (shift_low + 16) & 3) | (high >> (shift_high + 8) & 4), out + 8 * g + 8);
+        }
+        for (; g < groups; g++) {
             const vu index = (((vu){0} + load_u16(bytes + 2 * g)) >> shift_low & 3)
                              | (((vu){0} + high_plane[g]) >> shift_high & 1) << 2;
             lookup8_low(table, index, out + 8 * g);
