@@ -28,7 +28,7 @@
 
 #define GROUP 4       /* key rows scored together: the register blocking of dot_2x4 is written for 4 */
 #define CHUNK 32      /* rows scored before their weights meet the values: amortizes rescaling */
-#define ROW_BLOCK 8   /* query rows are padded to a multiple of this (the loops take 2 and 4 rows at a time) */
+#define ROW_BLOCK 8   /* query rows are padded to a multiple of this (the softmax takes a vector of rows at a time) */
 #define MAX_WIDTH 1024
 /* Tile rows are a part's padded width plus 16 floats apart: at a power-of-two stride, the same dimension of
  * every row of a tile maps to the same few L1 sets, and accumulate's column walks would evict each other. */
@@ -446,12 +446,13 @@ INLINE void dot_2x4(const float *q0, const float *q1, const void *k0, const void
     sums8(a0, a1, a2, a3, b0, b1, b2, b3, sums);
 }
 
-/* scores[column + g][r] += factors[g] * <query row r, key g> for the 4 keys k0..k3, every row r. q is [rows][width]
- * (rows a multiple of 2, width of 8). Along the dimensions, not a vector of rows times a broadcast key value: a
+/* scores[column + g][r] += factors[g] * <query row r, key g> for the 4 keys k0..k3, every row r < used. q is
+ * [rows][width] (used a multiple of 2, width of 8), scores [CHUNK][rows]. Along the dimensions, not a vector of rows times a broadcast key value: a
  * broadcast is a load for each multiply-add, and the loads, not the multiply-adds, set the pace. */
-INLINE void score_group(const float *q, int64_t rows, int64_t width, const void *k0, const void *k1, const void *k2,
-                        const void *k3, const float *factors, float *scores, int column, int half, Ahead *ahead) {
-    for (int64_t r = 0; r < rows; r += 2) {
+INLINE void score_group(const float *q, int64_t rows, int64_t used, int64_t width, const void *k0, const void *k1,
+                        const void *k2, const void *k3, const float *factors, float *scores, int column, int half,
+                        Ahead *ahead) {
+    for (int64_t r = 0; r < used; r += 2) {
         float sums[2 * GROUP];
         dot_2x4(q + r * width, q + (r + 1) * width, k0, k1, k2, k3, width, sums, half, ahead);
         for (int g = 0; g < GROUP; g++) {
@@ -461,15 +462,15 @@ INLINE void score_group(const float *q, int64_t rows, int64_t width, const void 
     }
 }
 
-/* acc[r][0:width] += sum over k < count of weights[k][r] * values[k][0:width], every row r (acc's rows `acc_stride`
- * floats apart): 4 rows x 16 dimensions
+/* acc[r][0:width] += sum over k < count of weights[k][r] * values[k][0:width], every row r < used (acc's rows
+ * `acc_stride` floats apart, weights [count][rows], used a multiple of 4): 4 rows x 16 dimensions
  * held in registers across the chunk (8 vector sums with AVX, 16 with NEON's 32 registers), the rows innermost so
  * that a strip of 16 dimensions of the chunk's values is read from L1 by every group of 4 rows. values rows are
  * `stride` elements apart (floats, or halves with `half`); width is a multiple of 16. */
-INLINE void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t width, const void *values,
+INLINE void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t used, int64_t width, const void *values,
                        int64_t stride, const float *weights, int64_t count, int half) {
     for (int64_t j = 0; j < width; j += 16) {
-        for (int64_t r = 0; r < rows; r += 4) {
+        for (int64_t r = 0; r < used; r += 4) {
             float *c = acc + r * acc_stride + j;
 #if LANES == 8
             vn c00 = loadn(c), c01 = loadn(c + 8), c10 = loadn(c + acc_stride), c11 = loadn(c + acc_stride + 8);
@@ -625,7 +626,7 @@ static void transform_query(const float *q, int64_t rows, int64_t pdim, const Pa
     for (int64_t i = 0; i < n; i++)
         for (int64_t r = 0; r < rows; r++) gathered[i * rows + r] = q[r * pdim + channel(part, i)];
     const int64_t main = width / 16 * 16;
-    accumulate(out, pw, rows, main, t, width, gathered, n, 0);
+    accumulate(out, pw, rows, rows, main, t, width, gathered, n, 0);
     for (int64_t w = main; w < width; w++)
         for (int64_t r = 0; r < rows; r++) {
             float sum = 0.0f;
@@ -680,6 +681,9 @@ static int seen(const int64_t *positions, int count, const int64_t *lower, const
 EXPORT int edge_runtime_attend_head(const Call *call) {
     const int64_t dim = call->dim, tokens = call->tokens, pdim = padded(dim);
     const int64_t rows = (call->rows + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK; /* padding rows' results are dropped */
+    /* the rows the multiply-adds run over (accumulate's step, 4): E4B's 4 query rows a KV head padded to 8 would
+     * double the work of every key and value */
+    const int64_t used = (call->rows + 3) / 4 * 4;
     if (pdim > MAX_WIDTH || rows > MAX_ROWS || call->n_key_parts > MAX_PARTS || call->n_value_parts > MAX_PARTS)
         return -1;
     for (int p = 0; p < call->n_key_parts; p++) if (padded(call->key_parts[p].width) > MAX_WIDTH) return -1;
@@ -705,7 +709,7 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
             queries[p] = query;
             continue;
         }
-        transform_query(query, rows, pdim, part, gathered, next);
+        transform_query(query, used, pdim, part, gathered, next);
         queries[p] = next;
         next += rows * padded(part->width);
     }
@@ -741,7 +745,7 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                 if (in_place(part) && column + GROUP <= count) {
                     const uint8_t *k = part->codes + (start + column) * part->stride;
                     for (int g = 0; g < GROUP; g++) factors[g] = factor(part, start + column + g);
-                    score_group(queries[p], rows, part->width, k, k + part->stride, k + 2 * part->stride,
+                    score_group(queries[p], rows, used, part->width, k, k + part->stride, k + 2 * part->stride,
                                 k + 3 * part->stride, factors, scores, column, 1, &ahead);
                     continue;
                 }
@@ -754,7 +758,7 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                         factors[g] = 0.0f;
                     }
                 }
-                score_group(queries[p], rows, padded(part->width), ktile, ktile + tile, ktile + 2 * tile,
+                score_group(queries[p], rows, used, padded(part->width), ktile, ktile + tile, ktile + 2 * tile,
                             ktile + 3 * tile, factors, scores, column, 0, &ahead);
             }
             ask_rest(&ahead);
@@ -767,13 +771,14 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
             for (int k = 0; k < count; k++) {
                 if (!half) widen(part, &value_tables[p], start + k, vtile + k * tile);
                 const float f = factor(part, start + k);
-                for (int64_t r = 0; r < rows; r++) weights[k * rows + r] = scores[k * rows + r] * f;
+                for (int64_t r = 0; r < used; r++) weights[k * rows + r] = scores[k * rows + r] * f;
             }
             if (half)
-                accumulate(st.accs[p], part->width, rows, part->width, part->codes + start * part->stride,
+                accumulate(st.accs[p], part->width, rows, used, part->width, part->codes + start * part->stride,
                            part->stride / 2, weights, count, 1);
             else
-                accumulate(st.accs[p], padded(part->width), rows, padded(part->width), vtile, tile, weights, count, 0);
+                accumulate(st.accs[p], padded(part->width), rows, used, padded(part->width), vtile, tile, weights, count,
+                           0);
         }
     }
     static const float ones[GROUP] = {1.0f, 1.0f, 1.0f, 1.0f}, zeros[MAX_WIDTH];
@@ -797,7 +802,7 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                         k[g] = row;
                     }
                 }
-                score_group(query, rows, pdim, k[0], k[1], k[2], k[3], ones, scores, column, 0, NULL);
+                score_group(query, rows, used, pdim, k[0], k[1], k[2], k[3], ones, scores, column, 0, NULL);
             }
             softmax_chunk(&st, scores, block->positions, start, count, block->lower, block->upper);
             /* copied into the tile even when in place would do: its skewed stride keeps a strip of the chunk in L1 */
@@ -806,12 +811,12 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                 copy_floats(vtile + i * (pdim + SKEW), values + i * dim, dim);
                 zero_floats(vtile + i * (pdim + SKEW) + dim, pdim - dim);
             }
-            accumulate(acc_exact, pdim, rows, pdim, vtile, pdim + SKEW, scores, count, 0);
+            accumulate(acc_exact, pdim, rows, used, pdim, vtile, pdim + SKEW, scores, count, 0);
         }
     }
 
     for (int p = 0; p < call->n_value_parts && call->coded_n > 0; p++)
-        transform_back(st.accs[p], rows, &call->value_parts[p], acc_exact, pdim);
+        transform_back(st.accs[p], used, &call->value_parts[p], acc_exact, pdim);
     float *out = call->out;
     if (!call->finish) {
         copy_floats(out, st.m, call->rows);
