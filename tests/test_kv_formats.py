@@ -174,10 +174,10 @@ def test_sliding_rings_default_to_fp16_exact_beside_exact_full_layers_and_take_a
 @pytest.mark.parametrize("kv, recent", [("fp16", None), ("int8", None), ("tq3.5", 4), ("tq3.5", 0)])
 def test_a_prompt_run_at_once_reads_its_own_tokens_as_it_would_after_a_cached_prefix(artifacts, kv, recent):
     """A token reads itself and the `recent` positions before it exactly and older ones through their codes, however
-    the tokens came. So a prompt's last token gives the same logits run in the prompt's chunk as run alone after the cached rest
-    (what a second call with the same prompt does), to float32 precision: 1.2e-6 to 3.2e-6 here, where a chunk used
-    to read its own tokens exactly and the two differed by the format's error (fp16 0.9e-3 to 2.3e-3, int8 0.03 to
-    0.04, tq3.5 0.28 to 0.59), and seeded replies changed on a second call far more often."""
+    the tokens came. So a prompt's last token gives the same logits run in the prompt's chunk as run alone after the
+    cached rest (what a second call with the same prompt does), to float32 precision: 1.2e-6 to 3.2e-6 here, where a
+    chunk used to read its own tokens exactly and the two differed by the format's error (fp16 0.9e-3 to 2.3e-3, int8
+    0.03 to 0.04, tq3.5 0.28 to 0.59), and seeded replies changed on a second call far more often."""
     model = edge_runtime.load(artifacts["shared-gqa"], kv=kv, kv_recent=recent, kv_sliding=kv)
     ids = list(range(3, 3 + 40))
     for n in (12, 25, 40):

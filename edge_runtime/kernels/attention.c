@@ -59,7 +59,6 @@ typedef float vf_unaligned __attribute__((vector_size(32), aligned(4))); /* how 
 typedef int32_t vi __attribute__((vector_size(32)));
 typedef uint32_t vu __attribute__((vector_size(32)));
 
-
 /* The compiler may turn copies and clears into these calls even here; the object links against nothing, so it
  * brings its own, hidden (never interposed on the process's). */
 __attribute__((visibility("hidden"))) void *memcpy(void *restrict dst, const void *restrict src, size_t n) {
@@ -282,9 +281,8 @@ static inline void widen_packed(const uint8_t *bytes, int32_t bits, int32_t widt
             lookup8_low(table, (low >> (shift_low + 16) & 3) | (high >> (shift_high + 8) & 4), out + 8 * g + 8);
         }
         for (; g < groups; g++) {
-            const vu index = (((vu){0} + load_u16(bytes + 2 * g)) >> shift_low & 3)
-                             | (((vu){0} + high_plane[g]) >> shift_high & 1) << 2;
-            lookup8_low(table, index, out + 8 * g);
+            const vu low = (vu){0} + load_u16(bytes + 2 * g), high = (vu){0} + (high_plane[g] << 2);
+            lookup8_low(table, (low >> shift_low & 3) | (high >> shift_high & 4), out + 8 * g);
         }
     }
     }
@@ -297,7 +295,7 @@ static inline void widen_f16(const uint8_t *bytes, int32_t width, float *restric
     const _Float16 *h = (const _Float16 *)bytes;
     int32_t j = 0;
 #if defined(__F16C__)
-    for (; j + 8 <= width; j += 8) _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
+    for (; j + 8 <= width; j += 8) storen(out + j, loadh((const uint16_t *)(h + j)));
 #else
     for (; j + 4 <= width; j += 4) vst1q_f32(out + j, vcvt_f32_f16(vld1_f16((const __fp16 *)(h + j))));
 #endif
@@ -432,7 +430,8 @@ INLINE void dot_2x4(const float *q0, const float *q1, const void *k0, const void
     for (int64_t j = 0; j < width; j += LANES) {
         if (ahead) ask(ahead);
         const vn x0 = loadn(q0 + j), x1 = loadn(q1 + j);
-        vn y0 = load_row(k0, j, half), y1 = load_row(k1, j, half), y2 = load_row(k2, j, half), y3 = load_row(k3, j, half);
+        vn y0 = load_row(k0, j, half), y1 = load_row(k1, j, half);
+        vn y2 = load_row(k2, j, half), y3 = load_row(k3, j, half);
         IN_REGISTER(y0, y1, y2, y3);
         a0 += x0 * y0;
         a1 += x0 * y1;
@@ -447,8 +446,9 @@ INLINE void dot_2x4(const float *q0, const float *q1, const void *k0, const void
 }
 
 /* scores[column + g][r] += factors[g] * <query row r, key g> for the 4 keys k0..k3, every row r < used. q is
- * [rows][width] (used a multiple of 2, width of 8), scores [CHUNK][rows]. Along the dimensions, not a vector of rows times a broadcast key value: a
- * broadcast is a load for each multiply-add, and the loads, not the multiply-adds, set the pace. */
+ * [rows][width] (used a multiple of 2, width of 8), scores [CHUNK][rows]. Along the dimensions, not a vector of rows
+ * times a broadcast key value: a broadcast is a load for each multiply-add, and the loads, not the multiply-adds,
+ * set the pace. */
 INLINE void score_group(const float *q, int64_t rows, int64_t used, int64_t width, const void *k0, const void *k1,
                         const void *k2, const void *k3, const float *factors, float *scores, int column, int half,
                         Ahead *ahead) {
@@ -738,7 +738,8 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
         zero_floats(scores, CHUNK * rows);
         for (int column = 0; column < count; column += GROUP) {
             Ahead ahead;
-            plan_ahead(&ahead, call, start + column, start + column + (column + GROUP < count ? GROUP : count - column));
+            const int keys = column + GROUP < count ? GROUP : count - column;
+            plan_ahead(&ahead, call, start + column, start + column + keys);
             for (int p = 0; p < call->n_key_parts; p++) {
                 const Part *part = &call->key_parts[p];
                 const int64_t tile = padded(part->width) + SKEW;
@@ -777,8 +778,8 @@ EXPORT int edge_runtime_attend_head(const Call *call) {
                 accumulate(st.accs[p], part->width, rows, used, part->width, part->codes + start * part->stride,
                            part->stride / 2, weights, count, 1);
             else
-                accumulate(st.accs[p], padded(part->width), rows, used, padded(part->width), vtile, tile, weights, count,
-                           0);
+                accumulate(st.accs[p], padded(part->width), rows, used, padded(part->width), vtile, tile, weights,
+                           count, 0);
         }
     }
     static const float ones[GROUP] = {1.0f, 1.0f, 1.0f, 1.0f}, zeros[MAX_WIDTH];
