@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise, repeat
 from typing import NamedTuple
 
@@ -32,22 +31,28 @@ import numpy as np
 
 from edge_runtime import attention_kernel
 from edge_runtime.quant.codec import VectorCodec
-from edge_runtime.quant.float_codecs import Float32Codec
+from edge_runtime.quant.float_codecs import Float16Codec, Float32Codec, Int8Codec
+from edge_runtime.worker_threads import Workers
 
 SCORE_BYTES = 32 << 20
 # Shortest share of a block worth a thread in numpy (prefill). E2B int4, tq3.5, 2k context, 2 threads: 142 ms a
 # step unsplit, 125 ms with the 2k-token full layers split, 142 again with the 512-slot sliding rings split as well.
 MIN_PART = 768
-# Least K+V values in a share of a block worth a thread for the compiled kernel. Built afresh at each step (the
-# general path), a call handed to a pool thread cost ~150-250 us: at 2k the 2048-slot fp16 layer took 547 us whole
-# and 535 us in two shares, a 576-slot fp32 ring 119 vs 280 us. Prepared once (DecodeAttention), the handoff is
-# the pool's wake-up and the merge, ~50-70 us, but splitting sooner still gained nothing: E2B int4 b128, fp16, one
-# process alternating, a step at 1k / 2k / 4k with 2^19: 56.1 / 59.6 / 64.2 ms, 2^20: 56.2 / 59.5 / 64.8, 2^21:
-# 54.3 / 60.0 / 65.0 (the stores are read from memory, and the two threads share its bandwidth).
-KERNEL_MIN_SHARE_VALUES = 1 << 21
+# Least K+V values in a share of a block worth a thread for the compiled kernel. A split layer pays the handoff
+# (worker_threads: ~25 us to set up and start, the helper's core waking ~25-40 us after this thread's share began)
+# and the merge: E2B int4 b128 at 2k, 2 threads, the 7 full layers' attention in one process, per step, with
+# 2^19 / 2^20 / 2^21: fp16 4.47 / 4.50 / 5.23 ms (2^20 splits the 2k store), tq3.5 5.48 / 5.52 / 7.19; at 1k fp16
+# 4.21 / 3.78 / 3.75 (its 1k store in two shares was slower) and tq3.5 4.66 / 5.54 / 5.49; below 2^19 the 576-slot
+# sliding rings split too and every step got slower (2^17: fp16 5.92, tq3.5 7.22 ms at 2k).
+KERNEL_MIN_SHARE_VALUES = 1 << 20
+# A value of packed codes (TurboQuant, QJL) counts as this many: looked up before its multiply-adds it takes longer
+# (one core, 2k rows of 512: tq3.5 0.33 ns a value against fp16's 0.20, tools/attention_bench.py), and a call
+# rotates the query and the sums besides; so tq3.5 splits its 1k store and fp16 does not.
+PACKED_VALUE_WEIGHT = 2
 # Steps of at most this many tokens go through the compiled kernel; longer ones are matrix products for BLAS.
 KERNEL_TOKENS = 4
 MASKED = np.finfo(np.float32).min
+FLOAT_CODECS = (Float32Codec, Float16Codec, Int8Codec)
 
 
 class Block(NamedTuple):
@@ -95,17 +100,17 @@ def _shares(block: Block, parts: int, least: int = MIN_PART, quantum: int = 1) -
     return [block] if len(cuts) == 2 else [_slice(block, lo, hi) for lo, hi in pairwise(cuts)]
 
 
-def attend(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecutor | None = None,
-           workers: int = 1, kernel: bool | None = None) -> np.ndarray:
+def attend(query: np.ndarray, blocks: list[list[Block]], pool: Workers | None = None,
+           kernel: bool | None = None) -> np.ndarray:
     """query [T, kv_heads, groups, head_dim] (Gemma 4: scaling 1.0) over per-head blocks -> [T, heads * head_dim].
 
-    With a `pool` of `workers` threads, long blocks are split across them: the kernel and numpy both release the
+    With a `pool` of threads, long blocks are split across them: the kernel and numpy both release the
     GIL, and one thread alone cannot keep up with the cache's bytes. `kernel` forces a path (tests); by default
     the kernel takes steps of up to KERNEL_TOKENS tokens where it is built for the machine.
     """
     if kernel is None:
         kernel = query.shape[0] <= KERNEL_TOKENS and attention_kernel.load() is not None
-    workers = workers if pool else 1
+    workers = pool.threads if pool else 1
     if kernel:
         return _attend_kernel(query, blocks, pool, workers)
     tokens, kv_heads, groups, head_dim = query.shape
@@ -129,8 +134,10 @@ class _Call(NamedTuple):
 
 
 def _kernel_least(block: Block) -> int:
-    """The fewest rows of `block` in a kernel call's share of it (KERNEL_MIN_SHARE_VALUES keys and values)."""
-    return -(-KERNEL_MIN_SHARE_VALUES // (2 * block.key_codec.dim))
+    """The fewest rows of `block` in a kernel call's share of it (KERNEL_MIN_SHARE_VALUES keys and values, packed
+    codes weighing PACKED_VALUE_WEIGHT)."""
+    floats = isinstance(block.key_codec, FLOAT_CODECS) and isinstance(block.value_codec, FLOAT_CODECS)
+    return -(-KERNEL_MIN_SHARE_VALUES // (2 * block.key_codec.dim * (1 if floats else PACKED_VALUE_WEIGHT)))
 
 
 def _kernel_quantum(least: int) -> int:
@@ -165,7 +172,7 @@ def _kernel_calls(head: int, blocks: list[Block], workers: int) -> list[_Call]:
             for coded, exacts in calls]
 
 
-def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoolExecutor | None,
+def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: Workers | None,
                    workers: int) -> np.ndarray:
     """Every KV head's calls at once: the pool's threads take all but the first, which this thread runs (a handoff
     costs 150-250 us, see KERNEL_MIN_SHARE_VALUES). A head that is one call is finished in the kernel; a head split
@@ -175,7 +182,7 @@ def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoo
     rows = tokens * groups
     calls = [call for h in range(kv_heads) for call in _kernel_calls(h, blocks[h], workers)]
     if not kernel.fits(rows, _widths(head_dim, calls)):
-        return attend(query, blocks, pool, workers, kernel=False)
+        return attend(query, blocks, pool, kernel=False)
     calls_of = Counter(call.head for call in calls)
     q = np.ascontiguousarray(query.transpose(1, 0, 2, 3)).reshape(kv_heads, rows, head_dim)
 
@@ -183,15 +190,14 @@ def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: ThreadPoo
         return attention_kernel.attend_head_parts(kernel, q[call.head], call.key_parts, call.value_parts,
                                                   *_rows_seen(call), groups, finish=calls_of[call.head] == 1)
 
-    if pool and len(calls) > 1:
-        pending = [pool.submit(run, call) for call in calls[1:]]
-        results = [run(calls[0]), *(f.result() for f in pending)]
-    else:
-        results = [run(call) for call in calls]
+    results = pool.map(run, calls) if pool and len(calls) > 1 else [run(call) for call in calls]
     out = np.zeros((kv_heads, rows, head_dim), np.float32)
     for h in calls_of:
         mine = [result for call, result in zip(calls, results) if call.head == h]
-        out[h] = mine[0] if len(mine) == 1 else attention_kernel.merge(mine)
+        if len(mine) == 1:
+            out[h] = mine[0]
+        else:
+            attention_kernel.Merge(kernel, mine, out[h])()
     return out.reshape(kv_heads, tokens, groups, head_dim).transpose(1, 0, 2, 3).reshape(tokens, -1)
 
 
@@ -228,23 +234,24 @@ class DecodeAttention:
     """
 
     def __init__(self, kernel: attention_kernel.Kernel, blocks_of: Callable[[], list[list[Block]]],
-                 blocks: list[list[Block]], query: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor | None,
-                 workers: int, scratch: np.ndarray) -> None:
+                 blocks: list[list[Block]], query: np.ndarray, out: np.ndarray, pool: Workers | None,
+                 scratch: np.ndarray) -> None:
         self.kernel, self.blocks_of, self.query, self.out = kernel, blocks_of, query, out
-        self.pool, self.workers, self.scratch = pool, workers, scratch
+        self.pool, self.workers, self.scratch = pool, pool.threads if pool else 1, scratch
         self.least = _kernel_least(blocks[0][0])
         self.quantum = _kernel_quantum(self.least)
         self.coded = not _exact(blocks[0][0])
         self.cuts: list[int] | None = None
         self.heads: list[list[attention_kernel.HeadCall]] = []  # each head's calls, the growing share last
         self.calls: list[attention_kernel.HeadCall] = []  # all of them, in the order attend runs them
-        self.partials: list[list[attention_kernel.Partial]] = []  # a split head's shares to merge, else []
+        self.jobs: list[Callable[[], None]] = []  # the calls as the pool runs them
+        self.merges: list[attention_kernel.Merge] = []  # the split heads' joins
         splits = all(_exact(b) for head in blocks for b in head[1:])
-        self.limit = float("inf") if splits or workers < 2 else workers * self.least
+        self.limit = float("inf") if splits or self.workers < 2 else self.workers * self.least
 
     @classmethod
     def build(cls, blocks_of: Callable[[], list[list[Block]]], query: np.ndarray, out: np.ndarray,
-              pool: ThreadPoolExecutor | None, workers: int, scratch: np.ndarray) -> DecodeAttention | None:
+              pool: Workers | None, scratch: np.ndarray) -> DecodeAttention | None:
         """query and out [kv_heads, groups, head_dim] float32 buffers; `blocks_of` gives the layer's blocks per KV
         head, the growing one first, as they are now; `scratch` the calling thread's working memory for the kernel
         (a pool's threads use their own)."""
@@ -252,7 +259,7 @@ class DecodeAttention:
         if kernel is None or KERNEL_TOKENS < 1:
             return None
         blocks = blocks_of()
-        attention = cls(kernel, blocks_of, blocks, query, out, pool, workers if pool else 1, scratch)
+        attention = cls(kernel, blocks_of, blocks, query, out, pool, scratch)
         return attention if attention._prepare(blocks[0][0].size, blocks) else None
 
     def _prepare(self, stored: int, blocks: list[list[Block]]) -> bool:
@@ -261,7 +268,7 @@ class DecodeAttention:
         the sizes."""
         _, groups, head_dim = self.query.shape
         cuts = _cuts(stored, self.workers, self.least, self.quantum)
-        heads, partials = [], []
+        heads, merges = [], []
         for h, head in enumerate(blocks):
             head_calls = _kernel_calls(h, [_slice(head[0], 0, stored), *head[1:]], self.workers)
             if len(head_calls) != len(cuts) - 1 or not self.kernel.fits(groups, _widths(head_dim, head_calls)):
@@ -271,11 +278,13 @@ class DecodeAttention:
             heads.append([attention_kernel.HeadCall(self.kernel, self.query[h], call.key_parts, call.value_parts,
                                                     *_rows_seen(call), groups, not split, o, self.scratch)
                           for call, o in zip(head_calls, outs)])
-            partials.append([attention_kernel.Partial(o[:groups], o[groups:2 * groups],
-                                                      o[2 * groups:].reshape(groups, head_dim)) for o in outs]
-                            if split else [])
-        self.cuts, self.heads, self.partials = cuts[:-1], heads, partials
+            if split:
+                merges.append(attention_kernel.Merge(self.kernel, outs, self.out[h]))
+        self.cuts, self.heads, self.merges = cuts[:-1], heads, merges
         self.calls = [call for head_calls in heads for call in head_calls]
+        # the first call runs on this thread, with the scratch it was built with; any other, wherever it lands, on
+        # its thread's own
+        self.jobs = [self.calls[0], *(call.on_this_thread for call in self.calls[1:])]
         return True
 
     def __call__(self, stored: int) -> None:
@@ -288,18 +297,13 @@ class DecodeAttention:
                 head_calls[-1].call.coded_n = grows
             else:
                 head_calls[-1].exact[0].n = grows
-        first, *others = self.calls
-        if self.pool is None or not others:
+        if self.pool is None or len(self.calls) == 1:
             for call in self.calls:
                 call()
         else:
-            pending = [self.pool.submit(call.on_this_thread) for call in others]
-            first()
-            for future in pending:
-                future.result()
-        for h, partials in enumerate(self.partials):
-            if partials:
-                self.out[h][...] = attention_kernel.merge(partials)
+            self.pool.run(self.jobs)
+        for merge in self.merges:
+            merge()
 
 
 def _own_rows(block: Block) -> bool:

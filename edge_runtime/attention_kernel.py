@@ -8,7 +8,7 @@ and is picked by this machine's architecture and CPU features; where none fits (
 returns None and attention runs in numpy. A numba JIT of the same kernel was tried first: it needed 140 MB of
 resident memory for LLVM (60 MB of it anonymous) and compiled for a minute on a Pi 4's first run.
 
-ctypes releases the GIL for the call, so threads run shares of a long block at once; `merge` joins their partial
+ctypes releases the GIL for the call, so threads run shares of a long block at once; `Merge` joins their partial
 softmaxes with the usual log-sum-exp rescaling, as flash-decoding does.
 """
 
@@ -20,7 +20,6 @@ import platform
 import threading
 from functools import cache
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -70,6 +69,9 @@ class Kernel:
         self._attend = library.edge_runtime_attend_head
         self._attend.argtypes = [ctypes.POINTER(_Call)]
         self._attend.restype = ctypes.c_int
+        self.merge = library.edge_runtime_attention_merge
+        self.merge.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        self.merge.restype = None
         self.scratch_floats = ctypes.c_int64.in_dll(library, "edge_runtime_attention_scratch_floats").value
         self.max_width = ctypes.c_int64.in_dll(library, "edge_runtime_attention_max_width").value
         self.max_rows = ctypes.c_int64.in_dll(library, "edge_runtime_attention_max_rows").value
@@ -142,14 +144,6 @@ def _part(part: CodePart, dim: int) -> _Part:
                  part.bits, part.width)
 
 
-class Partial(NamedTuple):
-    """One call's share of a head's softmax: running maximum, sum, and the weighted sum of values."""
-
-    m: np.ndarray
-    s: np.ndarray
-    acc: np.ndarray
-
-
 class HeadCall:
     """One head's kernel call with its structures built: the ~14 addresses and three structure arrays cost a call
     ~20 us of Python, several times the kernel's own time at a short context, so a decode step builds them once and
@@ -196,24 +190,28 @@ class HeadCall:
         self.kernel.attend(self.call)
 
 
+class Merge:
+    """A split head's shares joined into its output by the kernel (edge_runtime_attention_merge), the arguments laid
+    out once: `shares` the shares' `out` buffers (HeadCall without `finish`, [rows * (2 + dim)] each), `into` the
+    head's output [rows, dim] float32."""
+
+    def __init__(self, kernel: Kernel, shares: list[np.ndarray], into: np.ndarray) -> None:
+        rows, dim = into.shape
+        pointers = (ctypes.c_void_p * len(shares))(*(_pointer(share) for share in shares))
+        self._merge = kernel.merge
+        self._args = (ctypes.addressof(pointers), len(shares), rows, dim, _pointer(into))
+        self._arrays = (pointers, shares, into)  # what the addresses point into lives as long as the call
+
+    def __call__(self) -> None:
+        self._merge(*self._args)
+
+
 def attend_head_parts(kernel: Kernel, q: np.ndarray, key_parts: list[CodePart], value_parts: list[CodePart],
                       coded: tuple[np.ndarray, np.ndarray | None, np.ndarray | None], exact: list[tuple],
-                      groups: int, finish: bool) -> Partial | np.ndarray:
+                      groups: int, finish: bool) -> np.ndarray:
     """One head's attention over these blocks (HeadCall's arguments) for query rows q [R, dim] (row r is token
-    r // groups): the output [R, dim] with `finish`, else the Partial to merge."""
+    r // groups): the output [R, dim] with `finish`, else the share's partial softmax for Merge."""
     rows, dim = q.shape
     out = np.empty(rows * dim if finish else rows * (2 + dim), np.float32)
     HeadCall(kernel, q, key_parts, value_parts, coded, exact, groups, finish, out)()
-    if finish:
-        return out.reshape(rows, dim)
-    return Partial(out[:rows], out[rows:2 * rows], out[2 * rows:].reshape(rows, dim))
-
-
-def merge(partials: list[Partial]) -> np.ndarray:
-    """Join partial softmaxes into the attention output [R, dim] (log-sum-exp rescaling, as flash-decoding does)."""
-    top = np.max([p.m for p in partials], axis=0)
-    top = np.where(np.isfinite(top), top, 0.0).astype(np.float32)
-    factors = [np.exp(p.m - top) for p in partials]
-    total = sum(f * p.s for f, p in zip(factors, partials))
-    total = np.where(total > 0, total, 1.0)
-    return sum(p.acc * (f / total)[:, None] for f, p in zip(factors, partials))
+    return out.reshape(rows, dim) if finish else out

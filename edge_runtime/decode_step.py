@@ -133,7 +133,7 @@ class DecodeStep:
                 cached = cache.blocks(layer.kv_layer, self.seen[layer.layer_type])
                 return [[*head, new] for head, new in zip(cached, self.new_blocks[layer.kv_layer])]
             kernels.append(DecodeAttention.build(blocks_of, layer.scaled[0], layer.out.reshape(layer.scaled[0].shape),
-                                                 engine.attention_pool, engine.attention_workers, self.scratch))
+                                                 engine.attention_pool, self.scratch))
         return kernels
 
     def run(self, ids: np.ndarray) -> np.ndarray:
@@ -162,7 +162,7 @@ class DecodeStep:
             else:
                 cached = cache.blocks(layer.kv_layer, self.seen[layer.layer_type])
                 blocks = [[*head, new] for head, new in zip(cached, self.new_blocks[layer.kv_layer])]
-                layer.out[...] = attend(layer.scaled, blocks, engine.attention_pool, engine.attention_workers)
+                layer.out[...] = attend(layer.scaled, blocks, engine.attention_pool)
         cache.commit(self.new_kv, positions)
         engine.tokens.append(int(ids[0]))
         session, fetch, inputs = self.last

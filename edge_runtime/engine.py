@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,6 +46,7 @@ from edge_runtime.model_spec import embed_scale
 from edge_runtime.ple_store import PleStore
 from edge_runtime.quant.float_codecs import Float32Codec
 from edge_runtime.rope import cos_sin, inverse_frequencies
+from edge_runtime.worker_threads import Workers
 
 
 def _session_options(threads: int) -> ort.SessionOptions:
@@ -189,7 +189,7 @@ class Engine:
         }
         self.rope_names = {t: (rope_table(ROPE_COS, t), rope_table(ROPE_SIN, t)) for t in self.inv_freq}
         self.attention_workers = threads or default_threads()
-        self.attention_pool = ThreadPoolExecutor(self.attention_workers, "attention") if self.attention_workers > 1 else None
+        self.attention_pool = Workers(self.attention_workers) if self.attention_workers > 1 else None
         self.cache = KVCache(spec, kv, kv_recent, kv_sliding)
         self.tokens: list[int] = []  # the ids whose keys and values the cache holds, in order
         self.decode = DecodeStep.build(self)
@@ -282,7 +282,7 @@ class Engine:
             if queries is not None:
                 blocks = [[block.rows(queries) for block in head] for head in blocks]
             query = results[first] if scaling is None else results[first] * scaling
-            values[result] = attend(query, blocks, self.attention_pool, self.attention_workers)
+            values[result] = attend(query, blocks, self.attention_pool)
             if commits:
                 cache.commit(new_kv, positions)
                 self.tokens.extend(ids.tolist())

@@ -75,7 +75,7 @@ def test_a_ring_with_chunks_no_token_sees_equals_numpy(name):
 
 @pytest.mark.parametrize("name", ["fp16", "tq3.5", "qjl"])
 def test_a_block_shared_between_threads_gives_the_same_output(name, monkeypatch):
-    from concurrent.futures import ThreadPoolExecutor
+    from edge_runtime.worker_threads import Workers
 
     rng = np.random.default_rng(3)
     query = (rng.standard_normal((1, 1, 4, 64)) / 8).astype(np.float32)
@@ -83,8 +83,7 @@ def test_a_block_shared_between_threads_gives_the_same_output(name, monkeypatch)
     whole = attend(query, blocks, kernel=True)
     monkeypatch.setattr(attention, "KERNEL_MIN_SHARE_VALUES", 100 * 2 * 64)
     assert len(attention._kernel_calls(0, blocks[0], 3)) == 3  # the coded block in three shares, one per thread
-    with ThreadPoolExecutor(3) as pool:
-        shared = attend(query, blocks, pool, 3, kernel=True)
+    shared = attend(query, blocks, Workers(3), kernel=True)
     assert np.abs(shared - whole).max() <= 2e-6 * np.abs(whole).max()
 
 
@@ -107,9 +106,9 @@ def test_every_attention_of_a_decode_agrees_with_numpy(name, artifacts, monkeypa
 
     checked = []
 
-    def both(query, blocks, pool=None, workers=1):
+    def both(query, blocks, pool=None):
         expected = attend(query, blocks, kernel=False)
-        got = attend(query, blocks, pool, workers, kernel=True)
+        got = attend(query, blocks, pool, kernel=True)
         assert np.abs(got - expected).max() <= 2e-6 * np.abs(expected).max()
         checked.append(sum(b.size for b in blocks[0]))
         return expected

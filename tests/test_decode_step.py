@@ -73,7 +73,7 @@ def test_a_store_long_enough_to_split_is_shared_between_threads_as_attend_shares
     calls = _counted(monkeypatch, DecodeAttention, "__call__")
     builds = _counted(monkeypatch, DecodeAttention, "_prepare")
     fallbacks = _counted(monkeypatch, decode_step, "attend")
-    split = _counted(monkeypatch, attention_kernel, "merge")
+    split = _counted(monkeypatch, attention_kernel.Merge, "__call__")
     _decode_both_ways(artifacts[name], kv="fp16", threads=2)
     layers = edge_runtime.load(artifacts[name]).spec.num_hidden_layers
     assert (len(calls), len(fallbacks)) == ((TOKENS - 3) * layers, 0)

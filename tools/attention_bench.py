@@ -19,7 +19,6 @@ import ctypes
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import numpy as np
 from cost_model_check import lscpu
 from edge_runtime import attention, attention_kernel
 from edge_runtime.kv_formats import kv_format
+from edge_runtime.worker_threads import Workers
 
 
 def block(kv: str, rows: int, dim: int, rng: np.random.Generator) -> attention.Block:
@@ -54,7 +54,7 @@ def main() -> int:
     name, simd = lscpu()
     print(f"CPU: {name}; SIMD flags: {' '.join(simd)}; kernels: {', '.join(k.name for k in kernels)}")
     rng = np.random.default_rng(0)
-    pools = {w: ThreadPoolExecutor(w) if w > 1 else None for w in args.workers}
+    pools = {w: Workers(w) if w > 1 else None for w in args.workers}
     for rows in args.rows:
         for dim in args.dim:
             query = rng.standard_normal((1, 1, 8, dim)).astype(np.float32)
@@ -66,7 +66,7 @@ def main() -> int:
                         for k, kernel in enumerate(kernels):
                             attention_kernel.load = lambda kernel=kernel: kernel  # the path attend() takes
                             start = time.perf_counter()
-                            attention.attend(query, blocks, pools[workers], workers)
+                            attention.attend(query, blocks, pools[workers])
                             if repeat:
                                 times[k].append(time.perf_counter() - start)
                     for kernel, t in zip(kernels, times):
