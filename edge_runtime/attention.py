@@ -174,8 +174,8 @@ def _kernel_calls(head: int, blocks: list[Block], workers: int) -> list[_Call]:
 
 def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: Workers | None,
                    workers: int) -> np.ndarray:
-    """Every KV head's calls at once: the pool's threads take all but the first, which this thread runs (a handoff
-    costs 150-250 us, see KERNEL_MIN_SHARE_VALUES). A head that is one call is finished in the kernel; a head split
+    """Every KV head's calls at once, spread over the pool's threads (this one among them; structures built afresh
+    for each call, which DecodeAttention avoids). A head that is one call is finished in the kernel; a head split
     across calls has its partial softmaxes merged."""
     kernel = attention_kernel.load()
     tokens, kv_heads, groups, head_dim = query.shape
