@@ -39,7 +39,7 @@ SCORE_BYTES = 32 << 20
 # step unsplit, 125 ms with the 2k-token full layers split, 142 again with the 512-slot sliding rings split as well.
 MIN_PART = 768
 # Least K+V values in a share of a block worth a thread for the compiled kernel. A split layer pays the handoff
-# (worker_threads: ~25 us to set up and start, the helper's core waking ~25-40 us after this thread's share began)
+# (in a step, ~45 us of Python before this thread's share starts, the helper's ~40 us after it: worker_threads)
 # and the merge: E2B int4 b128 at 2k, 2 threads, the 7 full layers' attention in one process, per step, with
 # 2^19 / 2^20 / 2^21: fp16 4.47 / 4.50 / 5.23 ms (2^20 splits the 2k store), tq3.5 5.48 / 5.52 / 7.19; at 1k fp16
 # 4.21 / 3.78 / 3.75 (its 1k store in two shares was slower) and tq3.5 4.66 / 5.54 / 5.49; below 2^19 the 576-slot
