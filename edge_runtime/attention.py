@@ -314,18 +314,18 @@ def _own_rows(block: Block) -> bool:
             and np.array_equal(block.upper, block.positions))
 
 
-def _scores(block: Block, q: np.ndarray, rows: slice, groups: int) -> np.ndarray:
+def _scores(block: Block, own: bool, q: np.ndarray, rows: slice, groups: int) -> np.ndarray:
     """[groups, tokens, n] masked scores of a block for query rows q (groups x tokens of them); [groups, tokens, 1]
-    for a block of the tokens' own rows."""
-    if _own_rows(block):
+    for a block of the tokens' own rows (`own`, _own_rows)."""
+    if own:
         keys = block.key_codes["values"][rows]
         return np.einsum("gtd,td->gt", q.reshape(groups, -1, keys.shape[-1]), keys)[..., None]
     scores = block.key_codec.inner_products(q, block.key_codes)
     return scores.reshape(groups, -1, block.size) + block.rows(rows).mask()
 
 
-def _weighted_sum(block: Block, weights: np.ndarray, n: int, rows: slice) -> np.ndarray:
-    if _own_rows(block):
+def _weighted_sum(block: Block, own: bool, weights: np.ndarray, n: int, rows: slice) -> np.ndarray:
+    if own:
         values = block.value_codes["values"][rows]
         return (weights * values[None]).reshape(n, -1)
     return block.value_codec.weighted_sum(weights.reshape(n, -1), block.value_codes)
@@ -334,6 +334,7 @@ def _weighted_sum(block: Block, weights: np.ndarray, n: int, rows: slice) -> np.
 def _attend_numpy(query: np.ndarray, shares: list[list[Block]], mapper) -> np.ndarray:
     """One KV head through the codecs' tiled products: [T, groups, d] -> [T, groups, d]."""
     live = [share for block_shares in shares for share in block_shares]
+    own = [_own_rows(block) for block in live]
     query = query.transpose(1, 0, 2)
     groups, tokens, head_dim = query.shape
     out = np.empty((tokens, groups, head_dim), dtype=np.float32)
@@ -342,10 +343,10 @@ def _attend_numpy(query: np.ndarray, shares: list[list[Block]], mapper) -> np.nd
     for t in range(0, tokens, step):
         rows = slice(t, min(t + step, tokens))
         q = query[:, rows].reshape(-1, head_dim)
-        block_scores = list(mapper(_scores, live, repeat(q), repeat(rows), repeat(groups)))
+        block_scores = list(mapper(_scores, live, own, repeat(q), repeat(rows), repeat(groups)))
         top = np.max([s.max(axis=-1, keepdims=True) for s in block_scores], axis=0)
         weights = [np.exp(s - top, out=s) for s in block_scores]
         denominator = sum(w.sum(axis=-1, keepdims=True) for w in weights)
-        total = sum(mapper(_weighted_sum, live, weights, repeat(len(q)), repeat(rows)))
+        total = sum(mapper(_weighted_sum, live, own, weights, repeat(len(q)), repeat(rows)))
         out[rows] = (total.reshape(groups, -1, head_dim) / denominator).transpose(1, 0, 2)
     return out

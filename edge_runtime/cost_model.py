@@ -3,13 +3,15 @@ the device's published facts and the bytes and products a token needs. An estima
 printed (`edge-runtime plan`, `edge-runtime profiles show`); `tools/cost_model_check.py` compares it with
 `edge-runtime bench` on the machine at hand.
 
-Decode reads every weight once per token (DESIGN.md section 3), so a step takes
+Decode reads every weight once per token (DESIGN.md section 3), then attends over the cache, so a step takes
 
     sum over formats f of model bytes in f / (DECODE_EFFICIENCY[f] x bandwidth)   weights, embedding and PLE rows
-  + KV bytes / bandwidth                                     the cache attention reads at the context
-  + KV values / (threads x clock x ATTENTION_VALUES_PER_CYCLE)   attention's arithmetic over it (numpy)
+  + max(KV bytes / bandwidth,                                                     the cache attention reads at the
+        (KV float values / ATTENTION_VALUES_PER_CYCLE                             context, or the compiled kernel's
+         + KV packed values / PACKED_VALUES_PER_CYCLE) / (threads x clock))       arithmetic over it
 
-and prefill is bound by int8 arithmetic (both quantized formats compute in int8):
+(the kernel asks for the cache's next lines while it computes, so the two overlap: whichever is longer sets the
+pace) and prefill is bound by int8 arithmetic (both quantized formats compute in int8):
 
     seconds per token >= sum over f of linear MACs in f / (threads x int8 MACs per cycle x clock x
                          PREFILL_EFFICIENCY[f])
@@ -17,24 +19,22 @@ and prefill is bound by int8 arithmetic (both quantized formats compute in int8)
 where the KV-shared layers and the head count once per prefill chunk, since the engine runs them at its last
 position only. A weight recipe that mixes formats (edge_runtime/weight_recipe.py) has each linear's bytes and MACs
 go through its own format's kernel; the per-format efficiencies were measured on uniform artifacts only. Model bytes
-and MACs come from the shapes (planner.py, the same arithmetic as the exporter's), KV
-bytes and values from the KV format (KVFormat.attention_reads). The bandwidth is the profile's sustained read
-bandwidth where one was measured and published, else SUSTAINED_SHARE of its peak.
+and MACs come from the shapes (planner.py, the same arithmetic as the exporter's), KV bytes and values from the KV
+format (KVFormat.attention_reads). The bandwidth is the profile's sustained read bandwidth where one was measured
+and published, else SUSTAINED_SHARE of its peak.
 
 The efficiencies are what the kernels achieve of the device's bandwidth or arithmetic peak. They were measured on
 one machine only (CALIBRATED_ON) and are applied to every device: a kernel path that is slower or faster relative
-to its peak there (the A72's int8 without dot-product instructions, KleidiAI's int4 on dotprod cores) makes the
-estimate wrong by that ratio until it is measured on such a device.
+to its peak there (the A72's int8 without dot-product instructions, KleidiAI's int4 on dotprod cores; NEON's
+4-float vectors against the 8 of AVX2 the attention rates were measured with) makes the estimate wrong by that
+ratio until it is measured on such a device.
 
-KV formats are told apart by their bytes only: an element of TurboQuant codes costs attention about half an fp16
-one's time at 8k here, and each step encodes its keys and values (numpy, ~8 ms a step on E2B), so with tq3.5 the
-estimate is ~25% high at short contexts and ~30% low at 8k on the calibration machine (README, "Speed estimates").
-
-What the model ignores: attention's arithmetic during prefill (small at short prompts, not at long ones); the
-Python and onnxruntime call overhead per step (~72 calls a token, in the efficiencies as measured on a fast core,
-so relatively larger on slow cores); thermal throttling (a Pi 4 without a heatsink drops to 1.5 GHz or lower);
-big.LITTLE scheduling (the profiles' threads and clock are their big or middle cores'); other processes sharing the
-memory bus; caches (an E2B step reads far more than any cache holds, which is why bandwidth rules).
+What the model ignores: attention's arithmetic during prefill (small at short prompts, not at long ones); encoding
+the step's keys and values into packed codes (~1 ms a step on E2B here, under cProfile); the Python and onnxruntime call
+overhead per step (~72 calls a token, in the efficiencies as measured on a fast core, so relatively larger on slow
+cores); thermal throttling (a Pi 4 without a heatsink drops to 1.5 GHz or lower); big.LITTLE scheduling (the
+profiles' threads and clock are their big or middle cores'); other processes sharing the memory bus; caches (an E2B
+step reads far more than any cache holds, which is why bandwidth rules).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_runtime.cpu_features import int8_dot_product
-from edge_runtime.kv_formats import default_sliding_format, kv_format
+from edge_runtime.kv_formats import AttentionReads, default_sliding_format, kv_format
 from edge_runtime.model import DEFAULT_PREFILL_CHUNK
 from edge_runtime.model_spec import ModelSpec
 from edge_runtime.planner import Plan, known_models, linear_macs_by_format, model_name, read_per_token_by_format
@@ -70,10 +70,15 @@ DECODE_EFFICIENCY = {"int8": 0.67, "int4": 0.78, "int8-block": 0.88}
 # int8 0.36 (E2B 0.34-0.35, E4B 0.41); int8-block, by ratio in the sitting above (pp128 141-143 against int4's 130
 # and int8's 100-102): 0.49 (from int4) to 0.51 (from int8), 0.49 taken.
 PREFILL_EFFICIENCY = {"int8": 0.36, "int4": 0.45, "int8-block": 0.49}
-# Attention over the cache in numpy, in key and value elements per cycle per thread: 0.07-0.12 over 7 decode runs
-# at depth 2048 and 8192 (E2B at 2048 reads 23 million elements a step, ~2 ns each on the 2 threads); a later run
-# with these constants fixed is in the README.
-ATTENTION_VALUES_PER_CYCLE = 0.095
+# Attention over the cache in the compiled kernel, in key and value elements per cycle per thread at the profile's
+# clock: `python tools/attention_bench.py --kv fp16 int8 tq3.5 tq4 qjl --rows 2048 8192 32768 --dim 512
+# --workers 2` (the decode step's own calls, one KV head's block of 8 query rows split over 2 pinned threads, two
+# runs). Float kinds (fp32, fp16, int8: converted as loaded): fp16 2.01-2.07 at 8k and 32k rows (1.62-1.68 at 2k,
+# where the fixed cost of a call weighs), int8 1.62-1.66. Packed codes (TurboQuant, QJL: looked up in a table
+# first): tq3.5 1.32-1.44, tq4 1.36-1.50, qjl 0.93-1.02. Long blocks from memory run at the rate blocks in cache
+# do (fp16 32k rows, 64 MB: 2.07; 8k: 2.03), so the cache's bytes hide behind the arithmetic here.
+ATTENTION_VALUES_PER_CYCLE = 2.0
+PACKED_VALUES_PER_CYCLE = 1.4
 # Without a published sustained read bandwidth, this share of the peak: the Raspberry Pi 5's 11.6 GB/s read with 4
 # threads of its 17.07 GB/s (device_profiles/pi5-8gb.toml gives the sources).
 SUSTAINED_SHARE = 0.68
@@ -128,6 +133,12 @@ def bandwidth(profile: Profile) -> tuple[float, str]:
             f"{SUSTAINED_SHARE:g} x the {profile.peak_gb_s:g} GB/s peak: no published sustained read figure")
 
 
+def attention_arithmetic(reads: AttentionReads, profile: Profile) -> float:
+    """Seconds of the attention kernel's arithmetic over what a step reads, on all the profile's threads."""
+    cycles = (reads.values - reads.packed) / ATTENTION_VALUES_PER_CYCLE + reads.packed / PACKED_VALUES_PER_CYCLE
+    return cycles / (profile.threads * profile.clock_ghz * 1e9)
+
+
 def kernel_path(profile: Profile) -> str:
     """The int8 instructions onnxruntime's kernels use on this device, as its CPU features say."""
     f = set(profile.cpu_features)
@@ -161,12 +172,11 @@ def estimate(spec: ModelSpec, profile: Profile, *, weights: str, block_size: int
                        "or int4")
     elif not unmeasured:
         rate = gb_s * 1e9
-        attention_rate = profile.threads * profile.clock_ghz * 1e9 * ATTENTION_VALUES_PER_CYCLE
         weights_seconds = sum(n / (DECODE_EFFICIENCY[name] * rate) for name, n in by_format.items())
         for context in sorted(set(contexts)):
-            kv_bytes, kv_values = fmt.attention_reads(spec, context, kv_recent, sliding)
-            seconds = weights_seconds + kv_bytes / rate + kv_values / attention_rate
-            decode.append(Decode(context, kv_bytes, 1 / seconds))
+            reads = fmt.attention_reads(spec, context, kv_recent, sliding)
+            seconds = weights_seconds + max(reads.bytes / rate, attention_arithmetic(reads, profile))
+            decode.append(Decode(context, reads.bytes, 1 / seconds))
         macs_per_second = profile.threads * profile.int8_macs_per_cycle * profile.clock_ghz * 1e9
         chunks = math.ceil(prompt_tokens / prefill_chunk)
         prefill_seconds = sum((prompt_tokens * every + chunks * last) / (macs_per_second * PREFILL_EFFICIENCY[name])

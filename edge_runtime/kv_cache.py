@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_runtime.attention import Block
-from edge_runtime.kv_formats import ROLLBACK_TOKENS, KVFormat
+from edge_runtime.kv_formats import ROLLBACK_TOKENS, KVFormat, ring_slots
 from edge_runtime.model_spec import SLIDING, ModelSpec
 from edge_runtime.quant.codec import VectorCodec
 from edge_runtime.quant.float_codecs import Float32Codec
@@ -94,7 +94,7 @@ class KVCache:
         self.growth = growth
         self.stores: dict[int, LayerStore] = {}
         self.slot_positions: dict[str, np.ndarray] = {}
-        self.recent_slots = recent + ROLLBACK_TOKENS if recent else 0
+        self.recent_slots = ring_slots(recent)
         # The recent ring's slots per layer type: none where the format is exact (recent_of is 0 there).
         self.ring_of = {t: self.recent_slots if r else 0 for t, r in self.recent_of.items()}
         self.recent_positions = np.full(self.recent_slots, -1, dtype=np.int64)
@@ -117,7 +117,7 @@ class KVCache:
             self.slot_positions[layer_type] = np.full(self._initial_slots(layer_type), -1, dtype=np.int64)
 
     def _initial_slots(self, layer_type: str) -> int:
-        return self.spec.sliding_window + ROLLBACK_TOKENS if layer_type == SLIDING else self.growth
+        return ring_slots(self.spec.sliding_window) if layer_type == SLIDING else self.growth
 
     def can_truncate(self, length: int) -> bool:
         """Whether `truncate(length)` keeps every token a later step may attend to (rings hold only so much)."""

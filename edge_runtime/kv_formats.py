@@ -14,6 +14,7 @@ scales, so the first tokens show them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,6 +34,12 @@ DEFAULT_RECENT = 32
 ROLLBACK_TOKENS = 64
 
 
+def ring_slots(tokens: int) -> int:
+    """Slots of a ring read back over its last `tokens` tokens (a sliding window, the exact recent ring): those and
+    ROLLBACK_TOKENS more; none for none."""
+    return tokens + ROLLBACK_TOKENS if tokens else 0
+
+
 @dataclass(frozen=True)
 class CodecSpec:
     """One side (keys or values) of a KV format."""
@@ -41,6 +48,12 @@ class CodecSpec:
     bits: float = 0.0
     mode: str = "mse"
     unbiased: bool = False
+
+    @property
+    def packed(self) -> bool:
+        """Codes looked up in a table before their multiply-adds (TurboQuant, QJL), which costs attention more time
+        a value than the float kinds' conversion (cost_model.PACKED_VALUES_PER_CYCLE)."""
+        return self.kind in ("tq", "qjl")
 
     def build(self, dim: int, sample: np.ndarray) -> VectorCodec:
         """A codec for `dim`-wide vectors; `sample` [n, dim] (the first vectors stored) picks outlier channels."""
@@ -59,6 +72,15 @@ class CodecSpec:
         high, low = int(np.ceil(self.bits)), int(np.floor(self.bits))
         return ChannelSplit(outliers, TurboQuantizer(dim // 2, high, self.mode, SEED, self.unbiased),
                             TurboQuantizer(dim - dim // 2, low, self.mode, SEED + 1, self.unbiased))
+
+
+class AttentionReads(NamedTuple):
+    """What one decode step's attention reads: bytes, and the key and value elements behind them (`packed` of them
+    are packed codes, the rest floats)."""
+
+    bytes: int
+    values: int
+    packed: int
 
 
 @dataclass(frozen=True)
@@ -95,31 +117,30 @@ class KVFormat:
         total = 0
         for i in spec.cache_layers():
             window = spec.window(spec.layer_types[i])
-            tokens, fmt = (context, self) if window is None else (window + ROLLBACK_TOKENS, sliding or self)
+            tokens, fmt = (context, self) if window is None else (ring_slots(window), sliding or self)
             dim = spec.head_dims[i]
-            kept = self.ring(fmt, recent)
-            ring = kept + ROLLBACK_TOKENS if kept else 0
+            ring = ring_slots(self.ring(fmt, recent))
             total += spec.num_key_value_heads * (fmt.bytes_per_token(dim) * tokens + 8 * dim * ring)
         return total
 
     def attention_reads(self, spec: ModelSpec, context: int, recent: int = 0,
-                        sliding: KVFormat | None = None) -> tuple[int, int]:
-        """(bytes, values) one decode step's attention reads with `context` tokens cached, as KVCache.bytes_read
-        counts them: every layer reads its source layer's used slots (a sliding ring at most its window +
-        ROLLBACK_TOKENS) in that layer type's format, plus its exact recent ring (`ring`).
-        Values are the keys' and values' elements read, whatever their encoding: attention's arithmetic grows
-        with them, its memory traffic with the bytes."""
-        read = values = 0
+                        sliding: KVFormat | None = None) -> AttentionReads:
+        """What one decode step's attention reads with `context` tokens cached, as KVCache.bytes_read counts it:
+        every layer reads its source layer's used slots (a sliding ring at most its window + ROLLBACK_TOKENS) in that
+        layer type's format, plus its exact recent ring (`ring`). Values are the keys' and values' elements read,
+        whatever their encoding: attention's arithmetic grows with them (packed codes' faster), its memory traffic
+        with the bytes."""
+        read = values = packed = 0
         for source in spec.kv_sources:
             window = spec.window(spec.layer_types[source])
             fmt = self if window is None else sliding or self
-            slots = context if window is None else min(context, window + ROLLBACK_TOKENS)
-            kept = self.ring(fmt, recent)
-            ring = kept + ROLLBACK_TOKENS if kept else 0
+            slots = context if window is None else min(context, ring_slots(window))
+            ring = ring_slots(self.ring(fmt, recent))
             dim = spec.head_dims[source]
             read += spec.num_key_value_heads * (fmt.bytes_per_token(dim) * slots + 8 * dim * ring)
             values += spec.num_key_value_heads * 2 * dim * (slots + ring)
-        return read, values
+            packed += spec.num_key_value_heads * dim * slots * (fmt.keys.packed + fmt.values.packed)
+        return AttentionReads(read, values, packed)
 
 
 def _tq(bits: float, keys: str) -> tuple[CodecSpec, CodecSpec]:

@@ -49,16 +49,41 @@ def speeds(profile, spec=E2B, contexts=(SHORT_CONTEXT, 32768), **changes):
     return [d.tokens_per_second for d in e.decode], e.prefill_tokens_per_second
 
 
+def attention_seconds(reads, profile) -> float:
+    """The cache's part of a step, as the module docstring states it: its bytes' read or the kernel's arithmetic."""
+    arithmetic = ((reads.values - reads.packed) / cost_model.ATTENTION_VALUES_PER_CYCLE
+                  + reads.packed / cost_model.PACKED_VALUES_PER_CYCLE) / (profile.threads * profile.clock_ghz * 1e9)
+    return max(reads.bytes / (profile.sustained_gb_s * 1e9), arithmetic)
+
+
 def test_decode_is_the_sum_of_its_terms():
     pi5 = load_profile("pi5-8gb")
-    e = estimate(E2B, pi5, contexts=(4096,), **FORMATS)
     model_bytes = sum(read_per_token(E2B, "int4", 128, "int4").values())
-    kv_bytes, kv_values = kv_format("tq3.5").attention_reads(E2B, 4096, 32, kv_format("fp32"))
     rate = pi5.sustained_gb_s * 1e9
-    seconds = (model_bytes / (cost_model.DECODE_EFFICIENCY["int4"] * rate) + kv_bytes / rate
-               + kv_values / (pi5.threads * pi5.clock_ghz * 1e9 * cost_model.ATTENTION_VALUES_PER_CYCLE))
-    assert e.decode[0].tokens_per_second == pytest.approx(1 / seconds, rel=1e-12)
-    assert (e.bytes_per_token, e.decode[0].kv_bytes_per_token) == (model_bytes, kv_bytes)
+    for kv, context in (("tq3.5", 4096), ("tq3.5", 32768), ("fp16", 4096), ("fp16", 32768)):
+        e = estimate(E2B, pi5, contexts=(context,), **{**FORMATS, "kv": kv})
+        reads = kv_format(kv).attention_reads(E2B, context, 32, kv_format("fp32"))
+        seconds = model_bytes / (cost_model.DECODE_EFFICIENCY["int4"] * rate) + attention_seconds(reads, pi5)
+        assert e.decode[0].tokens_per_second == pytest.approx(1 / seconds, rel=1e-12)
+        assert (e.bytes_per_token, e.decode[0].kv_bytes_per_token) == (model_bytes, reads.bytes)
+    # on the Pi 5, fp16's cache at 32k is read at the bandwidth's pace, tq3.5's codes at the arithmetic's
+    for kv, bound_by_bytes in (("fp16", True), ("tq3.5", False)):
+        reads = kv_format(kv).attention_reads(E2B, 32768, 32, kv_format("fp32"))
+        assert (attention_seconds(reads, pi5) == reads.bytes / rate) is bound_by_bytes
+
+
+def test_attention_reads_count_packed_codes_apart():
+    """Packed codes (TurboQuant, QJL) are the full layers' keys and values in those formats, never the exact recent
+    ring or float sliding rings: each kind goes through the kernel at its own rate."""
+    fp32 = kv_format("fp32")
+    full = sum(E2B.num_key_value_heads * 2 * E2B.head_dims[i] for i in E2B.kv_sources
+               if E2B.window(E2B.layer_types[i]) is None)
+    assert kv_format("fp16").attention_reads(E2B, 4096, 0, kv_format("fp16")).packed == 0
+    for kv in ("tq3.5", "tq2.5-prod", "qjl"):
+        reads = kv_format(kv).attention_reads(E2B, 4096, 32, fp32)
+        assert reads.packed == 4096 * full < reads.values, kv
+    own = kv_format("tq3.5").attention_reads(E2B, 4096, 32)  # the sliding rings in tq3.5 too
+    assert reads.packed < own.packed < own.values
 
 
 def test_bandwidth_and_clock_scale_decode_and_prefill():
@@ -69,7 +94,8 @@ def test_bandwidth_and_clock_scale_decode_and_prefill():
     assert (short2, long2, prefill2) == pytest.approx((2 * short, 2 * long, 2 * prefill), rel=1e-12)
     (short_bw, long_bw), prefill_bw = speeds(dataclasses.replace(pi5, sustained_gb_s=2 * pi5.sustained_gb_s))
     assert prefill_bw == prefill  # prefill is bound by arithmetic, not bytes
-    assert short < short_bw < 2 * short and long < long_bw < 2 * long  # attention's arithmetic does not scale
+    assert short_bw == pytest.approx(2 * short, rel=1e-12)  # a short cache is read at the bandwidth's pace
+    assert long < long_bw < 2 * long  # tq3.5's codes at 32k at the kernel's: its arithmetic does not scale
     assert speeds(dataclasses.replace(pi5, int8_macs_per_cycle=64))[1] == pytest.approx(2 * prefill, rel=1e-12)
     assert speeds(dataclasses.replace(pi5, threads=2))[1] == pytest.approx(prefill / 2, rel=1e-12)
     assert long < short  # the cache read grows with the context
@@ -210,11 +236,10 @@ def test_a_mixed_recipe_reads_each_formats_bytes_at_that_formats_efficiency():
     by_format = read_per_token_by_format(E2B, "int4-mixed", 128, "int4")
     assert set(by_format) == {"int4", "int8"}
     assert sum(by_format.values()) == sum(read_per_token(E2B, "int4-mixed", 128, "int4").values()) == e.bytes_per_token
-    kv_bytes, kv_values = kv_format("tq3.5").attention_reads(E2B, 4096, 32, kv_format("fp32"))
+    reads = kv_format("tq3.5").attention_reads(E2B, 4096, 32, kv_format("fp32"))
     rate = pi5.sustained_gb_s * 1e9
     seconds = (by_format["int4"] / (cost_model.DECODE_EFFICIENCY["int4"] * rate)
-               + by_format["int8"] / (cost_model.DECODE_EFFICIENCY["int8"] * rate) + kv_bytes / rate
-               + kv_values / (pi5.threads * pi5.clock_ghz * 1e9 * cost_model.ATTENTION_VALUES_PER_CYCLE))
+               + by_format["int8"] / (cost_model.DECODE_EFFICIENCY["int8"] * rate) + attention_seconds(reads, pi5))
     assert e.decode[0].tokens_per_second == pytest.approx(1 / seconds, rel=1e-12)
     macs = linear_macs_by_format(E2B, "int4-mixed", 128)
     assert tuple(map(sum, zip(*macs.values(), strict=True))) == linear_macs(E2B)

@@ -6,8 +6,10 @@ once the machine is quiet (1-minute load average below --max-load; it waits and 
 busy machine gives meaningless figures). Then prints, for every test, the measured tokens/s, the estimate for the
 profile (by default x86_64-dev, this machine's facts) and their ratio, and the estimate with the run's own probed
 bandwidth instead of the profile's. "implied" is the efficiency that would have made the estimate exact: what to
-put in cost_model.py when kernels change (decode: DECODE_EFFICIENCY at depth 0, ATTENTION_VALUES_PER_CYCLE from
-a deep test; prefill: PREFILL_EFFICIENCY).
+put in cost_model.py when kernels change (decode: DECODE_EFFICIENCY at depth 0; prefill: PREFILL_EFFICIENCY). A
+deep test implies ATTENTION_VALUES_PER_CYCLE (float KV) or PACKED_VALUES_PER_CYCLE (packed codes) from the step's
+growth over the weights' estimated time, which carries the weights' error with it: the constants themselves come
+from the kernel's own time (tools/attention_bench.py).
 
 A decode test of N tokens after depth D reads the cache at D+1 ... D+N tokens: its estimate is N over the summed
 estimated step times at those contexts, as the bench divides N by the time of the N steps.
@@ -34,7 +36,7 @@ from edge_runtime import cost_model
 from edge_runtime.artifact import read_manifest
 from edge_runtime.cost_model import estimate
 from edge_runtime.integrity import check_artifact
-from edge_runtime.kv_formats import kv_format
+from edge_runtime.kv_formats import AttentionReads, kv_format
 from edge_runtime.model import DEFAULT_PREFILL_CHUNK
 from edge_runtime.model_spec import ModelSpec
 from edge_runtime.planner import linear_macs, read_per_token_by_format
@@ -115,19 +117,20 @@ def implied(spec: ModelSpec, profile: Profile, kw: dict, depth: int, test: dict)
     fmt, sliding = kv_format(kw["kv"]), kv_format(kw["kv_sliding"])
     reads = [fmt.attention_reads(spec, c, kw["kv_recent"], sliding)
              for c in range(depth + 1, depth + test["n_gen"] + 1)]
-    kv_bytes = sum(b for b, _ in reads) / len(reads)
-    kv_values = sum(v for _, v in reads) / len(reads)
+    kv_bytes, kv_values, kv_packed = (sum(column) / len(reads) for column in zip(*reads))
     by_format = read_per_token_by_format(spec, kw["weights"], kw["block_size"], kw["ple"])
     model_bytes = sum(by_format.values())
     step = 1 / measured
-    attention_rate = profile.threads * profile.clock_ghz * 1e9 * cost_model.ATTENTION_VALUES_PER_CYCLE
-    weights_time = step - kv_bytes / rate - kv_values / attention_rate
-    read_time = sum(n / (cost_model.DECODE_EFFICIENCY[name] * rate) for name, n in by_format.items())
-    attention_time = step - read_time - kv_bytes / rate
     if not depth:  # the cache is a few tokens: the step is the weights' read
+        weights_time = step - max(kv_bytes / rate, cost_model.attention_arithmetic(
+            AttentionReads(kv_bytes, kv_values, kv_packed), profile))
         return {"DECODE_EFFICIENCY": model_bytes / rate / weights_time if weights_time > 0 else None}
-    return {"ATTENTION_VALUES_PER_CYCLE": (kv_values / attention_time / (profile.threads * profile.clock_ghz * 1e9)
-                                           if attention_time > 0 else None)}
+    read_time = sum(n / (cost_model.DECODE_EFFICIENCY[name] * rate) for name, n in by_format.items())
+    cycles = (step - read_time) * profile.threads * profile.clock_ghz * 1e9  # the attention's, if arithmetic-bound
+    if not kv_packed:
+        return {"ATTENTION_VALUES_PER_CYCLE": kv_values / cycles if cycles > 0 else None}
+    packed_cycles = cycles - (kv_values - kv_packed) / cost_model.ATTENTION_VALUES_PER_CYCLE
+    return {"PACKED_VALUES_PER_CYCLE": kv_packed / packed_cycles if packed_cycles > 0 else None}
 
 
 def main() -> None:
