@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime import huge_pages
 from edge_runtime.artifact import WEIGHTS_FILE, read_manifest
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, kv_format
@@ -267,6 +268,7 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
         **memory,
         "bandwidth_gb_s": bandwidth / 1e9,
         "probe_bytes": probe_bytes,
+        "huge_pages": huge_pages.status(),
         "bytes_per_token": bytes_per_token,
         "read_per_token": dict(manifest.read_per_token),
     }
@@ -306,7 +308,7 @@ def format_report(result: dict[str, Any]) -> str:
               f"KV cache {_size(result['kv_cache_bytes'])}")
     bandwidth = (f"read bandwidth {result['bandwidth_gb_s']:.2f} GB/s ({result['threads']} threads, "
                  f"{_size(result['probe_bytes'])} probe)")
-    lines = [line(header), rule, *map(line, rows), "", load, memory, bandwidth,
+    lines = [line(header), rule, *map(line, rows), "", load, memory, bandwidth, result["huge_pages"],
              f"model bytes per token {_size(result['bytes_per_token'])} ({parts})"]
     lines += [f"{t['test']}: {t['tokens_per_second']:.2f} t/s = {t['fraction_of_ceiling']:.3f} of the ceiling "
               f"{t['ceiling_tokens_per_second']:.2f} t/s (bandwidth / model bytes); "

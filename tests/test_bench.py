@@ -18,7 +18,7 @@ from edge_runtime.artifact import read_manifest
 TINY = ("-p", "8", "-n", "4", "-r", "2", "--probe-mb", "64")
 KEYS = {"model", "model_bytes", "formats", "threads", "context", "depth", "repetitions", "low_memory", "load_seconds",
         "ttft_test", "ttft_ms", "tests", "peak_rss_bytes", "current_rss_bytes", "ple_resident_bytes", "weights_resident_bytes",
-        "bandwidth_gb_s", "probe_bytes", "bytes_per_token", "read_per_token", "kv_cache_bytes", "adapter"}
+        "bandwidth_gb_s", "probe_bytes", "bytes_per_token", "read_per_token", "kv_cache_bytes", "adapter", "huge_pages"}
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -41,7 +41,7 @@ def test_bench_json_has_every_figure_for_the_default_model(bench_json):
     # weights.bin may have no mapped pages left: onnxruntime repacks and unmaps its weights, embedding rows are pread
     assert data["low_memory"] is False and data["adapter"] is None
     for key in KEYS - {"model", "formats", "tests", "ttft_test", "depth", "read_per_token", "weights_resident_bytes",
-                       "low_memory", "adapter"}:
+                       "low_memory", "adapter", "huge_pages"}:
         assert data[key] > 0, key
     manifest = read_manifest(path)
     assert data["bytes_per_token"] == manifest.bytes_per_token and data["read_per_token"] == manifest.read_per_token
