@@ -1,5 +1,6 @@
 """edge-runtime: Gemma 4 E2B/E4B offline on a Raspberry Pi or a phone CPU, from an exported artifact."""
 
+import importlib
 import os
 
 # Attention's matrix products are small (a few query rows against the cache), and OpenBLAS's own threads
@@ -7,13 +8,27 @@ import os
 # 104 ms without (2 cores). This only takes effect if numpy is not imported yet; set it yourself otherwise.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from edge_runtime.conversation import Conversation
-from edge_runtime.errors import EdgeRuntimeError, RequestError
-from edge_runtime.model import GenerationStats, Model, load
-from edge_runtime.model_store import list_models
-from edge_runtime.profiles import Profile, detect_profile, load_profile
-from edge_runtime.reply_parser import ReplyStream, parse_reply
-from edge_runtime.version import __version__
-
+# The SDK's names, imported when first used (PEP 562): the `edge-runtime` command imports the package before it
+# decides whether to start itself again (edge_runtime/__main__.py), and numpy and onnxruntime cost ~0.25 s to import.
+_EXPORTS = {
+    "Conversation": "edge_runtime.conversation", "EdgeRuntimeError": "edge_runtime.errors",
+    "RequestError": "edge_runtime.errors", "GenerationStats": "edge_runtime.model", "Model": "edge_runtime.model",
+    "load": "edge_runtime.model", "list_models": "edge_runtime.model_store", "Profile": "edge_runtime.profiles",
+    "detect_profile": "edge_runtime.profiles", "load_profile": "edge_runtime.profiles",
+    "ReplyStream": "edge_runtime.reply_parser", "parse_reply": "edge_runtime.reply_parser",
+    "__version__": "edge_runtime.version",
+}
 __all__ = ["Conversation", "EdgeRuntimeError", "GenerationStats", "Model", "Profile", "ReplyStream", "RequestError",
            "__version__", "detect_profile", "list_models", "load", "load_profile", "parse_reply"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'edge_runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -18,7 +18,6 @@ import typer.core
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edge_runtime import huge_pages
 from edge_runtime.errors import ContextLengthError, EdgeRuntimeError, InvalidTextError
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, KV_FORMATS
 from edge_runtime.version import __version__
@@ -748,14 +747,8 @@ def service(
     err.print(f"wrote {output}; then: systemctl daemon-reload && systemctl enable --now {output.stem}")
 
 
-# Commands that load a model, which the CLI starts again with its weights in huge pages (edge_runtime/huge_pages.py).
-LOADING_COMMANDS = ("run", "chat", "bench", "perplexity", "serve")
-
-
 def main() -> None:
     """The `edge-runtime` command: click's usage errors become the project's one line on stderr, exit code 1."""
-    if next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None) in LOADING_COMMANDS:
-        huge_pages.relaunch()
     try:
         code = app(prog_name="edge-runtime", standalone_mode=False)  # the same name however it was started
     except typer.TyperException as exc:

@@ -18,7 +18,6 @@ turns the relaunch off. Other C libraries (musl, Android's bionic) have no such 
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,10 +41,11 @@ def thp_mode(path: Path = THP_ENABLED) -> str | None:
 
 def glibc_version() -> tuple[int, ...] | None:
     """This process's glibc as (major, minor), or None under another C library."""
-    name, version = platform.libc_ver()
-    if name != "glibc" or not version:
+    try:
+        name, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").split()
+    except (ValueError, OSError):  # not glibc: no such name, or nothing
         return None
-    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) if name == "glibc" else None
 
 
 def has_tunable(environ: Mapping[str, str]) -> bool:
