@@ -190,6 +190,9 @@ class Report:
                 report.notes.append((f"{cpu}: {label}: {line}", code == 0))
             if "serve" in result:
                 report.notes.append((f"{cpu}: serve: {result['serve']}", result["serve"].startswith("ok")))
+            if "huge_pages" in result:
+                status, ok = result["huge_pages"]
+                report.notes.append((f"{cpu}: the CLI's relaunch for huge pages: {status}", ok))
         host = (_json(work / "x86" / "logits" / "runtime.json") or {}).get("attention_kernel")
         report.notes.append((f"x86 goldens (this host): attention kernel {host or 'none (numpy)'}", True))
         if host_kernels:
