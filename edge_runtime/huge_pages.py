@@ -43,7 +43,7 @@ def glibc_version() -> tuple[int, ...] | None:
     """This process's glibc as (major, minor), or None under another C library."""
     try:
         name, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").split()
-    except (ValueError, OSError):  # not glibc: no such name, or nothing
+    except (ValueError, OSError, AttributeError):  # not glibc: no such name, or nothing; Windows has no confstr
         return None
     return tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) if name == "glibc" else None
 

@@ -62,3 +62,16 @@ def test_the_cli_starts_model_loading_commands_again_with_the_tunable(bundled):
     assert bench(path, {**plain, OPT_OUT: "0"})["huge_pages"] == f"huge pages: off ({OPT_OUT}=0)"
     own = bench(path, {**plain, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["huge_pages"]
     assert own == "huge pages: off (GLIBC_TUNABLES sets glibc.malloc.hugetlb=0)"  # the user's choice, kept
+
+
+def test_glibc_is_told_by_its_version_string(monkeypatch):
+    monkeypatch.setattr(os, "confstr", lambda name: "glibc 2.35")
+    assert huge_pages.glibc_version() == (2, 35)
+
+    def unknown(name: str) -> str:
+        raise ValueError("unrecognized configuration name")  # musl, macOS: no such name
+
+    monkeypatch.setattr(os, "confstr", unknown)
+    assert huge_pages.glibc_version() is None
+    monkeypatch.delattr(os, "confstr")  # Windows
+    assert huge_pages.glibc_version() is None
