@@ -5,8 +5,8 @@ A decode step streams every weight once (E2B int4: 1.1 GiB a token). onnxruntime
 repacked in blocks from malloc, in 4 KiB pages: a token then walks ~280,000 pages, far past what the TLB holds, and
 each layer's matrices miss it page after page. With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks the kernel
 for transparent huge pages (madvise MADV_HUGEPAGE) on every block of at least a huge page, and the same weights sit
-in 2 MiB pages. E2B int4 b128 at depth 0, 2 threads, processes alternating: 42.7-48.4 ms a step without, 36.0-36.3
-with (README, "Huge pages"); peak RSS 1396 and 1402 MiB.
+in 2 MiB pages. E2B int4 b128 at depth 16, 2 threads, 10 pairs of fresh processes: 46.8 ms a step without, 39.5
+with, faster in every pair; the other formats 2-5% (README, "Huge pages"); peak RSS 1396 and 1402 MiB.
 
 The tunable is read once, when the process starts, so only a process that is started with it has it: the CLI
 starts itself again with it (`relaunch`) before it loads a model, where the kernel offers transparent huge pages
