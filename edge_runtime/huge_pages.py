@@ -25,6 +25,10 @@ from pathlib import Path
 TUNABLE = "glibc.malloc.hugetlb"
 SETTING = f"{TUNABLE}=1"
 OPT_OUT = "EDGE_RUNTIME_HUGE_PAGES"
+# Set in the relaunched process's environment: it never starts again, even where the loader dropped the tunable (a
+# setuid or file-capability interpreter, e.g. one allowed to bind port 80, runs in glibc's secure mode, which ignores
+# GLIBC_TUNABLES' unsafe settings and may drop the variable).
+RELAUNCHED = "EDGE_RUNTIME_HUGE_PAGES_RELAUNCHED"
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 FIRST_GLIBC = (2, 35)  # the first glibc with the tunable (older ones ignore it)
 
@@ -72,10 +76,10 @@ def launch_environment(environ: Mapping[str, str], mode: str | None, glibc: tupl
                        ) -> dict[str, str] | None:
     """The environment to start the CLI again with, or None where it should run on as it is: started with the
     tunable already (the relaunched process, or the user's own setting), or no huge pages to be had."""
-    if has_tunable(environ) or why_not(environ, mode, glibc):
+    if RELAUNCHED in environ or has_tunable(environ) or why_not(environ, mode, glibc):
         return None
     tunables = environ.get("GLIBC_TUNABLES")
-    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{SETTING}" if tunables else SETTING}
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{SETTING}" if tunables else SETTING, RELAUNCHED: "1"}
 
 
 def relaunch() -> None:

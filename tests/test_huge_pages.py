@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from edge_runtime import huge_pages
-from edge_runtime.huge_pages import OPT_OUT, SETTING, launch_environment, thp_mode, why_not
+from edge_runtime.huge_pages import OPT_OUT, RELAUNCHED, SETTING, launch_environment, thp_mode, why_not
 
 GLIBC = (2, 36)
 
@@ -23,14 +23,16 @@ def test_the_kernels_mode_is_the_bracketed_word(tmp_path):
 
 
 def test_the_relaunch_adds_the_tunable_to_the_users_own():
-    assert launch_environment({"PATH": "/bin"}, "madvise", GLIBC) == {"PATH": "/bin", "GLIBC_TUNABLES": SETTING}
+    assert launch_environment({"PATH": "/bin"}, "madvise", GLIBC) == {"PATH": "/bin", "GLIBC_TUNABLES": SETTING,
+                                                                       RELAUNCHED: "1"}
     assert launch_environment({"GLIBC_TUNABLES": "glibc.malloc.check=3"}, "always", GLIBC) == {
-        "GLIBC_TUNABLES": f"glibc.malloc.check=3:{SETTING}"}
+        "GLIBC_TUNABLES": f"glibc.malloc.check=3:{SETTING}", RELAUNCHED: "1"}
 
 
 def test_no_relaunch_where_it_cannot_help_or_was_already_made():
     started = {"GLIBC_TUNABLES": f"glibc.malloc.check=3:{SETTING}"}
     assert launch_environment(started, "madvise", GLIBC) is None  # the relaunched process itself
+    assert launch_environment({RELAUNCHED: "1"}, "madvise", GLIBC) is None  # ... whose loader dropped the tunable
     assert launch_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=2"}, "madvise", GLIBC) is None  # the user's
     assert launch_environment({OPT_OUT: "0"}, "madvise", GLIBC) is None
     assert launch_environment({}, "never", GLIBC) is None
@@ -54,7 +56,7 @@ def test_the_cli_starts_model_loading_commands_again_with_the_tunable(bundled):
     """On this machine's kernel and C library, bench runs in a process started with the tunable (or says why not);
     with the opt-out, or a tunable of the user's own, it runs as started."""
     path, env = bundled
-    plain = {k: v for k, v in {**os.environ, **env}.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
+    plain = {k: v for k, v in {**os.environ, **env}.items() if k not in ("GLIBC_TUNABLES", OPT_OUT, RELAUNCHED)}
     reason = why_not(plain, thp_mode(), huge_pages.glibc_version())
     expected = (f"huge pages: off ({reason})" if reason else
                 f"huge pages: on ({SETTING}, transparent huge pages {thp_mode()})")
