@@ -49,15 +49,11 @@ class _Helper:
         self._jobs = jobs
         self._wake.release()
 
-    def wait(self) -> None:
+    def wait(self) -> tuple[list, BaseException | None]:
+        """Wait for the batch to end; its results, or its error, taken (none is left over for the next batch)."""
         self._done.acquire()
-
-    def outcome(self) -> list:
-        """The last batch's results (once waited for), or its error raised here."""
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-        return self._results
+        outcome, self._results, self._error = (self._results, self._error), [], None
+        return outcome
 
     def stop(self) -> None:
         self._jobs = None
@@ -94,10 +90,11 @@ class Workers:
             try:
                 results[::n] = [job() for job in jobs[::n]]
             finally:
-                for _, helper in busy:
-                    helper.wait()
-            for k, helper in busy:
-                results[k::n] = helper.outcome()
+                outcomes = [(k, *helper.wait()) for k, helper in busy]
+            for k, done, error in outcomes:
+                if error is not None:
+                    raise error
+                results[k::n] = done
             return results
 
     def map(self, fn: Callable[..., T], *iterables: Iterable) -> list[T]:

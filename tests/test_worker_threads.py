@@ -58,6 +58,21 @@ def test_the_callers_error_waits_for_the_helpers():
     assert finished == ["helper"]
 
 
+def test_an_error_left_by_a_failed_batch_is_not_raised_by_the_next():
+    """The caller's error is the one raised; a helper's failing in the same batch is dropped with it."""
+    workers = Workers(2)
+
+    def caller_fails() -> None:
+        raise KeyError("share 0")
+
+    def helper_fails() -> None:
+        raise ValueError("share 1")
+
+    with pytest.raises(KeyError):
+        workers.run([caller_fails, helper_fails])
+    assert workers.run([lambda: 1, lambda: 2]) == [1, 2]
+
+
 def test_the_helpers_end_with_their_owner():
     before = set(threading.enumerate())
     workers = Workers(4, name="owned")
