@@ -18,8 +18,7 @@ _EXPORTS = {
     "ReplyStream": "edge_runtime.reply_parser", "parse_reply": "edge_runtime.reply_parser",
     "__version__": "edge_runtime.version",
 }
-__all__ = ["Conversation", "EdgeRuntimeError", "GenerationStats", "Model", "Profile", "ReplyStream", "RequestError",
-           "__version__", "detect_profile", "list_models", "load", "load_profile", "parse_reply"]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):

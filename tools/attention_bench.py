@@ -62,12 +62,12 @@ def pin(pool: Workers) -> None:
 def step_call(kernel: attention_kernel.Kernel, query: np.ndarray, blocks: list[list[attention.Block]],
               pool: Workers | None, general: bool) -> Callable[[], object]:
     """One call of attention over `blocks` as a decode step makes it with `kernel` (or as `attend` does)."""
-    attention_kernel.load = lambda: kernel  # the kernel both paths take: DecodeAttention once, attend at each call
     if general:
         def attend() -> np.ndarray:
-            attention_kernel.load = lambda: kernel
+            attention_kernel.load = lambda: kernel  # attend takes the kernel at each call
             return attention.attend(query, blocks, pool)
         return attend
+    attention_kernel.load = lambda: kernel  # DecodeAttention takes it once, when built
     heads = np.ascontiguousarray(query[0])
     prepared = attention.DecodeAttention.build(lambda: blocks, heads, np.empty_like(heads), pool, kernel.scratch())
     if prepared is None:
