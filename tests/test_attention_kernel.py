@@ -148,3 +148,20 @@ def test_a_block_of_the_tokens_own_rows_takes_one_product_a_token_as_the_masked_
     square = attend(query, [[old, padded]], kernel=False)
     assert not any(taken)
     np.testing.assert_allclose(fast, square, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["int8", "tq3.5", "fp16"])
+def test_weights_below_float32s_normal_range_leave_the_output_and_the_callers_float_mode_alone(name):
+    """Scores spread over hundreds give weights near exp(-87), and times a row's scale they fall below 2**-126: the
+    kernel flushes those to zero for its call (an Intel core takes a microcode assist for each multiply-add that meets
+    one), which changes nothing at float32 precision, and the caller's arithmetic keeps its subnormals after."""
+    rng = np.random.default_rng(5)
+    dim, tokens = 256, 1
+    query = (rng.standard_normal((tokens, 1, 8, dim)) * 4).astype(np.float32)  # scores with a std of ~64
+    blocks = [_blocks(name, dim, tokens, rng)]
+    expected = attend(query, blocks, kernel=False)
+    got = attend(query, blocks, kernel=True)
+    # scores of ~200 carry float32 rounding of ~1e-5, which exp passes on to the weights whatever the flushing
+    assert np.abs(got - expected).max() <= 2e-5 * np.abs(expected).max(), np.abs(got - expected).max()
+    tiny = np.array([2.0 ** -126], np.float32)
+    assert (tiny / np.float32(4))[0] == np.float32(2.0 ** -128)
