@@ -32,7 +32,7 @@ import numpy as np
 from edge_runtime import attention_kernel
 from edge_runtime.quant.codec import VectorCodec
 from edge_runtime.quant.float_codecs import Float16Codec, Float32Codec, Int8Codec
-from edge_runtime.worker_threads import Workers
+from edge_runtime.worker_threads import Workers, thread_count
 
 SCORE_BYTES = 32 << 20
 # Shortest share of a block worth a thread in numpy (prefill). E2B int4, tq3.5, 2k context, 2 threads: 142 ms a
@@ -110,7 +110,7 @@ def attend(query: np.ndarray, blocks: list[list[Block]], pool: Workers | None = 
     """
     if kernel is None:
         kernel = query.shape[0] <= KERNEL_TOKENS and attention_kernel.load() is not None
-    workers = pool.threads if pool else 1
+    workers = thread_count(pool)
     if kernel:
         return _attend_kernel(query, blocks, pool, workers)
     tokens, kv_heads, groups, head_dim = query.shape
@@ -237,7 +237,7 @@ class DecodeAttention:
                  blocks: list[list[Block]], query: np.ndarray, out: np.ndarray, pool: Workers | None,
                  scratch: np.ndarray) -> None:
         self.kernel, self.blocks_of, self.query, self.out = kernel, blocks_of, query, out
-        self.pool, self.workers, self.scratch = pool, pool.threads if pool else 1, scratch
+        self.pool, self.workers, self.scratch = pool, thread_count(pool), scratch
         self.least = _kernel_least(blocks[0][0])
         self.quantum = _kernel_quantum(self.least)
         self.coded = not _exact(blocks[0][0])

@@ -100,3 +100,8 @@ class Workers:
     def map(self, fn: Callable[..., T], *iterables: Iterable) -> list[T]:
         """fn over the iterables' items taken together, as the builtin map, spread over the threads."""
         return self.run([partial(fn, *args) for args in zip(*iterables, strict=False)])
+
+
+def thread_count(pool: Workers | None) -> int:
+    """Threads a job may be split across: no pool is the caller alone."""
+    return pool.threads if pool else 1
