@@ -313,8 +313,8 @@ static inline void widen_f16(const uint8_t *bytes, int32_t width, float *restric
 }
 
 /* One stored row of an int8 part -> out[0:width], 8 at a time with each machine's sign extensions (GCC's generic
- * conversion moved 2 values at a time): the scalar conversion (cvtsi2ss) writes only the low lane of its register, so
- * each one waited for the one before (an Intel Xeon: 1.5 ns a value, 6x a half-precision part's). */
+ * conversion moved 2 values at a time, and the plain loop converted one value an instruction): one core, int8 rows of
+ * d 256 and 512 on an Intel Xeon, 1-6% of a call. */
 static inline void widen_i8(const int8_t *bytes, int32_t width, float *restrict out) {
     int32_t j = 0;
     for (; j + 8 <= width; j += 8) {
