@@ -30,11 +30,11 @@ to its peak there (the A72's int8 without dot-product instructions, KleidiAI's i
 ratio until it is measured on such a device.
 
 What the model ignores: attention's arithmetic during prefill (small at short prompts, not at long ones); encoding
-the step's keys and values into packed codes (~1 ms a step on E2B here, under cProfile); the Python and onnxruntime call
-overhead per step (~72 calls a token, in the efficiencies as measured on a fast core, so relatively larger on slow
-cores); thermal throttling (a Pi 4 without a heatsink drops to 1.5 GHz or lower); big.LITTLE scheduling (the
-profiles' threads and clock are their big or middle cores'); other processes sharing the memory bus; caches (an E2B
-step reads far more than any cache holds, which is why bandwidth rules).
+the step's keys and values into packed codes (~1 ms a step on E2B here, under cProfile); the Python and onnxruntime
+call overhead per step (~36 calls a token on E2B, in the efficiencies as measured on a fast core, so relatively
+larger on slow cores); thermal throttling (a Pi 4 without a heatsink drops to 1.5 GHz or lower); big.LITTLE
+scheduling (the profiles' threads and clock are their big or middle cores'); other processes sharing the memory bus;
+caches (an E2B step reads far more than any cache holds, which is why bandwidth rules).
 """
 
 from __future__ import annotations

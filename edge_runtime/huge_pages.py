@@ -52,10 +52,17 @@ def glibc_version() -> tuple[int, ...] | None:
     return tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) if name == "glibc" else None
 
 
+def tunable_setting(environ: Mapping[str, str]) -> str | None:
+    """GLIBC_TUNABLES' last setting of glibc.malloc.hugetlb ("glibc.malloc.hugetlb=1"; glibc takes the last), or
+    None where it sets none."""
+    settings = [item for item in environ.get("GLIBC_TUNABLES", "").split(":") if item.split("=", 1)[0] == TUNABLE]
+    return settings[-1] if settings else None
+
+
 def has_tunable(environ: Mapping[str, str]) -> bool:
     """Whether GLIBC_TUNABLES sets glibc.malloc.hugetlb (to any value: 1 asks for transparent huge pages, 2 for
     reserved hugetlbfs pages; either is the user's choice to keep)."""
-    return any(item.split("=", 1)[0] == TUNABLE for item in environ.get("GLIBC_TUNABLES", "").split(":"))
+    return tunable_setting(environ) is not None
 
 
 def why_not(environ: Mapping[str, str], mode: str | None, glibc: tuple[int, ...] | None) -> str | None:
@@ -97,8 +104,8 @@ def relaunch() -> None:
 def status() -> str:
     """One line on whether this process's large blocks (onnxruntime's weights) are in huge pages."""
     mode = thp_mode()
-    if has_tunable(os.environ):
-        setting = [item for item in os.environ["GLIBC_TUNABLES"].split(":") if item.split("=", 1)[0] == TUNABLE][-1]
+    setting = tunable_setting(os.environ)
+    if setting is not None:
         reason = why_not({}, mode, glibc_version())
         if setting == f"{TUNABLE}=0":
             reason = f"GLIBC_TUNABLES sets {setting}"
