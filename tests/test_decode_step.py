@@ -47,7 +47,7 @@ def _decode_both_ways(artifact, **options) -> None:
     ("shared-mqa-wide", dict(kv="fp16")),  # fp16 full layers (a coded block), fp32 sliding rings (exact)
     ("shared-mqa-wide", dict(kv="tq3.5", kv_recent=4, kv_sliding="int8", threads=2)),  # two coded kinds, a ring
     ("shared-gqa", dict(kv="int8", kv_recent=4, threads=1)),  # two KV heads, each its own call
-    ("shared-gqa", dict(kv="fp16", threads=2)),  # two KV heads, the second handed to the pool
+    ("shared-gqa", dict(kv="fp16", threads=2)),  # two KV heads, too short for the pool: both on this thread
     ("3n-causal", dict(kv="fp16")),  # Gemma 3n's graphs (AltUp, Laurel) through the same contract
 ])
 def test_the_decode_step_runs_the_kernel_as_the_general_loop_does(name, options, artifacts, monkeypatch):
@@ -80,6 +80,22 @@ def test_a_store_long_enough_to_split_is_shared_between_threads_as_attend_shares
     # both engines merged every split head's shares, from the step after the store reached 80 rows
     assert len(split) == 2 * (TOKENS - 80) * full_layers * kv_heads
     assert len(builds) < full_layers * (TOKENS - 80) / 4
+
+
+@pytest.mark.parametrize("least_rows, pooled_from", [(None, None), (100, 100)])
+def test_whole_heads_go_to_the_pool_only_once_a_head_is_worth_a_thread(least_rows, pooled_from, artifacts,
+                                                                          monkeypatch):
+    """Two KV heads of a short store run on the calling thread: a handoff costs more than a head's call (E4B at depth
+    16, 2 threads: 5.5-9.8 ms of a 135 ms step in 42 layers' handoffs). From `least` rows on (KERNEL_MIN_SHARE_VALUES),
+    the second head goes to the pool, at every full layer of both engines' steps; the sliding rings (6 rows) never."""
+    if attention_kernel.load() is None:
+        pytest.skip("no attention kernel built for this machine")
+    if least_rows:
+        monkeypatch.setattr(attention, "KERNEL_MIN_SHARE_VALUES", 2 * 48 * least_rows)
+    pooled = _counted(monkeypatch, attention.Workers, "run")
+    _decode_both_ways(artifacts["shared-gqa"], kv="fp16", threads=2)
+    full_layers = 3
+    assert len(pooled) == (0 if pooled_from is None else 2 * full_layers * (TOKENS - pooled_from))
 
 
 def test_without_the_kernel_the_decode_step_attends_in_numpy(artifacts, monkeypatch):
