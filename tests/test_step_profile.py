@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import step_profile
 
 import edge_runtime
@@ -35,3 +36,40 @@ def test_the_tool_profiles_a_filled_cache(artifacts):
     assert (result["depth"], result["filled"], result["threads"]) == (200, True, 1)
     assert result["step_ms"] > 0
     assert set(result["split_ms"]) == {"onnxruntime", "attention", "glue"}
+
+
+def test_the_weight_graphs_hold_every_linear_of_the_artifact_on_its_own_weights(checkpoints, tmp_path):
+    """--floor's graphs: each segment's weight nodes (int4-mixed: MatMulNBits and DynamicQuantizeMatMul), nothing
+    else, on the very initializers the segment reads, one each of the linears the manifest lists; they run."""
+    import onnx
+    import onnxruntime as ort
+
+    from edge_runtime.artifact import read_manifest
+    from edge_runtime.export import export_checkpoint
+
+    artifact = export_checkpoint(checkpoints["shared-gqa"], tmp_path / "a", weights="int4-mixed", block_size=32)
+    nodes = []
+    for source in sorted(artifact.glob("segment_*.onnx")):
+        graph, inputs = step_profile.weight_graph(source)
+        made, original = onnx.load_from_string(graph).graph, onnx.load(source, load_external_data=False).graph
+        weights = {t.name for t in original.initializer}
+        expected = [(n.op_type, list(n.input[1:])) for n in original.node
+                    if n.op_type in step_profile.WEIGHT_OPS and n.input[1] in weights]
+        assert [(n.op_type, list(n.input[1:])) for n in made.node] == expected
+        nodes += [n.op_type for n in made.node]
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(artifact))
+        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        feeds = {x: np.ones((1, width), dtype) for x, (width, dtype) in inputs.items()}
+        assert all(np.isfinite(y).all() and y.shape[0] == 1 for y in session.run(None, feeds))
+    assert len(nodes) == len(read_manifest(artifact).weight_formats)
+    assert set(nodes) == {"MatMulNBits", "DynamicQuantizeMatMul"}
+
+
+def test_the_floor_is_timed_against_bench_s_ceiling(artifacts):
+    out = subprocess.run([sys.executable, str(TOOL), "-m", str(artifacts["shared-gqa"]), "--steps", "3", "-t", "1",
+                          "--floor", "--json"], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["floor_ms"] > 0 and result["bandwidth_gb_s"] > 0
+    assert result["floor_fraction"] == pytest.approx(result["bytes_per_token"] / result["floor_ms"] * 1e3
+                                                     / result["bandwidth_gb_s"] / 1e9)

@@ -1,6 +1,6 @@
 """Where one decode step's time goes: onnxruntime's kernels, attention over the KV cache, and Python glue.
 
-    python tools/step_profile.py -m ARTIFACT [--depth 2048 [--fill]] [--kv tq3.5] [--steps 32] [--ops]
+    python tools/step_profile.py -m ARTIFACT [--depth 2048 [--fill]] [--kv tq3.5] [--steps 32] [--ops] [--floor]
 
 The step is timed whole (median of --steps decode steps after the depth is prefilled with random tokens, or with
 --fill, random keys and values written straight into the cache: seconds instead of minutes at 32k, and what a
@@ -10,7 +10,13 @@ onnxruntime's own per-call overhead), time inside attention (everything below th
 points, kernels included), and the rest (the engine's numpy and Python between them: embedding and PLE rows,
 masks, cache writes, argument shuffling). cProfile's own cost lands mostly in the glue share, so the shares are
 scaled to the uninstrumented median. --ops adds onnxruntime's profiler: kernel time by operator type, summed over
-the graphs of a step.
+the graphs of a step. --floor times what onnxruntime's weight kernels take alone: each graph's linear nodes
+(MatMulNBits, DynamicQuantizeMatMul, MatMul on a weight) rebuilt into a graph of their own, on the artifact's own
+weights, fed random activations, and nothing else, run as the step runs its graphs; with bench's bandwidth probe, it
+gives the fraction of bench's ceiling that onnxruntime's kernels allow this artifact on this machine, against the
+fraction the whole step reaches (the difference is what the runtime's own nodes, attention and glue cost).
+The tool starts itself again with weights in huge pages, as the CLI does (edge_runtime/huge_pages.py), so that its
+step is bench's.
 Speed figures depend on the machine: the output names the CPU; compare runs side by side in one sitting.
 """
 
@@ -138,6 +144,82 @@ def ort_ops(model, steps: int, out_dir: Path) -> dict[str, float]:
     return {op: us / (steps + 1) for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])}
 
 
+# Nodes that read a weight: the weight is their second input, an initializer of the graph (weight_formats' emit).
+WEIGHT_OPS = ("MatMulNBits", "DynamicQuantizeMatMul", "MatMul", "Gemm")
+
+
+def _input_width(node, weight) -> int:
+    """K of a weight node: MatMulNBits says it; the others' weights are [K, N], or [N, K] under Gemm's transB."""
+    attrs = {a.name: a for a in node.attribute}
+    if node.op_type == "MatMulNBits":
+        return attrs["K"].i
+    transposed = node.op_type == "Gemm" and "transB" in attrs and attrs["transB"].i == 1
+    return weight.dims[-1] if transposed else weight.dims[-2]
+
+
+def weight_graph(source: Path) -> tuple[bytes, dict[str, tuple[int, np.dtype]]] | None:
+    """`source`'s weight nodes alone, each fed a graph input of its own, on the same initializers (pointing into the
+    artifact's weights file, as its graphs' do): the serialized graph and each input's (width, dtype); None for a
+    graph that reads no weight."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(source, load_external_data=False)
+    initializers = {t.name: t for t in model.graph.initializer}
+    nodes, kept, inputs = [], {}, {}
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_OPS or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        weight = initializers[node.input[1]]
+        half = node.op_type in ("MatMul", "Gemm") and weight.data_type == TensorProto.FLOAT16
+        x = f"x{len(nodes)}"
+        inputs[x] = (_input_width(node, weight), np.dtype(np.float16 if half else np.float32))
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[0] = x
+        del copy.output[1:]
+        copy.output[0] = f"y{len(nodes)}"
+        nodes.append(copy)
+        kept.update((name, initializers[name]) for name in node.input[1:] if name in initializers)
+    if not nodes:
+        return None
+    graph = helper.make_graph(
+        nodes, "weights", [helper.make_tensor_value_info(x, helper.np_dtype_to_tensor_dtype(dtype), [1, width])
+                           for x, (width, dtype) in inputs.items()],
+        [helper.make_tensor_value_info(n.output[0], helper.np_dtype_to_tensor_dtype(dtype), None)
+         for n, (_, dtype) in zip(nodes, inputs.values())], list(kept.values()))
+    made = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    return made.SerializeToString(), inputs
+
+
+def floor_steps(model, steps: int) -> list[float]:
+    """Seconds of each of `steps` runs of the artifact's weight graphs (weight_graph), one after another as a decode
+    step runs its graphs, on sessions with the engine's options."""
+    import onnxruntime as ort
+
+    from edge_runtime.engine import _session_options
+    from edge_runtime.families.contract import SEGMENT_GRAPH
+
+    rng = np.random.default_rng(2)
+    runs = []
+    for source in sorted(p for p in Path(model.path).iterdir() if SEGMENT_GRAPH.fullmatch(p.name)):
+        made = weight_graph(source)
+        if made is not None:
+            graph, inputs = made
+            options = _session_options(model.threads)
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.path))
+            session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+            feeds = {x: rng.standard_normal((1, width)).astype(dtype) for x, (width, dtype) in inputs.items()}
+            runs.append((session, feeds))
+    times = []
+    for _ in range(steps + 2):  # the first two: onnxruntime's first-run set-up
+        start = time.perf_counter()
+        for session, feeds in runs:
+            session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return times[2:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-m", "--model", type=Path, required=True)
@@ -147,9 +229,14 @@ def main() -> None:
     parser.add_argument("--fill", action="store_true", help="random keys and values written into the cache, no prefill")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--ops", action="store_true", help="also time onnxruntime's kernels by operator type")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the weight kernels alone and read bench's bandwidth ceiling")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    from edge_runtime import huge_pages
+
+    huge_pages.relaunch()
     import edge_runtime
 
     model = edge_runtime.load(args.model, threads=args.threads, kv=args.kv,
@@ -169,12 +256,28 @@ def main() -> None:
     if args.ops:
         with tempfile.TemporaryDirectory() as tmp:
             result["ort_op_us"] = ort_ops(model, args.steps, Path(tmp))
+    if args.floor:
+        from edge_runtime.artifact import read_manifest
+        from edge_runtime.bench import read_bandwidth
+
+        floor = statistics.median(floor_steps(model, args.steps))
+        per_token = read_manifest(Path(args.model)).bytes_per_token
+        bandwidth = read_bandwidth(1 << 30, model.threads)
+        result.update(floor_ms=floor * 1e3, bandwidth_gb_s=bandwidth / 1e9, bytes_per_token=per_token,
+                      step_fraction=per_token / median / bandwidth, floor_fraction=per_token / floor / bandwidth)
+    result["huge_pages"] = huge_pages.status()
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"{result['cpu']}, {result['threads']} threads; {args.model} depth {args.depth}, KV {args.kv}")
+    print(f"{result['cpu']}, {result['threads']} threads; {args.model} depth {args.depth}, KV {args.kv}; "
+          f"{result['huge_pages']}")
     print(f"decode step {result['step_ms']:.2f} ms (median of {args.steps}); "
           + ", ".join(f"{k} {v:.2f} ms ({v / result['step_ms']:.0%})" for k, v in result["split_ms"].items()))
+    if args.floor:
+        print(f"weight kernels alone {result['floor_ms']:.2f} ms ({result['floor_ms'] / result['step_ms']:.0%} of the "
+              f"step); of bench's ceiling ({result['bandwidth_gb_s']:.1f} GB/s, "
+              f"{result['bytes_per_token'] / 2**20:.0f} MiB a token): the step {result['step_fraction']:.3f}, the weight "
+              f"kernels alone {result['floor_fraction']:.3f}")
     for op, us in result.get("ort_op_us", {}).items():
         print(f"  {op:32s} {us / 1e3:8.3f} ms")
 
