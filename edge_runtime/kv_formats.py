@@ -110,18 +110,27 @@ class KVFormat:
             return 0
         return recent
 
+    def _layer(self, spec: ModelSpec, layer: int, context: int, recent: int, sliding: KVFormat | None,
+               allocated: bool) -> tuple[KVFormat, int, int, int]:
+        """Cache layer `layer` at `context` tokens: its format, its slots (a full layer's grow with the context; a
+        sliding ring holds its window + ROLLBACK_TOKENS once `allocated`, as many of them as the context fills when
+        read), its exact recent ring's slots and its head dim."""
+        window = spec.window(spec.layer_types[layer])
+        fmt = self if window is None else sliding or self
+        slots = context if window is None else ring_slots(window) if allocated else min(context, ring_slots(window))
+        return fmt, slots, ring_slots(self.ring(fmt, recent)), spec.head_dims[layer]
+
+    @staticmethod
+    def _bytes(spec: ModelSpec, fmt: KVFormat, slots: int, ring: int, dim: int) -> int:
+        """Bytes of `slots` coded tokens and `ring` exact float32 ones (keys and values) of every KV head."""
+        return spec.num_key_value_heads * (fmt.bytes_per_token(dim) * slots + 8 * dim * ring)
+
     def cache_bytes(self, spec: ModelSpec, context: int, recent: int = 0, sliding: KVFormat | None = None) -> int:
         """Bytes a full cache holds at `context` tokens: full layers grow with it, sliding rings (in `sliding`'s
         format, default this one) stop at their window, each cache layer's exact recent ring adds its `ring`
         float32 tokens; rings carry ROLLBACK_TOKENS slots more."""
-        total = 0
-        for i in spec.cache_layers():
-            window = spec.window(spec.layer_types[i])
-            tokens, fmt = (context, self) if window is None else (ring_slots(window), sliding or self)
-            dim = spec.head_dims[i]
-            ring = ring_slots(self.ring(fmt, recent))
-            total += spec.num_key_value_heads * (fmt.bytes_per_token(dim) * tokens + 8 * dim * ring)
-        return total
+        return sum(self._bytes(spec, *self._layer(spec, i, context, recent, sliding, allocated=True))
+                   for i in spec.cache_layers())
 
     def attention_reads(self, spec: ModelSpec, context: int, recent: int = 0,
                         sliding: KVFormat | None = None) -> AttentionReads:
@@ -132,12 +141,8 @@ class KVFormat:
         with the bytes."""
         read = values = packed = 0
         for source in spec.kv_sources:
-            window = spec.window(spec.layer_types[source])
-            fmt = self if window is None else sliding or self
-            slots = context if window is None else min(context, ring_slots(window))
-            ring = ring_slots(self.ring(fmt, recent))
-            dim = spec.head_dims[source]
-            read += spec.num_key_value_heads * (fmt.bytes_per_token(dim) * slots + 8 * dim * ring)
+            fmt, slots, ring, dim = self._layer(spec, source, context, recent, sliding, allocated=False)
+            read += self._bytes(spec, fmt, slots, ring, dim)
             values += spec.num_key_value_heads * 2 * dim * (slots + ring)
             packed += spec.num_key_value_heads * dim * slots * (fmt.keys.packed + fmt.values.packed)
         return AttentionReads(read, values, packed)
