@@ -190,8 +190,8 @@ def _attend_kernel(query: np.ndarray, blocks: list[list[Block]], pool: Workers |
         return attention_kernel.attend_head_parts(kernel, q[call.head], call.key_parts, call.value_parts,
                                                   *_rows_seen(call), groups, finish=calls_of[call.head] == 1)
 
-    split = len(calls) > kv_heads
-    worth = split or any(block.size >= _kernel_least(block) for head in blocks for block in head if not _exact(block))
+    # whole heads go to the pool only once a block is worth a thread (a split block always is)
+    worth = any(block.size >= _kernel_least(block) for head in blocks for block in head)
     results = pool.map(run, calls) if pool and len(calls) > 1 and worth else [run(call) for call in calls]
     out = np.zeros((kv_heads, rows, head_dim), np.float32)
     for h in calls_of:
@@ -299,7 +299,7 @@ class DecodeAttention:
                 head_calls[-1].call.coded_n = grows
             else:
                 head_calls[-1].exact[0].n = grows
-        if self.pool is None or len(self.calls) == 1 or (not self.merges and stored < self.least):
+        if self.pool is None or len(self.calls) == 1 or stored < self.least:  # a split store is >= 2 least
             for call in self.calls:
                 call()
         else:

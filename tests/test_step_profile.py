@@ -42,7 +42,6 @@ def test_the_weight_graphs_hold_every_linear_of_the_artifact_on_its_own_weights(
     """--floor's graphs: each segment's weight nodes (int4-mixed: MatMulNBits and DynamicQuantizeMatMul), nothing
     else, on the very initializers the segment reads, one each of the linears the manifest lists; they run."""
     import onnx
-    import onnxruntime as ort
 
     from edge_runtime.artifact import read_manifest
     from edge_runtime.export import export_checkpoint
@@ -57,9 +56,7 @@ def test_the_weight_graphs_hold_every_linear_of_the_artifact_on_its_own_weights(
                     if n.op_type in step_profile.WEIGHT_OPS and n.input[1] in weights]
         assert [(n.op_type, list(n.input[1:])) for n in made.node] == expected
         nodes += [n.op_type for n in made.node]
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(artifact))
-        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        session = step_profile.weight_session(graph, artifact, 1)
         feeds = {x: np.ones((1, width), dtype) for x, (width, dtype) in inputs.items()}
         assert all(np.isfinite(y).all() and y.shape[0] == 1 for y in session.run(None, feeds))
     assert len(nodes) == len(read_manifest(artifact).weight_formats)

@@ -192,12 +192,21 @@ def weight_graph(source: Path) -> tuple[bytes, dict[str, tuple[int, np.dtype]]] 
     return made.SerializeToString(), inputs
 
 
-def floor_steps(model, steps: int) -> list[float]:
-    """Seconds of each of `steps` runs of the artifact's weight graphs (weight_graph), one after another as a decode
-    step runs its graphs, on sessions with the engine's options."""
+def weight_session(graph: bytes, artifact: Path, threads: int):
+    """An onnxruntime session of a weight graph with the engine's options, its initializers read from `artifact`'s
+    weights file (a folder of links to it is refused by onnxruntime's external-data path check)."""
     import onnxruntime as ort
 
     from edge_runtime.engine import _session_options
+
+    options = _session_options(threads)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(artifact))
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def floor_steps(model, steps: int) -> list[float]:
+    """Seconds of each of `steps` runs of the artifact's weight graphs (weight_graph), one after another as a decode
+    step runs its graphs, on sessions with the engine's options."""
     from edge_runtime.families.contract import SEGMENT_GRAPH
 
     rng = np.random.default_rng(2)
@@ -206,11 +215,8 @@ def floor_steps(model, steps: int) -> list[float]:
         made = weight_graph(source)
         if made is not None:
             graph, inputs = made
-            options = _session_options(model.threads)
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.path))
-            session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
             feeds = {x: rng.standard_normal((1, width)).astype(dtype) for x, (width, dtype) in inputs.items()}
-            runs.append((session, feeds))
+            runs.append((weight_session(graph, Path(model.path), model.threads), feeds))
     times = []
     for _ in range(steps + 2):  # the first two: onnxruntime's first-run set-up
         start = time.perf_counter()
