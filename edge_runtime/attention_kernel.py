@@ -3,7 +3,7 @@
 For a decode step's few query rows numpy pays a call and a temporary per operation (widening codes a tile at a
 time ran at 1-2.6 ns a value on one core, and at short contexts the calls cost more than the arithmetic); the
 kernel walks a head's blocks once and reads every format's codes in place (see attention.c). It ships built for
-x86_64 (baseline and x86-64-v3) and aarch64 inside the package (tools/build_kernels.py), links against nothing,
+x86_64 (baseline, x86-64-v3 and x86-64-v4) and aarch64 inside the package (tools/build_kernels.py), links against nothing,
 and is picked by this machine's architecture and CPU features; where none fits (or the file is stale), `load`
 returns None and attention runs in numpy. A numba JIT of the same kernel was tried first: it needed 140 MB of
 resident memory for LLVM (60 MB of it anonymous) and compiled for a minute on a Pi 4's first run.
@@ -51,13 +51,20 @@ class _Call(ctypes.Structure):
                 ("out", ctypes.c_void_p), ("scratch", ctypes.c_void_p)]
 
 
-def _machine() -> list[str]:
+# The x86_64 builds, best first, and the CPU flags each needs (tools/build_kernels.py's -march levels: x86-64-v4 is
+# v3 plus AVX-512 F, BW, CD, DQ and VL).
+_V3 = frozenset({"avx2", "fma", "f16c", "bmi2"})
+X86_BUILDS = (("x86_64-v4", _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+              ("x86_64-v3", _V3), ("x86_64", frozenset()))
+
+
+def builds_for_this_machine() -> list[str]:
     """The builds this machine can run, best first."""
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
         return ["aarch64"]
     if machine in ("x86_64", "amd64"):
-        return (["x86_64-v3"] if {"avx2", "fma", "f16c", "bmi2"} <= cpu_flags() else []) + ["x86_64"]
+        return [name for name, needs in X86_BUILDS if needs <= cpu_flags()]
     return []
 
 
@@ -103,16 +110,24 @@ class Kernel:
 @cache
 def load() -> Kernel | None:
     """The kernel built for this machine, or None (numpy runs attention then)."""
-    source = hashlib.sha256((KERNELS / "attention.c").read_bytes()).hexdigest()
-    for name in _machine():
-        path = KERNELS / f"attention-{name}.so"
-        if not path.is_file():
-            continue
-        library = ctypes.CDLL(str(path))
-        if (ctypes.c_char * 65).in_dll(library, "edge_runtime_attention_source").value.decode() != source:
-            continue  # built from another source than the one beside it: not to be trusted
-        return Kernel(library, name)
+    for name in builds_for_this_machine():
+        kernel = load_build(name)
+        if kernel is not None:
+            return kernel
     return None
+
+
+def load_build(name: str) -> Kernel | None:
+    """One build (`attention-NAME.so`), or None if it is missing or was built from another source than the one
+    beside it (not to be trusted). The tests load each build this machine can run through it, not only the best."""
+    path = KERNELS / f"attention-{name}.so"
+    if not path.is_file():
+        return None
+    library = ctypes.CDLL(str(path))
+    source = hashlib.sha256((KERNELS / "attention.c").read_bytes()).hexdigest()
+    if (ctypes.c_char * 65).in_dll(library, "edge_runtime_attention_source").value.decode() != source:
+        return None
+    return Kernel(library, name)
 
 
 def _pointer(a: np.ndarray) -> int:

@@ -76,7 +76,10 @@ PREFILL_EFFICIENCY = {"int8": 0.36, "int4": 0.45, "int8-block": 0.49}
 # runs). Float kinds (fp32, fp16, int8: converted as loaded): fp16 2.01-2.07 at 8k and 32k rows (1.62-1.68 at 2k,
 # where the fixed cost of a call weighs), int8 1.62-1.66. Packed codes (TurboQuant, QJL: looked up in a table
 # first): tq3.5 1.32-1.44, tq4 1.36-1.50, qjl 0.93-1.02. Long blocks from memory run at the rate blocks in cache
-# do (fp16 32k rows, 64 MB: 2.07; 8k: 2.03), so the cache's bytes hide behind the arithmetic here.
+# do (fp16 32k rows, 64 MB: 2.07; 8k: 2.03), so the cache's bytes hide behind the arithmetic here. Those runs were
+# the x86-64-v3 build's; a CPU with AVX-512 now runs the x86-64-v4 build, ~1.4x as many fp16 values a cycle and
+# ~1.3x as many tq3.5 ones (one core, 32k rows of 512), which these constants leave out: an estimate for such a CPU
+# is on the slow side.
 ATTENTION_VALUES_PER_CYCLE = 2.0
 PACKED_VALUES_PER_CYCLE = 1.4
 # Without a published sustained read bandwidth, this share of the peak: the Raspberry Pi 5's 11.6 GB/s read with 4

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import edge_runtime
-from edge_runtime import attention
+from edge_runtime import attention, attention_kernel
 from edge_runtime.attention import Block, attend
 from edge_runtime.kv_formats import KV_FORMATS, kv_format
 from edge_runtime.quant.float_codecs import Float32Codec
@@ -34,9 +34,19 @@ def _blocks(name: str, dim: int, tokens: int, rng: np.random.Generator, stored: 
             Block(exact, exact.encode(new_keys), exact, exact.encode(new_values), now, first, now)]
 
 
+@pytest.fixture(params=attention_kernel.builds_for_this_machine())
+def build(request, monkeypatch) -> str:
+    """Each build of the kernel this machine can run in turn (x86: baseline, x86-64-v3, x86-64-v4), not only the
+    best one `load` picks: their register blockings differ (4, 8 or 16 floats a vector)."""
+    kernel = attention_kernel.load_build(request.param)
+    assert kernel is not None, f"attention-{request.param}.so is missing or stale: python tools/build_kernels.py"
+    monkeypatch.setattr(attention_kernel, "load", lambda: kernel)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(KV_FORMATS))
 @pytest.mark.parametrize("dim,tokens,stored", [(64, 1, 700), (256, 3, 700), (80, 2, 701)])
-def test_the_kernel_equals_numpy_for_every_format(name, dim, tokens, stored):
+def test_the_kernel_equals_numpy_for_every_format(name, dim, tokens, stored, build):
     rng = np.random.default_rng(dim + tokens)
     kv_heads, groups = 2, 4
     query = (rng.standard_normal((tokens, kv_heads, groups, dim)) / np.sqrt(dim)).astype(np.float32)
@@ -48,7 +58,7 @@ def test_the_kernel_equals_numpy_for_every_format(name, dim, tokens, stored):
 
 
 @pytest.mark.parametrize("name", ["fp32", "fp16", "tq3.5"])
-def test_a_ring_with_chunks_no_token_sees_equals_numpy(name):
+def test_a_ring_with_chunks_no_token_sees_equals_numpy(name, build):
     """A sliding ring as E2B's (576 slots, window 512): a run of slots already out of the window, some unwritten,
     whole chunks of 32 that no token of the step sees (the kernel skips them) and chunks only the later tokens see."""
     rng = np.random.default_rng(11)
@@ -74,7 +84,7 @@ def test_a_ring_with_chunks_no_token_sees_equals_numpy(name):
 
 
 @pytest.mark.parametrize("name", ["fp16", "tq3.5", "qjl"])
-def test_a_block_shared_between_threads_gives_the_same_output(name, monkeypatch):
+def test_a_block_shared_between_threads_gives_the_same_output(name, monkeypatch, build):
     from edge_runtime.worker_threads import Workers
 
     rng = np.random.default_rng(3)
@@ -151,7 +161,7 @@ def test_a_block_of_the_tokens_own_rows_takes_one_product_a_token_as_the_masked_
 
 
 @pytest.mark.parametrize("name", ["int8", "tq3.5", "fp16"])
-def test_weights_below_float32s_normal_range_leave_the_output_and_the_callers_float_mode_alone(name):
+def test_weights_below_float32s_normal_range_leave_the_output_and_the_callers_float_mode_alone(name, build):
     """Scores spread over hundreds give weights near exp(-87), and times a row's scale they fall below 2**-126: the
     kernel flushes those to zero for its call (an Intel core takes a microcode assist for each multiply-add that meets
     one), which changes nothing at float32 precision, and the caller's arithmetic keeps its subnormals after."""
@@ -165,3 +175,24 @@ def test_weights_below_float32s_normal_range_leave_the_output_and_the_callers_fl
     assert np.abs(got - expected).max() <= 2e-5 * np.abs(expected).max(), np.abs(got - expected).max()
     tiny = np.array([2.0 ** -126], np.float32)
     assert (tiny / np.float32(4))[0] == np.float32(2.0 ** -128)
+
+
+@pytest.mark.parametrize("dim", [64, 80])
+def test_half_precision_values_below_its_normal_range_are_read_as_stored(dim, build):
+    """An fp16 cache whose values are all below 2**-14 (half precision's subnormals): the kernel runs with float
+    subnormals treated as zero, and each build's widening of halves must still give them their value, not 0 (the
+    baseline build's did, before it rebiased exponents as integers). dim 80 takes the widening path on every build."""
+    rng = np.random.default_rng(dim)
+    fp16 = kv_format("fp16")
+    keys = rng.standard_normal((300, dim)).astype(np.float32)
+    values = rng.uniform(-6e-5, 6e-5, (300, dim)).astype(np.float32)
+    key_codec, value_codec = fp16.keys.build(dim, keys), fp16.values.build(dim, values)
+    codes = value_codec.encode(values)
+    assert (np.abs(values.astype(np.float16)) < np.float16(2.0 ** -14)).all()
+    block = Block(key_codec, key_codec.encode(keys), value_codec, codes, np.arange(300), np.zeros(1, np.int64),
+                  np.full(1, 299))
+    query = (rng.standard_normal((1, 1, 8, dim)) / np.sqrt(dim)).astype(np.float32)
+    expected = attend(query, [[block]], kernel=False)
+    got = attend(query, [[block]], kernel=True)
+    assert np.abs(expected).max() > 1e-6
+    assert np.abs(got - expected).max() <= 2e-6 * np.abs(expected).max(), np.abs(got - expected).max()

@@ -4,8 +4,9 @@
     python tools/build_kernels.py --check    # exit 1 if a built file is missing or stale (was built from other source)
 
 The wheel is pure Python and goes to Pis and phones that have no compiler, so the built objects are part of the
-package, one per machine: x86_64 (baseline SSE2), x86_64-v3 (AVX2, FMA, F16C; picked at run time when the CPU has
-them) and aarch64 (Armv8-A NEON: every Pi from the 3 on, every 64-bit phone). Each is built from the same source,
+package, one per machine: x86_64 (baseline SSE2), x86_64-v3 (AVX2, FMA, F16C), x86_64-v4 (AVX-512 F/BW/DQ/VL; each
+x86 build picked at run time when the CPU has what it needs) and aarch64 (Armv8-A NEON: every Pi from the 3 on,
+every 64-bit phone). Each is built from the same source,
 links against nothing (not even libc: it loads under glibc, musl and Android's bionic alike), and carries the
 SHA-256 of the source it was built from, which the loader checks. Needs gcc and Debian's gcc-aarch64-linux-gnu
 (`apt-get install gcc-aarch64-linux-gnu`; binutils' objdump checks that each object still prefetches); the build is
@@ -27,6 +28,7 @@ SOURCE = KERNELS / "attention.c"
 TARGETS = {  # file suffix -> (compiler, machine flags)
     "x86_64": ("gcc", ["-march=x86-64", "-mtune=generic"]),
     "x86_64-v3": ("gcc", ["-march=x86-64-v3", "-mtune=generic"]),
+    "x86_64-v4": ("gcc", ["-march=x86-64-v4", "-mtune=generic"]),
     "aarch64": ("aarch64-linux-gnu-gcc", ["-march=armv8-a", "-mtune=generic"]),
 }
 PREFETCH = ("prefetcht1", "prfm\tpldl2keep")  # how x86 and aarch64 disassemble `__builtin_prefetch(p, 0, 2)`

@@ -4,19 +4,21 @@
  * so that the built object loads anywhere: glibc, musl or Android alike. tools/build_kernels.py builds it;
  * edge_runtime/attention_kernel.py loads it with ctypes and lays its arguments out; edge_runtime/attention.py keeps
  * the numpy path that the tests compare it with. The loops that do the multiply-adds use the machine's own vector
- * (8 floats with AVX, 4 with NEON or SSE): GCC keeps a vector wider than the machine's in memory, and an 8-float
- * sum went through the stack at every multiply-add on aarch64 (baseline x86_64 ran 8-9 ns a value, now ~0.9).
+ * (16 floats with AVX-512, 8 with AVX, 4 with NEON or SSE): GCC keeps a vector wider than the machine's in memory,
+ * and an 8-float sum went through the stack at every multiply-add on aarch64 (baseline x86_64 ran 8-9 ns a value,
+ * now ~0.9).
  *
- * A head's blocks are walked once, CHUNK rows at a time, the query rows ([rows][width], padded to 8) in place:
+ * A head's blocks are walked once, CHUNK rows at a time, the query rows ([rows][width], padded to 8, or 16 with AVX-512) in place:
  * - keys, 4 rows at a time: each part's rows (edge_runtime/quant/code_parts.py) are widened into a small float
  *   tile and scored along the dimensions, 2 query rows x 4 keys in 8 independent vector sums (6 vector loads feed
- *   8 fused multiply-adds), summed across their lanes once per row pair;
+ *   8 fused multiply-adds; AVX-512's 32 registers take 4 query rows, 16 sums), summed across their lanes once per
+ *   row pair;
  * - the chunk's scores are masked by position and folded into a running softmax per query row (maximum and sum, a
  *   vector of rows at a time; the accumulators are rescaled when the maximum grows); a chunk no token sees is
  *   skipped;
  * - values: the chunk's rows are widened into a tile and summed into the accumulators by 4 query rows x 16
  *   dimensions held in registers across the whole chunk (with AVX 8 vector sums, 2 loads and 4 broadcasts feed 8
- *   multiply-adds; with NEON 16, 5 loads feed 16 multiply-adds by lane).
+ *   multiply-adds; with NEON 16, 5 loads feed 16 multiply-adds by lane; AVX-512 holds 8 rows x 32 dimensions).
  * Each value part has its own accumulator, in its own domain, taken back to the value's once at the end (its
  * transform, its channels; the transforms run through the same two register blockings); exact float32 blocks (the
  * recent ring, the step's own tokens, an fp32 cache) have their keys read in place and their values copied a chunk
@@ -28,7 +30,6 @@
 
 #define GROUP 4       /* key rows scored together: the register blocking of dot_2x4 is written for 4 */
 #define CHUNK 32      /* rows scored before their weights meet the values: amortizes rescaling */
-#define ROW_BLOCK 8   /* query rows are padded to a multiple of this (the softmax takes a vector of rows at a time) */
 #define MAX_WIDTH 1024
 /* Tile rows are a part's padded width plus 16 floats apart: at a power-of-two stride, the same dimension of
  * every row of a tile maps to the same few L1 sets, and accumulate's column walks would evict each other. */
@@ -76,14 +77,18 @@ __attribute__((visibility("hidden"))) void *memset(void *dst, int c, size_t n) {
     return dst;
 }
 
-/* The two loops that do the multiply-adds are written for the machine's own registers (8 floats with AVX, 4 with
- * NEON or SSE): GCC lowers a vector wider than the machine's to pieces kept in memory, so on aarch64 every
- * multiply-add of an 8-float sum went through the stack. */
-#if defined(__AVX__)
+/* The two loops that do the multiply-adds are written for the machine's own registers (16 floats with AVX-512, 8
+ * with AVX, 4 with NEON or SSE): GCC lowers a vector wider than the machine's to pieces kept in memory, so on
+ * aarch64 every multiply-add of an 8-float sum went through the stack. */
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
 #define LANES 8
 #else
 #define LANES 4
 #endif
+/* query rows are padded to a multiple of this: the softmax takes a vector of rows at a time */
+#define ROW_BLOCK (LANES < 8 ? 8 : LANES)
 typedef float vn __attribute__((vector_size(4 * LANES)));
 typedef float vn_unaligned __attribute__((vector_size(4 * LANES), aligned(4)));
 typedef int32_t vni __attribute__((vector_size(4 * LANES)));
@@ -99,7 +104,11 @@ static inline vf load8(const float *p) { return *(const vf_unaligned *)p; }
  * the multiply-adds do, and a key is used by 4 row pairs; not measured on an Arm core (emulation cannot time). */
 #if defined(__F16C__)
 #define HALF_IN_PLACE 1
+#if LANES == 16
+static inline vn loadh(const uint16_t *p) { return (vn)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+#else
 static inline vn loadh(const uint16_t *p) { return (vn)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+#endif
 #else
 #define HALF_IN_PLACE 0
 #endif
@@ -297,18 +306,28 @@ static inline void widen_f16(const uint8_t *bytes, int32_t width, float *restric
     const _Float16 *h = (const _Float16 *)bytes;
     int32_t j = 0;
 #if defined(__F16C__)
-    for (; j + 8 <= width; j += 8) storen(out + j, loadh((const uint16_t *)(h + j)));
+    for (; j + LANES <= width; j += LANES) storen(out + j, loadh((const uint16_t *)(h + j)));
 #else
     for (; j + 4 <= width; j += 4) vst1q_f32(out + j, vcvt_f32_f16(vld1_f16((const __fp16 *)(h + j))));
 #endif
     for (; j < width; j++) out[j] = (float)h[j];
 #else
-    /* binary16 -> binary32 by its bits: magnitude shifted and rebiased by a multiply (subnormals too), sign */
+    /* binary16 -> binary32 by its bits: a normal magnitude shifted and rebiased in the exponent field by an integer
+     * add (infinities and NaNs to an all-ones exponent), a subnormal one (mantissa x 2**-24) converted from the
+     * integer, then the sign. No float subnormal on the way: the call treats those as zero (flush_subnormals), and a
+     * multiply by 2**112 of the shifted bits lost every subnormal half (the ring test: 7e-6 of the output, against
+     * 5e-7 from the hardware's conversion). */
     const uint16_t *h = (const uint16_t *)bytes;
-    uint32_t *bits = (uint32_t *)out;
-    for (int32_t j = 0; j < width; j++) bits[j] = (uint32_t)(h[j] & 0x7FFF) << 13;
-    for (int32_t j = 0; j < width; j++) out[j] *= 5.192296858534828e+33f; /* 2**112 */
-    for (int32_t j = 0; j < width; j++) bits[j] |= (uint32_t)(h[j] & 0x8000) << 16;
+    for (int32_t j = 0; j < width; j++) {
+        const uint32_t magnitude = h[j] & 0x7FFFu, exponent = magnitude >> 10;
+        union { uint32_t bits; float value; } v;
+        if (exponent == 0)
+            v.value = (float)(int32_t)magnitude * 5.9604644775390625e-8f; /* 2**-24 */
+        else
+            v.bits = (magnitude << 13) + (exponent == 31 ? 224u << 23 : 112u << 23);
+        v.bits |= (uint32_t)(h[j] & 0x8000u) << 16;
+        out[j] = v.value;
+    }
 #endif
 }
 
@@ -368,9 +387,9 @@ static inline float factor(const Part *part, int64_t row) {
 }
 
 /* The horizontal sums of 2 x 4 vectors into out[0:8]: rounds of adding pairs of lanes (shuffles within the
- * vectors, then across them), no scalar code. */
-static inline void sums8(vn a0, vn a1, vn a2, vn a3, vn b0, vn b1, vn b2, vn b3, float *out) {
-#if LANES == 8
+ * vectors, then across them), no scalar code. AVX-512 first adds each vector's two halves. */
+#if LANES >= 8
+static inline void sums8_of8(vf a0, vf a1, vf a2, vf a3, vf b0, vf b1, vf b2, vf b3, float *out) {
     const vi even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
     const vf t0 = __builtin_shuffle(a0, a1, even) + __builtin_shuffle(a0, a1, odd);
     const vf t1 = __builtin_shuffle(a2, a3, even) + __builtin_shuffle(a2, a3, odd);
@@ -381,6 +400,17 @@ static inline void sums8(vn a0, vn a1, vn a2, vn a3, vn b0, vn b1, vn b2, vn b3,
     const vf u1 = __builtin_shuffle(t2, t3, low) + __builtin_shuffle(t2, t3, high);
     const vi first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
     store8(out, __builtin_shuffle(u0, u1, first) + __builtin_shuffle(u0, u1, second));
+}
+#endif
+#if LANES == 16
+static inline vf fold(vn a) { return (vf)_mm512_castps512_ps256((__m512)a) + (vf)_mm512_extractf32x8_ps((__m512)a, 1); }
+#endif
+
+static inline void sums8(vn a0, vn a1, vn a2, vn a3, vn b0, vn b1, vn b2, vn b3, float *out) {
+#if LANES == 16
+    sums8_of8(fold(a0), fold(a1), fold(a2), fold(a3), fold(b0), fold(b1), fold(b2), fold(b3), out);
+#elif LANES == 8
+    sums8_of8(a0, a1, a2, a3, b0, b1, b2, b3, out);
 #else
     typedef int32_t vin __attribute__((vector_size(16)));
     const vin even = {0, 2, 4, 6}, odd = {1, 3, 5, 7};
@@ -397,7 +427,9 @@ static inline void sums8(vn a0, vn a1, vn a2, vn a3, vn b0, vn b1, vn b2, vn b3,
 /* Keeps 4 loaded vectors in registers: GCC otherwise folds each load into every multiply-add that uses it (x86's
  * memory operands), reading each vector once per use, and the loads, not the multiply-adds, set the pace. A NEON
  * multiply-add takes registers only. */
-#if defined(__x86_64__) && defined(__AVX__)
+#if defined(__x86_64__) && defined(__AVX512F__)
+#define IN_REGISTER(a, b, c, d) __asm__("" : "+v"(a), "+v"(b), "+v"(c), "+v"(d))
+#elif defined(__x86_64__) && defined(__AVX__)
 #define IN_REGISTER(a, b, c, d) __asm__("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d))
 #else
 #define IN_REGISTER(a, b, c, d) ((void)0)
@@ -470,6 +502,34 @@ INLINE void dot_2x4(const float *q0, const float *q1, const void *k0, const void
     sums8(a0, a1, a2, a3, b0, b1, b2, b3, sums);
 }
 
+#if LANES == 16
+/* dot_2x4 for 4 query rows (q's rows `qstride` floats apart): AVX-512's 32 registers hold the 16 sums and the 4
+ * keys, so each key vector (from half precision, a conversion on the multiply-adds' own ports) feeds 4
+ * multiply-adds, not 2; two lines asked for at each step, as many as 2 x 4 asked. sums[4 * i + g] = <q_i, k_g>. */
+INLINE void dot_4x4(const float *q, int64_t qstride, const void *k0, const void *k1, const void *k2, const void *k3,
+                    int64_t width, float *sums, int half, Ahead *ahead) {
+    vn a[4][4] = {{{0}}};
+    for (int64_t j = 0; j < width; j += LANES) {
+        if (ahead) {
+            ask(ahead);
+            ask(ahead);
+        }
+        vn y0 = load_row(k0, j, half), y1 = load_row(k1, j, half);
+        vn y2 = load_row(k2, j, half), y3 = load_row(k3, j, half);
+        IN_REGISTER(y0, y1, y2, y3);
+        for (int i = 0; i < 4; i++) {
+            const vn x = loadn(q + i * qstride + j);
+            a[i][0] += x * y0;
+            a[i][1] += x * y1;
+            a[i][2] += x * y2;
+            a[i][3] += x * y3;
+        }
+    }
+    sums8(a[0][0], a[0][1], a[0][2], a[0][3], a[1][0], a[1][1], a[1][2], a[1][3], sums);
+    sums8(a[2][0], a[2][1], a[2][2], a[2][3], a[3][0], a[3][1], a[3][2], a[3][3], sums + 8);
+}
+#endif
+
 /* scores[column + g][r] += factors[g] * <query row r, key g> for the 4 keys k0..k3, every row r < used. q is
  * [rows][width] (used a multiple of 2, width of 8), scores [CHUNK][rows]. Along the dimensions, not a vector of rows
  * times a broadcast key value: a broadcast is a load for each multiply-add, and the loads, not the multiply-adds,
@@ -477,6 +537,14 @@ INLINE void dot_2x4(const float *q0, const float *q1, const void *k0, const void
 INLINE void score_group(const float *q, int64_t rows, int64_t used, int64_t width, const void *k0, const void *k1,
                         const void *k2, const void *k3, const float *factors, float *scores, int column, int half,
                         Ahead *ahead) {
+#if LANES == 16
+    for (int64_t r = 0; r < used; r += 4) {
+        float sums[4 * GROUP];
+        dot_4x4(q + r * width, width, k0, k1, k2, k3, width, sums, half, ahead);
+        for (int i = 0; i < 4; i++)
+            for (int g = 0; g < GROUP; g++) scores[(column + g) * rows + r + i] += sums[4 * i + g] * factors[g];
+    }
+#else
     for (int64_t r = 0; r < used; r += 2) {
         float sums[2 * GROUP];
         dot_2x4(q + r * width, q + (r + 1) * width, k0, k1, k2, k3, width, sums, half, ahead);
@@ -485,15 +553,55 @@ INLINE void score_group(const float *q, int64_t rows, int64_t used, int64_t widt
             scores[(column + g) * rows + r + 1] += sums[GROUP + g] * factors[g];
         }
     }
+#endif
 }
+
+#if LANES == 16
+/* accumulate's register blocking for AVX-512: m rows (8 or 4) over n vectors of 16 dimensions (2, or 1 for a last
+ * strip) held in m x n vector sums across the chunk; c is acc's row r at the strip's first dimension. 8 rows x 32
+ * dimensions, 16 sums: each value vector (from half precision, a conversion on the multiply-adds' own ports) feeds
+ * 8 multiply-adds; one core, 32k fp16 rows of 512: 6.0 ms a call with 4 rows, 5.7 with 8. */
+INLINE void accumulate_strip(float *c, int64_t acc_stride, int64_t rows, const void *values, int64_t stride,
+                             const float *weights, int64_t count, int half, int m, int n) {
+    vn s[8][4];
+    for (int l = 0; l < m; l++)
+        for (int h = 0; h < n; h++) s[l][h] = loadn(c + l * acc_stride + 16 * h);
+    for (int64_t k = 0; k < count; k++) {
+        vn v[4];
+        for (int h = 0; h < n; h++) v[h] = load_row(values, k * stride + 16 * h, half);
+        const float *w = weights + k * rows;
+        for (int l = 0; l < m; l++)
+            for (int h = 0; h < n; h++) s[l][h] += w[l] * v[h];
+    }
+    for (int l = 0; l < m; l++)
+        for (int h = 0; h < n; h++) storen(c + l * acc_stride + 16 * h, s[l][h]);
+}
+#endif
 
 /* acc[r][0:width] += sum over k < count of weights[k][r] * values[k][0:width], every row r < used (acc's rows
  * `acc_stride` floats apart, weights [count][rows], used a multiple of 4): 4 rows x 16 dimensions
- * held in registers across the chunk (8 vector sums with AVX, 16 with NEON's 32 registers), the rows innermost so
- * that a strip of 16 dimensions of the chunk's values is read from L1 by every group of 4 rows. values rows are
- * `stride` elements apart (floats, or halves with `half`); width is a multiple of 16. */
+ * held in registers across the chunk (8 vector sums with AVX, 16 with NEON's 32 registers; AVX-512 takes 32
+ * dimensions at a time), the rows innermost so that a strip of the chunk's values is read from L1 by every group
+ * of 4 rows. values rows are `stride` elements apart (floats, or halves with `half`); width is a multiple of 16. */
 INLINE void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t used, int64_t width, const void *values,
                        int64_t stride, const float *weights, int64_t count, int half) {
+#if LANES == 16
+    const size_t element = half ? 2 : 4;
+    int64_t j = 0;
+    for (; j + 32 <= width; j += 32) {
+        int64_t r = 0;
+        for (; r + 8 <= used; r += 8)
+            accumulate_strip(acc + r * acc_stride + j, acc_stride, rows, (const uint8_t *)values + j * element, stride,
+                             weights + r, count, half, 8, 2);
+        for (; r < used; r += 4)
+            accumulate_strip(acc + r * acc_stride + j, acc_stride, rows, (const uint8_t *)values + j * element, stride,
+                             weights + r, count, half, 4, 2);
+    }
+    for (; j < width; j += 16)
+        for (int64_t r = 0; r < used; r += 4)
+            accumulate_strip(acc + r * acc_stride + j, acc_stride, rows, (const uint8_t *)values + j * element,
+                             stride, weights + r, count, half, 4, 1);
+#else
     for (int64_t j = 0; j < width; j += 16) {
         for (int64_t r = 0; r < used; r += 4) {
             float *c = acc + r * acc_stride + j;
@@ -542,6 +650,7 @@ INLINE void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t use
 #endif
         }
     }
+#endif
 }
 
 typedef struct {
