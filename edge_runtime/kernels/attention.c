@@ -196,6 +196,9 @@ typedef struct {
     uint8x16x4_t bytes;
 #elif defined(__AVX2__)
     vf low, high;
+#if LANES == 16
+    vn all; /* all 16 in one register, for AVX-512's one-register vpermps */
+#endif
 #else
     float values[16];
 #endif
@@ -212,6 +215,9 @@ static Centroids centroids(const Part *part) {
 #elif defined(__AVX2__)
     t.low = load8(values);
     t.high = load8(values + 8);
+#if LANES == 16
+    t.all = loadn(values);
+#endif
 #else
     copy_floats(t.values, values, 16);
 #endif
@@ -255,29 +261,58 @@ static inline void lookup8_low(const Centroids *t, vu codes, float *out) {
 #endif
 }
 
+#if LANES == 16
+typedef uint32_t vnu __attribute__((vector_size(64)));
+
+/* out[0:16] = the values of 16 codes: AVX-512's vpermps looks all 16 up in the one register that holds the table (it
+ * reads an index's low 4 bits only, so 4-bit codes need no mask). */
+static inline void lookup16(const Centroids *t, vnu codes, float *out) {
+    storen(out, (vn)_mm512_permutexvar_ps((__m512i)codes, (__m512)t->all));
+}
+#endif
+
 /* One stored row of a packed part -> out[0:width]: packing.py's layouts, code t of a byte at bit bits * t, so the
  * codes of 8 values lie in `bits` bytes (for 3 bits: 2 bytes of the low 2-bit plane and 1 of the high 1-bit
  * plane); each group of 8 is shifted apart in the lanes of one integer vector and looked up in the centroids by one
- * variable shuffle (lookup8). */
+ * variable shuffle (lookup8). AVX-512 takes two groups at a time, 16 lanes and one shuffle (lookup16): 4 bits,
+ * each byte twice, zero-extended to the lanes; fewer bits, their bytes broadcast. */
 static inline void widen_packed(const uint8_t *bytes, int32_t bits, int32_t width, const Centroids *table,
                                 float *restrict out) {
     const int32_t groups = (width + 7) / 8;
+    int32_t g = 0;
     switch (bits) {
     case 4: {
+#if LANES == 16
+        const vnu shift16 = {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4};
+        for (; g + 2 <= groups; g += 2) {
+            const __m128i b = _mm_loadl_epi64((const __m128i *)(bytes + 4 * g));
+            lookup16(table, (vnu)_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)) >> shift16, out + 8 * g);
+        }
+#endif
         const vu shift = {0, 4, 8, 12, 16, 20, 24, 28};
-        for (int32_t g = 0; g < groups; g++)
+        for (; g < groups; g++)
             lookup8(table, ((vu){0} + load_u32(bytes + 4 * g)) >> shift & 15, out + 8 * g);
         break;
     }
     case 2: {
+#if LANES == 16
+        const vnu shift16 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+        for (; g + 2 <= groups; g += 2)
+            lookup16(table, ((vnu){0} + load_u32(bytes + 2 * g)) >> shift16 & 3, out + 8 * g);
+#endif
         const vu shift = {0, 2, 4, 6, 8, 10, 12, 14};
-        for (int32_t g = 0; g < groups; g++)
+        for (; g < groups; g++)
             lookup8_low(table, ((vu){0} + load_u16(bytes + 2 * g)) >> shift & 3, out + 8 * g);
         break;
     }
     case 1: {
+#if LANES == 16
+        const vnu shift16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        for (; g + 2 <= groups; g += 2)
+            lookup16(table, ((vnu){0} + load_u16(bytes + g)) >> shift16 & 1, out + 8 * g);
+#endif
         const vu shift = {0, 1, 2, 3, 4, 5, 6, 7};
-        for (int32_t g = 0; g < groups; g++)
+        for (; g < groups; g++)
             lookup8_low(table, ((vu){0} + bytes[g]) >> shift & 1, out + 8 * g);
         break;
     }
@@ -285,7 +320,14 @@ static inline void widen_packed(const uint8_t *bytes, int32_t bits, int32_t widt
                 * of one plane, 2 of the other: half the broadcasts; one core, 32k rows of tq3.5 at 512: -9%) */
         const vu shift_low = {0, 2, 4, 6, 8, 10, 12, 14}, shift_high = {0, 1, 2, 3, 4, 5, 6, 7};
         const uint8_t *high_plane = bytes + 2 * groups;
-        int32_t g = 0;
+#if LANES == 16
+        const vnu low16 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+        const vnu high16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        for (; g + 2 <= groups; g += 2) {
+            const vnu low = (vnu){0} + load_u32(bytes + 2 * g), high = (vnu){0} + (load_u16(high_plane + g) << 2);
+            lookup16(table, (low >> low16 & 3) | (high >> high16 & 4), out + 8 * g);
+        }
+#endif
         for (; g + 2 <= groups; g += 2) {
             const vu low = (vu){0} + load_u32(bytes + 2 * g), high = (vu){0} + (load_u16(high_plane + g) << 2);
             lookup8_low(table, (low >> shift_low & 3) | (high >> shift_high & 4), out + 8 * g);
@@ -336,6 +378,10 @@ static inline void widen_f16(const uint8_t *bytes, int32_t width, float *restric
  * d 256 and 512 on an Intel Xeon, 1-6% of a call. */
 static inline void widen_i8(const int8_t *bytes, int32_t width, float *restrict out) {
     int32_t j = 0;
+#if LANES == 16
+    for (; j + 16 <= width; j += 16)
+        storen(out + j, (vn)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(bytes + j)))));
+#endif
     for (; j + 8 <= width; j += 8) {
 #if defined(__AVX2__)
         store8(out + j, (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(bytes + j)))));
