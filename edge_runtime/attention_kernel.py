@@ -3,8 +3,8 @@
 For a decode step's few query rows numpy pays a call and a temporary per operation (widening codes a tile at a
 time ran at 1-2.6 ns a value on one core, and at short contexts the calls cost more than the arithmetic); the
 kernel walks a head's blocks once and reads every format's codes in place (see attention.c). It ships built for
-x86_64 (baseline, x86-64-v3 and x86-64-v4) and aarch64 inside the package (tools/build_kernels.py), links against nothing,
-and is picked by this machine's architecture and CPU features; where none fits (or the file is stale), `load`
+x86_64 (baseline, x86-64-v3 and x86-64-v4) and aarch64 inside the package (tools/build_kernels.py), links against
+nothing, and is picked by this machine's architecture and CPU features; where none fits (or the file is stale), `load`
 returns None and attention runs in numpy. A numba JIT of the same kernel was tried first: it needed 140 MB of
 resident memory for LLVM (60 MB of it anonymous) and compiled for a minute on a Pi 4's first run.
 

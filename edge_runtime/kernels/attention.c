@@ -8,7 +8,8 @@
  * and an 8-float sum went through the stack at every multiply-add on aarch64 (baseline x86_64 ran 8-9 ns a value,
  * now ~0.9).
  *
- * A head's blocks are walked once, CHUNK rows at a time, the query rows ([rows][width], padded to 8, or 16 with AVX-512) in place:
+ * A head's blocks are walked once, CHUNK rows at a time, the query rows ([rows][width], padded to 8, or to 16 with
+ * AVX-512) in place:
  * - keys, 4 rows at a time: each part's rows (edge_runtime/quant/code_parts.py) are widened into a small float
  *   tile and scored along the dimensions, 2 query rows x 4 keys in 8 independent vector sums (6 vector loads feed
  *   8 fused multiply-adds; AVX-512's 32 registers take 4 query rows, 16 sums), summed across their lanes once per
@@ -449,7 +450,9 @@ static inline void sums8_of8(vf a0, vf a1, vf a2, vf a3, vf b0, vf b1, vf b2, vf
 }
 #endif
 #if LANES == 16
-static inline vf fold(vn a) { return (vf)_mm512_castps512_ps256((__m512)a) + (vf)_mm512_extractf32x8_ps((__m512)a, 1); }
+static inline vf fold(vn a) {
+    return (vf)_mm512_castps512_ps256((__m512)a) + (vf)_mm512_extractf32x8_ps((__m512)a, 1);
+}
 #endif
 
 static inline void sums8(vn a0, vn a1, vn a2, vn a3, vn b0, vn b1, vn b2, vn b3, float *out) {
@@ -577,7 +580,7 @@ INLINE void dot_4x4(const float *q, int64_t qstride, const void *k0, const void 
 #endif
 
 /* scores[column + g][r] += factors[g] * <query row r, key g> for the 4 keys k0..k3, every row r < used. q is
- * [rows][width] (used a multiple of 2, width of 8), scores [CHUNK][rows]. Along the dimensions, not a vector of rows
+ * [rows][width] (used a multiple of 4, width of 16), scores [CHUNK][rows]. Along the dimensions, not a vector of rows
  * times a broadcast key value: a broadcast is a load for each multiply-add, and the loads, not the multiply-adds,
  * set the pace. */
 INLINE void score_group(const float *q, int64_t rows, int64_t used, int64_t width, const void *k0, const void *k1,
@@ -626,9 +629,9 @@ INLINE void accumulate_strip(float *c, int64_t acc_stride, int64_t rows, const v
 
 /* acc[r][0:width] += sum over k < count of weights[k][r] * values[k][0:width], every row r < used (acc's rows
  * `acc_stride` floats apart, weights [count][rows], used a multiple of 4): 4 rows x 16 dimensions
- * held in registers across the chunk (8 vector sums with AVX, 16 with NEON's 32 registers; AVX-512 takes 32
- * dimensions at a time), the rows innermost so that a strip of the chunk's values is read from L1 by every group
- * of 4 rows. values rows are `stride` elements apart (floats, or halves with `half`); width is a multiple of 16. */
+ * held in registers across the chunk (8 vector sums with AVX, 16 with NEON's 32 registers; AVX-512: 8 rows x 32
+ * dimensions, accumulate_strip), the rows innermost so that a strip of the chunk's values is read from L1 by every
+ * group of rows. values rows are `stride` elements apart (floats, or halves with `half`); width is a multiple of 16. */
 INLINE void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t used, int64_t width, const void *values,
                        int64_t stride, const float *weights, int64_t count, int half) {
 #if LANES == 16
