@@ -12,8 +12,8 @@
  * AVX-512) in place:
  * - keys, 4 rows at a time: each part's rows (edge_runtime/quant/code_parts.py) are widened into a small float
  *   tile and scored along the dimensions, 2 query rows x 4 keys in 8 independent vector sums (6 vector loads feed
- *   8 fused multiply-adds; AVX-512's 32 registers take 4 query rows, 16 sums), summed across their lanes once per
- *   row pair;
+ *   8 fused multiply-adds; with 32 registers, AVX-512's or NEON's, 4 query rows in 16 sums), summed across their
+ *   lanes once per row pair;
  * - the chunk's scores are masked by position and folded into a running softmax per query row (maximum and sum, a
  *   vector of rows at a time; the accumulators are rescaled when the maximum grows); a chunk no token sees is
  *   skipped;
@@ -87,6 +87,13 @@ __attribute__((visibility("hidden"))) void *memset(void *dst, int c, size_t n) {
 #define LANES 8
 #else
 #define LANES 4
+#endif
+/* Keys scored against 4 query rows at a time (dot_4x4: 16 sums and 4 keys held) where the machine has 32 vector
+ * registers: AVX-512, and every Armv8-A core; AVX2 and SSE2 have 16 and score 2 rows (dot_2x4). */
+#if LANES == 16 || defined(__aarch64__)
+#define WIDE_SCORING 1
+#else
+#define WIDE_SCORING 0
 #endif
 /* query rows are padded to a multiple of this: the softmax takes a vector of rows at a time */
 #define ROW_BLOCK (LANES < 8 ? 8 : LANES)
@@ -551,10 +558,11 @@ INLINE void dot_2x4(const float *q0, const float *q1, const void *k0, const void
     sums8(a0, a1, a2, a3, b0, b1, b2, b3, sums);
 }
 
-#if LANES == 16
-/* dot_2x4 for 4 query rows (q's rows `qstride` floats apart): AVX-512's 32 registers hold the 16 sums and the 4
- * keys, so each key vector (from half precision, a conversion on the multiply-adds' own ports) feeds 4
- * multiply-adds, not 2; two lines asked for at each step, as many as 2 x 4 asked. sums[4 * i + g] = <q_i, k_g>. */
+#if WIDE_SCORING
+/* dot_2x4 for 4 query rows (q's rows `qstride` floats apart), where 32 registers hold the 16 sums and the 4 keys:
+ * each key vector feeds 4 multiply-adds, not 2 (with AVX-512, a conversion from half precision on the
+ * multiply-adds' own ports; on Arm, a load from the tile, of which a Cortex-A72 issues one a cycle to its two
+ * multiply-add pipes); two lines asked for at each step, as many as 2 x 4 asked. sums[4 * i + g] = <q_i, k_g>. */
 INLINE void dot_4x4(const float *q, int64_t qstride, const void *k0, const void *k1, const void *k2, const void *k3,
                     int64_t width, float *sums, int half, Ahead *ahead) {
     vn a[4][4] = {{{0}}};
@@ -586,7 +594,7 @@ INLINE void dot_4x4(const float *q, int64_t qstride, const void *k0, const void 
 INLINE void score_group(const float *q, int64_t rows, int64_t used, int64_t width, const void *k0, const void *k1,
                         const void *k2, const void *k3, const float *factors, float *scores, int column, int half,
                         Ahead *ahead) {
-#if LANES == 16
+#if WIDE_SCORING
     for (int64_t r = 0; r < used; r += 4) {
         float sums[4 * GROUP];
         dot_4x4(q + r * width, width, k0, k1, k2, k3, width, sums, half, ahead);
