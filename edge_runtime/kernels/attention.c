@@ -1076,12 +1076,15 @@ EXPORT void edge_runtime_attention_merge(const float *const *partials, int64_t n
         float top = -__builtin_inff();
         for (int64_t p = 0; p < n; p++) top = partials[p][r] > top ? partials[p][r] : top;
         if (top == -__builtin_inff()) top = 0.0f;
-        float total = 0.0f;
-        for (int64_t p = 0; p < n; p++) total += expn(splat(partials[p][r] - top))[0] * partials[p][rows + r];
+        float weights[n], total = 0.0f; /* n: the head's shares, one a thread */
+        for (int64_t p = 0; p < n; p++) {
+            weights[p] = expn(splat(partials[p][r] - top))[0];
+            total += weights[p] * partials[p][rows + r];
+        }
         const float scale = total > 0.0f ? 1.0f / total : 1.0f;
         float *row = out + r * dim;
         for (int64_t p = 0; p < n; p++) {
-            const float weight = expn(splat(partials[p][r] - top))[0] * scale;
+            const float weight = weights[p] * scale;
             const float *sums = partials[p] + 2 * rows + r * dim;
             if (p == 0)
                 for (int64_t j = 0; j < dim; j++) row[j] = sums[j] * weight;
