@@ -4,9 +4,9 @@
     python tools/build_kernels.py --check    # exit 1 if a built file is missing or stale (was built from other source)
 
 The wheel is pure Python and goes to Pis and phones that have no compiler, so the built objects are part of the
-package, one per machine: x86_64 (baseline SSE2), x86_64-v3 (AVX2, FMA, F16C), x86_64-v4 (AVX-512 F/BW/DQ/VL; each
-x86 build picked at run time when the CPU has what it needs) and aarch64 (Armv8-A NEON: every Pi from the 3 on,
-every 64-bit phone). Each is built from the same source,
+package, one per machine: x86_64 (baseline SSE2), x86_64-v3 (AVX2, FMA, F16C), x86_64-v4 (AVX-512 F/BW/CD/DQ/VL;
+each x86 build picked at run time when the CPU has what it needs: attention_kernel.X86_BUILDS) and aarch64 (Armv8-A
+NEON: every Pi from the 3 on, every 64-bit phone). Each is built from the same source,
 links against nothing (not even libc: it loads under glibc, musl and Android's bionic alike), and carries the
 SHA-256 of the source it was built from, which the loader checks. Needs gcc and Debian's gcc-aarch64-linux-gnu
 (`apt-get install gcc-aarch64-linux-gnu`; binutils' objdump checks that each object still prefetches); the build is

@@ -105,11 +105,12 @@ static inline void storen(float *p, vn v) { *(vn_unaligned *)p = v; }
 
 static inline vf load8(const float *p) { return *(const vf_unaligned *)p; }
 
-/* x86-64-v3 scores and sums half-precision keys and values where they lie, converting 8 as they are loaded (one
- * vcvtph2ps, on other ports than the multiply-adds): a row widened into a float tile first costs a conversion, a
- * store and then a load at every use, and that was a fifth of a call (one core, 2k fp16 rows of 512, with the
- * prefetching below: 0.24 -> 0.21 ns a value). Arm keeps the tile: its conversion (fcvtl, 4 at a time) issues where
- * the multiply-adds do, and a key is used by 4 row pairs; not measured on an Arm core (emulation cannot time). */
+/* x86-64-v3 scores and sums half-precision keys and values where they lie, converting 8 (16 with AVX-512) as they
+ * are loaded (one vcvtph2ps): a row widened into a float tile first costs a conversion, a store and then a load at
+ * every use, and that was a fifth of a call (one core, 2k fp16 rows of 512, with the prefetching below: 0.24 -> 0.21
+ * ns a value; the AVX-512 build, 32k rows: 6.69 ms a call in place against 7.41 through the tile). Arm keeps the
+ * tile: its conversion (fcvtl, 4 at a time) issues where the multiply-adds do, and a key is read by each group of
+ * query rows; not measured on an Arm core (emulation cannot time). */
 #if defined(__F16C__)
 #define HALF_IN_PLACE 1
 #if LANES == 16
@@ -560,9 +561,10 @@ INLINE void dot_2x4(const float *q0, const float *q1, const void *k0, const void
 
 #if WIDE_SCORING
 /* dot_2x4 for 4 query rows (q's rows `qstride` floats apart), where 32 registers hold the 16 sums and the 4 keys:
- * each key vector feeds 4 multiply-adds, not 2 (with AVX-512, a conversion from half precision on the
- * multiply-adds' own ports; on Arm, a load from the tile, of which a Cortex-A72 issues one a cycle to its two
- * multiply-add pipes); two lines asked for at each step, as many as 2 x 4 asked. sums[4 * i + g] = <q_i, k_g>. */
+ * each key vector feeds 4 multiply-adds, not 2 (with AVX-512, a conversion from half precision at each load: one
+ * core, 32k fp16 rows of 512, 6.69 -> 6.16 ms a call; on Arm, a load from the tile, of which a Cortex-A72 issues one a
+ * cycle to its two multiply-add pipes); two lines asked for at each step, as many as 2 x 4 asked.
+ * sums[4 * i + g] = <q_i, k_g>. */
 INLINE void dot_4x4(const float *q, int64_t qstride, const void *k0, const void *k1, const void *k2, const void *k3,
                     int64_t width, float *sums, int half, Ahead *ahead) {
     vn a[4][4] = {{{0}}};
@@ -616,8 +618,8 @@ INLINE void score_group(const float *q, int64_t rows, int64_t used, int64_t widt
 #if LANES == 16
 /* accumulate's register blocking for AVX-512: m rows (8 or 4) over n vectors of 16 dimensions (2, or 1 for a last
  * strip) held in m x n vector sums across the chunk; c is acc's row r at the strip's first dimension. 8 rows x 32
- * dimensions, 16 sums: each value vector (from half precision, a conversion on the multiply-adds' own ports) feeds
- * 8 multiply-adds; one core, 32k fp16 rows of 512: 6.0 ms a call with 4 rows, 5.7 with 8. */
+ * dimensions, 16 sums: each value vector (from half precision, converted at each load) feeds 8 multiply-adds; one
+ * core, 32k fp16 rows of 512: 6.0 ms a call with 4 rows, 5.7 with 8. */
 INLINE void accumulate_strip(float *c, int64_t acc_stride, int64_t rows, const void *values, int64_t stride,
                              const float *weights, int64_t count, int half, int m, int n) {
     vn s[8][4];
