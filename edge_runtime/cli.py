@@ -174,6 +174,10 @@ def export(
     lora_slots: str | None = typer.Option(None, "--lora-slots", help="Give the projections inputs for a LoRA adapter "
                                           "attached at load (run/chat/serve --adapter): RANK[:MODULES], e.g. 16 "
                                           "(q, k, v, o, gate, up and down) or 16:q_proj,v_proj."),
+    lora_slot_precision: str | None = typer.Option(None, "--lora-slot-precision", help="fp16: half the bytes a "
+                                                   "token, through edge-runtime's own operator (the default beside "
+                                                   "quantized weights); fp32: onnxruntime's MatMul, equal to the "
+                                                   "adapter merged at export (the default beside fp32 weights)."),
 ) -> None:
     """Convert a Gemma 4 or Gemma 3n checkpoint (a directory, or a Hugging Face repo id to download) into an artifact."""
     try:
@@ -196,7 +200,8 @@ def export(
                                 before_download=lambda hub_cache: check_destination(output, hub_cache, force))
         _with_progress(lambda report: export_checkpoint(source, output, force=force, adapters=adapter or [],
                                                         adapter_scales=adapter_scale or [],
-                                                        lora_slots=lora_slots, progress=report,
+                                                        lora_slots=lora_slots,
+                                                        lora_slot_precision=lora_slot_precision, progress=report,
                                                         notice=_note, **given))
     except EdgeRuntimeError as exc:
         raise _fail(exc) from None
@@ -442,7 +447,7 @@ def info(
         "files": {name: f["size"] for name, f in manifest.files.items()},
         "adapters": list(manifest.adapters),
         "lora_slots": None if slots is None else {"rank": slots.rank, "modules": list(slots.modules),
-                                                  "slotted_tensors": len(slots.tensors)},
+                                                  "dtype": slots.dtype, "slotted_tensors": len(slots.tensors)},
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
@@ -462,8 +467,8 @@ def info(
             f"{a['name']} (scale {a['scale']:g}, weights sha256 {a['sha256'][ADAPTER_WEIGHTS][:12]})"
             for a in manifest.adapters))
     if slots is not None:
-        typer.echo(f"  LoRA slots: rank {slots.rank} in {', '.join(slots.modules)} ({len(slots.tensors)} projections); "
-                   "attach an adapter with --adapter DIR")
+        typer.echo(f"  LoRA slots: rank {slots.rank} in {', '.join(slots.modules)} ({len(slots.tensors)} projections, "
+                   f"{slots.dtype}); attach an adapter with --adapter DIR")
 
 
 @_command(app, "edge-runtime verify e2b.art", "edge-runtime verify /media/usb/e2b.art --json")

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
+from edge_runtime import onnxruntime_ops
 from edge_runtime.artifact import Manifest
 from edge_runtime.attention import Block, attend
 from edge_runtime.decode_step import DecodeStep
@@ -76,9 +77,12 @@ def _session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session with its own pool of `threads` (default_threads() by default)."""
+def open_session(path: Path, threads: int | None = None, own_ops: bool = False) -> ort.InferenceSession:
+    """An onnxruntime CPU session with its own pool of `threads` (default_threads() by default), knowing
+    edge-runtime's own operators with `own_ops` (the artifact's graphs use them: onnxruntime_ops.py)."""
     options = _session_options(threads or default_threads())
+    if own_ops:
+        onnxruntime_ops.register(options, path.parent)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -161,15 +165,17 @@ class Engine:
         names = [segment.graph for segment in contract.segments]
         graph_threads = 1 if manifest.read_per_token["weights"] / len(names) < SMALL_GRAPH_BYTES else threads
 
+        slots = manifest.lora_slots
+        own_ops = slots is not None and slots.dtype == "float16"
+
         def session(name: str) -> ort.InferenceSession:
-            return open_session(artifact / name, graph_threads)
+            return open_session(artifact / name, graph_threads, own_ops)
 
         # The head's segment (the last) first: loading maps a graph's weights and repacks them before unmapping, so
         # the largest graph's transient double copy is best paid while nothing else is resident (E2B int4 block
         # 128: load peak 1.62 GB with the head last, 1.45 GB with it first).
         last = session(names[-1])
         self.segments = [*(session(name) for name in names[:-1]), last]
-        slots = manifest.lora_slots
         self.empty_slots = {} if slots is None else empty_feeds(slots)
         self.steps = _steps(contract, self.segments, artifact, spec.window, frozenset(self.empty_slots))
         # Each graph's LoRA slot inputs (lora_slots.py), fed on every run: empty, or the attached adapter's.

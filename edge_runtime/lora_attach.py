@@ -4,10 +4,11 @@ An adapter (read by edge_runtime/lora_adapter.py, as export reads it to merge) i
 anything is swapped: its rank must fit theirs, every module it changes must have a slot, and it must be plain LoRA.
 DoRA rescales each merged row by the norm of W + s B A, which is no (x @ A) @ B, and modules_to_save replaces whole
 tensors the graphs hold as weights; both are refused with the way out (merge at export). Each slot's A is lora_A
-transposed, its B the scaled lora_B transposed, at the module's own rank. A slot without an update gets empty
-arrays (rank 0, one per shape, shared): onnxruntime's MatMul over an empty inner dimension gives zeros, so the
-projection is unchanged and nothing is read (measured equal to the slot-less export: tests/test_lora_slots.py).
-Rank-16 zeros instead cost E2B int4 96.6 MB of float32 per token and ~7% of a decode step.
+(transposed for float32 slots), its B the scaled lora_B transposed, at the module's own rank, in the slots' dtype
+(a value float16 cannot hold is refused, naming the tensor). A slot without an update gets empty arrays (rank 0, one
+per shape, shared): onnxruntime's MatMul over an empty inner dimension gives zeros, and LoraSlot leaves y as it is,
+so the projection is unchanged and nothing is read (measured equal to the slot-less export:
+tests/test_lora_slots.py). Rank-16 zeros instead cost E2B int4 96.6 MB of float32 per token and ~7% of a decode step.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.families import family_named
 from edge_runtime.lora_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter
-from edge_runtime.lora_slots import LoraSlots, module_of, slot_inputs
+from edge_runtime.lora_slots import LoraSlots, a_shape, module_of, slot_inputs
 from edge_runtime.model_spec import ModelSpec
 
 MERGE_INSTEAD = "merge it at export instead (edge-runtime export --adapter)"
@@ -32,12 +33,12 @@ def empty_feeds(slots: LoraSlots) -> Feeds:
     zeros: dict[tuple[int, int], np.ndarray] = {}
 
     def zero(shape: tuple[int, int]) -> np.ndarray:
-        return zeros.setdefault(shape, np.zeros(shape, dtype=np.float32))
+        return zeros.setdefault(shape, np.zeros(shape, dtype=slots.dtype))
 
     feeds = {}
     for tensor, (k, n) in slots.tensors.items():
         a, b = slot_inputs(tensor)
-        feeds[a], feeds[b] = zero((k, 0)), zero((0, n))
+        feeds[a], feeds[b] = zero(a_shape(slots.dtype, k, 0)), zero((0, n))
     return feeds
 
 
@@ -72,13 +73,24 @@ def checked_adapter(path: Path, slots: LoraSlots | None, spec: ModelSpec, artifa
 
 
 def fed_bytes(adapter: Adapter, slots: LoraSlots) -> int:
-    """Bytes the adapter's slot inputs hold once fed (float32 A [in, r] and B [r, out] per module it changes): what
-    an attached adapter keeps resident, known from the file's header alone (the memory planner's item)."""
+    """Bytes the adapter's slot inputs hold once fed (A and B in the slots' dtype per module it changes): what an
+    attached adapter keeps resident, known from the file's header alone (the memory planner's item)."""
     total = 0
     for name, module in adapter.lora.items():
         k, n = slots.tensors[name.removesuffix(".weight")]
-        total += 4 * adapter.file.entries[module.a].shape[0] * (k + n)
+        total += np.dtype(slots.dtype).itemsize * adapter.file.entries[module.a].shape[0] * (k + n)
     return total
+
+
+def _in_dtype(values: np.ndarray, dtype: str, key: str, path: Path) -> np.ndarray:
+    """values as a contiguous array of the slots' dtype; float16 must hold every value (65504 at most)."""
+    with np.errstate(over="ignore"):
+        converted = np.ascontiguousarray(values, dtype=dtype)
+    if not np.isfinite(converted).all() and np.isfinite(values).all():
+        raise EdgeRuntimeError(f"{path / ADAPTER_WEIGHTS}: {key}: {np.abs(values).max():g} (with the adapter's "
+                               f"scaling) is beyond the range of these LoRA slots' float16 (65504); export with "
+                               f"--lora-slot-precision fp32, or {MERGE_INSTEAD}")
+    return converted
 
 
 def adapter_feeds(path: Path, slots: LoraSlots | None, spec: ModelSpec, artifact: Path) -> Feeds:
@@ -86,8 +98,9 @@ def adapter_feeds(path: Path, slots: LoraSlots | None, spec: ModelSpec, artifact
     adapter = checked_adapter(path, slots, spec, artifact)
     feeds = empty_feeds(slots)
     for name in sorted(adapter.lora):
-        update = adapter.update(name)
+        update, module = adapter.update(name), adapter.lora[name]
         a, b = slot_inputs(name.removesuffix(".weight"))
-        feeds[a] = np.ascontiguousarray(update.a.T, dtype=np.float32)
-        feeds[b] = np.ascontiguousarray((np.float32(update.scaling) * update.b).T, dtype=np.float32)
+        a_values = update.a.T if slots.dtype == "float32" else update.a
+        feeds[a] = _in_dtype(a_values, slots.dtype, module.a, path)
+        feeds[b] = _in_dtype((np.float32(update.scaling) * update.b).T, slots.dtype, module.b, path)
     return feeds

@@ -1,20 +1,26 @@
 """LoRA slots: graph inputs through which an adapter is attached at load instead of merged at export.
 
-An artifact exported with `--lora-slots RANK[:MODULES]` has, for each slotted projection of each layer, two float32
-graph inputs, `lora.<tensor>.a` [in, r] and `lora.<tensor>.b` [r, out], and adds `(x @ a) @ b` to the projection's
-output. The runtime feeds them on every run: an adapter's lora_A transposed and its scaled lora_B transposed, or
-empty arrays (r = 0) when none is attached or the adapter leaves that projection alone (edge_runtime/lora_attach.py).
+An artifact exported with `--lora-slots RANK[:MODULES]` has, for each slotted projection of each layer, two graph
+inputs, `lora.<tensor>.a` and `lora.<tensor>.b`, and adds `(x @ A) @ B` to the projection's output, in one of two
+precisions (`dtype`):
+- float32 (the default for fp32 weights): a is [in, r] (lora_A transposed), b [r, out], through onnxruntime's own
+  MatMul and Add, so an attached adapter equals the same adapter merged at export to float32 precision;
+- float16 (the default for every other weight format): a is [r, in] (lora_A as PEFT stores it), b [r, out], through
+  edge-runtime's LoraSlot operator (edge_runtime/onnxruntime_ops.py), which reads half the bytes: a decode step is
+  bound by what it reads, and a rank-16 adapter on every projection of E2B was 8% of that in float32.
+The runtime feeds them on every run: the adapter's lora_A and its scaled lora_B transposed, or empty arrays (r = 0)
+when none is attached or the adapter leaves that projection alone (edge_runtime/lora_attach.py).
 Switching adapters then costs no re-export and no reload of the base. r is a symbolic dimension of each slot's own,
 so each module takes its adapter's rank (rank_pattern) with no zero padding, and no adapter costs the step no
 arithmetic and no memory traffic, only the nodes (measured in tools/lora_slot_cost.py); RANK is the most an adapter
 may have. The manifest's `lora_slots` records RANK, the modules, and each slotted tensor's [in, out], so the runtime
-needs no knowledge of which layers have which projections (a KV-shared layer has no k or v to slot).
+needs no knowledge of which layers have which projections (a KV-shared layer has no k or v to slot), and the dtype.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # Module name (as PEFT's target_modules names it) -> its tensor path within a layer.
 MODULES: dict[str, str] = {
@@ -22,7 +28,17 @@ MODULES: dict[str, str] = {
     "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj",
 }
 SYNTAX = "RANK[:MODULES]"
-MAX_RANK = 256
+MAX_RANK = 256  # kernels/onnxruntime_ops.c's MAX_RANK
+# --lora-slot-precision's names -> the slots' dtype
+PRECISIONS: dict[str, str] = {"fp32": "float32", "fp16": "float16"}
+
+
+class SlotRequest(NamedTuple):
+    """What export is asked to slot: `--lora-slots` parsed, and the precision chosen for the weights."""
+
+    rank: int
+    modules: tuple[str, ...]
+    dtype: str
 
 
 @dataclass(frozen=True)
@@ -33,25 +49,42 @@ class LoraSlots:
     rank: int
     modules: tuple[str, ...]
     tensors: dict[str, tuple[int, int]]
+    dtype: str = "float32"  # artifacts made before float16 slots have float32 ones and no "dtype"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "modules": list(self.modules),
+        return {"rank": self.rank, "modules": list(self.modules), "dtype": self.dtype,
                 "tensors": {name: list(shape) for name, shape in self.tensors.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraSlots:
         return cls(int(data["rank"]), tuple(data["modules"]),
-                   {name: (int(shape[0]), int(shape[1])) for name, shape in data["tensors"].items()})
+                   {name: (int(shape[0]), int(shape[1])) for name, shape in data["tensors"].items()},
+                   str(data.get("dtype", "float32")))
 
 
 def slot_inputs(tensor: str) -> tuple[str, str]:
-    """The graph inputs of tensor's slot: its A [in, rank] and its B [rank, out]."""
+    """The graph inputs of tensor's slot: its A and its B."""
     return f"lora.{tensor}.a", f"lora.{tensor}.b"
+
+
+def a_shape(dtype: str, in_width: int | str, rank: int | str) -> tuple:
+    """A slot's A: [in, rank] for float32 (MatMul's right operand), [rank, in] for float16 (LoraSlot's)."""
+    return (in_width, rank) if dtype == "float32" else (rank, in_width)
 
 
 def module_of(tensor: str) -> str:
     """"layers.3.self_attn.q_proj" -> "q_proj"."""
     return tensor.rsplit(".", 1)[-1]
+
+
+def slot_dtype(precision: str | None, weights_fp32: bool) -> str:
+    """--lora-slot-precision as the slots' dtype; by default float32 beside float32 weights, else float16. A
+    ValueError names the choices."""
+    if precision is None:
+        return "float32" if weights_fp32 else "float16"
+    if precision not in PRECISIONS:
+        raise ValueError(f"not available; choose one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
 
 
 def parse_slots(text: str) -> tuple[int, tuple[str, ...]]:

@@ -34,17 +34,20 @@ from edge_runtime.export.destination import check_destination, partial_path, rem
 from edge_runtime.export.onnx_graph import GraphBuilder, WeightsWriter
 from edge_runtime.families.family import HEAD
 from edge_runtime.lora_adapter import open_adapters
-from edge_runtime.lora_slots import LoraSlots, parse_slots
+from edge_runtime.lora_slots import LoraSlots, SlotRequest, parse_slots, slot_dtype
 from edge_runtime.ple_store import LOSSLESS_FORMATS, PLE_FORMATS, decode_rows, encode_rows, storage_dtype, stored_width
 from edge_runtime.progress import Notice, Progress, no_notice, no_progress
 from edge_runtime.version import __version__
 from edge_runtime.weight_formats import BLOCK_SIZES, EmbeddingWeights, WeightFormat
-from edge_runtime.weight_recipe import EMBED, WeightRecipe, parse_recipe
+from edge_runtime.weight_recipe import DOWN_PROJ, EMBED, GATE_UP, O_PROJ, QKV, WeightRecipe, parse_recipe
+
+SLOTTED_ROLES = (QKV, O_PROJ, GATE_UP, DOWN_PROJ)  # the weight roles of the projections LoRA slots can take
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", block_size: int = 32,
                       ple: str = "auto", force: bool = False, adapters: Sequence[Path] = (),
-                      adapter_scales: Sequence[float] = (), lora_slots: str | None = None, progress: Progress = no_progress,
+                      adapter_scales: Sequence[float] = (), lora_slots: str | None = None,
+                      lora_slot_precision: str | None = None, progress: Progress = no_progress,
                       notice: Notice = no_notice) -> Path:
     """Export a HF checkpoint directory (of a family edge-runtime knows) to an artifact directory at `out`.
 
@@ -56,7 +59,8 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
     `adapters` are PEFT LoRA adapter directories merged into the weights in order, each scaled by its
     `adapter_scales` entry (one value scales all); all are checked against the checkpoint before anything is written.
     `lora_slots` ("16", "16:q_proj,v_proj": edge_runtime/lora_slots.py) gives those projections inputs through which
-    the runtime attaches an adapter at load.
+    the runtime attaches an adapter at load, in `lora_slot_precision` ("fp32" or "fp16"; by default fp32 only
+    beside fp32 weights).
     """
     if block_size not in BLOCK_SIZES:
         raise EdgeRuntimeError(f"--block-size {block_size}: not available; choose one of "
@@ -69,6 +73,11 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
         slots = None if lora_slots is None else parse_slots(lora_slots)
     except ValueError as exc:
         raise EdgeRuntimeError(f"--lora-slots {lora_slots}: {exc}") from None
+    try:
+        dtype = slot_dtype(lora_slot_precision, all(recipe.format_for(role).name == "fp32" for role in SLOTTED_ROLES))
+    except ValueError as exc:
+        raise EdgeRuntimeError(f"--lora-slot-precision {lora_slot_precision}: {exc}") from None
+    request = None if slots is None else SlotRequest(*slots, dtype)
     if ple != "auto" and ple not in PLE_FORMATS:
         raise EdgeRuntimeError(f"--ple {ple}: not available; choose auto or one of {', '.join(PLE_FORMATS)}")
     out, checkpoint = Path(out), Path(checkpoint)
@@ -92,7 +101,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
     except OSError as exc:
         raise _os_error(exc, out, checkpoint) from None
     try:
-        manifest = _write_artifact(ckpt, merged, tmp, recipe, block_size, ple, slots, progress)
+        manifest = _write_artifact(ckpt, merged, tmp, recipe, block_size, ple, request, progress)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1))
         replace(tmp, out)
     except OSError as exc:
@@ -116,7 +125,7 @@ def _os_error(exc: OSError, out: Path, checkpoint: Path) -> EdgeRuntimeError:
 
 
 def _write_artifact(ckpt: Checkpoint, merged: MergedWeights, tmp: Path, recipe: WeightRecipe, block_size: int,
-                    ple: str, slots: tuple[int, tuple[str, ...]] | None, progress: Progress) -> Manifest:
+                    ple: str, slots: SlotRequest | None, progress: Progress) -> Manifest:
     spec, family = ckpt.spec, ckpt.family
     n = spec.num_hidden_layers
     contract = family.contract(spec)
@@ -148,8 +157,9 @@ def _write_artifact(ckpt: Checkpoint, merged: MergedWeights, tmp: Path, recipe: 
     files = {path.name: file_entry(path) for path in sorted(tmp.iterdir())}
     progress("checksums", 1, 1)
 
-    lora = None if slots is None else LoraSlots(slots[0], slots[1], {t: shape for g in graphs
-                                                                     for t, shape in g.slotted.items()})
+    lora = None if slots is None else LoraSlots(slots.rank, slots.modules, {t: shape for g in graphs
+                                                                            for t, shape in g.slotted.items()},
+                                                slots.dtype)
     lookup = {HEAD: embedding.codes, **({EMBED_SCALES: embedding.scales} if embedding.scales else {})}
     return Manifest(
         spec=spec,

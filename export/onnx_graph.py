@@ -18,7 +18,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.artifact import EXTERNAL_DATA_ALIGNMENT, TensorRef
-from edge_runtime.lora_slots import module_of, slot_inputs
+from edge_runtime.lora_slots import SlotRequest, a_shape, module_of, slot_inputs
+from edge_runtime.onnxruntime_ops import DOMAIN as OPS_DOMAIN
+from edge_runtime.onnxruntime_ops import LORA_SLOT
+from edge_runtime.onnxruntime_ops import OPSET as OPS_OPSET
 from edge_runtime.weight_formats import LinearWeight, WeightFormat
 
 OPSET = 21
@@ -63,10 +66,10 @@ class WeightsWriter:
 class GraphBuilder:
     """Accumulates one ONNX graph; every helper returns the name of the value it produced."""
 
-    def __init__(self, name: str, weights: WeightsWriter, slots: tuple[int, tuple[str, ...]] | None = None) -> None:
+    def __init__(self, name: str, weights: WeightsWriter, slots: SlotRequest | None = None) -> None:
         self.name = name
         self.weights = weights
-        self.slots = slots  # (rank, modules) of --lora-slots, or None
+        self.slots = slots  # --lora-slots and their precision, or None
         self.slotted: dict[str, tuple[int, int]] = {}  # each LoRA slot made: tensor name -> (in, out)
         self.linears: dict[str, WeightFormat] = {}  # each linear's name and the format it was written in
         self.nodes: list[onnx.NodeProto] = []
@@ -138,15 +141,19 @@ class GraphBuilder:
 
     def lora(self, x: str, y: str, tensor: str, in_width: int, out_width: int) -> str:
         """y + (x @ A) @ B with A and B graph inputs (edge_runtime/lora_slots.py) when the module of `tensor` has a
-        slot, else y as it is. Two MatMuls and an Add: at rank r they read (in + out) * r * 4 bytes, none at r = 0."""
-        if self.slots is None or module_of(tensor) not in self.slots[1]:
+        slot, else y as it is. float32: two MatMuls and an Add, reading (in + out) * r * 4 bytes at rank r; float16:
+        one LoraSlot node, half of that; none at r = 0."""
+        if self.slots is None or module_of(tensor) not in self.slots.modules:
             return y
         a, b = slot_inputs(tensor)
-        rank = f"{tensor}.rank"  # symbolic: each slot takes its adapter's own rank, and 0 without one
-        self.input(a, [in_width, rank])
-        self.input(b, [rank, out_width])
+        rank, dtype = f"{tensor}.rank", self.slots.dtype  # symbolic: each slot takes its adapter's own rank, 0 without
+        onnx_dtype = _NP_TO_ONNX[np.dtype(dtype)]
+        self.input(a, list(a_shape(dtype, in_width, rank)), onnx_dtype)
+        self.input(b, [rank, out_width], onnx_dtype)
         self.slotted[tensor] = (in_width, out_width)
-        return self.op("Add", y, self.op("MatMul", self.op("MatMul", x, a), b))
+        if dtype == "float32":
+            return self.op("Add", y, self.op("MatMul", self.op("MatMul", x, a), b))
+        return self.op(LORA_SLOT, x, y, a, b, domain=OPS_DOMAIN)
 
     def contrib(self, op_type: str, *inputs: str, **attrs) -> str:
         """One node of onnxruntime's com.microsoft contrib ops (CPU kernels, with ARM64 paths)."""
@@ -185,8 +192,10 @@ class GraphBuilder:
     def save(self, path: Path) -> int:
         """Write the graph; returns the weight bytes it reads per call (what a decode step streams)."""
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                        helper.make_opsetid(MS_DOMAIN, 1)],
+        domains = [helper.make_opsetid(MS_DOMAIN, 1)]
+        if any(node.domain == OPS_DOMAIN for node in self.nodes):
+            domains.append(helper.make_opsetid(OPS_DOMAIN, OPS_OPSET))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), *domains],
                                   producer_name="edge-runtime", ir_version=IR_VERSION)
         Path(path).write_bytes(model.SerializeToString())
         return self.weight_bytes

@@ -217,11 +217,13 @@ def test_a_cpu_fails_unless_the_aarch64_attention_kernel_ran() -> None:
 
 
 def test_the_smoke_runs_the_kernel_test_of_every_kv_format_without_model_checkpoints() -> None:
-    """The smoke's -k selection: every KV format at one shape and the threads' partial softmaxes, and none of the
-    tests that need tests/conftest.py's checkpoints (the smoke exports none for the guest)."""
+    """The smoke's -k selection: every KV format at one shape, the threads' partial softmaxes and every test of the
+    onnxruntime operators, and none of the tests that need tests/conftest.py's checkpoints (the smoke exports none for
+    the guest)."""
     import subprocess
 
     import test_attention_kernel
+    import test_onnxruntime_ops
 
     from edge_runtime import attention_kernel
     from edge_runtime.kv_formats import KV_FORMATS
@@ -229,14 +231,16 @@ def test_the_smoke_runs_the_kernel_test_of_every_kv_format_without_model_checkpo
     check = _check_module()
     root = ARM64.parents[1]
     collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                                str(root / check.KERNEL_TESTS), "-k", check.KERNEL_SMOKE_SELECTION],
+                                *(str(root / t) for t in check.KERNEL_TESTS), "-k", check.KERNEL_SMOKE_SELECTION],
                                capture_output=True, text=True, cwd=root, timeout=120)
     ids = [line.split("::")[1] for line in collected.stdout.splitlines() if "::" in line]
     functions = {i.split("[")[0] for i in ids}
+    operators = {name for name in dir(test_onnxruntime_ops) if name.startswith("test_")}
     assert functions == {"test_the_kernel_equals_numpy_for_every_format",
-                         "test_a_block_shared_between_threads_gives_the_same_output"}, collected.stdout
+                         "test_a_block_shared_between_threads_gives_the_same_output", *operators}, collected.stdout
     every_format = [re.fullmatch(r"test_the_kernel_equals_numpy_for_every_format\[(.+)-64-1-700-(.+)\]", i)
                     for i in ids if "every_format" in i]
     assert sorted((m[1], m[2]) for m in every_format) == sorted(
         (build, name) for build in attention_kernel.builds_for_this_machine() for name in KV_FORMATS)
-    assert not any("artifacts" in inspect.signature(getattr(test_attention_kernel, f)).parameters for f in functions)
+    assert not any("artifacts" in inspect.signature(getattr(module, f)).parameters
+                   for module in (test_attention_kernel, test_onnxruntime_ops) for f in functions if hasattr(module, f))

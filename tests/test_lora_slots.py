@@ -122,6 +122,7 @@ def test_manifest_records_the_slots(slotted, checkpoints, tmp_path):
     record = json.loads((slotted / "manifest.json").read_text())
     slots = record["lora_slots"]
     assert slots["rank"] == 8
+    assert slots["dtype"] == "float32"  # beside fp32 weights
     assert slots["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     manifest = edge_runtime.load(slotted).manifest
     spec = manifest.spec
@@ -184,6 +185,9 @@ def test_export_refusals(checkpoints, tmp_path):
         with pytest.raises(EdgeRuntimeError) as refusal:
             export_checkpoint(checkpoints[BASE], tmp_path / "art", lora_slots=text)
         assert str(refusal.value) == message
+    with pytest.raises(EdgeRuntimeError) as refusal:
+        export_checkpoint(checkpoints[BASE], tmp_path / "art", lora_slots="8", lora_slot_precision="bf16")
+    assert str(refusal.value) == "--lora-slot-precision bf16: not available; choose one of fp32, fp16"
     assert not (tmp_path / "art").exists()
 
 
@@ -315,11 +319,12 @@ def test_info_shows_merged_adapters_and_slots(checkpoints, slotted, adapters, tm
     spec = edge_runtime.load(slotted).spec
     projections = 7 * spec.num_hidden_layers - 2 * sum(spec.is_kv_shared(i) for i in range(spec.num_hidden_layers))
     assert info(slotted).splitlines()[-1] == (f"  LoRA slots: rank 8 in q_proj, k_proj, v_proj, o_proj, gate_proj, "
-                                              f"up_proj, down_proj ({projections} projections); attach an adapter "
-                                              "with --adapter DIR")
+                                              f"up_proj, down_proj ({projections} projections, float32); attach an "
+                                              "adapter with --adapter DIR")
     data = json.loads(info(slotted, "--json"))
     assert data["lora_slots"] == {"rank": 8, "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                         "up_proj", "down_proj"], "slotted_tensors": projections}
+                                                         "up_proj", "down_proj"], "dtype": "float32",
+                                  "slotted_tensors": projections}
     assert data["adapters"] == []
 
 
@@ -385,3 +390,72 @@ def test_gemma3n_attached_equals_merged(checkpoints, tmp_path):
         assert moved > 1000 * TOLERANCE
     slots = json.loads((slotted / "manifest.json").read_text())["lora_slots"]["tensors"]
     assert {name.rsplit(".", 1)[-1] for name in slots} == set(make_adapter.PROJECTIONS)
+
+
+def _half_exact(adapter: Path, out: Path, poke: float | None = None) -> Path:
+    """A copy of `adapter` whose tensors hold float16 values (stored as they were, float32), so that float16 slots
+    hold it exactly (its scaling, alpha / r = 2, keeps them so); with `poke`, lora_B's first value of its first
+    module set to that."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    tensors = {k: v.astype(np.float16).astype(v.dtype) for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    if poke is not None:
+        key = min(k for k in tensors if k.endswith("lora_B.weight"))
+        tensors[key].flat[0] = poke
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def _slot_nodes(artifact: Path) -> dict[str, int]:
+    import onnx
+
+    graph = onnx.load(artifact / json.loads((artifact / "manifest.json").read_text())["graphs"]["segments"][1]["graph"],
+                      load_external_data=False).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_float16_slots_hold_a_float16_adapter_as_merged(checkpoints, adapters, tmp_path):
+    """Float16 slots (edge-runtime's LoraSlot operator, one node a slot) beside fp32 weights: an adapter whose values
+    float16 holds gives the logits of it merged at export to float32 precision, prefill and decode."""
+    base, ids = checkpoints[BASE], _ids()
+    half = export_checkpoint(base, tmp_path / "half", lora_slots="8", lora_slot_precision="fp16")
+    assert json.loads((half / "manifest.json").read_text())["lora_slots"]["dtype"] == "float16"
+    assert _slot_nodes(half)["LoraSlot"] == 7 and "MatMul" not in _slot_nodes(half)
+    adapter = _half_exact(adapters["r8"], tmp_path / "r8-half")
+    merged = export_checkpoint(base, tmp_path / "merged", adapters=[adapter])
+    model = edge_runtime.load(half, prefill_chunk=7, kv="fp32", adapter=adapter)
+    assert {a.dtype for a in model._adapter_feeds[model.adapter].values()} == {np.dtype(np.float16)}
+    for mode in ("prefill", "decode"):
+        error = float(np.abs(model.logits(ids, mode=mode) - _logits(merged, ids, mode)).max())
+        print(f"float16 slots {mode}: attached vs merged max abs {error:.2e}")
+        assert error <= TOLERANCE
+
+
+def test_quantized_exports_take_float16_slots(checkpoints, adapters, tmp_path):
+    """int4 weights take float16 slots by default: with no adapter the logits of the slot-less int4 export exactly,
+    with one the adapter's arrays at half float32's bytes; a value float16 cannot hold is refused in one line."""
+    base, ids = checkpoints[BASE], _ids()
+    slotted = export_checkpoint(base, tmp_path / "int4-slots", weights="int4", lora_slots="8")
+    plain = export_checkpoint(base, tmp_path / "int4", weights="int4")
+    assert json.loads((slotted / "manifest.json").read_text())["lora_slots"]["dtype"] == "float16"
+    for mode in ("prefill", "decode"):
+        assert np.array_equal(_logits(slotted, ids, mode), _logits(plain, ids, mode))
+    model = edge_runtime.load(slotted, kv="fp32", adapter=adapters["r8"])
+    fed = sum(a.nbytes for a in model._adapter_feeds[model.adapter].values())
+    tensors = json.loads((slotted / "manifest.json").read_text())["lora_slots"]["tensors"]
+    assert fed == sum(2 * 8 * (k + n) for k, n in tensors.values())
+    moved = np.abs(model.logits(ids, mode="decode") - _logits(plain, ids, "decode")).max()
+    assert moved > 0.1, moved
+    huge = _half_exact(adapters["r8"], tmp_path / "huge", poke=1e5)
+    with pytest.raises(EdgeRuntimeError) as refusal:
+        edge_runtime.load(slotted, adapter=huge)
+    assert str(refusal.value) == (
+        f"{huge / 'adapter_model.safetensors'}: base_model.model.model.layers.0.mlp.down_proj.lora_B.weight: 200000 "
+        "(with the adapter's scaling) is beyond the range of these LoRA slots' float16 (65504); export with "
+        "--lora-slot-precision fp32, or merge it at export instead (edge-runtime export --adapter)")

@@ -31,6 +31,8 @@ def test_the_wheel_installs_only_the_edge_runtime_namespace(tmp_path):
         assert not missing, f"{folder}: not in the wheel: {sorted(missing)}"
     assert "edge_runtime/device_profiles/pi5-8gb.toml" in names
     assert "edge_runtime/bundled/gemma4-tiny/model.safetensors" in names
-    # the compiled attention kernel, one build per machine, and the source whose SHA-256 the loader checks them by
-    kernels = {f"edge_runtime/kernels/{build_kernels.built(target).name}" for target in build_kernels.TARGETS}
-    assert kernels | {"edge_runtime/kernels/attention.c"} <= names, sorted(kernels - names)
+    # the compiled kernels, one build per machine, and the sources whose SHA-256 the loaders check them by
+    kernels = {f"edge_runtime/kernels/{kernel.built(machine).name}" for kernel in build_kernels.KERNEL_SOURCES
+               for machine in kernel.machines}
+    sources = {f"edge_runtime/kernels/{kernel.source}" for kernel in build_kernels.KERNEL_SOURCES}
+    assert kernels | sources <= names, sorted((kernels | sources) - names)

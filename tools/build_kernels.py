@@ -1,6 +1,6 @@
-"""Build the attention kernel (edge_runtime/kernels/attention.c) for every machine the runtime ships it for.
+"""Build the compiled kernels (edge_runtime/kernels/*.c) for every machine the runtime ships them for.
 
-    python tools/build_kernels.py            # rebuild edge_runtime/kernels/attention-*.so
+    python tools/build_kernels.py            # rebuild edge_runtime/kernels/{attention,onnxruntime-ops}-*.so
     python tools/build_kernels.py --check    # exit 1 if a built file is missing or stale (was built from other source)
 
 The wheel is pure Python and goes to Pis and phones that have no compiler, so the built objects are part of the
@@ -11,27 +11,40 @@ links against nothing (not even libc: it loads under glibc, musl and Android's b
 SHA-256 of the source it was built from, which the loader checks. Needs gcc and Debian's gcc-aarch64-linux-gnu
 (`apt-get install gcc-aarch64-linux-gnu`; binutils' objdump checks that each object still prefetches); the build is
 reproducible (no build id, fixed paths).
+
+Two sources: attention.c (attention over the KV cache's codes, called with ctypes) and onnxruntime_ops.c
+(edge-runtime's onnxruntime operators, registered into sessions as a custom-op library; no baseline x86_64 build:
+it converts half precision in hardware). The second is compiled against onnxruntime's C API header, which the Python
+wheel does not ship: the build takes it from Debian's libonnxruntime-dev (`HEADER_PACKAGE`, checked by SHA-256),
+downloaded once into build/.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import shutil
 import subprocess
 import sys
+import tarfile
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "edge_runtime" / "kernels"
-SOURCE = KERNELS / "attention.c"
-TARGETS = {  # file suffix -> (compiler, machine flags)
+MACHINES = {  # file suffix -> (compiler, machine flags)
     "x86_64": ("gcc", ["-march=x86-64", "-mtune=generic"]),
     "x86_64-v3": ("gcc", ["-march=x86-64-v3", "-mtune=generic"]),
     "x86_64-v4": ("gcc", ["-march=x86-64-v4", "-mtune=generic"]),
     "aarch64": ("aarch64-linux-gnu-gcc", ["-march=armv8-a", "-mtune=generic"]),
 }
 PREFETCH = ("prefetcht1", "prfm\tpldl2keep")  # how x86 and aarch64 disassemble `__builtin_prefetch(p, 0, 2)`
+# onnxruntime_c_api.h of onnxruntime 1.21 (API version 21; onnxruntime_ops.c asks for 20, pyproject's oldest)
+HEADER_PACKAGE = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
+                  "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
+HEADERS = ROOT / "build" / "onnxruntime-1.21-include"
 FLAGS = [
     "-std=c11", "-O3", "-shared", "-fPIC", "-nostdlib", "-fno-stack-protector", "-fvisibility=hidden",
     # fast math for vectorized, reassociated sums; but masked scores are -inf, so infinities stay honoured
@@ -42,22 +55,67 @@ FLAGS = [
 ]
 
 
-def source_sha256() -> str:
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+@dataclass(frozen=True)
+class Kernel:
+    """One source and the objects built from it: `stem`-<machine>.so for each of `machines`."""
+
+    source: str
+    stem: str
+    machines: tuple[str, ...]
+    prefetches: bool  # the object must keep its prefetch instructions
+    includes: tuple[Path, ...] = ()
+
+    def sha256(self) -> str:
+        return hashlib.sha256((KERNELS / self.source).read_bytes()).hexdigest()
+
+    def built(self, machine: str) -> Path:
+        return KERNELS / f"{self.stem}-{machine}.so"
 
 
-def built(suffix: str) -> Path:
-    return KERNELS / f"attention-{suffix}.so"
+ATTENTION = Kernel("attention.c", "attention", tuple(MACHINES), prefetches=True)
+ONNXRUNTIME_OPS = Kernel("onnxruntime_ops.c", "onnxruntime-ops", ("x86_64-v3", "x86_64-v4", "aarch64"),
+                         prefetches=False, includes=(HEADERS,))
+KERNEL_SOURCES = (ATTENTION, ONNXRUNTIME_OPS)
 
 
-def build(suffix: str) -> Path:
-    compiler, machine = TARGETS[suffix]
+def fetch_headers() -> None:
+    """onnxruntime's C API header into HEADERS, from HEADER_PACKAGE (a .deb: an ar archive holding data.tar.xz)."""
+    if (HEADERS / "onnxruntime_c_api.h").is_file():
+        return
+    url, sha256 = HEADER_PACKAGE
+    with urllib.request.urlopen(url, timeout=120) as response:
+        package = response.read()
+    if hashlib.sha256(package).hexdigest() != sha256:
+        raise SystemExit(f"error: {url} is not the package this build was written against (SHA-256 differs)")
+    offset, data = 8, None  # after "!<arch>\n": 60-byte member headers, each member padded to an even length
+    while offset < len(package):
+        name, size = package[offset:offset + 16].decode().strip(), int(package[offset + 48:offset + 58])
+        if name.startswith("data.tar"):
+            data = package[offset + 60:offset + 60 + size]
+        offset += 60 + size + size % 2
+    if data is None:
+        raise SystemExit(f"error: {url} holds no data.tar")
+    tmp = HEADERS.with_name(HEADERS.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        for member in archive.getmembers():
+            if member.isfile() and member.name.endswith("/onnxruntime_c_api.h"):
+                (tmp / "onnxruntime_c_api.h").write_bytes(archive.extractfile(member).read())
+    if not (tmp / "onnxruntime_c_api.h").is_file():
+        raise SystemExit(f"error: {url} holds no onnxruntime_c_api.h")
+    tmp.replace(HEADERS)
+
+
+def build(kernel: Kernel, machine: str) -> Path:
+    compiler, flags = MACHINES[machine]
     if shutil.which(compiler) is None:
         raise SystemExit(f"error: {compiler} is not installed; apt-get install {'gcc' if compiler == 'gcc' else 'gcc-aarch64-linux-gnu'}")
-    out = built(suffix)
+    out = kernel.built(machine)
     tmp = out.with_name(out.name + ".partial")
-    subprocess.run([compiler, *FLAGS, *machine, f'-DSOURCE_SHA256="{source_sha256()}"', str(SOURCE), "-o", str(tmp)],
-                   check=True, cwd=ROOT)
+    includes = [f"-I{path.relative_to(ROOT)}" for path in kernel.includes]
+    subprocess.run([compiler, *FLAGS, *flags, *includes, f'-DSOURCE_SHA256="{kernel.sha256()}"',
+                    str(KERNELS / kernel.source), "-o", str(tmp)], check=True, cwd=ROOT)
     nm = compiler.replace("gcc", "nm")
     undefined = subprocess.run([nm, "-D", "--undefined-only", str(tmp)], capture_output=True, text=True,
                                check=True).stdout.split()
@@ -66,7 +124,7 @@ def build(suffix: str) -> Path:
         raise SystemExit(f"error: {out.name} needs {undefined}; the kernel must link against nothing")
     objdump = compiler.replace("gcc", "objdump")
     code = subprocess.run([objdump, "-d", str(tmp)], capture_output=True, text=True, check=True).stdout
-    if not any(f"\t{mnemonic}" in code for mnemonic in PREFETCH):
+    if kernel.prefetches and not any(f"\t{mnemonic}" in code for mnemonic in PREFETCH):
         tmp.unlink()
         raise SystemExit(f"error: {out.name} has no prefetch instruction; the compiler dropped the kernel's "
                          "prefetches (see `ask` in attention.c), which cost it a third of its speed from DRAM")
@@ -75,9 +133,13 @@ def build(suffix: str) -> Path:
 
 
 def stale() -> list[str]:
-    """Built files missing, or built from another source than attention.c's."""
-    marker = source_sha256().encode()
-    return [built(s).name for s in TARGETS if not built(s).is_file() or marker not in built(s).read_bytes()]
+    """Built files missing, or built from another source than the one beside them."""
+    missing = []
+    for kernel in KERNEL_SOURCES:
+        marker = kernel.sha256().encode()
+        missing += [kernel.built(m).name for m in kernel.machines
+                    if not kernel.built(m).is_file() or marker not in kernel.built(m).read_bytes()]
+    return missing
 
 
 def main() -> int:
@@ -87,11 +149,13 @@ def main() -> int:
     if args.check:
         missing = stale()
         for name in missing:
-            print(f"{name}: missing or not built from the current attention.c; run python tools/build_kernels.py")
+            print(f"{name}: missing or not built from the current source beside it; run python tools/build_kernels.py")
         return 1 if missing else 0
-    for suffix in TARGETS:
-        out = build(suffix)
-        print(f"built {out.relative_to(ROOT)} ({out.stat().st_size} bytes)")
+    fetch_headers()
+    for kernel in KERNEL_SOURCES:
+        for machine in kernel.machines:
+            out = build(kernel, machine)
+            print(f"built {out.relative_to(ROOT)} ({out.stat().st_size} bytes)")
     return 0
 
 

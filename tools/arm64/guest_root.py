@@ -30,6 +30,9 @@ BINFMT = Path("/proc/sys/fs/binfmt_misc")
 KIOSK = "/opt/edge-runtime"  # where the README's kiosk section installs: wheels/ and venv/
 # README "Offline kiosk": the platforms `pip download` is given for a Pi (64-bit Raspberry Pi OS, Python 3.11).
 PIP_DOWNLOAD_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux2014_aarch64")
+# What the tests run in the guest need beyond the kiosk: pytest, and onnx for the operators' test graphs
+# (tests/test_onnxruntime_ops.py); installed into the same venv, after the kiosk's install.
+TEST_PACKAGES = ("pytest", "onnx")
 
 
 class CannotRun(Exception):
@@ -127,16 +130,16 @@ def gather_wheels(repo: Path, root: Path) -> Path:
     _run([*pip, "download", f"{own}[server]", "-d", str(wheels), "--only-binary=:all:", "--python-version", "3.11",
           *platforms])
     tests = root / KIOSK.lstrip("/") / "test-wheels"
-    _run([*pip, "download", "pytest", "-d", str(tests), "--only-binary=:all:", "--python-version", "3.11",
+    _run([*pip, "download", *TEST_PACKAGES, "-d", str(tests), "--only-binary=:all:", "--python-version", "3.11",
           *platforms])
     return wheels
 
 
 def _wheels_key(wheels: Path) -> str:
-    """What the venv was installed from: wheel names, and the project wheel's member CRCs (its build is not
-    byte-reproducible, its contents are)."""
+    """What the venv was installed from (the kiosk's wheels and the tests'): wheel names, and the project wheel's
+    member CRCs (its build is not byte-reproducible, its contents are)."""
     digest = hashlib.sha256()
-    for wheel in sorted(wheels.glob("*.whl")):
+    for wheel in sorted([*wheels.glob("*.whl"), *(wheels.parent / "test-wheels").glob("*.whl")]):
         digest.update(wheel.name.encode())
         if wheel.name.startswith("edge_runtime-"):
             with zipfile.ZipFile(wheel) as z:
@@ -157,7 +160,7 @@ def install_kiosk(root: Path, wheels: Path) -> None:
     guest(root, "cortex-a72", [f"{KIOSK}/venv/bin/pip", "install", "-q", "--no-index", "--find-links",
                                f"{KIOSK}/wheels", "edge-runtime[server]"], check=True)
     guest(root, "cortex-a72", [f"{KIOSK}/venv/bin/pip", "install", "-q", "--no-index", "--find-links",
-                               f"{KIOSK}/test-wheels", "pytest"], check=True)
+                               f"{KIOSK}/test-wheels", "--find-links", f"{KIOSK}/wheels", *TEST_PACKAGES], check=True)
     stamp.write_text(key)
 
 

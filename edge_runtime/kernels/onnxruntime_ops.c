@@ -1,0 +1,371 @@
+/* edge-runtime's own onnxruntime operators, registered into a session as a custom-op library (domain "edge_runtime").
+ *
+ * LoraSlot(x, y, a, b) = y + (x @ a.T) @ b, a LoRA slot (edge_runtime/lora_slots.py) whose A [r, in] (lora_A as PEFT
+ * stores it) and B [r, out] (lora_B transposed, scaled) are half precision, summed in float32. A decode step is bound
+ * by the bytes it reads, and an adapter's float32 A and B on every projection of E2B were 8% of them
+ * (tools/lora_slot_cost.py); onnxruntime's own float16 MatMul on x86 took 1.9x float32's time, so half-precision slots
+ * need a kernel of their own (with it, 4% of the bytes and 3.3-4.0% of a step). One node instead of MatMul, MatMul
+ * and Add, and y's buffer is reused for the output: an empty slot (r = 0) costs the node and nothing else.
+ *
+ * Like attention.c, one C11 source for aarch64 and x86_64 that links against nothing (not even libc): onnxruntime
+ * hands over its API table at registration, and every call goes through it. tools/build_kernels.py builds it
+ * against the C API header of onnxruntime 1.21 (an API table only grows, so a newer onnxruntime serves it) for
+ * x86-64-v3 and v4 (F16C converts halves) and aarch64 (every Armv8-A core converts them); edge_runtime/
+ * onnxruntime_ops.py loads it, and tests/test_onnxruntime_ops.py holds it to numpy.
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "onnxruntime_c_api.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define LANES 16
+#elif defined(__F16C__)
+#include <immintrin.h>
+#define LANES 8
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define LANES 4
+#else
+#error "LoraSlot converts half precision in hardware: build it for x86-64-v3, x86-64-v4 or aarch64"
+#endif
+
+#define EXPORT __attribute__((visibility("default")))
+#define API_VERSION 20 /* the oldest onnxruntime pyproject.toml admits (1.20) serves this table and struct */
+#define MAX_RANK 256   /* lora_slots.MAX_RANK */
+#define ROWS 2         /* rows of x that share each load of a */
+#define A_ROWS 4       /* rows of a that share each load of x */
+#define COLUMNS (4 * LANES) /* output columns held in registers across the rank */
+#define TASK_COLUMNS 1024   /* output columns a thread takes at a time when one row is split */
+#define SPLIT_BYTES (64 << 10) /* bytes of a or of b worth handing to the session's other threads */
+
+typedef float vn __attribute__((vector_size(4 * LANES)));
+typedef float vn_unaligned __attribute__((vector_size(4 * LANES), aligned(4)));
+static inline vn loadn(const float *p) { return *(const vn_unaligned *)p; }
+static inline void storen(float *p, vn v) { *(vn_unaligned *)p = v; }
+static inline vn splat(float f) { return (vn){0} + f; }
+
+/* LANES halves -> floats, and one. */
+static inline vn loadh(const uint16_t *p) {
+#if LANES == 16
+    return (vn)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif LANES == 8
+    return (vn)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    return (vn)vcvt_f32_f16(vld1_f16((const __fp16 *)p));
+#endif
+}
+
+static inline float half(const uint16_t *p) {
+#if defined(__aarch64__)
+    return (float)*(const __fp16 *)p;
+#else
+    return _cvtsh_ss(*p);
+#endif
+}
+
+__attribute__((visibility("hidden"))) void *memcpy(void *restrict dst, const void *restrict src, size_t n) {
+    unsigned char *d = dst;
+    const unsigned char *s = src;
+    while (n--) *d++ = *s++;
+    return dst;
+}
+
+__attribute__((visibility("hidden"))) void *memset(void *dst, int c, size_t n) {
+    unsigned char *d = dst;
+    while (n--) *d++ = (unsigned char)c;
+    return dst;
+}
+
+EXPORT const char edge_runtime_ops_source[65] = SOURCE_SHA256;
+
+static const OrtApi *api;
+
+typedef struct {
+    const float *x, *y;
+    const uint16_t *a, *b;
+    float *z;
+    int64_t rows, in, rank, out;
+    float *t; /* x @ a.T of a single row, when it or its columns are split between threads */
+} Slot;
+
+static inline float total(vn v) {
+    float sum = 0;
+    for (int l = 0; l < LANES; l++) sum += v[l];
+    return sum;
+}
+
+/* t[k][j] = x[k] . a[j] for `n` (<= ROWS) rows of x and a's rows j0 .. j0 + A_ROWS: ROWS x A_ROWS independent sums,
+ * each a vector read once for all rows of x. `in` is cut to whole vectors; the rest is summed one at a time. */
+static inline __attribute__((always_inline)) void dots(const Slot *s, const float *x, int64_t n, int64_t j0,
+                                                       int64_t m, float t[ROWS][MAX_RANK]) {
+    const int64_t in = s->in, whole = in - in % LANES;
+    vn acc[ROWS][A_ROWS];
+    for (int64_t k = 0; k < n; k++)
+        for (int64_t j = 0; j < m; j++) acc[k][j] = splat(0);
+    for (int64_t i = 0; i < whole; i += LANES) {
+        vn w[A_ROWS];
+        for (int64_t j = 0; j < m; j++) w[j] = loadh(s->a + (j0 + j) * in + i);
+        for (int64_t k = 0; k < n; k++) {
+            const vn v = loadn(x + k * in + i);
+            for (int64_t j = 0; j < m; j++) acc[k][j] += v * w[j];
+        }
+    }
+    for (int64_t k = 0; k < n; k++)
+        for (int64_t j = 0; j < m; j++) {
+            float sum = total(acc[k][j]);
+            for (int64_t i = whole; i < in; i++) sum += x[k * in + i] * half(s->a + (j0 + j) * in + i);
+            t[k][j0 + j] = sum;
+        }
+}
+
+/* t[k][0:rank] = x[k] @ a.T for `n` (<= ROWS) rows of x. */
+static void down(const Slot *s, const float *x, int64_t n, float t[ROWS][MAX_RANK]) {
+    int64_t j = 0;
+    for (; j + A_ROWS <= s->rank; j += A_ROWS) {
+        if (n == ROWS) dots(s, x, ROWS, j, A_ROWS, t);
+        else dots(s, x, 1, j, A_ROWS, t);
+    }
+    for (; j < s->rank; j++) {
+        if (n == ROWS) dots(s, x, ROWS, j, 1, t);
+        else dots(s, x, 1, j, 1, t);
+    }
+}
+
+/* z[c0:c1] = y[c0:c1] + t @ b[:, c0:c1] for one row: COLUMNS columns in registers across the whole rank (4
+ * independent sums, each b element read once), then LANES, then one at a time. */
+static void up(const Slot *s, const float *t, const float *y, float *z, int64_t c0, int64_t c1) {
+    const int64_t rank = s->rank, out = s->out;
+    int64_t c = c0;
+    for (; c + COLUMNS <= c1; c += COLUMNS) {
+        vn acc0 = loadn(y + c), acc1 = loadn(y + c + LANES), acc2 = loadn(y + c + 2 * LANES),
+           acc3 = loadn(y + c + 3 * LANES);
+        for (int64_t j = 0; j < rank; j++) {
+            const uint16_t *row = s->b + j * out + c;
+            const vn w = splat(t[j]);
+            acc0 += w * loadh(row);
+            acc1 += w * loadh(row + LANES);
+            acc2 += w * loadh(row + 2 * LANES);
+            acc3 += w * loadh(row + 3 * LANES);
+        }
+        storen(z + c, acc0);
+        storen(z + c + LANES, acc1);
+        storen(z + c + 2 * LANES, acc2);
+        storen(z + c + 3 * LANES, acc3);
+    }
+    for (; c + LANES <= c1; c += LANES) {
+        vn acc = loadn(y + c);
+        for (int64_t j = 0; j < rank; j++) acc += splat(t[j]) * loadh(s->b + j * out + c);
+        storen(z + c, acc);
+    }
+    for (; c < c1; c++) {
+        float acc = y[c];
+        for (int64_t j = 0; j < rank; j++) acc += t[j] * half(s->b + j * out + c);
+        z[c] = acc;
+    }
+}
+
+/* Task `task` of a single row's x @ a.T: its A_ROWS rows of a, or the rest. */
+static void rank_task(void *data, size_t task) {
+    const Slot *s = data;
+    float(*t)[MAX_RANK] = (float(*)[MAX_RANK])s->t;
+    const int64_t j0 = (int64_t)task * A_ROWS;
+    if (j0 + A_ROWS <= s->rank)
+        dots(s, s->x, 1, j0, A_ROWS, t);
+    else
+        for (int64_t j = j0; j < s->rank; j++) dots(s, s->x, 1, j, 1, t);
+}
+
+/* Task `task` of a single row: its TASK_COLUMNS columns. */
+static void columns_task(void *data, size_t task) {
+    const Slot *s = data;
+    const int64_t c0 = (int64_t)task * TASK_COLUMNS, c1 = c0 + TASK_COLUMNS < s->out ? c0 + TASK_COLUMNS : s->out;
+    up(s, s->t, s->y, s->z, c0, c1);
+}
+
+/* Task `task` of several rows: ROWS of them, whole. */
+static void rows_task(void *data, size_t task) {
+    const Slot *s = data;
+    const int64_t r0 = (int64_t)task * ROWS, n = r0 + ROWS < s->rows ? ROWS : s->rows - r0;
+    float t[ROWS][MAX_RANK];
+    down(s, s->x + r0 * s->in, n, t);
+    for (int64_t k = 0; k < n; k++)
+        up(s, t[k], s->y + (r0 + k) * s->out, s->z + (r0 + k) * s->out, 0, s->out);
+}
+
+/* The shape of input `index`: its dimension count and up to 8 dimensions. */
+static OrtStatus *shape_of(const OrtValue *value, size_t *count, int64_t dims[8]) {
+    OrtTensorTypeAndShapeInfo *info;
+    OrtStatus *status = api->GetTensorTypeAndShape(value, &info);
+    if (status) return status;
+    status = api->GetDimensionsCount(info, count);
+    if (!status && *count > 8) status = api->CreateStatus(ORT_INVALID_ARGUMENT, "LoraSlot: more than 8 dimensions");
+    if (!status) status = api->GetDimensions(info, dims, *count);
+    api->ReleaseTensorTypeAndShapeInfo(info);
+    return status;
+}
+
+/* An input's data (GetTensorData, for const values, is newer than the API asked for). */
+static OrtStatus *read(const OrtValue *value, const void **data) {
+    return api->GetTensorMutableData((OrtValue *)value, (void **)data);
+}
+
+#define TRY(call)                                                                                                    \
+    do {                                                                                                             \
+        OrtStatus *status_ = (call);                                                                                 \
+        if (status_) return status_;                                                                                 \
+    } while (0)
+
+static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *context) {
+    (void)kernel;
+    const OrtValue *inputs[4];
+    size_t counts[4];
+    int64_t dims[4][8];
+    for (size_t i = 0; i < 4; i++) {
+        TRY(api->KernelContext_GetInput(context, i, &inputs[i]));
+        TRY(shape_of(inputs[i], &counts[i], dims[i]));
+    }
+    /* x [..., in], y [..., out] with the same leading dimensions, a [r, in], b [r, out] */
+    const size_t lead = counts[0] - 1;
+    int64_t rows = 1;
+    int ok = counts[0] >= 1 && counts[1] == counts[0] && counts[2] == 2 && counts[3] == 2;
+    for (size_t d = 0; ok && d < lead; d++) {
+        ok = dims[0][d] == dims[1][d];
+        rows *= dims[0][d];
+    }
+    Slot s = {.rows = rows};
+    if (ok) {
+        s.in = dims[0][lead];
+        s.out = dims[1][lead];
+        s.rank = dims[2][0];
+        ok = dims[2][1] == s.in && dims[3][0] == s.rank && dims[3][1] == s.out;
+    }
+    if (!ok)
+        return api->CreateStatus(ORT_INVALID_ARGUMENT, "LoraSlot: want x [..., in], y [..., out], a [r, in] and "
+                                                       "b [r, out]");
+    if (s.rank > MAX_RANK) return api->CreateStatus(ORT_INVALID_ARGUMENT, "LoraSlot: rank above 256");
+    OrtValue *output;
+    TRY(api->KernelContext_GetOutput(context, 0, dims[1], counts[1], &output));
+    TRY(read(inputs[0], (const void **)&s.x));
+    TRY(read(inputs[1], (const void **)&s.y));
+    TRY(api->GetTensorMutableData(output, (void **)&s.z));
+    if (s.rank == 0 || rows == 0 || s.out == 0) {
+        if (s.z != s.y) memcpy(s.z, s.y, (size_t)(rows * s.out) * sizeof(float));
+        return NULL;
+    }
+    TRY(read(inputs[2], (const void **)&s.a));
+    TRY(read(inputs[3], (const void **)&s.b));
+    if (rows == 1) {
+        /* A decode step: each half split between threads where it reads enough (one thread reads ~half of what
+         * DRAM gives two) */
+        float t[ROWS][MAX_RANK];
+        s.t = t[0];
+        const size_t rank_tasks = (size_t)((s.rank + A_ROWS - 1) / A_ROWS);
+        if (s.rank * s.in * 2 >= SPLIT_BYTES && rank_tasks > 1)
+            TRY(api->KernelContext_ParallelFor(context, rank_task, rank_tasks, 0, &s));
+        else
+            down(&s, s.x, 1, t);
+        const size_t tasks = (size_t)((s.out + TASK_COLUMNS - 1) / TASK_COLUMNS);
+        if (s.rank * s.out * 2 >= SPLIT_BYTES && tasks > 1)
+            return api->KernelContext_ParallelFor(context, columns_task, tasks, 0, &s);
+        up(&s, s.t, s.y, s.z, 0, s.out);
+        return NULL;
+    }
+    const size_t tasks = (size_t)((rows + ROWS - 1) / ROWS);
+    if (tasks > 1) return api->KernelContext_ParallelFor(context, rows_task, tasks, 0, &s);
+    rows_task(&s, 0);
+    return NULL;
+}
+
+static OrtStatus *ORT_API_CALL create(const OrtCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
+                                      void **kernel) {
+    (void)op, (void)given, (void)info;
+    *kernel = (void *)&api; /* no state: any non-null pointer */
+    return NULL;
+}
+
+static void ORT_API_CALL destroy(void *kernel) { (void)kernel; }
+static const char *ORT_API_CALL name(const OrtCustomOp *op) { (void)op; return "LoraSlot"; }
+static const char *ORT_API_CALL provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+
+static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    return index < 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+}
+
+static size_t ORT_API_CALL input_count(const OrtCustomOp *op) { (void)op; return 4; }
+static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op, size_t index) {
+    (void)op, (void)index;
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static size_t ORT_API_CALL output_count(const OrtCustomOp *op) { (void)op; return 1; }
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *op, size_t index) {
+    (void)op, (void)index;
+    return INPUT_OUTPUT_REQUIRED;
+}
+static OrtMemType ORT_API_CALL memory(const OrtCustomOp *op, size_t index) {
+    (void)op, (void)index;
+    return OrtMemTypeDefault;
+}
+static int ORT_API_CALL one(const OrtCustomOp *op) { (void)op; return 1; }
+static int ORT_API_CALL zero(const OrtCustomOp *op) { (void)op; return 0; }
+static int ORT_API_CALL last_version(const OrtCustomOp *op) { (void)op; return 0x7fffffff; }
+
+/* The output may take y's buffer (input 1); the arrays are static, so releasing them does nothing. */
+static int in_place_input[1] = {1}, in_place_output[1] = {0};
+static size_t ORT_API_CALL may_in_place(int **input_index, int **output_index) {
+    *input_index = in_place_input;
+    *output_index = in_place_output;
+    return 1;
+}
+static size_t ORT_API_CALL no_alias(int **input_index, int **output_index) {
+    *input_index = NULL;
+    *output_index = NULL;
+    return 0;
+}
+static void ORT_API_CALL release(int *input_index, int *output_index) { (void)input_index, (void)output_index; }
+
+static const OrtCustomOp lora_slot = {
+    .version = API_VERSION,
+    .GetName = name,
+    .GetExecutionProviderType = provider,
+    .GetInputType = input_type,
+    .GetInputTypeCount = input_count,
+    .GetOutputType = output_type,
+    .GetOutputTypeCount = output_count,
+    .KernelDestroy = destroy,
+    .GetInputCharacteristic = required,
+    .GetOutputCharacteristic = required,
+    .GetInputMemoryType = memory,
+    .GetVariadicInputMinArity = one,
+    .GetVariadicInputHomogeneity = zero,
+    .GetVariadicOutputMinArity = one,
+    .GetVariadicOutputHomogeneity = zero,
+    .CreateKernelV2 = create,
+    .KernelComputeV2 = compute,
+    .GetStartVersion = one,
+    .GetEndVersion = last_version,
+    .GetMayInplace = may_in_place,
+    .ReleaseMayInplace = release,
+    .GetAliasMap = no_alias,
+    .ReleaseAliasMap = release,
+};
+
+static OrtCustomOpDomain *domain;
+
+/* Called by onnxruntime for each session the library is registered with (SessionOptions.register_custom_ops_library):
+ * one domain, made once, serves them all. */
+EXPORT OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+    if (!api) {
+        const OrtApi *given = base->GetApi(API_VERSION);
+        if (!given) return NULL; /* too old to say so: the session then fails on the unknown op */
+        api = given;
+    }
+    if (!domain) {
+        TRY(api->CreateCustomOpDomain("edge_runtime", &domain));
+        TRY(api->CustomOpDomain_Add(domain, &lora_slot));
+    }
+    return api->AddCustomOpDomain(options, domain);
+}
