@@ -173,11 +173,13 @@ def export(
                                                      "(default 1): once for all, or once per --adapter."),
     lora_slots: str | None = typer.Option(None, "--lora-slots", help="Give the projections inputs for a LoRA adapter "
                                           "attached at load (run/chat/serve --adapter): RANK[:MODULES], e.g. 16 "
-                                          "(q, k, v, o, gate, up and down) or 16:q_proj,v_proj."),
-    lora_slot_precision: str | None = typer.Option(None, "--lora-slot-precision", help="fp16: half the bytes a "
-                                                   "token, through edge-runtime's own operator (the default beside "
-                                                   "quantized weights); fp32: onnxruntime's MatMul, equal to the "
-                                                   "adapter merged at export (the default beside fp32 weights)."),
+                                          "(q, k, v, o, gate, up, down and the PLE projections, PEFT's all-linear) "
+                                          "or 16:q_proj,v_proj."),
+    lora_slot_precision: str | None = typer.Option(None, "--lora-slot-precision", help="int8 (default beside int8 "
+                                                   "/ int4 weights) or fp16 (beside fp16): a quarter or half of "
+                                                   "float32's bytes a token, through edge-runtime's own operators; "
+                                                   "fp32 (beside fp32): onnxruntime's MatMul, equal to the adapter "
+                                                   "merged at export."),
 ) -> None:
     """Convert a Gemma 4 or Gemma 3n checkpoint (a directory, or a Hugging Face repo id to download) into an artifact."""
     try:

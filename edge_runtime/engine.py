@@ -166,7 +166,7 @@ class Engine:
         graph_threads = 1 if manifest.read_per_token["weights"] / len(names) < SMALL_GRAPH_BYTES else threads
 
         slots = manifest.lora_slots
-        own_ops = slots is not None and slots.dtype == "float16"
+        own_ops = slots is not None and slots.dtype != "float32"
 
         def session(name: str) -> ort.InferenceSession:
             return open_session(artifact / name, graph_threads, own_ops)

@@ -5,7 +5,8 @@ anything is swapped: its rank must fit theirs, every module it changes must have
 DoRA rescales each merged row by the norm of W + s B A, which is no (x @ A) @ B, and modules_to_save replaces whole
 tensors the graphs hold as weights; both are refused with the way out (merge at export). Each slot's A is lora_A
 (transposed for float32 slots), its B the scaled lora_B transposed, at the module's own rank, in the slots' dtype
-(a value float16 cannot hold is refused, naming the tensor). A slot without an update gets empty arrays (rank 0, one
+(a value float16 cannot hold is refused, naming the tensor; int8 slots take each rank row quantized on its own,
+and the product of its two scales). A slot without an update gets empty arrays (rank 0, one
 per shape, shared): onnxruntime's MatMul over an empty inner dimension gives zeros, and LoraSlot leaves y as it is,
 so the projection is unchanged and nothing is read (measured equal to the slot-less export:
 tests/test_lora_slots.py). Rank-16 zeros instead cost E2B int4 96.6 MB of float32 per token and ~7% of a decode step.
@@ -20,8 +21,9 @@ import numpy as np
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.families import family_named
 from edge_runtime.lora_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter
-from edge_runtime.lora_slots import LoraSlots, a_shape, module_of, slot_inputs
+from edge_runtime.lora_slots import LoraSlots, a_shape, module_of, slot_inputs, slot_scale
 from edge_runtime.model_spec import ModelSpec
+from edge_runtime.quant.integer import quantize_int8_rows
 
 MERGE_INSTEAD = "merge it at export instead (edge-runtime export --adapter)"
 
@@ -39,6 +41,8 @@ def empty_feeds(slots: LoraSlots) -> Feeds:
     for tensor, (k, n) in slots.tensors.items():
         a, b = slot_inputs(tensor)
         feeds[a], feeds[b] = zero(a_shape(slots.dtype, k, 0)), zero((0, n))
+        if slots.dtype == "int8":
+            feeds[slot_scale(tensor)] = np.zeros(0, np.float32)
     return feeds
 
 
@@ -78,7 +82,8 @@ def fed_bytes(adapter: Adapter, slots: LoraSlots) -> int:
     total = 0
     for name, module in adapter.lora.items():
         k, n = slots.tensors[name.removesuffix(".weight")]
-        total += np.dtype(slots.dtype).itemsize * adapter.file.entries[module.a].shape[0] * (k + n)
+        rank = adapter.file.entries[module.a].shape[0]
+        total += np.dtype(slots.dtype).itemsize * rank * (k + n) + (4 * rank if slots.dtype == "int8" else 0)
     return total
 
 
@@ -99,8 +104,14 @@ def adapter_feeds(path: Path, slots: LoraSlots | None, spec: ModelSpec, artifact
     feeds = empty_feeds(slots)
     for name in sorted(adapter.lora):
         update, module = adapter.update(name), adapter.lora[name]
-        a, b = slot_inputs(name.removesuffix(".weight"))
+        tensor = name.removesuffix(".weight")
+        a, b = slot_inputs(tensor)
+        scaled_b = (np.float32(update.scaling) * update.b).T
+        if slots.dtype == "int8":
+            (feeds[a], a_scale), (feeds[b], b_scale) = quantize_int8_rows(update.a), quantize_int8_rows(scaled_b)
+            feeds[slot_scale(tensor)] = a_scale * b_scale
+            continue
         a_values = update.a.T if slots.dtype == "float32" else update.a
         feeds[a] = _in_dtype(a_values, slots.dtype, module.a, path)
-        feeds[b] = _in_dtype((np.float32(update.scaling) * update.b).T, slots.dtype, module.b, path)
+        feeds[b] = _in_dtype(scaled_b, slots.dtype, module.b, path)
     return feeds

@@ -1,13 +1,16 @@
 """LoRA slots: graph inputs through which an adapter is attached at load instead of merged at export.
 
-An artifact exported with `--lora-slots RANK[:MODULES]` has, for each slotted projection of each layer, two graph
-inputs, `lora.<tensor>.a` and `lora.<tensor>.b`, and adds `(x @ A) @ B` to the projection's output, in one of two
+An artifact exported with `--lora-slots RANK[:MODULES]` has, for each slotted projection (of each layer, and the
+model's PLE projection), two graph inputs, `lora.<tensor>.a` and `lora.<tensor>.b`, and adds `(x @ A) @ B` to the projection's output, in one of two
 precisions (`dtype`):
 - float32 (the default for fp32 weights): a is [in, r] (lora_A transposed), b [r, out], through onnxruntime's own
   MatMul and Add, so an attached adapter equals the same adapter merged at export to float32 precision;
-- float16 (the default for every other weight format): a is [r, in] (lora_A as PEFT stores it), b [r, out], through
+- float16 (the default beside fp16 weights): a is [r, in] (lora_A as PEFT stores it), b [r, out], through
   edge-runtime's LoraSlot operator (edge_runtime/onnxruntime_ops.py), which reads half the bytes: a decode step is
-  bound by what it reads, and a rank-16 adapter on every projection of E2B was 8% of that in float32.
+  bound by what it reads, and a rank-16 adapter on every projection of E2B was 8% of that in float32;
+- int8 (the default beside int8 and int4 weights): a [r, in] and b [r, out] int8, each rank row quantized on its own
+  (symmetric, max / 127), and `lora.<tensor>.scale` [r] the product of row j's two scales, through LoraSlotInt8: a
+  quarter of float32's bytes, at 1/254 of a row's largest value, finer than the int4 grid a merge would put it on.
 The runtime feeds them on every run: the adapter's lora_A and its scaled lora_B transposed, or empty arrays (r = 0)
 when none is attached or the adapter leaves that projection alone (edge_runtime/lora_attach.py).
 Switching adapters then costs no re-export and no reload of the base. r is a symbolic dimension of each slot's own,
@@ -22,15 +25,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-# Module name (as PEFT's target_modules names it) -> its tensor path within a layer.
-MODULES: dict[str, str] = {
-    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj",
-}
+# The modules slots can take, as PEFT's target_modules names them: the attention and MLP projections, and the PLE
+# projections (each layer's input gate and projection, and the model's projection once), so that every linear of an
+# all-linear adapter has one.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PLE_PROJECTIONS = ("per_layer_input_gate", "per_layer_projection", "per_layer_model_projection")
+MODULES = PROJECTIONS + PLE_PROJECTIONS
 SYNTAX = "RANK[:MODULES]"
 MAX_RANK = 256  # kernels/onnxruntime_ops.c's MAX_RANK
 # --lora-slot-precision's names -> the slots' dtype
-PRECISIONS: dict[str, str] = {"fp32": "float32", "fp16": "float16"}
+PRECISIONS: dict[str, str] = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+FLOAT_WEIGHTS = ("fp32", "fp16")
 
 
 class SlotRequest(NamedTuple):
@@ -67,8 +72,13 @@ def slot_inputs(tensor: str) -> tuple[str, str]:
     return f"lora.{tensor}.a", f"lora.{tensor}.b"
 
 
+def slot_scale(tensor: str) -> str:
+    """An int8 slot's third input: each rank row's scale."""
+    return f"lora.{tensor}.scale"
+
+
 def a_shape(dtype: str, in_width: int | str, rank: int | str) -> tuple:
-    """A slot's A: [in, rank] for float32 (MatMul's right operand), [rank, in] for float16 (LoraSlot's)."""
+    """A slot's A: [in, rank] for float32 (MatMul's right operand), [rank, in] for the others (LoraSlot's)."""
     return (in_width, rank) if dtype == "float32" else (rank, in_width)
 
 
@@ -77,18 +87,20 @@ def module_of(tensor: str) -> str:
     return tensor.rsplit(".", 1)[-1]
 
 
-def slot_dtype(precision: str | None, weights_fp32: bool) -> str:
-    """--lora-slot-precision as the slots' dtype; by default float32 beside float32 weights, else float16. A
-    ValueError names the choices."""
+def slot_dtype(precision: str | None, weights: tuple[str, ...]) -> str:
+    """--lora-slot-precision as the slots' dtype; by default by the slotted linears' weight formats: float32 beside
+    fp32 weights only, float16 beside float weights, int8 beside any integer ones. A ValueError names the choices."""
     if precision is None:
-        return "float32" if weights_fp32 else "float16"
+        if all(w == "fp32" for w in weights):
+            return "float32"
+        return "float16" if all(w in FLOAT_WEIGHTS for w in weights) else "int8"
     if precision not in PRECISIONS:
         raise ValueError(f"not available; choose one of {', '.join(PRECISIONS)}")
     return PRECISIONS[precision]
 
 
 def parse_slots(text: str) -> tuple[int, tuple[str, ...]]:
-    """`--lora-slots` as (rank, modules): "16" slots every projection, "16:q_proj,v_proj" those two."""
+    """`--lora-slots` as (rank, modules): "16" slots every module, "16:q_proj,v_proj" those two."""
     rank_text, _, modules_text = text.partition(":")
     try:
         rank = int(rank_text)

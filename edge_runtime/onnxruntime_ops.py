@@ -20,6 +20,7 @@ from edge_runtime.errors import EdgeRuntimeError
 DOMAIN = "edge_runtime"
 OPSET = 1
 LORA_SLOT = "LoraSlot"  # y + (x @ a.T) @ b with half-precision a [r, in] and b [r, out] (lora_slots.py)
+LORA_SLOT_INT8 = "LoraSlotInt8"  # y + ((x @ a.T) * scale) @ b with int8 a [r, in] and b [r, out], float32 scale [r]
 SOURCE = KERNELS / "onnxruntime_ops.c"
 
 
@@ -42,7 +43,7 @@ def register(options: ort.SessionOptions, artifact: Path) -> None:
     """Make the operators known to sessions opened with `options`, for `artifact`'s graphs that use them."""
     path = library()
     if path is None:
-        raise EdgeRuntimeError(f"{artifact}: its LoRA slots are float16, computed by edge-runtime's onnxruntime "
+        raise EdgeRuntimeError(f"{artifact}: its LoRA slots are computed by edge-runtime's onnxruntime "
                                f"operators, which have no build for this CPU (they need x86-64-v3 or aarch64); "
                                f"re-export with --lora-slot-precision fp32")
     options.register_custom_ops_library(str(path))

@@ -39,9 +39,9 @@ from edge_runtime.ple_store import LOSSLESS_FORMATS, PLE_FORMATS, decode_rows, e
 from edge_runtime.progress import Notice, Progress, no_notice, no_progress
 from edge_runtime.version import __version__
 from edge_runtime.weight_formats import BLOCK_SIZES, EmbeddingWeights, WeightFormat
-from edge_runtime.weight_recipe import DOWN_PROJ, EMBED, GATE_UP, O_PROJ, QKV, WeightRecipe, parse_recipe
+from edge_runtime.weight_recipe import DOWN_PROJ, EMBED, GATE_UP, O_PROJ, PER_LAYER, QKV, WeightRecipe, parse_recipe
 
-SLOTTED_ROLES = (QKV, O_PROJ, GATE_UP, DOWN_PROJ)  # the weight roles of the projections LoRA slots can take
+SLOTTED_ROLES = (QKV, O_PROJ, GATE_UP, DOWN_PROJ, PER_LAYER)  # the weight roles of the linears LoRA slots can take
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", block_size: int = 32,
@@ -59,8 +59,8 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
     `adapters` are PEFT LoRA adapter directories merged into the weights in order, each scaled by its
     `adapter_scales` entry (one value scales all); all are checked against the checkpoint before anything is written.
     `lora_slots` ("16", "16:q_proj,v_proj": edge_runtime/lora_slots.py) gives those projections inputs through which
-    the runtime attaches an adapter at load, in `lora_slot_precision` ("fp32" or "fp16"; by default fp32 only
-    beside fp32 weights).
+    the runtime attaches an adapter at load, in `lora_slot_precision` ("fp32", "fp16" or "int8"; by default by the
+    weights: lora_slots.slot_dtype).
     """
     if block_size not in BLOCK_SIZES:
         raise EdgeRuntimeError(f"--block-size {block_size}: not available; choose one of "
@@ -74,7 +74,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, weights: str = "fp32", blo
     except ValueError as exc:
         raise EdgeRuntimeError(f"--lora-slots {lora_slots}: {exc}") from None
     try:
-        dtype = slot_dtype(lora_slot_precision, all(recipe.format_for(role).name == "fp32" for role in SLOTTED_ROLES))
+        dtype = slot_dtype(lora_slot_precision, tuple(recipe.format_for(role).name for role in SLOTTED_ROLES))
     except ValueError as exc:
         raise EdgeRuntimeError(f"--lora-slot-precision {lora_slot_precision}: {exc}") from None
     request = None if slots is None else SlotRequest(*slots, dtype)

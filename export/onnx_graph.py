@@ -18,9 +18,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.artifact import EXTERNAL_DATA_ALIGNMENT, TensorRef
-from edge_runtime.lora_slots import SlotRequest, a_shape, module_of, slot_inputs
+from edge_runtime.lora_slots import SlotRequest, a_shape, module_of, slot_inputs, slot_scale
 from edge_runtime.onnxruntime_ops import DOMAIN as OPS_DOMAIN
-from edge_runtime.onnxruntime_ops import LORA_SLOT
+from edge_runtime.onnxruntime_ops import LORA_SLOT, LORA_SLOT_INT8
 from edge_runtime.onnxruntime_ops import OPSET as OPS_OPSET
 from edge_runtime.weight_formats import LinearWeight, WeightFormat
 
@@ -142,7 +142,7 @@ class GraphBuilder:
     def lora(self, x: str, y: str, tensor: str, in_width: int, out_width: int) -> str:
         """y + (x @ A) @ B with A and B graph inputs (edge_runtime/lora_slots.py) when the module of `tensor` has a
         slot, else y as it is. float32: two MatMuls and an Add, reading (in + out) * r * 4 bytes at rank r; float16:
-        one LoraSlot node, half of that; none at r = 0."""
+        one LoraSlot node, half of that; int8: one LoraSlotInt8 node, a quarter; none at r = 0."""
         if self.slots is None or module_of(tensor) not in self.slots.modules:
             return y
         a, b = slot_inputs(tensor)
@@ -153,7 +153,10 @@ class GraphBuilder:
         self.slotted[tensor] = (in_width, out_width)
         if dtype == "float32":
             return self.op("Add", y, self.op("MatMul", self.op("MatMul", x, a), b))
-        return self.op(LORA_SLOT, x, y, a, b, domain=OPS_DOMAIN)
+        if dtype == "float16":
+            return self.op(LORA_SLOT, x, y, a, b, domain=OPS_DOMAIN)
+        scale = self.input(slot_scale(tensor), [rank])
+        return self.op(LORA_SLOT_INT8, x, y, a, b, scale, domain=OPS_DOMAIN)
 
     def contrib(self, op_type: str, *inputs: str, **attrs) -> str:
         """One node of onnxruntime's com.microsoft contrib ops (CPU kernels, with ARM64 paths)."""

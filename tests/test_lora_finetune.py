@@ -19,7 +19,7 @@ def test_lora_finetune_measures_both_paths(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the tool's exports go under tmp_path
     out = tmp_path / "lora"
     args = argparse.Namespace(lora_out=out, steps=3, batch_size=2, seq_len=32, lr=2e-3, weight_decay=0.0, seed=0,
-                              threads=1, log_every=10, chat_share=0.25, lora_r=4, lora_targets="projections",
+                              threads=1, log_every=10, chat_share=0.25, lora_r=4, lora_targets="all-linear",
                               lora_weights="fp32")
     report = train_tiny.lora_finetune(args)
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()

@@ -19,6 +19,7 @@ import edge_runtime
 from conftest import CONFIGS, free_port
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.export import export_checkpoint
+from edge_runtime.lora_slots import MODULES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import make_adapter
@@ -70,9 +71,10 @@ def _logits(artifact: Path, ids: np.ndarray, mode: str, **options) -> np.ndarray
     return edge_runtime.load(artifact, prefill_chunk=7, kv="fp32", **options).logits(ids, mode=mode)
 
 
-@pytest.mark.parametrize("name", ["r8", "r4-rslora", "qv"])
+@pytest.mark.parametrize("name", ["r8", "r4-rslora", "qv", "all-linear"])
 def test_attached_equals_merged(name, slotted, merged, adapters):
-    """r8 fills the slots; r4-rslora (o_proj at rank 2) has ranks below theirs; qv leaves k, o and the MLP empty."""
+    """r8 fills the projections' slots; r4-rslora (o_proj at rank 2) has ranks below theirs; qv leaves k, o and the
+    MLP empty; all-linear (PEFT's target) adds the PLE projections, each layer's two and the model's."""
     ids = _ids()
     model = edge_runtime.load(slotted, prefill_chunk=7, kv="fp32", adapter=adapters[name])
     plain = _logits(merged(None), ids, "prefill")
@@ -123,12 +125,13 @@ def test_manifest_records_the_slots(slotted, checkpoints, tmp_path):
     slots = record["lora_slots"]
     assert slots["rank"] == 8
     assert slots["dtype"] == "float32"  # beside fp32 weights
-    assert slots["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert slots["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                "per_layer_input_gate", "per_layer_projection", "per_layer_model_projection"]
     manifest = edge_runtime.load(slotted).manifest
     spec = manifest.spec
     shared = [i for i in range(spec.num_hidden_layers) if spec.is_kv_shared(i)]
     assert shared  # KV-shared layers have q, o and the MLP slotted, no k or v
-    expected = {}
+    expected, p = {}, spec.hidden_size_per_layer_input
     for i in range(spec.num_hidden_layers):
         h, q, kv, mlp = spec.hidden_size, spec.num_attention_heads * spec.head_dims[i], \
             spec.num_key_value_heads * spec.head_dims[i], spec.mlp_size(i)
@@ -137,7 +140,9 @@ def test_manifest_records_the_slots(slotted, checkpoints, tmp_path):
             expected[f"layers.{i}.self_attn.k_proj"] = [h, kv]
             expected[f"layers.{i}.self_attn.v_proj"] = [h, kv]
         expected.update({f"layers.{i}.self_attn.o_proj": [q, h], f"layers.{i}.mlp.gate_proj": [h, mlp],
-                         f"layers.{i}.mlp.up_proj": [h, mlp], f"layers.{i}.mlp.down_proj": [mlp, h]})
+                         f"layers.{i}.mlp.up_proj": [h, mlp], f"layers.{i}.mlp.down_proj": [mlp, h],
+                         f"layers.{i}.per_layer_input_gate": [h, p], f"layers.{i}.per_layer_projection": [p, h]})
+    expected["per_layer_model_projection"] = [h, spec.num_hidden_layers * p]
     assert slots["tensors"] == expected
     qv = export_checkpoint(checkpoints[BASE], tmp_path / "qv", lora_slots="4:v_proj,q_proj")
     slots = json.loads((qv / "manifest.json").read_text())["lora_slots"]
@@ -151,10 +156,9 @@ def test_manifest_records_the_slots(slotted, checkpoints, tmp_path):
     ("r16", ("{dir}/adapter_model.safetensors: base_model.model.model.layers.0.mlp.down_proj.lora_A.weight: rank 16 is "
             "more than the slots' 8 in {art}; export with --lora-slots 16 or more, or merge it at export instead "
             "(edge-runtime export --adapter)")),
-    ("all-linear", ("{dir}/adapter_model.safetensors: base_model.model.model.layers.0.per_layer_input_gate.lora_A.weight: "
-                   "per_layer_input_gate has no LoRA slot in {art} (slots: q_proj,k_proj,v_proj,o_proj,gate_proj,"
-                   "up_proj,down_proj); export with it in --lora-slots, or merge it at export instead "
-                   "(edge-runtime export --adapter)")),
+    ("qv-slots", ("{dir}/adapter_model.safetensors: base_model.model.model.layers.0.mlp.down_proj.lora_A.weight: "
+                 "down_proj has no LoRA slot in {art} (slots: q_proj,v_proj); export with it in --lora-slots, or "
+                 "merge it at export instead (edge-runtime export --adapter)")),
     ("dora", ("{dir}/adapter_config.json: use_dora: a DoRA adapter cannot be attached at load (its magnitude rescales "
              "the merged weights); merge it at export instead (edge-runtime export --adapter)")),
     ("saved", ("{dir}/adapter_model.safetensors: base_model.model.model.layers.0.input_layernorm.weight: "
@@ -163,9 +167,11 @@ def test_manifest_records_the_slots(slotted, checkpoints, tmp_path):
     ("no-slots", ("--adapter {dir}: {art} has no LoRA slots to attach an adapter to; export it with --lora-slots RANK, "
                  "or merge it at export instead (edge-runtime export --adapter)")),
 ])
-def test_refusals_are_one_line(name, message, slotted, merged, adapters):
-    artifact = merged(None) if name == "no-slots" else slotted
-    adapter = adapters["r8" if name == "no-slots" else name]
+def test_refusals_are_one_line(name, message, slotted, merged, adapters, checkpoints, tmp_path):
+    artifact = {"no-slots": merged(None), "qv-slots": None}.get(name, slotted)
+    if name == "qv-slots":
+        artifact = export_checkpoint(checkpoints[BASE], tmp_path / "qv-slots", lora_slots="8:q_proj,v_proj")
+    adapter = adapters["r8" if name in ("no-slots", "qv-slots") else name]
     model = edge_runtime.load(artifact, kv="fp32")
     before = model.logits(_ids())
     with pytest.raises(EdgeRuntimeError) as refusal:
@@ -180,14 +186,15 @@ def test_export_refusals(checkpoints, tmp_path):
         ("0", ("--lora-slots 0: the rank must be a whole number from 1 to 256 (RANK[:MODULES], e.g. 16 or "
               "16:q_proj,v_proj)")),
         ("8:q_proj,lm_head", ("--lora-slots 8:q_proj,lm_head: unknown module 'lm_head'; choose among q_proj, k_proj, "
-                             "v_proj, o_proj, gate_proj, up_proj, down_proj")),
+                             "v_proj, o_proj, gate_proj, up_proj, down_proj, per_layer_input_gate, "
+                             "per_layer_projection, per_layer_model_projection")),
     ]:
         with pytest.raises(EdgeRuntimeError) as refusal:
             export_checkpoint(checkpoints[BASE], tmp_path / "art", lora_slots=text)
         assert str(refusal.value) == message
     with pytest.raises(EdgeRuntimeError) as refusal:
         export_checkpoint(checkpoints[BASE], tmp_path / "art", lora_slots="8", lora_slot_precision="bf16")
-    assert str(refusal.value) == "--lora-slot-precision bf16: not available; choose one of fp32, fp16"
+    assert str(refusal.value) == "--lora-slot-precision bf16: not available; choose one of fp32, fp16, int8"
     assert not (tmp_path / "art").exists()
 
 
@@ -317,14 +324,16 @@ def test_info_shows_merged_adapters_and_slots(checkpoints, slotted, adapters, tm
     assert [(a["name"], a["scale"]) for a in data["adapters"]] == [("r8", 0.5), ("qv", 1.5)]
     assert data["lora_slots"] is None
     spec = edge_runtime.load(slotted).spec
-    projections = 7 * spec.num_hidden_layers - 2 * sum(spec.is_kv_shared(i) for i in range(spec.num_hidden_layers))
+    projections = 9 * spec.num_hidden_layers + 1 - 2 * sum(spec.is_kv_shared(i) for i in range(spec.num_hidden_layers))
     assert info(slotted).splitlines()[-1] == (f"  LoRA slots: rank 8 in q_proj, k_proj, v_proj, o_proj, gate_proj, "
-                                              f"up_proj, down_proj ({projections} projections, float32); attach an "
-                                              "adapter with --adapter DIR")
+                                              f"up_proj, down_proj, per_layer_input_gate, per_layer_projection, "
+                                              f"per_layer_model_projection ({projections} projections, float32); "
+                                              "attach an adapter with --adapter DIR")
     data = json.loads(info(slotted, "--json"))
     assert data["lora_slots"] == {"rank": 8, "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                         "up_proj", "down_proj"], "dtype": "float32",
-                                  "slotted_tensors": projections}
+                                                         "up_proj", "down_proj", "per_layer_input_gate",
+                                                         "per_layer_projection", "per_layer_model_projection"],
+                                  "dtype": "float32", "slotted_tensors": projections}
     assert data["adapters"] == []
 
 
@@ -389,7 +398,7 @@ def test_gemma3n_attached_equals_merged(checkpoints, tmp_path):
         assert error <= TOLERANCE and unslotted <= TOLERANCE
         assert moved > 1000 * TOLERANCE
     slots = json.loads((slotted / "manifest.json").read_text())["lora_slots"]["tensors"]
-    assert {name.rsplit(".", 1)[-1] for name in slots} == set(make_adapter.PROJECTIONS)
+    assert {name.rsplit(".", 1)[-1] for name in slots} == set(MODULES)
 
 
 def _half_exact(adapter: Path, out: Path, poke: float | None = None) -> Path:
@@ -409,14 +418,14 @@ def _half_exact(adapter: Path, out: Path, poke: float | None = None) -> Path:
     return out
 
 
-def _slot_nodes(artifact: Path) -> dict[str, int]:
+def _node_counts(artifact: Path) -> dict[str, int]:
+    """How many nodes of each op type the artifact's graphs hold together."""
     import onnx
 
-    graph = onnx.load(artifact / json.loads((artifact / "manifest.json").read_text())["graphs"]["segments"][1]["graph"],
-                      load_external_data=False).graph
     counts: dict[str, int] = {}
-    for node in graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    for segment in json.loads((artifact / "manifest.json").read_text())["graphs"]["segments"]:
+        for node in onnx.load(artifact / segment["graph"], load_external_data=False).graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
 
 
@@ -426,7 +435,8 @@ def test_float16_slots_hold_a_float16_adapter_as_merged(checkpoints, adapters, t
     base, ids = checkpoints[BASE], _ids()
     half = export_checkpoint(base, tmp_path / "half", lora_slots="8", lora_slot_precision="fp16")
     assert json.loads((half / "manifest.json").read_text())["lora_slots"]["dtype"] == "float16"
-    assert _slot_nodes(half)["LoraSlot"] == 7 and "MatMul" not in _slot_nodes(half)
+    slotted = len(json.loads((half / "manifest.json").read_text())["lora_slots"]["tensors"])
+    assert _node_counts(half)["LoraSlot"] == slotted and "MatMul" not in _node_counts(half)
     adapter = _half_exact(adapters["r8"], tmp_path / "r8-half")
     merged = export_checkpoint(base, tmp_path / "merged", adapters=[adapter])
     model = edge_runtime.load(half, prefill_chunk=7, kv="fp32", adapter=adapter)
@@ -437,24 +447,80 @@ def test_float16_slots_hold_a_float16_adapter_as_merged(checkpoints, adapters, t
         assert error <= TOLERANCE
 
 
-def test_quantized_exports_take_float16_slots(checkpoints, adapters, tmp_path):
-    """int4 weights take float16 slots by default: with no adapter the logits of the slot-less int4 export exactly,
-    with one the adapter's arrays at half float32's bytes; a value float16 cannot hold is refused in one line."""
+def _int8_exact(adapter: Path, out: Path) -> Path:
+    """A copy of `adapter` that int8 slots hold exactly: each row of lora_A and each column of lora_B (the slot's B
+    rows, once scaled by alpha / r = 2) integers times a power of two, with a largest value of 127 of them, so that
+    quantizing them (max / 127) finds that power of two and the integers again."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    def exact(rows: np.ndarray, step: float) -> np.ndarray:
+        codes = np.rint(rows / np.abs(rows).max(axis=1, keepdims=True) * 127)
+        return (codes * step).astype(np.float32)
+
+    shutil.copytree(adapter, out)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    for key, value in tensors.items():
+        if key.endswith("lora_A.weight"):
+            tensors[key] = exact(value, 2.0 ** -10)
+        elif key.endswith("lora_B.weight"):
+            tensors[key] = exact(value.T, 2.0 ** -12).T.copy()
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_int8_slots_hold_an_int8_adapter_as_merged(checkpoints, adapters, tmp_path):
+    """Int8 slots (LoraSlotInt8) beside fp32 weights: an adapter whose rows int8 holds gives the logits of it merged at
+    export to float32 precision, prefill and decode."""
+    base, ids = checkpoints[BASE], _ids()
+    slots = export_checkpoint(base, tmp_path / "int8-slots", lora_slots="8", lora_slot_precision="int8")
+    record = json.loads((slots / "manifest.json").read_text())["lora_slots"]
+    assert record["dtype"] == "int8"
+    assert _node_counts(slots)["LoraSlotInt8"] == len(record["tensors"]) and "MatMul" not in _node_counts(slots)
+    adapter = _int8_exact(adapters["r8"], tmp_path / "r8-int8")
+    merged = export_checkpoint(base, tmp_path / "merged", adapters=[adapter])
+    model = edge_runtime.load(slots, prefill_chunk=7, kv="fp32", adapter=adapter)
+    for mode in ("prefill", "decode"):
+        error = float(np.abs(model.logits(ids, mode=mode) - _logits(merged, ids, mode)).max())
+        print(f"int8 slots {mode}: attached vs merged max abs {error:.2e}")
+        assert error <= TOLERANCE
+
+
+@pytest.mark.parametrize("weights,dtype", [("fp32", "float32"), ("fp16", "float16"), ("int8", "int8"),
+                                           ("int4", "int8"), ("fp32,o_proj=int4", "int8"), ("int4-mixed", "int8")])
+def test_slot_precision_follows_the_weights(weights, dtype):
+    """By default: float32 beside fp32 weights only, float16 beside float ones, int8 beside any integer ones."""
+    from edge_runtime.export.exporter import SLOTTED_ROLES
+    from edge_runtime.lora_slots import slot_dtype
+    from edge_runtime.weight_recipe import parse_recipe
+
+    recipe = parse_recipe(weights, 32)
+    assert slot_dtype(None, tuple(recipe.format_for(role).name for role in SLOTTED_ROLES)) == dtype
+
+
+def test_quantized_exports_take_int8_slots(checkpoints, adapters, tmp_path):
+    """int4 weights take int8 slots by default: with no adapter the logits of the slot-less int4 export exactly,
+    with one the adapter's arrays at a quarter of float32's bytes (and a scale a rank row); in float16 slots, a value
+    float16 cannot hold is refused in one line."""
     base, ids = checkpoints[BASE], _ids()
     slotted = export_checkpoint(base, tmp_path / "int4-slots", weights="int4", lora_slots="8")
     plain = export_checkpoint(base, tmp_path / "int4", weights="int4")
-    assert json.loads((slotted / "manifest.json").read_text())["lora_slots"]["dtype"] == "float16"
+    assert json.loads((slotted / "manifest.json").read_text())["lora_slots"]["dtype"] == "int8"
     for mode in ("prefill", "decode"):
         assert np.array_equal(_logits(slotted, ids, mode), _logits(plain, ids, mode))
     model = edge_runtime.load(slotted, kv="fp32", adapter=adapters["r8"])
     fed = sum(a.nbytes for a in model._adapter_feeds[model.adapter].values())
     tensors = json.loads((slotted / "manifest.json").read_text())["lora_slots"]["tensors"]
-    assert fed == sum(2 * 8 * (k + n) for k, n in tensors.values())
+    assert fed == sum(8 * (k + n) + 4 * 8 for t, (k, n) in tensors.items()
+                      if t.rsplit(".", 1)[-1] in make_adapter.PROJECTIONS)
     moved = np.abs(model.logits(ids, mode="decode") - _logits(plain, ids, "decode")).max()
     assert moved > 0.1, moved
+    half = export_checkpoint(base, tmp_path / "int4-half-slots", weights="int4", lora_slots="8",
+                             lora_slot_precision="fp16")
     huge = _half_exact(adapters["r8"], tmp_path / "huge", poke=1e5)
     with pytest.raises(EdgeRuntimeError) as refusal:
-        edge_runtime.load(slotted, adapter=huge)
+        edge_runtime.load(half, adapter=huge)
     assert str(refusal.value) == (
         f"{huge / 'adapter_model.safetensors'}: base_model.model.model.layers.0.mlp.down_proj.lora_B.weight: 200000 "
         "(with the adapter's scaling) is beyond the range of these LoRA slots' float16 (65504); export with "

@@ -1,5 +1,6 @@
 """edge-runtime's own onnxruntime operators (edge_runtime/kernels/onnxruntime_ops.c) against numpy, for every build this
-machine can run: LoraSlot(x, y, a, b) = y + (x @ a.T) @ b with half-precision a and b, summed in float32."""
+machine can run: LoraSlot(x, y, a, b) = y + (x @ a.T) @ b with half-precision a and b, and LoraSlotInt8(x, y, a, b,
+scale) = y + ((x @ a.T) * scale) @ b with int8 a and b, summed in float32."""
 
 from __future__ import annotations
 
@@ -17,17 +18,22 @@ from edge_runtime.errors import EdgeRuntimeError
 BUILDS = [name for name in builds_for_this_machine() if name != "x86_64"]  # no baseline x86 build: no F16C
 
 
-def _session(path: str, leading: int, y_computed: bool) -> ort.InferenceSession:
-    """One LoraSlot node over inputs of any shape with `leading` dimensions before in / out; with `y_computed`, y
-    comes from a node (Relu), whose buffer the output may take, else straight from a graph input."""
+def _session(path: str, leading: int, y_computed: bool, kind: str = "half") -> ort.InferenceSession:
+    """One LoraSlot (or LoraSlotInt8) node over inputs of any shape with `leading` dimensions before in / out; with
+    `y_computed`, y comes from a node (Relu), whose buffer the output may take, else straight from a graph input."""
     dims = [f"d{i}" for i in range(leading)]
+    element = TensorProto.FLOAT16 if kind == "half" else TensorProto.INT8
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*dims, "in"]),
               helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims, "out"]),
-              helper.make_tensor_value_info("a", TensorProto.FLOAT16, ["r", "in"]),
-              helper.make_tensor_value_info("b", TensorProto.FLOAT16, ["r", "out"])]
+              helper.make_tensor_value_info("a", element, ["r", "in"]),
+              helper.make_tensor_value_info("b", element, ["r", "out"])]
+    names = ["x", "y1" if y_computed else "y", "a", "b"]
+    if kind == "int8":
+        inputs.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["r"]))
+        names.append("scale")
     nodes = [helper.make_node("Relu", ["y"], ["y1"])] if y_computed else []
-    nodes.append(helper.make_node(onnxruntime_ops.LORA_SLOT, ["x", "y1" if y_computed else "y", "a", "b"], ["z"],
-                                  domain=onnxruntime_ops.DOMAIN))
+    op = onnxruntime_ops.LORA_SLOT if kind == "half" else onnxruntime_ops.LORA_SLOT_INT8
+    nodes.append(helper.make_node(op, names, ["z"], domain=onnxruntime_ops.DOMAIN))
     graph = helper.make_graph(nodes, "slot", inputs, [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid(onnxruntime_ops.DOMAIN, onnxruntime_ops.OPSET)],
@@ -36,6 +42,17 @@ def _session(path: str, leading: int, y_computed: bool) -> ort.InferenceSession:
     options.intra_op_num_threads = 2
     options.register_custom_ops_library(path)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _operands(kind: str, r: int, k: int, n: int, rng: np.random.Generator) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The slot's inputs of `kind`, and A and B as the float32 values the kernel sums (int8: scale folded into A)."""
+    if kind == "half":
+        a = (rng.standard_normal((r, k)) / np.sqrt(k)).astype(np.float16)
+        b = (rng.standard_normal((r, n)) * 0.1).astype(np.float16)
+        return {"a": a, "b": b}, a.astype(np.float32), b.astype(np.float32)
+    a, b = rng.integers(-127, 128, (r, k)).astype(np.int8), rng.integers(-127, 128, (r, n)).astype(np.int8)
+    scale = (rng.uniform(0.5, 1.5, r) / (127 * 127 * np.sqrt(k))).astype(np.float32)
+    return {"a": a, "b": b, "scale": scale}, a.astype(np.float32) * scale[:, None], b.astype(np.float32)
 
 
 @pytest.fixture(params=BUILDS)
@@ -50,6 +67,7 @@ def test_this_machine_has_a_build():
     assert onnxruntime_ops.library() == onnxruntime_ops.build_path(BUILDS[0])
 
 
+@pytest.mark.parametrize("kind", ["half", "int8"])
 @pytest.mark.parametrize("y_computed", [False, True], ids=["y-input", "y-in-place"])
 @pytest.mark.parametrize("shape", [
     (1, 1536, 2048, 16),   # a decode step's q_proj: one row, split into column tasks below the threshold
@@ -60,26 +78,26 @@ def test_this_machine_has_a_build():
     (7, 64, 72, 3),        # several rows (prefill): rows split between threads, an odd last one
     (2, 48, 40, 0),        # no adapter
 ], ids=lambda s: "x".join(map(str, s)))
-def test_lora_slot_equals_numpy(build, shape, y_computed):
+def test_lora_slot_equals_numpy(build, shape, y_computed, kind):
     rows, k, n, r = shape
     rng = np.random.default_rng(k + n + r)
     x = rng.standard_normal((rows, k)).astype(np.float32)
     y = rng.standard_normal((rows, n)).astype(np.float32)
-    a = (rng.standard_normal((r, k)) / np.sqrt(k)).astype(np.float16)
-    b = (rng.standard_normal((r, n)) * 0.1).astype(np.float16)
-    got = _session(build, 1, y_computed).run(None, {"x": x, "y": y, "a": a, "b": b})[0]
+    feeds, a, b = _operands(kind, r, k, n, rng)
+    got = _session(build, 1, y_computed, kind).run(None, {"x": x, "y": y, **feeds})[0]
     base = np.maximum(y, 0) if y_computed else y
-    expected = base + (x @ a.astype(np.float32).T) @ b.astype(np.float32)
+    expected = base + (x @ a.T) @ b
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= 1e-6 * max(1.0, np.abs(expected).max()), np.abs(got - expected).max()
 
 
-def test_lora_slot_takes_leading_dimensions(build):
+@pytest.mark.parametrize("kind", ["half", "int8"])
+def test_lora_slot_takes_leading_dimensions(build, kind):
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((2, 5, 32)).astype(np.float32), rng.standard_normal((2, 5, 24)).astype(np.float32)
-    a, b = rng.standard_normal((4, 32)).astype(np.float16), rng.standard_normal((4, 24)).astype(np.float16)
-    got = _session(build, 2, False).run(None, {"x": x, "y": y, "a": a, "b": b})[0]
-    expected = y + (x @ a.astype(np.float32).T) @ b.astype(np.float32)
+    feeds, a, b = _operands(kind, 4, 32, 24, rng)
+    got = _session(build, 2, False, kind).run(None, {"x": x, "y": y, **feeds})[0]
+    expected = y + (x @ a.T) @ b
     assert np.abs(got - expected).max() <= 1e-5, np.abs(got - expected).max()
 
 
@@ -91,6 +109,11 @@ def test_lora_slot_refuses_shapes_that_disagree(build, a_shape, b_shape):
                                         r"b \[r, out\]"):
         _session(build, 1, False).run(None, {"x": x, "y": y, "a": np.zeros(a_shape, np.float16),
                                              "b": np.zeros(b_shape, np.float16)})
+    with pytest.raises(Exception, match=r"LoraSlotInt8: want x \[\.\.\., in\], y \[\.\.\., out\], a \[r, in\], "
+                                        r"b \[r, out\] and scale \[r\]"):
+        _session(build, 1, False, "int8").run(None, {"x": x, "y": y, "a": np.zeros((4, 32), np.int8),
+                                                     "b": np.zeros((4, 24), np.int8),
+                                                     "scale": np.zeros(3, np.float32)})
 
 
 def test_a_build_from_other_source_is_not_used(monkeypatch, tmp_path):
@@ -102,8 +125,10 @@ def test_a_build_from_other_source_is_not_used(monkeypatch, tmp_path):
     onnxruntime_ops.library.cache_clear()
     try:
         assert onnxruntime_ops.library() is None
-        with pytest.raises(EdgeRuntimeError, match=r"^/art: its LoRA slots are float16, computed by edge-runtime's "
-                                                   r"onnxruntime operators, which have no build for this CPU"):
+        with pytest.raises(EdgeRuntimeError) as refusal:
             onnxruntime_ops.register(ort.SessionOptions(), Path("/art"))
+        assert str(refusal.value) == ("/art: its LoRA slots are computed by edge-runtime's onnxruntime operators, "
+                                      "which have no build for this CPU (they need x86-64-v3 or aarch64); re-export "
+                                      "with --lora-slot-precision fp32")
     finally:
         onnxruntime_ops.library.cache_clear()

@@ -49,10 +49,9 @@ and is kept as it is; the same command today gives a Gemma 3n model with Gemma 4
 ships with Python and that pretraining never saw: IDLE's change logs (idlelib/NEWS.txt and NEWS2x.txt, "gh-12345:
 Fix ..." entries), every 8th entry held out (written to DIR/heldout.txt). It reports held-out perplexity before and
 after (transformers + PEFT) and through edge-runtime in each of `--lora-weights` (the base exported; the base exported
-with `--adapter DIR`; with `--lora-targets projections`, the modules `--lora-slots` slots, also the base exported with
-`--lora-slots` and the adapter attached at load, as `perplexity --adapter` does), and a greedy continuation before
-and after, into DIR/lora_report.json beside the adapter. `all-linear` (the default) trains the PLE projections too,
-which have no slots, so that adapter is measured merged only:
+with `--adapter DIR`; the base exported with `--lora-slots` and the adapter attached at load, as `perplexity
+--adapter` does), and a greedy continuation before and after, into DIR/lora_report.json beside the adapter.
+`all-linear` (the default) trains the PLE projections too, `projections` the seven attention and MLP ones:
     python tools/train_tiny.py --lora-out /tmp/idle-news-lora --steps 240 --batch-size 8 --seq-len 128 --lr 1e-3 \
         --threads 1
     python tools/train_tiny.py --lora-out /tmp/idle-news-lora-proj --lora-targets projections --steps 240 \
@@ -91,7 +90,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 import tiny_chat_data
-from edge_runtime.lora_slots import MODULES
+from edge_runtime.lora_slots import PROJECTIONS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "edge_runtime" / "bundled" / "gemma4-tiny"
@@ -478,9 +477,9 @@ def verify(out: Path, model_class: type[PreTrainedModel], heldout_ids: list[int]
 LORA_TEXTS = ("idlelib/NEWS.txt", "idlelib/NEWS2x.txt")  # not .py files, so in no pretraining document
 LORA_HELDOUT_EVERY = 8
 LORA_PROMPT = "gh-"
-# --lora-targets: every linear layer (the PLE projections too, which have no LoRA slots), or the projections that
-# `export --lora-slots RANK` slots, so that the adapter can also be attached at load.
-LORA_TARGETS: dict[str, str | list[str]] = {"all-linear": "all-linear", "projections": list(MODULES)}
+# --lora-targets: every linear layer (the PLE projections too), or the attention and MLP projections alone (the
+# targets Unsloth's examples give); `export --lora-slots RANK` slots both.
+LORA_TARGETS: dict[str, str | list[str]] = {"all-linear": "all-linear", "projections": list(PROJECTIONS)}
 
 
 def lora_corpus() -> tuple[str, str, dict]:
@@ -507,10 +506,10 @@ def greedy(model: PreTrainedModel, tok: Tokenizer, prompt: str, tokens: int = 40
 
 
 def lora_artifact_perplexities(adapter: Path, heldout_ids: list[int], seq_len: int, weights: list[str],
-                               slots: int | None) -> dict[str, dict[str, float]]:
+                               slots: int) -> dict[str, dict[str, float]]:
     """Held-out perplexity through edge-runtime, per weight format: the base exported, the base exported with
-    `--adapter` (merged), and, when `slots` is a rank, the base exported with `--lora-slots` and the adapter attached
-    at load (`perplexity --adapter`), with no adapter too. Windows as heldout_perplexity's; fp32 KV cache."""
+    `--adapter` (merged), and the base exported with `--lora-slots SLOTS` and the adapter attached at load
+    (`perplexity --adapter`), with no adapter too. Windows as heldout_perplexity's; fp32 KV cache."""
     from edge_runtime.bundled import BUNDLED_CHECKPOINT
     from edge_runtime.export import export_checkpoint
     from edge_runtime.model import load
@@ -528,10 +527,9 @@ def lora_artifact_perplexities(adapter: Path, heldout_ids: list[int], seq_len: i
         for fmt in weights:
             row = {"base": perplexity(export(fmt, "base")),
                    "merged": perplexity(export(fmt, "merged", adapters=[adapter]))}
-            if slots is not None:
-                slotted = export(fmt, "slots", lora_slots=str(slots))
-                row["slots_no_adapter"] = perplexity(slotted)
-                row["attached"] = perplexity(slotted, adapter)
+            slotted = export(fmt, "slots", lora_slots=str(slots))
+            row["slots_no_adapter"] = perplexity(slotted)
+            row["attached"] = perplexity(slotted, adapter)
             figures[fmt] = row
             print(f"edge-runtime {fmt}: {row}", flush=True)
     return figures
@@ -568,9 +566,8 @@ def lora_finetune(args: argparse.Namespace) -> dict:
     peft_model.save_pretrained(args.lora_out)
     (args.lora_out / "heldout.txt").write_text(heldout_text)
 
-    slots = args.lora_r if args.lora_targets == "projections" else None  # the PLE projections have no slots
     artifact_ppl = lora_artifact_perplexities(args.lora_out, heldout_ids, args.seq_len,
-                                              args.lora_weights.split(","), slots)
+                                              args.lora_weights.split(","), args.lora_r)
     report = {
         "base": "the bundled model (edge_runtime/bundled/gemma4-tiny)",
         "adapter": {"r": args.lora_r, "lora_alpha": 2 * args.lora_r, "target_modules": targets,

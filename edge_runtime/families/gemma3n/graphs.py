@@ -198,7 +198,9 @@ def _layer_output(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, recipe
     if spec.altup_correct_scale:
         first = g.op("Mul", first, g.weight(pre + "altup.correct_output_scale", w(pre + "altup.correct_output_scale")))
     per_layer = g.op("Mul", g.op("Add", context, ple_rows), g.const(2.0 ** -0.5))
-    gated = g.op("Mul", g.gelu_tanh(linear(first, PLE_GATE_NAME)), per_layer)
-    ple = norm(linear(gated, PLE_PROJECTION_NAME), "post_per_layer_input_norm")
+    gate = g.lora(first, linear(first, PLE_GATE_NAME), pre + PLE_GATE_NAME, h, p)
+    gated = g.op("Mul", g.gelu_tanh(gate), per_layer)
+    ple = norm(g.lora(gated, linear(gated, PLE_PROJECTION_NAME), pre + PLE_PROJECTION_NAME, p, h),
+               "post_per_layer_input_norm")
     streams_past_first = g.const(np.array([0.0] + [1.0] * (s - 1), np.float32).reshape(1, s, 1))
     return g.op("Add", corrected, g.op("Mul", g.unsqueeze(ple, 1), streams_past_first))

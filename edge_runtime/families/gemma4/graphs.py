@@ -101,6 +101,7 @@ def ple_context(spec: ModelSpec, g: GraphBuilder, w: Weights, embeds: str, recip
     """Context part of PLE: RMSNorm(proj(embeds) / sqrt(H)) as [layers, T, width]."""
     n, p = spec.num_hidden_layers, spec.hidden_size_per_layer_input
     proj = g.linear(embeds, PLE_MODEL_PROJECTION, w(f"{PLE_MODEL_PROJECTION}.weight"), recipe.format_for(PER_LAYER))
+    proj = g.lora(embeds, proj, PLE_MODEL_PROJECTION, spec.hidden_size, n * p)
     proj = g.op("Mul", proj, g.const(spec.hidden_size ** -0.5))
     proj = g.reshape(proj, [0, n, p])
     proj = g.rms_norm(proj, g.weight("per_layer_projection_norm", w("per_layer_projection_norm.weight")),
@@ -161,9 +162,9 @@ def _layer_output(spec: Gemma4Spec, i: int, g: GraphBuilder, w: Weights, recipe:
     def linear(x: str, name: str, role: str) -> str:
         return g.linear(x, pre + name, w(pre + name + ".weight"), recipe.format_for(role))
 
-    def slotted(x: str, name: str, role: str, in_width: int) -> str:
+    def slotted(x: str, name: str, role: str, in_width: int, out_width: int = h) -> str:
         """The linear, plus its LoRA slot's update if it has one (its name is also the slot's tensor)."""
-        return g.lora(x, linear(x, name, role), pre + name, in_width, h)
+        return g.lora(x, linear(x, name, role), pre + name, in_width, out_width)
 
     hidden = g.input(HIDDEN, ["T", h])
     attn = g.input(ATTENTION, ["T", spec.num_attention_heads * spec.head_dims[i]])
@@ -181,7 +182,8 @@ def _layer_output(spec: Gemma4Spec, i: int, g: GraphBuilder, w: Weights, recipe:
     hidden = g.op("Add", hidden, g.rms_norm(mlp_out, weight("post_feedforward_layernorm.weight"), eps))
 
     per_layer = g.op("Mul", g.op("Add", ple_context, ple_rows), g.const(2.0 ** -0.5))
-    gate = g.gelu_tanh(linear(hidden, PLE_GATE_NAME, PER_LAYER))
-    ple = linear(g.op("Mul", gate, per_layer), PLE_PROJECTION_NAME, PER_LAYER)
+    p = spec.hidden_size_per_layer_input
+    gate = g.gelu_tanh(slotted(hidden, PLE_GATE_NAME, PER_LAYER, h, p))
+    ple = slotted(g.op("Mul", gate, per_layer), PLE_PROJECTION_NAME, PER_LAYER, p)
     hidden = g.op("Add", hidden, g.rms_norm(ple, weight("post_per_layer_input_norm.weight"), eps))
     return g.op("Mul", hidden, weight("layer_scalar"))
