@@ -4,8 +4,9 @@
  * stores it) and B [r, out] (lora_B transposed, scaled) are half precision, summed in float32. A decode step is bound
  * by the bytes it reads, and an adapter's float32 A and B on every projection of E2B were 8% of them
  * (tools/lora_slot_cost.py); onnxruntime's own float16 MatMul on x86 took 1.9x float32's time, so half-precision slots
- * need a kernel of their own (with it, 4% of the bytes and 3.3-4.0% of a step). One node instead of MatMul, MatMul
- * and Add, and y's buffer is reused for the output: an empty slot (r = 0) costs the node and nothing else.
+ * need a kernel of their own (a rank-16 adapter on E2B int4's seven projections, against the same empty slots: 8.6%
+ * of a step in float32, 3.0-3.2% in float16, 2.2-2.7% in int8). One node instead of MatMul, MatMul and Add, and y's
+ * buffer is reused for the output where onnxruntime allows: an empty slot (r = 0) costs the node and nothing else.
  * LoraSlotInt8(x, y, a, b, scale) is the same with int8 A and B, each rank row j of either quantized on its own
  * (scale[j] is their two scales' product): a quarter of float32's bytes.
  *
@@ -41,7 +42,6 @@
 #define A_ROWS 4       /* rows of a that share each load of x */
 #define COLUMNS (8 * LANES) /* output columns held in registers across the rank: 8 chains of multiply-adds */
 #define TASK_COLUMNS 1024   /* output columns a thread takes at a time when one row is split */
-#define AHEAD 512 /* bytes ahead in each row of a or b that a load asks for */
 #define SPLIT_BYTES (64 << 10) /* bytes of a or of b worth handing to the session's other threads */
 
 typedef float vn __attribute__((vector_size(4 * LANES)));
@@ -95,21 +95,9 @@ INLINE float one_kind(const void *p, int64_t i, int kind) {
     return kind == HALF ? half((const uint16_t *)p + i) : (float)((const int8_t *)p)[i];
 }
 
-__attribute__((visibility("hidden"))) void *memcpy(void *restrict dst, const void *restrict src, size_t n) {
-    unsigned char *d = dst;
-    const unsigned char *s = src;
-    while (n--) *d++ = *s++;
-    return dst;
-}
-
-__attribute__((visibility("hidden"))) void *memset(void *dst, int c, size_t n) {
-    unsigned char *d = dst;
-    while (n--) *d++ = (unsigned char)c;
-    return dst;
-}
-
-/* z = y where onnxruntime gave the output a buffer of its own (y a Split's output, say): a vector at a time, since
- * the memcpy above moves a byte at a time (an E2B decode step's empty slots took ~6 us a node more than a Reshape). */
+/* z = y where onnxruntime gives the output a buffer of its own (y a graph input, say), a vector at a time: a byte at
+ * a time, an E2B decode step's empty slots took ~6 us a node more than a Reshape. The object has no memcpy (it links
+ * against nothing, and build_kernels.py refuses one that calls out). */
 static void copy_floats(float *restrict z, const float *restrict y, int64_t n) {
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) storen(z + i, loadn(y + i));
@@ -139,7 +127,7 @@ static inline float total(vn v) {
 /* t[k][j] = x[k] . a[j] for `n` (<= ROWS) rows of x and a's rows j0 .. j0 + A_ROWS: ROWS x A_ROWS independent sums,
  * each a vector read once for all rows of x. `in` is cut to whole vectors; the rest is summed one at a time. */
 INLINE void dots(const Slot *s, const float *x, int64_t n, int64_t j0, int64_t m, float t[ROWS][MAX_RANK], int kind) {
-    const int64_t in = s->in, whole = in - in % LANES, size = kind == HALF ? 2 : 1;
+    const int64_t in = s->in, whole = in - in % LANES;
     /* a single row of x takes two vectors a step, in two sums per row of a: 8 chains of multiply-adds, not 4 */
     const int64_t unroll = n == 1 ? 2 : 1, paired = in - in % (unroll * LANES);
     vn acc[2][ROWS][A_ROWS];
@@ -149,10 +137,7 @@ INLINE void dots(const Slot *s, const float *x, int64_t n, int64_t j0, int64_t m
     for (int64_t i = 0; i < paired; i += unroll * LANES)
         for (int64_t u = 0; u < unroll; u++) {
             vn w[A_ROWS];
-            for (int64_t j = 0; j < m; j++) {
-                __builtin_prefetch((const char *)s->a + ((j0 + j) * in + i) * size + AHEAD, 0, 0);
-                w[j] = load_kind(s->a, (j0 + j) * in + i + u * LANES, kind);
-            }
+            for (int64_t j = 0; j < m; j++) w[j] = load_kind(s->a, (j0 + j) * in + i + u * LANES, kind);
             for (int64_t k = 0; k < n; k++) {
                 const vn v = loadn(x + k * in + i + u * LANES);
                 for (int64_t j = 0; j < m; j++) acc[u][k][j] += v * w[j];
@@ -187,14 +172,13 @@ INLINE void down(const Slot *s, const float *x, int64_t n, float t[ROWS][MAX_RAN
 /* z[c0:c1] = y[c0:c1] + t @ b[:, c0:c1] for one row: COLUMNS columns in registers across the whole rank (4
  * independent sums, each b element read once), then LANES, then one at a time. */
 INLINE void up(const Slot *s, const float *t, const float *y, float *z, int64_t c0, int64_t c1, int kind) {
-    const int64_t rank = s->rank, out = s->out, size = kind == HALF ? 2 : 1;
+    const int64_t rank = s->rank, out = s->out;
     int64_t c = c0;
     for (; c + COLUMNS <= c1; c += COLUMNS) {
         vn acc[COLUMNS / LANES];
         for (int v = 0; v < COLUMNS / LANES; v++) acc[v] = loadn(y + c + v * LANES);
         for (int64_t j = 0; j < rank; j++) {
             const int64_t row = j * out + c;
-            __builtin_prefetch((const char *)s->b + row * size + AHEAD, 0, 0);
             const vn w = splat(t[j]);
             for (int v = 0; v < COLUMNS / LANES; v++) acc[v] += w * load_kind(s->b, row + v * LANES, kind);
         }
