@@ -32,12 +32,14 @@ GREEDY_TOKENS = 32
 
 @dataclass(frozen=True)
 class ArtifactSpec:
-    """One export of the bundled checkpoint (weights, block size, PLE format)."""
+    """One export of the bundled checkpoint (weights, block size, PLE format, and LoRA slots in a precision)."""
 
     name: str
     weights: str
     block_size: int
     ple: str
+    lora_slots: str | None = None
+    lora_slot_precision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Case:
     kv_recent: int | None = None
     kv_sliding: str = "fp32"
     session_entries: tuple[tuple[str, str], ...] = ()
+    adapter: str | None = None  # a LoRA adapter directory beside the artifacts (ADAPTER), attached at load
 
     @property
     def rounds_at_run_time(self) -> bool:
@@ -70,7 +73,13 @@ ARTIFACTS = {a.name: a for a in [
     ArtifactSpec("int4-b128", "int4", 128, "fp32"),
     ArtifactSpec("int8-block-b128", "int8-block", 128, "fp32"),
     *(ArtifactSpec(f"ple-{p}", "fp32", 32, p) for p in ("int8", "int4", "tq4", "tq3", "tq2")),
+    # edge-runtime's own onnxruntime operators (edge_runtime/kernels/onnxruntime_ops.c) in a model: LoRA slots beside
+    # fp32 weights, so that the slots' arithmetic is all that differs from the plain fp32 case
+    *(ArtifactSpec(f"lora-{p}", "fp32", 32, "fp32", lora_slots="8", lora_slot_precision=p) for p in ("int8", "fp16")),
 ]}
+# The adapter the LoRA cases attach: tools/make_adapter.py's all-linear rank 8 for the bundled checkpoint (PEFT, on
+# the host), written beside the artifacts.
+ADAPTER = "adapter-all-linear-r8"
 # Every KV format, with no exact recent tokens and the sliding rings in the format too, so that every stored
 # position is read back from its codes (the defaults would keep this short prompt's positions exact).
 KV_FORMATS = ("fp32", "fp16", "int8", "tq4", "tq3.5", "tq3", "tq2.5", "tq4-mse", "tq3.5-mse", "tq3-mse",
@@ -83,6 +92,7 @@ CASES = {c.name: c for c in [
     *(Case(f"int4-b{b}/no-kleidiai", f"int4-b{b}", session_entries=NO_KLEIDIAI) for b in (32, 128)),
     *(Case(f"ple-{p}", f"ple-{p}", kv="fp32") for p in ("int8", "int4", "tq4", "tq3", "tq2")),
     *(Case(f"kv-{k}", "fp32", kv=k, kv_recent=0, kv_sliding=k) for k in KV_FORMATS),
+    *(Case(f"lora-{p}", f"lora-{p}", kv="fp32", adapter=ADAPTER) for p in ("int8", "fp16")),
 ]}
 SMOKE_CASES = ("fp32", "int8", "int4-b32", "int8-block-b128")
 # The weight formats computed by com.microsoft.MatMulNBits, whose arithmetic depends on the CPU (probes.py tells

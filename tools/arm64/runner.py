@@ -52,7 +52,8 @@ def load(artifacts: Path, case: Case, profile_prefix: str | None = None) -> edge
     engine._session_options = _with_entries(case.session_entries, profile_prefix)
     try:
         return edge_runtime.load(artifacts / case.artifact, kv=case.kv, kv_recent=case.kv_recent,
-                                 kv_sliding=case.kv_sliding, threads=1)
+                                 kv_sliding=case.kv_sliding, threads=1,
+                                 adapter=None if case.adapter is None else artifacts / case.adapter)
     finally:
         engine._session_options = _base_options
 
