@@ -1,8 +1,8 @@
 """LoRA slots: graph inputs through which an adapter is attached at load instead of merged at export.
 
 An artifact exported with `--lora-slots RANK[:MODULES]` has, for each slotted projection (of each layer, and the
-model's PLE projection), two graph inputs, `lora.<tensor>.a` and `lora.<tensor>.b`, and adds `(x @ A) @ B` to the projection's output, in one of two
-precisions (`dtype`):
+model's PLE projection), two graph inputs, `lora.<tensor>.a` and `lora.<tensor>.b`, and adds `(x @ A) @ B` to the
+projection's output, in one of three precisions (`dtype`):
 - float32 (the default for fp32 weights): a is [in, r] (lora_A transposed), b [r, out], through onnxruntime's own
   MatMul and Add, so an attached adapter equals the same adapter merged at export to float32 precision;
 - float16 (the default beside fp16 weights): a is [r, in] (lora_A as PEFT stores it), b [r, out], through

@@ -212,11 +212,12 @@ def gemma3n_without_towers(monkeypatch):
     monkeypatch.setattr(modeling, "AutoModel", TowersLeftOut)
 
 
-def overwrite_first_value(checkpoint: Path, tensor: str, value: float) -> None:
-    """Write `value` as the first float32 of `tensor` in a single-file checkpoint (a bad weight, for the errors)."""
+def overwrite_first_value(checkpoint: Path, tensor: str, value: float, file_name: str = "model.safetensors") -> None:
+    """Write `value` as the first float32 of `tensor` in a single-file checkpoint (a bad weight, for the errors), or
+    in another safetensors file of the directory (an adapter's)."""
     import numpy as np
 
-    file = checkpoint / "model.safetensors"
+    file = checkpoint / file_name
     data = bytearray(file.read_bytes())
     header_len = int.from_bytes(data[:8], "little")
     start = 8 + header_len + json.loads(data[8:8 + header_len])[tensor]["data_offsets"][0]

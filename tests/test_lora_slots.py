@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 import edge_runtime
-from conftest import CONFIGS, free_port
+from conftest import CONFIGS, free_port, overwrite_first_value
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.export import export_checkpoint
 from edge_runtime.lora_slots import MODULES
@@ -401,21 +402,22 @@ def test_gemma3n_attached_equals_merged(checkpoints, tmp_path):
     assert {name.rsplit(".", 1)[-1] for name in slots} == set(MODULES)
 
 
-def _half_exact(adapter: Path, out: Path, poke: float | None = None) -> Path:
-    """A copy of `adapter` whose tensors hold float16 values (stored as they were, float32), so that float16 slots
-    hold it exactly (its scaling, alpha / r = 2, keeps them so); with `poke`, lora_B's first value of its first
-    module set to that."""
+def _rewritten(adapter: Path, out: Path, rewrite: Callable[[str, np.ndarray], np.ndarray]) -> Path:
+    """A copy of `adapter` with each tensor `value` of its weights file replaced by `rewrite(key, value)`."""
     import shutil
 
     from safetensors.numpy import load_file, save_file
 
     shutil.copytree(adapter, out)
-    tensors = {k: v.astype(np.float16).astype(v.dtype) for k, v in load_file(adapter / "adapter_model.safetensors").items()}
-    if poke is not None:
-        key = min(k for k in tensors if k.endswith("lora_B.weight"))
-        tensors[key].flat[0] = poke
+    tensors = {key: rewrite(key, value) for key, value in load_file(adapter / "adapter_model.safetensors").items()}
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def _half_exact(adapter: Path, out: Path) -> Path:
+    """A copy of `adapter` whose tensors hold float16 values (stored as they were, float32), so that float16 slots
+    hold it exactly (its scaling, alpha / r = 2, keeps them so)."""
+    return _rewritten(adapter, out, lambda key, value: value.astype(np.float16).astype(value.dtype))
 
 
 def _node_counts(artifact: Path) -> dict[str, int]:
@@ -451,23 +453,19 @@ def _int8_exact(adapter: Path, out: Path) -> Path:
     """A copy of `adapter` that int8 slots hold exactly: each row of lora_A and each column of lora_B (the slot's B
     rows, once scaled by alpha / r = 2) integers times a power of two, with a largest value of 127 of them, so that
     quantizing them (max / 127) finds that power of two and the integers again."""
-    import shutil
-
-    from safetensors.numpy import load_file, save_file
 
     def exact(rows: np.ndarray, step: float) -> np.ndarray:
         codes = np.rint(rows / np.abs(rows).max(axis=1, keepdims=True) * 127)
         return (codes * step).astype(np.float32)
 
-    shutil.copytree(adapter, out)
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    for key, value in tensors.items():
+    def rewrite(key: str, value: np.ndarray) -> np.ndarray:
         if key.endswith("lora_A.weight"):
-            tensors[key] = exact(value, 2.0 ** -10)
-        elif key.endswith("lora_B.weight"):
-            tensors[key] = exact(value.T, 2.0 ** -12).T.copy()
-    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-    return out
+            return exact(value, 2.0 ** -10)
+        if key.endswith("lora_B.weight"):
+            return exact(value.T, 2.0 ** -12).T.copy()
+        return value
+
+    return _rewritten(adapter, out, rewrite)
 
 
 def test_int8_slots_hold_an_int8_adapter_as_merged(checkpoints, adapters, tmp_path):
@@ -518,10 +516,12 @@ def test_quantized_exports_take_int8_slots(checkpoints, adapters, tmp_path):
     assert moved > 0.1, moved
     half = export_checkpoint(base, tmp_path / "int4-half-slots", weights="int4", lora_slots="8",
                              lora_slot_precision="fp16")
-    huge = _half_exact(adapters["r8"], tmp_path / "huge", poke=1e5)
+    huge = _half_exact(adapters["r8"], tmp_path / "huge")
+    key = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+    overwrite_first_value(huge, key, 1e5, "adapter_model.safetensors")
     with pytest.raises(EdgeRuntimeError) as refusal:
         edge_runtime.load(half, adapter=huge)
     assert str(refusal.value) == (
-        f"{huge / 'adapter_model.safetensors'}: base_model.model.model.layers.0.mlp.down_proj.lora_B.weight: 200000 "
+        f"{huge / 'adapter_model.safetensors'}: {key}: 200000 "
         "(with the adapter's scaling) is beyond the range of these LoRA slots' float16 (65504); export with "
         "--lora-slot-precision fp32, or merge it at export instead (edge-runtime export --adapter)")

@@ -124,8 +124,9 @@ static inline float total(vn v) {
     return sum;
 }
 
-/* t[k][j] = x[k] . a[j] for `n` (<= ROWS) rows of x and a's rows j0 .. j0 + A_ROWS: ROWS x A_ROWS independent sums,
- * each a vector read once for all rows of x. `in` is cut to whole vectors; the rest is summed one at a time. */
+/* t[k][j] = x[k] . a[j] for `n` (<= ROWS) rows of x and a's `m` (<= A_ROWS) rows from j0: n x m independent sums
+ * (two each for a single row of x), each vector of a read once for all rows of x. `in` is cut to whole vectors; the
+ * rest is summed one at a time. */
 INLINE void dots(const Slot *s, const float *x, int64_t n, int64_t j0, int64_t m, float t[ROWS][MAX_RANK], int kind) {
     const int64_t in = s->in, whole = in - in % LANES;
     /* a single row of x takes two vectors a step, in two sums per row of a: 8 chains of multiply-adds, not 4 */
@@ -156,20 +157,26 @@ INLINE void dots(const Slot *s, const float *x, int64_t n, int64_t j0, int64_t m
         }
 }
 
-/* t[k][0:rank] = x[k] @ a.T for `n` (<= ROWS) rows of x. */
-INLINE void down(const Slot *s, const float *x, int64_t n, float t[ROWS][MAX_RANK], int kind) {
-    int64_t j = 0;
-    for (; j + A_ROWS <= s->rank; j += A_ROWS) {
-        if (n == ROWS) dots(s, x, ROWS, j, A_ROWS, t, kind);
-        else dots(s, x, 1, j, A_ROWS, t, kind);
+/* t[k][j0:j0 + A_ROWS] = x[k] @ a[j0:j0 + A_ROWS].T for `n` (<= ROWS) rows of x, or to the rank's end where fewer
+ * than A_ROWS rows of a are left (one at a time): one task of a split row, or one step of `down`. */
+INLINE void rank_group(const Slot *s, const float *x, int64_t n, int64_t j0, float t[ROWS][MAX_RANK], int kind) {
+    if (j0 + A_ROWS <= s->rank) {
+        if (n == ROWS) dots(s, x, ROWS, j0, A_ROWS, t, kind);
+        else dots(s, x, 1, j0, A_ROWS, t, kind);
+        return;
     }
-    for (; j < s->rank; j++) {
+    for (int64_t j = j0; j < s->rank; j++) {
         if (n == ROWS) dots(s, x, ROWS, j, 1, t, kind);
         else dots(s, x, 1, j, 1, t, kind);
     }
 }
 
-/* z[c0:c1] = y[c0:c1] + t @ b[:, c0:c1] for one row: COLUMNS columns in registers across the whole rank (4
+/* t[k][0:rank] = x[k] @ a.T for `n` (<= ROWS) rows of x. */
+INLINE void down(const Slot *s, const float *x, int64_t n, float t[ROWS][MAX_RANK], int kind) {
+    for (int64_t j0 = 0; j0 < s->rank; j0 += A_ROWS) rank_group(s, x, n, j0, t, kind);
+}
+
+/* z[c0:c1] = y[c0:c1] + t @ b[:, c0:c1] for one row: COLUMNS columns in registers across the whole rank (8
  * independent sums, each b element read once), then LANES, then one at a time. */
 INLINE void up(const Slot *s, const float *t, const float *y, float *z, int64_t c0, int64_t c1, int kind) {
     const int64_t rank = s->rank, out = s->out;
@@ -200,12 +207,7 @@ INLINE void up(const Slot *s, const float *t, const float *y, float *z, int64_t 
 
 /* A single row's x @ a.T: task `task` takes A_ROWS rows of a, or the rest. */
 INLINE void rank_rows(const Slot *s, size_t task, int kind) {
-    float(*t)[MAX_RANK] = (float(*)[MAX_RANK])s->t;
-    const int64_t j0 = (int64_t)task * A_ROWS;
-    if (j0 + A_ROWS <= s->rank)
-        dots(s, s->x, 1, j0, A_ROWS, t, kind);
-    else
-        for (int64_t j = j0; j < s->rank; j++) dots(s, s->x, 1, j, 1, t, kind);
+    rank_group(s, s->x, 1, (int64_t)task * A_ROWS, (float(*)[MAX_RANK])s->t, kind);
 }
 
 /* A single row's output: task `task` takes TASK_COLUMNS columns. */
