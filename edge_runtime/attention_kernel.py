@@ -51,21 +51,41 @@ class _Call(ctypes.Structure):
                 ("out", ctypes.c_void_p), ("scratch", ctypes.c_void_p)]
 
 
-# The x86_64 builds, best first, and the CPU flags each needs (tools/build_kernels.py's -march levels: x86-64-v4 is
-# v3 plus AVX-512 F, BW, CD, DQ and VL).
+# The builds of the compiled kernels, best first, and the CPU features each needs (tools/build_kernels.py's -march
+# levels: x86-64-v4 is v3 plus AVX-512 F, BW, CD, DQ and VL; x86 features as /proc/cpuinfo names them, Arm's by their
+# HWCAP bit). Each kernel ships the builds it gains from: ATTENTION_BUILDS, onnxruntime_ops.BUILDS.
 _V3 = frozenset({"avx2", "fma", "f16c", "bmi2"})
-X86_BUILDS = (("x86_64-v4", _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
-              ("x86_64-v3", _V3), ("x86_64", frozenset()))
+_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+X86_BUILDS = (("x86_64-v4-vnni", _V4 | {"avx512_vnni"}), ("x86_64-v4", _V4), ("x86_64-v3", _V3),
+              ("x86_64", frozenset()))
+ARM_BUILDS = (("aarch64-dotprod", frozenset({"asimddp"})), ("aarch64", frozenset()))
+ATTENTION_BUILDS = ("x86_64-v4", "x86_64-v3", "x86_64", "aarch64")
+_AT_HWCAP, _HWCAP_ASIMDDP = 16, 1 << 20  # getauxval(AT_HWCAP)'s dot product bit (Linux, arch/arm64's hwcap.h)
 
 
-def builds_for_this_machine() -> list[str]:
-    """The builds this machine can run, best first."""
+def arm_features() -> frozenset[str]:
+    """This Arm CPU's features the builds need, from the kernel's auxiliary vector (/proc/self/auxv): what the
+    kernel tells programs, on Linux and Android alike, and what qemu's user mode emulates for the CPU it is given
+    (its /proc/cpuinfo is the host's)."""
+    try:
+        raw = Path("/proc/self/auxv").read_bytes()
+    except OSError:
+        return cpu_flags()
+    pairs = np.frombuffer(raw[:len(raw) // 16 * 16], dtype=np.uint64).reshape(-1, 2)
+    hwcap = next((int(value) for key, value in pairs if key == _AT_HWCAP), 0)
+    return frozenset({"asimddp"} if hwcap & _HWCAP_ASIMDDP else ())
+
+
+def builds_for_this_machine(builds: tuple[str, ...]) -> list[str]:
+    """Those of `builds` this machine can run, best first."""
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
-        return ["aarch64"]
-    if machine in ("x86_64", "amd64"):
-        return [name for name, needs in X86_BUILDS if needs <= cpu_flags()]
-    return []
+        table, have = ARM_BUILDS, arm_features()
+    elif machine in ("x86_64", "amd64"):
+        table, have = X86_BUILDS, cpu_flags()
+    else:
+        return []
+    return [name for name, needs in table if name in builds and needs <= have]
 
 
 class Kernel:
@@ -110,7 +130,7 @@ class Kernel:
 @cache
 def load() -> Kernel | None:
     """The kernel built for this machine, or None (numpy runs attention then)."""
-    for name in builds_for_this_machine():
+    for name in builds_for_this_machine(ATTENTION_BUILDS):
         kernel = load_build(name)
         if kernel is not None:
             return kernel

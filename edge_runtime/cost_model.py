@@ -25,7 +25,7 @@ and published, else SUSTAINED_SHARE of its peak.
 
 The efficiencies are what the kernels achieve of the device's bandwidth or arithmetic peak. They were measured on
 one machine only (CALIBRATED_ON) and are applied to every device: a kernel path that is slower or faster relative
-to its peak there (the A72's int8 without dot-product instructions, KleidiAI's int4 on dotprod cores; NEON's
+to its peak there (the A72's int8 and int4 without dot-product instructions; NEON's
 4-float vectors against the 8 of AVX2 the attention rates were measured with) makes the estimate wrong by that
 ratio until it is measured on such a device.
 
@@ -65,11 +65,15 @@ CALIBRATED_ON = "AMD EPYC (Zen 4) KVM guest, 2 cores at 2.6 GHz, AVX-512 VNNI"
 # calibration's ran ~19), so by ratio to int4 and int8 in one sitting (E2B, block 128, `bench -p 128 -n 64 -r 2`):
 # its weights streamed at 17.0-17.1 GB/s against int4's 15.2 and int8's 11.3-12.1, which puts it at 0.88 (from
 # int4's 0.78) to 0.96 (from int8's 0.67): 0.88 is taken.
-DECODE_EFFICIENCY = {"int8": 0.67, "int4": 0.78, "int8-block": 0.88}
+# int4 moved to edge-runtime's own MatMulInt4 in stop 32, measured by ratio to the MatMulNBits build in one sitting
+# (Intel Xeon KVM, AVX-512 VNNI; README "int4 on edge-runtime's own kernel"): E2B's weights streamed 1.08x as fast
+# at block 128 (17.3 against 16.0 GB/s) and 1.15x at block 32, so 0.78 x 1.08 = 0.84; prefill (pp128) 1.56x (E2B
+# b128) to 1.68x (E4B b128): 0.45 x 1.56 = 0.70.
+DECODE_EFFICIENCY = {"int8": 0.67, "int4": 0.84, "int8-block": 0.88}
 # Prefill (pp128), as a share of threads x int8 MACs per cycle x clock: int4 0.45 (E2B 0.40-0.44, E4B 0.49-0.51),
 # int8 0.36 (E2B 0.34-0.35, E4B 0.41); int8-block, by ratio in the sitting above (pp128 141-143 against int4's 130
 # and int8's 100-102): 0.49 (from int4) to 0.51 (from int8), 0.49 taken.
-PREFILL_EFFICIENCY = {"int8": 0.36, "int4": 0.45, "int8-block": 0.49}
+PREFILL_EFFICIENCY = {"int8": 0.36, "int4": 0.70, "int8-block": 0.49}
 # Attention over the cache in the compiled kernel, in key and value elements per cycle per thread at the profile's
 # clock: `python tools/attention_bench.py --kv fp16 int8 tq3.5 tq4 qjl --rows 2048 8192 32768 --dim 512
 # --workers 2` (the decode step's own calls, one KV head's block of 8 query rows split over 2 pinned threads, two

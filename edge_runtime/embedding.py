@@ -24,16 +24,17 @@ class EmbeddingTable:
         self.format = manifest.weight_formats.get(HEAD)
         self.hidden = manifest.spec.hidden_size
         self.scale = np.float32(embed_scale(self.hidden))
-        vocab = manifest.spec.vocab_size
+        records = -(-manifest.spec.vocab_size // self.format.rows_per_record)
         try:
             codes, scales = self.format.row_layout(self.hidden)
 
             def rows(ref: TensorRef, layout: tuple[tuple[int, ...], np.dtype]) -> RowReader:
-                # the stored shape may be flat (int4's scales, as MatMulNBits reads them): rows are the format's
+                # the stored shape may be flat (int8-block's scales, as MatMulNBits reads them): records are the
+                # format's
                 if np.dtype(ref.dtype) != layout[1]:
                     raise ArtifactError(f"{artifact}: the embedding's {ref.dtype} tensor at offset {ref.offset} is "
                                         f"not {self.format.label}'s {layout[1]}; the manifest is damaged, re-export")
-                return RowReader(Path(artifact) / ref.file, layout[1], ref.offset, (vocab, *layout[0]))
+                return RowReader(Path(artifact) / ref.file, layout[1], ref.offset, (records, *layout[0]))
 
             self.codes = rows(manifest.tensors[HEAD], codes)
             self.row_scales = None if scales is None else rows(manifest.tensors[EMBED_SCALES], scales)
@@ -43,6 +44,10 @@ class EmbeddingTable:
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """float32 [T, hidden] scaled embeddings of these (already range-checked) token ids."""
-        scales = None if self.row_scales is None else self.row_scales[ids]
-        values = self.format.decode_rows(self.codes[ids], scales, self.hidden)
+        per = self.format.rows_per_record
+        records = ids // per
+        codes, scales = self.codes[records], None if self.row_scales is None else self.row_scales[records]
+        if per > 1:
+            codes, scales = self.format.select_rows(codes, scales, ids % per)
+        values = self.format.decode_rows(codes, scales, self.hidden)
         return np.ascontiguousarray(values, dtype=np.float32) * self.scale

@@ -69,20 +69,27 @@ def _session_options(threads: int) -> ort.SessionOptions:
     # good: E2B int4, 256-token chunks at depth 1024, peaked 0.7 GB higher with them. Without, scratch is freed.
     options.enable_cpu_mem_arena = False
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # KleidiAI stays on (onnxruntime's default; `mlas.disable_kleidiai` would turn it off): on ARM cores with
-    # dot-product instructions it runs int4 with activations quantized per row, not per block as x86 and MLAS do.
-    # Measured under emulation, that costs ~0.1% perplexity; forcing MLAS's kernel would give up Arm's kernels
-    # for these cores for bit-equality with x86 (README "ARM64", int4 decision).
     options.log_severity_level = 3
     return options
 
 
-def open_session(path: Path, threads: int | None = None, own_ops: bool = False) -> ort.InferenceSession:
+def own_operators(manifest: Manifest) -> tuple[str, str] | None:
+    """What of an artifact edge-runtime's own onnxruntime operators compute (onnxruntime_ops.py), and how to export
+    it without them; None if its graphs do not use them."""
+    if any(fmt.own_operator for fmt in manifest.weight_formats.values()):
+        return "int4 weights are", "re-export with --weights int8 (onnxruntime's kernels)"
+    if manifest.lora_slots is not None and manifest.lora_slots.dtype != "float32":
+        return "LoRA slots are", "re-export with --lora-slot-precision fp32"
+    return None
+
+
+def open_session(path: Path, threads: int | None = None,
+                 own_ops: tuple[str, str] | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session with its own pool of `threads` (default_threads() by default), knowing
-    edge-runtime's own operators with `own_ops` (the artifact's graphs use them: onnxruntime_ops.py)."""
+    edge-runtime's own operators where the artifact's graphs use them (`own_ops`: own_operators' answer)."""
     options = _session_options(threads or default_threads())
     if own_ops:
-        onnxruntime_ops.register(options, path.parent)
+        onnxruntime_ops.register(options, path.parent, *own_ops)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -166,7 +173,7 @@ class Engine:
         graph_threads = 1 if manifest.read_per_token["weights"] / len(names) < SMALL_GRAPH_BYTES else threads
 
         slots = manifest.lora_slots
-        own_ops = slots is not None and slots.dtype != "float32"
+        own_ops = own_operators(manifest)
 
         def session(name: str) -> ort.InferenceSession:
             return open_session(artifact / name, graph_threads, own_ops)

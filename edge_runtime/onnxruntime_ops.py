@@ -1,8 +1,8 @@
 """edge-runtime's own onnxruntime operators (edge_runtime/kernels/onnxruntime_ops.c): their names, which export writes
 into the graphs, and the built library, which the runtime registers into the sessions of an artifact that uses them.
 
-The library ships built beside the attention kernel (tools/build_kernels.py) for x86-64-v3, x86-64-v4 and aarch64,
-links against nothing, and carries the SHA-256 of the source it was built from; a build from another source is not
+The library ships built beside the attention kernel (tools/build_kernels.py) for x86-64-v3, x86-64-v4 (with and
+without AVX-512 VNNI) and aarch64 (with and without the dot product instructions), links against nothing, and carries the SHA-256 of the source it was built from; a build from another source is not
 used. An artifact that needs it on a machine without a build gets one line saying so, and how to export without it.
 """
 
@@ -21,6 +21,9 @@ DOMAIN = "edge_runtime"
 OPSET = 1
 LORA_SLOT = "LoraSlot"  # y + (x @ a.T) @ b with half-precision a [r, in] and b [r, out] (lora_slots.py)
 LORA_SLOT_INT8 = "LoraSlotInt8"  # y + ((x @ a.T) * scale) @ b with int8 a [r, in] and b [r, out], float32 scale [r]
+MATMUL_INT4 = "MatMulInt4"  # x @ W.T for int4 W in its own layout (weight_formats.Int4)
+# no baseline x86_64 build: the operators convert half precision in hardware (F16C)
+BUILDS = ("x86_64-v4-vnni", "x86_64-v4", "x86_64-v3", "aarch64-dotprod", "aarch64")
 SOURCE = KERNELS / "onnxruntime_ops.c"
 
 
@@ -32,18 +35,18 @@ def build_path(name: str) -> Path:
 def library() -> Path | None:
     """The best build this machine can run, or None."""
     source = hashlib.sha256(SOURCE.read_bytes()).hexdigest().encode()
-    for name in builds_for_this_machine():
+    for name in builds_for_this_machine(BUILDS):
         path = build_path(name)
         if path.is_file() and source in path.read_bytes():
             return path
     return None
 
 
-def register(options: ort.SessionOptions, artifact: Path) -> None:
-    """Make the operators known to sessions opened with `options`, for `artifact`'s graphs that use them."""
+def register(options: ort.SessionOptions, artifact: Path, needs: str, way_out: str) -> None:
+    """Make the operators known to sessions opened with `options`, for `artifact`'s graphs that use them (for
+    `needs`, "int4 weights are", say; `way_out` says how to export without them)."""
     path = library()
     if path is None:
-        raise EdgeRuntimeError(f"{artifact}: its LoRA slots are computed by edge-runtime's onnxruntime "
-                               f"operators, which have no build for this CPU (they need x86-64-v3 or aarch64); "
-                               f"re-export with --lora-slot-precision fp32")
+        raise EdgeRuntimeError(f"{artifact}: its {needs} computed by edge-runtime's onnxruntime operators, which "
+                               f"have no build for this CPU (they need x86-64-v3 or aarch64); {way_out}")
     options.register_custom_ops_library(str(path))

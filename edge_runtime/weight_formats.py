@@ -7,8 +7,8 @@ written once per layout its two readers need (`write_embedding`), and the runtim
 embedding row's (`row_bytes`). Graph emission goes through the builder handed in (export/onnx_graph.py), so this
 module needs numpy only and the runtime imports it without onnx.
 
-Each format uses the kernel measured fastest for it at batch 1 (tools/kernel_bench.py); every one is an onnxruntime
-CPU kernel with ARM64 paths, and none keeps a dequantized copy.
+Each format uses the kernel measured fastest for it at batch 1 (tools/kernel_bench.py): an onnxruntime CPU kernel
+with ARM64 paths, or for int4 edge-runtime's own operator (onnxruntime_ops.py); none keeps a dequantized copy.
 """
 
 from __future__ import annotations
@@ -19,11 +19,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from edge_runtime.onnxruntime_ops import MATMUL_INT4
 from edge_runtime.quant.integer import (
+    INT4_TILE,
     block_count,
     dequantize_int4_blocks,
     dequantize_int8_blocks,
     dequantize_int8_rows,
+    int4_tile_rows,
+    int4_tiles,
     offset_binary,
     quantize_int4_blocks,
     quantize_int8_blocks,
@@ -34,15 +38,32 @@ if TYPE_CHECKING:
     from edge_runtime.artifact import TensorRef
 
 BLOCK_SIZES = (32, 64, 128)
-# MatMulNBits' accuracy level 4 quantizes activations to int8 per block and runs integer dot products (MLAS and
-# KleidiAI on ARM64); level 0 falls back to a float path 4-100x slower.
+# MatMulNBits' accuracy level 4 quantizes activations to int8 per block and runs integer dot products (MLAS on
+# ARM64); level 0 falls back to a float path 4-100x slower.
 NBITS_ACCURACY_LEVEL = 4
 # fp16: onnxruntime's x86 CPU Gemm has no fp16 kernel, so a float32 copy is made and the fp16 tensor kept: 3.0x the
-# file's bytes for a 6144 x 1536 weight. int4 and int8-block: MatMulNBits (accuracy level 4) packs codes, scales and
-# block sums, and the mapped scales stay resident: codes + 3 x scales, within 0.1 MiB for blocks 32, 64 and 128.
+# file's bytes for a 6144 x 1536 weight. int8-block: MatMulNBits (accuracy level 4) packs codes, scales and block
+# sums, and the mapped scales stay resident: codes + 3 x scales, within 0.1 MiB for blocks 32, 64 and 128. int4's
+# MatMulInt4 reads the file's bytes as they are: resident = on disk.
 FP16_RESIDENT_FACTOR = 3
 NBITS_SCALE_COPIES = 3
 Layout = tuple[tuple[int, ...], np.dtype]
+
+
+def whole_records(chunks: Iterable[np.ndarray], rows: int) -> Iterable[np.ndarray]:
+    """The row chunks regrouped into whole records of `rows` rows (the last chunk may end in a part of one)."""
+    if rows == 1:
+        yield from chunks
+        return
+    held = np.empty((0, 0), np.float32)
+    for chunk in chunks:
+        held = chunk if not len(held) else np.concatenate([held, chunk])
+        whole = len(held) - len(held) % rows
+        if whole:
+            yield held[:whole]
+            held = held[whole:]
+    if len(held):
+        yield held
 
 
 @dataclass(frozen=True)
@@ -81,6 +102,10 @@ class WeightFormat:
     block_size: int | None = None
     # Whether onnxruntime computes it fast only on CPUs with int8 dot products (cpu_features.has_int8_dot_product).
     needs_int8_dot_product: ClassVar[bool] = False
+    # Whether its kernel is one of edge-runtime's own onnxruntime operators (edge_runtime/onnxruntime_ops.py).
+    own_operator: ClassVar[bool] = False
+    # Embedding rows a stored record holds (formats laid out in tiles of rows read a tile to look one up).
+    rows_per_record: ClassVar[int] = 1
 
     def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
         """A checkpoint weight [n, k] in the layout this format's kernel reads, by part name."""
@@ -103,11 +128,21 @@ class WeightFormat:
         raise NotImplementedError
 
     def row_layout(self, k: int) -> tuple[Layout, Layout | None]:
-        """Shape and dtype of one stored row of codes, and of its scales (None: the format has none)."""
+        """Shape and dtype of one stored record of codes (a row, or a tile of `rows_per_record` rows), and of its
+        scales (None: the format has none)."""
         raise NotImplementedError
 
+    def select_rows(self, codes: np.ndarray, scales: np.ndarray | None,
+                    members: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Row `members[i]` of record i, as decode_rows takes rows (formats with records of several rows)."""
+        return codes, scales
+
+    def head_scales(self, scales: np.ndarray) -> np.ndarray:
+        """The embedding's scales, as encode_rows gives them, in the shape the head's kernel reads."""
+        return scales.reshape(-1)
+
     def row_bytes(self, k: int) -> int:
-        """Bytes one token's embedding lookup reads."""
+        """Bytes one token's embedding lookup reads (its record's)."""
         return sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
                    for shape, dtype in filter(None, self.row_layout(k)))
 
@@ -128,17 +163,18 @@ class WeightFormat:
         (code_shape, code_dtype), scale_layout = self.row_layout(k)
 
         def codes() -> Iterable[np.ndarray]:
-            for chunk in chunks:
+            for chunk in whole_records(chunks, self.rows_per_record):
                 code, scale = self.encode_rows(chunk)
                 if scale is not None:
                     scales.append(scale)
                 yield code
 
-        codes_ref = writer.add(codes(), (vocab, *code_shape), code_dtype)
+        records = -(-vocab // self.rows_per_record)
+        codes_ref = writer.add(codes(), (records, *code_shape), code_dtype)
         refs = [codes_ref]
         if scale_layout is not None:
-            flat = np.concatenate(scales).reshape(-1)
-            refs.append(writer.add([flat], flat.shape, flat.dtype))
+            stored = self.head_scales(np.concatenate(scales))
+            refs.append(writer.add([stored], stored.shape, stored.dtype))
         parts = self.encode(np.zeros((1, k), np.float32))
         head = LinearWeight(self, vocab, k, dict(zip(parts, refs, strict=True)))
         return EmbeddingWeights(head, codes_ref, refs[1] if len(refs) > 1 else None)
@@ -248,20 +284,89 @@ class Int8(WeightFormat):
 
 
 @dataclass(frozen=True)
-class Int4(WeightFormat):
-    """llama.cpp's Q4_0 grid per block of `block_size` values along a row, an fp32 scale per block (quant/integer.py),
-    computed by com.microsoft.MatMulNBits, whose layout ([n, blocks, block/2] codes, flat scales) the embedding rows
-    share: lookup reads the head's own bytes."""
+class InBlocks(WeightFormat):
+    """A format quantized in blocks of `block_size` values along a row."""
 
     block_size: int | None = 32
-    name: ClassVar[str] = "int4"
-    bits: ClassVar[int] = 4
-    summary: ClassVar[str] = "Q4_0 grid per block of --block-size, fp32 scale per block (com.microsoft.MatMulNBits)"
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block size {self.block_size} is not available for {self.name}; choose one of "
                              f"{', '.join(map(str, BLOCK_SIZES))}")
+
+
+@dataclass(frozen=True)
+class Int4(InBlocks):
+    """llama.cpp's Q4_0 grid per block of `block_size` values along a row, a float16 scale per block
+    (quant/integer.py), computed by edge-runtime's own MatMulInt4 (edge_runtime/kernels/onnxruntime_ops.c) in its
+    layout of 16-row tiles (quant/integer.int4_tiles), which the embedding's lookup shares: a token's row is read
+    with its tile's 15 others (12 KB for E2B, against the 1.1 GB a decode step reads).
+
+    onnxruntime's MatMulNBits, which computed int4 before, packs a second copy of the weight at load, reaches
+    0.7-0.85 of the bandwidth at batch 1, and computes a different sum on each Arm core; MatMulInt4 reads the
+    file's bytes in place, with the same integer arithmetic on every CPU (tools/kernel_bench.py compares them)."""
+
+    name: ClassVar[str] = "int4"
+    bits: ClassVar[int] = 4
+    rows_per_record: ClassVar[int] = INT4_TILE
+    own_operator: ClassVar[bool] = True
+    summary: ClassVar[str] = ("Q4_0 grid per block of --block-size, fp16 scale per block (edge-runtime's own "
+                              "MatMulInt4)")
+
+    def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        codes, scale = self.encode_rows(w)
+        return {"codes": codes, "scale": scale}
+
+    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
+        y = g.own(MATMUL_INT4, x, refs["codes"], refs["scale"])
+        if n % INT4_TILE:  # the tiles' padding rows
+            y = g.op("Slice", y, g.const([0], np.int64), g.const([n], np.int64), g.const([-1], np.int64))
+        return y
+
+    def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
+        rows, blocks = -(-n // INT4_TILE) * INT4_TILE, block_count(k, self.block_size)
+        size = rows * blocks * self.block_size // 2 + 2 * rows * blocks
+        return size, size
+
+    def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        packed, scale = quantize_int4_blocks(rows, self.block_size, np.dtype(np.float16))
+        if not np.isfinite(scale).all():
+            raise ValueError(f"values outside int4's float16 scales (largest magnitude {float(np.abs(rows).max()):.3g})")
+        return int4_tiles(packed, scale)
+
+    def select_rows(self, codes: np.ndarray, scales: np.ndarray | None,
+                    members: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return int4_tile_rows(codes, scales, members)
+
+    def decode_rows(self, codes: np.ndarray, scales: np.ndarray | None, k: int) -> np.ndarray:
+        return dequantize_int4_blocks(codes, scales, k)
+
+    def row_layout(self, k: int) -> tuple[Layout, Layout]:
+        blocks = block_count(k, self.block_size)
+        return (((blocks * self.block_size // 8, 4 * INT4_TILE), np.dtype(np.uint8)),
+                ((blocks, INT4_TILE), np.dtype(np.float16)))
+
+    def head_scales(self, scales: np.ndarray) -> np.ndarray:
+        return scales
+
+
+@dataclass(frozen=True)
+class Int8Block(InBlocks):
+    """int8 per block of `block_size` values along a row (llama.cpp's Q8_0 grid, an fp32 scale per block), computed by
+    com.microsoft.MatMulNBits' 8-bit kernel, whose layout ([n, blocks, block] codes + 128, flat scales) the embedding
+    rows share: no lookup copy beside the head (int8 per channel keeps one, 400 MB for E2B).
+
+    MLAS runs it with int8 activations per block where the CPU has integer dot products (x86 AVX2 and up, Arm dotprod
+    and i8mm: Pi 5, phones). A core without them (the Pi 4's Cortex-A72) has no kernel for it, and onnxruntime then
+    widens the whole weight to float32 at every run: there, use int8 (per channel) or int4. One node at E2B's MLP
+    shape (K 1536, N 12288, batch 1, 2 threads, AMD EPYC Zen 4 AVX-512 VNNI, onnxruntime 1.32): block 128 158-163 us
+    against int8 per channel's DynamicQuantizeMatMul 283-298 us; block 64 173-185, block 32 207-211."""
+
+    name: ClassVar[str] = "int8-block"
+    bits: ClassVar[int] = 8
+    needs_int8_dot_product: ClassVar[bool] = True
+    summary: ClassVar[str] = ("Q8_0 grid per block of --block-size, fp32 scale per block (com.microsoft.MatMulNBits "
+                              "8-bit; CPUs with int8 dot products)")
 
     def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
         codes, scale = self.encode_rows(w)
@@ -277,39 +382,14 @@ class Int4(WeightFormat):
         return codes + scales, codes + NBITS_SCALE_COPIES * scales
 
     def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return quantize_int4_blocks(rows, self.block_size)
-
-    def decode_rows(self, codes: np.ndarray, scales: np.ndarray | None, k: int) -> np.ndarray:
-        return dequantize_int4_blocks(codes, scales, k)
-
-    def row_layout(self, k: int) -> tuple[Layout, Layout]:
-        blocks = block_count(k, self.block_size)
-        return ((blocks, self.block_size * self.bits // 8), np.dtype(np.uint8)), ((blocks,), np.dtype(np.float32))
-
-
-@dataclass(frozen=True)
-class Int8Block(Int4):
-    """int8 per block of `block_size` values along a row (llama.cpp's Q8_0 grid, an fp32 scale per block), computed by
-    com.microsoft.MatMulNBits' 8-bit kernel, whose layout ([n, blocks, block] codes + 128, flat scales) the embedding
-    rows share, as int4's do: no lookup copy beside the head (int8 per channel keeps one, 400 MB for E2B).
-
-    MLAS runs it with int8 activations per block where the CPU has integer dot products (x86 AVX2 and up, Arm dotprod
-    and i8mm: Pi 5, phones). A core without them (the Pi 4's Cortex-A72) has no kernel for it, and onnxruntime then
-    widens the whole weight to float32 at every run: there, use int8 (per channel) or int4. One node at E2B's MLP
-    shape (K 1536, N 12288, batch 1, 2 threads, AMD EPYC Zen 4 AVX-512 VNNI, onnxruntime 1.32): block 128 158-163 us
-    against int8 per channel's DynamicQuantizeMatMul 283-298 us; block 64 173-185, block 32 207-211."""
-
-    name: ClassVar[str] = "int8-block"
-    bits: ClassVar[int] = 8
-    needs_int8_dot_product: ClassVar[bool] = True
-    summary: ClassVar[str] = ("Q8_0 grid per block of --block-size, fp32 scale per block (com.microsoft.MatMulNBits "
-                              "8-bit; CPUs with int8 dot products)")
-
-    def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return quantize_int8_blocks(rows, self.block_size)
 
     def decode_rows(self, codes: np.ndarray, scales: np.ndarray | None, k: int) -> np.ndarray:
         return dequantize_int8_blocks(codes, scales, k)
+
+    def row_layout(self, k: int) -> tuple[Layout, Layout]:
+        blocks = block_count(k, self.block_size)
+        return ((blocks, self.block_size * self.bits // 8), np.dtype(np.uint8)), ((blocks,), np.dtype(np.float32))
 
 
 _FORMATS: dict[str, type[WeightFormat]] = {f.name: f for f in (Float32, Float16, Int8, Int4, Int8Block)}
@@ -322,4 +402,4 @@ def weight_format(name: str, block_size: int) -> WeightFormat:
     if name not in _FORMATS:
         raise ValueError(f"not available; choose one of {', '.join(WEIGHT_FORMATS)}")
     kind = _FORMATS[name]
-    return kind(block_size) if issubclass(kind, Int4) else kind()
+    return kind(block_size) if issubclass(kind, InBlocks) else kind()

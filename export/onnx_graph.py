@@ -154,9 +154,13 @@ class GraphBuilder:
         if dtype == "float32":
             return self.op("Add", y, self.op("MatMul", self.op("MatMul", x, a), b))
         if dtype == "float16":
-            return self.op(LORA_SLOT, x, y, a, b, domain=OPS_DOMAIN)
+            return self.own(LORA_SLOT, x, y, a, b)
         scale = self.input(slot_scale(tensor), [rank])
-        return self.op(LORA_SLOT_INT8, x, y, a, b, scale, domain=OPS_DOMAIN)
+        return self.own(LORA_SLOT_INT8, x, y, a, b, scale)
+
+    def own(self, op_type: str, *inputs: str) -> str:
+        """One node of edge-runtime's own operators (edge_runtime/onnxruntime_ops.py)."""
+        return self.op(op_type, *inputs, domain=OPS_DOMAIN)
 
     def contrib(self, op_type: str, *inputs: str, **attrs) -> str:
         """One node of onnxruntime's com.microsoft contrib ops (CPU kernels, with ARM64 paths)."""

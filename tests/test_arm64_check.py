@@ -1,5 +1,6 @@
 """The parts of tools/arm64/check that run on x86: fake device roots, which x86 run each aarch64 case is held to
-and how closely, the MatMulNBits arithmetic probes, the fp32-activation int4 variant, the host checks."""
+and how closely, the 8-bit MatMulNBits arithmetic probes, the fp32-activation int8-block variant, the host
+checks."""
 
 from __future__ import annotations
 
@@ -48,19 +49,22 @@ def test_fake_devices_are_detected_as_their_profiles(tmp_path: Path) -> None:
     ("fp16", A72, ("fp16", "noise")),  # no FP16 arithmetic: fp32 as on x86, but its fp16 KV cache rounds
     ("fp16", A76, ("fp16", "fp16")),
     ("int8", PHONE, ("int8", "noise")),
-    ("int4-b32", A72, ("int4-b32+fp32-activations", "noise")),  # no dot product: fp32 activations
-    ("int4-b32", A76, ("int4-b32", "rounding")),  # KleidiAI
-    ("int4-b32", PHONE, ("int4-b32", "rounding")),
-    ("int4-b32/no-kleidiai", A76, ("int4-b32/no-kleidiai", "noise")),
-    ("int4-b128", A76, ("int4-b128", "noise")),  # K not a multiple of 128: MLAS, as x86
-    ("int4-b128/no-kleidiai", A72, ("int4-b128+fp32-activations", "noise")),
+    ("int4-b32", A72, ("int4-b32", "noise")),  # MatMulInt4: x86's arithmetic on every CPU, dot product or not
+    ("int4-b32", A76, ("int4-b32", "noise")),
+    ("int4-b128", PHONE, ("int4-b128", "noise")),
     ("int8-block-b128", A72, ("int8-block-b128+fp32-activations", "noise")),  # no 8-bit kernel: weights widened
-    ("int8-block-b128", A76, ("int8-block-b128", "noise")),  # MLAS int8 per block, as x86: KleidiAI is 4-bit only
+    ("int8-block-b128", A76, ("int8-block-b128", "noise")),  # MLAS int8 per block, as x86
     ("int8-block-b128", PHONE, ("int8-block-b128", "noise")),
 ])
 def test_each_case_is_held_to_the_x86_run_of_its_arithmetic(case: str, features: dict, expected: tuple) -> None:
     reference = compare.reference_for(case, features)
     assert (reference.case, reference.kind) == expected
+
+
+def test_int4_rows_name_edge_runtimes_own_kernel_and_its_instruction() -> None:
+    own = "MatMulInt4: edge-runtime's own, int8 activations per block"
+    assert compare.kernel_summary("int4-b32", A72) == f"{own}, smull"  # the aarch64 build: widening multiplies
+    assert compare.kernel_summary("int4-b128", PHONE) == f"{own}, sdot"  # the aarch64-dotprod build
 
 
 def _run(prefill: float, decode: float, greedy: int = 0) -> dict[str, np.ndarray]:
@@ -72,15 +76,15 @@ def _run(prefill: float, decode: float, greedy: int = 0) -> dict[str, np.ndarray
 
 def test_allowed_difference_follows_the_x86_yardsticks() -> None:
     x86 = {"int8": _run(1.0, 1.0), "int8@noise1": _run(1.0, 1.02), "int8@noise2": _run(1.01, 1.0),
-           "int4-b32": _run(2.0, 2.0), "int4-b32@noise1": _run(2.0, 2.04, greedy=1),
-           "int4-b32+fp32-activations": _run(2.1, 2.0), "fp32": _run(-8.0, 8.0)}
+           "int8-block-b128": _run(2.0, 2.0), "int8-block-b128@noise1": _run(2.0, 2.04, greedy=1),
+           "int8-block-b128+fp32-activations": _run(2.1, 2.0), "fp32": _run(-8.0, 8.0)}
     assert compare.allowed(compare.reference_for("fp32", A76), "decode", x86, 100) == (1e-4, True)
     tolerance, same = compare.allowed(compare.reference_for("int8", A76), "prefill", x86, 100)
     assert (tolerance, same) == (pytest.approx(3 * 0.02), True)  # pooled over both paths
-    tolerance, same = compare.allowed(compare.reference_for("int4-b32", A76), "prefill", x86, 100)
-    assert (tolerance, same) == (pytest.approx(3 * 0.04 + 3 * 0.1), False)
-    x86["int4-b32+fp32-activations@noise1"] = _run(2.1, 2.00001)  # fp32 activations: no code to flip
-    assert compare.allowed(compare.reference_for("int4-b32/no-kleidiai", A72), "decode", x86, 100) == (1e-4, True)
+    tolerance, same = compare.allowed(compare.reference_for("int8-block-b128", A76), "prefill", x86, 100)
+    assert (tolerance, same) == (pytest.approx(3 * 0.04), False)  # a perturbed run changed a token
+    x86["int8-block-b128+fp32-activations@noise1"] = _run(2.1, 2.00001)  # fp32 activations: no code to flip
+    assert compare.allowed(compare.reference_for("int8-block-b128", A72), "decode", x86, 100) == (1e-4, True)
     x86["fp16"] = _run(-12.0, 3.0)
     tolerance, same = compare.allowed(compare.reference_for("fp16", A76), "prefill", x86, 576)
     assert (tolerance, same) == (pytest.approx(2 * 24 * 2**-11 * 12), True)
@@ -99,15 +103,14 @@ def test_a_row_fails_beyond_its_tolerance_or_on_other_tokens() -> None:
 
 
 @pytest.mark.parametrize(("accuracy_level", "arithmetic"), [(4, "int8 per block"), (0, "fp32 activations")])
-def test_probes_classify_this_hosts_4_and_8_bit_kernels(tmp_path: Path, accuracy_level: int, arithmetic: str) -> None:
-    """x86's MLAS quantizes MatMulNBits' activations per block at accuracy level 4 (AVX2, AVX-512 and VNNI alike),
-    for 4-bit and 8-bit weights, and keeps them in fp32 at level 0 (the arithmetic of an ARM core without dot
-    product): the probes tell the two apart, and tell every candidate from the others."""
+def test_probes_classify_this_hosts_8_bit_kernel(tmp_path: Path, accuracy_level: int, arithmetic: str) -> None:
+    """x86's MLAS quantizes 8-bit MatMulNBits' activations per block at accuracy level 4 (AVX2, AVX-512 and VNNI
+    alike), and keeps them in fp32 at level 0 (the arithmetic of an ARM core without dot product): the probes tell
+    the two apart, and tell every candidate from the others."""
     probes.write_probes(tmp_path)
     a = np.load(tmp_path / "activations.npy")
     models = sorted(tmp_path.glob("*.onnx"))
     assert [m.stem for m in models] == sorted(probes.probe_name(*shape) for shape in probes.SHAPES)
-    assert {int(np.load(m.with_suffix(".npz"))["bits"]) for m in models} == {4, 8}
     for path in models:
         weights = np.load(path.with_suffix(".npz"))
         model = onnx.load(str(path))
@@ -116,12 +119,12 @@ def test_probes_classify_this_hosts_4_and_8_bit_kernels(tmp_path: Path, accuracy
         k = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         output = session.run(None, {"A": a[:, :k]})[0]
-        codes, scale, bits = weights["codes"], weights["scale"], int(weights["bits"])
-        best, distances = probes.classify(output, codes, scale, a[:, :k], bits)
+        codes, scale = weights["codes"], weights["scale"]
+        best, distances = probes.classify(output, codes, scale, a[:, :k])
         assert best == arithmetic and distances[best] < 1e-5 and 1e-3 < min(
             d for name, d in distances.items() if name != best), (path.name, distances)
-        for name, reference in probes.candidates(codes, scale, a[:, :k], bits).items():
-            assert probes.classify(reference, codes, scale, a[:, :k], bits)[0] == name
+        for name, reference in probes.candidates(codes, scale, a[:, :k]).items():
+            assert probes.classify(reference, codes, scale, a[:, :k])[0] == name
 
 
 def test_fp32_activation_variant_is_a_valid_artifact_at_accuracy_level_0(tmp_path: Path, monkeypatch) -> None:
@@ -129,7 +132,7 @@ def test_fp32_activation_variant_is_a_valid_artifact_at_accuracy_level_0(tmp_pat
     from edge_runtime.export import export_checkpoint
 
     monkeypatch.setenv("EDGE_RUNTIME_CACHE", str(tmp_path / "cache"))
-    original = export_checkpoint(BUNDLED_CHECKPOINT, tmp_path / "int4", weights="int4", block_size=32)
+    original = export_checkpoint(BUNDLED_CHECKPOINT, tmp_path / "int8-block", weights="int8-block", block_size=32)
     variant = compare.fp32_activation_variant(original, tmp_path / "variant")
     levels = {a.i for g in variant.glob("*.onnx") for n in onnx.load(str(g), load_external_data=False).graph.node
               if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
@@ -172,13 +175,20 @@ def test_a_machine_that_cannot_run_it_gets_one_line_and_exit_77(monkeypatch, cap
                                  "(debootstrap, chroot) and binfmt_misc need root")]
 
 
-def test_every_case_names_an_exported_artifact_and_every_cpu_a_qemu_model() -> None:
+def test_every_case_names_an_exported_artifact_and_every_cpu_a_qemu_model(tmp_path: Path) -> None:
     assert all(c.artifact in cases.ARTIFACTS for c in cases.CASES.values())
-    assert set(cases.SMOKE_CASES) <= set(cases.CASES) and cases.SMOKE_CPU in cases.CPUS
+    assert {*cases.SMOKE_CASES, *cases.QUALITY_CASES, *cases.NODE_CASES} <= set(cases.CASES)
+    assert cases.SMOKE_CPU in cases.CPUS
     assert json.loads(json.dumps(cases.CPUS))  # plain data: the guest imports it before anything else
-    from edge_runtime.weight_formats import WEIGHT_FORMATS, Int4, weight_format
+    from edge_runtime.export.onnx_graph import GraphBuilder, WeightsWriter
+    from edge_runtime.weight_formats import WEIGHT_FORMATS, weight_format
 
-    nbits = {name for name in WEIGHT_FORMATS if isinstance(weight_format(name, 32), Int4)}  # MatMulNBits' formats
+    nbits = set()  # the formats whose kernel is com.microsoft.MatMulNBits, as export emits them
+    with WeightsWriter(tmp_path / "weights.bin") as writer:
+        for name in WEIGHT_FORMATS:
+            g = GraphBuilder(name, writer)
+            g.linear(g.input("x", ["T", 64]), "w", np.ones((16, 64), np.float32), weight_format(name, 32))
+            nbits |= {name for node in g.nodes if node.op_type == "MatMulNBits"}
     assert set(cases.CPU_DEPENDENT_WEIGHTS) == nbits == {a.weights for a in cases.ARTIFACTS.values()} & nbits
 
 
@@ -186,7 +196,7 @@ def test_a_run_restricted_to_some_cases_still_exports_what_its_other_steps_load(
     check = _check_module()
     assert check.needed_artifacts(["int8-block-b128"], smoke=True) == ["int8-block-b128"]
     assert check.needed_artifacts(["int8-block-b128"], smoke=False) == [
-        "fp16", "fp32", "int4-b128", "int4-b32", "int8", "int8-block-b128"]  # node lists, perplexity, serve
+        "fp16", "fp32", "int4-b32", "int8", "int8-block-b128"]  # node lists, perplexity, serve
     assert check.needed_artifacts(list(cases.CASES), smoke=False) == sorted(cases.ARTIFACTS)
 
 
@@ -218,11 +228,12 @@ def test_a_cpu_fails_unless_the_aarch64_attention_kernel_ran() -> None:
 
 def test_the_smoke_runs_the_kernel_test_of_every_kv_format_without_model_checkpoints() -> None:
     """The smoke's -k selection: every KV format at one shape, the threads' partial softmaxes and every test of the
-    onnxruntime operators, and none of the tests that need tests/conftest.py's checkpoints (the smoke exports none for
+    onnxruntime operators (LoRA slots and int4 weights), and none of the tests that need tests/conftest.py's checkpoints (the smoke exports none for
     the guest)."""
     import subprocess
 
     import test_attention_kernel
+    import test_matmul_int4
     import test_onnxruntime_ops
 
     from edge_runtime import attention_kernel
@@ -235,12 +246,14 @@ def test_the_smoke_runs_the_kernel_test_of_every_kv_format_without_model_checkpo
                                capture_output=True, text=True, cwd=root, timeout=120)
     ids = [line.split("::")[1] for line in collected.stdout.splitlines() if "::" in line]
     functions = {i.split("[")[0] for i in ids}
-    operators = {name for name in dir(test_onnxruntime_ops) if name.startswith("test_")}
+    operators = {name for module in (test_onnxruntime_ops, test_matmul_int4) for name in dir(module)
+                 if name.startswith("test_")}
     assert functions == {"test_the_kernel_equals_numpy_for_every_format",
                          "test_a_block_shared_between_threads_gives_the_same_output", *operators}, collected.stdout
     every_format = [re.fullmatch(r"test_the_kernel_equals_numpy_for_every_format\[(.+)-64-1-700-(.+)\]", i)
                     for i in ids if "every_format" in i]
-    assert sorted((m[1], m[2]) for m in every_format) == sorted(
-        (build, name) for build in attention_kernel.builds_for_this_machine() for name in KV_FORMATS)
+    builds = attention_kernel.builds_for_this_machine(attention_kernel.ATTENTION_BUILDS)
+    assert sorted((m[1], m[2]) for m in every_format) == sorted((b, name) for b in builds for name in KV_FORMATS)
     assert not any("artifacts" in inspect.signature(getattr(module, f)).parameters
-                   for module in (test_attention_kernel, test_onnxruntime_ops) for f in functions if hasattr(module, f))
+                   for module in (test_attention_kernel, test_onnxruntime_ops, test_matmul_int4) for f in functions
+                   if hasattr(module, f))

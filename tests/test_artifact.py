@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from conftest import overwrite_first_value
-from edge_runtime.artifact import MANIFEST, read_manifest, sha256_file, verify_artifact
+from edge_runtime.artifact import FORMAT_VERSION, MANIFEST, read_manifest, sha256_file, verify_artifact
 from edge_runtime.errors import ArtifactError, CheckpointError
 from edge_runtime.export import export_checkpoint
 from edge_runtime.export.checkpoint import Checkpoint
@@ -131,7 +131,7 @@ def test_an_artifact_from_before_the_graph_contract_asks_for_a_re_export(artifac
     (copy / MANIFEST).write_text(json.dumps(data))
     with pytest.raises(ArtifactError) as info:
         read_manifest(copy)
-    assert str(info.value) == (f"{copy / MANIFEST}: format_version 4 is not supported by this runtime (reads 5); "
+    assert str(info.value) == (f"{copy / MANIFEST}: format_version 4 is not supported by this runtime (reads {FORMAT_VERSION}); "
                                "re-export the checkpoint with this version of edge-runtime")
 
 

@@ -34,7 +34,7 @@ def _blocks(name: str, dim: int, tokens: int, rng: np.random.Generator, stored: 
             Block(exact, exact.encode(new_keys), exact, exact.encode(new_values), now, first, now)]
 
 
-@pytest.fixture(params=attention_kernel.builds_for_this_machine())
+@pytest.fixture(params=attention_kernel.builds_for_this_machine(attention_kernel.ATTENTION_BUILDS))
 def build(request, monkeypatch) -> str:
     """Each build of the kernel this machine can run in turn (x86: baseline, x86-64-v3, x86-64-v4), not only the
     best one `load` picks: their register blockings differ (4, 8 or 16 floats a vector)."""

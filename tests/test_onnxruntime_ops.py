@@ -15,7 +15,7 @@ from edge_runtime import onnxruntime_ops
 from edge_runtime.attention_kernel import builds_for_this_machine
 from edge_runtime.errors import EdgeRuntimeError
 
-BUILDS = [name for name in builds_for_this_machine() if name != "x86_64"]  # no baseline x86 build: no F16C
+BUILDS = builds_for_this_machine(onnxruntime_ops.BUILDS)
 
 
 def _session(path: str, leading: int, y_computed: bool, kind: str = "half") -> ort.InferenceSession:
@@ -130,7 +130,8 @@ def test_a_build_from_other_source_is_not_used(monkeypatch, tmp_path):
     try:
         assert onnxruntime_ops.library() is None
         with pytest.raises(EdgeRuntimeError) as refusal:
-            onnxruntime_ops.register(ort.SessionOptions(), Path("/art"))
+            onnxruntime_ops.register(ort.SessionOptions(), Path("/art"), "LoRA slots are",
+                                     "re-export with --lora-slot-precision fp32")
         assert str(refusal.value) == ("/art: its LoRA slots are computed by edge-runtime's onnxruntime operators, "
                                       "which have no build for this CPU (they need x86-64-v3 or aarch64); re-export "
                                       "with --lora-slot-precision fp32")

@@ -30,7 +30,7 @@ from edge_runtime.weight_recipe import EMBED, O_PROJ, PER_LAYER, ROLES, parse_re
 
 FORMATS = [Float32(), Float16(), Int8(), Int4(32), Int4(64), Int4(128), Int8Block(32), Int8Block(128)]
 KERNELS = {"fp32": ["Gemm"], "fp16": ["Cast", "Gemm", "Cast"], "int8": ["DynamicQuantizeMatMul"],
-           "int4": ["MatMulNBits"], "int8-block": ["MatMulNBits"]}
+           "int4": ["MatMulInt4"], "int8-block": ["MatMulNBits"]}
 MIXED = "int4,o_proj=int8,per_layer=int8,embed=int8"
 ROLE_LIST = ", ".join(ROLES)
 
@@ -40,12 +40,16 @@ def test_embedding_rows_round_trip_within_the_formats_step(fmt: WeightFormat):
     rows = np.random.default_rng(0).standard_normal((5, 200)).astype(np.float32)
     codes, scales = fmt.encode_rows(rows)
     (code_shape, code_dtype), scale_layout = fmt.row_layout(200)
-    assert codes.shape == (5, *code_shape) and codes.dtype == code_dtype
+    per = fmt.rows_per_record  # int4's tiles hold 16 rows, the last one padded
+    assert codes.shape == (-(-5 // per), *code_shape) and codes.dtype == code_dtype
     if scale_layout is None:
         assert scales is None
     else:
-        assert scales.shape == (5, *scale_layout[0]) and scales.dtype == scale_layout[1]
+        assert scales.shape == (-(-5 // per), *scale_layout[0]) and scales.dtype == scale_layout[1]
     assert fmt.row_bytes(200) == codes[0].nbytes + (0 if scales is None else scales[0].nbytes)
+    ids = np.array([3, 0, 4, 1, 2])
+    codes, scales = fmt.select_rows(codes[ids // per], None if scales is None else scales[ids // per], ids % per)
+    rows = rows[ids]
     error = np.abs(fmt.decode_rows(codes, scales, 200) - rows)
     if fmt.name == "fp32":
         assert error.max() == 0
@@ -73,10 +77,10 @@ def test_a_linear_emits_its_kernel_with_the_bytes_the_planner_counts(fmt: Weight
     graph = onnx.load(str(tmp_path / "one.onnx"), load_external_data=False).graph
     assert [node.op_type for node in graph.node if node.op_type != "Identity"] == KERNELS[fmt.name]
     assert _group_bytes(graph) == {"layers.0.w": fmt.linear_bytes(n, k)[0]}
-    if fmt.block_size:
+    if fmt.name == "int8-block":
         (node,) = graph.node[:1]
         attrs = {a.name: a.i for a in node.attribute}
-        assert attrs == {"K": k, "N": n, "bits": 4 if fmt.name == "int4" else 8, "block_size": fmt.block_size,
+        assert attrs == {"K": k, "N": n, "bits": 8, "block_size": fmt.block_size,
                          "accuracy_level": NBITS_ACCURACY_LEVEL}
 
 

@@ -4,9 +4,11 @@
     python tools/build_kernels.py --check    # exit 1 if a built file is missing or stale (was built from other source)
 
 The wheel is pure Python and goes to Pis and phones that have no compiler, so the built objects are part of the
-package, one per machine: x86_64 (baseline SSE2), x86_64-v3 (AVX2, FMA, F16C), x86_64-v4 (AVX-512 F/BW/CD/DQ/VL;
-each x86 build picked at run time when the CPU has what it needs: attention_kernel.X86_BUILDS) and aarch64 (Armv8-A
-NEON: every Pi from the 3 on, every 64-bit phone). Each is built from the same source,
+package, one per machine: x86_64 (baseline SSE2), x86_64-v3 (AVX2, FMA, F16C), x86_64-v4 (AVX-512 F/BW/CD/DQ/VL),
+x86_64-v4-vnni (and AVX-512 VNNI), aarch64 (Armv8-A NEON: every Pi from the 3 on, every 64-bit phone) and
+aarch64-dotprod (Armv8.2-A's dot products: Pi 5, phones), each picked at run time when the CPU has what it needs
+(attention_kernel.X86_BUILDS, ARM_BUILDS); each kernel ships the builds it gains from (attention_kernel.
+ATTENTION_BUILDS, onnxruntime_ops.BUILDS). Each is built from the same source,
 links against nothing (not even libc: it loads under glibc, musl and Android's bionic alike), and carries the
 SHA-256 of the source it was built from, which the loader checks. Needs gcc and Debian's gcc-aarch64-linux-gnu
 (`apt-get install gcc-aarch64-linux-gnu`; binutils' objdump checks that each object still prefetches); the build is
@@ -33,12 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from edge_runtime.attention_kernel import ATTENTION_BUILDS
+from edge_runtime.onnxruntime_ops import BUILDS as OPS_BUILDS
+
 KERNELS = ROOT / "edge_runtime" / "kernels"
 MACHINES = {  # file suffix -> (compiler, machine flags)
     "x86_64": ("gcc", ["-march=x86-64", "-mtune=generic"]),
     "x86_64-v3": ("gcc", ["-march=x86-64-v3", "-mtune=generic"]),
     "x86_64-v4": ("gcc", ["-march=x86-64-v4", "-mtune=generic"]),
+    "x86_64-v4-vnni": ("gcc", ["-march=x86-64-v4", "-mavx512vnni", "-mtune=generic"]),
     "aarch64": ("aarch64-linux-gnu-gcc", ["-march=armv8-a", "-mtune=generic"]),
+    "aarch64-dotprod": ("aarch64-linux-gnu-gcc", ["-march=armv8.2-a+dotprod", "-mtune=generic"]),
 }
 PREFETCH = ("prefetcht1", "prfm\tpldl2keep")  # how x86 and aarch64 disassemble `__builtin_prefetch(p, 0, 2)`
 # onnxruntime_c_api.h of onnxruntime 1.21 (API version 21; onnxruntime_ops.c asks for 20, pyproject's oldest)
@@ -72,9 +80,8 @@ class Kernel:
         return KERNELS / f"{self.stem}-{machine}.so"
 
 
-ATTENTION = Kernel("attention.c", "attention", tuple(MACHINES), prefetches=True)
-ONNXRUNTIME_OPS = Kernel("onnxruntime_ops.c", "onnxruntime-ops", ("x86_64-v3", "x86_64-v4", "aarch64"),
-                         prefetches=False, includes=(HEADERS,))
+ATTENTION = Kernel("attention.c", "attention", ATTENTION_BUILDS, prefetches=True)
+ONNXRUNTIME_OPS = Kernel("onnxruntime_ops.c", "onnxruntime-ops", OPS_BUILDS, prefetches=False, includes=(HEADERS,))
 KERNEL_SOURCES = (ATTENTION, ONNXRUNTIME_OPS)
 
 

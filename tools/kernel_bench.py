@@ -1,33 +1,41 @@
-"""Measure onnxruntime's candidate weight kernels at E2B's matrix shapes, batch 1, to choose export formats.
+"""Measure the candidate weight kernels (onnxruntime's and edge-runtime's own MatMulInt4) at E2B's matrix shapes,
+batch 1 (a decode step) or more rows (prefill), to choose export formats.
 
-For each kernel: median milliseconds per matrix-vector product, the weight bytes it streams per call over that
-time (GB/s), and its error relative to fp32 weights (max |y - y_fp32| / max |y_fp32|). Run on the target
-device: the ranking depends on the CPU's integer dot-product instructions (on x86 without VNNI, int16
-saturation in the u8 x s8 kernel shows up as a large error).
+For each kernel: median milliseconds per product, the weight bytes it streams per call over that time (GB/s), and
+its error relative to fp32 weights (max |y - y_fp32| / max |y_fp32|). Run on the target device: the ranking depends
+on the CPU's integer dot-product instructions (on x86 without VNNI, int16 saturation in the u8 x s8 kernel shows up
+as a large error).
 
-    python tools/kernel_bench.py [--threads 2] [--repeats 30]
+    python tools/kernel_bench.py [--threads 2] [--repeats 30] [--rows 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from edge_runtime import onnxruntime_ops
+from edge_runtime.weight_formats import Int4
 
 SHAPES = {"mlp up (1536->6144)": (1536, 6144), "mlp down (6144->1536)": (6144, 1536),
           "lm head (1536->262144)": (1536, 262144)}
 
 
 def _session(node: helper.NodeProto, inits: list, k: int, threads: int) -> ort.InferenceSession:
-    graph = helper.make_graph([node], "k", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+    graph = helper.make_graph([node], "k", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
-                                                                   helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1),
+        helper.make_opsetid(onnxruntime_ops.DOMAIN, onnxruntime_ops.OPSET)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if node.domain == onnxruntime_ops.DOMAIN:
+        onnxruntime_ops.register(options, Path(__file__), "MatMulInt4 candidates are", "run on x86-64-v3 or aarch64")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -63,6 +71,11 @@ def candidates(w: np.ndarray) -> dict[str, tuple[helper.NodeProto, list, int]]:
         node = helper.make_node("MatMulNBits", ["x", "B", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
                                 block_size=block, accuracy_level=4)
         out[f"MatMulNBits {bits}-bit block {block}"] = (node, inits, packed.nbytes + scale.size * 4)
+    for block in (32, 64, 128):
+        parts = Int4(block).encode(w)
+        inits = [numpy_helper.from_array(parts["codes"], "codes"), numpy_helper.from_array(parts["scale"], "s")]
+        node = helper.make_node(onnxruntime_ops.MATMUL_INT4, ["x", "codes", "s"], ["y"], domain=onnxruntime_ops.DOMAIN)
+        out[f"MatMulInt4 block {block}"] = (node, inits, sum(p.nbytes for p in parts.values()))
     return out
 
 
@@ -70,12 +83,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rows", type=int, default=1, help="rows of x: 1 is a decode step, more a prefill")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    print(f"onnxruntime {ort.__version__}, {args.threads} threads, median of {args.repeats}")
+    print(f"onnxruntime {ort.__version__}, {args.threads} threads, {args.rows} rows, median of {args.repeats}")
     for label, (k, n) in SHAPES.items():
         w = rng.standard_normal((n, k), dtype=np.float32)
-        x = rng.standard_normal((1, k), dtype=np.float32)
+        x = rng.standard_normal((args.rows, k), dtype=np.float32)
         ref = x @ w.T
         print(f"\n{label}")
         for name, (node, inits, nbytes) in candidates(w).items():

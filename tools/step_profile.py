@@ -145,14 +145,17 @@ def ort_ops(model, steps: int, out_dir: Path) -> dict[str, float]:
 
 
 # Nodes that read a weight: the weight is their second input, an initializer of the graph (weight_formats' emit).
-WEIGHT_OPS = ("MatMulNBits", "DynamicQuantizeMatMul", "MatMul", "Gemm")
+WEIGHT_OPS = ("MatMulNBits", "DynamicQuantizeMatMul", "MatMul", "Gemm", "MatMulInt4")
 
 
 def _input_width(node, weight) -> int:
-    """K of a weight node: MatMulNBits says it; the others' weights are [K, N], or [N, K] under Gemm's transB."""
+    """K of a weight node: MatMulNBits says it, MatMulInt4's codes are [N / 16, K / 8, 64] (K to the whole block);
+    the others' weights are [K, N], or [N, K] under Gemm's transB."""
     attrs = {a.name: a for a in node.attribute}
     if node.op_type == "MatMulNBits":
         return attrs["K"].i
+    if node.op_type == "MatMulInt4":
+        return weight.dims[1] * 8
     transposed = node.op_type == "Gemm" and "transB" in attrs and attrs["transB"].i == 1
     return weight.dims[-1] if transposed else weight.dims[-2]
 
@@ -195,11 +198,15 @@ def weight_graph(source: Path) -> tuple[bytes, dict[str, tuple[int, np.dtype]]] 
 def weight_session(graph: bytes, artifact: Path, threads: int):
     """An onnxruntime session of a weight graph with the engine's options, its initializers read from `artifact`'s
     weights file (a folder of links to it is refused by onnxruntime's external-data path check)."""
+    import onnx
     import onnxruntime as ort
 
+    from edge_runtime import onnxruntime_ops
     from edge_runtime.engine import _session_options
 
     options = _session_options(threads)
+    if any(node.domain == onnxruntime_ops.DOMAIN for node in onnx.load_from_string(graph).graph.node):
+        onnxruntime_ops.register(options, artifact, "weight nodes are", "profile an artifact without them")
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(artifact))
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 

@@ -334,6 +334,345 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *context) 
     return NULL;
 }
 
+/* MatMulInt4(x, codes, scales) = x @ W.T for an int4 weight W [n, k] in llama.cpp's Q4_0 grid (weight_formats.Int4):
+ * per block of `block` values along a row, codes 0..15 standing for code - 8, times the block's half-precision scale.
+ * The layout is this kernel's own, the same on every CPU: the columns (rows of W) in tiles of TILE = 16, and each
+ * tile's codes [k / 8][16 columns][4 bytes], byte i of a column holding its values 8c + i (low nibble) and 8c + 4 + i
+ * (high nibble), so one 64-byte load unpacks into two vectors of four values for each of 16 columns; its scales
+ * [blocks][16]. x is quantized to int8 per row and block (scale max|x| / 127, round to nearest even), the dot
+ * products run on integers (exact: no block's sum reaches 2^24) and each block's sum is scaled and added in float32
+ * in the same order on every CPU, lanes being columns: the same result from x86's VNNI or its AVX2 path, Arm's dot
+ * product or its widening multiplies (a Pi 4 has none). onnxruntime's MatMulNBits, which this replaces for int4,
+ * computes a different sum on each Arm core (KleidiAI where there is i8mm or dotprod), packs a second copy of the
+ * weight at load, and was measured slower at batch 1 and at 128 rows (tools/kernel_bench.py). */
+
+#define TILE 16                 /* columns a tile of the layout holds */
+#define TILE_BYTES (TILE * 4)   /* one chunk of a tile: 8 values of each column */
+#define VECTORS (TILE / LANES)  /* vectors a tile's columns fill */
+/* The tile of the output a call holds in registers: rows of x sharing each unpacked chunk, by tiles sharing each
+ * broadcast of x; sized so the integer sums, the unpacked codes and the broadcasts fit the registers (32 zmm, 16 ymm,
+ * 32 q), the float sums being touched once a block. A single row splits each tile's sums in two chains (low and
+ * high nibbles): one chain a tile left the multiply-adds waiting on each other, not on memory, in cache. */
+#if LANES == 16
+#define PREFILL_ROWS 4
+#define PREFILL_TILES 2
+#define DECODE_PAIR 2
+#elif LANES == 8
+#define PREFILL_ROWS 4
+#define PREFILL_TILES 1
+#define DECODE_PAIR 2
+#else
+#define PREFILL_ROWS 2
+#define PREFILL_TILES 1
+#define DECODE_PAIR 1
+#endif
+#define MAX_TILES 2             /* the most tiles a call takes, for its arrays */
+#define DECODE_TILES 8          /* tiles a thread takes at a time for a single row */
+
+#if LANES == 16
+typedef __m512i vi;
+static inline vi load_codes(const uint8_t *p) { return _mm512_loadu_si512(p); }
+static inline vi low_nibbles(vi w) { return _mm512_and_si512(w, _mm512_set1_epi8(0x0F)); }
+static inline vi high_nibbles(vi w) { return _mm512_and_si512(_mm512_srli_epi16(w, 4), _mm512_set1_epi8(0x0F)); }
+static inline vi zero_i(void) { return _mm512_setzero_si512(); }
+static inline vi splat_i(int32_t v) { return _mm512_set1_epi32(v); }
+static inline vi sub_i(vi a, vi b) { return _mm512_sub_epi32(a, b); }
+static inline vi add_i(vi a, vi b) { return _mm512_add_epi32(a, b); }
+static inline vn to_float(vi v) { return (vn)_mm512_cvtepi32_ps(v); }
+/* acc[l] += the dot product of column l's four codes (unsigned) and the four int8 values of x in `x4` */
+static inline vi dot4(vi acc, vi w, vi x4) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, w, x4);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x4), _mm512_set1_epi16(1)));
+#endif
+}
+static inline vn fmadd(vn a, vn b, vn c) { return (vn)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+static inline vn absn(vn v) { return (vn)_mm512_abs_ps((__m512)v); }
+static inline vi round_i(vn v) { return _mm512_cvtps_epi32((__m512)v); }
+static inline void store_i8(int8_t *p, vi v) { _mm_storeu_si128((__m128i *)p, _mm512_cvtsepi32_epi8(v)); }
+#elif LANES == 8
+typedef __m256i vi;
+static inline vi load_codes(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline vi low_nibbles(vi w) { return _mm256_and_si256(w, _mm256_set1_epi8(0x0F)); }
+static inline vi high_nibbles(vi w) { return _mm256_and_si256(_mm256_srli_epi16(w, 4), _mm256_set1_epi8(0x0F)); }
+static inline vi zero_i(void) { return _mm256_setzero_si256(); }
+static inline vi splat_i(int32_t v) { return _mm256_set1_epi32(v); }
+static inline vi sub_i(vi a, vi b) { return _mm256_sub_epi32(a, b); }
+static inline vi add_i(vi a, vi b) { return _mm256_add_epi32(a, b); }
+static inline vn to_float(vi v) { return (vn)_mm256_cvtepi32_ps(v); }
+static inline vi dot4(vi acc, vi w, vi x4) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x4), _mm256_set1_epi16(1)));
+}
+static inline vn fmadd(vn a, vn b, vn c) { return (vn)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+static inline vn absn(vn v) { return (vn)_mm256_and_ps((__m256)v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+static inline vi round_i(vn v) { return _mm256_cvtps_epi32((__m256)v); }
+static inline void store_i8(int8_t *p, vi v) {
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64((__m128i *)p, _mm_packs_epi16(w, w));
+}
+#else
+typedef int32x4_t vi;
+static inline vi load_codes(const uint8_t *p) { return vreinterpretq_s32_u8(vld1q_u8(p)); }
+static inline vi low_nibbles(vi w) { return vreinterpretq_s32_u8(vandq_u8(vreinterpretq_u8_s32(w), vdupq_n_u8(0x0F))); }
+static inline vi high_nibbles(vi w) { return vreinterpretq_s32_u8(vshrq_n_u8(vreinterpretq_u8_s32(w), 4)); }
+static inline vi zero_i(void) { return vdupq_n_s32(0); }
+static inline vi splat_i(int32_t v) { return vdupq_n_s32(v); }
+static inline vi sub_i(vi a, vi b) { return vsubq_s32(a, b); }
+static inline vi add_i(vi a, vi b) { return vaddq_s32(a, b); }
+static inline vn to_float(vi v) { return (vn)vcvtq_f32_s32(v); }
+/* codes 0..15 are int8 too, so Arm multiplies signed by signed */
+static inline vi dot4(vi acc, vi w, vi x4) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(acc, vreinterpretq_s8_s32(w), vreinterpretq_s8_s32(x4));
+#else
+    const int8x16_t a = vreinterpretq_s8_s32(w), b = vreinterpretq_s8_s32(x4);
+    const int16x8_t low = vmull_s8(vget_low_s8(a), vget_low_s8(b)), high = vmull_high_s8(a, b);
+    return vpadalq_s16(acc, vpaddq_s16(low, high));
+#endif
+}
+static inline vn fmadd(vn a, vn b, vn c) { return (vn)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b); }
+static inline vn absn(vn v) { return (vn)vabsq_f32((float32x4_t)v); }
+static inline vi round_i(vn v) { return vcvtnq_s32_f32((float32x4_t)v); }
+static inline void store_i8(int8_t *p, vi v) {
+    const int16x4_t h = vqmovn_s32(v);
+    const int8x8_t b = vqmovn_s16(vcombine_s16(h, h));
+    __builtin_memcpy(p, &b, 4);
+}
+#endif
+
+static inline int32_t sum_i(vi v) {
+    int32_t lanes[LANES], sum = 0;
+    __builtin_memcpy(lanes, &v, sizeof v);
+    for (int l = 0; l < LANES; l++) sum += lanes[l];
+    return sum;
+}
+static inline float max_lane(vn v) {
+    float m = 0;
+    for (int l = 0; l < LANES; l++) m = v[l] > m ? v[l] : m;
+    return m;
+}
+
+typedef struct {
+    const float *x;
+    const uint8_t *codes;
+    const uint16_t *scales;
+    float *y;
+    int64_t rows, k, k_padded, block, n; /* n: the output's columns, a whole number of tiles */
+    int8_t *q;           /* x quantized: [rows][k_padded] */
+    float *row_scale;    /* [rows][blocks] */
+    int32_t *correction; /* [rows][blocks]: 8 x the sum of the block's int8 values, for the codes' offset */
+} Int4Matmul;
+
+/* Row r of x into int8 per block (the part of the last block past k is zeros, as the codes are). */
+static void quantize_row(const Int4Matmul *s, int64_t r) {
+    const int64_t blocks = s->k_padded / s->block;
+    const float *x = s->x + r * s->k;
+    int8_t *q = s->q + r * s->k_padded;
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t start = b * s->block;
+        const float *values = x + start;
+        float padded[1024];
+        if (s->k - start < s->block) {
+            for (int64_t i = 0; i < s->block; i++) padded[i] = start + i < s->k ? x[start + i] : 0.0f;
+            values = padded;
+        }
+        vn top = splat(0);
+        for (int64_t i = 0; i < s->block; i += LANES) {
+            const vn a = absn(loadn(values + i));
+            for (int l = 0; l < LANES; l++) top[l] = a[l] > top[l] ? a[l] : top[l];
+        }
+        const float amax = max_lane(top), inverse = amax > 0 ? 127.0f / amax : 0.0f;
+        vi sums = zero_i();
+        for (int64_t i = 0; i < s->block; i += LANES) {
+            const vi v = round_i(loadn(values + i) * splat(inverse));
+            store_i8(q + start + i, v);
+            sums = add_i(sums, v);
+        }
+        s->row_scale[r * blocks + b] = amax / 127.0f;
+        s->correction[r * blocks + b] = 8 * sum_i(sums);
+    }
+}
+
+/* y[r0:r0 + R][tiles t0:t0 + T] (R <= PREFILL_ROWS, T <= MAX_TILES): per block, integer sums of each chunk's two
+ * halves against four values of x broadcast, then the codes' offset taken off, and the block's scales applied in
+ * float32. */
+INLINE void int4_tile(const Int4Matmul *s, int64_t r0, int R, int64_t t0, int T) {
+    const int64_t chunks = s->k_padded / 8, blocks = s->k_padded / s->block, per_block = s->block / 8;
+    const int chains = R == 1 ? 2 : 1;
+    vn acc[PREFILL_ROWS][MAX_TILES][VECTORS];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            for (int v = 0; v < VECTORS; v++) acc[r][t][v] = splat(0);
+    for (int64_t b = 0; b < blocks; b++) {
+        vi sums[2][PREFILL_ROWS][MAX_TILES][VECTORS];
+        for (int h = 0; h < chains; h++)
+            for (int r = 0; r < R; r++)
+                for (int t = 0; t < T; t++)
+                    for (int v = 0; v < VECTORS; v++) sums[h][r][t][v] = zero_i();
+        for (int64_t c = b * per_block; c < (b + 1) * per_block; c++) {
+            vi low[MAX_TILES][VECTORS], high[MAX_TILES][VECTORS];
+            for (int t = 0; t < T; t++)
+                for (int v = 0; v < VECTORS; v++) {
+                    const vi w = load_codes(s->codes + ((t0 + t) * chunks + c) * TILE_BYTES + v * LANES * 4);
+                    low[t][v] = low_nibbles(w);
+                    high[t][v] = high_nibbles(w);
+                }
+            for (int r = 0; r < R; r++) {
+                int32_t x4[2];
+                __builtin_memcpy(x4, s->q + (r0 + r) * s->k_padded + c * 8, 8);
+                const vi first = splat_i(x4[0]), second = splat_i(x4[1]);
+                for (int t = 0; t < T; t++)
+                    for (int v = 0; v < VECTORS; v++) {
+                        sums[0][r][t][v] = dot4(sums[0][r][t][v], low[t][v], first);
+                        sums[chains - 1][r][t][v] = dot4(sums[chains - 1][r][t][v], high[t][v], second);
+                    }
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const vi offset = splat_i(s->correction[(r0 + r) * blocks + b]);
+            const vn x_scale = splat(s->row_scale[(r0 + r) * blocks + b]);
+            for (int t = 0; t < T; t++)
+                for (int v = 0; v < VECTORS; v++) {
+                    const vi sum = chains == 2 ? add_i(sums[0][r][t][v], sums[1][r][t][v]) : sums[0][r][t][v];
+                    const vn w_scale = loadh(s->scales + ((t0 + t) * blocks + b) * TILE + v * LANES);
+                    acc[r][t][v] = fmadd(to_float(sub_i(sum, offset)), w_scale * x_scale, acc[r][t][v]);
+                }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            for (int v = 0; v < VECTORS; v++) storen(s->y + (r0 + r) * s->n + (t0 + t) * TILE + v * LANES, acc[r][t][v]);
+}
+
+/* A single row: task `task` takes DECODE_TILES tiles, DECODE_PAIR at a time. */
+static void int4_decode_task(void *data, size_t task) {
+    const Int4Matmul *s = data;
+    const int64_t tiles = s->n / TILE, t1 = ((int64_t)task + 1) * DECODE_TILES;
+    for (int64_t t = (int64_t)task * DECODE_TILES; t < tiles && t < t1; t += DECODE_PAIR)
+        if (t + DECODE_PAIR <= tiles) int4_tile(s, 0, 1, t, DECODE_PAIR);
+        else int4_tile(s, 0, 1, t, 1);
+}
+
+/* Several rows: task `task` takes PREFILL_TILES tiles for every row, PREFILL_ROWS rows at a time, so a tile's codes
+ * stay in cache while the rows pass over them. */
+static void int4_prefill_task(void *data, size_t task) {
+    const Int4Matmul *s = data;
+    const int64_t tiles = s->n / TILE, t0 = (int64_t)task * PREFILL_TILES;
+    const int T = t0 + PREFILL_TILES <= tiles ? PREFILL_TILES : (int)(tiles - t0);
+    for (int64_t r0 = 0; r0 < s->rows; r0 += PREFILL_ROWS) {
+        const int R = r0 + PREFILL_ROWS <= s->rows ? PREFILL_ROWS : (int)(s->rows - r0);
+        if (T == PREFILL_TILES) {
+            if (R == PREFILL_ROWS) int4_tile(s, r0, PREFILL_ROWS, t0, PREFILL_TILES);
+            else int4_tile(s, r0, R, t0, PREFILL_TILES);
+        } else int4_tile(s, r0, R, t0, 1);
+    }
+}
+
+static void quantize_task(void *data, size_t task) { quantize_row(data, (int64_t)task); }
+
+/* The output's shape: x's, the last dimension the codes' rows (n, a whole number of tiles). Without it onnxruntime
+ * knows nothing of the output's rank, and the nodes after it (a LoraSlot passing y's shape on, a layer norm over
+ * the last axis) fail to load. */
+static OrtStatus *ORT_API_CALL infer_int4(const OrtCustomOp *op, OrtShapeInferContext *context) {
+    (void)op;
+    OrtTensorTypeAndShapeInfo *x = NULL, *codes = NULL, *out = NULL;
+    size_t rank = 0, codes_rank = 0;
+    int64_t dims[8], codes_dims[8];
+    const char *names[8];
+    OrtStatus *status = api->ShapeInferContext_GetInputTypeShape(context, 0, &x);
+    if (!status) status = api->ShapeInferContext_GetInputTypeShape(context, 1, &codes);
+    if (!status) status = api->GetDimensionsCount(x, &rank);
+    if (!status) status = api->GetDimensionsCount(codes, &codes_rank);
+    if (!status && (rank < 1 || rank > 8 || codes_rank != 3))
+        status = api->CreateStatus(ORT_INVALID_ARGUMENT, "MatMulInt4: want x [..., k] and codes [n / 16, k / 8, 64]");
+    if (!status) status = api->GetDimensions(x, dims, rank);
+    if (!status) status = api->GetSymbolicDimensions(x, names, rank);
+    if (!status) status = api->GetDimensions(codes, codes_dims, 3);
+    if (!status) {
+        dims[rank - 1] = codes_dims[0] < 0 ? -1 : codes_dims[0] * TILE;
+        names[rank - 1] = "";
+        status = api->CreateTensorTypeAndShapeInfo(&out);
+    }
+    if (!status) status = api->SetTensorElementType(out, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    if (!status) status = api->SetDimensions(out, dims, rank);
+    if (!status) status = api->SetSymbolicDimensions(out, names, rank);
+    if (!status) status = api->ShapeInferContext_SetOutputTypeShape(context, 0, out);
+    if (out) api->ReleaseTensorTypeAndShapeInfo(out); /* the context owns the inputs' shapes it hands out */
+    return status;
+}
+
+static OrtMemoryInfo *cpu_memory;
+
+static OrtStatus *ORT_API_CALL compute_int4(void *kernel, OrtKernelContext *context) {
+    (void)kernel;
+    const OrtValue *inputs[3];
+    size_t counts[3];
+    int64_t dims[3][8];
+    for (size_t i = 0; i < 3; i++) {
+        TRY(api->KernelContext_GetInput(context, i, &inputs[i]));
+        TRY(shape_of(inputs[i], &counts[i], dims[i]));
+    }
+    /* x [..., k], codes [tiles, chunks, 64], scales [tiles, blocks, 16] */
+    Int4Matmul s = {.rows = 1};
+    int ok = counts[0] >= 1 && counts[1] == 3 && counts[2] == 3 && dims[1][2] == TILE_BYTES && dims[2][2] == TILE &&
+             dims[1][0] == dims[2][0] && dims[2][1] > 0 && dims[1][1] % dims[2][1] == 0;
+    if (ok) {
+        for (size_t d = 0; d + 1 < counts[0]; d++) s.rows *= dims[0][d];
+        s.k = dims[0][counts[0] - 1];
+        s.k_padded = dims[1][1] * 8;
+        s.block = s.k_padded / dims[2][1];
+        s.n = dims[1][0] * TILE;
+        ok = s.block % LANES == 0 && s.block <= 1024 && s.block % 8 == 0 && s.k <= s.k_padded &&
+             s.k_padded - s.k < s.block;
+    }
+    if (!ok)
+        return api->CreateStatus(ORT_INVALID_ARGUMENT, "MatMulInt4: want x [..., k], codes [n / 16, k / 8, 64] and "
+                                                       "scales [n / 16, blocks, 16], blocks of 8 to 1024 values");
+    int64_t out_dims[8];
+    for (size_t d = 0; d + 1 < counts[0]; d++) out_dims[d] = dims[0][d];
+    out_dims[counts[0] - 1] = s.n;
+    OrtValue *output;
+    TRY(api->KernelContext_GetOutput(context, 0, out_dims, counts[0], &output));
+    TRY(read(inputs[0], (const void **)&s.x));
+    TRY(read(inputs[1], (const void **)&s.codes));
+    TRY(read(inputs[2], (const void **)&s.scales));
+    TRY(api->GetTensorMutableData(output, (void **)&s.y));
+    if (s.rows == 0 || s.n == 0) return NULL;
+    const int64_t blocks = s.k_padded / s.block, tiles = s.n / TILE;
+    if (s.rows == 1 && s.k_padded <= 65536) {
+        /* A decode step: x quantized here, on the stack, then the tiles split between threads */
+        int8_t q[65536] __attribute__((aligned(64)));
+        float row_scale[65536 / 8];
+        int32_t correction[65536 / 8];
+        s.q = q, s.row_scale = row_scale, s.correction = correction;
+        quantize_row(&s, 0);
+        const size_t tasks = (size_t)((tiles + DECODE_TILES - 1) / DECODE_TILES);
+        if (tasks > 1) return api->KernelContext_ParallelFor(context, int4_decode_task, tasks, 0, &s);
+        int4_decode_task(&s, 0);
+        return NULL;
+    }
+    OrtAllocator *allocator;
+    TRY(api->KernelContext_GetAllocator(context, cpu_memory, &allocator));
+    void *scratch;
+    const size_t q_bytes = (size_t)(s.rows * s.k_padded + 63) / 64 * 64;
+    OrtStatus *status = api->AllocatorAlloc(allocator, q_bytes + (size_t)(s.rows * blocks) * 8, &scratch);
+    if (!status) {
+        s.q = scratch;
+        s.row_scale = (float *)((char *)scratch + q_bytes);
+        s.correction = (int32_t *)(s.row_scale + s.rows * blocks);
+        status = api->KernelContext_ParallelFor(context, quantize_task, (size_t)s.rows, 0, &s);
+        if (!status)
+            status = api->KernelContext_ParallelFor(context, int4_prefill_task,
+                                                    (size_t)((tiles + PREFILL_TILES - 1) / PREFILL_TILES), 0, &s);
+        OrtStatus *freed = api->AllocatorFree(allocator, scratch);
+        if (!status) status = freed;
+        else if (freed) api->ReleaseStatus(freed);
+    }
+    api->ReleaseAllocator(allocator);
+    return status;
+}
+
 static const int kinds[2] = {HALF, INT8};
 
 /* The output's type and shape are y's. Without this onnxruntime plans the output as of unknown size and never gives
@@ -421,6 +760,31 @@ static void ORT_API_CALL release(int *input_index, int *output_index) { (void)in
     }
 static const OrtCustomOp lora_slot = LORA_SLOT_OP(half), lora_slot_int8 = LORA_SLOT_OP(int8);
 
+static OrtStatus *ORT_API_CALL create_int4(const OrtCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
+                                           void **kernel) {
+    (void)op, (void)given, (void)info;
+    *kernel = NULL;
+    return NULL;
+}
+static const char *ORT_API_CALL name_int4(const OrtCustomOp *op) { (void)op; return "MatMulInt4"; }
+/* MatMulInt4: x float, codes uint8, scales float16. */
+static ONNXTensorElementDataType ORT_API_CALL input_type_int4(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                      : index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+}
+static size_t ORT_API_CALL input_count_int4(const OrtCustomOp *op) { (void)op; return 3; }
+static const OrtCustomOp matmul_int4 = {
+    .version = API_VERSION, .GetName = name_int4, .GetExecutionProviderType = provider,
+    .GetInputType = input_type_int4, .GetInputTypeCount = input_count_int4, .GetOutputType = output_type,
+    .GetOutputTypeCount = output_count, .KernelDestroy = destroy, .GetInputCharacteristic = required,
+    .GetOutputCharacteristic = required, .GetInputMemoryType = memory, .GetVariadicInputMinArity = one,
+    .GetVariadicInputHomogeneity = zero, .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = zero,
+    .CreateKernelV2 = create_int4, .KernelComputeV2 = compute_int4, .InferOutputShapeFn = infer_int4, .GetStartVersion = one,
+    .GetEndVersion = last_version, .GetMayInplace = no_alias, .ReleaseMayInplace = release, .GetAliasMap = no_alias,
+    .ReleaseAliasMap = release,
+};
+
 static OrtCustomOpDomain *domain;
 
 /* Called by onnxruntime for each session the library is registered with (SessionOptions.register_custom_ops_library):
@@ -431,10 +795,12 @@ EXPORT OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, con
         if (!given) return NULL; /* too old to say so: the session then fails on the unknown op */
         api = given;
     }
+    if (!cpu_memory) TRY(api->CreateCpuMemoryInfo(OrtDeviceAllocator, OrtMemTypeDefault, &cpu_memory));
     if (!domain) {
         TRY(api->CreateCustomOpDomain("edge_runtime", &domain));
         TRY(api->CustomOpDomain_Add(domain, &lora_slot));
         TRY(api->CustomOpDomain_Add(domain, &lora_slot_int8));
+        TRY(api->CustomOpDomain_Add(domain, &matmul_int4));
     }
     return api->AddCustomOpDomain(options, domain);
 }

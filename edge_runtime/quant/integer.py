@@ -89,3 +89,35 @@ def dequantize_int4_blocks(packed: np.ndarray, scale: np.ndarray, k: int) -> np.
     q = np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
     values = q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
     return values.reshape(*packed.shape[:-2], -1)[..., :k]
+
+
+INT4_TILE = 16  # rows of W a tile of MatMulInt4's layout holds (onnxruntime_ops.c's TILE)
+
+
+def int4_tiles(packed: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_int4_blocks' codes [N, blocks, block/2] and scales [N, blocks] in edge-runtime's MatMulInt4 layout
+    (edge_runtime/kernels/onnxruntime_ops.c): codes [tiles, k/8, 64], byte i of a row's 4 in each 64 holding its
+    values 8c + i (low nibble) and 8c + 4 + i (high), and float16 scales [tiles, blocks, 16]. Rows are padded to
+    whole tiles with zeros (code 8, scale 0)."""
+    n, blocks, half = packed.shape
+    q = np.empty((n, blocks * half * 2), dtype=np.uint8)
+    q[:, 0::2], q[:, 1::2] = (packed & 0x0F).reshape(n, -1), (packed >> 4).reshape(n, -1)
+    pad = -n % INT4_TILE
+    q = np.pad(q, ((0, pad), (0, 0)), constant_values=INT4_ZERO)
+    scale = np.pad(np.asarray(scale, dtype=np.float16), ((0, pad), (0, 0)))
+    tiles, k = (n + pad) // INT4_TILE, q.shape[1]
+    u = q.reshape(tiles, INT4_TILE, k // 8, 2, 4)
+    codes = (u[:, :, :, 0, :] | (u[:, :, :, 1, :] << 4)).transpose(0, 2, 1, 3).reshape(tiles, k // 8, 4 * INT4_TILE)
+    return np.ascontiguousarray(codes), np.ascontiguousarray(scale.reshape(tiles, INT4_TILE, blocks).transpose(0, 2, 1))
+
+
+def int4_tile_rows(codes: np.ndarray, scales: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row `members[i]` of tile i, for tiles (codes [r, k/8, 64], scales [r, blocks, 16]) as int4_tiles lays them
+    out, back in quantize_int4_blocks' layout: ([r, blocks, block/2], float32 [r, blocks])."""
+    r, chunks, _ = codes.shape
+    every = np.arange(r)
+    b = codes.reshape(r, chunks, INT4_TILE, 4)[every, :, members, :]
+    q = np.concatenate([b & 0x0F, b >> 4], axis=-1).reshape(r, chunks * 8)
+    blocks = scales.shape[1]
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(r, blocks, -1)
+    return packed, scales[every, :, members].astype(np.float32)

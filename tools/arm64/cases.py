@@ -44,14 +44,13 @@ class ArtifactSpec:
 
 @dataclass(frozen=True)
 class Case:
-    """One run: an artifact, the KV cache settings and the onnxruntime session entries it is loaded with."""
+    """One run: an artifact and the KV cache settings it is loaded with."""
 
     name: str
     artifact: str
     kv: str = "fp16"
     kv_recent: int | None = None
     kv_sliding: str = "fp32"
-    session_entries: tuple[tuple[str, str], ...] = ()
     adapter: str | None = None  # a LoRA adapter directory beside the artifacts (ADAPTER), attached at load
 
     @property
@@ -84,12 +83,10 @@ ADAPTER = "adapter-all-linear-r8"
 # position is read back from its codes (the defaults would keep this short prompt's positions exact).
 KV_FORMATS = ("fp32", "fp16", "int8", "tq4", "tq3.5", "tq3", "tq2.5", "tq4-mse", "tq3.5-mse", "tq3-mse",
               "tq2.5-mse", "tq4-prod", "tq3.5-prod", "tq3-prod", "tq2.5-prod", "qjl")
-NO_KLEIDIAI = (("mlas.disable_kleidiai", "1"),)
 
 CASES = {c.name: c for c in [
     Case("fp32", "fp32", kv="fp32"),  # float32 throughout: the parity bound, 1e-4
     *(Case(name, name) for name in ("fp16", "int8", "int4-b32", "int4-b128", "int8-block-b128")),
-    *(Case(f"int4-b{b}/no-kleidiai", f"int4-b{b}", session_entries=NO_KLEIDIAI) for b in (32, 128)),
     *(Case(f"ple-{p}", f"ple-{p}", kv="fp32") for p in ("int8", "int4", "tq4", "tq3", "tq2")),
     *(Case(f"kv-{k}", "fp32", kv=k, kv_recent=0, kv_sliding=k) for k in KV_FORMATS),
     *(Case(f"lora-{p}", f"lora-{p}", kv="fp32", adapter=ADAPTER) for p in ("int8", "fp16")),
@@ -97,16 +94,17 @@ CASES = {c.name: c for c in [
 SMOKE_CASES = ("fp32", "int8", "int4-b32", "int8-block-b128")
 # The weight formats computed by com.microsoft.MatMulNBits, whose arithmetic depends on the CPU (probes.py tells
 # which ran): int8 activations per block where MLAS has an integer kernel for the node (x86; ARM with dot-product
-# instructions), fp32 activations where it has none (ARM without dot product, the Pi 4: for int8-block the whole
-# weight is widened to fp32 at every run), int8 per row where KleidiAI takes it (int4 only). Their artifacts are
-# also run on the host with MatMulNBits' fp32 compute (accuracy level 0): the Pi 4's arithmetic (see check's docs).
-CPU_DEPENDENT_WEIGHTS = ("int4", "int8-block")
+# instructions), fp32 activations where it has none (ARM without dot product, the Pi 4: the whole weight is widened
+# to fp32 at every run). Their artifacts are also run on the host with MatMulNBits' fp32 compute (accuracy level 0):
+# the Pi 4's arithmetic (see check's docs). int4 is not one: edge-runtime's own MatMulInt4 computes it with the same
+# arithmetic on every CPU.
+CPU_DEPENDENT_WEIGHTS = ("int8-block",)
 FP32_ACTIVATION_SUFFIX = "+fp32-activations"
 # The runs whose held-out perplexity is scored (runner.run_quality: on a CPU, those whose arithmetic it changes),
 # the runs whose onnxruntime node types are listed (runner.run_kernels), and the artifact `edge-runtime serve` loads:
 # exported for every run of the full check, whichever cases it compares.
-QUALITY_CASES = ("fp32", "fp16", "int4-b32", "int4-b32/no-kleidiai", "int4-b128", "int8-block-b128")
-NODE_CASES = ("fp32", "fp16", "int4-b32", "int4-b32/no-kleidiai", "int8-block-b128")
+QUALITY_CASES = ("fp32", "fp16", "int8-block-b128")
+NODE_CASES = ("fp32", "fp16", "int4-b32", "int8-block-b128")
 SERVE_ARTIFACT = "int8"
 
 

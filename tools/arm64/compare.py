@@ -1,17 +1,18 @@
 """The ARM64 check's verdicts: which x86 run each aarch64 run is held to, how closely, and the table.
 
 Every aarch64 run is compared with an x86 run of the same arithmetic, computed on this host at check time (x86's
-own int8/int4 results depend on the host's ISA, so checked-in numbers would go stale with the machine):
+own int8 and int8-block results, MLAS's, depend on the host's ISA, so checked-in numbers would go stale with the
+machine):
 - fp32 weights and KV cache, and every PLE format: the same float arithmetic everywhere, held to 1e-4 (the parity
   bound against transformers) and identical greedy tokens.
-- Kernels that round values computed at run time (int8 and int4 activations, KV codes): integer products are exact
-  on every CPU, but fp32 rounding upstream differs by ulps between CPUs and can flip a code. How far that moves a
-  format's logits is measured on x86 with inputs perturbed by one ulp (runner.perturb_inputs); see allowed().
-- MatMulNBits (int4, int8-block: cases.CPU_DEPENDENT_WEIGHTS) has three arithmetics (probes.py tells which ran):
-  int8 activations per block (x86; ARM with dot-product where KleidiAI does not take the node), fp32 activations
-  (ARM without dot-product: the Pi 4, compared with x86 running the artifact at accuracy level 0), int8 per row
-  (KleidiAI, int4 only), which has no x86 counterpart and is held to the rounding allowance and, in the README, to
-  its measured quality.
+- Kernels that round values computed at run time (the activations of int8, int4 and int8-block, KV codes): integer
+  products are exact on every CPU, but fp32 rounding upstream differs by ulps between CPUs and can flip a code. How
+  far that moves a format's logits is measured on x86 with inputs perturbed by one ulp (runner.perturb_inputs); see
+  allowed(). int4 is edge-runtime's own MatMulInt4, the same arithmetic on every CPU (int8 activations per block,
+  exact integer sums, each block's sum scaled in float32 in a fixed order): every CPU is held to x86 as is.
+- MatMulNBits' 8-bit kernel (int8-block: cases.CPU_DEPENDENT_WEIGHTS) has two arithmetics (probes.py tells which
+  ran): int8 activations per block (x86; ARM with dot-product instructions), fp32 activations (ARM without them:
+  the Pi 4, compared with x86 running the artifact at accuracy level 0).
 - fp16 on cores with FP16 arithmetic, which run the fp16 graph in half precision where x86 computes in fp32.
 """
 
@@ -34,11 +35,6 @@ EXACT_TOLERANCE = 1e-4
 # (runner.perturb_inputs) show how far this moves each format's logits on this prompt; an aarch64 run doing the same
 # arithmetic may differ from x86 by at most NOISE_FACTOR times the largest such move (and by EXACT_TOLERANCE).
 NOISE_FACTOR = 3
-# KleidiAI quantizes activations per row where x86 does per block of 32-128: both are int4's activation
-# rounding, whose size on this prompt is the distance between x86's result and its fp32-activation result. A row's
-# step, (max - min) / 255, is up to about 3x a block's, max|a| / 127, where the row's extremes sit in other blocks:
-# allowed, the ulp yardstick plus ROUNDING_FACTOR times x86's own rounding; greedy tokens reported, not required.
-ROUNDING_FACTOR = 3
 # fp16 arithmetic (ARM cores with FP16 vector instructions run the fp16 graph's Gemm in half precision, MLAS
 # HGEMM; x86 has no fp16 kernel and computes in fp32): dot products of length K accumulate rounding of about
 # sqrt(K) half-precision units; allowed: twice that, of the largest logit.
@@ -51,7 +47,7 @@ class Reference:
 
     case: str
     label: str
-    kind: str  # exact | noise | rounding (KleidiAI) | fp16
+    kind: str  # exact | noise | fp16
 
 
 def reference_for(case: str, features: dict[str, bool]) -> Reference:
@@ -59,22 +55,9 @@ def reference_for(case: str, features: dict[str, bool]) -> Reference:
     spec = cases.CASES[case]
     if spec.weights == "fp16" and features.get("fp16"):
         return Reference(case, "x86 (ARM computes in fp16)", "fp16")
-    if spec.weights not in cases.CPU_DEPENDENT_WEIGHTS:
-        return Reference(case, "x86", "noise" if spec.rounds_at_run_time else "exact")
-    if not features.get("dotprod"):
+    if spec.weights in cases.CPU_DEPENDENT_WEIGHTS and not features.get("dotprod"):
         return Reference(f"{spec.artifact}{cases.FP32_ACTIVATION_SUFFIX}", "x86, fp32 activations", "noise")
-    if dict(spec.session_entries).get("mlas.disable_kleidiai") == "1" or not kleidiai_takes(spec.artifact):
-        return Reference(case, "x86", "noise")
-    return Reference(case, "x86 (KleidiAI: per-row activations)", "rounding")
-
-
-def kleidiai_takes(artifact: str) -> bool:
-    """Whether KleidiAI runs an artifact's matmuls on a dot-product CPU: int4 only (onnxruntime's KleidiAI path is
-    for 4-bit weights), and onnxruntime's UseKleidiAI wants K a multiple of the block (and no zero points). In the
-    bundled model (hidden 192, MLP 288 and 576) block 32 always qualifies and block 128 never: its nodes stay on
-    MLAS's per-block kernel (the probes show both)."""
-    spec = cases.ARTIFACTS[artifact]
-    return spec.weights == "int4" and spec.block_size == 32
+    return Reference(case, "x86", "noise" if spec.rounds_at_run_time else "exact")
 
 
 def allowed(reference: Reference, path: str, x86: dict[str, dict[str, np.ndarray]], k_max: int) -> tuple[float, bool]:
@@ -93,12 +76,7 @@ def allowed(reference: Reference, path: str, x86: dict[str, dict[str, np.ndarray
     # give a steadier yardstick than either path alone.
     moved = max(float(np.abs(run[p] - golden[p]).max()) for run in noisy for p in ("prefill", "decode"))
     stable = all((run["greedy"] == golden["greedy"]).all() for run in noisy)
-    noise = max(NOISE_FACTOR * moved, EXACT_TOLERANCE)
-    if reference.kind == "noise":
-        return noise, stable
-    artifact = cases.CASES[reference.case].artifact
-    rounding = float(np.abs(golden[path] - x86[f"{artifact}{cases.FP32_ACTIVATION_SUFFIX}"][path]).max())
-    return noise + ROUNDING_FACTOR * rounding, False
+    return max(NOISE_FACTOR * moved, EXACT_TOLERANCE), stable
 
 
 @dataclass
@@ -128,14 +106,13 @@ def compare_case(cpu: str, case: str, result: dict[str, np.ndarray], reference: 
     for path in ("prefill", "decode"):
         tolerance, required = allowed(reference, path, x86, k_max)
         rows.append(Row(cpu, case, path, reference.label, float(np.abs(result[path] - golden[path]).max()),
-                        tolerance, same, required, kernel_summary(case, features, path) if features else ""))
+                        tolerance, same, required, kernel_summary(case, features) if features else ""))
     return rows
 
 
 def fp32_activation_variant(artifact: Path, out: Path) -> Path:
-    """A copy of an int4 or int8-block artifact whose MatMulNBits nodes compute in fp32 (accuracy level 0), the
-    manifest's hashes updated: what a CPU without dot-product instructions computes, run on x86 (host side: needs
-    onnx)."""
+    """A copy of an int8-block artifact whose MatMulNBits nodes compute in fp32 (accuracy level 0), the manifest's
+    hashes updated: what a CPU without dot-product instructions computes, run on x86 (host side: needs onnx)."""
     import onnx
 
     from edge_runtime.artifact import MANIFEST, file_entry
@@ -169,7 +146,7 @@ class Report:
     @classmethod
     def collect(cls, work: Path, cpus: list[str], names: list[str], results: list[dict]) -> Report:
         report = cls()
-        x86 = {p.stem.replace("__", "/"): _load(p) for p in (work / "x86" / "logits").glob("*.npz")}
+        x86 = {p.stem: _load(p) for p in (work / "x86" / "logits").glob("*.npz")}
         k_max = _widest_matmul(work / "artifacts" / "fp32")
         host_kernels = _json(work / "x86" / "kernels.json")
         for cpu, result in zip(cpus, results):
@@ -181,7 +158,7 @@ class Report:
                                 "quality": _json(work / cpu / "quality.json"), **result}
             for name in names:
                 reference = reference_for(name, features)
-                got = _load(work / cpu / "logits" / f"{name.replace('/', '__')}.npz")
+                got = _load(work / cpu / "logits" / f"{name}.npz")
                 report.rows += compare_case(cpu, name, got, reference, x86, k_max, features)
             loaded = (_json(work / cpu / "logits" / "runtime.json") or {}).get("attention_kernel")
             report.cpus[cpu]["attention_kernel"] = loaded
@@ -249,7 +226,7 @@ class Report:
             if info.get("probes") and cpu != "x86":
                 lines.append("")
                 features = [name for name, on in (info.get("features") or {}).items() if on]
-                lines.append(f"{cpu} ({', '.join(features)}): MatMulNBits probes: " + "; ".join(
+                lines.append(f"{cpu} ({', '.join(features)}): 8-bit MatMulNBits probes: " + "; ".join(
                     f"{k} -> {v[0]}" for k, v in info["probes"].items()))
                 for fmt, nodes in info["nodes"].items():
                     ours, theirs = {n.split("@")[0] for n in nodes}, {n.split("@")[0] for n in x86_nodes.get(fmt, [])}
@@ -292,17 +269,18 @@ def probe_signatures(probes: Path, kernels: dict) -> dict[str, tuple[str, dict[s
     a = np.load(probes / "activations.npy")
     out = {}
     for key, output in kernels["probes"].items():
-        weights = _load(probes / f"{key.split('/')[0]}.npz")
+        weights = _load(probes / f"{key}.npz")
         k = int(key.split("_")[1][1:])
-        out[key] = classify(np.asarray(output, np.float64), weights["codes"], weights["scale"], a[:, :k],
-                            int(weights["bits"]))
+        out[key] = classify(np.asarray(output, np.float64), weights["codes"], weights["scale"], a[:, :k])
     return out
 
 
-def kernel_summary(case: str, features: dict[str, bool], path: str) -> str:
-    """The kernel a case's matmuls ran on this CPU: MLAS's dispatch by CPU feature (onnxruntime's
-    mlas/lib/platform.cpp, qnbitgemm_kernel_neon.cpp, kleidiai/kai_ukernel_interface.cpp), confirmed where
-    arithmetic shows it by the probes (int4, int8-block) and by the onnxruntime profiler's node list (every format)."""
+def kernel_summary(case: str, features: dict[str, bool]) -> str:
+    """The kernel a case's matmuls ran on this CPU: for onnxruntime's nodes, MLAS's dispatch by CPU feature
+    (onnxruntime's mlas/lib/platform.cpp, qnbitgemm_kernel_neon.cpp), confirmed for int8-block by the probes'
+    arithmetic; for int4, the build of edge-runtime's operators the CPU loads (edge_runtime.onnxruntime_ops.BUILDS:
+    aarch64-dotprod with dotprod, aarch64 without). The onnxruntime profiler's node list shows every format's node
+    types."""
     weights = cases.CASES[case].weights
     if weights == "int8":
         kernel = "ummla" if features.get("i8mm") else "udot" if features.get("dotprod") else "NEON umull"
@@ -312,13 +290,8 @@ def kernel_summary(case: str, features: dict[str, bool], path: str) -> str:
             return "MatMulNBits 8-bit: weights widened to fp32 every run, SGEMM (fp32 activations)"
         return f"MatMulNBits 8-bit: MLAS, int8 per block, {'i8mm' if features.get('i8mm') else 'udot'}"
     if weights == "int4":
-        if not features.get("dotprod"):
-            return "MatMulNBits: MLAS, fp32 activations"
-        if reference_for(case, features).kind != "rounding":
-            return "MatMulNBits: MLAS, int8 per block, sdot"
-        if path == "decode":
-            return f"MatMulNBits: KleidiAI qai8dxp{'1x8' if features.get('i8mm') else '1x4'} GEMV, dotprod"
-        return f"MatMulNBits: KleidiAI qai8dxp4x{'8 GEMM, i8mm' if features.get('i8mm') else '4 GEMM, dotprod'}"
+        instruction = "sdot" if features.get("dotprod") else "smull"
+        return f"MatMulInt4: edge-runtime's own, int8 activations per block, {instruction}"
     if weights == "fp16" and features.get("fp16"):
         return "Cast + Gemm: MLAS half-precision GEMM (fp16)"
     return "Gemm: MLAS SGEMM (NEON)"

@@ -31,25 +31,23 @@ from edge_runtime.perplexity import evaluate
 _base_options = engine._session_options
 
 
-def _with_entries(entries: tuple[tuple[str, str], ...], profile_prefix: str | None = None):
-    """engine's session options plus onnxruntime config entries (and profiling), for the sessions opened next.
+def _profiled(profile_prefix: str):
+    """engine's session options with onnxruntime's profiler on, for the sessions opened next.
 
-    A tool-side hook: the runtime has no option for these, and the check must not change what it measures."""
+    A tool-side hook: the runtime has no option for it, and the check must not change what it measures."""
 
     def options(threads: int):
         o = _base_options(threads)
-        for key, value in entries:
-            o.add_session_config_entry(key, value)
-        if profile_prefix:
-            o.enable_profiling = True
-            o.profile_file_prefix = profile_prefix
+        o.enable_profiling = True
+        o.profile_file_prefix = profile_prefix
         return o
 
     return options
 
 
 def load(artifacts: Path, case: Case, profile_prefix: str | None = None) -> edge_runtime.Model:
-    engine._session_options = _with_entries(case.session_entries, profile_prefix)
+    if profile_prefix:
+        engine._session_options = _profiled(profile_prefix)
     try:
         return edge_runtime.load(artifacts / case.artifact, kv=case.kv, kv_recent=case.kv_recent,
                                  kv_sliding=case.kv_sliding, threads=1,
@@ -97,7 +95,7 @@ def run_logits(artifacts: Path, out: Path, names: list[str], noise_runs: int = 0
                 perturb_inputs(model, seed=run)
             ids = model.encode(PROMPT)
             prefill, decode = model.logits(ids, "prefill"), model.logits(ids, "decode")
-            np.savez(out / f"{name.replace('/', '__')}{f'@noise{run}' if run else ''}.npz", prefill=prefill,
+            np.savez(out / f"{name}{f'@noise{run}' if run else ''}.npz", prefill=prefill,
                      decode=decode, greedy=np.asarray(greedy(model, ids, GREEDY_TOKENS)))
         print(f"logits {name}", flush=True)
 
@@ -106,12 +104,10 @@ def run_quality(artifacts: Path, out: Path, tokens: int) -> None:
     """Perplexity of the first `tokens` held-out tokens per artifact, and each one's top-1 agreement with fp32.
 
     Only the runs whose arithmetic this CPU changes (cases.QUALITY_CASES): fp16 where it computes in half
-    precision, KleidiAI's int4 and MLAS's (KleidiAI off) where it has dot-product instructions, MatMulNBits' int4 and
-    int8-block everywhere. Block 128 never reaches KleidiAI in the bundled model (compare.kleidiai_takes), so its
-    KleidiAI-off run would repeat the default. The host (no features) runs them all."""
+    precision, MatMulNBits' int8-block (cases.CPU_DEPENDENT_WEIGHTS) everywhere; not int4, whose MatMulInt4 is x86's
+    arithmetic on every CPU. The host (no features) runs them all."""
     features = cpu_features()
-    skipped = set() if not features else {
-        *([] if features.get("fp16") else ["fp16"]), *([] if features.get("dotprod") else ["int4-b32/no-kleidiai"])}
+    skipped = set() if not features or features.get("fp16") else {"fp16"}
     names = [name for name in QUALITY_CASES if name not in skipped]
     text = (BUNDLED_CHECKPOINT / "heldout.txt").read_text(encoding="utf-8")
     rows, base = {}, None
@@ -163,14 +159,10 @@ def run_kernels(artifacts: Path, probes: Path, out: Path) -> None:
         result["nodes"][name] = node_types(artifacts, CASES[name], tmp)
     a = np.load(probes / "activations.npy")
     for model in sorted(probes.glob("*.onnx")):
-        for entries in ((), (("mlas.disable_kleidiai", "1"),)):
-            options = _base_options(engine.default_threads())  # the engine's own sessions' options
-            for key, value in entries:
-                options.add_session_config_entry(key, value)
-            session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-            k = session.get_inputs()[0].shape[-1]
-            key = model.stem + ("/no-kleidiai" if entries else "")
-            result["probes"][key] = session.run(None, {"A": a[:, :k]})[0].tolist()
+        options = _base_options(engine.default_threads())  # the engine's own sessions' options
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        k = session.get_inputs()[0].shape[-1]
+        result["probes"][model.stem] = session.run(None, {"A": a[:, :k]})[0].tolist()
     out.write_text(json.dumps(result))
     print("kernels", flush=True)
 
