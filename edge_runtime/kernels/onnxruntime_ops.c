@@ -369,58 +369,45 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *context) 
 #define MAX_TILES 2             /* the most tiles a call takes, for its arrays */
 #define DECODE_TILES 8          /* tiles a thread takes at a time for a single row */
 
+/* Integer vectors of LANES int32 lanes, one lane an output column; what GCC's vector extensions say alike for every
+ * target is written once, the rest per instruction set. */
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
+static inline vi load_codes(const uint8_t *p) {
+    vi w;
+    __builtin_memcpy(&w, p, sizeof w);
+    return w;
+}
+static inline vi low_nibbles(vi w) { return w & 0x0F0F0F0F; }
+/* a logical shift: the mask drops what the next byte shifts in */
+static inline vi high_nibbles(vi w) { return (vi)(((vu)w >> 4) & 0x0F0F0F0F); }
+static inline vi splat_i(int32_t v) { return (vi){0} + v; }
+static inline vn to_float(vi v) { return __builtin_convertvector(v, vn); }
+static inline vn absn(vn v) { return (vn)((vi)v & 0x7fffffff); }
+
 #if LANES == 16
-typedef __m512i vi;
-static inline vi load_codes(const uint8_t *p) { return _mm512_loadu_si512(p); }
-static inline vi low_nibbles(vi w) { return _mm512_and_si512(w, _mm512_set1_epi8(0x0F)); }
-static inline vi high_nibbles(vi w) { return _mm512_and_si512(_mm512_srli_epi16(w, 4), _mm512_set1_epi8(0x0F)); }
-static inline vi zero_i(void) { return _mm512_setzero_si512(); }
-static inline vi splat_i(int32_t v) { return _mm512_set1_epi32(v); }
-static inline vi sub_i(vi a, vi b) { return _mm512_sub_epi32(a, b); }
-static inline vi add_i(vi a, vi b) { return _mm512_add_epi32(a, b); }
-static inline vn to_float(vi v) { return (vn)_mm512_cvtepi32_ps(v); }
 /* acc[l] += the dot product of column l's four codes (unsigned) and the four int8 values of x in `x4` */
 static inline vi dot4(vi acc, vi w, vi x4) {
 #if defined(__AVX512VNNI__)
-    return _mm512_dpbusd_epi32(acc, w, x4);
+    return (vi)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)w, (__m512i)x4);
 #else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x4), _mm512_set1_epi16(1)));
+    return acc + (vi)_mm512_madd_epi16(_mm512_maddubs_epi16((__m512i)w, (__m512i)x4), _mm512_set1_epi16(1));
 #endif
 }
 static inline vn fmadd(vn a, vn b, vn c) { return (vn)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
-static inline vn absn(vn v) { return (vn)_mm512_abs_ps((__m512)v); }
-static inline vi round_i(vn v) { return _mm512_cvtps_epi32((__m512)v); }
-static inline void store_i8(int8_t *p, vi v) { _mm_storeu_si128((__m128i *)p, _mm512_cvtsepi32_epi8(v)); }
+static inline vi round_i(vn v) { return (vi)_mm512_cvtps_epi32((__m512)v); }
+static inline void store_i8(int8_t *p, vi v) { _mm_storeu_si128((__m128i *)p, _mm512_cvtsepi32_epi8((__m512i)v)); }
 #elif LANES == 8
-typedef __m256i vi;
-static inline vi load_codes(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
-static inline vi low_nibbles(vi w) { return _mm256_and_si256(w, _mm256_set1_epi8(0x0F)); }
-static inline vi high_nibbles(vi w) { return _mm256_and_si256(_mm256_srli_epi16(w, 4), _mm256_set1_epi8(0x0F)); }
-static inline vi zero_i(void) { return _mm256_setzero_si256(); }
-static inline vi splat_i(int32_t v) { return _mm256_set1_epi32(v); }
-static inline vi sub_i(vi a, vi b) { return _mm256_sub_epi32(a, b); }
-static inline vi add_i(vi a, vi b) { return _mm256_add_epi32(a, b); }
-static inline vn to_float(vi v) { return (vn)_mm256_cvtepi32_ps(v); }
 static inline vi dot4(vi acc, vi w, vi x4) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x4), _mm256_set1_epi16(1)));
+    return acc + (vi)_mm256_madd_epi16(_mm256_maddubs_epi16((__m256i)w, (__m256i)x4), _mm256_set1_epi16(1));
 }
 static inline vn fmadd(vn a, vn b, vn c) { return (vn)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
-static inline vn absn(vn v) { return (vn)_mm256_and_ps((__m256)v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
-static inline vi round_i(vn v) { return _mm256_cvtps_epi32((__m256)v); }
+static inline vi round_i(vn v) { return (vi)_mm256_cvtps_epi32((__m256)v); }
 static inline void store_i8(int8_t *p, vi v) {
-    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128((__m256i)v), _mm256_extracti128_si256((__m256i)v, 1));
     _mm_storel_epi64((__m128i *)p, _mm_packs_epi16(w, w));
 }
 #else
-typedef int32x4_t vi;
-static inline vi load_codes(const uint8_t *p) { return vreinterpretq_s32_u8(vld1q_u8(p)); }
-static inline vi low_nibbles(vi w) { return vreinterpretq_s32_u8(vandq_u8(vreinterpretq_u8_s32(w), vdupq_n_u8(0x0F))); }
-static inline vi high_nibbles(vi w) { return vreinterpretq_s32_u8(vshrq_n_u8(vreinterpretq_u8_s32(w), 4)); }
-static inline vi zero_i(void) { return vdupq_n_s32(0); }
-static inline vi splat_i(int32_t v) { return vdupq_n_s32(v); }
-static inline vi sub_i(vi a, vi b) { return vsubq_s32(a, b); }
-static inline vi add_i(vi a, vi b) { return vaddq_s32(a, b); }
-static inline vn to_float(vi v) { return (vn)vcvtq_f32_s32(v); }
 /* codes 0..15 are int8 too, so Arm multiplies signed by signed */
 static inline vi dot4(vi acc, vi w, vi x4) {
 #if defined(__ARM_FEATURE_DOTPROD)
@@ -432,7 +419,6 @@ static inline vi dot4(vi acc, vi w, vi x4) {
 #endif
 }
 static inline vn fmadd(vn a, vn b, vn c) { return (vn)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b); }
-static inline vn absn(vn v) { return (vn)vabsq_f32((float32x4_t)v); }
 static inline vi round_i(vn v) { return vcvtnq_s32_f32((float32x4_t)v); }
 static inline void store_i8(int8_t *p, vi v) {
     const int16x4_t h = vqmovn_s32(v);
@@ -442,9 +428,8 @@ static inline void store_i8(int8_t *p, vi v) {
 #endif
 
 static inline int32_t sum_i(vi v) {
-    int32_t lanes[LANES], sum = 0;
-    __builtin_memcpy(lanes, &v, sizeof v);
-    for (int l = 0; l < LANES; l++) sum += lanes[l];
+    int32_t sum = 0;
+    for (int l = 0; l < LANES; l++) sum += v[l];
     return sum;
 }
 static inline float max_lane(vn v) {
@@ -483,11 +468,11 @@ static void quantize_row(const Int4Matmul *s, int64_t r) {
             for (int l = 0; l < LANES; l++) top[l] = a[l] > top[l] ? a[l] : top[l];
         }
         const float amax = max_lane(top), inverse = amax > 0 ? 127.0f / amax : 0.0f;
-        vi sums = zero_i();
+        vi sums = {0};
         for (int64_t i = 0; i < s->block; i += LANES) {
             const vi v = round_i(loadn(values + i) * splat(inverse));
             store_i8(q + start + i, v);
-            sums = add_i(sums, v);
+            sums += v;
         }
         s->row_scale[r * blocks + b] = amax / 127.0f;
         s->correction[r * blocks + b] = 8 * sum_i(sums);
@@ -509,7 +494,7 @@ INLINE void int4_tile(const Int4Matmul *s, int64_t r0, int R, int64_t t0, int T)
         for (int h = 0; h < chains; h++)
             for (int r = 0; r < R; r++)
                 for (int t = 0; t < T; t++)
-                    for (int v = 0; v < VECTORS; v++) sums[h][r][t][v] = zero_i();
+                    for (int v = 0; v < VECTORS; v++) sums[h][r][t][v] = (vi){0};
         for (int64_t c = b * per_block; c < (b + 1) * per_block; c++) {
             vi low[MAX_TILES][VECTORS], high[MAX_TILES][VECTORS];
             for (int t = 0; t < T; t++)
@@ -534,9 +519,9 @@ INLINE void int4_tile(const Int4Matmul *s, int64_t r0, int R, int64_t t0, int T)
             const vn x_scale = splat(s->row_scale[(r0 + r) * blocks + b]);
             for (int t = 0; t < T; t++)
                 for (int v = 0; v < VECTORS; v++) {
-                    const vi sum = chains == 2 ? add_i(sums[0][r][t][v], sums[1][r][t][v]) : sums[0][r][t][v];
+                    const vi sum = chains == 2 ? sums[0][r][t][v] + sums[1][r][t][v] : sums[0][r][t][v];
                     const vn w_scale = loadh(s->scales + ((t0 + t) * blocks + b) * TILE + v * LANES);
-                    acc[r][t][v] = fmadd(to_float(sub_i(sum, offset)), w_scale * x_scale, acc[r][t][v]);
+                    acc[r][t][v] = fmadd(to_float((sum - offset)), w_scale * x_scale, acc[r][t][v]);
                 }
         }
     }
