@@ -29,8 +29,8 @@ class EmbeddingTable:
             codes, scales = self.format.row_layout(self.hidden)
 
             def rows(ref: TensorRef, layout: tuple[tuple[int, ...], np.dtype]) -> RowReader:
-                # the stored shape may be flat (int8-block's scales, as MatMulNBits reads them): records are the
-                # format's
+                # the stored shape may be flat (int8-block's scales, as MatMulNBits reads them): records are as
+                # the format lays them out
                 if np.dtype(ref.dtype) != layout[1]:
                     raise ArtifactError(f"{artifact}: the embedding's {ref.dtype} tensor at offset {ref.offset} is "
                                         f"not {self.format.label}'s {layout[1]}; the manifest is damaged, re-export")

@@ -76,11 +76,15 @@ def _session_options(threads: int) -> ort.SessionOptions:
 def own_operators(manifest: Manifest) -> tuple[str, str] | None:
     """What of an artifact edge-runtime's own onnxruntime operators compute (onnxruntime_ops.py), and how to export
     it without them; None if its graphs do not use them."""
+    needs = []
     if any(fmt.own_operator for fmt in manifest.weight_formats.values()):
-        return "int4 weights are", "re-export with --weights int8 (onnxruntime's kernels)"
+        needs.append(("int4 weights", "--weights int8"))
     if manifest.lora_slots is not None and manifest.lora_slots.dtype != "float32":
-        return "LoRA slots are", "re-export with --lora-slot-precision fp32"
-    return None
+        needs.append(("LoRA slots", "--lora-slot-precision fp32"))
+    if not needs:
+        return None
+    return (" and ".join(what for what, _ in needs) + " are",
+            "re-export with " + " ".join(option for _, option in needs) + " (onnxruntime's own kernels)")
 
 
 def open_session(path: Path, threads: int | None = None,

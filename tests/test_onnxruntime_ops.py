@@ -137,3 +137,25 @@ def test_a_build_from_other_source_is_not_used(monkeypatch, tmp_path):
                                       "with --lora-slot-precision fp32")
     finally:
         onnxruntime_ops.library.cache_clear()
+
+
+def test_an_artifact_needs_the_library_for_int4_weights_and_for_narrow_slots():
+    """What the engine registers the library for, and the way out it names where no build runs."""
+    from types import SimpleNamespace
+
+    from edge_runtime.engine import own_operators
+    from edge_runtime.lora_slots import LoraSlots
+    from edge_runtime.weight_formats import Int4, Int8
+
+    def manifest(fmt, dtype):
+        slots = None if dtype is None else LoraSlots(16, ("q_proj",), {}, dtype)
+        return SimpleNamespace(weight_formats={"layers.0.o_proj": fmt}, lora_slots=slots)
+
+    assert own_operators(manifest(Int8(), None)) is None
+    assert own_operators(manifest(Int8(), "float32")) is None
+    way_out = "(onnxruntime's own kernels)"
+    assert own_operators(manifest(Int4(32), None)) == ("int4 weights are", f"re-export with --weights int8 {way_out}")
+    assert own_operators(manifest(Int8(), "int8")) == ("LoRA slots are",
+                                                       f"re-export with --lora-slot-precision fp32 {way_out}")
+    assert own_operators(manifest(Int4(32), "float16")) == (
+        "int4 weights and LoRA slots are", f"re-export with --weights int8 --lora-slot-precision fp32 {way_out}")
