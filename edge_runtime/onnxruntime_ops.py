@@ -3,7 +3,8 @@ into the graphs, and the built library, which the runtime registers into the ses
 
 The library ships built beside the attention kernel (tools/build_kernels.py) for x86-64-v3, x86-64-v4 (with and
 without AVX-512 VNNI) and aarch64 (with and without the dot product instructions), links against nothing, and
-carries the SHA-256 of the source it was built from; a build from another source is not used. An artifact that needs it on a machine without a build gets one line saying so, and how to export without it.
+carries the SHA-256 of the source it was built from; a build from another source is not used. An artifact that
+needs it on a machine without a build gets one line saying so, and how to export without it.
 """
 
 from __future__ import annotations

@@ -137,8 +137,8 @@ class WeightFormat:
         """Row `members[i]` of record i, as decode_rows takes rows (formats with records of several rows)."""
         return codes, scales
 
-    def head_scales(self, scales: np.ndarray) -> np.ndarray:
-        """The embedding's scales, as encode_rows gives them, in the shape the head's kernel reads."""
+    def kernel_scales(self, scales: np.ndarray) -> np.ndarray:
+        """Scales as encode_rows gives them, in the shape the format's kernel reads (a linear's, the head's)."""
         return scales.reshape(-1)
 
     def row_bytes(self, k: int) -> int:
@@ -173,7 +173,7 @@ class WeightFormat:
         codes_ref = writer.add(codes(), (records, *code_shape), code_dtype)
         refs = [codes_ref]
         if scale_layout is not None:
-            stored = self.head_scales(np.concatenate(scales))
+            stored = self.kernel_scales(np.concatenate(scales))
             refs.append(writer.add([stored], stored.shape, stored.dtype))
         parts = self.encode(np.zeros((1, k), np.float32))
         head = LinearWeight(self, vocab, k, dict(zip(parts, refs, strict=True)))
@@ -294,6 +294,10 @@ class InBlocks(WeightFormat):
             raise ValueError(f"block size {self.block_size} is not available for {self.name}; choose one of "
                              f"{', '.join(map(str, BLOCK_SIZES))}")
 
+    def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        codes, scale = self.encode_rows(w)
+        return {"codes": codes, "scale": self.kernel_scales(scale)}
+
 
 @dataclass(frozen=True)
 class Int4(InBlocks):
@@ -313,10 +317,6 @@ class Int4(InBlocks):
     summary: ClassVar[str] = ("Q4_0 grid per block of --block-size, fp16 scale per block (edge-runtime's own "
                               "MatMulInt4)")
 
-    def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
-        codes, scale = self.encode_rows(w)
-        return {"codes": codes, "scale": scale}
-
     def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
         y = g.own(MATMUL_INT4, x, refs["codes"], refs["scale"])
         if n % INT4_TILE:  # the tiles' padding rows
@@ -324,8 +324,7 @@ class Int4(InBlocks):
         return y
 
     def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
-        rows, blocks = -(-n // INT4_TILE) * INT4_TILE, block_count(k, self.block_size)
-        size = rows * blocks * self.block_size // 2 + 2 * rows * blocks
+        size = -(-n // INT4_TILE) * self.row_bytes(k)  # whole tiles, read in place
         return size, size
 
     def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -346,7 +345,7 @@ class Int4(InBlocks):
         return (((blocks * self.block_size // 8, 4 * INT4_TILE), np.dtype(np.uint8)),
                 ((blocks, INT4_TILE), np.dtype(np.float16)))
 
-    def head_scales(self, scales: np.ndarray) -> np.ndarray:
+    def kernel_scales(self, scales: np.ndarray) -> np.ndarray:
         return scales
 
 
@@ -367,10 +366,6 @@ class Int8Block(InBlocks):
     needs_int8_dot_product: ClassVar[bool] = True
     summary: ClassVar[str] = ("Q8_0 grid per block of --block-size, fp32 scale per block (com.microsoft.MatMulNBits "
                               "8-bit; CPUs with int8 dot products)")
-
-    def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
-        codes, scale = self.encode_rows(w)
-        return {"codes": codes, "scale": scale.reshape(-1)}
 
     def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
         return g.contrib("MatMulNBits", x, refs["codes"], refs["scale"], K=k, N=n, bits=self.bits,

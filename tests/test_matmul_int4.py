@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from edge_runtime import onnxruntime_ops
 from edge_runtime.attention_kernel import builds_for_this_machine
-from edge_runtime.quant.integer import INT4_TILE, INT4_ZERO, quantize_int4_blocks
+from edge_runtime.quant.integer import INT4_TILE, INT4_ZERO, dequantize_int4_blocks, quantize_int4_blocks
 from edge_runtime.weight_formats import Int4
 
 BUILDS = builds_for_this_machine(onnxruntime_ops.BUILDS)
@@ -71,8 +71,7 @@ def test_matmul_int4_equals_its_numpy_arithmetic(build, block, rows, n, k):
     assert not got[:, n:].any()  # the tiles' padding rows
     np.testing.assert_allclose(got[:, :n], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     # and within activation quantization of the dequantized weight's product
-    exact = x @ np.concatenate([fmt.decode_rows(*fmt.select_rows(c[None], s[None], np.array([m])), k)
-                                for c, s in zip(*fmt.encode(w).values(), strict=True) for m in range(INT4_TILE)])[:n].T
+    exact = x @ dequantize_int4_blocks(*quantize_int4_blocks(w, block, np.dtype(np.float16)), k).T
     assert np.abs(got[:, :n] - exact).max() <= 0.02 * np.abs(exact).max()
 
 

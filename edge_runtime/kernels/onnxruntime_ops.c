@@ -521,7 +521,7 @@ INLINE void int4_tile(const Int4Matmul *s, int64_t r0, int R, int64_t t0, int T)
                 for (int v = 0; v < VECTORS; v++) {
                     const vi sum = chains == 2 ? sums[0][r][t][v] + sums[1][r][t][v] : sums[0][r][t][v];
                     const vn w_scale = loadh(s->scales + ((t0 + t) * blocks + b) * TILE + v * LANES);
-                    acc[r][t][v] = fmadd(to_float((sum - offset)), w_scale * x_scale, acc[r][t][v]);
+                    acc[r][t][v] = fmadd(to_float(sum - offset), w_scale * x_scale, acc[r][t][v]);
                 }
         }
     }
