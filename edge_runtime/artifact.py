@@ -28,7 +28,7 @@ from edge_runtime.weight_formats import BLOCK_SIZES, WeightFormat, weight_format
 from edge_runtime.weight_recipe import WeightRecipe, parse_recipe
 
 FORMAT_NAME = "edge-runtime-artifact"
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 PLE_FILE = "ple.bin"

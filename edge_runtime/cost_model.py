@@ -69,11 +69,14 @@ CALIBRATED_ON = "AMD EPYC (Zen 4) KVM guest, 2 cores at 2.6 GHz, AVX-512 VNNI"
 # (Intel Xeon KVM, AVX-512 VNNI; README "int4 on edge-runtime's own kernel"): E2B's weights streamed 1.08x as fast
 # at block 128 (17.3 against 16.0 GB/s) and 1.15x at block 32, so 0.78 x 1.08 = 0.84; prefill (pp128) 1.56x (E2B
 # b128) to 1.68x (E4B b128): 0.45 x 1.56 = 0.70.
-DECODE_EFFICIENCY = {"int8": 0.67, "int4": 0.84, "int8-block": 0.88}
+# int8 moved to edge-runtime's own MatMulInt8 in stop 33, by ratio to DynamicQuantizeMatMul in one sitting (the same
+# Intel Xeon; README "int8 on edge-runtime's own kernel"): E2B decode 1.23x (five alternating pairs), so 0.67 x 1.23
+# = 0.82; prefill (pp128) 1.62-1.83x (E2B) and 1.86-1.93x (E4B): 0.36 x 1.67 = 0.60.
+DECODE_EFFICIENCY = {"int8": 0.82, "int4": 0.84, "int8-block": 0.88}
 # Prefill (pp128), as a share of threads x int8 MACs per cycle x clock: int4 0.45 (E2B 0.40-0.44, E4B 0.49-0.51),
 # int8 0.36 (E2B 0.34-0.35, E4B 0.41); int8-block, by ratio in the sitting above (pp128 141-143 against int4's 130
 # and int8's 100-102): 0.49 (from int4) to 0.51 (from int8), 0.49 taken.
-PREFILL_EFFICIENCY = {"int8": 0.36, "int4": 0.70, "int8-block": 0.49}
+PREFILL_EFFICIENCY = {"int8": 0.60, "int4": 0.70, "int8-block": 0.49}
 # Attention over the cache in the compiled kernel, in key and value elements per cycle per thread at the profile's
 # clock: `python tools/attention_bench.py --kv fp16 int8 tq3.5 tq4 qjl --rows 2048 8192 32768 --dim 512
 # --workers 2` (the decode step's own calls, one KV head's block of 8 query rows split over 2 pinned threads, two

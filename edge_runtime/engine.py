@@ -77,8 +77,9 @@ def own_operators(manifest: Manifest) -> tuple[str, str] | None:
     """What of an artifact edge-runtime's own onnxruntime operators compute (onnxruntime_ops.py), and how to export
     it without them; None if its graphs do not use them."""
     needs = []
-    if any(fmt.own_operator for fmt in manifest.weight_formats.values()):
-        needs.append(("int4 weights", "--weights int8"))
+    own = sorted({fmt.name for fmt in manifest.weight_formats.values() if fmt.own_operator})
+    if own:
+        needs.append((" and ".join(own) + " weights", "--weights int8-block"))
     if manifest.lora_slots is not None and manifest.lora_slots.dtype != "float32":
         needs.append(("LoRA slots", "--lora-slot-precision fp32"))
     if not needs:

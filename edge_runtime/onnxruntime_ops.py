@@ -23,6 +23,7 @@ OPSET = 1
 LORA_SLOT = "LoraSlot"  # y + (x @ a.T) @ b with half-precision a [r, in] and b [r, out] (lora_slots.py)
 LORA_SLOT_INT8 = "LoraSlotInt8"  # y + ((x @ a.T) * scale) @ b with int8 a [r, in] and b [r, out], float32 scale [r]
 MATMUL_INT4 = "MatMulInt4"  # x @ W.T for int4 W in its own layout (weight_formats.Int4)
+MATMUL_INT8 = "MatMulInt8"  # x @ W.T for int8 W in its own layout (weight_formats.Int8)
 # no baseline x86_64 build: the operators convert half precision in hardware (F16C)
 BUILDS = ("x86_64-v4-vnni", "x86_64-v4", "x86_64-v3", "aarch64-dotprod", "aarch64")
 SOURCE = KERNELS / "onnxruntime_ops.c"

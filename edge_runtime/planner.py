@@ -261,7 +261,7 @@ def weight_bytes(spec: ModelSpec, weights: str, block_size: int) -> tuple[int, i
 
 def embedding_row_bytes(spec: ModelSpec, weights: str, block_size: int) -> int:
     """Bytes of the main embedding row a token reads, in the format the recipe gives the embedding (the head's own
-    rows, or int8's lookup copy with its float32 scale: WeightFormat.write_embedding)."""
+    row, or for int4 and int8 the row's tile: WeightFormat.row_bytes)."""
     return parse_recipe(weights, block_size).format_for(EMBED).row_bytes(spec.hidden_size)
 
 

@@ -8,7 +8,8 @@ embedding row's (`row_bytes`). Graph emission goes through the builder handed in
 module needs numpy only and the runtime imports it without onnx.
 
 Each format uses the kernel measured fastest for it at batch 1 (tools/kernel_bench.py): an onnxruntime CPU kernel
-with ARM64 paths, or for int4 edge-runtime's own operator (onnxruntime_ops.py); none keeps a dequantized copy.
+with ARM64 paths, or for int8 and int4 edge-runtime's own operators (onnxruntime_ops.py); none keeps a dequantized
+copy.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from edge_runtime.onnxruntime_ops import MATMUL_INT4
+from edge_runtime.onnxruntime_ops import MATMUL_INT4, MATMUL_INT8
 from edge_runtime.quant.integer import (
-    INT4_TILE,
+    INT8_ROW_MULTIPLE,
+    WEIGHT_TILE,
     block_count,
     dequantize_int4_blocks,
     dequantize_int8_blocks,
     dequantize_int8_rows,
     int4_tile_rows,
     int4_tiles,
-    offset_binary,
+    int8_tile_rows,
+    int8_tiles,
     quantize_int4_blocks,
     quantize_int8_blocks,
     quantize_int8_rows,
@@ -44,7 +47,7 @@ NBITS_ACCURACY_LEVEL = 4
 # fp16: onnxruntime's x86 CPU Gemm has no fp16 kernel, so a float32 copy is made and the fp16 tensor kept: 3.0x the
 # file's bytes for a 6144 x 1536 weight. int8-block: MatMulNBits (accuracy level 4) packs codes, scales and block
 # sums, and the mapped scales stay resident: codes + 3 x scales, within 0.1 MiB for blocks 32, 64 and 128. int4's
-# MatMulInt4 reads the file's bytes as they are: resident = on disk.
+# MatMulInt4 and int8's MatMulInt8 read the file's bytes as they are: resident = on disk.
 FP16_RESIDENT_FACTOR = 3
 NBITS_SCALE_COPIES = 3
 Layout = tuple[tuple[int, ...], np.dtype]
@@ -108,8 +111,10 @@ class WeightFormat:
     rows_per_record: ClassVar[int] = 1
 
     def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
-        """A checkpoint weight [n, k] in the layout this format's kernel reads, by part name."""
-        raise NotImplementedError
+        """A checkpoint weight [n, k] in the layout this format's kernel reads, by part name: for the formats whose
+        kernel reads the embedding's rows as stored, its codes and scales."""
+        codes, scale = self.encode_rows(w)
+        return {"codes": codes, "scale": self.kernel_scales(scale)}
 
     def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
         """Nodes computing x @ W.T into graph builder `g`, from the initializers `refs` (part name -> initializer)."""
@@ -231,56 +236,58 @@ class Float16(Float32):
 
 
 @dataclass(frozen=True)
-class Int8(WeightFormat):
-    """Symmetric per output channel (quant/integer.py), computed by com.microsoft.DynamicQuantizeMatMul on uint8 codes
-    (code + 128, zero point 128): the u8 x s8 kernel of x86 without VNNI saturates int16 pairs (tools/kernel_bench.py).
-    The kernel wants the weight transposed, [k, n], so the embedding keeps a row-major copy for lookup beside the
-    head's (400 MB more on disk for E2B, one row read per token)."""
+class Tiled(WeightFormat):
+    """A format computed by one of edge-runtime's own operators (onnxruntime_ops.py), which read a weight's rows in
+    tiles of WEIGHT_TILE, codes and scales in place (resident = on disk); the embedding's lookup shares the head's
+    tiles, reading a token's row with its tile's others. `operator` names the operator."""
 
-    name = "int8"
-    summary = "symmetric per output channel, stored as code+128 (com.microsoft.DynamicQuantizeMatMul)"
-
-    def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
-        codes, scale = quantize_int8_rows(w)
-        return {"weight_t": offset_binary(codes.T), "scale": scale}
+    operator: ClassVar[str]
+    rows_per_record: ClassVar[int] = WEIGHT_TILE
+    own_operator: ClassVar[bool] = True
 
     def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
-        zero = g.weight(f"{name}.zero_point", np.full(n, 128, np.uint8), np.dtype(np.uint8))
-        return g.contrib("DynamicQuantizeMatMul", x, refs["weight_t"], refs["scale"], zero)
+        y = g.own(self.operator, x, refs["codes"], refs["scale"])
+        if n % WEIGHT_TILE:  # the tiles' padding rows
+            y = g.op("Slice", y, g.const([0], np.int64), g.const([n], np.int64), g.const([-1], np.int64))
+        return y
 
     def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
-        return n * k + 5 * n, n * k + 5 * n  # codes, then a float32 scale and a uint8 zero point per output
+        size = -(-n // WEIGHT_TILE) * self.row_bytes(k)  # whole tiles, read in place
+        return size, size
+
+    def kernel_scales(self, scales: np.ndarray) -> np.ndarray:
+        return scales
+
+
+@dataclass(frozen=True)
+class Int8(Tiled):
+    """Symmetric per output channel, a float32 scale a row (quant/integer.py), computed by edge-runtime's own
+    MatMulInt8 (edge_runtime/kernels/onnxruntime_ops.c) in its layout of 16-row tiles (quant/integer.int8_tiles):
+    x quantized to int8 per row, integer dot products, the same arithmetic on every CPU (x86 VNNI or AVX2, Arm's
+    dot product or the Pi 4's widening multiplies). A token's embedding row is read with its tile's 15 others (24 KB
+    for E2B).
+
+    onnxruntime's DynamicQuantizeMatMul, which computed int8 before, wanted the weight transposed, so the embedding
+    kept a second, row-major copy for lookup (400 MB for E2B), and quantized x per tensor: a prompt's logits then
+    depended on the rows batched with it (tools/kernel_bench.py compares the two)."""
+
+    name: ClassVar[str] = "int8"
+    operator: ClassVar[str] = MATMUL_INT8
+    summary: ClassVar[str] = "symmetric per output channel, fp32 scale per row (edge-runtime's own MatMulInt8)"
 
     def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return quantize_int8_rows(rows)
+        return int8_tiles(*quantize_int8_rows(rows))
+
+    def select_rows(self, codes: np.ndarray, scales: np.ndarray | None,
+                    members: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return int8_tile_rows(codes, scales, members)
 
     def decode_rows(self, codes: np.ndarray, scales: np.ndarray | None, k: int) -> np.ndarray:
-        return dequantize_int8_rows(codes, scales)
+        return dequantize_int8_rows(codes[..., :k], scales)
 
     def row_layout(self, k: int) -> tuple[Layout, Layout]:
-        return ((k,), np.dtype(np.int8)), ((), np.dtype(np.float32))
-
-    def write_embedding(self, writer: Any, chunks: Iterable[np.ndarray], vocab: int, k: int) -> EmbeddingWeights:
-        """Row-major int8 codes and their scales for lookup, then the head's transposed uint8 copy of the same codes,
-        built in memory (vocab x k bytes) as the rows stream by."""
-        scales: list[np.ndarray] = []
-        transposed = np.empty((k, vocab), dtype=np.uint8)
-
-        def codes() -> Iterable[np.ndarray]:
-            start = 0
-            for chunk in chunks:
-                code, scale = self.encode_rows(chunk)
-                scales.append(scale)
-                transposed[:, start:start + len(chunk)] = offset_binary(code).T
-                start += len(chunk)
-                yield code
-
-        codes_ref = writer.add(codes(), (vocab, k), np.dtype(np.int8))
-        scale = np.concatenate(scales)
-        scale_ref = writer.add([scale], scale.shape, scale.dtype)
-        head_ref = writer.add([transposed], transposed.shape, transposed.dtype)
-        return EmbeddingWeights(LinearWeight(self, vocab, k, {"weight_t": head_ref, "scale": scale_ref}), codes_ref,
-                                scale_ref)
+        padded = -(-k // INT8_ROW_MULTIPLE) * INT8_ROW_MULTIPLE
+        return ((padded // 4, 4 * WEIGHT_TILE), np.dtype(np.int8)), ((1, WEIGHT_TILE), np.dtype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -294,13 +301,9 @@ class InBlocks(WeightFormat):
             raise ValueError(f"block size {self.block_size} is not available for {self.name}; choose one of "
                              f"{', '.join(map(str, BLOCK_SIZES))}")
 
-    def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
-        codes, scale = self.encode_rows(w)
-        return {"codes": codes, "scale": self.kernel_scales(scale)}
-
 
 @dataclass(frozen=True)
-class Int4(InBlocks):
+class Int4(InBlocks, Tiled):
     """llama.cpp's Q4_0 grid per block of `block_size` values along a row, a float16 scale per block
     (quant/integer.py), computed by edge-runtime's own MatMulInt4 (edge_runtime/kernels/onnxruntime_ops.c) in its
     layout of 16-row tiles (quant/integer.int4_tiles), which the embedding's lookup shares: a token's row is read
@@ -312,20 +315,9 @@ class Int4(InBlocks):
 
     name: ClassVar[str] = "int4"
     bits: ClassVar[int] = 4
-    rows_per_record: ClassVar[int] = INT4_TILE
-    own_operator: ClassVar[bool] = True
+    operator: ClassVar[str] = MATMUL_INT4
     summary: ClassVar[str] = ("Q4_0 grid per block of --block-size, fp16 scale per block (edge-runtime's own "
                               "MatMulInt4)")
-
-    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
-        y = g.own(MATMUL_INT4, x, refs["codes"], refs["scale"])
-        if n % INT4_TILE:  # the tiles' padding rows
-            y = g.op("Slice", y, g.const([0], np.int64), g.const([n], np.int64), g.const([-1], np.int64))
-        return y
-
-    def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
-        size = -(-n // INT4_TILE) * self.row_bytes(k)  # whole tiles, read in place
-        return size, size
 
     def encode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         packed, scale = quantize_int4_blocks(rows, self.block_size, np.dtype(np.float16))
@@ -342,24 +334,22 @@ class Int4(InBlocks):
 
     def row_layout(self, k: int) -> tuple[Layout, Layout]:
         blocks = block_count(k, self.block_size)
-        return (((blocks * self.block_size // 8, 4 * INT4_TILE), np.dtype(np.uint8)),
-                ((blocks, INT4_TILE), np.dtype(np.float16)))
-
-    def kernel_scales(self, scales: np.ndarray) -> np.ndarray:
-        return scales
+        return (((blocks * self.block_size // 8, 4 * WEIGHT_TILE), np.dtype(np.uint8)),
+                ((blocks, WEIGHT_TILE), np.dtype(np.float16)))
 
 
 @dataclass(frozen=True)
 class Int8Block(InBlocks):
     """int8 per block of `block_size` values along a row (llama.cpp's Q8_0 grid, an fp32 scale per block), computed by
     com.microsoft.MatMulNBits' 8-bit kernel, whose layout ([n, blocks, block] codes + 128, flat scales) the embedding
-    rows share: no lookup copy beside the head (int8 per channel keeps one, 400 MB for E2B).
+    rows share: one copy serves the head and the lookup.
 
     MLAS runs it with int8 activations per block where the CPU has integer dot products (x86 AVX2 and up, Arm dotprod
     and i8mm: Pi 5, phones). A core without them (the Pi 4's Cortex-A72) has no kernel for it, and onnxruntime then
     widens the whole weight to float32 at every run: there, use int8 (per channel) or int4. One node at E2B's MLP
     shape (K 1536, N 12288, batch 1, 2 threads, AMD EPYC Zen 4 AVX-512 VNNI, onnxruntime 1.32): block 128 158-163 us
-    against int8 per channel's DynamicQuantizeMatMul 283-298 us; block 64 173-185, block 32 207-211."""
+    against int8 per channel's DynamicQuantizeMatMul (its kernel until stop 33) 283-298 us; block 64 173-185, block
+    32 207-211."""
 
     name: ClassVar[str] = "int8-block"
     bits: ClassVar[int] = 8

@@ -61,10 +61,12 @@ def test_each_case_is_held_to_the_x86_run_of_its_arithmetic(case: str, features:
     assert (reference.case, reference.kind) == expected
 
 
-def test_int4_rows_name_edge_runtimes_own_kernel_and_its_instruction() -> None:
-    own = "MatMulInt4: edge-runtime's own, int8 activations per block"
-    assert compare.kernel_summary("int4-b32", A72) == f"{own}, smull"  # the aarch64 build: widening multiplies
-    assert compare.kernel_summary("int4-b128", PHONE) == f"{own}, sdot"  # the aarch64-dotprod build
+def test_int4_and_int8_rows_name_edge_runtimes_own_kernel_and_its_instruction() -> None:
+    own = "edge-runtime's own, int8 activations per block"
+    assert compare.kernel_summary("int4-b32", A72) == f"MatMulInt4: {own}, smull"  # the aarch64 build
+    assert compare.kernel_summary("int4-b128", PHONE) == f"MatMulInt4: {own}, sdot"  # the aarch64-dotprod build
+    assert compare.kernel_summary("int8", A72) == f"MatMulInt8: {own}, smull"
+    assert compare.kernel_summary("int8", A76) == f"MatMulInt8: {own}, sdot"
 
 
 def _run(prefill: float, decode: float, greedy: int = 0) -> dict[str, np.ndarray]:
@@ -228,12 +230,12 @@ def test_a_cpu_fails_unless_the_aarch64_attention_kernel_ran() -> None:
 
 def test_the_smoke_runs_the_kernel_test_of_every_kv_format_without_model_checkpoints() -> None:
     """The smoke's -k selection: every KV format at one shape, the threads' partial softmaxes and every test of the
-    onnxruntime operators (LoRA slots and int4 weights), and none of the tests that need tests/conftest.py's checkpoints (the smoke exports none for
+    onnxruntime operators (LoRA slots, int4 and int8 weights), and none of the tests that need tests/conftest.py's checkpoints (the smoke exports none for
     the guest)."""
     import subprocess
 
     import test_attention_kernel
-    import test_matmul_int4
+    import test_integer_matmul
     import test_onnxruntime_ops
 
     from edge_runtime import attention_kernel
@@ -246,7 +248,7 @@ def test_the_smoke_runs_the_kernel_test_of_every_kv_format_without_model_checkpo
                                capture_output=True, text=True, cwd=root, timeout=120)
     ids = [line.split("::")[1] for line in collected.stdout.splitlines() if "::" in line]
     functions = {i.split("[")[0] for i in ids}
-    operators = {name for module in (test_onnxruntime_ops, test_matmul_int4) for name in dir(module)
+    operators = {name for module in (test_onnxruntime_ops, test_integer_matmul) for name in dir(module)
                  if name.startswith("test_")}
     assert functions == {"test_the_kernel_equals_numpy_for_every_format",
                          "test_a_block_shared_between_threads_gives_the_same_output", *operators}, collected.stdout
@@ -255,5 +257,5 @@ def test_the_smoke_runs_the_kernel_test_of_every_kv_format_without_model_checkpo
     builds = attention_kernel.builds_for_this_machine(attention_kernel.ATTENTION_BUILDS)
     assert sorted((m[1], m[2]) for m in every_format) == sorted((b, name) for b in builds for name in KV_FORMATS)
     assert not any("artifacts" in inspect.signature(getattr(module, f)).parameters
-                   for module in (test_attention_kernel, test_onnxruntime_ops, test_matmul_int4) for f in functions
+                   for module in (test_attention_kernel, test_onnxruntime_ops, test_integer_matmul) for f in functions
                    if hasattr(module, f))

@@ -139,23 +139,26 @@ def test_a_build_from_other_source_is_not_used(monkeypatch, tmp_path):
         onnxruntime_ops.library.cache_clear()
 
 
-def test_an_artifact_needs_the_library_for_int4_weights_and_for_narrow_slots():
+def test_an_artifact_needs_the_library_for_int4_and_int8_weights_and_for_narrow_slots():
     """What the engine registers the library for, and the way out it names where no build runs."""
     from types import SimpleNamespace
 
     from edge_runtime.engine import own_operators
     from edge_runtime.lora_slots import LoraSlots
-    from edge_runtime.weight_formats import Int4, Int8
+    from edge_runtime.weight_formats import Float16, Int4, Int8, Int8Block
 
-    def manifest(fmt, dtype):
+    def manifest(formats, dtype):
         slots = None if dtype is None else LoraSlots(16, ("q_proj",), {}, dtype)
-        return SimpleNamespace(weight_formats={"layers.0.o_proj": fmt}, lora_slots=slots)
+        return SimpleNamespace(weight_formats=dict(enumerate(formats)), lora_slots=slots)
 
-    assert own_operators(manifest(Int8(), None)) is None
-    assert own_operators(manifest(Int8(), "float32")) is None
+    assert own_operators(manifest([Int8Block(32)], None)) is None
+    assert own_operators(manifest([Float16()], "float32")) is None
     way_out = "(onnxruntime's own kernels)"
-    assert own_operators(manifest(Int4(32), None)) == ("int4 weights are", f"re-export with --weights int8 {way_out}")
-    assert own_operators(manifest(Int8(), "int8")) == ("LoRA slots are",
-                                                       f"re-export with --lora-slot-precision fp32 {way_out}")
-    assert own_operators(manifest(Int4(32), "float16")) == (
-        "int4 weights and LoRA slots are", f"re-export with --weights int8 --lora-slot-precision fp32 {way_out}")
+    assert own_operators(manifest([Int4(32)], None)) == ("int4 weights are",
+                                                         f"re-export with --weights int8-block {way_out}")
+    assert own_operators(manifest([Int8(), Int4(32), Int8()], None)) == (
+        "int4 and int8 weights are", f"re-export with --weights int8-block {way_out}")
+    assert own_operators(manifest([Int8Block(32)], "int8")) == ("LoRA slots are",
+                                                               f"re-export with --lora-slot-precision fp32 {way_out}")
+    assert own_operators(manifest([Int4(32)], "float16")) == (
+        "int4 weights and LoRA slots are", f"re-export with --weights int8-block --lora-slot-precision fp32 {way_out}")

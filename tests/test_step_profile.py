@@ -39,7 +39,7 @@ def test_the_tool_profiles_a_filled_cache(artifacts):
 
 
 def test_the_weight_graphs_hold_every_linear_of_the_artifact_on_its_own_weights(checkpoints, tmp_path):
-    """--floor's graphs: each segment's weight nodes (int4-mixed: MatMulInt4 and DynamicQuantizeMatMul), nothing
+    """--floor's graphs: each segment's weight nodes (int4-mixed: MatMulInt4 and MatMulInt8), nothing
     else, on the very initializers the segment reads, one each of the linears the manifest lists; they run."""
     import onnx
 
@@ -60,7 +60,7 @@ def test_the_weight_graphs_hold_every_linear_of_the_artifact_on_its_own_weights(
         feeds = {x: np.ones((1, width), dtype) for x, (width, dtype) in inputs.items()}
         assert all(np.isfinite(y).all() and y.shape[0] == 1 for y in session.run(None, feeds))
     assert len(nodes) == len(read_manifest(artifact).weight_formats)
-    assert set(nodes) == {"MatMulInt4", "DynamicQuantizeMatMul"}
+    assert set(nodes) == {"MatMulInt4", "MatMulInt8"}
 
 
 def test_the_floor_is_timed_against_bench_s_ceiling(artifacts):

@@ -29,7 +29,7 @@ from edge_runtime.weight_formats import NBITS_ACCURACY_LEVEL, Float16, Float32, 
 from edge_runtime.weight_recipe import EMBED, O_PROJ, PER_LAYER, ROLES, parse_recipe
 
 FORMATS = [Float32(), Float16(), Int8(), Int4(32), Int4(64), Int4(128), Int8Block(32), Int8Block(128)]
-KERNELS = {"fp32": ["Gemm"], "fp16": ["Cast", "Gemm", "Cast"], "int8": ["DynamicQuantizeMatMul"],
+KERNELS = {"fp32": ["Gemm"], "fp16": ["Cast", "Gemm", "Cast"], "int8": ["MatMulInt8"],
            "int4": ["MatMulInt4"], "int8-block": ["MatMulNBits"]}
 MIXED = "int4,o_proj=int8,per_layer=int8,embed=int8"
 ROLE_LIST = ", ".join(ROLES)

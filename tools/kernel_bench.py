@@ -1,5 +1,5 @@
-"""Measure the candidate weight kernels (onnxruntime's and edge-runtime's own MatMulInt4) at E2B's matrix shapes,
-batch 1 (a decode step) or more rows (prefill), to choose export formats.
+"""Measure the candidate weight kernels (onnxruntime's and edge-runtime's own MatMulInt4 and MatMulInt8) at E2B's
+matrix shapes, batch 1 (a decode step) or more rows (prefill), to choose export formats.
 
 For each kernel: median milliseconds per product, the weight bytes it streams per call over that time (GB/s), and
 its error relative to fp32 weights (max |y - y_fp32| / max |y_fp32|). Run on the target device: the ranking depends
@@ -20,7 +20,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime import onnxruntime_ops
-from edge_runtime.weight_formats import Int4
+from edge_runtime.weight_formats import Int4, Int8
 
 SHAPES = {"mlp up (1536->6144)": (1536, 6144), "mlp down (6144->1536)": (6144, 1536),
           "lm head (1536->262144)": (1536, 262144)}
@@ -35,7 +35,8 @@ def _session(node: helper.NodeProto, inits: list, k: int, threads: int) -> ort.I
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     if node.domain == onnxruntime_ops.DOMAIN:
-        onnxruntime_ops.register(options, Path(__file__), "MatMulInt4 candidates are", "run on x86-64-v3 or aarch64")
+        onnxruntime_ops.register(options, Path(__file__), "edge-runtime's candidates are",
+                                 "run on x86-64-v3 or aarch64")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -71,11 +72,12 @@ def candidates(w: np.ndarray) -> dict[str, tuple[helper.NodeProto, list, int]]:
         node = helper.make_node("MatMulNBits", ["x", "B", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
                                 block_size=block, accuracy_level=4)
         out[f"MatMulNBits {bits}-bit block {block}"] = (node, inits, packed.nbytes + scale.size * 4)
-    for block in (32, 64, 128):
-        parts = Int4(block).encode(w)
+    for fmt in (Int4(32), Int4(64), Int4(128), Int8()):
+        parts = fmt.encode(w)
         inits = [numpy_helper.from_array(parts["codes"], "codes"), numpy_helper.from_array(parts["scale"], "s")]
-        node = helper.make_node(onnxruntime_ops.MATMUL_INT4, ["x", "codes", "s"], ["y"], domain=onnxruntime_ops.DOMAIN)
-        out[f"MatMulInt4 block {block}"] = (node, inits, sum(p.nbytes for p in parts.values()))
+        node = helper.make_node(fmt.operator, ["x", "codes", "s"], ["y"], domain=onnxruntime_ops.DOMAIN)
+        name = f"MatMulInt4 block {fmt.block_size}" if fmt.block_size else "MatMulInt8 per-channel"
+        out[name] = (node, inits, sum(p.nbytes for p in parts.values()))
     return out
 
 

@@ -11,7 +11,7 @@ points, kernels included), and the rest (the engine's numpy and Python between t
 masks, cache writes, argument shuffling). cProfile's own cost lands mostly in the glue share, so the shares are
 scaled to the uninstrumented median. --ops adds onnxruntime's profiler: kernel time by operator type, summed over
 the graphs of a step. --floor times what onnxruntime's weight kernels take alone: each graph's linear nodes
-(MatMulNBits, DynamicQuantizeMatMul, MatMul on a weight) rebuilt into a graph of their own, on the artifact's own
+(MatMulNBits, MatMulInt4, MatMulInt8, MatMul on a weight) rebuilt into a graph of their own, on the artifact's own
 weights, fed random activations, and nothing else, run as the step runs its graphs; with bench's bandwidth probe, it
 gives the fraction of bench's ceiling that onnxruntime's kernels allow this artifact on this machine, against the
 fraction the whole step reaches (the difference is what the runtime's own nodes, attention and glue cost).
@@ -145,17 +145,18 @@ def ort_ops(model, steps: int, out_dir: Path) -> dict[str, float]:
 
 
 # Nodes that read a weight: the weight is their second input, an initializer of the graph (weight_formats' emit).
-WEIGHT_OPS = ("MatMulNBits", "DynamicQuantizeMatMul", "MatMul", "Gemm", "MatMulInt4")
+WEIGHT_OPS = ("MatMulNBits", "MatMul", "Gemm", "MatMulInt4", "MatMulInt8")
 
 
 def _input_width(node, weight) -> int:
-    """K of a weight node: MatMulNBits says it, MatMulInt4's codes are [N / 16, K / 8, 64] (K to the whole block);
-    the others' weights are [K, N], or [N, K] under Gemm's transB."""
+    """K of a weight node: MatMulNBits says it, MatMulInt4's codes are [N / 16, K / 8, 64] (K to the whole block),
+    MatMulInt8's [N / 16, K / 4, 64] (K to a multiple of 16); the others' weights are [K, N], or [N, K] under Gemm's
+    transB."""
     attrs = {a.name: a for a in node.attribute}
     if node.op_type == "MatMulNBits":
         return attrs["K"].i
-    if node.op_type == "MatMulInt4":
-        return weight.dims[1] * 8
+    if node.op_type in ("MatMulInt4", "MatMulInt8"):
+        return weight.dims[1] * (8 if node.op_type == "MatMulInt4" else 4)
     transposed = node.op_type == "Gemm" and "transB" in attrs and attrs["transB"].i == 1
     return weight.dims[-1] if transposed else weight.dims[-2]
 

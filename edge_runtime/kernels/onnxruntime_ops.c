@@ -334,21 +334,28 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *context) 
     return NULL;
 }
 
-/* MatMulInt4(x, codes, scales) = x @ W.T for an int4 weight W [n, k] in llama.cpp's Q4_0 grid (weight_formats.Int4):
- * per block of `block` values along a row, codes 0..15 standing for code - 8, times the block's half-precision scale.
- * The layout is this kernel's own, the same on every CPU: the columns (rows of W) in tiles of TILE = 16, and each
- * tile's codes [k / 8][16 columns][4 bytes], byte i of a column holding its values 8c + i (low nibble) and 8c + 4 + i
- * (high nibble), so one 64-byte load unpacks into two vectors of four values for each of 16 columns; its scales
- * [blocks][16]. x is quantized to int8 per row and block (scale max|x| / 127, round to nearest even), the dot
- * products run on integers (exact: no block's sum reaches 2^24) and each block's sum is scaled and added in float32
- * in the same order on every CPU, lanes being columns: the same result from x86's VNNI or its AVX2 path, Arm's dot
- * product or its widening multiplies (a Pi 4 has none). onnxruntime's MatMulNBits, which this replaces for int4,
- * computes a different sum on each Arm core (KleidiAI where there is i8mm or dotprod), packs a second copy of the
- * weight at load, and was measured slower at batch 1 and at 128 rows (tools/kernel_bench.py). */
+/* MatMulInt4(x, codes, scales) and MatMulInt8(x, codes, scales) = x @ W.T for an integer weight W [n, k] in this
+ * kernel's own layout, the same on every CPU: W's rows (the output's columns) in tiles of TILE = 16, each tile's codes
+ * in 64-byte chunks holding a run of values of each of its 16 rows, 4 bytes a row, and its scales [blocks][16].
+ * - int4 (weight_formats.Int4, llama.cpp's Q4_0 grid): codes 0..15 standing for code - 8, per block of `block`
+ *   values along a row, times the block's half-precision scale; a chunk holds 8 values a row, byte i of a row its
+ *   values 8c + i (low nibble) and 8c + 4 + i (high), so one load unpacks into two vectors of four values a row.
+ * - int8 (weight_formats.Int8): codes -127..127, one float32 scale a row (one block, the whole row); a chunk holds
+ *   4 values a row, two chunks in turn standing for int4's low and high nibbles.
+ * x is quantized to int8 per row and block (scale max|x| / 127, round to nearest even), the dot products run on
+ * integers (exact; a block's sum is converted to float32 rounding to nearest, as every CPU does by default) and each
+ * block's sum is scaled and added in float32 in the same order on every CPU, lanes being columns: the same result
+ * from x86's VNNI or its AVX2 path, Arm's dot product or its widening multiplies (a Pi 4 has none).
+ * onnxruntime's MatMulNBits, which MatMulInt4 replaces, computes a different sum on each Arm core (KleidiAI where
+ * there is i8mm or dotprod), packs a second copy of the weight at load, and was measured slower at batch 1 and at
+ * 128 rows; DynamicQuantizeMatMul, which MatMulInt8 replaces, wants the weight transposed (so the embedding kept a
+ * second copy for lookup) and quantizes x per tensor, so a prompt's logits depended on what else was in its batch
+ * (tools/kernel_bench.py measures them side by side). */
 
 #define TILE 16                 /* columns a tile of the layout holds */
-#define TILE_BYTES (TILE * 4)   /* one chunk of a tile: 8 values of each column */
+#define TILE_BYTES (TILE * 4)   /* one chunk of a tile: 4 bytes of each column */
 #define VECTORS (TILE / LANES)  /* vectors a tile's columns fill */
+#define MAX_K 65536             /* longest row of x: its codes fit the decode step's stack, and int8's sums int32 */
 /* The tile of the output a call holds in registers: rows of x sharing each unpacked chunk, by tiles sharing each
  * broadcast of x; sized so the integer sums, the unpacked codes and the broadcasts fit the registers (32 zmm, 16 ymm,
  * 32 q), the float sums being touched once a block. A single row splits each tile's sums in two chains (low and
@@ -385,21 +392,38 @@ static inline vi splat_i(int32_t v) { return (vi){0} + v; }
 static inline vn to_float(vi v) { return __builtin_convertvector(v, vn); }
 static inline vn absn(vn v) { return (vn)((vi)v & 0x7fffffff); }
 
+/* Per instruction set: dot4(acc, w, x4) adds to lane l the dot product of column l's four unsigned codes (int4's
+ * 0..15) with the four int8 values of x in each lane of `x4`; dot4s the same for signed codes (int8's), short of
+ * SIGNED_BIAS x the four values' sum where the instruction wants unsigned codes (the correction takes it off). */
 #if LANES == 16
-/* acc[l] += the dot product of column l's four codes (unsigned) and the four int8 values of x in `x4` */
-static inline vi dot4(vi acc, vi w, vi x4) {
 #if defined(__AVX512VNNI__)
+static inline vi dot4(vi acc, vi w, vi x4) {
     return (vi)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)w, (__m512i)x4);
-#else
-    return acc + (vi)_mm512_madd_epi16(_mm512_maddubs_epi16((__m512i)w, (__m512i)x4), _mm512_set1_epi16(1));
-#endif
 }
+#define SIGNED_BIAS 128 /* vpdpbusd multiplies unsigned by signed: code + 128 is code ^ 0x80 */
+static inline vi dot4s(vi acc, vi w, vi x4) { return dot4(acc, w ^ (int32_t)0x80808080, x4); }
+#else
+static inline vi dot4(vi acc, vi w, vi x4) {
+    return acc + (vi)_mm512_madd_epi16(_mm512_maddubs_epi16((__m512i)w, (__m512i)x4), _mm512_set1_epi16(1));
+}
+/* vpmaddubsw would saturate on code + 128 (two products of 255 x 127); |x| times the code with x's sign does not */
+#define SIGNED_BIAS 0
+static inline vi dot4s(vi acc, vi w, vi x4) {
+    const __m512i signed_w = _mm512_mask_sub_epi8((__m512i)w, _mm512_movepi8_mask((__m512i)x4), _mm512_setzero_si512(),
+                                                  (__m512i)w);
+    return dot4(acc, (vi)_mm512_abs_epi8((__m512i)x4), (vi)signed_w);
+}
+#endif
 static inline vn fmadd(vn a, vn b, vn c) { return (vn)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
 static inline vi round_i(vn v) { return (vi)_mm512_cvtps_epi32((__m512)v); }
 static inline void store_i8(int8_t *p, vi v) { _mm_storeu_si128((__m128i *)p, _mm512_cvtsepi32_epi8((__m512i)v)); }
 #elif LANES == 8
 static inline vi dot4(vi acc, vi w, vi x4) {
     return acc + (vi)_mm256_madd_epi16(_mm256_maddubs_epi16((__m256i)w, (__m256i)x4), _mm256_set1_epi16(1));
+}
+#define SIGNED_BIAS 0
+static inline vi dot4s(vi acc, vi w, vi x4) {
+    return dot4(acc, (vi)_mm256_abs_epi8((__m256i)x4), (vi)_mm256_sign_epi8((__m256i)w, (__m256i)x4));
 }
 static inline vn fmadd(vn a, vn b, vn c) { return (vn)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
 static inline vi round_i(vn v) { return (vi)_mm256_cvtps_epi32((__m256)v); }
@@ -408,16 +432,19 @@ static inline void store_i8(int8_t *p, vi v) {
     _mm_storel_epi64((__m128i *)p, _mm_packs_epi16(w, w));
 }
 #else
-/* codes 0..15 are int8 too, so Arm multiplies signed by signed */
+/* codes 0..15 are int8 too, so Arm multiplies signed by signed for both */
 static inline vi dot4(vi acc, vi w, vi x4) {
 #if defined(__ARM_FEATURE_DOTPROD)
     return vdotq_s32(acc, vreinterpretq_s8_s32(w), vreinterpretq_s8_s32(x4));
 #else
+    /* two products of 127 x 127 fit an int16 pair sum */
     const int8x16_t a = vreinterpretq_s8_s32(w), b = vreinterpretq_s8_s32(x4);
     const int16x8_t low = vmull_s8(vget_low_s8(a), vget_low_s8(b)), high = vmull_high_s8(a, b);
     return vpadalq_s16(acc, vpaddq_s16(low, high));
 #endif
 }
+#define SIGNED_BIAS 0
+static inline vi dot4s(vi acc, vi w, vi x4) { return dot4(acc, w, x4); }
 static inline vn fmadd(vn a, vn b, vn c) { return (vn)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b); }
 static inline vi round_i(vn v) { return vcvtnq_s32_f32((float32x4_t)v); }
 static inline void store_i8(int8_t *p, vi v) {
@@ -441,49 +468,54 @@ static inline float max_lane(vn v) {
 typedef struct {
     const float *x;
     const uint8_t *codes;
-    const uint16_t *scales;
+    const void *scales;  /* int4: float16, int8: float32 */
     float *y;
     int64_t rows, k, k_padded, block, n; /* n: the output's columns, a whole number of tiles */
+    int bits;
+    int32_t offset;      /* what the integer sums count per unit of x's codes beyond the dot product */
     int8_t *q;           /* x quantized: [rows][k_padded] */
     float *row_scale;    /* [rows][blocks] */
-    int32_t *correction; /* [rows][blocks]: 8 x the sum of the block's int8 values, for the codes' offset */
-} Int4Matmul;
+    int32_t *correction; /* [rows][blocks]: offset x the sum of the block's int8 values */
+} IntMatmul;
 
-/* Row r of x into int8 per block (the part of the last block past k is zeros, as the codes are). */
-static void quantize_row(const Int4Matmul *s, int64_t r) {
+/* LANES values of x from i, zeros past k (the codes there are zeros too). */
+static inline vn x_values(const float *x, int64_t k, int64_t i) {
+    if (i + LANES <= k) return loadn(x + i);
+    vn v = splat(0);
+    for (int l = 0; l < LANES && i + l < k; l++) v[l] = x[i + l];
+    return v;
+}
+
+/* Row r of x into int8 per block. */
+static void quantize_row(const IntMatmul *s, int64_t r) {
     const int64_t blocks = s->k_padded / s->block;
     const float *x = s->x + r * s->k;
     int8_t *q = s->q + r * s->k_padded;
     for (int64_t b = 0; b < blocks; b++) {
-        const int64_t start = b * s->block;
-        const float *values = x + start;
-        float padded[1024];
-        if (s->k - start < s->block) {
-            for (int64_t i = 0; i < s->block; i++) padded[i] = start + i < s->k ? x[start + i] : 0.0f;
-            values = padded;
-        }
+        const int64_t start = b * s->block, end = start + s->block;
         vn top = splat(0);
-        for (int64_t i = 0; i < s->block; i += LANES) {
-            const vn a = absn(loadn(values + i));
+        for (int64_t i = start; i < end; i += LANES) {
+            const vn a = absn(x_values(x, s->k, i));
             for (int l = 0; l < LANES; l++) top[l] = a[l] > top[l] ? a[l] : top[l];
         }
         const float amax = max_lane(top), inverse = amax > 0 ? 127.0f / amax : 0.0f;
         vi sums = {0};
-        for (int64_t i = 0; i < s->block; i += LANES) {
-            const vi v = round_i(loadn(values + i) * splat(inverse));
-            store_i8(q + start + i, v);
+        for (int64_t i = start; i < end; i += LANES) {
+            const vi v = round_i(x_values(x, s->k, i) * splat(inverse));
+            store_i8(q + i, v);
             sums += v;
         }
         s->row_scale[r * blocks + b] = amax / 127.0f;
-        s->correction[r * blocks + b] = 8 * sum_i(sums);
+        s->correction[r * blocks + b] = s->offset * sum_i(sums);
     }
 }
 
-/* y[r0:r0 + R][tiles t0:t0 + T] (R <= PREFILL_ROWS, T <= MAX_TILES): per block, integer sums of each chunk's two
- * halves against four values of x broadcast, then the codes' offset taken off, and the block's scales applied in
- * float32. */
-INLINE void int4_tile(const Int4Matmul *s, int64_t r0, int R, int64_t t0, int T) {
-    const int64_t chunks = s->k_padded / 8, blocks = s->k_padded / s->block, per_block = s->block / 8;
+/* y[r0:r0 + R][tiles t0:t0 + T] (R <= PREFILL_ROWS, T <= MAX_TILES) for `bits`-bit codes: per block, integer sums
+ * of each step of 8 values (int4: a chunk's two nibbles, int8: two chunks) against four values of x broadcast each,
+ * then the offset taken off, and the block's scales applied in float32. */
+INLINE void int_tile(const IntMatmul *s, int64_t r0, int R, int64_t t0, int T, int bits) {
+    const int64_t steps = s->k_padded / 8, blocks = s->k_padded / s->block, per_block = s->block / 8;
+    const int64_t step_bytes = TILE_BYTES * bits / 4;
     const int chains = R == 1 ? 2 : 1;
     vn acc[PREFILL_ROWS][MAX_TILES][VECTORS];
     for (int r = 0; r < R; r++)
@@ -499,9 +531,15 @@ INLINE void int4_tile(const Int4Matmul *s, int64_t r0, int R, int64_t t0, int T)
             vi low[MAX_TILES][VECTORS], high[MAX_TILES][VECTORS];
             for (int t = 0; t < T; t++)
                 for (int v = 0; v < VECTORS; v++) {
-                    const vi w = load_codes(s->codes + ((t0 + t) * chunks + c) * TILE_BYTES + v * LANES * 4);
-                    low[t][v] = low_nibbles(w);
-                    high[t][v] = high_nibbles(w);
+                    const uint8_t *p = s->codes + ((t0 + t) * steps + c) * step_bytes + v * LANES * 4;
+                    if (bits == 4) {
+                        const vi w = load_codes(p);
+                        low[t][v] = low_nibbles(w);
+                        high[t][v] = high_nibbles(w);
+                    } else {
+                        low[t][v] = load_codes(p);
+                        high[t][v] = load_codes(p + TILE_BYTES);
+                    }
                 }
             for (int r = 0; r < R; r++) {
                 int32_t x4[2];
@@ -509,8 +547,14 @@ INLINE void int4_tile(const Int4Matmul *s, int64_t r0, int R, int64_t t0, int T)
                 const vi first = splat_i(x4[0]), second = splat_i(x4[1]);
                 for (int t = 0; t < T; t++)
                     for (int v = 0; v < VECTORS; v++) {
-                        sums[0][r][t][v] = dot4(sums[0][r][t][v], low[t][v], first);
-                        sums[chains - 1][r][t][v] = dot4(sums[chains - 1][r][t][v], high[t][v], second);
+                        vi *one = &sums[0][r][t][v], *other = &sums[chains - 1][r][t][v];
+                        if (bits == 4) {
+                            *one = dot4(*one, low[t][v], first);
+                            *other = dot4(*other, high[t][v], second);
+                        } else {
+                            *one = dot4s(*one, low[t][v], first);
+                            *other = dot4s(*other, high[t][v], second);
+                        }
                     }
             }
         }
@@ -520,7 +564,9 @@ INLINE void int4_tile(const Int4Matmul *s, int64_t r0, int R, int64_t t0, int T)
             for (int t = 0; t < T; t++)
                 for (int v = 0; v < VECTORS; v++) {
                     const vi sum = chains == 2 ? sums[0][r][t][v] + sums[1][r][t][v] : sums[0][r][t][v];
-                    const vn w_scale = loadh(s->scales + ((t0 + t) * blocks + b) * TILE + v * LANES);
+                    const int64_t at = ((t0 + t) * blocks + b) * TILE + v * LANES;
+                    const vn w_scale = bits == 4 ? loadh((const uint16_t *)s->scales + at)
+                                                 : loadn((const float *)s->scales + at);
                     acc[r][t][v] = fmadd(to_float(sum - offset), w_scale * x_scale, acc[r][t][v]);
                 }
         }
@@ -530,36 +576,58 @@ INLINE void int4_tile(const Int4Matmul *s, int64_t r0, int R, int64_t t0, int T)
             for (int v = 0; v < VECTORS; v++) storen(s->y + (r0 + r) * s->n + (t0 + t) * TILE + v * LANES, acc[r][t][v]);
 }
 
-/* A single row: task `task` takes DECODE_TILES tiles, DECODE_PAIR at a time. */
-static void int4_decode_task(void *data, size_t task) {
-    const Int4Matmul *s = data;
-    const int64_t tiles = s->n / TILE, t1 = ((int64_t)task + 1) * DECODE_TILES;
-    for (int64_t t = (int64_t)task * DECODE_TILES; t < tiles && t < t1; t += DECODE_PAIR)
-        if (t + DECODE_PAIR <= tiles) int4_tile(s, 0, 1, t, DECODE_PAIR);
-        else int4_tile(s, 0, 1, t, 1);
+/* A single row: tiles t0..t1, DECODE_PAIR at a time. */
+INLINE void decode_tiles(const IntMatmul *s, int64_t t0, int64_t t1, int bits) {
+    for (int64_t t = t0; t < t1; t += DECODE_PAIR)
+        if (t + DECODE_PAIR <= t1) int_tile(s, 0, 1, t, DECODE_PAIR, bits);
+        else int_tile(s, 0, 1, t, 1, bits);
 }
 
-/* Several rows: task `task` takes PREFILL_TILES tiles for every row, PREFILL_ROWS rows at a time, so a tile's codes
- * stay in cache while the rows pass over them. */
-static void int4_prefill_task(void *data, size_t task) {
-    const Int4Matmul *s = data;
-    const int64_t tiles = s->n / TILE, t0 = (int64_t)task * PREFILL_TILES;
-    const int T = t0 + PREFILL_TILES <= tiles ? PREFILL_TILES : (int)(tiles - t0);
+/* A single row: task `task` takes DECODE_TILES tiles. */
+static void decode_task(void *data, size_t task) {
+    const IntMatmul *s = data;
+    const int64_t tiles = s->n / TILE, t0 = (int64_t)task * DECODE_TILES;
+    const int64_t t1 = t0 + DECODE_TILES < tiles ? t0 + DECODE_TILES : tiles;
+    if (s->bits == 4) decode_tiles(s, t0, t1, 4);
+    else decode_tiles(s, t0, t1, 8);
+}
+
+/* Several rows: PREFILL_TILES tiles from t0 for every row, PREFILL_ROWS rows at a time, so a tile's codes stay in
+ * cache while the rows pass over them. */
+INLINE void prefill_tiles(const IntMatmul *s, int64_t t0, int T, int bits) {
     for (int64_t r0 = 0; r0 < s->rows; r0 += PREFILL_ROWS) {
         const int R = r0 + PREFILL_ROWS <= s->rows ? PREFILL_ROWS : (int)(s->rows - r0);
         if (T == PREFILL_TILES) {
-            if (R == PREFILL_ROWS) int4_tile(s, r0, PREFILL_ROWS, t0, PREFILL_TILES);
-            else int4_tile(s, r0, R, t0, PREFILL_TILES);
-        } else int4_tile(s, r0, R, t0, 1);
+            if (R == PREFILL_ROWS) int_tile(s, r0, PREFILL_ROWS, t0, PREFILL_TILES, bits);
+            else int_tile(s, r0, R, t0, PREFILL_TILES, bits);
+        } else int_tile(s, r0, R, t0, 1, bits);
     }
+}
+
+static void prefill_task(void *data, size_t task) {
+    const IntMatmul *s = data;
+    const int64_t tiles = s->n / TILE, t0 = (int64_t)task * PREFILL_TILES;
+    const int T = t0 + PREFILL_TILES <= tiles ? PREFILL_TILES : (int)(tiles - t0);
+    if (s->bits == 4) prefill_tiles(s, t0, T, 4);
+    else prefill_tiles(s, t0, T, 8);
 }
 
 static void quantize_task(void *data, size_t task) { quantize_row(data, (int64_t)task); }
 
+/* The operators' kernels: their bits, and their one-line refusal of inputs that do not fit. */
+typedef struct {
+    int bits;
+    const char *want;
+} IntOp;
+static const IntOp int4_op = {4, "MatMulInt4: want x [..., k], codes [n / 16, k / 8, 64] and scales [n / 16, blocks, "
+                                 "16], blocks of a multiple of 16 values, k up to 65536"};
+static const IntOp int8_op = {8, "MatMulInt8: want x [..., k], codes [n / 16, k / 4, 64] and scales [n / 16, blocks, "
+                                 "16], blocks of a multiple of 16 values, k up to 65536"};
+
 /* The output's shape: x's, the last dimension the codes' rows (n, a whole number of tiles). Without it onnxruntime
  * knows nothing of the output's rank, and the nodes after it (a LoraSlot passing y's shape on, a layer norm over
  * the last axis) fail to load. */
-static OrtStatus *ORT_API_CALL infer_int4(const OrtCustomOp *op, OrtShapeInferContext *context) {
+static OrtStatus *ORT_API_CALL infer_matmul(const OrtCustomOp *op, OrtShapeInferContext *context) {
     (void)op;
     OrtTensorTypeAndShapeInfo *x = NULL, *codes = NULL, *out = NULL;
     size_t rank = 0, codes_rank = 0;
@@ -570,7 +638,8 @@ static OrtStatus *ORT_API_CALL infer_int4(const OrtCustomOp *op, OrtShapeInferCo
     if (!status) status = api->GetDimensionsCount(x, &rank);
     if (!status) status = api->GetDimensionsCount(codes, &codes_rank);
     if (!status && (rank < 1 || rank > 8 || codes_rank != 3))
-        status = api->CreateStatus(ORT_INVALID_ARGUMENT, "MatMulInt4: want x [..., k] and codes [n / 16, k / 8, 64]");
+        status = api->CreateStatus(ORT_INVALID_ARGUMENT, "MatMulInt4 / MatMulInt8: want x [..., k] and codes "
+                                                         "[n / 16, chunks, 64]");
     if (!status) status = api->GetDimensions(x, dims, rank);
     if (!status) status = api->GetSymbolicDimensions(x, names, rank);
     if (!status) status = api->GetDimensions(codes, codes_dims, 3);
@@ -589,8 +658,8 @@ static OrtStatus *ORT_API_CALL infer_int4(const OrtCustomOp *op, OrtShapeInferCo
 
 static OrtMemoryInfo *cpu_memory;
 
-static OrtStatus *ORT_API_CALL compute_int4(void *kernel, OrtKernelContext *context) {
-    (void)kernel;
+static OrtStatus *ORT_API_CALL compute_matmul(void *kernel, OrtKernelContext *context) {
+    const IntOp *op = kernel;
     const OrtValue *inputs[3];
     size_t counts[3];
     int64_t dims[3][8];
@@ -599,21 +668,19 @@ static OrtStatus *ORT_API_CALL compute_int4(void *kernel, OrtKernelContext *cont
         TRY(shape_of(inputs[i], &counts[i], dims[i]));
     }
     /* x [..., k], codes [tiles, chunks, 64], scales [tiles, blocks, 16] */
-    Int4Matmul s = {.rows = 1};
+    IntMatmul s = {.rows = 1, .bits = op->bits, .offset = op->bits == 4 ? 8 : SIGNED_BIAS};
     int ok = counts[0] >= 1 && counts[1] == 3 && counts[2] == 3 && dims[1][2] == TILE_BYTES && dims[2][2] == TILE &&
-             dims[1][0] == dims[2][0] && dims[2][1] > 0 && dims[1][1] % dims[2][1] == 0;
+             dims[1][0] == dims[2][0] && dims[2][1] > 0 && dims[1][1] > 0;
     if (ok) {
         for (size_t d = 0; d + 1 < counts[0]; d++) s.rows *= dims[0][d];
         s.k = dims[0][counts[0] - 1];
-        s.k_padded = dims[1][1] * 8;
+        s.k_padded = dims[1][1] * (32 / op->bits); /* a chunk holds 32 / bits values of each column */
         s.block = s.k_padded / dims[2][1];
         s.n = dims[1][0] * TILE;
-        ok = s.block % LANES == 0 && s.block <= 1024 && s.block % 8 == 0 && s.k <= s.k_padded &&
-             s.k_padded - s.k < s.block;
+        ok = s.k_padded % dims[2][1] == 0 && s.block % 16 == 0 && s.k <= s.k_padded && s.k_padded - s.k < s.block &&
+             s.k_padded <= MAX_K;
     }
-    if (!ok)
-        return api->CreateStatus(ORT_INVALID_ARGUMENT, "MatMulInt4: want x [..., k], codes [n / 16, k / 8, 64] and "
-                                                       "scales [n / 16, blocks, 16], blocks of 8 to 1024 values");
+    if (!ok) return api->CreateStatus(ORT_INVALID_ARGUMENT, op->want);
     int64_t out_dims[8];
     for (size_t d = 0; d + 1 < counts[0]; d++) out_dims[d] = dims[0][d];
     out_dims[counts[0] - 1] = s.n;
@@ -621,20 +688,20 @@ static OrtStatus *ORT_API_CALL compute_int4(void *kernel, OrtKernelContext *cont
     TRY(api->KernelContext_GetOutput(context, 0, out_dims, counts[0], &output));
     TRY(read(inputs[0], (const void **)&s.x));
     TRY(read(inputs[1], (const void **)&s.codes));
-    TRY(read(inputs[2], (const void **)&s.scales));
+    TRY(read(inputs[2], &s.scales));
     TRY(api->GetTensorMutableData(output, (void **)&s.y));
     if (s.rows == 0 || s.n == 0) return NULL;
     const int64_t blocks = s.k_padded / s.block, tiles = s.n / TILE;
-    if (s.rows == 1 && s.k_padded <= 65536) {
+    if (s.rows == 1) {
         /* A decode step: x quantized here, on the stack, then the tiles split between threads */
-        int8_t q[65536] __attribute__((aligned(64)));
-        float row_scale[65536 / 8];
-        int32_t correction[65536 / 8];
+        int8_t q[MAX_K] __attribute__((aligned(64)));
+        float row_scale[MAX_K / 16];
+        int32_t correction[MAX_K / 16];
         s.q = q, s.row_scale = row_scale, s.correction = correction;
         quantize_row(&s, 0);
         const size_t tasks = (size_t)((tiles + DECODE_TILES - 1) / DECODE_TILES);
-        if (tasks > 1) return api->KernelContext_ParallelFor(context, int4_decode_task, tasks, 0, &s);
-        int4_decode_task(&s, 0);
+        if (tasks > 1) return api->KernelContext_ParallelFor(context, decode_task, tasks, 0, &s);
+        decode_task(&s, 0);
         return NULL;
     }
     OrtAllocator *allocator;
@@ -648,7 +715,7 @@ static OrtStatus *ORT_API_CALL compute_int4(void *kernel, OrtKernelContext *cont
         s.correction = (int32_t *)(s.row_scale + s.rows * blocks);
         status = api->KernelContext_ParallelFor(context, quantize_task, (size_t)s.rows, 0, &s);
         if (!status)
-            status = api->KernelContext_ParallelFor(context, int4_prefill_task,
+            status = api->KernelContext_ParallelFor(context, prefill_task,
                                                     (size_t)((tiles + PREFILL_TILES - 1) / PREFILL_TILES), 0, &s);
         OrtStatus *freed = api->AllocatorFree(allocator, scratch);
         if (!status) status = freed;
@@ -745,30 +812,47 @@ static void ORT_API_CALL release(int *input_index, int *output_index) { (void)in
     }
 static const OrtCustomOp lora_slot = LORA_SLOT_OP(half), lora_slot_int8 = LORA_SLOT_OP(int8);
 
-static OrtStatus *ORT_API_CALL create_int4(const OrtCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
+/* The kernel is the operator's IntOp. */
+static OrtStatus *ORT_API_CALL create_matmul_int4(const OrtCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
                                            void **kernel) {
     (void)op, (void)given, (void)info;
-    *kernel = NULL;
+    *kernel = (void *)&int4_op;
     return NULL;
 }
-static const char *ORT_API_CALL name_int4(const OrtCustomOp *op) { (void)op; return "MatMulInt4"; }
-/* MatMulInt4: x float, codes uint8, scales float16. */
-static ONNXTensorElementDataType ORT_API_CALL input_type_int4(const OrtCustomOp *op, size_t index) {
+static OrtStatus *ORT_API_CALL create_matmul_int8(const OrtCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
+                                           void **kernel) {
+    (void)op, (void)given, (void)info;
+    *kernel = (void *)&int8_op;
+    return NULL;
+}
+static const char *ORT_API_CALL name_matmul_int4(const OrtCustomOp *op) { (void)op; return "MatMulInt4"; }
+static const char *ORT_API_CALL name_matmul_int8(const OrtCustomOp *op) { (void)op; return "MatMulInt8"; }
+/* MatMulInt4: x float, codes uint8, scales float16. MatMulInt8: x float, codes int8, scales float. */
+static ONNXTensorElementDataType ORT_API_CALL input_type_matmul_int4(const OrtCustomOp *op, size_t index) {
     (void)op;
     return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
                       : index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 }
-static size_t ORT_API_CALL input_count_int4(const OrtCustomOp *op) { (void)op; return 3; }
-static const OrtCustomOp matmul_int4 = {
-    .version = API_VERSION, .GetName = name_int4, .GetExecutionProviderType = provider,
-    .GetInputType = input_type_int4, .GetInputTypeCount = input_count_int4, .GetOutputType = output_type,
-    .GetOutputTypeCount = output_count, .KernelDestroy = destroy, .GetInputCharacteristic = required,
-    .GetOutputCharacteristic = required, .GetInputMemoryType = memory, .GetVariadicInputMinArity = one,
-    .GetVariadicInputHomogeneity = zero, .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = zero,
-    .CreateKernelV2 = create_int4, .KernelComputeV2 = compute_int4, .InferOutputShapeFn = infer_int4, .GetStartVersion = one,
-    .GetEndVersion = last_version, .GetMayInplace = no_alias, .ReleaseMayInplace = release, .GetAliasMap = no_alias,
-    .ReleaseAliasMap = release,
-};
+static ONNXTensorElementDataType ORT_API_CALL input_type_matmul_int8(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static size_t ORT_API_CALL three(const OrtCustomOp *op) { (void)op; return 3; }
+
+/* Every field but the name, the inputs' types and the kernel's creation is the same for both operators. */
+#define MATMUL_OP(name, types, create)                                                                               \
+    {                                                                                                                \
+        .version = API_VERSION, .GetName = name, .GetExecutionProviderType = provider, .GetInputType = types,        \
+        .GetInputTypeCount = three, .GetOutputType = output_type, .GetOutputTypeCount = output_count,                \
+        .KernelDestroy = destroy, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,           \
+        .GetInputMemoryType = memory, .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = zero,          \
+        .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create,            \
+        .KernelComputeV2 = compute_matmul, .InferOutputShapeFn = infer_matmul, .GetStartVersion = one,               \
+        .GetEndVersion = last_version, .GetMayInplace = no_alias, .ReleaseMayInplace = release,                      \
+        .GetAliasMap = no_alias, .ReleaseAliasMap = release,                                                         \
+    }
+static const OrtCustomOp matmul_int4 = MATMUL_OP(name_matmul_int4, input_type_matmul_int4, create_matmul_int4),
+                         matmul_int8 = MATMUL_OP(name_matmul_int8, input_type_matmul_int8, create_matmul_int8);
 
 static OrtCustomOpDomain *domain;
 
@@ -786,6 +870,7 @@ EXPORT OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, con
         TRY(api->CustomOpDomain_Add(domain, &lora_slot));
         TRY(api->CustomOpDomain_Add(domain, &lora_slot_int8));
         TRY(api->CustomOpDomain_Add(domain, &matmul_int4));
+        TRY(api->CustomOpDomain_Add(domain, &matmul_int8));
     }
     return api->AddCustomOpDomain(options, domain);
 }

@@ -1,13 +1,13 @@
-"""Integer weight codes: int8 per output channel, int8 and int4 in blocks, in the layouts onnxruntime's kernels read.
+"""Integer weight codes: int8 per output channel, int8 and int4 in blocks, in the layouts their kernels read.
 
-int8 is symmetric per row (output channel): code = round(w / s), s = max|w| / 127, codes in [-127, 127].
+int8 is symmetric per row (output channel): code = round(w / s), s = max|w| / 127, codes in [-127, 127], laid out
+for edge-runtime's MatMulInt8 in tiles of rows (int8_tiles).
 int8 in blocks is the same per block of `block` values along a row (llama.cpp's Q8_0 grid), stored offset by 128
 ([N, blocks, block] uint8: MatMulNBits' 8-bit layout with its default zero point 128).
 int4 follows llama.cpp's Q4_0: per block of `block` values along a row, the value of largest magnitude m
 gets code 0 and s = m / -8, so the 16 levels reach both ends; codes are stored offset by 8 (0..15), two per
-byte, the even element in the low nibble. That is com.microsoft MatMulNBits' layout ([N, blocks, block/2]
-with its default zero point 8), so the LM head's weight and the embedding rows read for lookup are the same
-bytes. Rows whose length is not a multiple of the block are zero-padded, as MatMulNBits expects.
+byte, the even element in the low nibble ([N, blocks, block/2]), then laid out for edge-runtime's MatMulInt4 in
+tiles of rows (int4_tiles). Rows whose length is not a multiple of the block are zero-padded.
 """
 
 from __future__ import annotations
@@ -91,7 +91,9 @@ def dequantize_int4_blocks(packed: np.ndarray, scale: np.ndarray, k: int) -> np.
     return values.reshape(*packed.shape[:-2], -1)[..., :k]
 
 
-INT4_TILE = 16  # rows of W a tile of MatMulInt4's layout holds (onnxruntime_ops.c's TILE)
+WEIGHT_TILE = 16  # rows of W a tile of MatMulInt4's and MatMulInt8's layouts holds (onnxruntime_ops.c's TILE)
+# MatMulInt8 reads a row as one block of x, of a multiple of this many values (onnxruntime_ops.c); rows are padded
+INT8_ROW_MULTIPLE = 16
 
 
 def int4_tiles(packed: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,13 +104,13 @@ def int4_tiles(packed: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.nd
     n, blocks, half = packed.shape
     q = np.empty((n, blocks * half * 2), dtype=np.uint8)
     q[:, 0::2], q[:, 1::2] = (packed & 0x0F).reshape(n, -1), (packed >> 4).reshape(n, -1)
-    pad = -n % INT4_TILE
+    pad = -n % WEIGHT_TILE
     q = np.pad(q, ((0, pad), (0, 0)), constant_values=INT4_ZERO)
     scale = np.pad(np.asarray(scale, dtype=np.float16), ((0, pad), (0, 0)))
-    tiles, k = (n + pad) // INT4_TILE, q.shape[1]
-    u = q.reshape(tiles, INT4_TILE, k // 8, 2, 4)
-    codes = (u[:, :, :, 0, :] | (u[:, :, :, 1, :] << 4)).transpose(0, 2, 1, 3).reshape(tiles, k // 8, 4 * INT4_TILE)
-    return np.ascontiguousarray(codes), np.ascontiguousarray(scale.reshape(tiles, INT4_TILE, blocks).transpose(0, 2, 1))
+    tiles, k = (n + pad) // WEIGHT_TILE, q.shape[1]
+    u = q.reshape(tiles, WEIGHT_TILE, k // 8, 2, 4)
+    codes = (u[:, :, :, 0, :] | (u[:, :, :, 1, :] << 4)).transpose(0, 2, 1, 3).reshape(tiles, k // 8, 4 * WEIGHT_TILE)
+    return np.ascontiguousarray(codes), np.ascontiguousarray(scale.reshape(tiles, WEIGHT_TILE, blocks).transpose(0, 2, 1))
 
 
 def int4_tile_rows(codes: np.ndarray, scales: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,8 +118,30 @@ def int4_tile_rows(codes: np.ndarray, scales: np.ndarray, members: np.ndarray) -
     out, back in quantize_int4_blocks' layout: ([r, blocks, block/2], float32 [r, blocks])."""
     r, chunks, _ = codes.shape
     every = np.arange(r)
-    b = codes.reshape(r, chunks, INT4_TILE, 4)[every, :, members, :]
+    b = codes.reshape(r, chunks, WEIGHT_TILE, 4)[every, :, members, :]
     q = np.concatenate([b & 0x0F, b >> 4], axis=-1).reshape(r, chunks * 8)
     blocks = scales.shape[1]
     packed = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(r, blocks, -1)
     return packed, scales[every, :, members].astype(np.float32)
+
+
+def int8_tiles(codes: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_int8_rows' codes [N, K] and scales [N] in edge-runtime's MatMulInt8 layout
+    (edge_runtime/kernels/onnxruntime_ops.c): codes [tiles, K'/4, 64], each 64 bytes 4 consecutive values of each of
+    a tile's 16 rows, K' being K padded with zeros to a multiple of INT8_ROW_MULTIPLE, and float32 scales
+    [tiles, 1, 16]. Rows are padded to whole tiles with zeros (code 0, scale 0)."""
+    n, k = codes.shape
+    q = np.pad(codes, ((0, -n % WEIGHT_TILE), (0, -k % INT8_ROW_MULTIPLE)))
+    scale = np.pad(np.asarray(scale, dtype=np.float32), (0, -n % WEIGHT_TILE))
+    tiles, k = q.shape[0] // WEIGHT_TILE, q.shape[1]
+    tiled = q.reshape(tiles, WEIGHT_TILE, k // 4, 4).transpose(0, 2, 1, 3).reshape(tiles, k // 4, 4 * WEIGHT_TILE)
+    return np.ascontiguousarray(tiled), np.ascontiguousarray(scale.reshape(tiles, 1, WEIGHT_TILE))
+
+
+def int8_tile_rows(codes: np.ndarray, scales: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row `members[i]` of tile i, for tiles (codes [r, K'/4, 64], scales [r, 1, 16]) as int8_tiles lays them out,
+    back in quantize_int8_rows' layout: (int8 [r, K'], float32 [r])."""
+    r, chunks, _ = codes.shape
+    every = np.arange(r)
+    rows = codes.reshape(r, chunks, WEIGHT_TILE, 4)[every, :, members, :].reshape(r, chunks * 4)
+    return rows, scales[every, 0, members]

@@ -96,8 +96,8 @@ SMOKE_CASES = ("fp32", "int8", "int4-b32", "int8-block-b128")
 # which ran): int8 activations per block where MLAS has an integer kernel for the node (x86; ARM with dot-product
 # instructions), fp32 activations where it has none (ARM without dot product, the Pi 4: the whole weight is widened
 # to fp32 at every run). Their artifacts are also run on the host with MatMulNBits' fp32 compute (accuracy level 0):
-# the Pi 4's arithmetic (see check's docs). int4 is not one: edge-runtime's own MatMulInt4 computes it with the same
-# arithmetic on every CPU.
+# the Pi 4's arithmetic (see check's docs). int4 and int8 are not: edge-runtime's own MatMulInt4 and MatMulInt8
+# compute them with the same arithmetic on every CPU.
 CPU_DEPENDENT_WEIGHTS = ("int8-block",)
 FP32_ACTIVATION_SUFFIX = "+fp32-activations"
 # The runs whose held-out perplexity is scored (runner.run_quality: on a CPU, those whose arithmetic it changes),

@@ -1,15 +1,15 @@
 """The ARM64 check's verdicts: which x86 run each aarch64 run is held to, how closely, and the table.
 
 Every aarch64 run is compared with an x86 run of the same arithmetic, computed on this host at check time (x86's
-own int8 and int8-block results, MLAS's, depend on the host's ISA, so checked-in numbers would go stale with the
-machine):
+own int8-block results, MLAS's, depend on the host's ISA, so checked-in numbers would go stale with the machine):
 - fp32 weights and KV cache, and every PLE format: the same float arithmetic everywhere, held to 1e-4 (the parity
   bound against transformers) and identical greedy tokens.
 - Kernels that round values computed at run time (the activations of int8, int4 and int8-block, KV codes): integer
   products are exact on every CPU, but fp32 rounding upstream differs by ulps between CPUs and can flip a code. How
   far that moves a format's logits is measured on x86 with inputs perturbed by one ulp (runner.perturb_inputs); see
-  allowed(). int4 is edge-runtime's own MatMulInt4, the same arithmetic on every CPU (int8 activations per block,
-  exact integer sums, each block's sum scaled in float32 in a fixed order): every CPU is held to x86 as is.
+  allowed(). int4 and int8 are edge-runtime's own MatMulInt4 and MatMulInt8, the same arithmetic on every CPU (int8
+  activations per block, exact integer sums, each block's sum scaled in float32 in a fixed order): every CPU is held
+  to x86 as is.
 - MatMulNBits' 8-bit kernel (int8-block: cases.CPU_DEPENDENT_WEIGHTS) has two arithmetics (probes.py tells which
   ran): int8 activations per block (x86; ARM with dot-product instructions), fp32 activations (ARM without them:
   the Pi 4, compared with x86 running the artifact at accuracy level 0).
@@ -278,20 +278,18 @@ def probe_signatures(probes: Path, kernels: dict) -> dict[str, tuple[str, dict[s
 def kernel_summary(case: str, features: dict[str, bool]) -> str:
     """The kernel a case's matmuls ran on this CPU: for onnxruntime's nodes, MLAS's dispatch by CPU feature
     (onnxruntime's mlas/lib/platform.cpp, qnbitgemm_kernel_neon.cpp), confirmed for int8-block by the probes'
-    arithmetic; for int4, the build of edge-runtime's operators the CPU loads (edge_runtime.onnxruntime_ops.BUILDS:
-    aarch64-dotprod with dotprod, aarch64 without). The onnxruntime profiler's node list shows every format's node
+    arithmetic; for int4 and int8, the build of edge-runtime's operators the CPU loads (edge_runtime.onnxruntime_ops.
+    BUILDS: aarch64-dotprod with dotprod, aarch64 without). The onnxruntime profiler's node list shows every format's node
     types."""
     weights = cases.CASES[case].weights
-    if weights == "int8":
-        kernel = "ummla" if features.get("i8mm") else "udot" if features.get("dotprod") else "NEON umull"
-        return f"DynamicQuantizeMatMul: MLAS u8 GEMM, {kernel}"
     if weights == "int8-block":
         if not features.get("dotprod"):
             return "MatMulNBits 8-bit: weights widened to fp32 every run, SGEMM (fp32 activations)"
         return f"MatMulNBits 8-bit: MLAS, int8 per block, {'i8mm' if features.get('i8mm') else 'udot'}"
-    if weights == "int4":
+    if weights in ("int4", "int8"):
         instruction = "sdot" if features.get("dotprod") else "smull"
-        return f"MatMulInt4: edge-runtime's own, int8 activations per block, {instruction}"
+        operator = "MatMulInt4" if weights == "int4" else "MatMulInt8"
+        return f"{operator}: edge-runtime's own, int8 activations per block, {instruction}"
     if weights == "fp16" and features.get("fp16"):
         return "Cast + Gemm: MLAS half-precision GEMM (fp16)"
     return "Gemm: MLAS SGEMM (NEON)"

@@ -6,8 +6,9 @@ values (symmetric, scale max|a|/127; ARM's dotprod kernel adds 128 to those code
 subtracts the offset's block sums afterwards in fp32, the same values to ~1e-5 of the largest output where the
 signed kernels give ~1e-6); an ARM core without them has no int8 kernel for 8-bit weights and keeps the activations
 in fp32, by widening the whole weight to fp32 at every run. Each choice leaves its own rounding in the output, so
-the probe runs a node and asks which arithmetic, computed here in float64, the output matches. int4 needs no probe:
-edge-runtime's own MatMulInt4 computes it with the same arithmetic on every CPU (tests/test_matmul_int4.py).
+the probe runs a node and asks which arithmetic, computed here in float64, the output matches. int4 and int8 need no
+probe: edge-runtime's own MatMulInt4 and MatMulInt8 compute them with the same arithmetic on every CPU
+(tests/test_integer_matmul.py).
 """
 
 from __future__ import annotations

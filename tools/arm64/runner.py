@@ -104,8 +104,8 @@ def run_quality(artifacts: Path, out: Path, tokens: int) -> None:
     """Perplexity of the first `tokens` held-out tokens per artifact, and each one's top-1 agreement with fp32.
 
     Only the runs whose arithmetic this CPU changes (cases.QUALITY_CASES): fp16 where it computes in half
-    precision, MatMulNBits' int8-block (cases.CPU_DEPENDENT_WEIGHTS) everywhere; not int4, whose MatMulInt4 is x86's
-    arithmetic on every CPU. The host (no features) runs them all."""
+    precision, MatMulNBits' int8-block (cases.CPU_DEPENDENT_WEIGHTS) everywhere; not int4 or int8, whose MatMulInt4
+    and MatMulInt8 are x86's arithmetic on every CPU. The host (no features) runs them all."""
     features = cpu_features()
     skipped = set() if not features or features.get("fp16") else {"fp16"}
     names = [name for name in QUALITY_CASES if name not in skipped]
