@@ -9,13 +9,16 @@ projection's output, in one of three precisions (`dtype`):
   edge-runtime's LoraSlot operator (edge_runtime/onnxruntime_ops.py), which reads half the bytes: a decode step is
   bound by what it reads, and a rank-16 adapter on every projection of E2B was 8% of that in float32;
 - int8 (the default beside int8 and int4 weights): a [r, in] and b [r, out] int8, each rank row quantized on its own
-  (symmetric, max / 127), and `lora.<tensor>.scale` [r] the product of row j's two scales, through LoraSlotInt8: a
-  quarter of float32's bytes, at 1/254 of a row's largest value, finer than the int4 grid a merge would put it on.
+  (symmetric, max / 127), and `lora.<tensor>.scale` [r] the product of row j's two scales: a quarter of float32's
+  bytes, at 1/254 of a row's largest value, finer than the int4 grid a merge would put it on. Beside int4 and int8
+  weights the projection's own MatMulInt4 / MatMulInt8 node adds them (a fused q/k/v's three slots in one node, each
+  at its columns), so an empty slot costs nothing; elsewhere a LoraSlotInt8 node after the projection does.
 The runtime feeds them on every run: the adapter's lora_A and its scaled lora_B transposed, or empty arrays (r = 0)
 when none is attached or the adapter leaves that projection alone (edge_runtime/lora_attach.py).
 Switching adapters then costs no re-export and no reload of the base. r is a symbolic dimension of each slot's own,
 so each module takes its adapter's rank (rank_pattern) with no zero padding, and no adapter costs the step no
-arithmetic and no memory traffic, only the nodes (measured in tools/lora_slot_cost.py); RANK is the most an adapter
+arithmetic and no memory traffic, only the feeds and the slots' own nodes where they have them (measured in
+tools/lora_slot_cost.py); RANK is the most an adapter
 may have. The manifest's `lora_slots` records RANK, the modules, and each slotted tensor's [in, out], so the runtime
 needs no knowledge of which layers have which projections (a KV-shared layer has no k or v to slot), and the dtype.
 """

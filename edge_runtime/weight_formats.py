@@ -14,7 +14,7 @@ copy.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -109,6 +109,8 @@ class WeightFormat:
     own_operator: ClassVar[bool] = False
     # Embedding rows a stored record holds (formats laid out in tiles of rows read a tile to look one up).
     rows_per_record: ClassVar[int] = 1
+    # Whether its kernel adds int8 LoRA slots in its own node (emit's `slots`: export/onnx_graph.slotted_linear).
+    fuses_slots: ClassVar[bool] = False
 
     def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
         """A checkpoint weight [n, k] in the layout this format's kernel reads, by part name: for the formats whose
@@ -116,8 +118,10 @@ class WeightFormat:
         codes, scale = self.encode_rows(w)
         return {"codes": codes, "scale": self.kernel_scales(scale)}
 
-    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
-        """Nodes computing x @ W.T into graph builder `g`, from the initializers `refs` (part name -> initializer)."""
+    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int,
+             slots: Sequence[str] = ()) -> str:
+        """Nodes computing x @ W.T into graph builder `g`, from the initializers `refs` (part name -> initializer);
+        `slots`: LoRA slot inputs to add in the same node, for formats that fuse them."""
         raise NotImplementedError
 
     def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
@@ -193,7 +197,8 @@ class Float32(WeightFormat):
     def encode(self, w: np.ndarray) -> dict[str, np.ndarray]:
         return {"weight": np.asarray(w, dtype=np.float32)}
 
-    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
+    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int,
+             slots: Sequence[str] = ()) -> str:
         return g.op("Gemm", x, refs["weight"], transB=1)
 
     def linear_bytes(self, n: int, k: int) -> tuple[int, int]:
@@ -224,7 +229,8 @@ class Float16(Float32):
             raise ValueError(f"values outside the fp16 range (largest magnitude {float(np.abs(w).max()):.3g})")
         return {"weight": half}
 
-    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
+    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int,
+             slots: Sequence[str] = ()) -> str:
         half = g.cast(x, np.dtype(np.float16))
         return g.cast(g.op("Gemm", half, refs["weight"], transB=1), np.dtype(np.float32))
 
@@ -244,9 +250,11 @@ class Tiled(WeightFormat):
     operator: ClassVar[str]
     rows_per_record: ClassVar[int] = WEIGHT_TILE
     own_operator: ClassVar[bool] = True
+    fuses_slots: ClassVar[bool] = True
 
-    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
-        y = g.own(self.operator, x, refs["codes"], refs["scale"])
+    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int,
+             slots: Sequence[str] = ()) -> str:
+        y = g.own(self.operator, x, refs["codes"], refs["scale"], *slots)
         if n % WEIGHT_TILE:  # the tiles' padding rows
             y = g.op("Slice", y, g.const([0], np.int64), g.const([n], np.int64), g.const([-1], np.int64))
         return y
@@ -357,7 +365,8 @@ class Int8Block(InBlocks):
     summary: ClassVar[str] = ("Q8_0 grid per block of --block-size, fp32 scale per block (com.microsoft.MatMulNBits "
                               "8-bit; CPUs with int8 dot products)")
 
-    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int) -> str:
+    def emit(self, g: Any, x: str, name: str, refs: Mapping[str, str], n: int, k: int,
+             slots: Sequence[str] = ()) -> str:
         return g.contrib("MatMulNBits", x, refs["codes"], refs["scale"], K=k, N=n, bits=self.bits,
                          block_size=self.block_size, accuracy_level=NBITS_ACCURACY_LEVEL)
 

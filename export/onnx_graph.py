@@ -10,7 +10,7 @@ which writes its parts and emits its kernel here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -124,10 +124,12 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain or None, **attrs))
         return outs[0] if n_out == 1 else outs
 
-    def linear(self, x: str, name: str, w: np.ndarray | LinearWeight, fmt: WeightFormat | None = None) -> str:
+    def linear(self, x: str, name: str, w: np.ndarray | LinearWeight, fmt: WeightFormat | None = None,
+               slots: Sequence[str] = ()) -> str:
         """x @ W.T: a checkpoint weight W [out, in] is written here in `fmt`; a LinearWeight is already written (the
         head shares the embedding's) in its own. `name` names the initializers ("name.<part>") and the record of
-        which format it took; the format emits its kernel's nodes (edge_runtime/weight_formats.py)."""
+        which format it took; the format emits its kernel's nodes (edge_runtime/weight_formats.py), with `slots`'
+        LoRA inputs where it adds them itself (WeightFormat.fuses_slots)."""
         if not isinstance(w, LinearWeight):
             if fmt is None:
                 raise TypeError(f"linear {name}: a checkpoint weight needs the format to write it in")
@@ -137,26 +139,53 @@ class GraphBuilder:
                 raise ValueError(f"{name} has {exc}") from None
         refs = {key: self.external(f"{name}.{key}", ref) for key, ref in w.refs.items()}
         self.linears[name] = w.format
-        return w.format.emit(self, x, name, refs, w.n, w.k)
+        return w.format.emit(self, x, name, refs, w.n, w.k, slots)
 
-    def lora(self, x: str, y: str, tensor: str, in_width: int, out_width: int) -> str:
-        """y + (x @ A) @ B with A and B graph inputs (edge_runtime/lora_slots.py) when the module of `tensor` has a
-        slot, else y as it is. float32: two MatMuls and an Add, reading (in + out) * r * 4 bytes at rank r; float16:
-        one LoraSlot node, half of that; int8: one LoraSlotInt8 node, a quarter; none at r = 0."""
-        if self.slots is None or module_of(tensor) not in self.slots.modules:
-            return y
+    def slotted_linear(self, x: str, name: str, w: np.ndarray, fmt: WeightFormat, in_width: int,
+                       parts: Sequence[tuple[str, int]]) -> list[str]:
+        """x @ W.T cut into `parts` ((tensor, width): column ranges of W's rows, in order; q, k and v of a fused
+        projection, say), each plus its LoRA slot's update where its module has one (edge_runtime/lora_slots.py).
+        int8 slots on a format that fuses them are inputs of the product's own node (an empty one then costs
+        nothing); other slots are nodes after it: float32 two MatMuls and an Add, reading (in + out) * r * 4 bytes at
+        rank r; float16 one LoraSlot node, half of that; int8 one LoraSlotInt8 node, a quarter."""
+        starts = np.cumsum([0] + [width for _, width in parts])
+        slotted = [(int(start), tensor, width) for start, (tensor, width) in zip(starts, parts)
+                   if self.slots is not None and module_of(tensor) in self.slots.modules]
+        if slotted and self.slots.dtype == "int8" and fmt.fuses_slots:
+            inputs = [self.const([start for start, _, _ in slotted], np.int64)]
+            for _, tensor, width in slotted:
+                inputs += self._slot_inputs(tensor, in_width, width)
+            return self._split(self.linear(x, name, w, fmt, inputs), parts)
+        outputs = self._split(self.linear(x, name, w, fmt), parts)
+        tensors = [tensor for tensor, _ in parts]
+        for _, tensor, width in slotted:
+            i = tensors.index(tensor)
+            outputs[i] = self._lora(x, outputs[i], tensor, in_width, width)
+        return outputs
+
+    def _split(self, y: str, parts: Sequence[tuple[str, int]]) -> list[str]:
+        if len(parts) == 1:
+            return [y]
+        widths = [width for _, width in parts]
+        return self.op("Split", y, self.const(widths, np.int64), axis=-1, n_out=len(parts))
+
+    def _slot_inputs(self, tensor: str, in_width: int, out_width: int) -> list[str]:
+        """The graph inputs of `tensor`'s slot, declared: A and B, and int8's scale. Their rank is symbolic: each
+        slot takes its adapter's own, 0 without one."""
         a, b = slot_inputs(tensor)
-        rank, dtype = f"{tensor}.rank", self.slots.dtype  # symbolic: each slot takes its adapter's own rank, 0 without
+        rank, dtype = f"{tensor}.rank", self.slots.dtype
         onnx_dtype = _NP_TO_ONNX[np.dtype(dtype)]
         self.input(a, list(a_shape(dtype, in_width, rank)), onnx_dtype)
         self.input(b, [rank, out_width], onnx_dtype)
         self.slotted[tensor] = (in_width, out_width)
-        if dtype == "float32":
-            return self.op("Add", y, self.op("MatMul", self.op("MatMul", x, a), b))
-        if dtype == "float16":
-            return self.own(LORA_SLOT, x, y, a, b)
-        scale = self.input(slot_scale(tensor), [rank])
-        return self.own(LORA_SLOT_INT8, x, y, a, b, scale)
+        return [a, b] + ([self.input(slot_scale(tensor), [rank])] if dtype == "int8" else [])
+
+    def _lora(self, x: str, y: str, tensor: str, in_width: int, out_width: int) -> str:
+        """y + (x @ A) @ B through nodes of its own."""
+        inputs = self._slot_inputs(tensor, in_width, out_width)
+        if self.slots.dtype == "float32":
+            return self.op("Add", y, self.op("MatMul", self.op("MatMul", x, inputs[0]), inputs[1]))
+        return self.own(LORA_SLOT if self.slots.dtype == "float16" else LORA_SLOT_INT8, x, y, *inputs)
 
     def own(self, op_type: str, *inputs: str) -> str:
         """One node of edge-runtime's own operators (edge_runtime/onnxruntime_ops.py)."""

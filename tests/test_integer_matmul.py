@@ -133,3 +133,80 @@ def test_integer_matmul_refuses_codes_and_scales_that_disagree(build, fmt, messa
     session = _session(build, FORMATS[fmt], np.ones((16, 64), np.float32))
     with pytest.raises(Exception, match=message):
         session.run(None, {"x": np.ones((1, 96), np.float32)})
+
+
+def _fused_slots_session(build: str, fmt: Tiled, w: np.ndarray, columns: list[int], fused: bool):
+    """The product of `w` with int8 LoRA slots starting at `columns`: their a, b and scale inputs of the product's own
+    node (fused), or LoraSlotInt8 nodes on the parts of its output after a Split (as other formats' slots run)."""
+    parts = fmt.encode(w)
+    n = parts["codes"].shape[0] * WEIGHT_TILE
+    k = w.shape[1]
+    bounds = [*columns, n]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])]
+    names = []
+    for j in range(len(columns)):
+        names.append((f"a{j}", f"b{j}", f"s{j}"))
+        inputs += [helper.make_tensor_value_info(f"a{j}", TensorProto.INT8, [f"r{j}", k]),
+                   helper.make_tensor_value_info(f"b{j}", TensorProto.INT8, [f"r{j}", f"width{j}"]),
+                   helper.make_tensor_value_info(f"s{j}", TensorProto.FLOAT, [f"r{j}"])]
+    inits = [numpy_helper.from_array(parts["codes"], "codes"), numpy_helper.from_array(parts["scale"], "scales")]
+    if fused:
+        inits.append(numpy_helper.from_array(np.array(columns, np.int64), "columns"))
+        slot_inputs = [name for slot in names for name in slot]
+        nodes = [helper.make_node(fmt.operator, ["x", "codes", "scales", "columns", *slot_inputs], ["y"],
+                                  domain=onnxruntime_ops.DOMAIN)]
+    else:
+        inits.append(numpy_helper.from_array(np.diff(bounds).astype(np.int64), "widths"))
+        split = [f"part{j}" for j in range(len(columns))]
+        nodes = [helper.make_node(fmt.operator, ["x", "codes", "scales"], ["product"], domain=onnxruntime_ops.DOMAIN),
+                 helper.make_node("Slice", ["product", "start", "end", "axis"], ["slotted"]),
+                 helper.make_node("Split", ["slotted", "widths"], split, axis=-1)]
+        inits += [numpy_helper.from_array(np.array([columns[0]], np.int64), "start"),
+                  numpy_helper.from_array(np.array([n], np.int64), "end"),
+                  numpy_helper.from_array(np.array([-1], np.int64), "axis")]
+        nodes += [helper.make_node(onnxruntime_ops.LORA_SLOT_INT8, ["x", part, *names[j]], [f"lora{j}"],
+                                   domain=onnxruntime_ops.DOMAIN) for j, part in enumerate(split)]
+        inits.append(numpy_helper.from_array(np.array([0], np.int64), "zero"))
+        nodes += [helper.make_node("Slice", ["product", "zero", "start", "axis"], ["head"]),
+                  helper.make_node("Concat", ["head", *[f"lora{j}" for j in range(len(columns))]], ["y"], axis=-1)]
+    graph = helper.make_graph(nodes, "slots", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid(onnxruntime_ops.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.register_custom_ops_library(str(onnxruntime_ops.build_path(build)))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("fmt", ["int4-b32", "int8"])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_slots_in_the_product_add_what_lora_slot_nodes_after_it_add(build, fmt, rows):
+    """A fused q/k/v's slots given to the product's node (export/onnx_graph.slotted_linear) add, to the bit, what
+    LoraSlotInt8 nodes after a Split add: q's at rank 4, k's empty (r = 0), v's at rank 3, from columns 16, 80 and
+    96 of 128 (the first 16 columns have no slot, as when q_proj is not among the slotted modules)."""
+    rng = np.random.default_rng(rows)
+    k, columns, ranks = 192, [16, 80, 96], [4, 0, 3]
+    w = rng.standard_normal((128, k)).astype(np.float32) * 0.05
+    feeds = {"x": rng.standard_normal((rows, k)).astype(np.float32)}
+    for j, (start, end, r) in enumerate(zip(columns, [*columns[1:], 128], ranks)):
+        feeds |= {f"a{j}": rng.integers(-127, 128, (r, k), dtype=np.int8),
+                  f"b{j}": rng.integers(-127, 128, (r, end - start), dtype=np.int8),
+                  f"s{j}": rng.uniform(1e-5, 1e-4, r).astype(np.float32)}
+    fused = _fused_slots_session(build, FORMATS[fmt], w, columns, fused=True).run(None, feeds)[0]
+    nodes = _fused_slots_session(build, FORMATS[fmt], w, columns, fused=False).run(None, feeds)[0]
+    assert np.array_equal(fused, nodes)
+    plain = _session(build, FORMATS[fmt], w).run(None, {"x": feeds["x"]})[0]
+    assert np.array_equal(fused[:, :16], plain[:, :16]) and np.array_equal(fused[:, 80:96], plain[:, 80:96])
+    assert not np.allclose(fused[:, 16:80], plain[:, 16:80])
+
+
+@pytest.mark.parametrize("fmt", ["int4-b32", "int8"])
+def test_slots_past_the_output_are_refused(fmt):
+    session = _fused_slots_session(BUILDS[0], FORMATS[fmt], np.ones((32, 64), np.float32), [16], fused=True)
+    feeds = {"x": np.ones((1, 64), np.float32), "a0": np.ones((2, 64), np.int8), "b0": np.ones((2, 32), np.int8),
+             "s0": np.ones(2, np.float32)}
+    operator = FORMATS[fmt].operator
+    with pytest.raises(Exception, match=f"{operator}: want LoRA slots as columns \\[s\\] \\(s up to 3\\), then each"):
+        session.run(None, feeds)

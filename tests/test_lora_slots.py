@@ -20,7 +20,7 @@ import edge_runtime
 from conftest import CONFIGS, free_port, overwrite_first_value
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.export import export_checkpoint
-from edge_runtime.lora_slots import MODULES
+from edge_runtime.lora_slots import MODULES, slot_inputs, slot_scale
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import make_adapter
@@ -498,13 +498,21 @@ def test_slot_precision_follows_the_weights(weights, dtype):
 
 
 def test_quantized_exports_take_int8_slots(checkpoints, adapters, tmp_path):
-    """int4 weights take int8 slots by default: with no adapter the logits of the slot-less int4 export exactly,
-    with one the adapter's arrays at a quarter of float32's bytes (and a scale a rank row); in float16 slots, a value
-    float16 cannot hold is refused in one line."""
+    """int4 weights take int8 slots by default, added in the projections' own MatMulInt4 nodes (no LoraSlotInt8
+    node): with no adapter the logits of the slot-less int4 export exactly, with one the adapter's arrays at a
+    quarter of float32's bytes (and a scale a rank row); in float16 slots, a value float16 cannot hold is refused in
+    one line."""
+    import onnx
+
     base, ids = checkpoints[BASE], _ids()
     slotted = export_checkpoint(base, tmp_path / "int4-slots", weights="int4", lora_slots="8")
     plain = export_checkpoint(base, tmp_path / "int4", weights="int4")
     assert json.loads((slotted / "manifest.json").read_text())["lora_slots"]["dtype"] == "int8"
+    nodes = [n for f in slotted.glob("segment_*.onnx") for n in onnx.load(f, load_external_data=False).graph.node]
+    fed = {name for n in nodes if n.op_type == "MatMulInt4" for name in n.input[4:]}
+    assert not [n for n in nodes if n.op_type.startswith("LoraSlot")]
+    assert fed == {name for t in json.loads((slotted / "manifest.json").read_text())["lora_slots"]["tensors"]
+                   for name in (*slot_inputs(t), slot_scale(t))}
     for mode in ("prefill", "decode"):
         assert np.array_equal(_logits(slotted, ids, mode), _logits(plain, ids, mode))
     model = edge_runtime.load(slotted, kv="fp32", adapter=adapters["r8"])

@@ -114,6 +114,7 @@ typedef struct {
     const float *scale; /* INT8: each rank row's scale of a times its scale of b */
     float *z;
     int64_t rows, in, rank, out;
+    int64_t stride; /* elements from a row of y (and of z) to the next: out, or a wider output a slot is part of */
     int kind;
     float *t; /* x @ a.T of a single row, when it or its columns are split between threads */
 } Slot;
@@ -222,7 +223,7 @@ INLINE void rows(const Slot *s, size_t task, int kind) {
     float t[ROWS][MAX_RANK];
     down(s, s->x + r0 * s->in, n, t, kind);
     for (int64_t k = 0; k < n; k++)
-        up(s, t[k], s->y + (r0 + k) * s->out, s->z + (r0 + k) * s->out, 0, s->out, kind);
+        up(s, t[k], s->y + (r0 + k) * s->stride, s->z + (r0 + k) * s->stride, 0, s->out, kind);
 }
 
 static void rank_task(void *data, size_t task) {
@@ -266,6 +267,30 @@ static OrtStatus *read(const OrtValue *value, const void **data) {
         if (status_) return status_;                                                                                 \
     } while (0)
 
+/* z = y + (x @ a.T) @ b for a slot whose inputs are read: a single row's two halves each split between threads where
+ * they read enough (one thread reads ~half of what DRAM gives two), several rows ROWS at a time. */
+static OrtStatus *add_slot(Slot *s, OrtKernelContext *context) {
+    const int64_t element = s->kind == HALF ? 2 : 1;
+    if (s->rows == 1) {
+        float t[ROWS][MAX_RANK];
+        s->t = t[0];
+        const size_t rank_tasks = (size_t)((s->rank + A_ROWS - 1) / A_ROWS);
+        if (s->rank * s->in * element >= SPLIT_BYTES && rank_tasks > 1)
+            TRY(api->KernelContext_ParallelFor(context, rank_task, rank_tasks, 0, s));
+        else
+            for (size_t task = 0; task < rank_tasks; task++) rank_task(s, task);
+        const size_t tasks = (size_t)((s->out + TASK_COLUMNS - 1) / TASK_COLUMNS);
+        if (s->rank * s->out * element >= SPLIT_BYTES && tasks > 1)
+            return api->KernelContext_ParallelFor(context, columns_task, tasks, 0, s);
+        for (size_t task = 0; task < tasks; task++) columns_task(s, task);
+        return NULL;
+    }
+    const size_t tasks = (size_t)((s->rows + ROWS - 1) / ROWS);
+    if (tasks > 1) return api->KernelContext_ParallelFor(context, rows_task, tasks, 0, s);
+    rows_task(s, 0);
+    return NULL;
+}
+
 static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *context) {
     const int kind = *(const int *)kernel;
     const size_t n_inputs = kind == HALF ? 4 : 5;
@@ -288,7 +313,7 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *context) 
     Slot s = {.rows = rows, .kind = kind};
     if (ok) {
         s.in = dims[0][lead];
-        s.out = dims[1][lead];
+        s.out = s.stride = dims[1][lead];
         s.rank = dims[2][0];
         ok = dims[2][1] == s.in && dims[3][0] == s.rank && dims[3][1] == s.out &&
              (kind == HALF || (counts[4] == 1 && dims[4][0] == s.rank));
@@ -311,27 +336,7 @@ static OrtStatus *ORT_API_CALL compute(void *kernel, OrtKernelContext *context) 
     TRY(read(inputs[2], &s.a));
     TRY(read(inputs[3], &s.b));
     if (kind == INT8) TRY(read(inputs[4], (const void **)&s.scale));
-    const int64_t element = kind == HALF ? 2 : 1;
-    if (rows == 1) {
-        /* A decode step: each half split between threads where it reads enough (one thread reads ~half of what
-         * DRAM gives two) */
-        float t[ROWS][MAX_RANK];
-        s.t = t[0];
-        const size_t rank_tasks = (size_t)((s.rank + A_ROWS - 1) / A_ROWS);
-        if (s.rank * s.in * element >= SPLIT_BYTES && rank_tasks > 1)
-            TRY(api->KernelContext_ParallelFor(context, rank_task, rank_tasks, 0, &s));
-        else
-            for (size_t task = 0; task < rank_tasks; task++) rank_task(&s, task);
-        const size_t tasks = (size_t)((s.out + TASK_COLUMNS - 1) / TASK_COLUMNS);
-        if (s.rank * s.out * element >= SPLIT_BYTES && tasks > 1)
-            return api->KernelContext_ParallelFor(context, columns_task, tasks, 0, &s);
-        for (size_t task = 0; task < tasks; task++) columns_task(&s, task);
-        return NULL;
-    }
-    const size_t tasks = (size_t)((rows + ROWS - 1) / ROWS);
-    if (tasks > 1) return api->KernelContext_ParallelFor(context, rows_task, tasks, 0, &s);
-    rows_task(&s, 0);
-    return NULL;
+    return add_slot(&s, context);
 }
 
 /* MatMulInt4(x, codes, scales) and MatMulInt8(x, codes, scales) = x @ W.T for an integer weight W [n, k] in this
@@ -617,12 +622,18 @@ static void quantize_task(void *data, size_t task) { quantize_row(data, (int64_t
 /* The operators' kernels: their bits, and their one-line refusal of inputs that do not fit. */
 typedef struct {
     int bits;
-    const char *want;
+    const char *want, *want_slots;
 } IntOp;
-static const IntOp int4_op = {4, "MatMulInt4: want x [..., k], codes [n / 16, k / 8, 64] and scales [n / 16, blocks, "
-                                 "16], blocks of a multiple of 16 values, k up to 65536"};
-static const IntOp int8_op = {8, "MatMulInt8: want x [..., k], codes [n / 16, k / 4, 64] and scales [n / 16, blocks, "
-                                 "16], blocks of a multiple of 16 values, k up to 65536"};
+#define WANT_SLOTS ": want LoRA slots as columns [s] (s up to 3), then each slot's a [r, k], b [r, width] and scale " \
+                   "[r] (int8, int8, float), its width within the output from its column"
+static const IntOp int4_op = {4,
+                              "MatMulInt4: want x [..., k], codes [n / 16, k / 8, 64] and scales [n / 16, blocks, 16], "
+                              "blocks of a multiple of 16 values, k up to 65536",
+                              "MatMulInt4" WANT_SLOTS};
+static const IntOp int8_op = {8,
+                              "MatMulInt8: want x [..., k], codes [n / 16, k / 4, 64] and scales [n / 16, blocks, 16], "
+                              "blocks of a multiple of 16 values, k up to 65536",
+                              "MatMulInt8" WANT_SLOTS};
 
 /* The output's shape: x's, the last dimension the codes' rows (n, a whole number of tiles). Without it onnxruntime
  * knows nothing of the output's rank, and the nodes after it (a LoraSlot passing y's shape on, a layer norm over
@@ -658,6 +669,87 @@ static OrtStatus *ORT_API_CALL infer_matmul(const OrtCustomOp *op, OrtShapeInfer
 
 static OrtMemoryInfo *cpu_memory;
 
+/* y = x @ W.T for a product whose inputs are read: a single row quantized on the calling thread, on the stack, then
+ * the tiles split between threads; several rows quantized and multiplied in the session's scratch. */
+static OrtStatus *multiply(IntMatmul *m, OrtKernelContext *context) {
+    const int64_t blocks = m->k_padded / m->block, tiles = m->n / TILE;
+    if (m->rows == 1) {
+        int8_t q[MAX_K] __attribute__((aligned(64)));
+        float row_scale[MAX_K / 16];
+        int32_t correction[MAX_K / 16];
+        m->q = q, m->row_scale = row_scale, m->correction = correction;
+        quantize_row(m, 0);
+        const size_t tasks = (size_t)((tiles + DECODE_TILES - 1) / DECODE_TILES);
+        if (tasks > 1) return api->KernelContext_ParallelFor(context, decode_task, tasks, 0, m);
+        decode_task(m, 0);
+        return NULL;
+    }
+    OrtAllocator *allocator;
+    TRY(api->KernelContext_GetAllocator(context, cpu_memory, &allocator));
+    void *scratch;
+    const size_t q_bytes = (size_t)(m->rows * m->k_padded + 63) / 64 * 64;
+    OrtStatus *status = api->AllocatorAlloc(allocator, q_bytes + (size_t)(m->rows * blocks) * 8, &scratch);
+    if (!status) {
+        m->q = scratch;
+        m->row_scale = (float *)((char *)scratch + q_bytes);
+        m->correction = (int32_t *)(m->row_scale + m->rows * blocks);
+        status = api->KernelContext_ParallelFor(context, quantize_task, (size_t)m->rows, 0, m);
+        if (!status)
+            status = api->KernelContext_ParallelFor(context, prefill_task,
+                                                    (size_t)((tiles + PREFILL_TILES - 1) / PREFILL_TILES), 0, m);
+        OrtStatus *freed = api->AllocatorFree(allocator, scratch);
+        if (!status) status = freed;
+        else if (freed) api->ReleaseStatus(freed);
+    }
+    api->ReleaseAllocator(allocator);
+    return status;
+}
+
+#define MAX_SLOTS 3 /* LoRA slots one product takes: a fused projection's q, k and v */
+
+/* The product's LoRA slots (lora_slots.py, LoraSlotInt8's arithmetic), added to y in place after it: input 3 holds
+ * the column each slot's part of the output starts at, then come each slot's a, b and scale. In the product's own
+ * node an empty slot (r = 0) costs nothing, where a LoraSlotInt8 node of its own cost a call. */
+static OrtStatus *add_slots(const IntMatmul *m, const IntOp *op, OrtKernelContext *context) {
+    size_t count;
+    TRY(api->KernelContext_GetInputCount(context, &count));
+    if (count <= 3) return NULL;
+    const OrtValue *columns_value;
+    size_t columns_rank;
+    int64_t columns_dims[8];
+    TRY(api->KernelContext_GetInput(context, 3, &columns_value));
+    TRY(shape_of(columns_value, &columns_rank, columns_dims));
+    if (columns_rank != 1 || columns_dims[0] > MAX_SLOTS || count != 4 + 3 * (size_t)columns_dims[0])
+        return api->CreateStatus(ORT_INVALID_ARGUMENT, op->want_slots);
+    const int64_t *columns;
+    TRY(read(columns_value, (const void **)&columns));
+    for (int64_t j = 0; j < columns_dims[0]; j++) {
+        const OrtValue *inputs[3];
+        size_t counts[3];
+        int64_t dims[3][8];
+        for (size_t i = 0; i < 3; i++) {
+            TRY(api->KernelContext_GetInput(context, 4 + 3 * (size_t)j + i, &inputs[i]));
+            TRY(shape_of(inputs[i], &counts[i], dims[i]));
+        }
+        Slot s = {.x = m->x, .rows = m->rows, .in = m->k, .stride = m->n, .kind = INT8};
+        int ok = counts[0] == 2 && counts[1] == 2 && counts[2] == 1;
+        if (ok) {
+            s.rank = dims[0][0];
+            s.out = dims[1][1];
+            ok = dims[0][1] == m->k && dims[1][0] == s.rank && dims[2][0] == s.rank && s.rank <= MAX_RANK &&
+                 columns[j] >= 0 && columns[j] + s.out <= m->n;
+        }
+        if (!ok) return api->CreateStatus(ORT_INVALID_ARGUMENT, op->want_slots);
+        if (s.rank == 0 || s.rows == 0 || s.out == 0) continue;
+        s.y = s.z = m->y + columns[j];
+        TRY(read(inputs[0], &s.a));
+        TRY(read(inputs[1], &s.b));
+        TRY(read(inputs[2], (const void **)&s.scale));
+        TRY(add_slot(&s, context));
+    }
+    return NULL;
+}
+
 static OrtStatus *ORT_API_CALL compute_matmul(void *kernel, OrtKernelContext *context) {
     const IntOp *op = kernel;
     const OrtValue *inputs[3];
@@ -691,38 +783,8 @@ static OrtStatus *ORT_API_CALL compute_matmul(void *kernel, OrtKernelContext *co
     TRY(read(inputs[2], &s.scales));
     TRY(api->GetTensorMutableData(output, (void **)&s.y));
     if (s.rows == 0 || s.n == 0) return NULL;
-    const int64_t blocks = s.k_padded / s.block, tiles = s.n / TILE;
-    if (s.rows == 1) {
-        /* A decode step: x quantized here, on the stack, then the tiles split between threads */
-        int8_t q[MAX_K] __attribute__((aligned(64)));
-        float row_scale[MAX_K / 16];
-        int32_t correction[MAX_K / 16];
-        s.q = q, s.row_scale = row_scale, s.correction = correction;
-        quantize_row(&s, 0);
-        const size_t tasks = (size_t)((tiles + DECODE_TILES - 1) / DECODE_TILES);
-        if (tasks > 1) return api->KernelContext_ParallelFor(context, decode_task, tasks, 0, &s);
-        decode_task(&s, 0);
-        return NULL;
-    }
-    OrtAllocator *allocator;
-    TRY(api->KernelContext_GetAllocator(context, cpu_memory, &allocator));
-    void *scratch;
-    const size_t q_bytes = (size_t)(s.rows * s.k_padded + 63) / 64 * 64;
-    OrtStatus *status = api->AllocatorAlloc(allocator, q_bytes + (size_t)(s.rows * blocks) * 8, &scratch);
-    if (!status) {
-        s.q = scratch;
-        s.row_scale = (float *)((char *)scratch + q_bytes);
-        s.correction = (int32_t *)(s.row_scale + s.rows * blocks);
-        status = api->KernelContext_ParallelFor(context, quantize_task, (size_t)s.rows, 0, &s);
-        if (!status)
-            status = api->KernelContext_ParallelFor(context, prefill_task,
-                                                    (size_t)((tiles + PREFILL_TILES - 1) / PREFILL_TILES), 0, &s);
-        OrtStatus *freed = api->AllocatorFree(allocator, scratch);
-        if (!status) status = freed;
-        else if (freed) api->ReleaseStatus(freed);
-    }
-    api->ReleaseAllocator(allocator);
-    return status;
+    TRY(multiply(&s, context));
+    return add_slots(&s, op, context);
 }
 
 static const int kinds[2] = {HALF, INT8};
@@ -827,24 +889,37 @@ static OrtStatus *ORT_API_CALL create_matmul_int8(const OrtCustomOp *op, const O
 }
 static const char *ORT_API_CALL name_matmul_int4(const OrtCustomOp *op) { (void)op; return "MatMulInt4"; }
 static const char *ORT_API_CALL name_matmul_int8(const OrtCustomOp *op) { (void)op; return "MatMulInt8"; }
-/* MatMulInt4: x float, codes uint8, scales float16. MatMulInt8: x float, codes int8, scales float. */
+/* MatMulInt4: x float, codes uint8, scales float16. MatMulInt8: x float, codes int8, scales float. Both: then,
+ * optional, the slots' columns int64, and each slot's a and b int8 and scale float. */
+static ONNXTensorElementDataType slot_input_type(size_t index) {
+    return index == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                      : (index - 4) % 3 == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+}
 static ONNXTensorElementDataType ORT_API_CALL input_type_matmul_int4(const OrtCustomOp *op, size_t index) {
     (void)op;
-    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
-                      : index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    return index == 0   ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+           : index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+           : index == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16
+                        : slot_input_type(index);
 }
 static ONNXTensorElementDataType ORT_API_CALL input_type_matmul_int8(const OrtCustomOp *op, size_t index) {
     (void)op;
-    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8
+           : index < 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                       : slot_input_type(index);
 }
-static size_t ORT_API_CALL three(const OrtCustomOp *op) { (void)op; return 3; }
+static size_t ORT_API_CALL matmul_inputs(const OrtCustomOp *op) { (void)op; return 4 + 3 * MAX_SLOTS; }
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL matmul_input(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    return index < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
 
 /* Every field but the name, the inputs' types and the kernel's creation is the same for both operators. */
 #define MATMUL_OP(name, types, create)                                                                               \
     {                                                                                                                \
         .version = API_VERSION, .GetName = name, .GetExecutionProviderType = provider, .GetInputType = types,        \
-        .GetInputTypeCount = three, .GetOutputType = output_type, .GetOutputTypeCount = output_count,                \
-        .KernelDestroy = destroy, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,           \
+        .GetInputTypeCount = matmul_inputs, .GetOutputType = output_type, .GetOutputTypeCount = output_count,        \
+        .KernelDestroy = destroy, .GetInputCharacteristic = matmul_input, .GetOutputCharacteristic = required,       \
         .GetInputMemoryType = memory, .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = zero,          \
         .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = zero, .CreateKernelV2 = create,            \
         .KernelComputeV2 = compute_matmul, .InferOutputShapeFn = infer_matmul, .GetStartVersion = one,               \

@@ -18,7 +18,8 @@ Gemma3nTextAltUp, Gemma3nTextLaurelBlock, Gemma3nTextMLP). Attention inputs, the
 - PLE: the gate reads the corrected active stream (times correct_output_scale), and the projection is added to
   streams 1.. only; no layer_scalar.
 - LoRA slots (export --lora-slots): q, k and v take theirs in Gemma 4's attention inputs; o_proj and the MLP's here
-  the same way (GraphBuilder.lora), the gate's before a sparse layer's cut-off, since PEFT adapts gate_proj's output.
+  the same way (GraphBuilder.slotted_linear), the gate's before a sparse layer's cut-off, since PEFT adapts
+  gate_proj's output.
 Needs onnx: only export imports this module.
 """
 
@@ -148,18 +149,17 @@ def _mlp(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, x: str, recipe:
     sparse layer the gate (its update included, as PEFT's gate_proj gives it) is first cut at mean + z * std of its
     own row."""
     h, pre, m = spec.hidden_size, f"layers.{i}.mlp.", spec.mlp_size(i)
-    gate_up = g.linear(x, f"layers.{i}.{GATE_UP_NAME}", np.concatenate([w(pre + "gate_proj.weight"), w(pre + "up_proj.weight")]),
-                       recipe.format_for(GATE_UP))
-    gate, up = g.op("Split", gate_up, g.const([m, m], np.int64), axis=-1, n_out=2)
-    gate, up = (g.lora(x, part, pre + name, h, m) for part, name in ((gate, "gate_proj"), (up, "up_proj")))
+    gate, up = g.slotted_linear(x, f"layers.{i}.{GATE_UP_NAME}",
+                                np.concatenate([w(pre + "gate_proj.weight"), w(pre + "up_proj.weight")]),
+                                recipe.format_for(GATE_UP), h, [(pre + "gate_proj", m), (pre + "up_proj", m)])
     z = spec.sparsity_cutoff(i)
     if z is not None:
         mean = g.op("ReduceMean", gate, g.const([-1], np.int64), keepdims=1)
         std = g.op("Sqrt", _mean_square(g, g.op("Sub", gate, mean)))
         gate = g.op("Relu", g.op("Sub", gate, g.op("Add", mean, g.op("Mul", std, g.const(z)))))
     hidden = g.op("Mul", g.gelu_tanh(gate), up)
-    down = g.linear(hidden, f"layers.{i}.{DOWN_PROJ_NAME}", w(pre + "down_proj.weight"), recipe.format_for(DOWN_PROJ))
-    return g.lora(hidden, down, f"layers.{i}.{DOWN_PROJ_NAME}", m, h)
+    down = f"layers.{i}.{DOWN_PROJ_NAME}"
+    return g.slotted_linear(hidden, down, w(pre + "down_proj.weight"), recipe.format_for(DOWN_PROJ), m, [(down, h)])[0]
 
 
 def _layer_output(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, recipe: WeightRecipe) -> str:
@@ -174,6 +174,11 @@ def _layer_output(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, recipe
     def linear(x: str, name: str) -> str:
         return g.linear(x, pre + name, w(pre + name + ".weight"), recipe.format_for(ROLE_OF.get(name, OTHER)))
 
+    def slotted(x: str, name: str, in_width: int, out_width: int) -> str:
+        """The linear, plus its LoRA slot's update if it has one (its name is also the slot's tensor)."""
+        return g.slotted_linear(x, pre + name, w(pre + name + ".weight"), recipe.format_for(ROLE_OF.get(name, OTHER)),
+                                in_width, [(pre + name, out_width)])[0]
+
     predictions = g.input(PREDICTIONS, ["T", s, h])
     attn_width = spec.num_attention_heads * spec.head_dims[i]
     attn = g.input(ATTENTION, ["T", attn_width])
@@ -184,7 +189,7 @@ def _layer_output(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, recipe
     x = norm(active, "input_layernorm")  # as the previous graph normed it for attention
     laurel = g.op("Add", x, norm(linear(linear(x, LAUREL_LEFT_NAME), LAUREL_RIGHT_NAME),
                                  "laurel.post_laurel_norm"))
-    attn = norm(g.lora(attn, linear(attn, O_PROJ_NAME), pre + O_PROJ_NAME, attn_width, h), "post_attention_layernorm")
+    attn = norm(slotted(attn, O_PROJ_NAME, attn_width, h), "post_attention_layernorm")
     attn_laurel = g.op("Div", g.op("Add", g.op("Add", active, attn), laurel), g.const(math.sqrt(2.0)))
     mlp = _mlp(spec, i, g, w, norm(attn_laurel, "pre_feedforward_layernorm"), recipe)
     output = g.op("Add", attn_laurel, norm(mlp, "post_feedforward_layernorm"))
@@ -198,9 +203,8 @@ def _layer_output(spec: Gemma3nSpec, i: int, g: GraphBuilder, w: Weights, recipe
     if spec.altup_correct_scale:
         first = g.op("Mul", first, g.weight(pre + "altup.correct_output_scale", w(pre + "altup.correct_output_scale")))
     per_layer = g.op("Mul", g.op("Add", context, ple_rows), g.const(2.0 ** -0.5))
-    gate = g.lora(first, linear(first, PLE_GATE_NAME), pre + PLE_GATE_NAME, h, p)
+    gate = slotted(first, PLE_GATE_NAME, h, p)
     gated = g.op("Mul", g.gelu_tanh(gate), per_layer)
-    ple = norm(g.lora(gated, linear(gated, PLE_PROJECTION_NAME), pre + PLE_PROJECTION_NAME, p, h),
-               "post_per_layer_input_norm")
+    ple = norm(slotted(gated, PLE_PROJECTION_NAME, p, h), "post_per_layer_input_norm")
     streams_past_first = g.const(np.array([0.0] + [1.0] * (s - 1), np.float32).reshape(1, s, 1))
     return g.op("Add", corrected, g.op("Mul", g.unsqueeze(ple, 1), streams_past_first))

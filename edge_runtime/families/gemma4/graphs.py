@@ -100,8 +100,8 @@ def lm_head(spec: ModelSpec, g: GraphBuilder, w: Weights, hidden: str, head: Lin
 def ple_context(spec: ModelSpec, g: GraphBuilder, w: Weights, embeds: str, recipe: WeightRecipe) -> str:
     """Context part of PLE: RMSNorm(proj(embeds) / sqrt(H)) as [layers, T, width]."""
     n, p = spec.num_hidden_layers, spec.hidden_size_per_layer_input
-    proj = g.linear(embeds, PLE_MODEL_PROJECTION, w(f"{PLE_MODEL_PROJECTION}.weight"), recipe.format_for(PER_LAYER))
-    proj = g.lora(embeds, proj, PLE_MODEL_PROJECTION, spec.hidden_size, n * p)
+    [proj] = g.slotted_linear(embeds, PLE_MODEL_PROJECTION, w(f"{PLE_MODEL_PROJECTION}.weight"),
+                              recipe.format_for(PER_LAYER), spec.hidden_size, [(PLE_MODEL_PROJECTION, n * p)])
     proj = g.op("Mul", proj, g.const(spec.hidden_size ** -0.5))
     proj = g.reshape(proj, [0, n, p])
     proj = g.rms_norm(proj, g.weight("per_layer_projection_norm", w("per_layer_projection_norm.weight")),
@@ -136,11 +136,9 @@ def attention_inputs(spec: ModelSpec, i: int, g: GraphBuilder, w: Weights, recip
     x = g.rms_norm(hidden, weight("input_layernorm.weight"), eps)
     projections = ["q_proj"] if shared else ["q_proj", "k_proj", "v_proj"]
     stacked = np.concatenate([w(f"{pre}self_attn.{name}.weight") for name in projections])
-    qkv = g.linear(x, pre + qkv_name(shared), stacked, recipe.format_for(QKV))
     widths = [nh * hd] + ([] if shared else [kvh * hd, kvh * hd])
-    parts = g.op("Split", qkv, g.const(widths, np.int64), axis=-1, n_out=len(widths)) if len(widths) > 1 else [qkv]
-    parts = [g.lora(x, part, f"{pre}self_attn.{name}", spec.hidden_size, width)
-             for part, name, width in zip(parts, projections, widths)]
+    parts = g.slotted_linear(x, pre + qkv_name(shared), stacked, recipe.format_for(QKV), spec.hidden_size,
+                             [(f"{pre}self_attn.{name}", width) for name, width in zip(projections, widths)])
     q = g.rms_norm(g.reshape(parts[0], [0, nh, hd]), weight("self_attn.q_norm.weight"), eps)
     q = _rope(g, q, nh, hd, cos, sin)
     g.output(g.reshape(q, [0, kvh, nh // kvh, hd]), QUERY, ["T", kvh, nh // kvh, hd])
@@ -159,12 +157,10 @@ def _layer_output(spec: Gemma4Spec, i: int, g: GraphBuilder, w: Weights, recipe:
     def weight(name: str) -> str:
         return g.weight(name, w(pre + name))
 
-    def linear(x: str, name: str, role: str) -> str:
-        return g.linear(x, pre + name, w(pre + name + ".weight"), recipe.format_for(role))
-
     def slotted(x: str, name: str, role: str, in_width: int, out_width: int = h) -> str:
         """The linear, plus its LoRA slot's update if it has one (its name is also the slot's tensor)."""
-        return g.lora(x, linear(x, name, role), pre + name, in_width, out_width)
+        return g.slotted_linear(x, pre + name, w(pre + name + ".weight"), recipe.format_for(role), in_width,
+                                [(pre + name, out_width)])[0]
 
     hidden = g.input(HIDDEN, ["T", h])
     attn = g.input(ATTENTION, ["T", spec.num_attention_heads * spec.head_dims[i]])
@@ -174,10 +170,9 @@ def _layer_output(spec: Gemma4Spec, i: int, g: GraphBuilder, w: Weights, recipe:
     attn_width = spec.num_attention_heads * spec.head_dims[i]
     attn = g.rms_norm(slotted(attn, O_PROJ_NAME, O_PROJ, attn_width), weight("post_attention_layernorm.weight"), eps)
     x, hidden = g.skip_rms_norm(hidden, attn, weight("pre_feedforward_layernorm.weight"), eps)
-    gate_up = g.linear(x, pre + GATE_UP_NAME, np.concatenate([w(pre + "mlp.gate_proj.weight"),
-                                                              w(pre + "mlp.up_proj.weight")]), recipe.format_for(GATE_UP))
-    gate, up = g.op("Split", gate_up, g.const([mlp, mlp], np.int64), axis=-1, n_out=2)
-    gate, up = (g.lora(x, part, f"{pre}mlp.{name}", h, mlp) for part, name in ((gate, "gate_proj"), (up, "up_proj")))
+    stacked = np.concatenate([w(pre + "mlp.gate_proj.weight"), w(pre + "mlp.up_proj.weight")])
+    gate, up = g.slotted_linear(x, pre + GATE_UP_NAME, stacked, recipe.format_for(GATE_UP), h,
+                                [(f"{pre}mlp.gate_proj", mlp), (f"{pre}mlp.up_proj", mlp)])
     mlp_out = slotted(g.op("Mul", g.gelu_tanh(gate), up), DOWN_PROJ_NAME, DOWN_PROJ, mlp)
     hidden = g.op("Add", hidden, g.rms_norm(mlp_out, weight("post_feedforward_layernorm.weight"), eps))
 
