@@ -71,6 +71,11 @@ def _session(build: str, fmt: Tiled, w: np.ndarray) -> ort.InferenceSession:
         nodes, "integer_matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", "k"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", codes.shape[0] * WEIGHT_TILE])],
         [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(parts["scale"], "scales")])
+    return _open(build, graph)
+
+
+def _open(build: str, graph) -> ort.InferenceSession:
+    """A session of `graph` on 2 threads with `build` of edge-runtime's operators registered."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid(onnxruntime_ops.DOMAIN, 1)])
     options = ort.SessionOptions()
@@ -169,14 +174,8 @@ def _fused_slots_session(build: str, fmt: Tiled, w: np.ndarray, columns: list[in
         inits.append(numpy_helper.from_array(np.array([0], np.int64), "zero"))
         nodes += [helper.make_node("Slice", ["product", "zero", "start", "axis"], ["head"]),
                   helper.make_node("Concat", ["head", *[f"lora{j}" for j in range(len(columns))]], ["y"], axis=-1)]
-    graph = helper.make_graph(nodes, "slots", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                    helper.make_opsetid(onnxruntime_ops.DOMAIN, 1)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.register_custom_ops_library(str(onnxruntime_ops.build_path(build)))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return _open(build, helper.make_graph(nodes, "slots", inputs,
+                                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits))
 
 
 @pytest.mark.parametrize("build", BUILDS)
