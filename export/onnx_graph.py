@@ -148,19 +148,17 @@ class GraphBuilder:
         int8 slots on a format that fuses them are inputs of the product's own node (an empty one then costs
         nothing); other slots are nodes after it: float32 two MatMuls and an Add, reading (in + out) * r * 4 bytes at
         rank r; float16 one LoraSlot node, half of that; int8 one LoraSlotInt8 node, a quarter."""
-        starts = np.cumsum([0] + [width for _, width in parts])
-        slotted = [(int(start), tensor, width) for start, (tensor, width) in zip(starts, parts)
+        slotted = [i for i, (tensor, _) in enumerate(parts)
                    if self.slots is not None and module_of(tensor) in self.slots.modules]
         if slotted and self.slots.dtype == "int8" and fmt.fuses_slots:
-            inputs = [self.const([start for start, _, _ in slotted], np.int64)]
-            for _, tensor, width in slotted:
-                inputs += self._slot_inputs(tensor, in_width, width)
+            starts = np.cumsum([0] + [width for _, width in parts])
+            inputs = [self.const([starts[i] for i in slotted], np.int64)]
+            for i in slotted:
+                inputs += self._slot_inputs(*parts[i], in_width)
             return self._split(self.linear(x, name, w, fmt, inputs), parts)
         outputs = self._split(self.linear(x, name, w, fmt), parts)
-        tensors = [tensor for tensor, _ in parts]
-        for _, tensor, width in slotted:
-            i = tensors.index(tensor)
-            outputs[i] = self._lora(x, outputs[i], tensor, in_width, width)
+        for i in slotted:
+            outputs[i] = self._lora(x, outputs[i], *parts[i], in_width)
         return outputs
 
     def _split(self, y: str, parts: Sequence[tuple[str, int]]) -> list[str]:
@@ -169,7 +167,7 @@ class GraphBuilder:
         widths = [width for _, width in parts]
         return self.op("Split", y, self.const(widths, np.int64), axis=-1, n_out=len(parts))
 
-    def _slot_inputs(self, tensor: str, in_width: int, out_width: int) -> list[str]:
+    def _slot_inputs(self, tensor: str, out_width: int, in_width: int) -> list[str]:
         """The graph inputs of `tensor`'s slot, declared: A and B, and int8's scale. Their rank is symbolic: each
         slot takes its adapter's own, 0 without one."""
         a, b = slot_inputs(tensor)
@@ -180,9 +178,9 @@ class GraphBuilder:
         self.slotted[tensor] = (in_width, out_width)
         return [a, b] + ([self.input(slot_scale(tensor), [rank])] if dtype == "int8" else [])
 
-    def _lora(self, x: str, y: str, tensor: str, in_width: int, out_width: int) -> str:
+    def _lora(self, x: str, y: str, tensor: str, out_width: int, in_width: int) -> str:
         """y + (x @ A) @ B through nodes of its own."""
-        inputs = self._slot_inputs(tensor, in_width, out_width)
+        inputs = self._slot_inputs(tensor, out_width, in_width)
         if self.slots.dtype == "float32":
             return self.op("Add", y, self.op("MatMul", self.op("MatMul", x, inputs[0]), inputs[1]))
         return self.own(LORA_SLOT if self.slots.dtype == "float16" else LORA_SLOT_INT8, x, y, *inputs)

@@ -799,19 +799,16 @@ static OrtStatus *ORT_API_CALL infer(const OrtCustomOp *op, OrtShapeInferContext
     return api->ShapeInferContext_SetOutputTypeShape(context, 0, info);
 }
 
-static OrtStatus *ORT_API_CALL create_half(const OrtCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
-                                           void **kernel) {
-    (void)op, (void)given, (void)info;
-    *kernel = (void *)&kinds[HALF];
-    return NULL;
-}
-
-static OrtStatus *ORT_API_CALL create_int8(const OrtCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
-                                           void **kernel) {
-    (void)op, (void)given, (void)info;
-    *kernel = (void *)&kinds[INT8];
-    return NULL;
-}
+/* A kernel's creation, for every operator here: the kernel is a constant describing the operator (`object`). */
+#define CREATE_KERNEL(name, object)                                                                                  \
+    static OrtStatus *ORT_API_CALL name(const OrtCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,       \
+                                        void **kernel) {                                                             \
+        (void)op, (void)given, (void)info;                                                                           \
+        *kernel = (void *)(object);                                                                                  \
+        return NULL;                                                                                                 \
+    }
+CREATE_KERNEL(create_half, &kinds[HALF])
+CREATE_KERNEL(create_int8, &kinds[INT8])
 
 static void ORT_API_CALL destroy(void *kernel) { (void)kernel; }
 static const char *ORT_API_CALL name_half(const OrtCustomOp *op) { (void)op; return "LoraSlot"; }
@@ -874,19 +871,8 @@ static void ORT_API_CALL release(int *input_index, int *output_index) { (void)in
     }
 static const OrtCustomOp lora_slot = LORA_SLOT_OP(half), lora_slot_int8 = LORA_SLOT_OP(int8);
 
-/* The kernel is the operator's IntOp. */
-static OrtStatus *ORT_API_CALL create_matmul_int4(const OrtCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
-                                           void **kernel) {
-    (void)op, (void)given, (void)info;
-    *kernel = (void *)&int4_op;
-    return NULL;
-}
-static OrtStatus *ORT_API_CALL create_matmul_int8(const OrtCustomOp *op, const OrtApi *given, const OrtKernelInfo *info,
-                                           void **kernel) {
-    (void)op, (void)given, (void)info;
-    *kernel = (void *)&int8_op;
-    return NULL;
-}
+CREATE_KERNEL(create_matmul_int4, &int4_op)
+CREATE_KERNEL(create_matmul_int8, &int8_op)
 static const char *ORT_API_CALL name_matmul_int4(const OrtCustomOp *op) { (void)op; return "MatMulInt4"; }
 static const char *ORT_API_CALL name_matmul_int8(const OrtCustomOp *op) { (void)op; return "MatMulInt8"; }
 /* MatMulInt4: x float, codes uint8, scales float16. MatMulInt8: x float, codes int8, scales float. Both: then,
