@@ -32,8 +32,9 @@ KERNELS = Path(__file__).parent / "kernels"
 class _Part(ctypes.Structure):
     _fields_ = [("codes", ctypes.c_void_p), ("stride", ctypes.c_int64), ("scale", ctypes.c_void_p),
                 ("lookup", ctypes.c_void_p), ("transform", ctypes.c_void_p), ("channels", ctypes.c_void_p),
-                ("n_channels", ctypes.c_int64), ("coef", ctypes.c_float), ("kind", ctypes.c_int32),
-                ("bits", ctypes.c_int32), ("width", ctypes.c_int32)]
+                ("hadamard", ctypes.c_void_p), ("n_channels", ctypes.c_int64), ("coef", ctypes.c_float),
+                ("kind", ctypes.c_int32), ("bits", ctypes.c_int32), ("width", ctypes.c_int32),
+                ("rounds", ctypes.c_int32)]
 
 
 class _Exact(ctypes.Structure):
@@ -171,12 +172,18 @@ def _part(part: CodePart, dim: int) -> _Part:
         raise ValueError(f"KV codes must be C-contiguous uint8 to be read in place, got {codes.dtype} "
                          f"with strides {codes.strides} (a codec's code_parts should give its stored arrays' views)")
     n_channels = dim if part.channels is None else len(part.channels)
+    if part.hadamard is not None:  # the kernel's butterflies would run past the part's rows otherwise
+        width = part.hadamard.shape[1]
+        if width != part.width or n_channels != width or width & (width - 1):
+            raise ValueError(f"a Hadamard-rotated part must be a power of two wide over as many channels, a sign "
+                             f"row per round: width {part.width}, {n_channels} channels, signs {part.hadamard.shape}")
     return _Part(_pointer(codes), codes.strides[0] if len(codes) else 0,
                  None if part.scale is None else _pointer(part.scale),
                  None if part.lookup is None else _pointer(part.lookup),
                  None if part.transform is None else _pointer(part.transform),
-                 None if part.channels is None else _pointer(part.channels), n_channels, part.coef, part.kind,
-                 part.bits, part.width)
+                 None if part.channels is None else _pointer(part.channels),
+                 None if part.hadamard is None else _pointer(part.hadamard), n_channels, part.coef, part.kind,
+                 part.bits, part.width, 0 if part.hadamard is None else len(part.hadamard))
 
 
 class HeadCall:

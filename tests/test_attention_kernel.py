@@ -196,3 +196,16 @@ def test_half_precision_values_below_its_normal_range_are_read_as_stored(dim, bu
     got = attend(query, [[block]], kernel=True)
     assert np.abs(expected).max() > 1e-6
     assert np.abs(got - expected).max() <= 2e-6 * np.abs(expected).max(), np.abs(got - expected).max()
+
+
+def test_a_hadamard_part_the_kernels_butterflies_do_not_fit_is_refused_before_the_call():
+    from dataclasses import replace
+
+    _part = attention_kernel._part
+    codec = kv_format("tq4").keys.build(256, np.ones((4, 256), np.float32))
+    part = codec.parts(codec.encode(np.ones((3, 256), np.float32)))[0]
+    assert _part(part, 256).rounds == 3 and part.hadamard.shape == (3, 256)
+    with pytest.raises(ValueError, match=r"width 200, 256 channels, signs \(3, 256\)"):
+        _part(replace(part, width=200), 256)
+    with pytest.raises(ValueError, match=r"width 256, 128 channels"):
+        _part(replace(part, channels=np.arange(128)), 256)

@@ -151,6 +151,21 @@ def test_predicted_cache_bytes_equal_what_the_cache_holds(name, recent, artifact
         assert model.kv_cache_bytes == expected
 
 
+@pytest.mark.parametrize("name, dim, rotations", [("tq4", 512, ["hadamard"]), ("tq3.5", 512, ["hadamard"] * 2),
+                                                  ("tq3.5", 256, ["hadamard"] * 2), ("tq2.5", 128, ["haar"] * 2),
+                                                  ("tq4", 64, ["haar"]), ("tq4-prod", 80, ["haar"])])
+def test_turboquant_rotates_gemmas_head_widths_by_hadamard_and_narrow_or_odd_ones_by_haar(name, dim, rotations):
+    from edge_runtime.kv_formats import HADAMARD_MIN_WIDTH
+
+    codec = kv_format(name).keys.build(dim, np.random.default_rng(0).standard_normal((16, dim)))
+    halves = [codec.hi, codec.lo] if hasattr(codec, "hi") else [codec]
+    assert ["haar" if h.hadamard is None else "hadamard" for h in halves] == rotations
+    for half in halves:
+        assert (half.hadamard is not None) == (half.dim >= HADAMARD_MIN_WIDTH and half.dim & (half.dim - 1) == 0)
+        parts = half.parts(half.encode(np.ones((2, half.dim), np.float32)))
+        assert (parts[0].hadamard is half.hadamard) and parts[0].transform is half.rotation
+
+
 def test_sliding_rings_default_to_fp16_exact_beside_exact_full_layers_and_take_any_format(artifacts):
     from edge_runtime.quant.float_codecs import Float16Codec, Float32Codec
     from edge_runtime.quant.turboquant import ChannelSplit

@@ -28,6 +28,8 @@ from edge_runtime.quant.turboquant import (
     ChannelSplit,
     QJLQuantizer,
     TurboQuantizer,
+    hadamard_rotation,
+    hadamard_signs,
     lloyd_max_codebook,
     lloyd_max_distortion,
     random_rotation,
@@ -120,6 +122,50 @@ def test_rotation_is_haar_not_lapack_signed():
     """Without the sign fix the diagonal of Q is biased (for LAPACK's convention, negative); Haar has mean 0."""
     diag = np.array([np.diag(random_rotation(16, s)) for s in range(400)])
     assert abs(diag.mean()) < 4 * diag.std() / np.sqrt(diag.size)
+
+
+def _sylvester(d: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while len(h) < d:
+        h = np.kron([[1, 1], [1, -1]], h)
+    return h
+
+
+def test_hadamard_rotation_is_orthogonal_and_its_signs_times_the_sylvester_matrix():
+    """The dense matrix numpy multiplies by is the product the kernel applies as fast transforms, round by round."""
+    d = 256
+    signs = hadamard_signs(d, 5)
+    assert signs.shape == (3, d) and not signs.flags.writeable
+    np.testing.assert_array_equal(np.abs(signs) * np.sqrt(d), np.ones((3, d), np.float32))
+    expected = np.eye(d)
+    for s in signs.astype(np.float64):
+        expected = expected @ np.diag(s) @ _sylvester(d)
+    rotation = hadamard_rotation(d, 5)
+    np.testing.assert_allclose(rotation, expected, atol=1e-6)
+    np.testing.assert_allclose(rotation.astype(np.float64) @ rotation.T, np.eye(d), atol=1e-5)
+    assert not np.allclose(hadamard_rotation(d, 6), rotation)
+    with pytest.raises(ValueError, match="power-of-two width, got 80"):
+        hadamard_signs(80, 0)
+    with pytest.raises(ValueError, match="rotation='givens': choose 'haar' or 'hadamard'"):
+        TurboQuantizer(64, 4, rotation="givens")
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_hadamard_rotated_codes_keep_the_haar_distortion(d):
+    """Random unit vectors, and basis vectors (what a Hadamard rotation's structure favours least: one round makes
+    them flat), eight seeds each: within 3% (random) and 10% (basis) of the Lloyd-Max distortion the codebook is
+    solved for. Measured with three rounds: basis 1.00-1.07x; with two it was up to 1.6x at d 256, 4 bits."""
+    x = unit_vectors(1000, d, seed=d)
+    basis = np.eye(d, dtype=np.float32)[::max(1, d // 64)]
+    for b in (2, 3, 4):
+        theory = lloyd_max_distortion(d, b)
+        random_errors, basis_errors = [], []
+        for seed in range(8):
+            tq = TurboQuantizer(d, b, "mse", seed=seed, rotation="hadamard")
+            random_errors.append(((tq.decode(tq.encode(x)) - x) ** 2).sum(axis=1).mean())
+            basis_errors.append(((tq.decode(tq.encode(basis)) - basis) ** 2).sum(axis=1).mean())
+        assert np.mean(random_errors) == pytest.approx(theory, rel=0.03)
+        assert max(basis_errors) <= 1.1 * theory
 
 
 # --- prod: unbiased inner products with the predicted variance --------------------------------------------

@@ -154,9 +154,12 @@ typedef struct {
     const float *lookup;  /* PACKED: the codec's byte table (packing.py's LookupTable.table) */
     const float *transform;  /* [n_channels][width] (code_parts.py's T_p), or NULL for the identity */
     const int64_t *channels; /* [n_channels]: the channels of the vector the part covers, or NULL for all */
+    /* [rounds][width], or NULL: the transform is diag(hadamard[0]) H diag(hadamard[1]) H ..., H the Sylvester
+     * Hadamard matrix of a power-of-two width (turboquant.py's hadamard_rotation), applied as fast transforms */
+    const float *hadamard;
     int64_t n_channels;
     float coef;
-    int32_t kind, bits, width;
+    int32_t kind, bits, width, rounds;
 } Part;
 
 typedef struct {
@@ -803,6 +806,61 @@ static void softmax_chunk(State *st, float *scores, const int64_t *positions, in
 
 static inline int64_t channel(const Part *part, int64_t i) { return part->channels ? part->channels[i] : i; }
 
+/* `stages` (a constant at each call) butterfly stages of an FWHT from distance h on: each group of 2^stages rows h
+ * apart loaded once, its butterflies run in registers. Stages along different bits of the row index commute. */
+INLINE void fwht_stages(float *x, int64_t n, int64_t stride, int64_t h, int stages) {
+    const int m = 1 << stages;
+    for (int64_t i = 0; i < n; i += m * h)
+        for (int64_t j = i; j < i + h; j++)
+            for (int64_t r = 0; r < stride; r += LANES) {
+                vn v[8];
+                for (int k = 0; k < m; k++) v[k] = loadn(x + (j + k * h) * stride + r);
+                for (int d = 1; d < m; d *= 2)
+                    for (int k = 0; k < m; k++)
+                        if (!(k & d)) {
+                            const vn u = v[k], w = v[k + d];
+                            v[k] = u + w;
+                            v[k + d] = u - w;
+                        }
+                for (int k = 0; k < m; k++) storen(x + (j + k * h) * stride + r, v[k]);
+            }
+}
+
+/* x [n][stride] = H x, H the n x n Sylvester Hadamard matrix (n a power of two), all rows at once (stride a multiple
+ * of LANES): the butterflies (a, b) -> (a + b, a - b) of log2(n) stages, each a vector of rows, in L1. The dense
+ * rotation it replaces is 1 MiB at 512 wide, cold in a decode step after the layer's weights streamed past (tq4 over
+ * 32 rows: 409 us a call, 101 us warm). Three stages a pass, their 8 vectors in registers: a stage a pass loaded and
+ * stored each vector at every stage (tq3.5 over 32 rows of 512, warm: 50 us a call against fp16's 14). */
+static void fwht_rows(float *x, int64_t n, int64_t stride) {
+    int64_t h = 1;
+    for (; h * 8 <= n; h *= 8) fwht_stages(x, n, stride, h, 3);
+    if (h * 4 <= n) fwht_stages(x, n, stride, h, 2);
+    else if (h * 2 <= n) fwht_stages(x, n, stride, h, 1);
+}
+
+static void scale_rows(float *x, int64_t n, int64_t stride, const float *s) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t r = 0; r < stride; r += LANES) storen(x + i * stride + r, loadn(x + i * stride + r) * s[i]);
+}
+
+/* x [n][stride] (its rows the columns) times the part's randomized Hadamard rotation, or its transpose
+ * (diag(s2) H diag(s1) H diag(s0) H read backwards: H is symmetric). */
+static void hadamard_rows(float *x, int64_t stride, const Part *part, int transpose) {
+    const int64_t n = part->width;
+    for (int k = 0; k < part->rounds; k++) {
+        if (transpose) {
+            fwht_rows(x, n, stride);
+            scale_rows(x, n, stride, part->hadamard + (part->rounds - 1 - k) * n);
+        } else {
+            scale_rows(x, n, stride, part->hadamard + k * n);
+            fwht_rows(x, n, stride);
+        }
+    }
+}
+
+/* Rows of the vector a Hadamard rotation turns at once: `rows` padded to whole vectors. */
+static inline int64_t lane_rows(int64_t rows) { return (rows + LANES - 1) / LANES * LANES; }
+
 /* A key part's query rows ([rows][P(width)], zeros past width): q[channels] @ transform. accumulate's register
  * blocking, the query's channels the weights (gathered into `gathered`, [n_channels][rows]) and the transform's rows
  * the values, so that the transform is read along its rows; the columns past the last multiple of 16 one at a
@@ -814,6 +872,16 @@ static void transform_query(const float *q, int64_t rows, int64_t pdim, const Pa
     if (t == NULL) { /* a selection of channels */
         for (int64_t r = 0; r < rows; r++)
             for (int64_t w = 0; w < width; w++) out[r * pw + w] = q[r * pdim + channel(part, w)];
+        return;
+    }
+    if (part->hadamard != NULL) { /* n == width */
+        const int64_t stride = lane_rows(rows);
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t r = 0; r < stride; r++)
+                gathered[i * stride + r] = r < rows ? q[r * pdim + channel(part, i)] : 0.0f;
+        hadamard_rows(gathered, stride, part, 0);
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t w = 0; w < width; w++) out[r * pw + w] = gathered[w * stride + r];
         return;
     }
     for (int64_t i = 0; i < n; i++)
@@ -830,13 +898,23 @@ static void transform_query(const float *q, int64_t rows, int64_t pdim, const Pa
 
 /* A value part's accumulators ([rows][P(width)], in its domain) taken back and added to the value's: out[r][channels]
  * += acc[r] @ transform.T, dot products of 2 accumulator rows with 4 rows of the transform at a time (dot_2x4, the
- * transform read once along its rows), the columns past the last multiple of LANES one at a time. */
-static void transform_back(const float *acc, int64_t rows, const Part *part, float *out, int64_t pdim) {
+ * transform read once along its rows), the columns past the last multiple of LANES one at a time. A Hadamard
+ * rotation's rows go through `spare` ([width][rows]). */
+static void transform_back(const float *acc, int64_t rows, const Part *part, float *out, int64_t pdim, float *spare) {
     const int64_t width = part->width, pw = padded(width), n = part->n_channels;
     const float *t = part->transform;
     if (t == NULL) {
         for (int64_t r = 0; r < rows; r++)
             for (int64_t w = 0; w < width; w++) out[r * pdim + channel(part, w)] += acc[r * pw + w];
+        return;
+    }
+    if (part->hadamard != NULL) {
+        const int64_t stride = lane_rows(rows);
+        for (int64_t w = 0; w < width; w++)
+            for (int64_t r = 0; r < stride; r++) spare[w * stride + r] = r < rows ? acc[r * pw + w] : 0.0f;
+        hadamard_rows(spare, stride, part, 1);
+        for (int64_t w = 0; w < width; w++)
+            for (int64_t r = 0; r < rows; r++) out[r * pdim + channel(part, w)] += spare[w * stride + r];
         return;
     }
     const int64_t main = width / LANES * LANES;
@@ -1045,7 +1123,7 @@ static int attend_head(const Call *call) {
     }
 
     for (int p = 0; p < call->n_value_parts && call->coded_n > 0; p++)
-        transform_back(st.accs[p], used, &call->value_parts[p], acc_exact, pdim);
+        transform_back(st.accs[p], used, &call->value_parts[p], acc_exact, pdim, gathered);
     float *out = call->out;
     if (!call->finish) {
         copy_floats(out, st.m, call->rows);

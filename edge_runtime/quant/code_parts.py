@@ -9,7 +9,9 @@ parts p:
   values; the kernel reads the 2**b values back from it and looks 8 codes up at a time with one shuffle);
 - scale_p is a per-vector float32 array (a norm, an int8 scale) or None, coef_p a constant;
 - C_p are the channels of x the part covers (ChannelSplit's halves), or None for all of them;
-- T_p is the part's transform [len(C_p), width] (a rotation, a Gaussian projection) or None for the identity.
+- T_p is the part's transform [len(C_p), width] (a rotation, a Gaussian projection) or None for the identity; a
+  randomized Hadamard rotation also gives its sign vectors, which the kernel applies as fast transforms instead
+  of reading T_p.
 So <q, x> = sum_p coef_p scale_p[n] <q[C_p] @ T_p, decode_p(row_n)>: the query is transformed once per part and
 each row is read once, and a weighted sum over rows accumulates sum_n w_n coef_p scale_p[n] decode_p(row_n) per
 part in the part's own domain, transformed back once at the end. This is the contract between the codecs
@@ -38,6 +40,7 @@ class CodePart:
     coef: float = 1.0
     transform: np.ndarray | None = None  # [len(channels), width] float32 C order; None: identity
     channels: np.ndarray | None = None  # int64: the vector's channels this part covers; None: all of them
+    hadamard: np.ndarray | None = None  # [rounds, width] float32 signs: transform is turboquant.hadamard_rotation's
 
     def rows(self, start: int, stop: int) -> CodePart:
         """The same part over rows [start, stop): how a long block is shared between threads."""
@@ -51,5 +54,5 @@ def as_bytes(values: np.ndarray) -> np.ndarray:
 
 
 def packed_part(codes: np.ndarray, lookup: LookupTable, width: int, scale: np.ndarray | None, coef: float = 1.0,
-                transform: np.ndarray | None = None) -> CodePart:
-    return CodePart(PACKED, width, codes, lookup.bits, lookup.table, scale, float(coef), transform)
+                transform: np.ndarray | None = None, hadamard: np.ndarray | None = None) -> CodePart:
+    return CodePart(PACKED, width, codes, lookup.bits, lookup.table, scale, float(coef), transform, hadamard=hadamard)
