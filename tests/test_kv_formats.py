@@ -156,12 +156,13 @@ def test_predicted_cache_bytes_equal_what_the_cache_holds(name, recent, artifact
                                                   ("tq4", 64, ["haar"]), ("tq4-prod", 80, ["haar"])])
 def test_turboquant_rotates_gemmas_head_widths_by_hadamard_and_narrow_or_odd_ones_by_haar(name, dim, rotations):
     from edge_runtime.kv_formats import HADAMARD_MIN_WIDTH
+    from edge_runtime.quant.turboquant import is_power_of_two
 
     codec = kv_format(name).keys.build(dim, np.random.default_rng(0).standard_normal((16, dim)))
     halves = [codec.hi, codec.lo] if hasattr(codec, "hi") else [codec]
     assert ["haar" if h.hadamard is None else "hadamard" for h in halves] == rotations
     for half in halves:
-        assert (half.hadamard is not None) == (half.dim >= HADAMARD_MIN_WIDTH and half.dim & (half.dim - 1) == 0)
+        assert (half.hadamard is not None) == (half.dim >= HADAMARD_MIN_WIDTH and is_power_of_two(half.dim))
         parts = half.parts(half.encode(np.ones((2, half.dim), np.float32)))
         assert (parts[0].hadamard is half.hadamard) and parts[0].transform is half.rotation
 

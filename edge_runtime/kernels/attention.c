@@ -874,18 +874,17 @@ static void transform_query(const float *q, int64_t rows, int64_t pdim, const Pa
             for (int64_t w = 0; w < width; w++) out[r * pw + w] = q[r * pdim + channel(part, w)];
         return;
     }
+    /* the query's channels, [n][stride]: a Hadamard rotation turns whole vectors of rows, zeros past `rows` */
+    const int64_t stride = part->hadamard != NULL ? lane_rows(rows) : rows;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t r = 0; r < stride; r++)
+            gathered[i * stride + r] = r < rows ? q[r * pdim + channel(part, i)] : 0.0f;
     if (part->hadamard != NULL) { /* n == width */
-        const int64_t stride = lane_rows(rows);
-        for (int64_t i = 0; i < n; i++)
-            for (int64_t r = 0; r < stride; r++)
-                gathered[i * stride + r] = r < rows ? q[r * pdim + channel(part, i)] : 0.0f;
         hadamard_rows(gathered, stride, part, 0);
         for (int64_t r = 0; r < rows; r++)
             for (int64_t w = 0; w < width; w++) out[r * pw + w] = gathered[w * stride + r];
         return;
     }
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t r = 0; r < rows; r++) gathered[i * rows + r] = q[r * pdim + channel(part, i)];
     const int64_t main = width / 16 * 16;
     accumulate(out, pw, rows, rows, main, t, width, gathered, n, 0);
     for (int64_t w = main; w < width; w++)

@@ -187,8 +187,8 @@ class TurboQuantizer:
         if not 1 <= bits <= 4:
             raise ValueError(f"bits={bits}: TurboQuant codes here have 1 to 4 bits")
         self.dim, self.bits, self.mode, self.seed = dim, bits, mode, seed
-        self.rotation = hadamard_rotation(dim, seed) if rotation == "hadamard" else random_rotation(dim, seed)
         self.hadamard = hadamard_signs(dim, seed) if rotation == "hadamard" else None
+        self.rotation = random_rotation(dim, seed) if self.hadamard is None else hadamard_rotation(dim, seed)
         self.mse_bits = bits if mode == "mse" else bits - 1
         self.bytes_per_vector = 4 + (packed_bytes(dim, self.mse_bits) if self.mse_bits else 0)
         if self.mse_bits:
