@@ -45,9 +45,12 @@ MIN_PART = 768
 # 4.21 / 3.78 / 3.75 (its 1k store in two shares was slower) and tq3.5 4.66 / 5.54 / 5.49; below 2^19 the 576-slot
 # sliding rings split too and every step got slower (2^17: fp16 5.92, tq3.5 7.22 ms at 2k).
 KERNEL_MIN_SHARE_VALUES = 1 << 20
-# A value of packed codes (TurboQuant, QJL) counts as this many: looked up before its multiply-adds it takes longer
+# A value of packed codes (TurboQuant, QJL) counts as this many: looked up before its multiply-adds it took longer
 # (one core, 2k rows of 512: tq3.5 0.33 ns a value against fp16's 0.20, tools/attention_bench.py), and a call
-# rotates the query and the sums besides; so tq3.5 splits its 1k store and fp16 does not.
+# rotates the query and the sums besides; so tq3.5 splits its 1k store and fp16 does not. With keys scored in
+# integers (edge_runtime.quant.integer_scores) tq3.5 costs 0.18 ns a value there, fp16 0.17; but in a step (E2B
+# int4 b128 at 1k, the 7 full layers' attention, one model with each weight in one process, six alternated rounds)
+# splitting the 1k store (weight 2: 2.8-3.3 ms a step) and not (weight 1: 2.2-3.6) measured alike, so it stays.
 PACKED_VALUE_WEIGHT = 2
 # Steps of at most this many tokens go through the compiled kernel; longer ones are matrix products for BLAS.
 KERNEL_TOKENS = 4

@@ -3,8 +3,10 @@
 For a decode step's few query rows numpy pays a call and a temporary per operation (widening codes a tile at a
 time ran at 1-2.6 ns a value on one core, and at short contexts the calls cost more than the arithmetic); the
 kernel walks a head's blocks once and reads every format's codes in place (see attention.c). It ships built for
-x86_64 (baseline, x86-64-v3 and x86-64-v4) and aarch64 inside the package (tools/build_kernels.py), links against
-nothing, and is picked by this machine's architecture and CPU features; where none fits (or the file is stale), `load`
+x86_64 (baseline, x86-64-v3, x86-64-v4 and x86-64-v4 with VNNI) and aarch64 (Armv8-A, and Armv8.2 with the dot
+products) inside the package (tools/build_kernels.py): the two dot-product builds score integer keys with
+vpdpbusd / sdot (edge_runtime.quant.integer_scores), the others with the same integers by slower instructions. It
+links against nothing, and is picked by this machine's architecture and CPU features; where none fits (or the file is stale), `load`
 returns None and attention runs in numpy. A numba JIT of the same kernel was tried first: it needed 140 MB of
 resident memory for LLVM (60 MB of it anonymous) and compiled for a minute on a Pi 4's first run.
 
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.cpu_features import cpu_flags
-from edge_runtime.quant.code_parts import CodePart
+from edge_runtime.quant.code_parts import PACKED, CodePart
 
 KERNELS = Path(__file__).parent / "kernels"
 
@@ -34,7 +36,7 @@ class _Part(ctypes.Structure):
                 ("lookup", ctypes.c_void_p), ("transform", ctypes.c_void_p), ("channels", ctypes.c_void_p),
                 ("hadamard", ctypes.c_void_p), ("n_channels", ctypes.c_int64), ("coef", ctypes.c_float),
                 ("kind", ctypes.c_int32), ("bits", ctypes.c_int32), ("width", ctypes.c_int32),
-                ("rounds", ctypes.c_int32)]
+                ("rounds", ctypes.c_int32), ("levels", ctypes.c_void_p), ("step", ctypes.c_float)]
 
 
 class _Exact(ctypes.Structure):
@@ -60,7 +62,7 @@ _V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 X86_BUILDS = (("x86_64-v4-vnni", _V4 | {"avx512_vnni"}), ("x86_64-v4", _V4), ("x86_64-v3", _V3),
               ("x86_64", frozenset()))
 ARM_BUILDS = (("aarch64-dotprod", frozenset({"asimddp"})), ("aarch64", frozenset()))
-ATTENTION_BUILDS = ("x86_64-v4", "x86_64-v3", "x86_64", "aarch64")
+ATTENTION_BUILDS = ("x86_64-v4-vnni", "x86_64-v4", "x86_64-v3", "x86_64", "aarch64-dotprod", "aarch64")
 _AT_HWCAP, _HWCAP_ASIMDDP = 16, 1 << 20  # getauxval(AT_HWCAP)'s dot product bit (Linux, arch/arm64's hwcap.h)
 
 
@@ -177,13 +179,19 @@ def _part(part: CodePart, dim: int) -> _Part:
         if width != part.width or n_channels != width or width & (width - 1):
             raise ValueError(f"a Hadamard-rotated part must be a power of two wide over as many channels, a sign "
                              f"row per round: width {part.width}, {n_channels} channels, signs {part.hadamard.shape}")
+    levels = part.levels
+    if levels is not None and (part.kind != PACKED or levels.dtype != np.int8 or levels.shape != (1 << part.bits,)
+                               or not levels.flags.c_contiguous):
+        raise ValueError(f"integer levels belong to a packed part, int8 [2**bits]: kind {part.kind}, bits "
+                         f"{part.bits}, levels {levels.dtype} {levels.shape}")
     return _Part(_pointer(codes), codes.strides[0] if len(codes) else 0,
                  None if part.scale is None else _pointer(part.scale),
                  None if part.lookup is None else _pointer(part.lookup),
                  None if part.transform is None else _pointer(part.transform),
                  None if part.channels is None else _pointer(part.channels),
                  None if part.hadamard is None else _pointer(part.hadamard), n_channels, part.coef, part.kind,
-                 part.bits, part.width, 0 if part.hadamard is None else len(part.hadamard))
+                 part.bits, part.width, 0 if part.hadamard is None else len(part.hadamard),
+                 None if levels is None else _pointer(levels), part.step)
 
 
 class HeadCall:

@@ -216,22 +216,28 @@ def test_folded_rows_show_the_member_nearest_its_allowance_and_fail_with_any_mem
     assert [r.ok for r in compare.Report(rows=rows).grouped()] == [False, True]
 
 
-def test_a_cpu_fails_unless_the_aarch64_attention_kernel_ran() -> None:
+def test_a_cpu_fails_unless_its_aarch64_attention_kernel_ran() -> None:
     assert compare.attention_kernel_note("cortex-a72", "aarch64") == (
         "cortex-a72: attention kernel aarch64 loaded (edge_runtime.attention_kernel.load().name)", True)
+    assert compare.attention_kernel_note("cortex-a76", "aarch64-dotprod") == (
+        "cortex-a76: attention kernel aarch64-dotprod loaded (edge_runtime.attention_kernel.load().name)", True)
     assert compare.attention_kernel_note("cortex-a76", None) == (
-        ("cortex-a76: no attention kernel loaded, numpy ran attention: attention-aarch64.so is missing from the "
-         "installed package or was built from another attention.c (python tools/build_kernels.py --check)"), False)
-    assert compare.attention_kernel_note("cortex-a76", "x86_64") == (
-        "cortex-a76: attention kernel x86_64 loaded, expected aarch64", False)
+        ("cortex-a76: no attention kernel loaded, numpy ran attention: attention-aarch64-dotprod.so is missing from "
+         "the installed package or was built from another attention.c (python tools/build_kernels.py --check)"),
+        False)
+    assert compare.attention_kernel_note("cortex-a76", "aarch64") == (
+        "cortex-a76: attention kernel aarch64 loaded, expected aarch64-dotprod", False)
+    assert compare.attention_kernel_note("cortex-a72", "x86_64") == (
+        "cortex-a72: attention kernel x86_64 loaded, expected aarch64", False)
     report = compare.Report(notes=[compare.attention_kernel_note("cortex-a76", None)])
     assert not report.ok and "FAILED: cortex-a76: no attention kernel loaded" in report.format()
 
 
 def test_the_smoke_runs_the_kernel_test_of_every_kv_format_without_model_checkpoints() -> None:
-    """The smoke's -k selection: every KV format at one shape, the threads' partial softmaxes and every test of the
-    onnxruntime operators (LoRA slots, int4 and int8 weights), and none of the tests that need tests/conftest.py's checkpoints (the smoke exports none for
-    the guest)."""
+    """The smoke's -k selection: every KV format at one shape, tq3.5's kinds at a Hadamard width (integer key
+    scores), the integer levels' tests, the threads' partial softmaxes and every test of the onnxruntime operators
+    (LoRA slots, int4 and int8 weights), and none of the tests that need tests/conftest.py's checkpoints (the smoke
+    exports none for the guest)."""
     import subprocess
 
     import test_attention_kernel
@@ -251,11 +257,16 @@ def test_the_smoke_runs_the_kernel_test_of_every_kv_format_without_model_checkpo
     operators = {name for module in (test_onnxruntime_ops, test_integer_matmul) for name in dir(module)
                  if name.startswith("test_")}
     assert functions == {"test_the_kernel_equals_numpy_for_every_format",
-                         "test_a_block_shared_between_threads_gives_the_same_output", *operators}, collected.stdout
-    every_format = [re.fullmatch(r"test_the_kernel_equals_numpy_for_every_format\[(.+)-64-1-700-(.+)\]", i)
+                         "test_a_block_shared_between_threads_gives_the_same_output",
+                         "test_keys_with_integer_levels_score_as_exact_integer_sums_on_every_build",
+                         "test_integer_levels_on_a_part_they_cannot_describe_are_refused_before_the_call",
+                         *operators}, collected.stdout
+    every_format = [re.fullmatch(r"test_the_kernel_equals_numpy_for_every_format\[(.+)-(64-1|256-3)-700-(.+)\]", i)
                     for i in ids if "every_format" in i]
     builds = attention_kernel.builds_for_this_machine(attention_kernel.ATTENTION_BUILDS)
-    assert sorted((m[1], m[2]) for m in every_format) == sorted((b, name) for b in builds for name in KV_FORMATS)
+    assert sorted((m[1], m[2], m[3]) for m in every_format) == sorted(
+        [(b, "64-1", name) for b in builds for name in KV_FORMATS]
+        + [(b, "256-3", name) for b in builds for name in ("tq3.5", "tq3.5-mse", "tq3.5-prod")])
     assert not any("artifacts" in inspect.signature(getattr(module, f)).parameters
                    for module in (test_attention_kernel, test_onnxruntime_ops, test_integer_matmul) for f in functions
                    if hasattr(module, f))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,10 @@ import edge_runtime
 from edge_runtime import attention, attention_kernel
 from edge_runtime.attention import Block, attend
 from edge_runtime.kv_formats import KV_FORMATS, kv_format
+from edge_runtime.quant.code_parts import F32, CodePart, as_bytes, packed_part
 from edge_runtime.quant.float_codecs import Float32Codec
+from edge_runtime.quant.integer_scores import quantize_rows
+from edge_runtime.quant.packing import LookupTable, pack
 
 
 def _blocks(name: str, dim: int, tokens: int, rng: np.random.Generator, stored: int = 700) -> list[Block]:
@@ -199,8 +204,6 @@ def test_half_precision_values_below_its_normal_range_are_read_as_stored(dim, bu
 
 
 def test_a_hadamard_part_the_kernels_butterflies_do_not_fit_is_refused_before_the_call():
-    from dataclasses import replace
-
     _part = attention_kernel._part
     codec = kv_format("tq4").keys.build(256, np.ones((4, 256), np.float32))
     part = codec.parts(codec.encode(np.ones((3, 256), np.float32)))[0]
@@ -209,3 +212,40 @@ def test_a_hadamard_part_the_kernels_butterflies_do_not_fit_is_refused_before_th
         _part(replace(part, width=200), 256)
     with pytest.raises(ValueError, match=r"width 256, 128 channels"):
         _part(replace(part, channels=np.arange(128)), 256)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("width", [80, 200, 256])
+def test_keys_with_integer_levels_score_as_exact_integer_sums_on_every_build(bits, width, build):
+    """A packed key part with int8 levels, no transform: each build decodes the codes to bytes in its own steps (64,
+    32 or 16 codes, a code at a time past the last whole step: widths 80 and 200) and sums the products with its own
+    integer instructions; the scores must be numpy's float32 product of the same integers (exact), so the attention
+    output equals the reference to float32 precision."""
+    rng = np.random.default_rng(bits * 1000 + width)
+    n, rows = 300, 8
+    levels = np.sort(rng.choice(np.arange(-127, 128), 2**bits, replace=False)).astype(np.int8)
+    step = np.float32(0.3 / 127 / np.sqrt(width))
+    table = LookupTable(levels.astype(np.float32) * step, bits, width)
+    codes = pack(rng.integers(0, 2**bits, (n, width)), bits)
+    norm = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    key = packed_part(codes, table, width, norm, levels=levels, step=step)
+    values = rng.standard_normal((n, width)).astype(np.float32)
+    value = CodePart(F32, width, as_bytes(values))
+    query = (rng.standard_normal((rows, width)) * 3).astype(np.float32)  # scores of a few units
+    coded = (np.arange(n, dtype=np.int64), np.zeros(1, np.int64), np.full(1, n - 1, np.int64))
+    got = attention_kernel.attend_head_parts(attention_kernel.load(), query, [key], [value], coded, [], rows, True)
+    integers, scale = quantize_rows(query)
+    scores = integers @ LookupTable(levels.astype(np.float32), bits, width)(codes).T * (scale * step)[:, None] * norm
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+    expected = (weights @ values) / weights.sum(axis=1, keepdims=True)
+    assert np.abs(got - expected).max() <= 2e-6 * np.abs(expected).max(), np.abs(got - expected).max()
+
+
+def test_integer_levels_on_a_part_they_cannot_describe_are_refused_before_the_call():
+    codec = kv_format("tq4").keys.build(256, np.ones((4, 256), np.float32))
+    part = codec.parts(codec.encode(np.ones((3, 256), np.float32)))[0]
+    assert attention_kernel._part(part, 256).levels is not None
+    with pytest.raises(ValueError, match=r"levels int16 \(16,\)"):
+        attention_kernel._part(replace(part, levels=part.levels.astype(np.int16)), 256)
+    with pytest.raises(ValueError, match=r"bits 4, levels int8 \(8,\)"):
+        attention_kernel._part(replace(part, levels=part.levels[:8]), 256)

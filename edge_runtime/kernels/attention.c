@@ -13,12 +13,13 @@
  * - keys, 4 rows at a time: each part's rows (edge_runtime/quant/code_parts.py) are widened into a small float
  *   tile and scored along the dimensions, 2 query rows x 4 keys in 8 independent vector sums (6 vector loads feed
  *   8 fused multiply-adds; with 32 registers, AVX-512's or NEON's, 4 query rows in 16 sums), summed across their
- *   lanes once per row pair;
+ *   lanes once per row pair; a part with integer levels (TurboQuant's Hadamard-rotated ones) is decoded to bytes
+ *   instead and scored against the query's integers in exact integer sums (score_group_int);
  * - the chunk's scores are masked by position and folded into a running softmax per query row (maximum and sum, a
  *   vector of rows at a time; the accumulators are rescaled when the maximum grows); a chunk no token sees is
  *   skipped;
- * - values: the chunk's rows are widened into a tile and summed into the accumulators by 4 query rows x 16
- *   dimensions held in registers across the whole chunk (with AVX 8 vector sums, 2 loads and 4 broadcasts feed 8
+ * - values: the chunk's rows are widened into a tile (an integer part's to bytes, converted as loaded, on x86-64-v3
+ *   and up) and summed into the accumulators by 4 query rows x 16 dimensions held in registers across the whole chunk (with AVX 8 vector sums, 2 loads and 4 broadcasts feed 8
  *   multiply-adds; with NEON 16, 5 loads feed 16 multiply-adds by lane; AVX-512 holds 8 rows x 32 dimensions).
  * Each value part has its own accumulator, in its own domain, taken back to the value's once at the end (its
  * transform, its channels; the transforms run through the same two register blockings); exact float32 blocks (the
@@ -39,9 +40,11 @@
 #define MAX_PARTS 4
 /* floats of scratch a call needs (the caller's, one buffer per thread): key tile, value tile, scores, weights,
  * running maximum and sum, the query rows of each key part and of the exact blocks, an accumulator for each value
- * part and the exact blocks, the query's channels gathered for a transform */
+ * part and the exact blocks, each integer key part's query integers (16-bit at most) with their steps and sums, the
+ * query's channels gathered for a transform */
 #define SCRATCH_USED ((GROUP + CHUNK) * (MAX_WIDTH + SKEW) + 2 * CHUNK * MAX_ROWS + 2 * MAX_ROWS \
-                        + 2 * (MAX_PARTS + 1) * MAX_ROWS * MAX_WIDTH + MAX_ROWS * MAX_WIDTH)
+                        + 2 * (MAX_PARTS + 1) * MAX_ROWS * MAX_WIDTH + MAX_PARTS * MAX_ROWS * (MAX_WIDTH / 2 + 2) \
+                        + MAX_ROWS * MAX_WIDTH)
 /* and 16 floats to start at a cache line: the caller's buffer (numpy's) may be 16 bytes past one, and then every
  * other vector load of a tile would straddle two lines */
 #define SCRATCH_FLOATS (SCRATCH_USED + 16)
@@ -123,13 +126,25 @@ static inline vn loadh(const uint16_t *p) { return (vn)_mm256_cvtph_ps(_mm_loadu
 #endif
 #define INLINE static inline __attribute__((always_inline))
 
-/* Element j of a float row, or of a half-precision one (`half`, a constant at every call: each caller gets its own
- * loop). */
-INLINE vn load_row(const void *row, int64_t j, int half) {
+/* x86-64-v3 also sums an integer part's values where they lie as bytes (their levels, decode_levels' tile), converted
+ * 8 or 16 at a time as they are loaded like half precision: a float tile cost a conversion, a store and a load, and
+ * at 64 KiB a chunk it did not fit in L1. */
+#define BYTES_IN_PLACE HALF_IN_PLACE
+enum { FORM_F32 = 0, FORM_F16 = 1, FORM_I8 = 2 }; /* how a row's elements are stored: float, half, signed byte */
+
+/* Element j of a row in `form` (a constant at every call: each caller gets its own loop). */
+INLINE vn load_row(const void *row, int64_t j, int form) {
 #if HALF_IN_PLACE
-    if (half) return loadh((const uint16_t *)row + j);
+    if (form == FORM_F16) return loadh((const uint16_t *)row + j);
+#if LANES == 16
+    if (form == FORM_I8)
+        return (vn)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)row + j))));
+#else
+    if (form == FORM_I8)
+        return (vn)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)row + j))));
 #endif
-    (void)half;
+#endif
+    (void)form;
     return loadn((const float *)row + j);
 }
 
@@ -160,6 +175,10 @@ typedef struct {
     int64_t n_channels;
     float coef;
     int32_t kind, bits, width, rounds;
+    /* a key part's [2**bits] int8 values, lookup's divided by `step`, or NULL: where given, the part's keys are
+     * scored in integers (score_group_int) */
+    const int8_t *levels;
+    float step;
 } Part;
 
 typedef struct {
@@ -198,6 +217,8 @@ typedef uint16_t u16_unaligned __attribute__((aligned(1), may_alias));
 typedef uint32_t u32_unaligned __attribute__((aligned(1), may_alias));
 static inline uint32_t load_u16(const uint8_t *p) { return *(const u16_unaligned *)p; }
 static inline uint32_t load_u32(const uint8_t *p) { return *(const u32_unaligned *)p; }
+typedef uint64_t u64_unaligned __attribute__((aligned(1), may_alias));
+static inline uint64_t load_u64(const uint8_t *p) { return *(const u64_unaligned *)p; }
 
 /* A packed part's 2**bits values (centroids, signs), read back from its byte table (entry 0 of byte c is value c;
  * for 3 bits the table is indexed by a low byte and a high nibble: packing.py's LookupTable), held where one
@@ -433,6 +454,9 @@ static void widen(const Part *part, const Centroids *table, int64_t row, float *
     zero_floats(out + width, padded(width) - width);
 }
 
+/* Whether a part's keys are scored in integers (score_group_int). */
+static inline int integer(const Part *part) { return part->kind == PACKED && part->levels != NULL; }
+
 /* Whether a part's rows are read where they lie rather than widened into a tile (HALF_IN_PLACE): half precision, a
  * whole number of 16-value strips (the loops' step; no padding to supply). */
 static inline int in_place(const Part *part) {
@@ -542,13 +566,13 @@ static void ask_rest(Ahead *a) {
 /* sums[g] = <q0, k_g>, sums[4 + g] = <q1, k_g> over the first `width` floats (a multiple of LANES): 2 rows x 4 keys
  * in 8 independent sums fed by 6 vector loads. */
 INLINE void dot_2x4(const float *q0, const float *q1, const void *k0, const void *k1, const void *k2, const void *k3,
-                    int64_t width, float *sums, int half, Ahead *ahead) {
+                    int64_t width, float *sums, int form, Ahead *ahead) {
     vn a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
     for (int64_t j = 0; j < width; j += LANES) {
         if (ahead) ask(ahead);
         const vn x0 = loadn(q0 + j), x1 = loadn(q1 + j);
-        vn y0 = load_row(k0, j, half), y1 = load_row(k1, j, half);
-        vn y2 = load_row(k2, j, half), y3 = load_row(k3, j, half);
+        vn y0 = load_row(k0, j, form), y1 = load_row(k1, j, form);
+        vn y2 = load_row(k2, j, form), y3 = load_row(k3, j, form);
         IN_REGISTER(y0, y1, y2, y3);
         a0 += x0 * y0;
         a1 += x0 * y1;
@@ -569,15 +593,15 @@ INLINE void dot_2x4(const float *q0, const float *q1, const void *k0, const void
  * cycle to its two multiply-add pipes); two lines asked for at each step, as many as 2 x 4 asked.
  * sums[4 * i + g] = <q_i, k_g>. */
 INLINE void dot_4x4(const float *q, int64_t qstride, const void *k0, const void *k1, const void *k2, const void *k3,
-                    int64_t width, float *sums, int half, Ahead *ahead) {
+                    int64_t width, float *sums, int form, Ahead *ahead) {
     vn a[4][4] = {{{0}}};
     for (int64_t j = 0; j < width; j += LANES) {
         if (ahead) {
             ask(ahead);
             ask(ahead);
         }
-        vn y0 = load_row(k0, j, half), y1 = load_row(k1, j, half);
-        vn y2 = load_row(k2, j, half), y3 = load_row(k3, j, half);
+        vn y0 = load_row(k0, j, form), y1 = load_row(k1, j, form);
+        vn y2 = load_row(k2, j, form), y3 = load_row(k3, j, form);
         IN_REGISTER(y0, y1, y2, y3);
         for (int i = 0; i < 4; i++) {
             const vn x = loadn(q + i * qstride + j);
@@ -597,19 +621,19 @@ INLINE void dot_4x4(const float *q, int64_t qstride, const void *k0, const void 
  * times a broadcast key value: a broadcast is a load for each multiply-add, and the loads, not the multiply-adds,
  * set the pace. */
 INLINE void score_group(const float *q, int64_t rows, int64_t used, int64_t width, const void *k0, const void *k1,
-                        const void *k2, const void *k3, const float *factors, float *scores, int column, int half,
+                        const void *k2, const void *k3, const float *factors, float *scores, int column, int form,
                         Ahead *ahead) {
 #if WIDE_SCORING
     for (int64_t r = 0; r < used; r += 4) {
         float sums[4 * GROUP];
-        dot_4x4(q + r * width, width, k0, k1, k2, k3, width, sums, half, ahead);
+        dot_4x4(q + r * width, width, k0, k1, k2, k3, width, sums, form, ahead);
         for (int i = 0; i < 4; i++)
             for (int g = 0; g < GROUP; g++) scores[(column + g) * rows + r + i] += sums[4 * i + g] * factors[g];
     }
 #else
     for (int64_t r = 0; r < used; r += 2) {
         float sums[2 * GROUP];
-        dot_2x4(q + r * width, q + (r + 1) * width, k0, k1, k2, k3, width, sums, half, ahead);
+        dot_2x4(q + r * width, q + (r + 1) * width, k0, k1, k2, k3, width, sums, form, ahead);
         for (int g = 0; g < GROUP; g++) {
             scores[(column + g) * rows + r] += sums[g] * factors[g];
             scores[(column + g) * rows + r + 1] += sums[GROUP + g] * factors[g];
@@ -618,19 +642,425 @@ INLINE void score_group(const float *q, int64_t rows, int64_t used, int64_t widt
 #endif
 }
 
+/* Keys scored in integers (edge_runtime/quant/integer_scores.py): a part with int8 levels has each query row (after
+ * its transform) scaled by a power of two and rounded to integers within +-127 (quantize_query), each key row's codes
+ * decoded to bytes, their levels (decode_levels), and their dot products summed as 32-bit integers: exact, so every
+ * build gets the same sums as numpy's float32 product of the same integers, each with its best instruction:
+ * - x86-64-v4-vnni: vpdpbusd, 4 byte products a lane, 64 a vector: unsigned key bytes (level + KEY_OFFSET) times
+ *   signed query bytes, KEY_OFFSET times the row's sum taken off after;
+ * - x86 without VNNI: the key bytes widened to 16 bits and multiplied with 16-bit query integers by pmaddwd;
+ * - aarch64-dotprod: sdot, signed bytes both; aarch64: smull and sadalp.
+ * A float score costs a value 8 multiply-adds (8 query rows) after a lookup; these 8 / 64 of a vpdpbusd, and the
+ * codes decode to bytes 16 to 64 at a time. */
+#if defined(__x86_64__)
+#define KEY_OFFSET 128
+typedef uint8_t key_byte;
+#else
+#define KEY_OFFSET 0
+typedef int8_t key_byte;
+#endif
+#if defined(__AVX512VNNI__) || defined(__aarch64__)
+typedef int8_t qint;
+#else
+typedef int16_t qint;
+#endif
+#define INT_STEP 64 /* query rows and key tiles are padded to this many channels, the widest step (vpdpbusd's) */
+static inline int64_t int_padded(int64_t width) { return (width + INT_STEP - 1) / INT_STEP * INT_STEP; }
+
+typedef union {
+    float f;
+    uint32_t u;
+} FloatBits;
+
+static inline float power_of_two(int e) {
+    const FloatBits b = {.u = (uint32_t)(127 + e) << 23};
+    return b.f;
+}
+
+/* out[0:4] = x[0:4] * scale rounded to the nearest integers, ties to even (the mode a call runs in; numpy's rint) */
+static inline void round4(const float *x, float scale, int32_t *out) {
+#if defined(__aarch64__)
+    vst1q_s32(out, vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x), scale)));
+#else
+    _mm_storeu_si128((__m128i *)out, _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(x), _mm_set1_ps(scale))));
+#endif
+}
+
+/* Rows x [rows][stride] (their first `width` floats) -> q [rows][int_padded(width)] integers, zeros past width;
+ * qstep[r] = the row's power of two times `step`, qsum[r] the sum of its integers (integer_scores.quantize_rows: the
+ * least e with max |x| * 2**-e <= 127; rows below 2**-64 all zeros). */
+static void quantize_query(const float *x, int64_t rows, int64_t stride, int64_t width, float step, qint *q,
+                           float *qstep, int32_t *qsum) {
+    const int64_t pq = int_padded(width);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * stride;
+        qint *out = q + r * pq;
+        uint32_t top = 0; /* the largest magnitude's bits: non-negative floats order as their bits do */
+        for (int64_t j = 0; j < width; j++) {
+            const FloatBits b = {.f = row[j]};
+            const uint32_t magnitude = b.u & 0x7FFFFFFFu;
+            top = magnitude > top ? magnitude : top;
+        }
+        int32_t sum = 0;
+        int64_t j = 0;
+        qstep[r] = 0.0f;
+        if (top >= (127u - 64u) << 23) {
+            /* max = 1.m * 2**E; e = E - 6, or E - 5 where 1.m > 127/64 */
+            const int e = (int)(top >> 23) - 127 - 6 + ((top & 0x7FFFFFu) > 0x7E0000u);
+            const float scale = power_of_two(-e);
+            qstep[r] = power_of_two(e) * step;
+            float last[4] = {0};
+            int32_t v[4];
+            for (; j < width; j += 4) {
+                const float *from = row + j;
+                if (j + 4 > width) {
+                    copy_floats(last, row + j, width - j);
+                    from = last;
+                }
+                round4(from, scale, v);
+                for (int k = 0; k < 4 && j + k < width; k++) {
+                    out[j + k] = (qint)v[k];
+                    sum += v[k];
+                }
+            }
+            j = width;
+        }
+        for (; j < pq; j++) out[j] = 0;
+        qsum[r] = sum;
+    }
+}
+
+/* A part's 2**bits levels as tile bytes (level + offset: KEY_OFFSET for keys, 0 for values), 16 of them for a byte
+ * shuffle. */
+typedef struct {
+    uint8_t bytes[16];
+} LevelTable;
+
+static LevelTable level_table(const Part *part, int offset) {
+    LevelTable t = {{0}};
+    for (int c = 0; c < 1 << part->bits; c++) t.bytes[c] = (uint8_t)(part->levels[c] + offset);
+    return t;
+}
+
+/* Code i of a packed row (packing.py's layouts: b-bit codes least significant first, 8 / b a byte; 3 bits as a 2-bit
+ * plane of the low bits, then a 1-bit plane of the high bits). */
+static inline uint32_t code_at(const uint8_t *bytes, int32_t bits, int32_t width, int64_t i) {
+    if (bits == 3) {
+        const uint8_t *high = bytes + 2 * ((width + 7) / 8);
+        return (uint32_t)(bytes[i / 4] >> 2 * (i % 4) & 3) | (uint32_t)(high[i / 8] >> (i % 8) & 1) << 2;
+    }
+    const int per_byte = 8 / bits;
+    return (uint32_t)(bytes[i / per_byte] >> bits * (i % per_byte)) & ((1u << bits) - 1);
+}
+
+#if LANES == 16
+/* AVX-512BW: 64 codes -> their table bytes. The 2-bit codes of 16 bytes and the 1-bit codes of 8 are each
+ * byte replicated to where their codes go (vpshufb within the 4 lanes of a broadcast), then tested bit by bit into
+ * masks (vptestmb); 4-bit codes are zero-extended to 16-bit lanes and their nibbles split to bytes. */
+static inline __m512i low_bits64(const uint8_t *plane) { /* codes 4i .. 4i + 3 of byte i: 2 bits each */
+    const __m512i spread = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B,
+                                            0x0A0A0A0A, 0x09090909, 0x08080808, 0x07070707, 0x06060606,
+                                            0x05050505, 0x04040404, 0x03030303, 0x02020202, 0x01010101, 0);
+    const __m512i bytes = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)plane)), spread);
+    const __mmask64 b0 = _mm512_test_epi8_mask(bytes, _mm512_set1_epi32(0x40100401));
+    const __mmask64 b1 = _mm512_test_epi8_mask(bytes, _mm512_set1_epi32((int)0x80200802u));
+    const __m512i codes = _mm512_maskz_mov_epi8(b0, _mm512_set1_epi8(1));
+    return _mm512_mask_add_epi8(codes, b1, codes, _mm512_set1_epi8(2));
+}
+
+static inline __mmask64 one_bits64(const uint8_t *plane) { /* codes 8i .. 8i + 7 of byte i: 1 bit each */
+    const __m512i spread = _mm512_set_epi64(0x0707070707070707, 0x0606060606060606, 0x0505050505050505,
+                                            0x0404040404040404, 0x0303030303030303, 0x0202020202020202,
+                                            0x0101010101010101, 0);
+    const __m512i bytes = _mm512_shuffle_epi8(_mm512_set1_epi64((long long)load_u64(plane)), spread);
+    return _mm512_test_epi8_mask(bytes, _mm512_set1_epi64((long long)0x8040201008040201ull));
+}
+
+static inline __m512i levels64(const uint8_t *bytes, const uint8_t *high, int32_t bits, int64_t j, __m512i table) {
+    switch (bits) {
+    case 4: {
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(bytes + j / 2)));
+        /* byte 2k = the low nibble, byte 2k + 1 the high one: (w | w << 4) & 0x0F0F */
+        const __m512i nibbles = _mm512_ternarylogic_epi32(w, _mm512_slli_epi16(w, 4), _mm512_set1_epi16(0x0F0F), 0xA8);
+        return _mm512_shuffle_epi8(table, nibbles);
+    }
+    case 3: {
+        const __m512i low = low_bits64(bytes + j / 4);
+        return _mm512_shuffle_epi8(table, _mm512_mask_add_epi8(low, one_bits64(high + j / 8), low, _mm512_set1_epi8(4)));
+    }
+    case 2:
+        return _mm512_shuffle_epi8(table, low_bits64(bytes + j / 4));
+    default:
+        return _mm512_mask_blend_epi8(one_bits64(bytes + j / 8), _mm512_shuffle_epi8(table, _mm512_setzero_si512()),
+                                      _mm512_shuffle_epi8(table, _mm512_set1_epi8(1)));
+    }
+}
+#endif
+#if LANES == 8
+/* AVX2: 32 codes -> their table bytes, as levels64 does (no masks: a bit test is a compare of the bit with itself). */
+static inline __m256i bit_set32(__m256i bytes, int32_t pattern) {
+    const __m256i bit = _mm256_set1_epi32(pattern);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+}
+
+static inline __m256i low_bits32(const uint8_t *plane) {
+    const __m256i spread = _mm256_set_epi32(0x07070707, 0x06060606, 0x05050505, 0x04040404, 0x03030303, 0x02020202,
+                                            0x01010101, 0);
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi64x((long long)load_u64(plane)), spread);
+    return _mm256_or_si256(_mm256_and_si256(bit_set32(bytes, 0x40100401), _mm256_set1_epi8(1)),
+                           _mm256_and_si256(bit_set32(bytes, (int)0x80200802u), _mm256_set1_epi8(2)));
+}
+
+static inline __m256i one_bits32(const uint8_t *plane) { /* 0xFF where the code's bit is set */
+    const __m256i spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)load_u32(plane)), spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, _mm256_set1_epi64x((long long)0x8040201008040201ull)),
+                             _mm256_set1_epi64x((long long)0x8040201008040201ull));
+}
+
+static inline __m256i levels32(const uint8_t *bytes, const uint8_t *high, int32_t bits, int64_t j, __m256i table) {
+    switch (bits) {
+    case 4: {
+        const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(bytes + j / 2)));
+        return _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_or_si256(w, _mm256_slli_epi16(w, 4)),
+                                                           _mm256_set1_epi16(0x0F0F)));
+    }
+    case 3:
+        return _mm256_shuffle_epi8(table, _mm256_or_si256(low_bits32(bytes + j / 4),
+                                                          _mm256_and_si256(one_bits32(high + j / 8),
+                                                                           _mm256_set1_epi8(4))));
+    case 2:
+        return _mm256_shuffle_epi8(table, low_bits32(bytes + j / 4));
+    default:
+        return _mm256_shuffle_epi8(table, _mm256_and_si256(one_bits32(bytes + j / 8), _mm256_set1_epi8(1)));
+    }
+}
+#endif
+
+#if defined(__aarch64__)
+/* NEON: 16 codes -> their table bytes; each code's byte replicated by tbl, shifted by its own count (ushl). */
+static inline uint8x16_t low_bits16(const uint8_t *plane) {
+    static const uint8_t spread[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
+    static const int8_t shifts[16] = {0, -2, -4, -6, 0, -2, -4, -6, 0, -2, -4, -6, 0, -2, -4, -6};
+    const uint8x16_t bytes = vqtbl1q_u8(vreinterpretq_u8_u32(vdupq_n_u32(load_u32(plane))), vld1q_u8(spread));
+    return vandq_u8(vshlq_u8(bytes, vld1q_s8(shifts)), vdupq_n_u8(3));
+}
+
+static inline uint8x16_t one_bits16(const uint8_t *plane, int to) { /* each code's bit moved to bit `to` */
+    static const uint8_t spread[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+    static const int8_t shifts[16] = {0, -1, -2, -3, -4, -5, -6, -7, 0, -1, -2, -3, -4, -5, -6, -7};
+    const uint8x16_t bytes = vqtbl1q_u8(vreinterpretq_u8_u16(vdupq_n_u16((uint16_t)load_u16(plane))), vld1q_u8(spread));
+    return vandq_u8(vshlq_u8(bytes, vaddq_s8(vld1q_s8(shifts), vdupq_n_s8((int8_t)to))), vdupq_n_u8((uint8_t)(1 << to)));
+}
+#endif
+
+/* One stored row of an integer part -> out[0:width], its levels as the table's bytes. */
+static void decode_levels(const Part *part, const LevelTable *t, int64_t row, uint8_t *restrict out) {
+    const uint8_t *bytes = part->codes + row * part->stride;
+    const int32_t width = part->width, bits = part->bits;
+    const uint8_t *high = bytes + 2 * ((width + 7) / 8); /* 3 bits: the 1-bit plane */
+    int64_t j = 0;
+    (void)high; /* baseline x86_64 decodes a code at a time */
+#if LANES == 16
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)t->bytes));
+    for (; j + 64 <= width; j += 64) _mm512_storeu_si512(out + j, levels64(bytes, high, bits, j, table));
+#elif LANES == 8
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t->bytes));
+    for (; j + 32 <= width; j += 32) _mm256_storeu_si256((__m256i *)(out + j), levels32(bytes, high, bits, j, table));
+#elif defined(__aarch64__)
+    const uint8x16_t table = vld1q_u8(t->bytes);
+    if (bits == 4) {
+        for (; j + 32 <= width; j += 32) {
+            const uint8x16_t b = vld1q_u8(bytes + j / 2);
+            const uint8x16x2_t codes = vzipq_u8(vandq_u8(b, vdupq_n_u8(15)), vshrq_n_u8(b, 4));
+            vst1q_u8(out + j, vqtbl1q_u8(table, codes.val[0]));
+            vst1q_u8(out + j + 16, vqtbl1q_u8(table, codes.val[1]));
+        }
+    } else {
+        for (; j + 16 <= width; j += 16) {
+            uint8x16_t codes;
+            if (bits == 3)
+                codes = vorrq_u8(low_bits16(bytes + j / 4), one_bits16(high + j / 8, 2));
+            else if (bits == 2)
+                codes = low_bits16(bytes + j / 4);
+            else
+                codes = one_bits16(bytes + j / 8, 0);
+            vst1q_u8(out + j, vqtbl1q_u8(table, codes));
+        }
+    }
+#endif
+    for (; j < width; j++) out[j] = t->bytes[code_at(bytes, bits, width, j)];
+}
+
+#if LANES == 16
+/* out[4 i + g] = the sum of v[i][g]'s 16 lanes: a tree of unpacks and lane shuffles, 15 adds in all (a reduction of
+ * each vector alone is 8 operations, 128 for the 16: as many as a 256-wide part's dot products for 8 rows). */
+static inline void reduce16(const __m512i v[4][4], int32_t *out) {
+    __m512i c[8], e[4], f[2];
+    for (int p = 0; p < 8; p++) {
+        const __m512i x = v[p / 2][2 * (p % 2)], y = v[p / 2][2 * (p % 2) + 1];
+        c[p] = _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
+    }
+    for (int p = 0; p < 4; p++)
+        e[p] = _mm512_add_epi32(_mm512_unpacklo_epi64(c[2 * p], c[2 * p + 1]), _mm512_unpackhi_epi64(c[2 * p], c[2 * p + 1]));
+    for (int p = 0; p < 2; p++)
+        f[p] = _mm512_add_epi32(_mm512_shuffle_i32x4(e[2 * p], e[2 * p + 1], 0x44), _mm512_shuffle_i32x4(e[2 * p], e[2 * p + 1], 0xEE));
+    _mm512_storeu_si512(out, _mm512_add_epi32(_mm512_shuffle_i32x4(f[0], f[1], 0x88), _mm512_shuffle_i32x4(f[0], f[1], 0xDD)));
+}
+#endif
+
+/* The integer dot products of query rows (q's rows `qstride` integers apart) with 4 key tiles over `pq` channels (a
+ * multiple of INT_STEP), sums[4 * i + g] = <q_i, k_g>: 4 rows where 32 registers hold the 16 sums (dot_int_4x4), 2
+ * with AVX2's or SSE2's 16 (dot_int_2x4). The key bytes carry KEY_OFFSET (the caller takes it off). */
+#if LANES == 16
+/* AVX-512: a key vector and its products with a query vector added to a sum: VNNI's 64 byte products, or 32
+ * products of the key bytes widened to 16 bits */
+#if defined(__AVX512VNNI__)
+#define KEY_VECTOR_BYTES 64
+static inline __m512i key_vector(const key_byte *k) { return _mm512_loadu_si512(k); }
+static inline __m512i dot_add(__m512i sum, __m512i keys, __m512i query) {
+    return _mm512_dpbusd_epi32(sum, keys, query);
+}
+#else
+#define KEY_VECTOR_BYTES 32
+static inline __m512i key_vector(const key_byte *k) {
+    return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)k));
+}
+static inline __m512i dot_add(__m512i sum, __m512i keys, __m512i query) {
+    return _mm512_add_epi32(sum, _mm512_madd_epi16(keys, query));
+}
+#endif
+
+INLINE void dot_int_4x4(const qint *q, int64_t qstride, const key_byte *const k[4], int64_t pq, int32_t *sums,
+                        Ahead *ahead) {
+    __m512i a[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int g = 0; g < 4; g++) a[i][g] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < pq; j += KEY_VECTOR_BYTES) {
+        for (int line = 0; line < KEY_VECTOR_BYTES / 32; line++) ask(ahead);
+        __m512i y[4];
+        for (int g = 0; g < 4; g++) y[g] = key_vector(k[g] + j);
+        for (int i = 0; i < 4; i++) {
+            const __m512i x = _mm512_loadu_si512(q + i * qstride + j);
+            for (int g = 0; g < 4; g++) a[i][g] = dot_add(a[i][g], y[g], x);
+        }
+    }
+    reduce16((const __m512i(*)[4])a, sums);
+}
+#elif defined(__aarch64__)
+INLINE void dot_int_4x4(const qint *q, int64_t qstride, const key_byte *const k[4], int64_t pq, int32_t *sums,
+                        Ahead *ahead) {
+    int32x4_t a[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int g = 0; g < 4; g++) a[i][g] = vdupq_n_s32(0);
+    for (int64_t j = 0; j < pq; j += 16) {
+        ask(ahead);
+        int8x16_t y[4];
+        for (int g = 0; g < 4; g++) y[g] = vld1q_s8(k[g] + j);
+        for (int i = 0; i < 4; i++) {
+            const int8x16_t x = vld1q_s8(q + i * qstride + j);
+            for (int g = 0; g < 4; g++) {
+#if defined(__ARM_FEATURE_DOTPROD)
+                a[i][g] = vdotq_s32(a[i][g], y[g], x);
+#else
+                a[i][g] = vpadalq_s16(a[i][g], vmull_s8(vget_low_s8(y[g]), vget_low_s8(x)));
+                a[i][g] = vpadalq_s16(a[i][g], vmull_high_s8(y[g], x));
+#endif
+            }
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        const int32x4_t s = vpaddq_s32(vpaddq_s32(a[i][0], a[i][1]), vpaddq_s32(a[i][2], a[i][3]));
+        vst1q_s32(sums + 4 * i, s);
+    }
+}
+#else
+/* x86-64-v3 and baseline: 2 rows x 4 keys in 8 sums (16 registers) */
+INLINE void dot_int_2x4(const qint *q, int64_t qstride, const key_byte *const k[4], int64_t pq, int32_t *sums,
+                        Ahead *ahead) {
+#if LANES == 8
+    __m256i a[2][4];
+    for (int i = 0; i < 2; i++)
+        for (int g = 0; g < 4; g++) a[i][g] = _mm256_setzero_si256();
+    for (int64_t j = 0; j < pq; j += 16) {
+        ask(ahead);
+        __m256i y[4];
+        for (int g = 0; g < 4; g++) y[g] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(k[g] + j)));
+        for (int i = 0; i < 2; i++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(q + i * qstride + j));
+            for (int g = 0; g < 4; g++) a[i][g] = _mm256_add_epi32(a[i][g], _mm256_madd_epi16(y[g], x));
+        }
+    }
+    /* the sums of the 8 vectors' lanes: unpacks within 128-bit lanes, then the two halves */
+    __m256i e[2];
+    for (int i = 0; i < 2; i++) {
+        const __m256i c0 = _mm256_add_epi32(_mm256_unpacklo_epi32(a[i][0], a[i][1]), _mm256_unpackhi_epi32(a[i][0], a[i][1]));
+        const __m256i c1 = _mm256_add_epi32(_mm256_unpacklo_epi32(a[i][2], a[i][3]), _mm256_unpackhi_epi32(a[i][2], a[i][3]));
+        e[i] = _mm256_add_epi32(_mm256_unpacklo_epi64(c0, c1), _mm256_unpackhi_epi64(c0, c1));
+    }
+    _mm256_storeu_si256((__m256i *)sums, _mm256_add_epi32(_mm256_permute2x128_si256(e[0], e[1], 0x20),
+                                                          _mm256_permute2x128_si256(e[0], e[1], 0x31)));
+#else
+    __m128i a[2][4];
+    const __m128i zero = _mm_setzero_si128();
+    for (int i = 0; i < 2; i++)
+        for (int g = 0; g < 4; g++) a[i][g] = zero;
+    for (int64_t j = 0; j < pq; j += 8) {
+        ask(ahead);
+        __m128i y[4];
+        for (int g = 0; g < 4; g++) y[g] = _mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)(k[g] + j)), zero);
+        for (int i = 0; i < 2; i++) {
+            const __m128i x = _mm_loadu_si128((const __m128i *)(q + i * qstride + j));
+            for (int g = 0; g < 4; g++) a[i][g] = _mm_add_epi32(a[i][g], _mm_madd_epi16(y[g], x));
+        }
+    }
+    for (int i = 0; i < 2; i++) {
+        const __m128i c0 = _mm_add_epi32(_mm_unpacklo_epi32(a[i][0], a[i][1]), _mm_unpackhi_epi32(a[i][0], a[i][1]));
+        const __m128i c1 = _mm_add_epi32(_mm_unpacklo_epi32(a[i][2], a[i][3]), _mm_unpackhi_epi32(a[i][2], a[i][3]));
+        _mm_storeu_si128((__m128i *)(sums + 4 * i), _mm_add_epi32(_mm_unpacklo_epi64(c0, c1), _mm_unpackhi_epi64(c0, c1)));
+    }
+#endif
+}
+#endif
+
+/* score_group for an integer part: scores[column + g][r] += factors[g] * qstep[r] * <q_r, levels of key g>, the
+ * integers' sum exact (qsum[r] * KEY_OFFSET taken off), then scaled in integer_scores' order. */
+INLINE void score_group_int(const qint *q, const float *qstep, const int32_t *qsum, int64_t rows, int64_t used,
+                            int64_t pq, const key_byte *const k[4], const float *factors, float *scores, int column,
+                            Ahead *ahead) {
+#if WIDE_SCORING
+    const int block = 4;
+#else
+    const int block = 2;
+#endif
+    for (int64_t r = 0; r < used; r += block) {
+        int32_t sums[4 * GROUP];
+#if WIDE_SCORING
+        dot_int_4x4(q + r * pq, pq, k, pq, sums, ahead);
+#else
+        dot_int_2x4(q + r * pq, pq, k, pq, sums, ahead);
+#endif
+        for (int i = 0; i < block; i++)
+            for (int g = 0; g < GROUP; g++) {
+                const int32_t dot = sums[4 * i + g] - KEY_OFFSET * qsum[r + i];
+                scores[(column + g) * rows + r + i] += (float)dot * qstep[r + i] * factors[g];
+            }
+    }
+}
+
 #if LANES == 16
 /* accumulate's register blocking for AVX-512: m rows (8 or 4) over n vectors of 16 dimensions (2, or 1 for a last
  * strip) held in m x n vector sums across the chunk; c is acc's row r at the strip's first dimension. 8 rows x 32
  * dimensions, 16 sums: each value vector (from half precision, converted at each load) feeds 8 multiply-adds; one
  * core, 32k fp16 rows of 512: 6.0 ms a call with 4 rows, 5.7 with 8. */
 INLINE void accumulate_strip(float *c, int64_t acc_stride, int64_t rows, const void *values, int64_t stride,
-                             const float *weights, int64_t count, int half, int m, int n) {
+                             const float *weights, int64_t count, int form, int m, int n) {
     vn s[8][4];
     for (int l = 0; l < m; l++)
         for (int h = 0; h < n; h++) s[l][h] = loadn(c + l * acc_stride + 16 * h);
     for (int64_t k = 0; k < count; k++) {
         vn v[4];
-        for (int h = 0; h < n; h++) v[h] = load_row(values, k * stride + 16 * h, half);
+        for (int h = 0; h < n; h++) v[h] = load_row(values, k * stride + 16 * h, form);
         const float *w = weights + k * rows;
         for (int l = 0; l < m; l++)
             for (int h = 0; h < n; h++) s[l][h] += w[l] * v[h];
@@ -646,23 +1076,23 @@ INLINE void accumulate_strip(float *c, int64_t acc_stride, int64_t rows, const v
  * dimensions, accumulate_strip), the rows innermost so that a strip of the chunk's values is read from L1 by every
  * group of rows. values rows are `stride` elements apart (floats, or halves with `half`); width is a multiple of 16. */
 INLINE void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t used, int64_t width, const void *values,
-                       int64_t stride, const float *weights, int64_t count, int half) {
+                       int64_t stride, const float *weights, int64_t count, int form) {
 #if LANES == 16
-    const size_t element = half ? 2 : 4;
+    const size_t element = form == FORM_F16 ? 2 : form == FORM_I8 ? 1 : 4;
     int64_t j = 0;
     for (; j + 32 <= width; j += 32) {
         int64_t r = 0;
         for (; r + 8 <= used; r += 8)
             accumulate_strip(acc + r * acc_stride + j, acc_stride, rows, (const uint8_t *)values + j * element, stride,
-                             weights + r, count, half, 8, 2);
+                             weights + r, count, form, 8, 2);
         for (; r < used; r += 4)
             accumulate_strip(acc + r * acc_stride + j, acc_stride, rows, (const uint8_t *)values + j * element, stride,
-                             weights + r, count, half, 4, 2);
+                             weights + r, count, form, 4, 2);
     }
     for (; j < width; j += 16)
         for (int64_t r = 0; r < used; r += 4)
             accumulate_strip(acc + r * acc_stride + j, acc_stride, rows, (const uint8_t *)values + j * element,
-                             stride, weights + r, count, half, 4, 1);
+                             stride, weights + r, count, form, 4, 1);
 #else
     for (int64_t j = 0; j < width; j += 16) {
         for (int64_t r = 0; r < used; r += 4) {
@@ -672,7 +1102,7 @@ INLINE void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t use
             vn c20 = loadn(c + 2 * acc_stride), c21 = loadn(c + 2 * acc_stride + 8);
             vn c30 = loadn(c + 3 * acc_stride), c31 = loadn(c + 3 * acc_stride + 8);
             for (int64_t k = 0; k < count; k++) {
-                const vn v0 = load_row(values, k * stride + j, half), v1 = load_row(values, k * stride + j + 8, half);
+                const vn v0 = load_row(values, k * stride + j, form), v1 = load_row(values, k * stride + j + 8, form);
                 const float *w = weights + k * rows + r;
                 c00 += w[0] * v0;
                 c01 += w[0] * v1;
@@ -697,8 +1127,8 @@ INLINE void accumulate(float *acc, int64_t acc_stride, int64_t rows, int64_t use
                 for (int h = 0; h < 4; h++) s[l][h] = loadn(c + l * acc_stride + 4 * h);
             for (int64_t k = 0; k < count; k++) {
                 const int64_t v = k * stride + j;
-                const vn v0 = load_row(values, v, half), v1 = load_row(values, v + 4, half);
-                const vn v2 = load_row(values, v + 8, half), v3 = load_row(values, v + 12, half);
+                const vn v0 = load_row(values, v, form), v1 = load_row(values, v + 4, form);
+                const vn v2 = load_row(values, v + 8, form), v3 = load_row(values, v + 12, form);
                 const vn w = loadn(weights + k * rows + r);
                 for (int l = 0; l < 4; l++) {
                     s[l][0] += w[l] * v0;
@@ -886,7 +1316,7 @@ static void transform_query(const float *q, int64_t rows, int64_t pdim, const Pa
         return;
     }
     const int64_t main = width / 16 * 16;
-    accumulate(out, pw, rows, rows, main, t, width, gathered, n, 0);
+    accumulate(out, pw, rows, rows, main, t, width, gathered, n, FORM_F32);
     for (int64_t w = main; w < width; w++)
         for (int64_t r = 0; r < rows; r++) {
             float sum = 0.0f;
@@ -1018,6 +1448,22 @@ static int attend_head(const Call *call) {
         queries[p] = next;
         next += rows * padded(part->width);
     }
+    /* an integer key part's query: integers [rows][int_padded(width)], steps [rows], sums [rows] */
+    const qint *qints[MAX_PARTS];
+    const float *qsteps[MAX_PARTS];
+    const int32_t *qsums[MAX_PARTS];
+    for (int p = 0; p < call->n_key_parts && call->coded_n > 0; p++) {
+        const Part *part = &call->key_parts[p];
+        if (!integer(part)) continue;
+        qint *ints = (qint *)next;
+        float *steps = next + rows * int_padded(part->width) * (int64_t)sizeof(qint) / 4;
+        int32_t *sums = (int32_t *)(steps + rows);
+        quantize_query(queries[p], used, padded(part->width), part->width, part->step, ints, steps, sums);
+        qints[p] = ints;
+        qsteps[p] = steps;
+        qsums[p] = sums;
+        next = (float *)(sums + rows);
+    }
     for (int p = 0; p <= call->n_value_parts; p++) {
         st.accs[p] = next;
         st.widths[p] = p < call->n_value_parts ? padded(call->value_parts[p].width) : pdim;
@@ -1033,10 +1479,16 @@ static int attend_head(const Call *call) {
 
     float factors[GROUP];
     Centroids key_tables[MAX_PARTS], value_tables[MAX_PARTS];
-    for (int p = 0; p < call->n_key_parts; p++)
-        if (call->key_parts[p].kind == PACKED) key_tables[p] = centroids(&call->key_parts[p]);
-    for (int p = 0; p < call->n_value_parts; p++)
-        if (call->value_parts[p].kind == PACKED) value_tables[p] = centroids(&call->value_parts[p]);
+    LevelTable level_tables[MAX_PARTS], value_levels[MAX_PARTS];
+    key_byte *const btile = (key_byte *)ktile; /* an integer part's 4 keys, a row's integers and 64 bytes apart */
+    for (int p = 0; p < call->n_key_parts; p++) {
+        if (integer(&call->key_parts[p])) level_tables[p] = level_table(&call->key_parts[p], KEY_OFFSET);
+        else if (call->key_parts[p].kind == PACKED) key_tables[p] = centroids(&call->key_parts[p]);
+    }
+    for (int p = 0; p < call->n_value_parts; p++) {
+        if (BYTES_IN_PLACE && integer(&call->value_parts[p])) value_levels[p] = level_table(&call->value_parts[p], 0);
+        else if (call->value_parts[p].kind == PACKED) value_tables[p] = centroids(&call->value_parts[p]);
+    }
     for (int64_t start = 0; start < call->coded_n; start += CHUNK) {
         const int count = (int)(call->coded_n - start < CHUNK ? call->coded_n - start : CHUNK);
         if (!seen(call->coded_positions + start, count, call->coded_lower, call->coded_upper, tokens)) continue;
@@ -1048,11 +1500,28 @@ static int attend_head(const Call *call) {
             for (int p = 0; p < call->n_key_parts; p++) {
                 const Part *part = &call->key_parts[p];
                 const int64_t tile = padded(part->width) + SKEW;
+                if (integer(part)) {
+                    const int64_t pq = int_padded(part->width), bstride = pq + 64;
+                    const key_byte *k[GROUP];
+                    for (int g = 0; g < GROUP; g++) {
+                        key_byte *row = btile + g * bstride;
+                        if (column + g < count) {
+                            decode_levels(part, &level_tables[p], start + column + g, (uint8_t *)row);
+                            factors[g] = factor(part, start + column + g);
+                        } else {
+                            for (int64_t j = 0; j < pq; j++) row[j] = (key_byte)KEY_OFFSET;
+                            factors[g] = 0.0f;
+                        }
+                        k[g] = row;
+                    }
+                    score_group_int(qints[p], qsteps[p], qsums[p], rows, used, pq, k, factors, scores, column, &ahead);
+                    continue;
+                }
                 if (in_place(part) && column + GROUP <= count) {
                     const uint8_t *k = part->codes + (start + column) * part->stride;
                     for (int g = 0; g < GROUP; g++) factors[g] = factor(part, start + column + g);
                     score_group(queries[p], rows, used, part->width, k, k + part->stride, k + 2 * part->stride,
-                                k + 3 * part->stride, factors, scores, column, 1, &ahead);
+                                k + 3 * part->stride, factors, scores, column, FORM_F16, &ahead);
                     continue;
                 }
                 for (int g = 0; g < GROUP; g++) {
@@ -1065,7 +1534,7 @@ static int attend_head(const Call *call) {
                     }
                 }
                 score_group(queries[p], rows, used, padded(part->width), ktile, ktile + tile, ktile + 2 * tile,
-                            ktile + 3 * tile, factors, scores, column, 0, &ahead);
+                            ktile + 3 * tile, factors, scores, column, FORM_F32, &ahead);
             }
             ask_rest(&ahead);
         }
@@ -1073,18 +1542,31 @@ static int attend_head(const Call *call) {
         for (int p = 0; p < call->n_value_parts; p++) {
             const Part *part = &call->value_parts[p];
             const int64_t tile = padded(part->width) + SKEW;
-            const int half = in_place(part);
+            const int half = in_place(part), bytes = BYTES_IN_PLACE && integer(part);
+            /* an integer part's levels as bytes, their step in the weights */
+            const int64_t byte_tile = padded(part->width) + 64;
+            int8_t *const levels = (int8_t *)vtile;
             for (int k = 0; k < count; k++) {
-                if (!half) widen(part, &value_tables[p], start + k, vtile + k * tile);
-                const float f = factor(part, start + k);
+                float f = factor(part, start + k);
+                if (bytes) {
+                    int8_t *row = levels + k * byte_tile;
+                    decode_levels(part, &value_levels[p], start + k, (uint8_t *)row);
+                    for (int64_t j = part->width; j < padded(part->width); j++) row[j] = 0;
+                    f *= part->step;
+                } else if (!half) {
+                    widen(part, &value_tables[p], start + k, vtile + k * tile);
+                }
                 for (int64_t r = 0; r < used; r++) weights[k * rows + r] = scores[k * rows + r] * f;
             }
             if (half)
                 accumulate(st.accs[p], part->width, rows, used, part->width, part->codes + start * part->stride,
-                           part->stride / 2, weights, count, 1);
+                           part->stride / 2, weights, count, FORM_F16);
+            else if (bytes)
+                accumulate(st.accs[p], padded(part->width), rows, used, padded(part->width), levels, byte_tile, weights,
+                           count, FORM_I8);
             else
                 accumulate(st.accs[p], padded(part->width), rows, used, padded(part->width), vtile, tile, weights,
-                           count, 0);
+                           count, FORM_F32);
         }
     }
     static const float ones[GROUP] = {1.0f, 1.0f, 1.0f, 1.0f}, zeros[MAX_WIDTH];
@@ -1108,7 +1590,7 @@ static int attend_head(const Call *call) {
                         k[g] = row;
                     }
                 }
-                score_group(query, rows, used, pdim, k[0], k[1], k[2], k[3], ones, scores, column, 0, NULL);
+                score_group(query, rows, used, pdim, k[0], k[1], k[2], k[3], ones, scores, column, FORM_F32, NULL);
             }
             softmax_chunk(&st, scores, block->positions, start, count, block->lower, block->upper);
             /* copied into the tile even when in place would do: its skewed stride keeps a strip of the chunk in L1 */
@@ -1117,7 +1599,7 @@ static int attend_head(const Call *call) {
                 copy_floats(vtile + i * (pdim + SKEW), values + i * dim, dim);
                 zero_floats(vtile + i * (pdim + SKEW) + dim, pdim - dim);
             }
-            accumulate(acc_exact, pdim, rows, used, pdim, vtile, pdim + SKEW, scores, count, 0);
+            accumulate(acc_exact, pdim, rows, used, pdim, vtile, pdim + SKEW, scores, count, FORM_F32);
         }
     }
 

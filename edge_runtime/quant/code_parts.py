@@ -11,7 +11,9 @@ parts p:
 - C_p are the channels of x the part covers (ChannelSplit's halves), or None for all of them;
 - T_p is the part's transform [len(C_p), width] (a rotation, a Gaussian projection) or None for the identity; a
   randomized Hadamard rotation also gives its sign vectors, which the kernel applies as fast transforms instead
-  of reading T_p.
+  of reading T_p;
+- a packed part's `levels` (int8, its values / `step`), where given, make it a key part scored in integers
+  (edge_runtime.quant.integer_scores): the query quantized after T_p, the sums exact.
 So <q, x> = sum_p coef_p scale_p[n] <q[C_p] @ T_p, decode_p(row_n)>: the query is transformed once per part and
 each row is read once, and a weighted sum over rows accumulates sum_n w_n coef_p scale_p[n] decode_p(row_n) per
 part in the part's own domain, transformed back once at the end. This is the contract between the codecs
@@ -41,6 +43,8 @@ class CodePart:
     transform: np.ndarray | None = None  # [len(channels), width] float32 C order; None: identity
     channels: np.ndarray | None = None  # int64: the vector's channels this part covers; None: all of them
     hadamard: np.ndarray | None = None  # [rounds, width] float32 signs: transform is turboquant.hadamard_rotation's
+    levels: np.ndarray | None = None  # PACKED: int8 [2**bits], lookup's values / step: keys scored in integers
+    step: float = 0.0
 
     def rows(self, start: int, stop: int) -> CodePart:
         """The same part over rows [start, stop): how a long block is shared between threads."""
@@ -54,5 +58,7 @@ def as_bytes(values: np.ndarray) -> np.ndarray:
 
 
 def packed_part(codes: np.ndarray, lookup: LookupTable, width: int, scale: np.ndarray | None, coef: float = 1.0,
-                transform: np.ndarray | None = None, hadamard: np.ndarray | None = None) -> CodePart:
-    return CodePart(PACKED, width, codes, lookup.bits, lookup.table, scale, float(coef), transform, hadamard=hadamard)
+                transform: np.ndarray | None = None, hadamard: np.ndarray | None = None,
+                levels: np.ndarray | None = None, step: float = 0.0) -> CodePart:
+    return CodePart(PACKED, width, codes, lookup.bits, lookup.table, scale, float(coef), transform, hadamard=hadamard,
+                    levels=levels, step=float(step))

@@ -23,6 +23,7 @@ import numpy as np
 
 from edge_runtime.quant.code_parts import CodePart, packed_part
 from edge_runtime.quant.codec import VectorCodec, tiles, vector_count
+from edge_runtime.quant.integer_scores import BUTTERFLY_ROWS, int8_grid, quantize_rows
 from edge_runtime.quant.packing import LookupTable, pack, packed_bytes
 
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(48)
@@ -131,6 +132,26 @@ def hadamard_rotation(dim: int, seed: int) -> np.ndarray:
     return rotation
 
 
+def hadamard_rotate(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """x [m, dim] @ the rotation of `signs` (hadamard_signs) by fast transforms, in the attention kernel's order of
+    float32 operations (per round: a product by the signs, then butterfly stages (a, b) -> (a + b, a - b) at
+    distances 1, 2, 4, ...), on the kernel's layout (the rows in the fast axis): the kernel rotates a query this way,
+    and integer key scores need the same bits on both sides (integer_scores)."""
+    m, dim = x.shape
+    t = np.array(np.asarray(x, np.float32).T, order="C")
+    spare = np.empty_like(t)
+    for round_signs in signs:
+        t *= round_signs[:, None]
+        h = 1
+        while h < dim:
+            pairs, out = t.reshape(dim // (2 * h), 2, h, m), spare.reshape(dim // (2 * h), 2, h, m)
+            np.add(pairs[:, 0], pairs[:, 1], out=out[:, 0])
+            np.subtract(pairs[:, 0], pairs[:, 1], out=out[:, 1])
+            t, spare = spare, t
+            h *= 2
+    return np.ascontiguousarray(t.T)
+
+
 def is_power_of_two(n: int) -> bool:
     return n >= 2 and n & (n - 1) == 0
 
@@ -169,7 +190,9 @@ class TurboQuantizer:
 
     rotation="hadamard" (dim a power of two) rotates by `hadamard_rotation` in place of a Haar matrix: what the KV
     cache uses, so that decode attention applies it as two fast transforms; the Haar rotation stays the default
-    (and the PLE store's, whose codes an artifact holds).
+    (and the PLE store's, whose codes an artifact holds). Its mse codes are also scored in integers
+    (integer_scores): the codebook is an int8 grid (`levels` * `step`) and inner products quantize the rotated
+    query, as the attention kernel does.
 
     Codes: "norm" (float32 |x|), "codes" (packed mse codes, if bits-1 > 0 or mode is mse), "signs" (packed,
     prod) and "residual" (float32 |x| |r|, prod with bits > 1).
@@ -191,8 +214,13 @@ class TurboQuantizer:
         self.rotation = random_rotation(dim, seed) if self.hadamard is None else hadamard_rotation(dim, seed)
         self.mse_bits = bits if mode == "mse" else bits - 1
         self.bytes_per_vector = 4 + (packed_bytes(dim, self.mse_bits) if self.mse_bits else 0)
+        self.levels, self.step = None, np.float32(0)
         if self.mse_bits:
             self.codebook = lloyd_max_codebook(dim, self.mse_bits)
+            if self.hadamard is not None:
+                self.levels, self.step = int8_grid(self.codebook)
+                self.codebook = self.levels.astype(np.float32) * self.step
+                self._level_table = LookupTable(self.levels, self.mse_bits, dim)
             self._boundaries = (self.codebook[1:] + self.codebook[:-1]) / 2
             self._centroids = LookupTable(self.codebook, self.mse_bits, dim)
         if mode == "prod":
@@ -251,11 +279,19 @@ class TurboQuantizer:
         q = np.asarray(q, dtype=np.float32)
         n = vector_count(codes)
         out = np.empty((len(q), n), np.float32)
-        rotated = q @ self.rotation if self.mse_bits else None
+        rotated = q @ self.rotation if self.mse_bits and self.levels is None else None
         projected = q @ self._project if self.mode == "prod" else None
+        if self.levels is not None:
+            fast = len(q) <= BUTTERFLY_ROWS
+            rotated, scale = quantize_rows(hadamard_rotate(q, self.hadamard) if fast else q @ self.rotation)
+            scale *= self.step
         for t in tiles(n):
             scores = out[:, t]
-            if self.mse_bits:
+            if self.levels is not None:
+                np.matmul(rotated, self._level_table(codes["codes"][t]).T, out=scores)
+                scores *= scale[:, None]
+                scores *= codes["norm"][t]
+            elif self.mse_bits:
                 np.matmul(rotated, self._centroids(codes["codes"][t]).T, out=scores)
                 scores *= codes["norm"][t]
             else:
@@ -282,7 +318,8 @@ class TurboQuantizer:
         """The mse codes in the rotated domain; for prod also the residual's sign bits in the projected one."""
         out = []
         if self.mse_bits:
-            out.append(packed_part(codes["codes"], self._centroids, self.dim, codes["norm"], transform=self.rotation, hadamard=self.hadamard))
+            out.append(packed_part(codes["codes"], self._centroids, self.dim, codes["norm"], transform=self.rotation,
+                                   hadamard=self.hadamard, levels=self.levels, step=self.step))
         if self.mode == "prod":
             out.append(packed_part(codes["signs"], self._signs, self.dim,
                                    codes["residual"] if self.mse_bits else codes["norm"], self._qjl_scale,

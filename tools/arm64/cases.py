@@ -19,9 +19,11 @@ CPUS: dict[str, tuple[str, str]] = {
     "phone-i8mm": ("max,sve=off,sme=off", "Armv9 phone class: dotprod + i8mm (qemu max, SVE/SME off)"),
 }
 SMOKE_CPU = "cortex-a76"
-# The build of edge_runtime/kernels/attention.c every emulated CPU must load (edge_runtime.attention_kernel.load():
-# one aarch64 build, Armv8-A NEON, for all of them); anything else means numpy ran attention instead.
-ATTENTION_KERNEL = "aarch64"
+# The build of edge_runtime/kernels/attention.c each emulated CPU must load (edge_runtime.attention_kernel.load()):
+# the dot-product build (its integer key scores by sdot) where the CPU has Armv8.2's dot products, the Armv8-A NEON
+# one on the Pi 4's core; anything else means that build is missing or stale, and numpy ran attention instead.
+ATTENTION_KERNELS = {"cortex-a72": "aarch64", "cortex-a76": "aarch64-dotprod", "neoverse-n1": "aarch64-dotprod",
+                     "phone-i8mm": "aarch64-dotprod"}
 
 # x86 runs per quantized case with its inputs perturbed by one float32 ulp (runner.perturb_inputs): the yardstick
 # for how far two CPUs' rounding may move a format's logits (compare.py).

@@ -243,16 +243,17 @@ class Report:
 
 
 def attention_kernel_note(cpu: str, loaded: str | None) -> tuple[str, bool]:
-    """Which attention build ran the guest's decode steps: the aarch64 one, or a failure. numpy's fallback computes
-    the same attention (the kernel tests hold them to 2e-6), so the logits alone would let a build missing from the
-    wheel, or stale, pass unseen."""
-    if loaded == cases.ATTENTION_KERNEL:
+    """Which attention build ran the guest's decode steps: the CPU's own (cases.ATTENTION_KERNELS), or a failure.
+    numpy's fallback computes the same attention (the kernel tests hold them to 2e-6), so the logits alone would let
+    a build missing from the wheel, or stale, pass unseen."""
+    expected = cases.ATTENTION_KERNELS[cpu]
+    if loaded == expected:
         return f"{cpu}: attention kernel {loaded} loaded (edge_runtime.attention_kernel.load().name)", True
     if loaded is None:
-        return (f"{cpu}: no attention kernel loaded, numpy ran attention: attention-{cases.ATTENTION_KERNEL}.so is "
+        return (f"{cpu}: no attention kernel loaded, numpy ran attention: attention-{expected}.so is "
                 "missing from the installed package or was built from another attention.c (python "
                 "tools/build_kernels.py --check)"), False
-    return f"{cpu}: attention kernel {loaded} loaded, expected {cases.ATTENTION_KERNEL}", False
+    return f"{cpu}: attention kernel {loaded} loaded, expected {expected}", False
 
 
 def _widest_matmul(artifact: Path) -> int:
