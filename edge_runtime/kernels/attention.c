@@ -126,9 +126,8 @@ static inline vn loadh(const uint16_t *p) { return (vn)_mm256_cvtph_ps(_mm_loadu
 #endif
 #define INLINE static inline __attribute__((always_inline))
 
-/* x86-64-v3 also sums an integer part's values where they lie as bytes (their levels, decode_levels' tile), converted
- * 8 or 16 at a time as they are loaded like half precision: a float tile cost a conversion, a store and a load, and
- * at 64 KiB a chunk it did not fit in L1. */
+/* x86-64-v3 and up also sum an integer part's values from a tile of bytes (their levels, decode_levels'), converted 8
+ * or 16 at a time as they are loaded, like half precision: a quarter of a float tile's stores and loads. */
 #define BYTES_IN_PLACE HALF_IN_PLACE
 enum { FORM_F32 = 0, FORM_F16 = 1, FORM_I8 = 2 }; /* how a row's elements are stored: float, half, signed byte */
 
@@ -650,8 +649,8 @@ INLINE void score_group(const float *q, int64_t rows, int64_t used, int64_t widt
  *   signed query bytes, KEY_OFFSET times the row's sum taken off after;
  * - x86 without VNNI: the key bytes widened to 16 bits and multiplied with 16-bit query integers by pmaddwd;
  * - aarch64-dotprod: sdot, signed bytes both; aarch64: smull and sadalp.
- * A float score costs a value 8 multiply-adds (8 query rows) after a lookup; these 8 / 64 of a vpdpbusd, and the
- * codes decode to bytes 16 to 64 at a time. */
+ * Scored in floats, a stored value cost 8 multiply-adds (8 query rows) after a table lookup; in integers it costs 8 / 64
+ * of a vpdpbusd, and its code is decoded to a byte with 15 to 63 others. */
 #if defined(__x86_64__)
 #define KEY_OFFSET 128
 typedef uint8_t key_byte;
