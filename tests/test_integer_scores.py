@@ -69,8 +69,8 @@ def test_a_hadamard_quantizer_scores_integers_and_costs_next_to_nothing(bits):
     codes = tq.encode(x)
     got = tq.inner_products(q, codes)
     integers, scale = quantize_rows(hadamard_rotate(q, tq.hadamard))
+    assert np.array_equal(got, integer_scores_of(tq, integers, scale, codes))
     levels = tq._level_table(codes["codes"])
-    assert np.array_equal(got, integers @ levels.T * (scale * tq.step)[:, None] * codes["norm"])
     floats = (q @ tq.rotation) @ (levels * tq.step).T * codes["norm"]
     exact = q @ x.T
     rms = float(np.sqrt(np.mean((floats - exact) ** 2)))

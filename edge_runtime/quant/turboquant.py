@@ -279,12 +279,13 @@ class TurboQuantizer:
         q = np.asarray(q, dtype=np.float32)
         n = vector_count(codes)
         out = np.empty((len(q), n), np.float32)
-        rotated = q @ self.rotation if self.mse_bits and self.levels is None else None
         projected = q @ self._project if self.mode == "prod" else None
         if self.levels is not None:
             fast = len(q) <= BUTTERFLY_ROWS
             rotated, scale = quantize_rows(hadamard_rotate(q, self.hadamard) if fast else q @ self.rotation)
             scale *= self.step
+        elif self.mse_bits:
+            rotated = q @ self.rotation
         for t in tiles(n):
             scores = out[:, t]
             if self.levels is not None:
