@@ -19,6 +19,8 @@ platform does not expose a figure):
     threads            onnxruntime threads, also the bandwidth probe's threads
     context            context length the model was loaded with
     depth              tokens in the context before each test
+    depth_filled       whether the depth was filled by repeating one prefilled chunk (--fill, see fill_depth) rather
+                       than prefilled whole (peak_rss_bytes then holds one chunk's prefill)
     repetitions        runs of each test
     low_memory         whether the model was loaded with low_memory=True (see edge_runtime.load)
     adapter            the LoRA adapter attached to the artifact's slots (--adapter), or None
@@ -103,6 +105,7 @@ class BenchConfig:
     kv_recent: int | None = None
     kv_sliding: str | None = None  # kv_formats.default_sliding_format by default
     adapter: Path | None = None  # a LoRA adapter attached to the artifact's slots
+    fill: bool = False  # the depth filled by repeating one prefilled chunk (fill_depth), not prefilled whole
 
     def __post_init__(self) -> None:
         for option, counts in (("n_prompt", self.n_prompt), ("n_gen", self.n_gen)):
@@ -115,6 +118,8 @@ class BenchConfig:
                                      ("probe_mb", self.probe_mb, 1), ("kv_recent", self.kv_recent, 0)):
             if value is not None and value < least:
                 raise EdgeRuntimeError(f"{option}={value}: must be at least {least}")
+        if self.fill and not self.depth:
+            raise EdgeRuntimeError("--fill fills the depth by repeating one prefilled chunk: give -d/--depth above 0")
         kv_format(self.kv)
         if self.kv_sliding is not None:
             kv_format(self.kv_sliding)
@@ -159,6 +164,52 @@ def _summary(name: str, n_prompt: int, n_gen: int, samples: list[float]) -> dict
             "stdev": statistics.stdev(samples) if len(samples) > 1 else 0.0, "samples": samples}
 
 
+def fill_depth(model: Model, depth: int, rng: np.random.Generator) -> None:
+    """Bring the cache to `depth` positions in seconds: one prefill chunk of random tokens run for real, then its keys
+    and values committed again and again at the positions after it.
+
+    A decode step reads every position the cache holds, so its cost follows the depth and the KV format; what the
+    positions hold counts only through the numbers themselves (keys scoring far below the best make subnormal
+    softmax weights, which an Intel core's float units take microcode assists on where nothing flushes them), so
+    the numbers are the model's own, not random ones. A 32k context then starts in seconds rather than after a
+    prefill of minutes (hours on a Pi).
+    """
+    model.reset()
+    engine = model.engine
+    chunk = min(depth, model.prefill_chunk)
+    written: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    commit = engine.cache.commit
+
+    def keep(new_kv: dict[int, tuple[np.ndarray, np.ndarray]], positions: np.ndarray) -> None:
+        written.update({layer: (keys.copy(), values.copy()) for layer, (keys, values) in new_kv.items()})
+        commit(new_kv, positions)
+
+    engine.cache.commit = keep  # the one commit of the chunk's prefill, seen on its way in
+    try:
+        model.feed(rng.integers(0, model.spec.input_vocab_size, chunk))
+    finally:
+        del engine.cache.commit
+    with model.lock:
+        for start in range(chunk, depth, chunk):
+            n = min(chunk, depth - start)
+            engine.cache.reserve(n)
+            commit({layer: (keys[:, :n], values[:, :n]) for layer, (keys, values) in written.items()},
+                   np.arange(start, start + n))
+            engine.tokens.extend(engine.tokens[:n])
+
+
+def _start(model: Model, ids: np.ndarray, config: BenchConfig, rng: np.random.Generator) -> None:
+    """A test's context before its timed part: `ids` prefilled from an empty cache, or with --fill the depth
+    filled by fill_depth and only the ids past it fed."""
+    if config.fill:
+        fill_depth(model, config.depth, rng)
+        ids = ids[config.depth:]
+    else:
+        model.reset()
+    if len(ids):
+        model.feed(ids)
+
+
 def _prompt_test(model: Model, n: int, config: BenchConfig, rng: np.random.Generator, sampler: Sampler | None,
                  ttft: list[float], report: Progress) -> dict[str, Any]:
     name = f"pp{n}" + (f" @ d{config.depth}" if config.depth else "")
@@ -166,8 +217,7 @@ def _prompt_test(model: Model, n: int, config: BenchConfig, rng: np.random.Gener
     for r in range(config.repetitions):
         report(name, r, config.repetitions)
         ids = rng.integers(0, model.spec.input_vocab_size, config.depth + n)
-        model.reset()
-        model.feed(ids[:config.depth])
+        _start(model, ids[:config.depth], config, rng)
         start = time.perf_counter()
         logits = model.feed(ids[config.depth:])
         samples.append(n / (time.perf_counter() - start))
@@ -184,8 +234,7 @@ def _gen_test(model: Model, n: int, config: BenchConfig, rng: np.random.Generato
     for r in range(config.repetitions):
         report(name, r, config.repetitions)
         ids = rng.integers(0, model.spec.input_vocab_size, config.depth + 1 + n)
-        model.reset()
-        model.feed(ids[:config.depth + 1])
+        _start(model, ids[:config.depth + 1], config, rng)
         steps = [ids[i:i + 1] for i in range(config.depth + 1, len(ids))]
         start = time.perf_counter()
         for step in steps:
@@ -259,6 +308,7 @@ def run_bench(artifact: Path, config: BenchConfig, progress: Progress | None = N
         "threads": threads,
         "context": model.context_length,
         "depth": config.depth,
+        "depth_filled": config.fill,
         "repetitions": config.repetitions,
         "low_memory": config.low_memory,
         "load_seconds": load_seconds,
@@ -310,6 +360,8 @@ def format_report(result: dict[str, Any]) -> str:
                  f"{_size(result['probe_bytes'])} probe)")
     lines = [line(header), rule, *map(line, rows), "", load, memory, bandwidth, result["huge_pages"],
              f"model bytes per token {_size(result['bytes_per_token'])} ({parts})"]
+    if result["depth_filled"]:
+        lines.append(f"depth {result['depth']}: one prefilled chunk's keys and values repeated (--fill), not prefilled")
     lines += [f"{t['test']}: {t['tokens_per_second']:.2f} t/s = {t['fraction_of_ceiling']:.3f} of the ceiling "
               f"{t['ceiling_tokens_per_second']:.2f} t/s (bandwidth / model bytes); "
               f"KV read {_size(t['kv_bytes_per_token'])}/token on top" for t in result["tests"] if t["n_gen"]]

@@ -12,13 +12,16 @@ import sys
 import numpy as np
 import pytest
 
-from edge_runtime import memory
+from edge_runtime import load, memory
 from edge_runtime.artifact import read_manifest
+from edge_runtime.bench import fill_depth, format_report
+from edge_runtime.model_spec import FULL
 
 TINY = ("-p", "8", "-n", "4", "-r", "2", "--probe-mb", "64")
 KEYS = {"model", "model_bytes", "formats", "threads", "context", "depth", "repetitions", "low_memory", "load_seconds",
         "ttft_test", "ttft_ms", "tests", "peak_rss_bytes", "current_rss_bytes", "ple_resident_bytes", "weights_resident_bytes",
-        "bandwidth_gb_s", "probe_bytes", "bytes_per_token", "read_per_token", "kv_cache_bytes", "adapter", "huge_pages"}
+        "bandwidth_gb_s", "probe_bytes", "bytes_per_token", "read_per_token", "kv_cache_bytes", "adapter", "huge_pages",
+        "depth_filled"}
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -39,9 +42,9 @@ def test_bench_json_has_every_figure_for_the_default_model(bench_json):
     assert set(data) == KEYS
     assert data["model"] == str(path)
     # weights.bin may have no mapped pages left: onnxruntime repacks and unmaps its weights, embedding rows are pread
-    assert data["low_memory"] is False and data["adapter"] is None
+    assert data["low_memory"] is False and data["adapter"] is None and data["depth_filled"] is False
     for key in KEYS - {"model", "formats", "tests", "ttft_test", "depth", "read_per_token", "weights_resident_bytes",
-                       "low_memory", "adapter", "huge_pages"}:
+                       "low_memory", "adapter", "huge_pages", "depth_filled"}:
         assert data[key] > 0, key
     manifest = read_manifest(path)
     assert data["bytes_per_token"] == manifest.bytes_per_token and data["read_per_token"] == manifest.read_per_token
@@ -87,6 +90,7 @@ def test_bench_table_names_the_tests_and_the_ceiling(bundled):
     (("-r", "0"), "error: repetitions=0: must be at least 1"),
     (("--kv", "fp8"), "error: kv='fp8': not a KV cache format; choose one of fp32, fp16, int8, tq4"),
     (("--kv-recent", "-2"), "error: kv_recent=-2: must be at least 0"),
+    (("--fill",), "error: --fill fills the depth by repeating one prefilled chunk: give -d/--depth above 0"),
 ])
 def test_bad_options_fail_before_the_model_is_opened(args, message):
     result = cli("bench", "-m", "/nonexistent/model", *args)
@@ -156,3 +160,48 @@ def test_p0_skips_prompt_tests_so_depth_is_prefilled_once(bundled):
     data = json.loads(result.stdout)
     assert [t["test"] for t in data["tests"]] == ["tg3 @ d20"]
     assert data["ttft_test"] is None and data["ttft_ms"] is None and data["context"] == 24
+
+
+def test_fill_writes_the_depth_a_prefill_would_leave(bundled):
+    """--fill's cache holds what a prefill of the same depth holds: the same positions, in the same format, read the
+    same bytes a step; and the steps after it run as they do after a prefill."""
+    path, _ = bundled
+    runs = {}
+    for fill in ((), ("--fill",)):
+        result = cli("bench", "-m", str(path), "-p", "16", "-n", "3", "-r", "1", "-d", "300", "--probe-mb", "16",
+                     "--kv", "tq3.5", *fill, "--json")
+        assert result.returncode == 0, result.stderr
+        runs[bool(fill)] = json.loads(result.stdout)
+    prefilled, filled = runs[False], runs[True]
+    assert (prefilled["depth_filled"], filled["depth_filled"]) == (False, True)
+    assert [t["test"] for t in filled["tests"]] == ["pp16 @ d300", "tg3 @ d300"]
+    assert filled["tests"][1]["kv_bytes_per_token"] == prefilled["tests"][1]["kv_bytes_per_token"] > 0
+    assert filled["kv_cache_bytes"] == prefilled["kv_cache_bytes"]
+    assert all(t["tokens_per_second"] > 0 for t in filled["tests"])
+    note = "depth 300: one prefilled chunk's keys and values repeated (--fill), not prefilled"
+    assert note in format_report(filled).splitlines() and note not in format_report(prefilled)
+
+
+def test_fill_depth_holds_what_a_prefill_of_that_depth_holds(artifacts):
+    """Several KV heads and layers that share another's cache (shared-gqa), chunks of 32: every layer that stores
+    its own is filled to the positions and bytes a prefill leaves, each chunk after the first holding the first
+    chunk's codes, and decoding goes on from there."""
+    filled = load(artifacts["shared-gqa"], context_length=200, prefill_chunk=32)
+    prefilled = load(artifacts["shared-gqa"], context_length=200, prefill_chunk=32)
+    filled.feed([5, 6, 7])
+    fill_depth(filled, 100, np.random.default_rng(0))
+    prefilled.feed(np.random.default_rng(0).integers(4, prefilled.spec.input_vocab_size, 100))
+    assert filled.context_used == prefilled.context_used == len(filled.engine.tokens) == 100
+    assert filled.kv_cache_bytes == prefilled.kv_cache_bytes
+    assert filled.kv_read_bytes == prefilled.kv_read_bytes
+    spec, stores = filled.spec, filled.engine.cache.stores
+    assert set(stores) == {layer for layer in range(spec.num_hidden_layers) if not spec.is_kv_shared(layer)}
+    full = [layer for layer in stores if spec.layer_types[layer] == FULL]
+    assert full
+    for layer in full:
+        for store in (*stores[layer].keys, *stores[layer].values):
+            for codes in store.view(100).values():
+                assert np.array_equal(codes[32:64], codes[:32]) and np.array_equal(codes[96:100], codes[:4])
+                assert not np.array_equal(codes[:32], codes[1:33])
+    assert np.isfinite(filled.feed([7])).all()
+    assert filled.context_used == 101

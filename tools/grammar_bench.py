@@ -28,12 +28,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import edge_runtime  # before numpy: it keeps OpenBLAS to one thread (edge_runtime/__init__.py), as the CLI does
+
+# isort: split
 import jsonschema
 import llguidance
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-import edge_runtime
 from cost_model_check import lscpu
 from edge_runtime.chat_template import GEMMA4_TEMPLATE, ChatTemplate
 from edge_runtime.constrained_decoding import GrammarVocabulary

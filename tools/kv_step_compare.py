@@ -2,9 +2,9 @@
 
     python tools/kv_step_compare.py -m ARTIFACT --depth 8192 --kv fp16 tq3.5 [--rounds 6] [--steps 10]
 
-Each format gets its own model, its cache filled to the same depth with random keys and values
-(step_profile.fill: seconds instead of a prefill's minutes at 32k, and a step's cost does not depend on what the
-cache holds); then the formats take turns, `--steps` decode steps each, for `--rounds` rounds. Per round it prints
+Each format gets its own model, its cache filled to the same depth by
+edge_runtime.bench.fill_depth, as `bench --fill` does (one prefilled chunk repeated: seconds instead of a prefill's
+minutes at 32k); then the formats take turns, `--steps` decode steps each, for `--rounds` rounds. Per round it prints
 each format's median step and its attention's time per step (every layer's decode attention, DecodeAttention,
 timed around its call), and at the end each format's median over the rounds and in how many rounds it was the
 fastest. On a shared machine one process's run and the next differ by more than formats do (this 2-core VM: the same
@@ -20,8 +20,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import edge_runtime  # before numpy: it keeps OpenBLAS to one thread (edge_runtime/__init__.py), as the CLI does
+
+# isort: split
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_profile import cpu_name, decode_steps, fill
+from step_profile import cpu_name, decode_steps
 
 
 def main() -> int:
@@ -34,8 +39,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
 
-    import edge_runtime
     from edge_runtime import attention, attention_kernel
+    from edge_runtime.bench import fill_depth
 
     spent: dict[str, float] = defaultdict(float)
     turn = [""]
@@ -51,7 +56,7 @@ def main() -> int:
     for kv in args.kv:
         model = edge_runtime.load(args.model, threads=args.threads, kv=kv,
                                   context_length=args.depth + (args.rounds + 1) * args.steps + 16)
-        fill(model, args.depth)
+        fill_depth(model, args.depth, np.random.default_rng(0))
         decode_steps(model, 2)
         models[kv] = model
     kernel = attention_kernel.load()

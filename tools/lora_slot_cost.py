@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+import edge_runtime  # before numpy: it keeps OpenBLAS to one thread (edge_runtime/__init__.py), as the CLI does
+
+# isort: split
 import numpy as np
 
 NO_SLOTS, CONTROL, EMPTY = "no slots", "no slots, loaded again (control)", "slots, no adapter"
@@ -40,8 +43,6 @@ def _steps(model, steps: int, rng: np.random.Generator) -> list[float]:
 
 def _one_process(args: argparse.Namespace) -> dict:
     """One process's medians (ms) per configuration, and the bytes each adapter feeds the slots per token."""
-    import edge_runtime
-
     paths = [args.plain, args.plain, args.slotted]
     order = [(k + args.turn) % 3 for k in range(3)]
     loaded = {k: edge_runtime.load(paths[k]) for k in order}

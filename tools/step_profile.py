@@ -3,8 +3,7 @@
     python tools/step_profile.py -m ARTIFACT [--depth 2048 [--fill]] [--kv tq3.5] [--steps 32] [--ops] [--floor]
 
 The step is timed whole (median of --steps decode steps after the depth is prefilled with random tokens, or with
---fill, random keys and values written straight into the cache: seconds instead of minutes at 32k, and what a
-decode step costs does not depend on what the cache holds), then
+--fill, one prefilled chunk repeated to the depth by bench's fill_depth, as `bench --fill` does), then
 once more under cProfile, whose tallies split it into: time inside onnxruntime's `run` (the graphs' kernels and
 onnxruntime's own per-call overhead), time inside attention (everything below the attention module's entry
 points, kernels included), and the rest (the engine's numpy and Python between them: embedding and PLE rows,
@@ -34,6 +33,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import edge_runtime  # before numpy: it keeps OpenBLAS to one thread (edge_runtime/__init__.py), as the CLI does
+
+# isort: split
 import numpy as np
 
 ATTENTION_MODULES = ("edge_runtime/attention", "edge_runtime/quant/", "edge_runtime/kernels/")
@@ -53,20 +55,6 @@ def prefill(model, depth: int, seed: int = 0) -> None:
     model.reset()
     ids = rng.integers(4, model.spec.input_vocab_size, size=depth)
     model.feed(ids)
-
-
-def fill(model, depth: int, seed: int = 0) -> None:
-    """Write `depth` positions of random keys and values into every cache layer, as a prefill would leave them."""
-    rng = np.random.default_rng(seed)
-    model.reset()
-    engine, spec = model.engine, model.spec
-    for start in range(0, depth, 1024):
-        positions = np.arange(start, min(start + 1024, depth))
-        engine.cache.reserve(len(positions))
-        engine.cache.commit({layer: tuple(rng.standard_normal((2, spec.num_key_value_heads, len(positions),
-                                                               spec.head_dims[layer]), dtype=np.float32))
-                             for layer in range(spec.num_hidden_layers) if not spec.is_kv_shared(layer)}, positions)
-        engine.tokens.extend(rng.integers(4, spec.vocab_size, size=len(positions)).tolist())
 
 
 def decode_steps(model, steps: int) -> list[float]:
@@ -240,7 +228,7 @@ def main() -> None:
     parser.add_argument("-d", "--depth", type=int, default=0)
     parser.add_argument("--kv", default="fp16")
     parser.add_argument("-t", "--threads", type=int, default=None)
-    parser.add_argument("--fill", action="store_true", help="random keys and values written into the cache, no prefill")
+    parser.add_argument("--fill", action="store_true", help="one prefilled chunk repeated to the depth (bench --fill)")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--ops", action="store_true", help="also time onnxruntime's kernels by operator type")
     parser.add_argument("--floor", action="store_true",
@@ -251,11 +239,14 @@ def main() -> None:
     from edge_runtime import huge_pages
 
     huge_pages.relaunch()
-    import edge_runtime
+    from edge_runtime.bench import fill_depth
 
     model = edge_runtime.load(args.model, threads=args.threads, kv=args.kv,
                               context_length=args.depth + args.steps + 16)
-    (fill if args.fill and args.depth else prefill)(model, max(args.depth, 1))
+    if args.fill and args.depth:
+        fill_depth(model, args.depth, np.random.default_rng(0))
+    else:
+        prefill(model, max(args.depth, 1))
     decode_steps(model, 4)
     median = statistics.median(decode_steps(model, args.steps))
     profile = cProfile.Profile()
