@@ -136,6 +136,13 @@ class DecodeStep:
                                                  engine.attention_pool, self.scratch))
         return kernels
 
+    def drop_stale(self) -> None:
+        """Let go of kernel calls built on arrays the cache has since replaced (a reset, a grown store): they hold
+        those arrays, which would otherwise stay allocated beside their replacements until the next decode step
+        (a new 32k prompt after a reset: two caches' worth at the peak)."""
+        if self.layout != self.owner.cache.layout:
+            self.kernels, self.layout = [], None
+
     def run(self, ids: np.ndarray) -> np.ndarray:
         """Logits [1, vocab] after the token ids[0] (range-checked), its keys and values committed to the cache."""
         engine, cache, values = self.owner, self.owner.cache, self.values

@@ -215,6 +215,8 @@ class Engine:
     def reset(self) -> None:
         self.cache.reset()
         self.tokens.clear()
+        if self.decode is not None:
+            self.decode.drop_stale()
 
     def attach(self, feeds: dict[str, np.ndarray] | None) -> None:
         """Feed the LoRA slots these arrays (lora_attach.py), or empty ones for None, and empty the cache: what it holds
@@ -257,6 +259,8 @@ class Engine:
             return self.decode.run(ids)
         positions = np.arange(cache.length, cache.length + len(ids), dtype=np.int64)
         cache.reserve(len(ids))
+        if self.decode is not None:
+            self.decode.drop_stale()
 
         rows = np.arange(len(ids)) if all_logits else np.arange(len(ids) - 1, len(ids))
         values = {TOKEN_EMBEDDINGS: self.embed.rows(ids), PLE_ROWS: self.ple.rows(ids), ROWS: rows}

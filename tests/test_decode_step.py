@@ -9,6 +9,7 @@ import pytest
 import edge_runtime
 from edge_runtime import attention, attention_kernel, decode_step
 from edge_runtime.attention import DecodeAttention
+from edge_runtime.model_spec import FULL
 
 TOKENS = 300  # past the full layers' first growth (kv_cache.GROWTH) and many times round the sliding rings
 
@@ -104,3 +105,28 @@ def test_without_the_kernel_the_decode_step_attends_in_numpy(artifacts, monkeypa
     fallbacks = _counted(monkeypatch, decode_step, "attend")
     _decode_both_ways(artifacts["shared-mqa-wide"], kv="tq3.5", kv_recent=4)
     assert (len(calls), len(fallbacks)) == (0, (TOKENS - 3) * 6)
+
+
+@pytest.mark.parametrize("replace", ["reset", "grow"])
+def test_the_cache_arrays_a_reset_or_growth_replaces_are_freed_at_once(replace, artifacts):
+    """The decode step's kernel calls hold the cache's arrays; once the cache replaces them (a reset, a store grown
+    by a prefill) the old ones must not outlive the change: held until the next decode step, a new long prompt
+    would peak at two caches' worth."""
+    import weakref
+
+    model = edge_runtime.load(artifacts["shared-gqa"], kv="fp16")
+    cache = model.engine.cache
+    cache.growth = 64  # a store grows within the test model's context
+    model.reset()
+    model.feed(np.arange(4, 40))
+    model.feed([7])
+    model.feed([8])
+    layer = next(layer for layer in cache.stores if model.spec.layer_types[layer] == FULL)  # a ring never grows
+    held = [weakref.ref(array) for store in (*cache.stores[layer].keys, *cache.stores[layer].values)
+            for array in store.data.values()]
+    if replace == "reset":
+        model.reset()
+    else:
+        model.feed(np.arange(4, 4 + 64))
+    assert held and not any(ref() is not None for ref in held)
+    assert np.isfinite(model.feed([9])).all()
