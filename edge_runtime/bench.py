@@ -19,7 +19,7 @@ platform does not expose a figure):
     threads            onnxruntime threads, also the bandwidth probe's threads
     context            context length the model was loaded with
     depth              tokens in the context before each test
-    depth_filled       whether the depth was filled by repeating one prefilled chunk (--fill, see fill_depth) rather
+    depth_filled       whether the depth was filled by repeating one prefilled chunk (--fill, see Model.fill_cache) rather
                        than prefilled whole (peak_rss_bytes then holds one chunk's prefill)
     repetitions        runs of each test
     low_memory         whether the model was loaded with low_memory=True (see edge_runtime.load)
@@ -105,7 +105,7 @@ class BenchConfig:
     kv_recent: int | None = None
     kv_sliding: str | None = None  # kv_formats.default_sliding_format by default
     adapter: Path | None = None  # a LoRA adapter attached to the artifact's slots
-    fill: bool = False  # the depth filled by repeating one prefilled chunk (fill_depth), not prefilled whole
+    fill: bool = False  # the depth filled by repeating one prefilled chunk (Model.fill_cache), not prefilled whole
 
     def __post_init__(self) -> None:
         for option, counts in (("n_prompt", self.n_prompt), ("n_gen", self.n_gen)):
@@ -164,45 +164,11 @@ def _summary(name: str, n_prompt: int, n_gen: int, samples: list[float]) -> dict
             "stdev": statistics.stdev(samples) if len(samples) > 1 else 0.0, "samples": samples}
 
 
-def fill_depth(model: Model, depth: int, rng: np.random.Generator) -> None:
-    """Bring the cache to `depth` positions in seconds: one prefill chunk of random tokens run for real, then its keys
-    and values committed again and again at the positions after it.
-
-    A decode step reads every position the cache holds, so its cost follows the depth and the KV format; what the
-    positions hold counts only through the numbers themselves (keys scoring far below the best make subnormal
-    softmax weights, which an Intel core's float units take microcode assists on where nothing flushes them), so
-    the numbers are the model's own, not random ones. A 32k context then starts in seconds rather than after a
-    prefill of minutes (hours on a Pi).
-    """
-    model.reset()
-    engine = model.engine
-    chunk = min(depth, model.prefill_chunk)
-    written: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    commit = engine.cache.commit
-
-    def keep(new_kv: dict[int, tuple[np.ndarray, np.ndarray]], positions: np.ndarray) -> None:
-        written.update({layer: (keys.copy(), values.copy()) for layer, (keys, values) in new_kv.items()})
-        commit(new_kv, positions)
-
-    engine.cache.commit = keep  # the one commit of the chunk's prefill, seen on its way in
-    try:
-        model.feed(rng.integers(0, model.spec.input_vocab_size, chunk))
-    finally:
-        del engine.cache.commit
-    with model.lock:
-        for start in range(chunk, depth, chunk):
-            n = min(chunk, depth - start)
-            engine.cache.reserve(n)
-            commit({layer: (keys[:, :n], values[:, :n]) for layer, (keys, values) in written.items()},
-                   np.arange(start, start + n))
-            engine.tokens.extend(engine.tokens[:n])
-
-
 def _start(model: Model, ids: np.ndarray, config: BenchConfig, rng: np.random.Generator) -> None:
     """A test's context before its timed part: `ids` prefilled from an empty cache, or with --fill the depth
-    filled by fill_depth and only the ids past it fed."""
+    filled by Model.fill_cache and only the ids past it fed."""
     if config.fill:
-        fill_depth(model, config.depth, rng)
+        model.fill_cache(config.depth, rng)
         ids = ids[config.depth:]
     else:
         model.reset()

@@ -218,6 +218,30 @@ class Engine:
         if self.decode is not None:
             self.decode.drop_stale()
 
+    def fill(self, depth: int, chunk: int, rng: np.random.Generator) -> None:
+        """Empty the cache, then fill `depth` positions: `chunk` random tokens run for real, their keys and values
+        committed again at the positions after them until `depth` (Model.fill_cache says why)."""
+        self.reset()
+        chunk = min(depth, chunk)
+        written: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        commit = self.cache.commit
+
+        def keep(new_kv: dict[int, tuple[np.ndarray, np.ndarray]], positions: np.ndarray) -> None:
+            written.update({layer: (keys.copy(), values.copy()) for layer, (keys, values) in new_kv.items()})
+            commit(new_kv, positions)
+
+        self.cache.commit = keep  # the chunk's one commit, seen on its way in
+        try:
+            self.forward(rng.integers(0, self.input_vocab, chunk), all_logits=False)
+        finally:
+            del self.cache.commit
+        for start in range(chunk, depth, chunk):
+            n = min(chunk, depth - start)
+            self.cache.reserve(n)
+            commit({layer: (keys[:, :n], values[:, :n]) for layer, (keys, values) in written.items()},
+                   np.arange(start, start + n))
+            self.tokens.extend(self.tokens[:n])
+
     def attach(self, feeds: dict[str, np.ndarray] | None) -> None:
         """Feed the LoRA slots these arrays (lora_attach.py), or empty ones for None, and empty the cache: what it holds
         was computed under the previous adapter, so no prefix of it may be reused."""

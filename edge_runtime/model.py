@@ -194,6 +194,21 @@ class Model:
         with self.lock:
             self.engine.reset()
 
+    def fill_cache(self, depth: int, rng: np.random.Generator) -> None:
+        """Empty the KV cache, then bring it to `depth` positions in seconds, for benchmarks (`bench --fill`): one
+        prefill chunk of random tokens run for real, then its keys and values committed again and again at the
+        positions after it.
+
+        A decode step reads every position the cache holds, so its cost follows the depth and the KV format; what
+        the positions hold counts only through the numbers themselves (keys scoring far below the best make
+        subnormal softmax weights, which an Intel core takes microcode assists on where nothing flushes them), so
+        the numbers are the model's own, not random ones. A 32k context then starts in seconds rather than after
+        a prefill of minutes (hours on a Pi).
+        """
+        self.check_fits(depth)
+        with self.lock:
+            self.engine.fill(depth, self.prefill_chunk, rng)
+
     @property
     def threads(self) -> int:
         """The threads the model runs on (each onnxruntime session's pool, attention's workers): the count given to

@@ -14,7 +14,8 @@ import pytest
 
 from edge_runtime import load, memory
 from edge_runtime.artifact import read_manifest
-from edge_runtime.bench import fill_depth, format_report
+from edge_runtime.bench import format_report
+from edge_runtime.errors import ContextLengthError
 from edge_runtime.model_spec import FULL
 
 TINY = ("-p", "8", "-n", "4", "-r", "2", "--probe-mb", "64")
@@ -182,14 +183,14 @@ def test_fill_writes_the_depth_a_prefill_would_leave(bundled):
     assert note in format_report(filled).splitlines() and note not in format_report(prefilled)
 
 
-def test_fill_depth_holds_what_a_prefill_of_that_depth_holds(artifacts):
+def test_fill_cache_holds_what_a_prefill_of_that_depth_holds(artifacts):
     """Several KV heads and layers that share another's cache (shared-gqa), chunks of 32: every layer that stores
     its own is filled to the positions and bytes a prefill leaves, each chunk after the first holding the first
     chunk's codes, and decoding goes on from there."""
     filled = load(artifacts["shared-gqa"], context_length=200, prefill_chunk=32)
     prefilled = load(artifacts["shared-gqa"], context_length=200, prefill_chunk=32)
     filled.feed([5, 6, 7])
-    fill_depth(filled, 100, np.random.default_rng(0))
+    filled.fill_cache(100, np.random.default_rng(0))
     prefilled.feed(np.random.default_rng(0).integers(4, prefilled.spec.input_vocab_size, 100))
     assert filled.context_used == prefilled.context_used == len(filled.engine.tokens) == 100
     assert filled.kv_cache_bytes == prefilled.kv_cache_bytes
@@ -205,3 +206,5 @@ def test_fill_depth_holds_what_a_prefill_of_that_depth_holds(artifacts):
                 assert not np.array_equal(codes[:32], codes[1:33])
     assert np.isfinite(filled.feed([7])).all()
     assert filled.context_used == 101
+    with pytest.raises(ContextLengthError, match="201 tokens but the context holds 200"):
+        filled.fill_cache(201, np.random.default_rng(0))

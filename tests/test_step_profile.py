@@ -1,4 +1,4 @@
-"""tools/step_profile.py: the profile's figures come out of a filled cache (bench's fill_depth, tested in
+"""tools/step_profile.py: the profile's figures come out of a filled cache (Model.fill_cache, tested in
 test_bench), and --floor's weight graphs hold the artifact's linears."""
 
 from __future__ import annotations

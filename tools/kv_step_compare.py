@@ -3,7 +3,7 @@
     python tools/kv_step_compare.py -m ARTIFACT --depth 8192 --kv fp16 tq3.5 [--rounds 6] [--steps 10]
 
 Each format gets its own model, its cache filled to the same depth by
-edge_runtime.bench.fill_depth, as `bench --fill` does (one prefilled chunk repeated: seconds instead of a prefill's
+Model.fill_cache, as `bench --fill` does (one prefilled chunk repeated: seconds instead of a prefill's
 minutes at 32k); then the formats take turns, `--steps` decode steps each, for `--rounds` rounds. Per round it prints
 each format's median step and its attention's time per step (every layer's decode attention, DecodeAttention,
 timed around its call), and at the end each format's median over the rounds and in how many rounds it was the
@@ -40,7 +40,6 @@ def main() -> int:
     args = parser.parse_args()
 
     from edge_runtime import attention, attention_kernel
-    from edge_runtime.bench import fill_depth
 
     spent: dict[str, float] = defaultdict(float)
     turn = [""]
@@ -56,7 +55,7 @@ def main() -> int:
     for kv in args.kv:
         model = edge_runtime.load(args.model, threads=args.threads, kv=kv,
                                   context_length=args.depth + (args.rounds + 1) * args.steps + 16)
-        fill_depth(model, args.depth, np.random.default_rng(0))
+        model.fill_cache(args.depth, np.random.default_rng(0))
         decode_steps(model, 2)
         models[kv] = model
     kernel = attention_kernel.load()

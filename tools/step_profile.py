@@ -3,7 +3,7 @@
     python tools/step_profile.py -m ARTIFACT [--depth 2048 [--fill]] [--kv tq3.5] [--steps 32] [--ops] [--floor]
 
 The step is timed whole (median of --steps decode steps after the depth is prefilled with random tokens, or with
---fill, one prefilled chunk repeated to the depth by bench's fill_depth, as `bench --fill` does), then
+--fill, one prefilled chunk repeated to the depth by Model.fill_cache, as `bench --fill` does), then
 once more under cProfile, whose tallies split it into: time inside onnxruntime's `run` (the graphs' kernels and
 onnxruntime's own per-call overhead), time inside attention (everything below the attention module's entry
 points, kernels included), and the rest (the engine's numpy and Python between them: embedding and PLE rows,
@@ -239,12 +239,11 @@ def main() -> None:
     from edge_runtime import huge_pages
 
     huge_pages.relaunch()
-    from edge_runtime.bench import fill_depth
 
     model = edge_runtime.load(args.model, threads=args.threads, kv=args.kv,
                               context_length=args.depth + args.steps + 16)
     if args.fill and args.depth:
-        fill_depth(model, args.depth, np.random.default_rng(0))
+        model.fill_cache(args.depth, np.random.default_rng(0))
     else:
         prefill(model, max(args.depth, 1))
     decode_steps(model, 4)
