@@ -2,13 +2,13 @@
 
     python tools/kv_step_compare.py -m ARTIFACT --depth 8192 --kv fp16 tq3.5 [--rounds 6] [--steps 10]
 
-Each format gets its own model, its cache filled to the same depth by
-Model.fill_cache, as `bench --fill` does (one prefilled chunk repeated: seconds instead of a prefill's
-minutes at 32k); then the formats take turns, `--steps` decode steps each, for `--rounds` rounds. Per round it prints
-each format's median step and its attention's time per step (every layer's decode attention, DecodeAttention,
-timed around its call), and at the end each format's median over the rounds and in how many rounds it was the
-fastest. On a shared machine one process's run and the next differ by more than formats do (this 2-core VM: the same
-E2B weights 58-88 ms a step between processes); rounds within one process see the same slow spells.
+Each format gets its own model, its cache filled to the same depth by Model.fill_cache, as `bench --fill` does (one
+prefilled chunk repeated: seconds instead of a prefill's minutes at 32k); then the formats take turns, `--steps`
+decode steps each, for `--rounds` rounds. Per round it prints each format's median step and its attention's time per
+step (every layer's decode attention, DecodeAttention, timed around its call), and at the end each format's median
+over the rounds and in how many rounds it was the fastest. On a shared machine one process's run and the next differ
+by more than formats do (this 2-core VM: the same E2B weights 58-88 ms a step between processes); rounds within one
+process see the same slow spells.
 """
 
 from __future__ import annotations
