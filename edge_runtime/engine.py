@@ -43,6 +43,7 @@ from edge_runtime.families.contract import (
 from edge_runtime.kv_cache import KVCache
 from edge_runtime.kv_formats import KVFormat
 from edge_runtime.lora_attach import empty_feeds
+from edge_runtime.memory import give_back_freed_heap
 from edge_runtime.model_spec import embed_scale
 from edge_runtime.ple_store import PleStore
 from edge_runtime.quant.float_codecs import Float32Codec
@@ -222,6 +223,7 @@ class Engine:
         """Empty the cache, then fill `depth` positions: `chunk` random tokens run for real, their keys and values
         committed again at the positions after them until `depth` (Model.fill_cache says why)."""
         self.reset()
+        self.cache.reserve(depth)
         chunk = min(depth, chunk)
         written: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         commit = self.cache.commit
@@ -235,9 +237,9 @@ class Engine:
             self.forward(rng.integers(0, self.input_vocab, chunk), all_logits=False)
         finally:
             del self.cache.commit
+        give_back_freed_heap()
         for start in range(chunk, depth, chunk):
             n = min(chunk, depth - start)
-            self.cache.reserve(n)
             commit({layer: (keys[:, :n], values[:, :n]) for layer, (keys, values) in written.items()},
                    np.arange(start, start + n))
             self.tokens.extend(self.tokens[:n])

@@ -33,6 +33,7 @@ import numpy as np
 
 from edge_runtime.attention import Block
 from edge_runtime.kv_formats import ROLLBACK_TOKENS, KVFormat, ring_slots
+from edge_runtime.memory import zeros_in_own_mapping
 from edge_runtime.model_spec import SLIDING, ModelSpec
 from edge_runtime.quant.codec import VectorCodec
 from edge_runtime.quant.float_codecs import Float32Codec
@@ -41,11 +42,17 @@ GROWTH = 256  # full-attention stores grow by this many slots at a time (and the
 
 
 class CodeStore:
-    """Vectors in one codec, addressed by slot; storage is the codec's own arrays (leading axis = slot)."""
+    """Vectors in one codec, addressed by slot; storage is the codec's own arrays (leading axis = slot), each in a
+    mapping of its own (memory.zeros_in_own_mapping), so a store replaced by a grown one or dropped by a reset
+    gives its memory back at once."""
 
     def __init__(self, codec: VectorCodec, slots: int) -> None:
         self.codec = codec
-        self.data = codec.empty(slots)
+        self.data = self._allocate(slots)
+
+    def _allocate(self, slots: int) -> dict[str, np.ndarray]:
+        return {name: zeros_in_own_mapping((slots, *array.shape[1:]), array.dtype)
+                for name, array in self.codec.empty(0).items()}
 
     def write(self, slots: np.ndarray, vectors: np.ndarray) -> None:
         for name, codes in self.codec.encode(vectors).items():
@@ -55,7 +62,7 @@ class CodeStore:
         return {name: array[:slots] for name, array in self.data.items()}
 
     def grow(self, slots: int) -> None:
-        grown = self.codec.empty(slots)
+        grown = self._allocate(slots)
         for name, array in self.data.items():
             grown[name][: len(array)] = array
         self.data = grown

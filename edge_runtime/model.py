@@ -33,7 +33,7 @@ from edge_runtime.generation_stats import GenerationStats
 from edge_runtime.integrity import check_artifact
 from edge_runtime.kv_formats import DEFAULT_KV_FORMAT, default_sliding_format, kv_format
 from edge_runtime.lora_attach import adapter_feeds
-from edge_runtime.memory import return_freed_memory_to_os
+from edge_runtime.memory import give_back_freed_heap, return_freed_memory_to_os
 from edge_runtime.model_store import resolve_model
 from edge_runtime.profiles import Profile, resolve_profile
 from edge_runtime.progress import Progress, no_progress
@@ -279,10 +279,15 @@ class Model:
         ids = np.asarray(token_ids, dtype=np.int64)
         logits = None
         with self.lock:
+            # Room for the whole prompt at once: grown chunk by chunk, each store would be copied once per chunk
+            # (quadratic in the prompt) and the freed copies would stay in the heap, raising the peak RSS.
+            self.engine.cache.reserve(len(ids))
             for s in range(0, len(ids), self.prefill_chunk):
                 if should_stop is not None and should_stop():
                     return None
                 logits = self.engine.forward(ids[s:s + self.prefill_chunk], all_logits=False)
+            if len(ids) > 1:
+                give_back_freed_heap()
         return logits
 
     def sampler(self, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,

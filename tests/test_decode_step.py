@@ -130,3 +130,25 @@ def test_the_cache_arrays_a_reset_or_growth_replaces_are_freed_at_once(replace, 
         model.feed(np.arange(4, 4 + 64))
     assert held and not any(ref() is not None for ref in held)
     assert np.isfinite(model.feed([9])).all()
+
+
+def test_a_prompt_makes_room_for_all_its_tokens_at_once(artifacts, monkeypatch):
+    """A long prompt runs in many prefill chunks; grown chunk by chunk, each store would be copied once per chunk
+    (quadratic bytes over the prompt) and its freed copies would raise the peak. It is sized once, for the whole
+    prompt (and the bench fill for its whole depth); only a later prompt past that grows a store, once."""
+    from edge_runtime.kv_cache import CodeStore
+
+    grown = _counted(monkeypatch, CodeStore, "grow")
+    model = edge_runtime.load(artifacts["shared-gqa"], kv="tq3.5", kv_recent=4, prefill_chunk=16)
+    cache = model.engine.cache
+    cache.growth = 32
+    model.reset()
+    model.feed(np.arange(4, 4 + 150))
+    assert (len(grown), cache.length) == (0, 150)
+    full_stores = sum(len(store.keys) + len(store.values) for layer, store in cache.stores.items()
+                      if model.spec.layer_types[layer] == FULL)
+    model.feed(np.arange(4, 4 + 40))
+    assert (len(grown), cache.length) == (full_stores, 190)
+    grown.clear()
+    model.fill_cache(170, np.random.default_rng(0))
+    assert (len(grown), cache.length) == (0, 170)
