@@ -502,13 +502,14 @@ def verify(
 
 
 @_command(app, "edge-runtime bench -m e2b-q4.art", "edge-runtime bench -m e2b-q4.art -p 512 -n 64 -d 3584 -r 1",
-          "edge-runtime bench -m e2b-q4.art -p 0 -n 32 -r 1 -d 32736 --fill --kv tq3.5 --json")
+          "edge-runtime bench -m e2b-q4.art -p 0 -n 32 -d 0,2048,8192,32736 --fill --kv tq3.5 --json")
 def bench(
     model: str | None = MODEL,
     n_prompt: str = typer.Option("128,512", "-p", "--n-prompt", help="Prompt sizes to prefill, comma-separated (0: no prompt test)."),
     n_gen: str = typer.Option("64,128", "-n", "--n-gen", help="Token counts to generate, comma-separated (0: no generation test)."),
     repetitions: int = typer.Option(3, "-r", "--repetitions", help="Runs of each test (median ± stdev)."),
-    depth: int = typer.Option(0, "-d", "--depth", help="Tokens already in the context before each test."),
+    depth: str = typer.Option("0", "-d", "--depth", help="Tokens already in the context before each test, "
+                              "comma-separated: each test runs at each depth, repetitions taking turns."),
     threads: int | None = typer.Option(None, "-t", "--threads", min=1, help="Threads (default: up to 4)."),
     context: int | None = typer.Option(None, "--context", help="Context length to load (default: what tests need)."),
     probe_mb: int = typer.Option(1024, "--probe-mb", help="Size of the memory-bandwidth probe in MiB."),
@@ -522,11 +523,11 @@ def bench(
                               "and values instead of prefilling it whole (seconds, not minutes, at 32k)."),
 ) -> None:
     """Measure prefill and decode speed, memory, and decode against the bandwidth ceiling (like llama-bench)."""
-    from edge_runtime.bench import BenchConfig, format_report, parse_counts, run_bench
+    from edge_runtime.bench import BenchConfig, format_report, parse_counts, parse_depths, run_bench
 
     try:
         config = BenchConfig(parse_counts(n_prompt, "-p/--n-prompt"), parse_counts(n_gen, "-n/--n-gen"),
-                             repetitions, depth, threads, context, probe_mb, low_memory, kv, kv_recent,
+                             repetitions, parse_depths(depth), threads, context, probe_mb, low_memory, kv, kv_recent,
                              kv_sliding, adapter, fill)
         path = _resolve_model(model)
         result = _with_progress(lambda report: run_bench(path, config, report))

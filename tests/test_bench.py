@@ -19,7 +19,7 @@ from edge_runtime.errors import ContextLengthError
 from edge_runtime.model_spec import FULL
 
 TINY = ("-p", "8", "-n", "4", "-r", "2", "--probe-mb", "64")
-KEYS = {"model", "model_bytes", "formats", "threads", "context", "depth", "repetitions", "low_memory", "load_seconds",
+KEYS = {"model", "model_bytes", "formats", "threads", "context", "depths", "repetitions", "low_memory", "load_seconds",
         "ttft_test", "ttft_ms", "tests", "peak_rss_bytes", "current_rss_bytes", "ple_resident_bytes", "weights_resident_bytes",
         "bandwidth_gb_s", "probe_bytes", "bytes_per_token", "read_per_token", "kv_cache_bytes", "adapter", "huge_pages",
         "depth_filled"}
@@ -44,7 +44,7 @@ def test_bench_json_has_every_figure_for_the_default_model(bench_json):
     assert data["model"] == str(path)
     # weights.bin may have no mapped pages left: onnxruntime repacks and unmaps its weights, embedding rows are pread
     assert data["low_memory"] is False and data["adapter"] is None and data["depth_filled"] is False
-    for key in KEYS - {"model", "formats", "tests", "ttft_test", "depth", "read_per_token", "weights_resident_bytes",
+    for key in KEYS - {"model", "formats", "tests", "ttft_test", "depths", "read_per_token", "weights_resident_bytes",
                        "low_memory", "adapter", "huge_pages", "depth_filled"}:
         assert data[key] > 0, key
     manifest = read_manifest(path)
@@ -56,8 +56,9 @@ def test_bench_json_has_every_figure_for_the_default_model(bench_json):
     assert 0 < data["ple_resident_bytes"] <= (path / "ple.bin").stat().st_size
     assert 0 <= data["weights_resident_bytes"] <= (path / "weights.bin").stat().st_size
     pp, tg = data["tests"]
+    assert data["depths"] == [0] and pp["depth"] == tg["depth"] == 0
     assert (pp["test"], pp["n_prompt"], pp["n_gen"]) == ("pp8", 8, 0)
-    assert (tg["test"], tg["n_prompt"], tg["n_gen"]) == ("tg4", 0, 4)
+    assert (tg["test"], tg["n_prompt"], tg["n_gen"], tg["share_of_depth_0"]) == ("tg4", 0, 4, 1.0)
     for test in (pp, tg):
         assert len(test["samples"]) == 2 and min(test["samples"]) > 0
         assert test["tokens_per_second"] == pytest.approx(statistics.median(test["samples"]))
@@ -92,6 +93,9 @@ def test_bench_table_names_the_tests_and_the_ceiling(bundled):
     (("--kv", "fp8"), "error: kv='fp8': not a KV cache format; choose one of fp32, fp16, int8, tq4"),
     (("--kv-recent", "-2"), "error: kv_recent=-2: must be at least 0"),
     (("--fill",), "error: --fill fills the depth by repeating one prefilled chunk: give -d/--depth above 0"),
+    (("-d", "0,0", "--fill"), "error: -d/--depth '0,0': expected a comma-separated list of different token counts of 0"),
+    (("-d", "-5"), "error: -d/--depth '-5': expected a comma-separated list of different token counts of 0 or more"),
+    (("-d", "2k"), "error: -d/--depth '2k': expected a comma-separated list of different token counts of 0 or more"),
 ])
 def test_bad_options_fail_before_the_model_is_opened(args, message):
     result = cli("bench", "-m", "/nonexistent/model", *args)
@@ -161,6 +165,33 @@ def test_p0_skips_prompt_tests_so_depth_is_prefilled_once(bundled):
     data = json.loads(result.stdout)
     assert [t["test"] for t in data["tests"]] == ["tg3 @ d20"]
     assert data["ttft_test"] is None and data["ttft_ms"] is None and data["context"] == 24
+
+
+def test_each_test_runs_at_each_depth_its_repetitions_taking_turns(bundled):
+    """`-d 0,20,40`: a test per size and depth, their runs alternating depth by depth (so the share of depth 0's
+    speed compares runs made side by side), the share reported against the same size at depth 0."""
+    from edge_runtime.bench import BenchConfig, run_bench
+
+    path, _ = bundled
+    turns = []
+    config = BenchConfig(n_prompt=(8,), n_gen=(3,), repetitions=2, depths=(0, 20, 40), probe_mb=16, fill=True)
+    data = run_bench(path, config, lambda name, done, total: turns.append((name, done)))
+    runs = [turn for turn in turns if turn[0].startswith(("pp", "tg"))]
+    assert runs == [(f"{kind} @ d{d}" if d else kind, r) for kind in ("pp8", "tg3") for r in (0, 1) for d in (0, 20, 40)]
+    assert [(t["test"], t["depth"]) for t in data["tests"]] == [
+        ("pp8", 0), ("pp8 @ d20", 20), ("pp8 @ d40", 40), ("tg3", 0), ("tg3 @ d20", 20), ("tg3 @ d40", 40)]
+    assert data["depths"] == [0, 20, 40] and data["context"] == 48 and data["ttft_test"] == "pp8"
+    tg = data["tests"][3:]
+    assert all(len(t["samples"]) == 2 for t in data["tests"])
+    assert 0 < tg[0]["kv_bytes_per_token"] < tg[1]["kv_bytes_per_token"] < tg[2]["kv_bytes_per_token"]
+    for test in tg:
+        assert test["share_of_depth_0"] == pytest.approx(test["tokens_per_second"] / tg[0]["tokens_per_second"])
+    report = format_report(data).splitlines()
+    assert "depths 20, 40: one prefilled chunk's keys and values repeated (--fill), not prefilled" in report
+    share = f"{tg[2]['share_of_depth_0']:.0%} of depth 0's speed"
+    assert any(line.startswith("tg3 @ d40: ") and line.endswith(share) for line in report)
+    alone = run_bench(path, BenchConfig(n_prompt=(), n_gen=(2,), repetitions=1, depths=(20,), probe_mb=16))
+    assert [(t["test"], t["share_of_depth_0"]) for t in alone["tests"]] == [("tg2 @ d20", None)]
 
 
 def test_fill_writes_the_depth_a_prefill_would_leave(bundled):

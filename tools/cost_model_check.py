@@ -86,7 +86,7 @@ def compare(result: dict, profile_name: str) -> list[dict]:
               kv=formats["kv"], kv_recent=formats["kv_recent"], kv_sliding=formats["kv_sliding"])
     rows = []
     for test in result["tests"]:
-        depth = result["depth"]
+        depth = test["depth"]
         row = {"artifact": Path(result["model"]).name, "weights": formats["weights"], "test": test["test"],
                "measured": test["tokens_per_second"], "probe_gb_s": result["bandwidth_gb_s"],
                "load_before": result["load_before"], "load_after": result["load_after"]}
