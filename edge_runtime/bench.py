@@ -130,8 +130,8 @@ class BenchConfig:
                 raise EdgeRuntimeError(f"{option}={list(counts)}: token counts must be positive")
         if not self.n_prompt and not self.n_gen:
             raise EdgeRuntimeError("no tests: give prompt sizes (-p) or generation lengths (-n)")
-        if not self.depths or min(self.depths) < 0:
-            raise EdgeRuntimeError(f"depths={list(self.depths)}: give at least one, none below 0")
+        if not self.depths or min(self.depths) < 0 or len(set(self.depths)) < len(self.depths):
+            raise EdgeRuntimeError(f"depths={list(self.depths)}: give at least one, each once, none below 0")
         for option, value, least in (("repetitions", self.repetitions, 1),
                                      ("threads", self.threads, 1), ("context", self.context, 1),
                                      ("probe_mb", self.probe_mb, 1), ("kv_recent", self.kv_recent, 0)):
