@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from edge_runtime import huge_pages
 
@@ -76,7 +77,7 @@ def mapped_resident_bytes(path: str | Path) -> int | None:
 _OWN_MAPPING_BYTES = 64 << 10  # smaller arrays come from the heap: a mapping each would waste most of a page
 
 
-def zeros_in_own_mapping(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def zeros_in_own_mapping(shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
     """A zeroed array in an anonymous mapping of its own (from 64 KiB up), for long-lived buffers that are replaced
     whole, such as the KV cache's stores.
 
