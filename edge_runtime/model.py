@@ -280,7 +280,7 @@ class Model:
         logits = None
         with self.lock:
             # Room for the whole prompt at once: grown chunk by chunk, each store would be copied once per chunk
-            # (quadratic in the prompt) and the freed copies would stay in the heap, raising the peak RSS.
+            # (bytes quadratic in the prompt: a 32k prompt copied every store 128 times).
             self.engine.cache.reserve(len(ids))
             for s in range(0, len(ids), self.prefill_chunk):
                 if should_stop is not None and should_stop():
