@@ -18,6 +18,7 @@ transcripts, as llama.cpp's server does with one slot.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +126,16 @@ class Conversation:
                          on_complete=lambda reply: self._join(added, reply), **sampling)
 
     def _join(self, added: list[dict[str, Any]], reply: ChatReply) -> None:
+        """The turn joins the transcript, without any call that broke off (max_new_tokens cut its arguments): its
+        unfinished arguments could neither be answered nor rendered again (the template takes only JSON objects),
+        so kept, the next reply would fail on the transcript itself."""
         message = dict(reply.message)
+        if message.get("tool_calls"):
+            finished = [call for call in message["tool_calls"] if _finished(call)]
+            if finished:
+                message["tool_calls"] = finished
+            else:
+                del message["tool_calls"]
         if message.get("content") is None and not message.get("tool_calls"):
             message["content"] = ""  # an empty reply is still a turn, and templates need its text
         self.turns += [*added, message]
@@ -145,3 +155,11 @@ class Conversation:
             **sampling: Any) -> str:
         """The reply to `text`."""
         return "".join(self.stream(text, max_new_tokens, stop, **sampling))
+
+
+def _finished(call: Mapping[str, Any]) -> bool:
+    """Whether a call's arguments are a whole JSON object (a call cut off keeps an unfinished one: reply_parser)."""
+    try:
+        return isinstance(json.loads(call["function"]["arguments"]), dict)
+    except json.JSONDecodeError:
+        return False

@@ -130,6 +130,23 @@ def test_a_conversation_keeps_calls_and_results_and_reuses_its_cache(model):
     assert conversation.stats.processed_tokens < conversation.stats.prompt_tokens / 2
 
 
+def test_a_call_cut_off_by_max_new_tokens_stays_out_of_the_transcript(model):
+    """The reply still shows the call (its unfinished arguments, as OpenAI's); the transcript keeps the turn without
+    it: it cannot be answered, and kept, the next turn failed on the transcript itself (arguments not valid JSON)."""
+    conversation = model.conversation("You run a museum kiosk.", tools=TOOLS, tool_choice="required")
+    reply = conversation.reply("What is the weather in Oslo?", max_new_tokens=10, temperature=1.0, seed=1)
+    for _ in reply:
+        pass
+    (call,) = reply.message["tool_calls"]
+    assert reply.finish_reason == "length" and not call["function"]["arguments"].endswith("}")
+    assert conversation.messages[-1] == {"role": "assistant", "content": ""}
+    assert conversation.pending_tool_calls == []
+    conversation.tool_choice = "auto"
+    answer = conversation.say("And in Paris?", max_new_tokens=8, temperature=0)
+    assert [m["role"] for m in conversation.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert conversation.messages[-1]["content"] == answer
+
+
 def test_the_sdk_refuses_what_it_cannot_honour_with_the_field(model):
     cases = [
         (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "fly"}}),
