@@ -79,12 +79,17 @@ BANDWIDTH_PASSES = 7
 
 
 
+def _integers(text: str) -> list[int]:
+    """The integers of a comma-separated option value, or [] where any part is not one."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        return []
+
+
 def parse_depths(text: str) -> list[int]:
     """Depths of a comma-separated -d/--depth value such as "0,2048,8192" (llama-bench's -d)."""
-    try:
-        depths = [int(part) for part in text.split(",")]
-    except ValueError:
-        depths = []
+    depths = _integers(text)
     if not depths or min(depths) < 0 or len(set(depths)) < len(depths):
         raise EdgeRuntimeError(f"-d/--depth {text!r}: expected a comma-separated list of different token counts of 0 "
                                "or more, e.g. 0,2048,8192")
@@ -94,10 +99,7 @@ def parse_depths(text: str) -> list[int]:
 def parse_counts(text: str, option: str) -> list[int]:
     """Token counts of a comma-separated option value such as "128,512"; "0" alone means no such test (as in
     llama-bench), which spares a long `--depth` its second prefill."""
-    try:
-        counts = [int(part) for part in text.split(",")]
-    except ValueError:
-        counts = []
+    counts = _integers(text)
     if counts == [0]:
         return []
     if not counts or min(counts) < 1:

@@ -14,6 +14,7 @@ import functools
 import mmap
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,7 @@ def give_back_freed_heap() -> bool:
     for nothing. Called once a prompt's prefill is done (10-25 ms, against seconds of prefill), never per decode
     step.
     """
-    trim = _malloc_trim()
+    trim = _glibc_function("malloc_trim")
     if trim is None:
         return False
     trim(0)
@@ -116,11 +117,12 @@ def give_back_freed_heap() -> bool:
 
 
 @functools.cache
-def _malloc_trim():
+def _glibc_function(name: str) -> Callable[..., int] | None:
+    """glibc's function `name`, or None under another C library (musl, bionic, macOS) or without it."""
     try:
         import ctypes
 
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
         return None
 
@@ -138,10 +140,5 @@ def return_freed_memory_to_os() -> bool:
     is a fresh mapping, page-faulted in, for every large buffer: prefill about 15% slower, decode unchanged.
     Process-wide and glibc only; returns whether it took effect.
     """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _LOW_MEMORY_MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
+    mallopt = _glibc_function("mallopt")
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, _LOW_MEMORY_MMAP_THRESHOLD))
