@@ -257,6 +257,7 @@ class Model:
     def _logits_in_chunks(self, ids: np.ndarray, step: int) -> Iterator[np.ndarray]:
         with self.lock:
             self.engine.reset()
+            self.engine.cache.reserve(len(ids))  # sized once, as `feed` sizes a prompt
             for s in range(0, len(ids), step):
                 yield self.engine.forward(ids[s:s + step], all_logits=True)
 
